@@ -159,12 +159,22 @@ class InvConv(InvertibleModule):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(s.abs()))
 
-    def weight(self) -> Tensor:
-        """The (C, C) mixing matrix assembled from its LU factors."""
+    def _factors(self) -> tuple[Tensor, Tensor]:
         eye = torch.eye(self.log_s.shape[0], dtype=self.log_s.dtype, device=self.log_s.device)
         lower = torch.tril(self.lower, -1) + eye
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The (C, C) mixing matrix assembled from its LU factors."""
+        lower, upper = self._factors()
         return self.perm @ lower @ upper
+
+    def inverse_weight(self) -> Tensor:
+        """W^-1 = U^-1 L^-1 P^T by triangular solves: more accurate than a general inverse."""
+        lower, upper = self._factors()
+        lower_inv_pt = torch.linalg.solve_triangular(lower, self.perm.T, upper=False, unitriangular=True)
+        return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = torch.einsum("oc,bc...->bo...", self.weight(), x)
@@ -172,7 +182,7 @@ class InvConv(InvertibleModule):
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
-        return torch.einsum("oc,bc...->bo...", torch.linalg.inv(self.weight()), y)
+        return torch.einsum("oc,bc...->bo...", self.inverse_weight(), y)
 
 
 class AffineCoupling(InvertibleModule):
