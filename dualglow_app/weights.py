@@ -85,10 +85,14 @@ def save_model(
     try:
         meta_json = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as err:
-        raise ModelFileError(f"metadata for {json_path} is not JSON-serialisable ({err}): pass plain dicts, lists, numbers and strings.") from err
+        raise ModelFileError(
+            f"metadata for {json_path} is not JSON-serialisable ({err}): pass plain dicts, lists, numbers and strings."
+        ) from err
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomically(tensors_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    _write_atomically(
+        tensors_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
+    )
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -116,9 +120,13 @@ def read_model_info(path_or_stem: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         info = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelFileError(f"{json_path}: unreadable model description ({err}); re-save or re-download the model.") from err
+        raise ModelFileError(
+            f"{json_path}: unreadable model description ({err}); re-save or re-download the model."
+        ) from err
     if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ModelFileError(f"{json_path}: not a dualglow model description (no \"format\": \"{FORMAT}\").")
+        raise ModelFileError(
+            f'{json_path}: not a dualglow model description (no "format": "{FORMAT}").'
+        )
     if info.get("format_version") != FORMAT_VERSION:
         raise ModelFileError(
             f"{json_path}: format_version {info.get('format_version')!r}, this dualglow ({__version__}) "
@@ -127,7 +135,9 @@ def read_model_info(path_or_stem: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[DualGlow, dict[str, Any]]:
+def load_model(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[DualGlow, dict[str, Any]]:
     """Rebuild a :class:`DualGlow` from ``NAME.json`` and its verified ``NAME.safetensors``.
 
     Returns ``(model, info)`` with the model in eval mode on ``device`` and ``info`` the
@@ -139,7 +149,9 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     tensors_path, json_path = model_paths(path)
     info = read_model_info(json_path)
     if not tensors_path.is_file():
-        raise ModelFileError(f"{tensors_path}: tensors file not found next to {json_path.name}; copy both files of the model.")
+        raise ModelFileError(
+            f"{tensors_path}: tensors file not found next to {json_path.name}; copy both files of the model."
+        )
     expected = info.get("sha256")
     if not isinstance(expected, str) or not expected:
         raise ModelFileError(
@@ -170,4 +182,12 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     return model, info
 
 
-__all__ = ["FORMAT_VERSION", "ModelFileError", "file_sha256", "load_model", "model_paths", "read_model_info", "save_model"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ModelFileError",
+    "file_sha256",
+    "load_model",
+    "model_paths",
+    "read_model_info",
+    "save_model",
+]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import doctest
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from dualglow_app.model import dualglow as dualglow_module
 from dualglow_app.model import flows
 from dualglow_app.model.flows import (
     ActNorm,
@@ -23,6 +22,15 @@ from dualglow_app.model.flows import (
 )
 
 NDIMS = (2, 3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny tensors are dominated by per-op overhead: extra threads only contend (2-core CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
@@ -150,8 +158,9 @@ def test_split_round_trip() -> None:
 def test_squeeze_moves_neighbourhoods_into_channels(ndim: int) -> None:
     x = torch.arange(4**ndim, dtype=torch.float32).view(1, 1, *([4] * ndim))
     y, logdet = Squeeze(ndim)(x)
-    corner = x[(0, 0, *(slice(0, 2),) * ndim)].flatten()
-    assert torch.equal(y[(0, slice(None), *(0,) * ndim)], corner)
+    corner = x[0, 0][(slice(0, 2),) * ndim].flatten()  # the first 2x2(x2) block
+    first_voxel = y[0].flatten(1)[:, 0]  # all channels of output voxel 0
+    assert torch.equal(first_voxel, corner)
     assert torch.equal(logdet, torch.zeros(1))
 
 
@@ -202,9 +211,9 @@ def test_invconv_starts_as_a_rotation_and_inverts_its_weight() -> None:
     mix = InvConv(6, ndim=3)
     w = mix.weight()
     assert torch.allclose(w @ w.T, torch.eye(6), atol=1e-5)
+    assert torch.allclose(mix(torch.randn(1, 6, 2, 2, 2))[1], torch.zeros(1), atol=1e-5)
     perturb(mix)
     assert torch.allclose(mix.inverse_weight() @ mix.weight(), torch.eye(6), atol=1e-5)
-    assert torch.allclose(mix(torch.randn(1, 6, 2, 2, 2))[1], torch.zeros(1), atol=1e-5)
 
 
 def test_unsupported_ndim_is_refused() -> None:
@@ -212,8 +221,6 @@ def test_unsupported_ndim_is_refused() -> None:
         ActNorm(2, ndim=1)
 
 
-@pytest.mark.parametrize("module", [flows, dualglow_module])
-def test_docstring_examples_run(module: object) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.attempted > 0
-    assert result.failed == 0
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(flows)
+    assert result.attempted > 0 and result.failed == 0

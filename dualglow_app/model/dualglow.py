@@ -144,7 +144,9 @@ class RelationNet(nn.Module):
     new model starts from the standard normal prior.
     """
 
-    def __init__(self, c_in: int, c_out: int, hidden: int, ndim: int, log_sigma_bound: float) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, hidden: int, ndim: int, log_sigma_bound: float
+    ) -> None:
         super().__init__()
         self.bound = log_sigma_bound
         self.net = nn.Sequential(
@@ -191,14 +193,22 @@ class DualGlow(nn.Module):
         super().__init__()
         self.config = config
         cfg = config
-        self.flow_mri = Glow(cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp)
-        self.flow_pet = Glow(cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp)
+        self.flow_mri = Glow(
+            cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp
+        )
+        self.flow_pet = Glow(
+            cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp
+        )
         channels = self.flow_mri.latent_channels
         top = len(channels) - 1
         # eq. 16: only the top-level prior sees c, next to zm_top.
         self.relations = nn.ModuleList(
             RelationNet(
-                c + (cfg.n_side if i == top else 0), c, cfg.relation_hidden, cfg.ndim, cfg.log_sigma_bound
+                c + (cfg.n_side if i == top else 0),
+                c,
+                cfg.relation_hidden,
+                cfg.ndim,
+                cfg.log_sigma_bound,
             )
             for i, c in enumerate(channels)
         )
@@ -219,7 +229,9 @@ class DualGlow(nn.Module):
         cfg = self.config
         expected = f"(batch, {cfg.in_channels}, " + ", ".join(["size"] * cfg.ndim) + ")"
         if not isinstance(x, Tensor):
-            raise TypeError(f"{name} is a {type(x).__name__}; expected a torch.Tensor shaped {expected}.")
+            raise TypeError(
+                f"{name} is a {type(x).__name__}; expected a torch.Tensor shaped {expected}."
+            )
         if x.dim() != 2 + cfg.ndim:
             hint = " Add the channel axis with x.unsqueeze(1)." if x.dim() == 1 + cfg.ndim else ""
             raise ValueError(
@@ -239,7 +251,9 @@ class DualGlow(nn.Module):
                 f"divisible by 2**{cfg.levels}={factor}: pad or crop to e.g. {fixed}."
             )
 
-    def _encode_side(self, side: SideInput | None, batch: int, like: Tensor) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+    def _encode_side(
+        self, side: SideInput | None, batch: int, like: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
         """-> (c, continuous targets (B, n_cont), categorical targets [(B,) long]) or None."""
         cfg = self.config
         if not cfg.n_side:
@@ -255,7 +269,10 @@ class DualGlow(nn.Module):
                 f"this model was built with side information {cfg.side_names}; pass side={{{example}}} "
                 f"(continuous in natural units, e.g. age in years; categorical as class indices)."
             )
-        missing, unknown = sorted(set(cfg.side_names) - set(side)), sorted(set(side) - set(cfg.side_names))
+        missing, unknown = (
+            sorted(set(cfg.side_names) - set(side)),
+            sorted(set(side) - set(cfg.side_names)),
+        )
         if missing or unknown:
             raise ValueError(
                 f"side has keys {sorted(side)} (missing {missing}, unknown {unknown}); this model "
@@ -272,7 +289,8 @@ class DualGlow(nn.Module):
             return v.to(dtype)
 
         cont = [
-            (values(name, like.dtype) - center) / scale for name, (center, scale) in cfg.continuous.items()
+            (values(name, like.dtype) - center) / scale
+            for name, (center, scale) in cfg.continuous.items()
         ]
         cont_t = torch.stack(cont, dim=1) if cont else like.new_zeros(batch, 0)
         cats, onehots = [], []
@@ -373,7 +391,9 @@ class DualGlow(nn.Module):
         out["loss"] = loss
         return out
 
-    def forward(self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None
+    ) -> dict[str, Tensor]:
         """Same as :meth:`nll` (so DataParallel/DDP wrappers call the objective)."""
         return self.nll(x_mri, x_pet, side)
 
@@ -400,11 +420,15 @@ class DualGlow(nn.Module):
         """
         self._check_image(x_mri, "x_mri")
         if temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature={temperature}; expected a finite value >= 0 (0 = mode, 1 = the model's spread).")
+            raise ValueError(
+                f"temperature={temperature}; expected a finite value >= 0 (0 = mode, 1 = the model's spread)."
+            )
         if n < 1:
             raise ValueError(f"n={n}; expected the number of samples per image, >= 1.")
         if not self.is_initialized:
-            log.warning("sampling from a DualGlow that has never seen data: the output is meaningless")
+            log.warning(
+                "sampling from a DualGlow that has never seen data: the output is meaningless"
+            )
         encoded = self._encode_side(side, x_mri.shape[0], x_mri)
         c = encoded[0] if encoded is not None else None
         zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False))
@@ -417,7 +441,9 @@ class DualGlow(nn.Module):
                 if temperature == 0:
                     zp.append(mu)
                 else:
-                    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+                    eps = torch.randn(
+                        mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
+                    )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
             samples.append(self._quantize_back(self.flow_pet.inverse(zp)))
         return torch.stack(samples)

@@ -12,6 +12,7 @@ of those form the multi-scale :class:`Glow`.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -27,18 +28,19 @@ _CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3
 ACTNORM_MIN_STD = 1e-3
 
 
-def conv(ndim: int, c_in: int, c_out: int, kernel_size: int) -> nn.Module:
+def conv(ndim: int, c_in: int, c_out: int, kernel_size: int) -> nn.Conv2d | nn.Conv3d:
     """A same-padded 2D or 3D convolution."""
     if ndim not in _CONV:
         raise ValueError(f"ndim={ndim} is not supported: pass ndim=2 (images) or ndim=3 (volumes).")
     return _CONV[ndim](c_in, c_out, kernel_size, padding=kernel_size // 2)
 
 
-def zero_conv(ndim: int, c_in: int, c_out: int) -> nn.Module:
+def zero_conv(ndim: int, c_in: int, c_out: int) -> nn.Conv2d | nn.Conv3d:
     """A 3x3(x3) convolution starting at exactly zero, so a new block starts as the identity."""
     layer = conv(ndim, c_in, c_out, 3)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
     return layer
 
 
@@ -77,7 +79,9 @@ class InvertibleModule(nn.Module):
     def __init__(self, ndim: int) -> None:
         super().__init__()
         if ndim not in _CONV:
-            raise ValueError(f"ndim={ndim} is not supported: pass ndim=2 (images) or ndim=3 (volumes).")
+            raise ValueError(
+                f"ndim={ndim} is not supported: pass ndim=2 (images) or ndim=3 (volumes)."
+            )
         self.ndim = ndim
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +131,9 @@ class ActNorm(InvertibleModule):
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
-        return y * _per_channel((-self.log_scale).exp(), self.ndim) - _per_channel(self.loc, self.ndim)
+        return y * _per_channel((-self.log_scale).exp(), self.ndim) - _per_channel(
+            self.loc, self.ndim
+        )
 
 
 class InvConv(InvertibleModule):
@@ -173,7 +179,9 @@ class InvConv(InvertibleModule):
     def inverse_weight(self) -> Tensor:
         """W^-1 = U^-1 L^-1 P^T by triangular solves: more accurate than a general inverse."""
         lower, upper = self._factors()
-        lower_inv_pt = torch.linalg.solve_triangular(lower, self.perm.T, upper=False, unitriangular=True)
+        lower_inv_pt = torch.linalg.solve_triangular(
+            lower, self.perm.T, upper=False, unitriangular=True
+        )
         return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,7 +294,11 @@ class FlowStep(InvertibleModule):
     def __init__(self, channels: int, hidden: int, ndim: int, clamp: float = 2.0) -> None:
         super().__init__(ndim)
         self.layers = nn.ModuleList(
-            [ActNorm(channels, ndim), InvConv(channels, ndim), AffineCoupling(channels, hidden, ndim, clamp)]
+            [
+                ActNorm(channels, ndim),
+                InvConv(channels, ndim),
+                AffineCoupling(channels, hidden, ndim, clamp),
+            ]
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,7 +310,7 @@ class FlowStep(InvertibleModule):
 
     def inverse(self, y: Tensor) -> Tensor:
         for layer in reversed(self.layers):
-            y = layer.inverse(y)
+            y = cast(InvertibleModule, layer).inverse(y)
         return y
 
 
@@ -310,7 +322,9 @@ class GlowLevel(nn.Module):
     so a memory-saving backward can walk them one by one, recomputing inputs by ``inverse``.
     """
 
-    def __init__(self, in_channels: int, depth: int, hidden: int, ndim: int, split: bool, clamp: float = 2.0) -> None:
+    def __init__(
+        self, in_channels: int, depth: int, hidden: int, ndim: int, split: bool, clamp: float = 2.0
+    ) -> None:
         super().__init__()
         channels = in_channels * 2**ndim
         self.squeeze = Squeeze(ndim)
@@ -332,7 +346,7 @@ class GlowLevel(nn.Module):
     def inverse(self, h: Tensor | None, z: Tensor) -> Tensor:
         x = z if self.split is None or h is None else self.split.inverse(h, z)
         for step in reversed(self.steps):
-            x = step.inverse(x)
+            x = cast(FlowStep, step).inverse(x)
         return self.squeeze.inverse(x)
 
 
@@ -358,7 +372,9 @@ class Glow(nn.Module):
     ) -> None:
         super().__init__()
         if levels < 1 or depth < 1:
-            raise ValueError(f"Glow needs levels >= 1 and depth >= 1, got levels={levels}, depth={depth}.")
+            raise ValueError(
+                f"Glow needs levels >= 1 and depth >= 1, got levels={levels}, depth={depth}."
+            )
         self.in_channels = in_channels
         self.ndim = ndim
         self.levels = nn.ModuleList()
@@ -371,7 +387,7 @@ class Glow(nn.Module):
     @property
     def latent_channels(self) -> list[int]:
         """Channels of each level's latent, bottom to top."""
-        return [level.z_channels for level in self.levels]
+        return [cast(GlowLevel, level).z_channels for level in self.levels]
 
     def latent_shapes(self, spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
         """(C, *spatial) of each level's latent for an input of the given spatial size."""
@@ -394,14 +410,16 @@ class Glow(nn.Module):
     def inverse(self, latents: list[Tensor]) -> Tensor:
         h: Tensor | None = None
         for level, z in zip(reversed(self.levels), reversed(latents), strict=True):
-            h = level.inverse(h, z)
+            h = cast(GlowLevel, level).inverse(h, z)
         assert h is not None
         return h
 
 
 def gaussian_log_prob(z: Tensor, mean: Tensor, log_sigma: Tensor) -> Tensor:
     """Sum over all but the batch axis of log N(z; mean, exp(log_sigma)**2)."""
-    log_p = -0.5 * (math.log(2 * math.pi) + 2 * log_sigma + ((z - mean) * torch.exp(-log_sigma)) ** 2)
+    log_p = -0.5 * (
+        math.log(2 * math.pi) + 2 * log_sigma + ((z - mean) * torch.exp(-log_sigma)) ** 2
+    )
     return log_p.flatten(1).sum(1)
 
 
