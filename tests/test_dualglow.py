@@ -114,9 +114,8 @@ def test_fresh_model_scores_pet_under_standard_normal_prior() -> None:
     the PET flow's own bits per voxel, computed here from its latents and log-determinant."""
     torch.manual_seed(0)
     mri, pet = images()
-    model = DualGlow(tiny_config()).eval()
-    model.train()
-    model.nll(mri, pet)  # ActNorm init
+    model = DualGlow(tiny_config())
+    model.nll(mri, pet)  # ActNorm init (a new module is in training mode)
     model.eval()
     out = model.nll(mri, pet)
     n_bins, voxels = model.config.n_bins, 64

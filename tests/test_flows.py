@@ -177,6 +177,14 @@ def test_actnorm_initialises_once_from_data() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_actnorm_does_not_initialise_in_eval_mode() -> None:
+    norm = ActNorm(2, ndim=2).eval()
+    x = torch.randn(4, 2, 4, 4) * 3 + 1
+    y, logdet = norm(x)
+    assert not bool(norm.initialized)
+    assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(4))
+
+
 def test_actnorm_constant_channel_gives_no_nan() -> None:
     norm = ActNorm(2, ndim=3)
     x = torch.cat([torch.zeros(2, 1, 4, 4, 4), torch.randn(2, 1, 4, 4, 4)], dim=1)

@@ -212,15 +212,14 @@ class DualGlow(nn.Module):
             )
             for i, c in enumerate(channels)
         )
-        n_out = len(cfg.continuous) + sum(cfg.categorical.values())
         if cfg.n_side:
             # eq. 17: heads without GRL on the top latents of both flows keep c in them; heads
             # behind a GRL on the lower MRI latents z'_m push c out of them.
             self.side_keep = nn.ModuleList(
-                SideHead(channels[top], n_out, cfg.relation_hidden, cfg.ndim) for _ in range(2)
+                SideHead(channels[top], cfg.n_side, cfg.relation_hidden, cfg.ndim) for _ in range(2)
             )
             self.side_remove = nn.ModuleList(
-                SideHead(c, n_out, cfg.relation_hidden, cfg.ndim) for c in channels[:top]
+                SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in channels[:top]
             )
 
     # -- boundary checks -------------------------------------------------------------------
@@ -377,16 +376,15 @@ class DualGlow(nn.Module):
 
         if encoded is not None:
             _, cont, cats = encoded
-            keep = sum(
-                self._side_loss(head(z), cont, cats)
-                for head, z in zip(self.side_keep, (zm[-1], zp[-1]), strict=True)
-            )
+            keep = x_mri.new_zeros(())
+            for head, z in zip(self.side_keep, (zm[-1], zp[-1]), strict=True):
+                keep = keep + self._side_loss(head(z), cont, cats)
             remove = x_mri.new_zeros(())
             for head, z in zip(self.side_remove, zm[:-1], strict=True):
                 remove = remove + self._side_loss(head(grad_reverse(z)), cont, cats)
             # eq. 17: side-information losses enter the objective with a small weight.
             loss = loss + cfg.side_loss_weight * (keep + remove)
-            out["side_keep"] = torch.as_tensor(keep)
+            out["side_keep"] = keep
             out["side_remove"] = remove
         out["loss"] = loss
         return out

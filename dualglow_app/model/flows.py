@@ -94,9 +94,10 @@ class InvertibleModule(nn.Module):
 class ActNorm(InvertibleModule):
     """Per-channel affine ``y = (x + loc) * exp(log_scale)``, initialised from the first batch.
 
-    The first forward pass sets ``loc``/``log_scale`` so that batch has zero mean
-    and unit variance per channel; ``initialized`` is a buffer, so the init is saved with the
-    weights and never re-runs after loading.
+    The first forward pass in training mode sets ``loc``/``log_scale`` so that batch has zero
+    mean and unit variance per channel; ``initialized`` is a buffer, so the init is saved with
+    the weights and never re-runs after loading. In eval mode an uninitialised ActNorm is the
+    identity: evaluation never changes the model.
 
     Example:
         >>> norm = ActNorm(2, ndim=3)
@@ -124,7 +125,7 @@ class ActNorm(InvertibleModule):
         log.debug("actnorm initialised on %d channels", x.shape[1])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not self.initialized:
+        if self.training and not self.initialized:
             self.initialize(x)
         y = (x + _per_channel(self.loc, self.ndim)) * _per_channel(self.log_scale.exp(), self.ndim)
         logdet = self.log_scale.sum() * _voxels(x)
