@@ -13,9 +13,9 @@ Example:
     >>> import tempfile
     >>> from dualglow_app.model import DualGlow, DualGlowConfig
     >>> model = DualGlow(DualGlowConfig(ndim=2, levels=1, depth=1, hidden=4, relation_hidden=4))
-    >>> folder = tempfile.mkdtemp()
-    >>> path = save_model(model, f"{folder}/tiny", {"note": "untrained"})
-    >>> loaded, info = load_model(path)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = save_model(model, f"{folder}/tiny", {"note": "untrained"})
+    ...     loaded, info = load_model(path)
     >>> path.name, info["metadata"]["note"]
     ('tiny.safetensors', 'untrained')
 """
