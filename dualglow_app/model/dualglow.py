@@ -1,0 +1,450 @@
+"""DUAL-GLOW (Sun et al., "DUAL-GLOW: Conditional Flow-Based Generative Model for Modality
+Transfer", ICCV 2019): an MRI flow and a PET flow tied at every scale by relation networks.
+
+Equation numbers refer to the paper. Where the paper and the authors' released code differ,
+we follow the paper: sigma_i is learned (the code fixed it to 1), and side information is
+pushed out of the lower MRI latents through a gradient-reversal layer (the code has none).
+
+Intensities: both images are expected scaled to [0, 1] (callers normalise); a value is one of
+``n_bins`` intensity bins, and the likelihood is that of the dequantised image (uniform noise
+of one bin width), reported in bits per voxel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualglow_app.log import get_logger
+from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
+
+log = get_logger(__name__)
+
+# Age enters the network as (age - 70) / 10: callers pass years, the model sees roughly unit
+# scale over the ADNI range (55-90). Stored per covariate in DualGlowConfig.continuous.
+AGE_SCALING: tuple[float, float] = (70.0, 10.0)
+
+SideInput = Mapping[str, Tensor | float | int | Sequence[float] | Sequence[int]]
+
+
+@dataclass
+class DualGlowConfig:
+    """Everything needed to rebuild a :class:`DualGlow`; travels with the weights as JSON.
+
+    Side information (eq. 16-17) is declared here: ``continuous`` maps a covariate name to
+    ``(center, scale)``, so callers pass natural units and the network sees
+    ``(value - center) / scale`` (age: ``AGE_SCALING`` = (70, 10), i.e. pass years);
+    ``categorical`` maps a name to its number of classes (callers pass class indices
+    0..k-1). Both empty means no side information.
+
+    Example:
+        >>> cfg = DualGlowConfig(ndim=3, levels=2, depth=4, hidden=32,
+        ...                      continuous={"age": AGE_SCALING}, categorical={"sex": 2})
+        >>> DualGlowConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    in_channels: int = 1
+    ndim: int = 3
+    levels: int = 3
+    depth: int = 8
+    hidden: int = 128
+    relation_hidden: int = 64
+    coupling_clamp: float = 2.0
+    # Bound on |log sigma_i| of the relation networks (soft, via tanh), so the conditional
+    # prior can sharpen a lot (sigma >= e^-5) but never collapse to zero or explode.
+    log_sigma_bound: float = 5.0
+    lambda_mri: float = 1e-3
+    n_bins: int = 256
+    continuous: dict[str, tuple[float, float]] = field(default_factory=dict)
+    categorical: dict[str, int] = field(default_factory=dict)
+    side_loss_weight: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.continuous = {k: (float(v[0]), float(v[1])) for k, v in self.continuous.items()}
+        self.categorical = {k: int(v) for k, v in self.categorical.items()}
+        problems = []
+        if self.ndim not in (2, 3):
+            problems.append(f"ndim={self.ndim} (use 2 or 3)")
+        for name in ("in_channels", "levels", "depth", "hidden", "relation_hidden"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.n_bins < 2:
+            problems.append(f"n_bins={self.n_bins} (must be >= 2)")
+        for name, (_, scale) in self.continuous.items():
+            if scale <= 0:
+                problems.append(f"continuous[{name!r}] scale={scale} (must be > 0)")
+        for name, k in self.categorical.items():
+            if k < 2:
+                problems.append(f"categorical[{name!r}]={k} classes (must be >= 2)")
+        overlap = set(self.continuous) & set(self.categorical)
+        if overlap:
+            problems.append(f"covariates {sorted(overlap)} are both continuous and categorical")
+        if problems:
+            raise ValueError("invalid DualGlowConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def side_names(self) -> list[str]:
+        """Covariate names in the order the network sees them: continuous, then categorical."""
+        return [*self.continuous, *self.categorical]
+
+    @property
+    def n_side(self) -> int:
+        """Width of the encoded side vector c (continuous values + one-hot categories)."""
+        return len(self.continuous) + sum(self.categorical.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain JSON-able dict (tuples become lists)."""
+        d = asdict(self)
+        d["continuous"] = {k: list(v) for k, v in self.continuous.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DualGlowConfig:
+        """Inverse of :meth:`to_dict`; refuses unknown keys rather than dropping them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"DualGlowConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}. "
+                "The config was probably written by a newer dualglow: upgrade, or remove those keys."
+            )
+        return cls(**dict(d))
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: float) -> Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.weight * grad, None
+
+
+def grad_reverse(x: Tensor, weight: float = 1.0) -> Tensor:
+    """Identity forward, gradient multiplied by ``-weight`` backward (Ganin & Lempitsky 2015).
+
+    A head trained on ``grad_reverse(z)`` learns to predict c from z, while the flow that
+    produced z is pushed to make that impossible: c is removed from z (eq. 16-17).
+    """
+    return _GradientReversal.apply(x, weight)
+
+
+class RelationNet(nn.Module):
+    """Relation network of one level: zm_i (+ side channels) -> (mu_i, log_sigma_i) of
+    p(zp_i | zm_i) = N(mu_i(zm_i), sigma_i(zm_i)) (eq. 9-10). Zero-initialised output, so a
+    new model starts from the standard normal prior.
+    """
+
+    def __init__(
+        self, c_in: int, c_out: int, hidden: int, ndim: int, log_sigma_bound: float
+    ) -> None:
+        super().__init__()
+        self.bound = log_sigma_bound
+        self.net = nn.Sequential(
+            conv(ndim, c_in, hidden, 3),
+            nn.ReLU(),
+            conv(ndim, hidden, hidden, 1),
+            nn.ReLU(),
+            zero_conv(ndim, hidden, 2 * c_out),
+        )
+
+    def forward(self, zm: Tensor) -> tuple[Tensor, Tensor]:
+        mu, h = self.net(zm).chunk(2, dim=1)
+        return mu, self.bound * torch.tanh(h / self.bound)
+
+
+class SideHead(nn.Module):
+    """Predicts the side information from a latent: regression outputs, then class logits."""
+
+    def __init__(self, c_in: int, n_out: int, hidden: int, ndim: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(conv(ndim, c_in, hidden, 3), nn.ReLU())
+        self.out = nn.Linear(hidden, n_out)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.out(self.features(z).flatten(2).mean(2))
+
+
+class DualGlow(nn.Module):
+    """Conditional flow MRI -> PET: flows f_m, f_p and per-level relation networks.
+
+    Example:
+        >>> cfg = DualGlowConfig(ndim=3, levels=2, depth=2, hidden=16, relation_hidden=16,
+        ...                      continuous={"age": AGE_SCALING})
+        >>> model = DualGlow(cfg)
+        >>> mri, pet = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
+        >>> side = {"age": torch.tensor([63.0, 78.0])}          # years
+        >>> out = model.nll(mri, pet, side)
+        >>> out["loss"].backward()
+        >>> model.sample(mri, side, temperature=0.7, n=3).shape
+        torch.Size([3, 2, 1, 8, 8, 8])
+    """
+
+    def __init__(self, config: DualGlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        self.flow_mri = Glow(
+            cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp
+        )
+        self.flow_pet = Glow(
+            cfg.in_channels, cfg.ndim, cfg.levels, cfg.depth, cfg.hidden, cfg.coupling_clamp
+        )
+        channels = self.flow_mri.latent_channels
+        top = len(channels) - 1
+        # eq. 16: only the top-level prior sees c, next to zm_top.
+        self.relations = nn.ModuleList(
+            RelationNet(
+                c + (cfg.n_side if i == top else 0),
+                c,
+                cfg.relation_hidden,
+                cfg.ndim,
+                cfg.log_sigma_bound,
+            )
+            for i, c in enumerate(channels)
+        )
+        if cfg.n_side:
+            # eq. 17: heads without GRL on the top latents of both flows keep c in them; heads
+            # behind a GRL on the lower MRI latents z'_m push c out of them.
+            self.side_keep = nn.ModuleList(
+                SideHead(channels[top], cfg.n_side, cfg.relation_hidden, cfg.ndim) for _ in range(2)
+            )
+            self.side_remove = nn.ModuleList(
+                SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in channels[:top]
+            )
+
+    # -- boundary checks -------------------------------------------------------------------
+
+    def _check_image(self, x: Tensor, name: str) -> None:
+        cfg = self.config
+        expected = f"(batch, {cfg.in_channels}, " + ", ".join(["size"] * cfg.ndim) + ")"
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{name} is a {type(x).__name__}; expected a torch.Tensor shaped {expected}."
+            )
+        if x.dim() != 2 + cfg.ndim:
+            hint = " Add the channel axis with x.unsqueeze(1)." if x.dim() == 1 + cfg.ndim else ""
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; this model (ndim={cfg.ndim}) expects {expected}.{hint}"
+            )
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(
+                f"{name} has {x.shape[1]} channels (shape {tuple(x.shape)}); this model expects "
+                f"in_channels={cfg.in_channels}: pass {expected}."
+            )
+        factor = 2**cfg.levels
+        spatial = tuple(x.shape[2:])
+        if any(s % factor for s in spatial):
+            fixed = tuple(max(factor, round(s / factor) * factor) for s in spatial)
+            raise ValueError(
+                f"{name} has spatial size {spatial}; with levels={cfg.levels} every size must be "
+                f"divisible by 2**{cfg.levels}={factor}: pad or crop to e.g. {fixed}."
+            )
+
+    def _encode_side(
+        self, side: SideInput | None, batch: int, like: Tensor
+    ) -> tuple[Tensor, Tensor, list[Tensor]] | None:
+        """-> (c, continuous targets (B, n_cont), categorical targets [(B,) long]) or None."""
+        cfg = self.config
+        if not cfg.n_side:
+            if side:
+                raise ValueError(
+                    f"side={sorted(side)} was passed, but this model was built without side "
+                    "information: pass side=None, or build it with DualGlowConfig(continuous=..., categorical=...)."
+                )
+            return None
+        example = ", ".join(f"{k!r}: ..." for k in cfg.side_names)
+        if side is None:
+            raise ValueError(
+                f"this model was built with side information {cfg.side_names}; pass side={{{example}}} "
+                f"(continuous in natural units, e.g. age in years; categorical as class indices)."
+            )
+        missing, unknown = (
+            sorted(set(cfg.side_names) - set(side)),
+            sorted(set(side) - set(cfg.side_names)),
+        )
+        if missing or unknown:
+            raise ValueError(
+                f"side has keys {sorted(side)} (missing {missing}, unknown {unknown}); this model "
+                f"expects exactly {cfg.side_names}: pass side={{{example}}}."
+            )
+
+        def values(name: str, dtype: torch.dtype) -> Tensor:
+            v = torch.as_tensor(side[name], device=like.device)
+            v = v.expand(batch) if v.dim() == 0 else v
+            if v.shape != (batch,):
+                raise ValueError(
+                    f"side[{name!r}] has shape {tuple(v.shape)}; expected a scalar or shape ({batch},), one value per image."
+                )
+            return v.to(dtype)
+
+        cont = [
+            (values(name, like.dtype) - center) / scale
+            for name, (center, scale) in cfg.continuous.items()
+        ]
+        cont_t = torch.stack(cont, dim=1) if cont else like.new_zeros(batch, 0)
+        cats, onehots = [], []
+        for name, k in cfg.categorical.items():
+            raw = values(name, like.dtype)
+            idx = raw.round().long()
+            if (raw != idx).any() or (idx < 0).any() or (idx >= k).any():
+                raise ValueError(
+                    f"side[{name!r}] = {raw.tolist()}; expected class indices 0..{k - 1} (map labels to integers first)."
+                )
+            cats.append(idx)
+            onehots.append(F.one_hot(idx, k).to(like.dtype))
+        return torch.cat([cont_t, *onehots], dim=1), cont_t, cats
+
+    # -- likelihood ------------------------------------------------------------------------
+
+    def _dequantize(self, x: Tensor, noise: bool) -> Tensor:
+        """[0, 1] intensities -> continuous values centred on 0, plus up to one bin of noise."""
+        u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
+        return x + u / self.config.n_bins - 0.5
+
+    def _quantize_back(self, y: Tensor) -> Tensor:
+        return y + 0.5 - 0.5 / self.config.n_bins
+
+    def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        if c is not None and i == len(self.relations) - 1:
+            side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
+            zm = torch.cat([zm, side_map], dim=1)
+        mu, log_sigma = self.relations[i](zm)
+        return mu, log_sigma
+
+    def _side_loss(self, pred: Tensor, cont: Tensor, cats: list[Tensor]) -> Tensor:
+        n_cont = cont.shape[1]
+        loss = pred.new_zeros(())
+        if n_cont:
+            loss = loss + F.mse_loss(pred[:, :n_cont], cont, reduction="none").sum(1).mean()
+        start = n_cont
+        for idx, k in zip(cats, self.config.categorical.values(), strict=True):
+            loss = loss + F.cross_entropy(pred[:, start : start + k], idx)
+            start += k
+        return loss
+
+    def nll(self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None) -> dict[str, Tensor]:
+        """The training objective (eq. 12) and its parts, averaged over the batch.
+
+        Returns ``loss`` (what to minimise), ``bpd_pet_given_mri`` (-log p(xp | xm) in bits
+        per voxel), ``bpd_mri`` (-log p(xm) in bits per voxel) and, with side information,
+        ``side_keep`` / ``side_remove`` (the eq. 17 head losses, before weighting).
+        Dequantisation noise is drawn in training mode; in eval mode each value sits in the
+        middle of its bin, so the result is deterministic.
+        """
+        self._check_image(x_mri, "x_mri")
+        self._check_image(x_pet, "x_pet")
+        if x_mri.shape != x_pet.shape:
+            raise ValueError(
+                f"x_mri has shape {tuple(x_mri.shape)} but x_pet has {tuple(x_pet.shape)}: pass paired images on the same grid."
+            )
+        cfg = self.config
+        batch = x_mri.shape[0]
+        encoded = self._encode_side(side, batch, x_mri)
+        c = encoded[0] if encoded is not None else None
+
+        zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training))
+        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training))
+
+        # log p(zm) under the standard normal prior of the MRI flow.
+        log_p_zm = sum(gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) for z in zm)
+        # eq. 10-11: log p(zp | zm) = sum_i log N(zp_i; mu_i(zm_i), sigma_i(zm_i)).
+        log_p_zp = x_mri.new_zeros(batch)
+        for i, (z_m, z_p) in enumerate(zip(zm, zp, strict=True)):
+            mu, log_sigma = self._relation(i, z_m, c)
+            log_p_zp = log_p_zp + gaussian_log_prob(z_p, mu, log_sigma)
+
+        # Continuous density -> probability of the intensity bin: - D * log(n_bins); then bits
+        # per voxel by dividing by D * ln 2.
+        voxels = math.prod(x_mri.shape[1:])
+        discretisation = voxels * math.log(cfg.n_bins)
+        to_bits = 1.0 / (voxels * math.log(2.0))
+        bpd_pet = -(log_p_zp + logdet_p - discretisation) * to_bits
+        bpd_mri = -(log_p_zm + logdet_m - discretisation) * to_bits
+        # eq. 12: maximise log p(zp|zm) + log|det dzp/dxp| + lambda * log p(xm).
+        loss = (bpd_pet + cfg.lambda_mri * bpd_mri).mean()
+        out = {"bpd_pet_given_mri": bpd_pet.mean(), "bpd_mri": bpd_mri.mean()}
+
+        if encoded is not None:
+            _, cont, cats = encoded
+            keep = x_mri.new_zeros(())
+            for head, z in zip(self.side_keep, (zm[-1], zp[-1]), strict=True):
+                keep = keep + self._side_loss(head(z), cont, cats)
+            remove = x_mri.new_zeros(())
+            for head, z in zip(self.side_remove, zm[:-1], strict=True):
+                remove = remove + self._side_loss(head(grad_reverse(z)), cont, cats)
+            # eq. 17: side-information losses enter the objective with a small weight.
+            loss = loss + cfg.side_loss_weight * (keep + remove)
+            out["side_keep"] = keep
+            out["side_remove"] = remove
+        out["loss"] = loss
+        return out
+
+    def forward(
+        self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None
+    ) -> dict[str, Tensor]:
+        """Same as :meth:`nll` (so DataParallel/DDP wrappers call the objective)."""
+        return self.nll(x_mri, x_pet, side)
+
+    # -- synthesis -------------------------------------------------------------------------
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether every ActNorm has seen data (i.e. the model was trained or loaded)."""
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x_mri: Tensor,
+        side: SideInput | None = None,
+        temperature: float = 1.0,
+        n: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Synthetic PET for each MRI: ``(n, batch, in_channels, *spatial)``, on the [0, 1] scale.
+
+        zp_i = mu_i(zm_i) + temperature * sigma_i(zm_i) * eps, eps ~ N(0, I); temperature 0
+        gives the conditional mode of the latents, deterministically (then all n are equal).
+        """
+        self._check_image(x_mri, "x_mri")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(
+                f"temperature={temperature}; expected a finite value >= 0 (0 = mode, 1 = the model's spread)."
+            )
+        if n < 1:
+            raise ValueError(f"n={n}; expected the number of samples per image, >= 1.")
+        if not self.is_initialized:
+            log.warning(
+                "sampling from a DualGlow that has never seen data: the output is meaningless"
+            )
+        encoded = self._encode_side(side, x_mri.shape[0], x_mri)
+        c = encoded[0] if encoded is not None else None
+        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False))
+        priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
+        # One sample at a time: a full-size 3D inverse pass per sample bounds peak memory.
+        samples = []
+        for _ in range(n):
+            zp = []
+            for mu, log_sigma in priors:
+                if temperature == 0:
+                    zp.append(mu)
+                else:
+                    eps = torch.randn(
+                        mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
+                    )
+                    zp.append(mu + temperature * log_sigma.exp() * eps)
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp)))
+        return torch.stack(samples)
+
+
+__all__ = ["AGE_SCALING", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]

@@ -1,0 +1,441 @@
+"""Glow building blocks for 2D and 3D images (Kingma & Dhariwal 2018, as used by DUAL-GLOW).
+
+Every layer works on tensors shaped ``(batch, channels, *spatial)`` with 2 or 3 spatial
+dimensions; the dimensionality is fixed at construction (``ndim``) and picks the convolution.
+The invertible-layer contract is written once, in :class:`InvertibleModule`.
+
+Read top to bottom: ActNorm -> InvConv -> AffineCoupling form a :class:`FlowStep`;
+:class:`Squeeze` + ``depth`` steps (+ :class:`Split`) form a :class:`GlowLevel`; ``levels``
+of those form the multi-scale :class:`Glow`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from dualglow_app.log import get_logger
+
+log = get_logger(__name__)
+
+_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+
+# Smallest per-channel standard deviation ActNorm divides by: a constant channel (empty
+# background after a squeeze) would otherwise give 1/0 and NaN (a known Glow-port pitfall).
+ACTNORM_MIN_STD = 1e-3
+
+
+def conv(ndim: int, c_in: int, c_out: int, kernel_size: int) -> nn.Conv2d | nn.Conv3d:
+    """A same-padded 2D or 3D convolution."""
+    if ndim not in _CONV:
+        raise ValueError(f"ndim={ndim} is not supported: pass ndim=2 (images) or ndim=3 (volumes).")
+    return _CONV[ndim](c_in, c_out, kernel_size, padding=kernel_size // 2)
+
+
+def zero_conv(ndim: int, c_in: int, c_out: int) -> nn.Conv2d | nn.Conv3d:
+    """A 3x3(x3) convolution starting at exactly zero, so a new block starts as the identity."""
+    layer = conv(ndim, c_in, c_out, 3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+    return layer
+
+
+def _voxels(x: Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
+def _per_channel(v: Tensor, ndim: int) -> Tensor:
+    """Reshape a (C,) vector so it broadcasts over (B, C, *spatial)."""
+    return v.view(1, -1, *([1] * ndim))
+
+
+class InvertibleModule(nn.Module):
+    """The contract every flow layer here follows.
+
+    - ``forward(x) -> (y, logdet)``: ``y`` has the shape of ``x`` unless the layer documents
+      otherwise (Squeeze); ``logdet`` has shape ``(batch,)`` and is ``log|det dy/dx|`` per
+      sample, summed over channels and voxels. Never a bare tensor, never a flag-dependent
+      return.
+    - ``inverse(y) -> x``: the exact inverse, so ``inverse(forward(x)[0]) == x`` up to
+      floating-point error (tests hold it to 1e-5 in float32 and 1e-10 in float64). The
+      inverse's log-determinant is ``-logdet`` and is not returned: likelihood training only
+      ever runs forward, and sampling needs no density.
+    - A layer's state lives in parameters and registered buffers only, so ``state_dict``
+      round-trips it and ``inverse`` can recompute inputs from outputs (the hook a
+      memory-saving backward pass will use).
+
+    Example:
+        >>> layer = ActNorm(4, ndim=2)
+        >>> x = torch.randn(8, 4, 16, 16)
+        >>> y, logdet = layer(x)
+        >>> logdet.shape, torch.allclose(layer.inverse(y), x, atol=1e-5)
+        (torch.Size([8]), True)
+    """
+
+    def __init__(self, ndim: int) -> None:
+        super().__init__()
+        if ndim not in _CONV:
+            raise ValueError(
+                f"ndim={ndim} is not supported: pass ndim=2 (images) or ndim=3 (volumes)."
+            )
+        self.ndim = ndim
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ActNorm(InvertibleModule):
+    """Per-channel affine ``y = (x + loc) * exp(log_scale)``, initialised from the first batch.
+
+    The first forward pass in training mode sets ``loc``/``log_scale`` so that batch has zero
+    mean and unit variance per channel; ``initialized`` is a buffer, so the init is saved with
+    the weights and never re-runs after loading. In eval mode an uninitialised ActNorm is the
+    identity: evaluation never changes the model.
+
+    Example:
+        >>> norm = ActNorm(2, ndim=3)
+        >>> y, _ = norm(torch.randn(4, 2, 8, 8, 8) * 5 + 3)   # initialises here
+        >>> bool(norm.initialized)
+        True
+    """
+
+    initialized: Tensor
+
+    def __init__(self, channels: int, ndim: int) -> None:
+        super().__init__(ndim)
+        self.loc = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent init from ``x``; called by the first forward pass."""
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        std = flat.std(dim=1, unbiased=False).clamp_min(ACTNORM_MIN_STD)
+        self.loc.copy_(-flat.mean(dim=1))
+        self.log_scale.copy_(-torch.log(std))
+        self.initialized.fill_(True)
+        log.debug("actnorm initialised on %d channels", x.shape[1])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not self.initialized:
+            self.initialize(x)
+        y = (x + _per_channel(self.loc, self.ndim)) * _per_channel(self.log_scale.exp(), self.ndim)
+        logdet = self.log_scale.sum() * _voxels(x)
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y * _per_channel((-self.log_scale).exp(), self.ndim) - _per_channel(
+            self.loc, self.ndim
+        )
+
+
+class InvConv(InvertibleModule):
+    """Invertible 1x1 (2D) or 1x1x1 (3D) convolution in LU form, ``W = P L (U + diag(s))``.
+
+    P is a fixed permutation (buffer), L unit lower triangular, U strictly upper triangular,
+    and ``s = sign * exp(log_s)`` with the sign fixed at init. The log-determinant is then
+    exactly ``sum(log_s) * voxels``: no slogdet, which is unreliable in float32.
+
+    Example:
+        >>> mix = InvConv(8, ndim=3)
+        >>> y, logdet = mix(torch.randn(2, 8, 4, 4, 4))
+        >>> y.shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+
+    perm: Tensor
+    sign_s: Tensor
+
+    def __init__(self, channels: int, ndim: int) -> None:
+        super().__init__(ndim)
+        # A random rotation: well conditioned, and mixes all channels from the start.
+        q, _ = torch.linalg.qr(torch.randn(channels, channels))
+        p, lower, upper = torch.linalg.lu(q)
+        s = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.lower = nn.Parameter(torch.tril(lower, -1))
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(s.abs()))
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.log_s.shape[0], dtype=self.log_s.dtype, device=self.log_s.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The (C, C) mixing matrix assembled from its LU factors."""
+        lower, upper = self._factors()
+        return self.perm @ lower @ upper
+
+    def inverse_weight(self) -> Tensor:
+        """W^-1 = U^-1 L^-1 P^T by triangular solves: more accurate than a general inverse."""
+        lower, upper = self._factors()
+        lower_inv_pt = torch.linalg.solve_triangular(
+            lower, self.perm.T, upper=False, unitriangular=True
+        )
+        return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y = torch.einsum("oc,bc...->bo...", self.weight(), x)
+        logdet = self.log_s.sum() * _voxels(x)
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.einsum("oc,bc...->bo...", self.inverse_weight(), y)
+
+
+class AffineCoupling(InvertibleModule):
+    """Affine coupling: the first half of the channels sets scale and shift of the second.
+
+    ``y_b = x_b * exp(log_s) + t`` with ``log_s = clamp * tanh(h / clamp)``: the soft clamp keeps
+    the scale within ``exp(+-clamp)``, so training cannot blow up through an unbounded exp.
+    The network's last conv is zero-initialised, so a fresh coupling is the identity.
+
+    Example:
+        >>> coupling = AffineCoupling(4, hidden=16, ndim=2)
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> torch.equal(coupling(x)[0], x)     # identity at init
+        True
+    """
+
+    def __init__(self, channels: int, hidden: int, ndim: int, clamp: float = 2.0) -> None:
+        super().__init__(ndim)
+        if channels < 2:
+            raise ValueError(f"AffineCoupling needs >= 2 channels, got {channels}: squeeze first.")
+        self.n_keep = channels // 2
+        self.n_change = channels - self.n_keep
+        self.clamp = clamp
+        self.net = nn.Sequential(
+            conv(ndim, self.n_keep, hidden, 3),
+            nn.ReLU(),
+            conv(ndim, hidden, hidden, 1),
+            nn.ReLU(),
+            zero_conv(ndim, hidden, 2 * self.n_change),
+        )
+
+    def _scale_shift(self, x_keep: Tensor) -> tuple[Tensor, Tensor]:
+        h_scale, shift = self.net(x_keep).chunk(2, dim=1)
+        return self.clamp * torch.tanh(h_scale / self.clamp), shift
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x_keep, x_change = x.split([self.n_keep, self.n_change], dim=1)
+        log_s, shift = self._scale_shift(x_keep)
+        y_change = x_change * log_s.exp() + shift
+        return torch.cat([x_keep, y_change], dim=1), log_s.flatten(1).sum(1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        y_keep, y_change = y.split([self.n_keep, self.n_change], dim=1)
+        log_s, shift = self._scale_shift(y_keep)
+        return torch.cat([y_keep, (y_change - shift) * (-log_s).exp()], dim=1)
+
+
+class Squeeze(InvertibleModule):
+    """Trade space for channels: (B, C, *S) -> (B, C * 2**ndim, *S / 2); volume preserving.
+
+    Example:
+        >>> Squeeze(ndim=3)(torch.zeros(1, 1, 4, 4, 4))[0].shape
+        torch.Size([1, 8, 2, 2, 2])
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, *spatial = x.shape
+        # (B, C, s1/2, 2, s2/2, 2, ...) -> move the factor-2 axes next to C and merge them.
+        split_shape = [b, c] + [n for s in spatial for n in (s // 2, 2)]
+        nd = self.ndim
+        order = [0, 1] + [3 + 2 * i for i in range(nd)] + [2 + 2 * i for i in range(nd)]
+        y = x.reshape(split_shape).permute(order)
+        y = y.reshape(b, c * 2**nd, *(s // 2 for s in spatial))
+        return y, x.new_zeros(b)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        b, c, *spatial = y.shape
+        nd = self.ndim
+        x = y.reshape(b, c // 2**nd, *([2] * nd), *spatial)
+        order = [0, 1] + [n for i in range(nd) for n in (2 + nd + i, 2 + i)]
+        return x.permute(order).reshape(b, c // 2**nd, *(s * 2 for s in spatial))
+
+
+class Split(nn.Module):
+    """Factor out half the channels (multi-scale architecture). Not an InvertibleModule: it
+    returns two tensors, ``forward(x) -> (kept, z)``, and ``inverse(kept, z) -> x``. It is a
+    pure re-indexing, so its log-determinant is zero; the density of ``z`` is the caller's.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.n_keep = channels // 2
+        self.n_out = channels - self.n_keep
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kept, z = x.split([self.n_keep, self.n_out], dim=1)
+        return kept, z
+
+    def inverse(self, kept: Tensor, z: Tensor) -> Tensor:
+        return torch.cat([kept, z], dim=1)
+
+
+class FlowStep(InvertibleModule):
+    """One Glow step: ActNorm -> InvConv -> AffineCoupling.
+
+    Example:
+        >>> step = FlowStep(8, hidden=16, ndim=3)
+        >>> y, logdet = step(torch.randn(2, 8, 4, 4, 4))
+    """
+
+    def __init__(self, channels: int, hidden: int, ndim: int, clamp: float = 2.0) -> None:
+        super().__init__(ndim)
+        self.layers = nn.ModuleList(
+            [
+                ActNorm(channels, ndim),
+                InvConv(channels, ndim),
+                AffineCoupling(channels, hidden, ndim, clamp),
+            ]
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        for layer in reversed(self.layers):
+            y = cast(InvertibleModule, layer).inverse(y)
+        return y
+
+
+class GlowLevel(nn.Module):
+    """Squeeze, ``depth`` flow steps, then (unless it is the top level) split off half.
+
+    ``forward(x) -> (h, z, logdet)``: ``h`` goes on to the next level (``None`` at the top),
+    ``z`` is this level's latent. ``inverse(h, z) -> x``. The steps are an ``nn.ModuleList``
+    so a memory-saving backward can walk them one by one, recomputing inputs by ``inverse``.
+    """
+
+    def __init__(
+        self, in_channels: int, depth: int, hidden: int, ndim: int, split: bool, clamp: float = 2.0
+    ) -> None:
+        super().__init__()
+        channels = in_channels * 2**ndim
+        self.squeeze = Squeeze(ndim)
+        self.steps = nn.ModuleList([FlowStep(channels, hidden, ndim, clamp) for _ in range(depth)])
+        self.split = Split(channels) if split else None
+        self.out_channels = self.split.n_keep if self.split is not None else 0
+        self.z_channels = self.split.n_out if self.split is not None else channels
+
+    def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        x, logdet = self.squeeze(x)
+        for step in self.steps:
+            x, ld = step(x)
+            logdet = logdet + ld
+        if self.split is None:
+            return None, x, logdet
+        h, z = self.split(x)
+        return h, z, logdet
+
+    def inverse(self, h: Tensor | None, z: Tensor) -> Tensor:
+        x = z if self.split is None or h is None else self.split.inverse(h, z)
+        for step in reversed(self.steps):
+            x = cast(FlowStep, step).inverse(x)
+        return self.squeeze.inverse(x)
+
+
+class Glow(nn.Module):
+    """Multi-scale Glow: ``levels`` levels of squeeze + ``depth`` steps, splitting half the
+    channels after every level but the last.
+
+    ``forward(x) -> (latents, logdet)`` with ``latents[i]`` the latent of level ``i`` (the
+    last one is the top) and ``logdet`` of shape ``(batch,)``; ``inverse(latents) -> x``.
+    Spatial sizes must be divisible by ``2**levels`` (callers check; see ``DualGlow``).
+
+    Example:
+        >>> flow = Glow(in_channels=1, ndim=3, levels=2, depth=2, hidden=16)
+        >>> zs, logdet = flow(torch.randn(2, 1, 8, 8, 8))
+        >>> [tuple(z.shape) for z in zs]
+        [(2, 4, 4, 4, 4), (2, 32, 2, 2, 2)]
+        >>> flow.inverse(zs).shape
+        torch.Size([2, 1, 8, 8, 8])
+    """
+
+    def __init__(
+        self, in_channels: int, ndim: int, levels: int, depth: int, hidden: int, clamp: float = 2.0
+    ) -> None:
+        super().__init__()
+        if levels < 1 or depth < 1:
+            raise ValueError(
+                f"Glow needs levels >= 1 and depth >= 1, got levels={levels}, depth={depth}."
+            )
+        self.in_channels = in_channels
+        self.ndim = ndim
+        self.levels = nn.ModuleList()
+        channels = in_channels
+        for i in range(levels):
+            level = GlowLevel(channels, depth, hidden, ndim, split=i < levels - 1, clamp=clamp)
+            self.levels.append(level)
+            channels = level.out_channels
+
+    @property
+    def latent_channels(self) -> list[int]:
+        """Channels of each level's latent, bottom to top."""
+        return [cast(GlowLevel, level).z_channels for level in self.levels]
+
+    def latent_shapes(self, spatial: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """(C, *spatial) of each level's latent for an input of the given spatial size."""
+        shapes = []
+        for i, c in enumerate(self.latent_channels):
+            shapes.append((c, *(s // 2 ** (i + 1) for s in spatial)))
+        return shapes
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        latents: list[Tensor] = []
+        logdet = x.new_zeros(x.shape[0])
+        h: Tensor | None = x
+        for level in self.levels:
+            assert h is not None
+            h, z, ld = level(h)
+            latents.append(z)
+            logdet = logdet + ld
+        return latents, logdet
+
+    def inverse(self, latents: list[Tensor]) -> Tensor:
+        h: Tensor | None = None
+        for level, z in zip(reversed(self.levels), reversed(latents), strict=True):
+            h = cast(GlowLevel, level).inverse(h, z)
+        assert h is not None
+        return h
+
+
+def gaussian_log_prob(z: Tensor, mean: Tensor, log_sigma: Tensor) -> Tensor:
+    """Sum over all but the batch axis of log N(z; mean, exp(log_sigma)**2)."""
+    log_p = -0.5 * (
+        math.log(2 * math.pi) + 2 * log_sigma + ((z - mean) * torch.exp(-log_sigma)) ** 2
+    )
+    return log_p.flatten(1).sum(1)
+
+
+__all__ = [
+    "ACTNORM_MIN_STD",
+    "ActNorm",
+    "AffineCoupling",
+    "FlowStep",
+    "Glow",
+    "GlowLevel",
+    "InvConv",
+    "InvertibleModule",
+    "Split",
+    "Squeeze",
+    "conv",
+    "gaussian_log_prob",
+    "zero_conv",
+]

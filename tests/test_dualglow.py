@@ -1,0 +1,310 @@
+"""DUAL-GLOW: the objective, conditional sampling, side information, boundary errors."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig, grad_reverse
+from dualglow_app.model import dualglow as dualglow_module
+
+
+def tiny_config(ndim: int = 2, **overrides: Any) -> DualGlowConfig:
+    base: dict[str, Any] = dict(ndim=ndim, levels=2, depth=1, hidden=8, relation_hidden=8)
+    base.update(overrides)
+    return DualGlowConfig(**base)
+
+
+def side_config(ndim: int = 2) -> DualGlowConfig:
+    return tiny_config(ndim, continuous={"age": AGE_SCALING}, categorical={"sex": 2})
+
+
+def images(
+    batch: int = 4, ndim: int = 2, size: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, 1, *([size] * ndim))
+    return torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+
+
+def trained_like(
+    model: DualGlow, x_mri: torch.Tensor, x_pet: torch.Tensor, side: object = None
+) -> DualGlow:
+    """Initialise ActNorms from data, then move all weights off their (partly zero) init."""
+    model.train()
+    model.nll(x_mri, x_pet, side)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models are dominated by per-op overhead: extra threads only contend (2-core CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- configuration -------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json() -> None:
+    cfg = side_config(3)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert DualGlowConfig.from_dict(d) == cfg
+    assert d["continuous"] == {"age": [70.0, 10.0]}
+    assert cfg.n_side == 1 + 2
+
+
+def test_config_refuses_unknown_keys() -> None:
+    d = tiny_config().to_dict() | {"levles": 3}
+    with pytest.raises(ValueError, match=r"unknown keys \['levles'\]"):
+        DualGlowConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"ndim": 4}, "ndim=4"), ({"levels": 0}, "levels=0"), ({"categorical": {"dx": 1}}, "'dx'")],
+)
+def test_config_refuses_bad_values(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+# -- objective -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_nll_is_eq12_in_bits_per_voxel(ndim: int) -> None:
+    torch.manual_seed(0)
+    model = DualGlow(tiny_config(ndim, lambda_mri=0.25))
+    mri, pet = images(ndim=ndim)
+    model = trained_like(model, mri, pet)
+    out = model.nll(mri, pet)
+    assert {"loss", "bpd_pet_given_mri", "bpd_mri"} <= set(out)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    expected = out["bpd_pet_given_mri"] + 0.25 * out["bpd_mri"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    out["loss"].backward()
+    grads = [p.grad for p in model.flow_pet.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_eval_nll_is_deterministic_and_training_nll_dequantises() -> None:
+    torch.manual_seed(0)
+    mri, pet = images()
+    model = trained_like(DualGlow(tiny_config()), mri, pet)
+    assert torch.equal(model.nll(mri, pet)["loss"], model.nll(mri, pet)["loss"])
+    model.train()
+    assert not torch.equal(model.nll(mri, pet)["loss"], model.nll(mri, pet)["loss"])
+
+
+def test_fresh_model_scores_pet_under_standard_normal_prior() -> None:
+    """Zero-initialised relation networks give p(zp | zm) = N(0, I): the PET term then equals
+    the PET flow's own bits per voxel, computed here from its latents and log-determinant."""
+    torch.manual_seed(0)
+    mri, pet = images()
+    model = DualGlow(tiny_config())
+    model.nll(mri, pet)  # ActNorm init (a new module is in training mode)
+    model.eval()
+    out = model.nll(mri, pet)
+    n_bins, voxels = model.config.n_bins, 64
+    zp, logdet = model.flow_pet(pet + 0.5 / n_bins - 0.5)
+    log_p = sum(-0.5 * (z**2 + math.log(2 * math.pi)).flatten(1).sum(1) for z in zp)
+    bpd = -(log_p + logdet - voxels * math.log(n_bins)) / (voxels * math.log(2))
+    assert out["bpd_pet_given_mri"].item() == pytest.approx(bpd.mean().item(), rel=1e-5)
+
+
+def test_fit_toy_pairs_lowers_conditional_bpd_and_mode_beats_mean() -> None:
+    """A toy paired 2D dataset where PET is a nonlinear function of the MRI (bump squared)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        cy, cx = (torch.rand(n, 1, 1, generator=gen) * 7 for _ in range(2))
+        amp = 0.4 + 0.5 * torch.rand(n, 1, 1, generator=gen)
+        bump = amp * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 6.0)
+        return (0.1 + bump).unsqueeze(1), (0.2 + 0.7 * bump**2 / amp).unsqueeze(1)
+
+    train_mri, train_pet = pairs(256)
+    test_mri, test_pet = pairs(64)
+    torch.manual_seed(0)
+    model = DualGlow(tiny_config(depth=2, hidden=16, relation_hidden=16))
+    model.train()
+    model.nll(train_mri[:64], train_pet[:64])  # ActNorm init on a larger batch
+    model.eval()
+    before = model.nll(test_mri, test_pet)["bpd_pet_given_mri"].item()
+
+    opt = torch.optim.Adamax(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        idx = torch.randint(0, 256, (16,), generator=gen)
+        loss = model.nll(train_mri[idx], train_pet[idx])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+    after = model.nll(test_mri, test_pet)["bpd_pet_given_mri"].item()
+    assert after < before - 2.0, (before, after)
+    mode = model.sample(test_mri, temperature=0.0)[0]
+    mse_mode = ((mode - test_pet) ** 2).mean().item()
+    mse_mean = ((train_pet.mean(0, keepdim=True) - test_pet) ** 2).mean().item()
+    assert mse_mode < 0.5 * mse_mean, (mse_mode, mse_mean)
+
+
+# -- sampling ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_sample_shape_and_temperature(ndim: int) -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=2, ndim=ndim)
+    model = trained_like(DualGlow(tiny_config(ndim)), mri, pet)
+    samples = model.sample(mri, temperature=0.8, n=3)
+    assert samples.shape == (3, 2, 1, *([8] * ndim))
+    assert not torch.equal(samples[0], samples[1])
+    mode = model.sample(mri, temperature=0.0, n=2)
+    assert torch.equal(mode[0], mode[1])
+    assert torch.equal(mode, model.sample(mri, temperature=0.0, n=2))
+
+
+def test_sample_is_reproducible_with_a_generator() -> None:
+    mri, pet = images(batch=2)
+    model = trained_like(DualGlow(tiny_config()), mri, pet)
+    a = model.sample(mri, generator=torch.Generator().manual_seed(7))
+    b = model.sample(mri, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message", [({"temperature": -1.0}, "temperature"), ({"n": 0}, "n=0")]
+)
+def test_sample_refuses_bad_arguments(kwargs: dict[str, float], message: str) -> None:
+    mri, _ = images(batch=1)
+    with pytest.raises(ValueError, match=message):
+        DualGlow(tiny_config()).sample(mri, **kwargs)  # type: ignore[arg-type]
+
+
+# -- side information (eq. 16-17) ----------------------------------------------------------
+
+
+def test_gradient_reversal_flips_the_gradient() -> None:
+    x = torch.randn(5, requires_grad=True)
+    weights = torch.randn(5)
+    (grad_reverse(x, 0.5) * weights).sum().backward()
+    assert x.grad is not None
+    assert torch.allclose(x.grad, -0.5 * weights)
+    assert torch.equal(grad_reverse(x.detach()), x.detach())
+
+
+def test_side_losses_enter_the_objective() -> None:
+    mri, pet = images()
+    side = {"age": torch.tensor([60.0, 70.0, 80.0, 90.0]), "sex": torch.tensor([0, 1, 1, 0])}
+    model = trained_like(DualGlow(side_config()), mri, pet, side)
+    out = model.nll(mri, pet, side)
+    cfg = model.config
+    expected = (
+        out["bpd_pet_given_mri"]
+        + cfg.lambda_mri * out["bpd_mri"]
+        + cfg.side_loss_weight * (out["side_keep"] + out["side_remove"])
+    )
+    assert out["side_keep"].item() > 0 and out["side_remove"].item() > 0
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_side_heads_on_lower_mri_latents_push_gradient_the_other_way() -> None:
+    """The heads behind the GRL learn to predict c; the MRI flow receives the opposite
+    gradient (so it removes c from its lower latents)."""
+    mri, pet = images()
+    side = {"age": torch.tensor([60.0, 70.0, 80.0, 90.0]), "sex": torch.tensor([0, 1, 1, 0])}
+    model = trained_like(DualGlow(side_config()), mri, pet, side)
+    flow_params = list(model.flow_mri.parameters())
+    head_params = list(model.side_remove.parameters())
+    remove = model.nll(mri, pet, side)["side_remove"]
+    g_flow = torch.autograd.grad(remove, flow_params, retain_graph=True, allow_unused=True)
+    g_head = torch.autograd.grad(remove, head_params)
+
+    # The same head loss without reversal, from the same (deterministic, eval-mode) latents.
+    zm, _ = model.flow_mri(mri + 0.5 / model.config.n_bins - 0.5)
+    age = (side["age"] - AGE_SCALING[0]) / AGE_SCALING[1]
+    pred = model.side_remove[0](zm[0])
+    plain = ((pred[:, 0] - age) ** 2).mean() + torch.nn.functional.cross_entropy(
+        pred[:, 1:3], side["sex"]
+    )
+    assert plain.item() == pytest.approx(remove.item(), rel=1e-5)
+    p_flow = torch.autograd.grad(plain, flow_params, retain_graph=True, allow_unused=True)
+    p_head = torch.autograd.grad(plain, head_params)
+    for a, b in zip(g_head, p_head, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    nonzero = 0
+    for a, b in zip(g_flow, p_flow, strict=True):
+        assert (a is None) == (b is None)  # levels above z'_m[0] get no gradient either way
+        if a is not None and b is not None:
+            assert torch.allclose(a, -b, atol=1e-6)
+            nonzero += int(b.abs().max().item() > 0)
+    assert nonzero > 0
+
+
+def test_sample_changes_with_side_input() -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=2)
+    model = trained_like(DualGlow(side_config()), mri, pet, {"age": 70.0, "sex": 0})
+    young = model.sample(mri, {"age": 60.0, "sex": 0}, temperature=0.0)
+    old = model.sample(mri, {"age": torch.tensor([85.0, 85.0]), "sex": 0}, temperature=0.0)
+    other_sex = model.sample(mri, {"age": 60.0, "sex": 1}, temperature=0.0)
+    assert (young - old).abs().max().item() > 1e-4
+    assert (young - other_sex).abs().max().item() > 1e-4
+
+
+# -- boundary errors -----------------------------------------------------------------------
+
+
+def test_error_for_size_the_levels_cannot_squeeze() -> None:
+    model = DualGlow(tiny_config(levels=3))
+    mri, pet = images(size=12)
+    with pytest.raises(
+        ValueError, match=r"x_mri has spatial size \(12, 12\).*2\*\*3=8.*\(16, 16\)"
+    ):
+        model.nll(mri, pet)
+
+
+def test_error_for_wrong_channels_and_missing_channel_axis() -> None:
+    model = DualGlow(tiny_config())
+    mri, pet = images()
+    with pytest.raises(ValueError, match="x_pet has 2 channels"):
+        model.nll(mri, torch.cat([pet, pet], dim=1))
+    with pytest.raises(ValueError, match=r"unsqueeze\(1\)"):
+        model.sample(mri[:, 0])
+    with pytest.raises(ValueError, match="paired images"):
+        model.nll(mri, pet[:2])
+
+
+def test_errors_for_side_input() -> None:
+    mri, pet = images(batch=2)
+    with_side = DualGlow(side_config())
+    with pytest.raises(ValueError, match=r"built with side information \['age', 'sex'\]"):
+        with_side.nll(mri, pet)
+    with pytest.raises(ValueError, match=r"missing \['sex'\]"):
+        with_side.sample(mri, {"age": 70.0})
+    with pytest.raises(ValueError, match="class indices 0..1"):
+        with_side.sample(mri, {"age": 70.0, "sex": 2})
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        with_side.sample(mri, {"age": [70.0, 71.0, 72.0], "sex": 0})
+    with pytest.raises(ValueError, match="built without side information"):
+        DualGlow(tiny_config()).nll(mri, pet, {"age": 70.0})
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(dualglow_module)
+    assert result.attempted > 0 and result.failed == 0

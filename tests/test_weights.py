@@ -1,0 +1,164 @@
+"""Model files: safetensors + JSON, verified by sha256, rebuilt with strict keys."""
+
+from __future__ import annotations
+
+import doctest
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualglow_app import weights
+from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig
+from dualglow_app.model.flows import ActNorm
+from dualglow_app.weights import ModelFileError, file_sha256, load_model, model_paths, save_model
+
+SIDE = {"age": torch.tensor([64.0, 81.0]), "sex": torch.tensor([1, 0])}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(2, 1, 4, 4, 4, generator=gen), torch.rand(2, 1, 4, 4, 4, generator=gen)
+
+
+@pytest.fixture
+def model() -> DualGlow:
+    """A tiny 3D model with side information, ActNorms initialised, weights off their init."""
+    torch.manual_seed(0)
+    cfg = DualGlowConfig(
+        ndim=3,
+        levels=2,
+        depth=1,
+        hidden=4,
+        relation_hidden=4,
+        continuous={"age": AGE_SCALING},
+        categorical={"sex": 2},
+    )
+    net = DualGlow(cfg)
+    net.train()
+    net.nll(*images(), SIDE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def test_save_writes_a_self_describing_pair(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m", {"epochs": 3, "grid": [4, 4, 4]})
+    assert path == tmp_path / "m.safetensors"
+    info = json.loads((tmp_path / "m.json").read_text())
+    assert info["format"] == "dualglow-model" and info["format_version"] == 1
+    assert info["sha256"] == file_sha256(path)
+    assert info["config"] == model.config.to_dict()
+    assert info["metadata"] == {"epochs": 3, "grid": [4, 4, 4]}
+    assert "package_version" in info
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.json",
+        "m.safetensors",
+    ]  # no temp files
+
+
+def test_loaded_model_gives_identical_outputs(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m.safetensors")
+    loaded, info = load_model(path)
+    assert not loaded.training
+    assert loaded.config == model.config
+    mri, pet = images(seed=1)
+    assert torch.equal(loaded.nll(mri, pet, SIDE)["loss"], model.nll(mri, pet, SIDE)["loss"])
+    assert torch.equal(
+        loaded.sample(mri, SIDE, temperature=0.0), model.sample(mri, SIDE, temperature=0.0)
+    )
+
+
+def test_actnorm_init_survives_load_and_never_reruns(model: DualGlow, tmp_path: Path) -> None:
+    loaded, _ = load_model(save_model(model, tmp_path / "m"))
+    norms = [m for m in loaded.modules() if isinstance(m, ActNorm)]
+    assert norms and all(bool(m.initialized) for m in norms)
+    before = [m.loc.detach().clone() for m in norms]
+    loaded.train()
+    mri, pet = images(seed=2)
+    loaded.nll(mri * 10, pet * 10, SIDE)  # very different data: a re-init would move loc
+    assert all(torch.equal(b, m.loc) for b, m in zip(before, norms, strict=True))
+
+
+@pytest.mark.parametrize("name", ["m", "m.json", "m.safetensors"])
+def test_load_accepts_stem_or_either_file(model: DualGlow, tmp_path: Path, name: str) -> None:
+    save_model(model, tmp_path / "m")
+    loaded, _ = load_model(tmp_path / name)
+    assert isinstance(loaded, DualGlow)
+
+
+def test_tampered_tensors_are_refused(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # one bit in the last tensor's data: still a valid safetensors file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match=r"m\.safetensors: sha256 .* does not match"):
+        load_model(path)
+
+
+def test_missing_hash_is_refused(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m")
+    json_path = tmp_path / "m.json"
+    info = json.loads(json_path.read_text())
+    del info["sha256"]
+    json_path.write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="no sha256"):
+        load_model(path)
+
+
+def test_missing_description_or_tensors_are_refused(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m")
+    (tmp_path / "m.json").rename(tmp_path / "elsewhere.json")
+    with pytest.raises(ModelFileError, match=r"m\.json: model description not found"):
+        load_model(path)
+    (tmp_path / "elsewhere.json").rename(tmp_path / "m.json")
+    path.unlink()
+    with pytest.raises(ModelFileError, match="tensors file not found"):
+        load_model(tmp_path / "m")
+
+
+def test_config_that_does_not_fit_the_tensors_is_refused(model: DualGlow, tmp_path: Path) -> None:
+    path = save_model(model, tmp_path / "m")
+    json_path = tmp_path / "m.json"
+    info = json.loads(json_path.read_text())
+    info["config"]["depth"] = 2  # the hash covers the tensors only: strict keys must catch this
+    json_path.write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="do not fit the model"):
+        load_model(path)
+    info["config"]["depht"] = 1
+    json_path.write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="unknown keys"):
+        load_model(path)
+
+
+def test_metadata_must_be_json(model: DualGlow, tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="not JSON-serialisable"):
+        save_model(model, tmp_path / "m", {"when": object()})
+    assert not any(tmp_path.iterdir())
+
+
+def test_file_sha256_and_model_paths(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"dualglow" * 1000)
+    assert file_sha256(f) == hashlib.sha256(b"dualglow" * 1000).hexdigest()
+    assert model_paths(tmp_path / "a.b.json") == (
+        tmp_path / "a.b.safetensors",
+        tmp_path / "a.b.json",
+    )
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(weights)
+    assert result.attempted > 0 and result.failed == 0
