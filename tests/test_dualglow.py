@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import json
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -44,15 +43,6 @@ def trained_like(
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are dominated by per-op overhead: extra threads only contend (2-core CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- configuration -------------------------------------------------------------------------

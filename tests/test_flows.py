@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import doctest
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,15 +22,6 @@ from dualglow_app.model.flows import (
 )
 
 NDIMS = (2, 3)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors are dominated by per-op overhead: extra threads only contend (2-core CI)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def perturb(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:

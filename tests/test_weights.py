@@ -5,7 +5,6 @@ from __future__ import annotations
 import doctest
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,6 @@ from dualglow_app.model.flows import ActNorm
 from dualglow_app.weights import ModelFileError, file_sha256, load_model, model_paths, save_model
 
 SIDE = {"age": torch.tensor([64.0, 81.0]), "sex": torch.tensor([1, 0])}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
