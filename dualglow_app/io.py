@@ -1,0 +1,59 @@
+"""Atomic file output: every file is written under a temporary name and renamed into place.
+
+An interrupted run (Ctrl-C, kill, a crash) therefore never leaves a half-written output that
+a later run would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike[str] | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz`` stays last) so libraries that pick a
+    format by extension write the right one.
+
+    >>> with atomic_path("out/img.nii.gz") as tmp:  # doctest: +SKIP
+    ...     nib.save(image, tmp)
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(target.suffixes[-2:]) if target.name.endswith(".nii.gz") else target.suffix
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: os.PathLike[str] | str, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: os.PathLike[str] | str, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def save_nifti(image: Any, path: os.PathLike[str] | str) -> Path:
+    """Save a nibabel image to ``path`` atomically."""
+    import nibabel as nib
+
+    with atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return Path(path)

@@ -1,0 +1,22 @@
+from pathlib import Path
+
+import pytest
+
+from dualglow_app.io import atomic_path, write_json
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "img.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.name.endswith(".nii.gz") and tmp.parent == target.parent
+            tmp.write_bytes(b"partial")
+            raise RuntimeError("interrupted")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_write_replaces(tmp_path: Path) -> None:
+    target = write_json(tmp_path / "a.json", {"x": 1})
+    write_json(target, {"x": 2})
+    assert target.read_text().strip().endswith("}") and '"x": 2' in target.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
