@@ -686,15 +686,9 @@ def native_to_grid(
 
 def save_nifti(image: nib.Nifti1Image, path: str | os.PathLike[str]) -> Path:
     """Write ``image`` via a temporary name and rename it, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    try:
+    from dualglow_app.io import atomic_path
+
+    with atomic_path(path) as tmp:
         nib.save(image, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

