@@ -24,7 +24,7 @@ from dualglow_app.preprocess import (
     preprocess_t1w,
     to_ants,
 )
-from dualglow_app.templates import resample_to
+from dualglow_app.templates import get_template, resample_to
 
 # --------------------------------------------------------------------------- model grid
 
@@ -252,3 +252,23 @@ def test_pet_reference_region_is_configurable(pet, t1, subject, work):
     mask = t1.brain_mask.get_fdata() > 0
     assert abs(whole.image.get_fdata()[mask].mean() - 1) < 0.05
     assert whole.reference_value != pet.reference_value
+
+
+# --------------------------------------------------------------------------- real T1w
+
+COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")  # Debian mricron-data: Colin27, with skull
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not COLIN27.is_file(), reason="Colin27 absent: apt-get install mricron-data")
+def test_real_t1w_colin27_runs_through_the_t1w_path(tmp_path):
+    result = preprocess_t1w(COLIN27, preset("cpu4mm"), tmp_path, nprocs=2)
+    mask = result.brain_mask.get_fdata() > 0
+    volume_ml = mask.sum() * result.grid.voxel_size**3 / 1000
+    assert 1100 < volume_ml < 2000
+    brain = nib.load(result.native_mask).get_fdata() > 0
+    native_ml = brain.sum() * np.prod(nib.load(result.native_mask).header.get_zooms()[:3]) / 1000
+    assert 1100 < native_ml < 2000  # deepbet removed the skull
+    template = _smoothed_truth(get_template(1).t1w, result.grid)
+    assert np.corrcoef(result.image.get_fdata()[mask], template[mask])[0, 1] > 0.85
+    assert result.timings["total"] < 60
