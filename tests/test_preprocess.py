@@ -265,10 +265,10 @@ def test_real_t1w_colin27_runs_through_the_t1w_path(tmp_path):
     result = preprocess_t1w(COLIN27, preset("cpu4mm"), tmp_path, nprocs=2)
     mask = result.brain_mask.get_fdata() > 0
     volume_ml = mask.sum() * result.grid.voxel_size**3 / 1000
-    assert 1100 < volume_ml < 2000
+    assert 1100 < volume_ml < 2300  # the template brain is 1887 ml; 4 mm partial volumes add some
     brain = nib.load(result.native_mask).get_fdata() > 0
     native_ml = brain.sum() * np.prod(nib.load(result.native_mask).header.get_zooms()[:3]) / 1000
-    assert 1100 < native_ml < 2000  # deepbet removed the skull
+    assert 1100 < native_ml < 2300  # deepbet removed the skull (a head is > 3500 ml)
     template = _smoothed_truth(get_template(1).t1w, result.grid)
     assert np.corrcoef(result.image.get_fdata()[mask], template[mask])[0, 1] > 0.85
     assert result.timings["total"] < 60
