@@ -1,14 +1,18 @@
-"""Shared fixtures: tiny, deterministic BIDS trees with real (small) NIfTI files."""
+"""Shared fixtures: tiny, deterministic BIDS trees with real (small) NIfTI files; an isolated,
+offline template cache; tests/ on sys.path for the synthetic-subject helpers."""
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(autouse=True)
@@ -68,3 +72,18 @@ def tiny_bids(tmp_path: Path) -> Callable[..., Path]:
         return build_bids(tmp_path / "bids", **kwargs)  # type: ignore[arg-type]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def template_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("templateflow-cache")
+
+
+@pytest.fixture(autouse=True)
+def offline_templates(
+    monkeypatch: pytest.MonkeyPatch, template_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # Tests must never touch the network or the developer's real caches.
+    monkeypatch.setenv("DUALGLOW_TEMPLATEFLOW_OFFLINE", "1")
+    monkeypatch.setenv("DUALGLOW_TEMPLATE_CACHE", str(template_cache))
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path_factory.getbasetemp() / "empty-tf-home"))
