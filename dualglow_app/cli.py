@@ -101,6 +101,32 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all available.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run bids-validator-deno on BIDS_DIR.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+# --- group level (dualglow_app.train)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs (auto: CUDA when present).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="group: training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="group: scans per step and per process (under torchrun the global batch is this x processes).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="group: AdaMax learning rate after the warm-up.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=100, show_default=True, help="group: linear lr warm-up.")
+@click.option("--levels", type=click.IntRange(min=1), default=None, help="group: flow levels. Default: the grid's.")
+@click.option("--depth", type=click.IntRange(min=1), default=8, show_default=True, help="group: flow steps per level.")
+@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="group: coupling channels.")
+@click.option("--grid", "grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True,
+              help="group: model grid preset (MNI152NLin2009cAsym).")
+@click.option("--grid-mm", type=click.FloatRange(1, 16), default=None, help="group: voxel size in mm instead of a preset.")
+@click.option("--side-info", type=click.Choice(["age"]), multiple=True, help="group: condition on these covariates (eq. 16-17).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="group: share of subjects held out for validation.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="group: bf16 autocast on CUDA.")
+@click.option("--resume", is_flag=True, help="group: continue from the last checkpoint in the work dir.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="group: stop after this many steps.")
+@click.option("--model-name", default="dualglow", show_default=True, help="group: writes OUTPUT_DIR/models/NAME.*")
+@click.option("--tracer", default="FDG", show_default=True, help="group: PET tracer label (trc-<label>).")
+@click.option("--preprocess-only", is_flag=True, help="group: preprocess and stack the pairs, then stop.")
+@click.option("--ablate-mri", is_flag=True, hidden=True, help="group: zero the MRI (unconditional baseline).")
 @click.version_option(__version__, "--version", prog_name="dualglow")
 def main(
     bids_dir: Path,
@@ -112,10 +138,61 @@ def main(
     nprocs: int | None,
     skip_bids_validation: bool,
     verbose: int,
+    **level_options: object,
 ) -> None:
     """Synthesize FDG-PET from T1w MRI (participant) or train DUAL-GLOW (group).
 
     BIDS_DIR is the raw BIDS dataset, OUTPUT_DIR the derivatives folder.
     """
     check_directories(bids_dir, output_dir)
+    general = {
+        "bids_dir": bids_dir, "output_dir": output_dir, "participant_labels": participant_labels,
+        "session_labels": session_labels, "work_dir": work_dir, "nprocs": nprocs,
+        "skip_bids_validation": skip_bids_validation,
+    }
+    if analysis_level == "group":
+        click.get_current_context().exit(_run_group(general, level_options, verbose))
     raise click.UsageError(f"the {analysis_level} level is not available in dualglow {__version__} yet.")
+
+
+def _log_file(output_dir: Path, level: str) -> Path:
+    import datetime as dt
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = output_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{level}-{stamp}-{os.getpid()}.log"
+
+
+def _run_group(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
+    """Build TrainOptions and train; usage problems exit with 2, a failed training with 1."""
+    import dataclasses
+
+    from dualglow_app.bids import BIDSInputError
+    from dualglow_app.log import get_logger, setup_logging
+    from dualglow_app.train import TrainingError, TrainOptions, train
+
+    # Under torchrun every rank runs this command; rank 0 alone logs (and to a file).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    output_dir = Path(str(general["output_dir"]))
+    setup_logging(verbose if main_rank else -1, _log_file(output_dir, "group") if main_rank else None)
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    group = {k: v for k, v in options.items() if k in known}
+    group["mri_input"] = not options.get("ablate_mri", False)
+    try:
+        training = TrainOptions(**general, **group)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        result = train(training)
+    except BIDSInputError as err:
+        raise click.UsageError(str(err)) from None
+    except TrainingError as err:
+        get_logger().error("%s", err)
+        return 1
+    if main_rank and result.model_path is not None:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items()) or "no validation split"
+        click.echo(f"model: {result.model_path}\nreport: {result.report_path}\nvalidation: {scores}")
+    elif main_rank:
+        click.echo(f"preprocessed {len(result.train_labels)} pairs into the work dir")
+    return 0
