@@ -48,11 +48,12 @@ GM_LOSS_PER_YEAR = 0.002
 GM_LOSS_PER_YEAR_AFTER_65 = 0.004
 GM_EXTRA_LOSS_DISEASE = 0.005
 #: Hippocampal volume loss per year (DESIGN.md: -1.4 %/yr CN, -4.7 %/yr AD).
-HIPPO_LOSS_PER_YEAR_BEFORE_65 = 0.004
+HIPPO_LOSS_PER_YEAR_BEFORE_65 = 0.004  # assumed: the -1.4 %/yr is measured in older adults
 HIPPO_LOSS_PER_YEAR = 0.014
 HIPPO_LOSS_DISEASE = {"MCI": 0.028, "AD": 0.047}
 #: Ventricular growth, ml per year (DESIGN.md: +1.4 CN, faster in MCI/AD).
 VENTRICLE_ML_PER_YEAR = 1.4
+VENTRICLE_ML_PER_YEAR_BEFORE_65 = 0.5  # assumed: growth accelerates with age
 VENTRICLE_ML_PER_DISEASE_YEAR = {"MCI": 1.0, "AD": 2.0}
 
 
@@ -82,7 +83,8 @@ class AtrophyParams:
         if disease:
             extra = HIPPO_LOSS_DISEASE[dx] - HIPPO_LOSS_PER_YEAR
             hippo_keep *= (1 - extra) ** disease
-        vent = rate * VENTRICLE_ML_PER_YEAR * years + VENTRICLE_ML_PER_DISEASE_YEAR.get(dx, 0.0) * disease
+        vent = rate * (VENTRICLE_ML_PER_YEAR_BEFORE_65 * (years - years65) + VENTRICLE_ML_PER_YEAR * years65)
+        vent += VENTRICLE_ML_PER_DISEASE_YEAR.get(dx, 0.0) * disease
         return cls(float(min(gm, 0.5)), float(min(1 - hippo_keep, 0.7)), float(vent))
 
 

