@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -287,6 +288,8 @@ def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None
         "Manufacturer": "dualglow", "ManufacturersModelName": "digital phantom", "MagneticFieldStrength": 3,
         "RepetitionTime": 2.3, "EchoTime": 0.00298, "InversionTime": 0.9, "FlipAngle": 9,
         "MRAcquisitionType": "3D", "PhantomOrientation": axcodes, "PhantomProtocol": protocol,
+        "SoftwareVersions": f"dualglow {__version__}", "DeviceSerialNumber": "phantom", "StationName": GENERATOR,
+        "InstitutionName": "none (synthetic)",
     }
     written.append(_save(np.clip(np.rint(t1), 0, 32767).astype(np.int16), t1_affine,
                          raw / "anat" / f"{stem}_T1w.nii.gz", np.int16, t1_sidecar))
@@ -297,7 +300,7 @@ def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None
     pet_axcodes = str(rng.choice(["LPS", "RAS", "LAS", "LPI"]))
     # 128 x 128 transaxial, 90 slices (256 x 256 x 180 mm at 2 mm), whatever the voxel order.
     pet_extent = {"R": 256.0, "L": 256.0, "A": 256.0, "P": 256.0, "S": 180.0, "I": 180.0}
-    pet_shape = tuple(int(round(pet_extent[c] / pv)) for c in pet_axcodes)
+    pet_shape = cast(tuple[int, int, int], tuple(int(round(pet_extent[c] / pv)) for c in pet_axcodes))
     brain_in_pet = np.linalg.inv(pet_to_t1) @ pose @ np.append(an.BRAIN_CENTRE_MM, 1.0)
     pet_affine = an.grid_affine(pet_axcodes, pv, pet_shape, brain_in_pet[:3] + rng.uniform(-6.0, 6.0, 3))
     pet = an.pull(pet_mni, tpl.affine, pet_shape, pet_affine, np.linalg.inv(pose) @ pet_to_t1,
@@ -393,7 +396,7 @@ def _write_factors(gt: Path, stem: str, tpl: Template, cal: pt.Calibration, maps
         "target_suvr": {"Description": "Measured CN SUVR the phantom is calibrated to (assumed for regions outside the table)."},
         "calibrated_activity": {"Description": "True GM activity (SUVR units) that measures as target_suvr after the 8 mm PSF for a CN subject aged 73."},
         "age_factor": {"Description": "Normal-ageing factor, 1 at age 73."},
-        "diagnosis_factor": {"Description": "AD/MCI hypometabolism factor (1 = none)."},
+        "diagnosis_factor": {"Description": "AD/MCI hypometabolism factor on the true activity (1 = none); at Severity 1 it is calibrated so the blurred PET measures the AD pattern (precuneus -19 %, posterior cingulate -21 %)."},
         "subject_factor": {"Description": "Subject-specific metabolic variation, not visible in the MRI."},
         "total_factor": {"Description": "age_factor * diagnosis_factor * subject_factor."},
         "measured_suvr": {"Description": "Mean of the noise-free MNI PET in the region, divided by GlobalScale * BqPerSUVR."},
@@ -489,7 +492,7 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
         "License": "CC0",
-        "Authors": ["dualglow developers"],
+        "Authors": ["dualglow developers", "dualglow-phantom (generator)"],
         "GeneratedBy": generated,
         "HowToAcknowledge": "Synthetic data; cite ICBM152 2009 (Fonov et al. 2011) and the Desikan-Killiany atlas.",
     })

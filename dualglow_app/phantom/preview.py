@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 
 from dualglow_app.log import get_logger
+from dualglow_app.phantom.template import load_nifti
 
 if TYPE_CHECKING:
     from dualglow_app.phantom.cohort import SubjectInfo
@@ -41,7 +42,7 @@ def pick_subjects(subjects: list[SubjectInfo], n: int = 4) -> list[SubjectInfo]:
 
 
 def _canonical_slice(path: Path, axis: int, mm: float | None = None) -> tuple[np.ndarray, float]:
-    img = nib.as_closest_canonical(nib.load(path))
+    img = nib.as_closest_canonical(load_nifti(path))
     data = np.asarray(img.dataobj, dtype=np.float32)
     if mm is None:
         index = data.shape[axis] // 2

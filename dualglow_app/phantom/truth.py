@@ -6,9 +6,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
+
+from dualglow_app.phantom.template import load_nifti
 
 
 def _sample(field: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -54,8 +55,8 @@ def load_truth(bids_dir: Path | str, participant: str, session: str | None = Non
     xfm = Path(bids_dir) / "derivatives" / "phantom" / rel / "xfm"
     doc = json.loads((xfm / f"{stem}_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.json").read_text())
     pet = json.loads((xfm / f"{stem}_from-PET_to-T1w_mode-image_xfm.json").read_text())
-    u_img = nib.load(xfm / doc["MNIToAlignedField"])
-    w_img = nib.load(xfm / doc["AlignedToMNIField"])
+    u_img = load_nifti(xfm / doc["MNIToAlignedField"])
+    w_img = load_nifti(xfm / doc["AlignedToMNIField"])
     return TrueTransform(
         t1w_from_aligned=np.array(doc["T1wFromAligned"]),
         t1w_from_pet=np.array(pet["T1wFromPET"]),
