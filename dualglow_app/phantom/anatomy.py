@@ -139,23 +139,41 @@ def _band(d: np.ndarray, start: float, stop: float) -> np.ndarray:
 NECK = (55.0, 60.0, -15.0, -45.0)  # x and y radii, y centre, top z (mm) of the elliptic neck
 
 
-def head_shell(tpl: Template) -> np.ndarray:
-    """Flat indices of the work grid where the head can be: outside the brain, within 35 mm."""
+@dataclass(frozen=True)
+class HeadShell:
+    """Where the head can be (flat work-grid indices) and what the layers need there."""
+
+    index: np.ndarray
+    distance: np.ndarray  # mm outside the brain hull
+    brain: np.ndarray
+    neck_radius: np.ndarray  # elliptic radius about the neck axis (1 = neck surface)
+    z: np.ndarray
+
+
+def head_shell(tpl: Template) -> HeadShell:
+    """The head's candidate voxels (outside the brain, within 35 mm, or in the neck): once per grid."""
     x, y, z = np.meshgrid(*tpl.mm, indexing="ij", sparse=True)
     rx, ry, yc, top = NECK
     neck = (np.sqrt((x / rx) ** 2 + ((y - yc) / ry) ** 2) < 1.05) & (z < top + 5.0)
-    return np.flatnonzero(((tpl.head_distance > 0) & (tpl.head_distance < 35.0)) | (tpl.brain < 1.0) & neck)
+    index = np.flatnonzero(((tpl.head_distance > 0) & (tpl.head_distance < 35.0)) | (tpl.brain < 1.0) & neck)
+    xs, ys, zs = (tpl.mm[a][i] for a, i in enumerate(np.unravel_index(index, tpl.shape)))
+    return HeadShell(
+        index=index,
+        distance=tpl.head_distance.reshape(-1)[index],
+        brain=tpl.brain.reshape(-1)[index],
+        neck_radius=np.sqrt((xs / rx) ** 2 + ((ys - yc) / ry) ** 2).astype(np.float32),
+        z=zs,
+    )
 
 
-def head_layers(tpl: Template, head: HeadParams, shell: np.ndarray) -> dict[str, np.ndarray]:
-    """Soft masks (1D, on ``shell``) of csf, skull, marrow, muscle, fat and skin."""
-    d = tpl.head_distance.reshape(-1)[shell]
-    x, y, z = (tpl.mm[a][i] for a, i in enumerate(np.unravel_index(shell, tpl.shape)))
+def head_layers(head: HeadParams, shell: HeadShell) -> dict[str, np.ndarray]:
+    """Soft masks (1D, on the shell) of csf, skull, marrow, muscle, fat and skin."""
+    d = shell.distance
     s0 = head.csf_rim
     s1 = s0 + head.skull
     table = min(1.8, head.skull / 3)
     layers = {
-        "csf": _band(d, 0.0, s0) * (1 - tpl.brain.reshape(-1)[shell]),
+        "csf": _band(d, 0.0, s0) * (1 - shell.brain),
         "skull": _band(d, s0, s0 + table) + _band(d, s1 - table, s1),
         "marrow": _band(d, s0 + table, s1 - table),
         "muscle": _band(d, s1, s1 + 2.0),
@@ -163,24 +181,23 @@ def head_layers(tpl: Template, head: HeadParams, shell: np.ndarray) -> dict[str,
         "skin": _band(d, s1 + head.scalp - 1.5, s1 + head.scalp),
     }
     # A neck below the skull base so the bottom of the image is not a cut-off helmet.
-    rx, ry, yc, top = NECK
-    r = np.sqrt((x / rx) ** 2 + ((y - yc) / ry) ** 2)
-    neck = np.clip((1.0 - r) * 20.0, 0, 1) * np.clip((top - z) / 5.0, 0, 1) * (d > s1)
+    r = shell.neck_radius
+    neck = np.clip((1.0 - r) * 20.0, 0, 1) * np.clip((NECK[3] - shell.z) / 5.0, 0, 1) * (d > s1)
     layers["muscle"] = np.maximum(layers["muscle"], neck * np.clip((0.85 - r) * 20, 0, 1))
     layers["fat"] = np.maximum(layers["fat"], neck * np.clip(1 - np.abs(r - 0.9) * 20, 0, 1))
     layers["skin"] = np.maximum(layers["skin"], neck * (r >= 0.95))
     return {k: v.astype(np.float32) for k, v in layers.items()}
 
 
-def head_images(tpl: Template, head: HeadParams, shell: np.ndarray, pet_weights: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+def head_images(tpl: Template, head: HeadParams, shell: HeadShell, pet_weights: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
     """(T1w contrast, PET activity) of the head outside the brain, full work-grid arrays."""
-    layers = head_layers(tpl, head, shell)
+    layers = head_layers(head, shell)
     contrast = {"csf": T1_CSF, "skull": T1_SKULL, "marrow": T1_MARROW, "muscle": T1_MUSCLE,
                 "fat": T1_FAT, "skin": T1_SKIN}
     t1 = np.zeros(tpl.gm.size, dtype=np.float32)
     pet = np.zeros(tpl.gm.size, dtype=np.float32)
-    t1[shell] = sum(value * layers[name] for name, value in contrast.items())
-    pet[shell] = sum(value * layers[name] for name, value in pet_weights.items())
+    t1[shell.index] = sum(value * layers[name] for name, value in contrast.items())
+    pet[shell.index] = sum(value * layers[name] for name, value in pet_weights.items())
     return t1.reshape(tpl.shape), pet.reshape(tpl.shape)
 
 

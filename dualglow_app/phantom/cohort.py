@@ -219,7 +219,7 @@ def _entities(label: str, session: str | None) -> tuple[Path, str]:
 
 
 @functools.lru_cache(maxsize=2)
-def _head_shell(voxel_mm: float) -> np.ndarray:
+def _head_shell(voxel_mm: float) -> an.HeadShell:
     return an.head_shell(load_template(voxel_mm))
 
 
