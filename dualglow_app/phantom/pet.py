@@ -170,8 +170,22 @@ def activity_map(
     return gm * lut_gm[maps.index] + wm * lut_wm[maps.index]
 
 
-def blur(volume: np.ndarray, voxel_mm: float, fwhm_mm: float = PSF_FWHM_MM) -> np.ndarray:
-    return ndi.gaussian_filter(volume, fwhm_mm * FWHM_TO_SIGMA / voxel_mm, mode="constant")
+def blur(volume: np.ndarray, voxel_mm: float, fwhm_mm: float = PSF_FWHM_MM,
+         box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The PSF; with ``box``, only there (``volume`` must be zero outside it, or nearly)."""
+    sigma = fwhm_mm * FWHM_TO_SIGMA / voxel_mm
+    if box is None:
+        return ndi.gaussian_filter(volume, sigma, mode="constant")
+    out = np.zeros_like(volume)
+    out[box] = ndi.gaussian_filter(volume[box], sigma, mode="constant")
+    return out
+
+
+def brain_box(tpl: Template, margin_mm: float = 2 * PSF_FWHM_MM) -> tuple[slice, ...]:
+    """Bounding box of the brain plus the PSF kernel's reach (scipy truncates at 4 sigma = 13.6 mm)."""
+    margin = int(np.ceil(margin_mm / tpl.voxel_mm))
+    nonzero = np.nonzero(tpl.brain > 0)
+    return tuple(slice(max(int(i.min()) - margin, 0), int(i.max()) + margin + 1) for i in nonzero)
 
 
 def measure_regions(pet: np.ndarray, maps: RegionMaps) -> np.ndarray:
@@ -219,8 +233,10 @@ class Calibration:
 
 
 def _measure(gm: np.ndarray, wm: np.ndarray, maps: RegionMaps, activity: np.ndarray, wm_activity: float,
-             default_gm: float, voxel_mm: float) -> np.ndarray:
-    return measure_regions(blur(activity_map(gm, wm, maps, activity, wm_activity, default_gm), voxel_mm), maps)
+             default_gm: float, voxel_mm: float, box: tuple[slice, ...]) -> np.ndarray:
+    """Regional means after the PSF; the brain-only activity lets the blur skip the empty grid."""
+    act = activity_map(gm, wm, maps, activity, wm_activity, default_gm)
+    return measure_regions(blur(act, voxel_mm, box=box), maps)
 
 
 @functools.lru_cache(maxsize=2)
@@ -236,15 +252,16 @@ def calibrate(voxel_mm: float = 1.0) -> Calibration:
     regions = all_regions()
     targets = np.array([regions[n][0] for n in maps.names])
     gm, wm, _ = atrophied_tissues(tpl, AtrophyParams.expected(REFERENCE_AGE, "CN"))
+    box = brain_box(tpl)
 
     def wm_and_default(act: np.ndarray) -> tuple[float, float]:
         return float(act[~maps.deep].mean() / GREY_WHITE_RATIO), float(np.median(act[~maps.deep]))
 
     activity = targets.copy()
     for _ in range(CALIBRATION_PASSES):
-        activity = activity * targets / _measure(gm, wm, maps, activity, *wm_and_default(activity), voxel_mm)
+        activity = activity * targets / _measure(gm, wm, maps, activity, *wm_and_default(activity), voxel_mm, box)
     wm_activity, default_gm = wm_and_default(activity)
-    measured = _measure(gm, wm, maps, activity, wm_activity, default_gm, voxel_mm)
+    measured = _measure(gm, wm, maps, activity, wm_activity, default_gm, voxel_mm, box)
     table = [i for i, n in enumerate(maps.names) if n in REGION_TARGETS]
     rho = float(spearmanr(measured[table], targets[table]).statistic)
 
@@ -252,9 +269,9 @@ def calibrate(voxel_mm: float = 1.0) -> Calibration:
     ad_target = 1.0 - np.array([AD_PATTERN.get(n, 0.0) for n in maps.names])
     factor = ad_target.copy()
     for _ in range(CALIBRATION_PASSES + 2):  # neighbours' spill-over converges more slowly here
-        ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm) / measured
+        ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm, box) / measured
         factor = np.clip(factor * ad_target / ratio, 0.2, 1.0)
-    ad_ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm) / measured
+    ad_ratio = _measure(gm, wm, maps, activity * factor, wm_activity, default_gm, voxel_mm, box) / measured
 
     # Normalise the age weights so the GM-volume-weighted decline is exactly 8 %/decade.
     weight = np.array([AGE_SLOPE_WEIGHT.get(n, 1.0) for n in maps.names])

