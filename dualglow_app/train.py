@@ -402,7 +402,10 @@ def resolve_device(option: str, dist: Distributed) -> Any:
 
 @dataclass
 class TrainResult:
-    """What a finished :func:`train` wrote and measured (paths are None on ranks > 0)."""
+    """What a finished :func:`train` wrote and measured (paths are None on ranks > 0).
+
+    ``model`` is the trained :class:`~dualglow_app.model.DualGlow` in eval mode (every rank).
+    """
 
     model_path: Path | None
     report_path: Path | None
@@ -417,6 +420,7 @@ class TrainResult:
     world_size: int
     train_labels: list[str]
     val_labels: list[str]
+    model: Any = None
 
 
 def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
@@ -459,7 +463,9 @@ def image_metrics(true_suvr: np.ndarray, synth_suvr: np.ndarray, mask: np.ndarra
     inside = mask.astype(bool)
     true_in, synth_in = true_suvr[inside], synth_suvr[inside]
     mae = float(np.abs(true_in - synth_in).mean())
-    psnr = float(peak_signal_noise_ratio(true_in, synth_in, data_range=data_range))
+    # A perfect synthesis has infinite PSNR; cap it so means over subjects stay finite.
+    identical = np.array_equal(true_in, synth_in)
+    psnr = 100.0 if identical else float(peak_signal_noise_ratio(true_in, synth_in, data_range=data_range))
     win = min(7, min(true_suvr.shape))
     win -= 1 - win % 2
     _, ssim_map = structural_similarity(true_suvr, synth_suvr, data_range=data_range, win_size=win, full=True)
@@ -731,7 +737,7 @@ def _train_loop(
         model_path=None, report_path=None, metrics_path=None, history=history, final_metrics=final,
         epochs=len(history), steps=step, skipped_steps=skipped_total, wall_time_s=wall,
         device=str(device) + (" (bf16 autocast)" if use_amp else ""), world_size=dist.world_size,
-        train_labels=train_labels, val_labels=val_labels,
+        train_labels=train_labels, val_labels=val_labels, model=model.eval(),
     )  # fmt: skip
     if dist.is_main:
         models = options.output_dir / "models"
