@@ -635,9 +635,10 @@ def _train_loop(
     elif options.resume and dist.is_main:
         log.info("--resume: no checkpoint at %s yet, starting from scratch", checkpoint_path)
 
-    sampler = DistributedSampler(
-        range(len(train_rows)), num_replicas=dist.world_size, rank=dist.rank,
-        shuffle=True, seed=options.seed, drop_last=False,
+    # The sampler only needs len(); it yields positions in train_rows, sharded by rank.
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(train_rows)),  # type: ignore[arg-type]
+        num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=options.seed, drop_last=False,
     )  # fmt: skip
     steps_per_epoch = math.ceil(len(sampler) / options.batch_size)
     if not model.is_initialized:
