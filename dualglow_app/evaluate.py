@@ -52,7 +52,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -70,6 +70,9 @@ from dualglow_app.metrics import (
     SSIM_WINDOW,
     image_metrics,
 )
+
+if TYPE_CHECKING:
+    from dualglow_app.train import PairedVolumes
 
 log = get_logger(__name__)
 
@@ -165,7 +168,7 @@ class Cohort:
     ground truth the age trends are compared with (None for real data).
     """
 
-    data: Any
+    data: PairedVolumes
     diagnosis: list[str | None]
     phantom_dir: Path | None = None
 
@@ -180,7 +183,7 @@ class EvaluationResult:
 
     rows: list[dict[str, Any]]
     table1: dict[str, dict[str, dict[str, float]]]
-    wilcoxon: dict[str, dict[str, dict[str, float]]]
+    wilcoxon: dict[str, dict[str, dict[str, Any]]]
     table2: dict[str, Any]
     age_trends: dict[str, Any] | None
     splits: list[dict[str, Any]]
@@ -195,7 +198,7 @@ class EvaluationResult:
 
 
 def make_splits(
-    subjects: Sequence[str], folds: int, seed: int, strata: Sequence[int] | None = None,
+    subjects: Sequence[str], folds: int, seed: int, strata: Sequence[int] | np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train rows, test rows) per fold, grouped by subject and shuffled by ``seed``.
 
@@ -430,7 +433,7 @@ def summarise(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[st
     return table
 
 
-def paired_tests(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+def paired_tests(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
     """Two-sided paired Wilcoxon signed-rank test, DUAL-GLOW vs each baseline, per metric.
 
     ``median_diff`` is median(DUAL-GLOW - baseline); ``better`` names the method with the
@@ -440,7 +443,7 @@ def paired_tests(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict
 
     by_key = {(r["method"], r["label"]): r for r in rows}
     labels = sorted({r["label"] for r in rows if r["method"] == DUALGLOW})
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for method in methods:
         if method == DUALGLOW:
             continue
@@ -620,7 +623,8 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
     log.info("evaluation of %d scans (%d subjects), %d folds, methods %s; results cached in %s",
              len(data), len(set(data.subjects)), options.folds, ", ".join(options.methods), run_dir)  # fmt: skip
     aal, aal_names = aal_atlas(data.grid)
-    phantom_labels, phantom_names = (None, [])
+    phantom_labels: np.ndarray | None = None
+    phantom_names: list[str] = []
     if cohort.phantom_dir is not None and age_conditioned:
         phantom_labels, phantom_names = phantom_regions(data.grid)
     atlases = _Atlases(aal, aal_names, phantom_labels, phantom_names)
@@ -671,15 +675,15 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
         trends["scans"] = [data.labels[i] for i in order]
 
     timing = {m: [float(r["seconds"]) for r in results[m]] for m in options.methods}
-    result = EvaluationResult(
+    evaluation = EvaluationResult(
         rows=rows, table1=table1, wilcoxon=tests, table2=table2, age_trends=trends,
         splits=[{"fold": k, "test": [data.labels[i] for i in te], "n_train": int(len(tr))}
                 for k, (tr, te) in enumerate(splits)],
         timing=timing,
     )  # fmt: skip
-    result.summary = _summary(cohort, options, result, str(device), run_dir)
-    _write_outputs(cohort, options, result, results)
-    return result
+    evaluation.summary = _summary(cohort, options, evaluation, str(device), run_dir)
+    _write_outputs(cohort, options, evaluation, results)
+    return evaluation
 
 
 # --------------------------------------------------------------------------- outputs
@@ -693,7 +697,11 @@ def _versions() -> dict[str, str]:
 
     return {"dualglow": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
-            "scikit-image": skimage.__version__}  # fmt: skip
+            "scikit-image": str(getattr(skimage, "__version__", "unknown"))}  # fmt: skip
+
+
+def _counts(values: Sequence[str]) -> dict[str, int]:
+    return {v: list(values).count(v) for v in sorted(set(values))}
 
 
 def _summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult, device: str, run_dir: Path) -> dict[str, Any]:
@@ -705,7 +713,7 @@ def _summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult,
         "seeds": {"splits": options.seed, "per_fold": {m: [options.seed + k for k in range(options.folds)] for m in options.methods}},
         "cohort": {"scans": len(data), "subjects": len(set(data.subjects)), "grid": data.grid.to_dict(),
                    "phantom": cohort.phantom_dir is not None,
-                   "diagnoses": {d: cohort.diagnosis.count(d) for d in sorted({x or "n/a" for x in cohort.diagnosis})}},
+                   "diagnoses": _counts([d or "n/a" for d in cohort.diagnosis])},
         "splits": result.splits,
         "definitions": {
             "cross_validation": "sklearn StratifiedGroupKFold (strata: impaired / not / unknown; GroupKFold when there is one stratum), groups = subjects, shuffle=True, random_state=seed",
@@ -984,3 +992,7 @@ __all__ = [
     "classification", "evaluate", "evaluate_cohort", "load_cohort", "main", "make_splits", "paired_tests",
     "phantom_regions", "phantom_true_slopes", "regional_slopes", "roi_means", "summarise",
 ]
+
+
+if __name__ == "__main__":
+    main()
