@@ -298,3 +298,11 @@ def test_errors_for_side_input() -> None:
 def test_docstring_examples_run() -> None:
     result = doctest.testmod(dualglow_module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_side_heads_are_bounded_so_gradient_reversal_cannot_diverge() -> None:
+    from dualglow_app.model.dualglow import SideHead
+
+    head = SideHead(c_in=4, n_out=3, hidden=8, ndim=3)
+    huge = torch.full((2, 4, 4, 4, 4), 1e6)
+    assert head(huge).abs().max() <= head.bound

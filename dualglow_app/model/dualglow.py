@@ -163,15 +163,23 @@ class RelationNet(nn.Module):
 
 
 class SideHead(nn.Module):
-    """Predicts the side information from a latent: regression outputs, then class logits."""
+    """Predicts the side information from a latent: regression outputs, then class logits.
 
-    def __init__(self, c_in: int, n_out: int, hidden: int, ndim: int) -> None:
+    Outputs are soft-bounded to +-``bound``. Behind a gradient-reversal layer the flow
+    *maximises* the head's loss; with unbounded outputs it can do so without limit (blow up
+    the latents until the MSE / cross-entropy explodes), which diverged real training runs.
+    Bounded outputs cap the adversarial term: at most (bound + |c|)^2 per covariate.
+    """
+
+    def __init__(self, c_in: int, n_out: int, hidden: int, ndim: int, bound: float = 4.0) -> None:
         super().__init__()
+        self.bound = bound
         self.features = nn.Sequential(conv(ndim, c_in, hidden, 3), nn.ReLU())
         self.out = nn.Linear(hidden, n_out)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.out(self.features(z).flatten(2).mean(2))
+        raw = self.out(self.features(z).flatten(2).mean(2))
+        return self.bound * torch.tanh(raw / self.bound)
 
 
 class DualGlow(nn.Module):
