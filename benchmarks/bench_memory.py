@@ -5,8 +5,9 @@
 
 Every (depth, mode) runs in a fresh subprocess, so no allocator state leaks between rows.
 Model: the default CPU grid (40 x 48 x 40, levels 3), hidden 64, batch 1, age side input;
-one step = ``DualGlow.nll`` + backward + AdaMax update. Measured on the SECOND step (the
-first initialises ActNorm and allocates the optimiser state). Three figures per row:
+one step = ``DualGlow.nll`` + backward + AdaMax update. Measured on the first step after
+a no-grad forward that initialises ActNorm (so the step includes its gradients and the
+optimiser state). Three figures per row:
 
 - ``rss_mib``: peak resident memory of the step minus the resident memory just before it
   (Linux: ``/proc/self/clear_refs`` resets VmHWM, then VmHWM - VmRSS). glibc is told to
@@ -76,7 +77,8 @@ def child(
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             return model.nll(mri, pet, side)["loss"]
 
-    perfkit.train_step(step, optimizer, device)  # ActNorm init, optimiser state
+    with torch.no_grad():
+        model.nll(mri, pet, side)  # ActNorm init, outside the measured step
     storages.clear()
     gc.collect()
     if device.type == "cuda":
@@ -102,7 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=perfkit.THREADS)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--child", nargs=2, metavar=("DEPTH", "SAVING"), help=argparse.SUPPRESS)

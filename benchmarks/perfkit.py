@@ -29,6 +29,9 @@ LEVELS = 3
 DEPTH = 8
 HIDDEN = 64
 BATCH = 1
+# One intra-op thread by default: the 2 cores are shared with other jobs, and OpenMP with 2
+# threads on an oversubscribed machine spins at barriers (measured 3-10x slower and noisy).
+THREADS = 1
 
 
 def machine() -> dict[str, Any]:
