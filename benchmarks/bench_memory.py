@@ -5,9 +5,10 @@
 
 Every (depth, mode) runs in a fresh subprocess, so no allocator state leaks between rows.
 Model: the default CPU grid (40 x 48 x 40, levels 3), hidden 64, batch 1, age side input;
-one step = ``DualGlow.nll`` + backward + AdaMax update. Measured on the first step after
-a no-grad forward that initialises ActNorm (so the step includes its gradients and the
-optimiser state). Three figures per row:
+one step = ``DualGlow.nll`` + backward + AdaMax update. Before the measured step, a no-grad
+forward initialises ActNorm and the model state is allocated (gradients, AdaMax moments):
+that state is 4x the weights in every mode and grows with depth whatever backprop does; it
+is reported apart (``state_mib``). Three figures per row measure the step itself:
 
 - ``rss_mib``: peak resident memory of the step minus the resident memory just before it
   (Linux: ``/proc/self/clear_refs`` resets VmHWM, then VmHWM - VmRSS). glibc is told to
@@ -79,6 +80,17 @@ def child(
 
     with torch.no_grad():
         model.nll(mri, pet, side)  # ActNorm init, outside the measured step
+        # Model state (gradients, AdaMax moments) grows with depth in any mode: allocate it
+        # before the measurement. A zero-gradient AdaMax step leaves the weights unchanged.
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    state_mib = sum(
+        t.numel() * t.element_size()
+        for p in model.parameters()
+        for t in (p, p.grad, *optimizer.state[p].values())
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    ) / MIB
     storages.clear()
     gc.collect()
     if device.type == "cuda":
@@ -86,13 +98,14 @@ def child(
         cuda_before = torch.cuda.memory_allocated(device)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     rss_before = _status_kib("VmRSS")
-    seconds = perfkit.train_step(step, optimizer, device)
+    seconds = perfkit.train_step(step, optimizer, device, keep_grads=True)
     rss_peak = _status_kib("VmHWM")
     out = {
         "depth": depth,
         "memory_saving": saving,
         "rss_mib": (rss_peak - rss_before) / 1024,
         "saved_mib": sum(storages.values()) / MIB,
+        "state_mib": state_mib,
         "step_s": seconds,
     }
     if device.type == "cuda":
@@ -132,11 +145,12 @@ def main() -> None:
 
     key = "cuda_mib" if args.device == "cuda" else "rss_mib"
     headers = ["depth", "memory saving", "peak step MiB", f"x depth {args.depths[0]}",
-               "autograd-saved MiB", "step s"]
+               "autograd-saved MiB", "model state MiB", "step s"]
     table = []
     for r in rows:
         table.append([r["depth"], "on" if r["memory_saving"] else "off", r[key],
-                      r[key] / base(r["memory_saving"], key), r["saved_mib"], r["step_s"]])
+                      r[key] / base(r["memory_saving"], key), r["saved_mib"], r["state_mib"],
+                      r["step_s"]])
     print(f"peak memory of one training step ({key}; grid {GRID}, levels {LEVELS}, "
           f"hidden {args.hidden}, batch {args.batch}, {args.device}, {args.threads} threads)")
     perfkit.print_table(headers, table)

@@ -56,13 +56,20 @@ def machine() -> dict[str, Any]:
 
 
 def train_step(
-    step: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer, device: torch.device
+    step: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    keep_grads: bool = False,
 ) -> float:
-    """One timed training step: loss, backward, optimiser update. Returns seconds."""
+    """One timed training step: loss, backward, optimiser update. Returns seconds.
+
+    ``keep_grads`` zeroes gradients in place instead of freeing them, so a memory
+    measurement sees only what the step itself allocates.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
     loss = step()
     loss.backward()
     optimizer.step()

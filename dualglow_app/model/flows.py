@@ -372,14 +372,16 @@ class GlowLevel(nn.Module):
         self.memory_saving = memory_saving
         self.guard = DriftGuard(name=f"level ({channels} channels)")
 
-    def layers(self) -> list[InvertibleModule]:
-        """Squeeze and every step's layers, in forward order (the checkpointed block)."""
-        inner = [layer for step in self.steps for layer in cast(FlowStep, step).layers]
-        return [self.squeeze, *cast(list[InvertibleModule], inner)]
+    def segments(self) -> list[list[InvertibleModule]]:
+        """The checkpointed block in forward order: one segment per step (squeeze joins the
+        first), so backward holds one step's parameter gradients at a time."""
+        segments = [list(cast(FlowStep, step).layers) for step in self.steps]
+        segments[0].insert(0, self.squeeze)
+        return cast(list[list[InvertibleModule]], segments)
 
     def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         if self.memory_saving:
-            x, logdet = invertible_checkpoint(self.layers(), x, self.guard)
+            x, logdet = invertible_checkpoint(self.segments(), x, self.guard)
         else:
             x, logdet = self.squeeze(x)
             for step in self.steps:

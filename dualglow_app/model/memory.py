@@ -5,7 +5,7 @@ pass, so training memory grows linearly with depth. A flow is invertible, so a b
 layers only needs to keep its *output*: during backward each layer's input is rebuilt from
 its output by ``inverse``, the layer is re-run with grad enabled on that input, and the
 incoming gradient is pushed through the re-run (Gomez et al. 2017, "The Reversible Residual
-Network"; the same trick as i-RevNet and FrEIA-free Glow ports). Activation memory is then
+Network: Backpropagation Without Storing Activations"). Activation memory is then
 one block output per block plus the working set of ONE layer, whatever the depth.
 
 Rule for when it is on (``memory_saving_pays``): only while gradients are being recorded
@@ -117,6 +117,7 @@ def _fingerprint(x: Tensor) -> Tensor:
 
 
 def _trainable(layers: Sequence[Recomputable]) -> list[Tensor]:
+    """Parameters that need gradients, each once, in layer order."""
     seen: set[int] = set()
     params = []
     for layer in layers:
@@ -145,12 +146,40 @@ def _run_forward(layers: Sequence[Recomputable], x: Tensor) -> tuple[Tensor, Ten
     return x, logdet
 
 
-class _Run:
-    """Non-tensor state of one checkpointed call, handed to the autograd Function."""
+class _Baton:
+    """Hands each segment's reconstructed input to the segment before it, during backward.
 
-    def __init__(self, layers: Sequence[Recomputable], params: list[Tensor], guard: DriftGuard):
+    Segment k's output is segment k+1's input, so autograd runs k's backward right after
+    k+1's: k+1 reconstructs its input and leaves it here for k, instead of anything keeping
+    it from the forward pass. Only the last segment's output is stored (save_for_backward).
+    """
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def take(self) -> Tensor:
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError(
+                "memory-saving backward ran out of order (a segment's output was used outside "
+                "the block?): turn memory saving off with model.set_memory_saving(False)."
+            )
+        return value
+
+
+class _Segment:
+    """Non-tensor state of one checkpointed segment, handed to the autograd Function."""
+
+    def __init__(
+        self, layers: Sequence[Recomputable], baton: _Baton, first: bool, last: bool, guard: DriftGuard
+    ) -> None:
         self.layers = layers
-        self.params = params
+        # Per layer, once per forward: the backward loop is Python, and its overhead counts.
+        self.layer_params = [_trainable([layer]) for layer in layers]
+        self.params = [p for group in self.layer_params for p in group]
+        self.baton = baton
+        self.first = first
+        self.last = last
         self.guard = guard
 
     def backward(
@@ -158,17 +187,15 @@ class _Run:
     ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
         """Walk the layers backwards: rebuild each input, re-run, backprop one layer at a time.
 
-        Returns the reconstructed block input, its gradient and the parameter gradients (in
-        ``self.params`` order). Only one layer's graph is alive at any time.
+        Returns the reconstructed segment input, its gradient and the parameter gradients
+        (in ``self.params`` order). Only one layer's graph is alive at any time.
         """
-        index = {id(p): i for i, p in enumerate(self.params)}
-        param_grads: list[Tensor | None] = [None] * len(self.params)
+        grads_by_layer: list[Sequence[Tensor | None]] = []
         grad: Tensor | None = grad_y
-        for k, layer in enumerate(reversed(self.layers)):
-            first_layer = k == len(self.layers) - 1
+        for k in range(len(self.layers) - 1, -1, -1):
+            layer, layer_params, first_layer = self.layers[k], self.layer_params[k], k == 0
             with torch.enable_grad():
                 leaves, y_again, logdet = layer.recompute(y)
-            layer_params = [p for p in layer.parameters() if id(p) in index]
             outputs, grads_out = [y_again], [grad]
             if logdet.requires_grad:
                 # Every layer's logdet adds straight into the block's, so each gets the
@@ -176,16 +203,9 @@ class _Run:
                 outputs.append(logdet)
                 grads_out.append(grad_logdet)
             inputs = layer_params if first_layer and not need_x_grad else [*leaves, *layer_params]
-            if inputs:
-                grads = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)
-            else:
-                grads = ()
+            grads = torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True) if inputs else ()
             n_leaves = len(inputs) - len(layer_params)
-            for p, g in zip(layer_params, grads[n_leaves:], strict=True):
-                slot = index[id(p)]
-                if g is not None:
-                    prev = param_grads[slot]
-                    param_grads[slot] = g if prev is None else prev + g
+            grads_by_layer.append(grads[n_leaves:])
             leaf_grads = (
                 [
                     g if g is not None else torch.zeros_like(leaf)
@@ -202,71 +222,88 @@ class _Run:
                 else torch.cat(leaf_grads, 1)
             )
             y = leaves[0].detach() if len(leaves) == 1 else torch.cat([t.detach() for t in leaves], 1)
+        param_grads = [g for group in reversed(grads_by_layer) for g in group]
         return y, grad, param_grads
 
 
 class _InvertibleCheckpoint(torch.autograd.Function):
-    """Forward without a graph, keeping only the output; backward by reconstruction."""
+    """Forward without a graph, keeping nothing but the block's last output; backward by
+    reconstruction. One application per segment, so the parameter gradients that exist at
+    once are those of one segment (one flow step), not of the whole block."""
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, seg: _Segment, x: Tensor, *params: Tensor) -> tuple[Tensor, Tensor]:
         # Function.forward already runs with grad disabled: nothing is recorded here.
-        y, logdet = _run_forward(run.layers, x)
+        y, logdet = _run_forward(seg.layers, x)
         device = x.device.type
-        ctx.run = run
-        ctx.fingerprint = _fingerprint(x)
+        ctx.seg = seg
+        ctx.fingerprint = _fingerprint(x) if seg.first else None
         ctx.autocast = (
             device,
             torch.is_autocast_enabled(device),
             torch.get_autocast_dtype(device),
         )
-        ctx.save_for_backward(y)
+        if seg.last:
+            ctx.save_for_backward(y)
         return y, logdet
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:
-        (y,) = ctx.saved_tensors
-        run: _Run = ctx.run
+        seg: _Segment = ctx.seg
+        y = ctx.saved_tensors[0] if seg.last else seg.baton.take()
         device, enabled, dtype = ctx.autocast
         # The re-run must see the numerics of the original forward (AMP included), or the
         # gradients would be those of a different function.
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            x, grad_x, param_grads = run.backward(
+            x, grad_x, param_grads = seg.backward(
                 y.detach(), grad_y, grad_logdet, need_x_grad=ctx.needs_input_grad[1]
             )
-        run.guard.check(x, ctx.fingerprint)
+        if seg.first:
+            seg.guard.check(x, ctx.fingerprint)
+        else:
+            seg.baton.value = x
         return (None, grad_x, *param_grads)
 
 
 def invertible_checkpoint(
-    layers: Sequence[Recomputable], x: Tensor, guard: DriftGuard | None = None
+    segments: Sequence[Sequence[Recomputable]], x: Tensor, guard: DriftGuard | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Run ``layers`` in sequence -> ``(y, logdet)``, storing only ``y`` for backward.
+    """Run the layers of ``segments`` in order -> ``(y, logdet)``, storing only ``y``.
 
-    Gradients (input, parameters, logdet) equal plain autograd's up to reconstruction error.
-    An ActNorm that still needs its data-dependent init gets it from a plain no-grad pass
-    first, so the first step initialises exactly as plain autograd would. When no gradient
-    is needed this is just the plain forward.
+    A segment (e.g. one flow step's layers) is the unit whose parameter gradients are
+    produced together in backward; activations stored are the block's output alone, however
+    many segments. Gradients (input, parameters, logdet) equal plain autograd's up to
+    reconstruction error, checked by ``guard`` on the block input. An ActNorm that still
+    needs its data-dependent init gets it from a plain no-grad pass first, so the first
+    step initialises exactly as plain autograd would. Without gradients this is the plain
+    forward.
 
     Example:
         >>> from dualglow_app.model.flows import FlowStep
         >>> steps = [FlowStep(4, hidden=8, ndim=3) for _ in range(3)]
         >>> x = torch.randn(2, 4, 4, 4, 4, requires_grad=True)
-        >>> y, logdet = invertible_checkpoint(steps, x)
+        >>> y, logdet = invertible_checkpoint([step.layers for step in steps], x)
         >>> (y.square().sum() - logdet.sum()).backward()
         >>> x.grad.shape
         torch.Size([2, 4, 4, 4, 4])
     """
+    layers = [layer for segment in segments for layer in segment]
     params = _trainable(layers)
     if not torch.is_grad_enabled() or not (x.requires_grad or params):
         return _run_forward(layers, x)
     if _needs_data_init(layers):
         with torch.no_grad():
             _run_forward(layers, x)
-    run = _Run(layers, params, guard if guard is not None else DriftGuard())
-    y, logdet = _InvertibleCheckpoint.apply(run, x, *params)
-    return y, logdet
+    guard = guard if guard is not None else DriftGuard()
+    baton = _Baton()
+    logdet = x.new_zeros(x.shape[0])
+    n = len(segments)
+    for i, segment in enumerate(segments):
+        seg = _Segment(segment, baton, first=i == 0, last=i == n - 1, guard=guard)
+        x, ld = _InvertibleCheckpoint.apply(seg, x, *seg.params)
+        logdet = logdet + ld
+    return x, logdet
 
 
 __all__ = [
