@@ -126,6 +126,7 @@ def main() -> None:
         depth, saving = int(args.child[0]), args.child[1] == "1"
         print(json.dumps(child(depth, saving, args.device, args.threads, args.hidden, args.batch)))
         return
+    torch.set_num_threads(args.threads)  # the children's setting, so the JSON reports it
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here (not measured: no GPU lent).")
 

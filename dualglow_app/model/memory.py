@@ -8,6 +8,11 @@ incoming gradient is pushed through the re-run (Gomez et al. 2017, "The Reversib
 Network: Backpropagation Without Storing Activations"). Activation memory is then
 one block output per block plus the working set of ONE layer, whatever the depth.
 
+A block (a Glow level) is a chain of segments (one flow step each), one autograd Function
+per segment: segment k hands its reconstructed input to segment k-1 through a shared baton,
+so only the block's last output is stored, and the parameter gradients alive at once are
+those of one step (a single Function for the whole level would hold all of the level's).
+
 Rule for when it is on (``memory_saving_pays``): only while gradients are being recorded
 (training), and by default only from ``AUTO_MIN_DEPTH`` steps per level on, where the saved
 memory outgrows the ~1.3x step-time cost. Inference (``torch.no_grad``) always runs plain.
