@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dualglow_app.log import get_logger
+from dualglow_app.model.memory import DriftGuard, invertible_checkpoint, memory_saving_pays
 
 log = get_logger(__name__)
 
@@ -65,8 +66,12 @@ class InvertibleModule(nn.Module):
       inverse's log-determinant is ``-logdet`` and is not returned: likelihood training only
       ever runs forward, and sampling needs no density.
     - A layer's state lives in parameters and registered buffers only, so ``state_dict``
-      round-trips it and ``inverse`` can recompute inputs from outputs (the hook a
-      memory-saving backward pass will use).
+      round-trips it and ``inverse`` can recompute inputs from outputs.
+    - ``recompute(y) -> (leaves, y_again, logdet)`` rebuilds the input from ``y`` as leaf
+      tensors requiring grad (concatenated along channels they are the input) and redoes the
+      forward from them with grad enabled: the hook of the memory-saving backward
+      (:mod:`dualglow_app.model.memory`). The default inverts then re-runs; a layer may fuse
+      the two (AffineCoupling evaluates its network once for both).
 
     Example:
         >>> layer = ActNorm(4, ndim=2)
@@ -89,6 +94,14 @@ class InvertibleModule(nn.Module):
 
     def inverse(self, y: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Input rebuilt from ``y`` (as grad-requiring leaves) and the forward redone from it."""
+        with torch.no_grad():
+            x = self.inverse(y)
+        x.requires_grad_(True)
+        y_again, logdet = self(x)
+        return [x], y_again, logdet
 
 
 class ActNorm(InvertibleModule):
@@ -238,6 +251,18 @@ class AffineCoupling(InvertibleModule):
         log_s, shift = self._scale_shift(y_keep)
         return torch.cat([y_keep, (y_change - shift) * (-log_s).exp()], dim=1)
 
+    def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        # x_keep == y_keep, so one evaluation of the network serves both the inverse and the
+        # re-run: the memory-saving backward then costs ~one extra forward, not two.
+        y_keep, y_change = y.detach().split([self.n_keep, self.n_change], dim=1)
+        x_keep = y_keep.clone().requires_grad_(True)
+        log_s, shift = self._scale_shift(x_keep)
+        with torch.no_grad():
+            x_change = (y_change - shift) * (-log_s).exp()
+        x_change.requires_grad_(True)
+        y_again = torch.cat([x_keep, x_change * log_s.exp() + shift], dim=1)
+        return [x_keep, x_change], y_again, log_s.flatten(1).sum(1)
+
 
 class Squeeze(InvertibleModule):
     """Trade space for channels: (B, C, *S) -> (B, C * 2**ndim, *S / 2); volume preserving.
@@ -319,12 +344,23 @@ class GlowLevel(nn.Module):
     """Squeeze, ``depth`` flow steps, then (unless it is the top level) split off half.
 
     ``forward(x) -> (h, z, logdet)``: ``h`` goes on to the next level (``None`` at the top),
-    ``z`` is this level's latent. ``inverse(h, z) -> x``. The steps are an ``nn.ModuleList``
-    so a memory-saving backward can walk them one by one, recomputing inputs by ``inverse``.
+    ``z`` is this level's latent. ``inverse(h, z) -> x``.
+
+    With ``memory_saving`` (and gradients recorded), squeeze + steps run as one
+    :func:`~dualglow_app.model.memory.invertible_checkpoint` block: only the level's output is
+    kept, and the backward pass walks the layers one by one, recomputing inputs by inverse.
+    ``guard.last_error`` then holds the last reconstruction error of the level's input.
     """
 
     def __init__(
-        self, in_channels: int, depth: int, hidden: int, ndim: int, split: bool, clamp: float = 2.0
+        self,
+        in_channels: int,
+        depth: int,
+        hidden: int,
+        ndim: int,
+        split: bool,
+        clamp: float = 2.0,
+        memory_saving: bool = False,
     ) -> None:
         super().__init__()
         channels = in_channels * 2**ndim
@@ -333,12 +369,24 @@ class GlowLevel(nn.Module):
         self.split = Split(channels) if split else None
         self.out_channels = self.split.n_keep if self.split is not None else 0
         self.z_channels = self.split.n_out if self.split is not None else channels
+        self.memory_saving = memory_saving
+        self.guard = DriftGuard(name=f"level ({channels} channels)")
+
+    def segments(self) -> list[list[InvertibleModule]]:
+        """The checkpointed block in forward order: one segment per step (squeeze joins the
+        first), so backward holds one step's parameter gradients at a time."""
+        segments = [list(cast(FlowStep, step).layers) for step in self.steps]
+        segments[0].insert(0, self.squeeze)
+        return cast(list[list[InvertibleModule]], segments)
 
     def forward(self, x: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
-        x, logdet = self.squeeze(x)
-        for step in self.steps:
-            x, ld = step(x)
-            logdet = logdet + ld
+        if self.memory_saving:
+            x, logdet = invertible_checkpoint(self.segments(), x, self.guard)
+        else:
+            x, logdet = self.squeeze(x)
+            for step in self.steps:
+                x, ld = step(x)
+                logdet = logdet + ld
         if self.split is None:
             return None, x, logdet
         h, z = self.split(x)
@@ -359,6 +407,11 @@ class Glow(nn.Module):
     last one is the top) and ``logdet`` of shape ``(batch,)``; ``inverse(latents) -> x``.
     Spatial sizes must be divisible by ``2**levels`` (callers check; see ``DualGlow``).
 
+    ``memory_saving`` (default ``None``: :func:`~dualglow_app.model.memory.memory_saving_pays`,
+    i.e. on from 16 steps per level) trades ~1.3x training step time for activation memory
+    that no longer grows with depth; it changes nothing without gradients (inference) and
+    never changes results beyond floating-point error. Switch with :meth:`set_memory_saving`.
+
     Example:
         >>> flow = Glow(in_channels=1, ndim=3, levels=2, depth=2, hidden=16)
         >>> zs, logdet = flow(torch.randn(2, 1, 8, 8, 8))
@@ -369,7 +422,14 @@ class Glow(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int, ndim: int, levels: int, depth: int, hidden: int, clamp: float = 2.0
+        self,
+        in_channels: int,
+        ndim: int,
+        levels: int,
+        depth: int,
+        hidden: int,
+        clamp: float = 2.0,
+        memory_saving: bool | None = None,
     ) -> None:
         super().__init__()
         if levels < 1 or depth < 1:
@@ -384,6 +444,31 @@ class Glow(nn.Module):
             level = GlowLevel(channels, depth, hidden, ndim, split=i < levels - 1, clamp=clamp)
             self.levels.append(level)
             channels = level.out_channels
+        self.depth = depth
+        self.set_memory_saving(memory_saving)
+
+    @property
+    def memory_saving(self) -> bool:
+        """Whether training backpropagates by reconstruction (see :meth:`set_memory_saving`)."""
+        return all(cast(GlowLevel, level).memory_saving for level in self.levels)
+
+    def set_memory_saving(self, enabled: bool | None = True, tolerance: float | None = None) -> None:
+        """Turn memory-saving backprop on or off; ``None`` applies the default depth rule.
+
+        ``tolerance`` sets the drift guard's relative reconstruction error above which the
+        backward pass logs a warning (default ``memory.DEFAULT_DRIFT_TOLERANCE``).
+        """
+        on = memory_saving_pays(self.depth) if enabled is None else bool(enabled)
+        for level in self.levels:
+            level = cast(GlowLevel, level)
+            level.memory_saving = on
+            if tolerance is not None:
+                level.guard.tolerance = tolerance
+
+    @property
+    def reconstruction_errors(self) -> list[float | None]:
+        """Last relative reconstruction error of each level's input (memory saving only)."""
+        return [cast(GlowLevel, level).guard.last_error for level in self.levels]
 
     @property
     def latent_channels(self) -> list[int]:

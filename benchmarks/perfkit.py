@@ -1,0 +1,106 @@
+"""Shared helpers of the performance benchmarks (bench_memory, bench_vs_freia, bench_inference).
+
+Machine description, a training step, JSON output, and a plain-text table printer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# The default CPU grid (dualglow_app.grid preset "cpu4mm": 4 mm, 40 x 48 x 40, levels 3) and
+# depth 8. Hidden 64 and batch 1 (the group level defaults to 128 and 2) keep a depth-32
+# training step within a minute on 2 shared cores; every script takes --hidden/--batch.
+GRID = (40, 48, 40)
+LEVELS = 3
+DEPTH = 8
+HIDDEN = 64
+BATCH = 1
+# One intra-op thread by default: the 2 cores are shared with other jobs, and OpenMP with 2
+# threads on an oversubscribed machine spins at barriers (measured 3-10x slower and noisy).
+THREADS = 1
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch build and (when present) the GPU: goes into every JSON."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def train_step(
+    step: Callable[[], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    keep_grads: bool = False,
+) -> float:
+    """One timed training step: loss, backward, optimiser update. Returns seconds.
+
+    ``keep_grads`` zeroes gradients in place instead of freeing them, so a memory
+    measurement sees only what the step itself allocates.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=not keep_grads)
+    loss = step()
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    payload = {"machine": machine(), "command": " ".join([sys.executable, *sys.argv]), **payload}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A markdown table on stdout (pasted as is into docs/PERFORMANCE.md)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |")
