@@ -120,6 +120,8 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--side-info", type=click.Choice(["age"]), multiple=True, help="group: condition on these covariates (eq. 16-17).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="group: share of subjects held out for validation.")
+@click.option("--memory-saving", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="group: recompute activations by inversion in backward (auto: on from depth 16).")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="group: bf16 autocast on CUDA.")
 @click.option("--resume", is_flag=True, help="group: continue from the last checkpoint in the work dir.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="group: stop after this many steps.")

@@ -115,6 +115,9 @@ class TrainOptions:
     skip_bids_validation: bool = False
     mri_input: bool = True
     report: bool = True
+    # Invertible backprop (dualglow_app.model.memory): "auto" turns it on for deep flows
+    # (depth >= 16), where stored activations dominate memory; "on"/"off" force it.
+    memory_saving: str = "auto"
 
     def __post_init__(self) -> None:
         self.bids_dir = Path(self.bids_dir)
@@ -136,6 +139,8 @@ class TrainOptions:
             problems.append(f"lr={self.lr} (must be > 0)")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
+        if self.memory_saving not in ("auto", "on", "off"):
+            problems.append(f"memory_saving={self.memory_saving!r} (auto, on or off)")
         if not self.model_name or any(c in self.model_name for c in "/\\ "):
             problems.append(f"model_name={self.model_name!r} (a file name without '/' or spaces)")
         if problems:
@@ -588,6 +593,8 @@ def _train_loop(
     config = build_config(options, grid)
     torch.manual_seed(options.seed)  # same initial weights on every rank
     model = DualGlow(config).to(device)
+    model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
+    log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
     optimizer = torch.optim.Adamax(model.parameters(), lr=options.lr)
     # Linear warm-up: Glow's data-dependent actnorm init and small 3D batches make the
     # first steps at full lr unstable.

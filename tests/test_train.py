@@ -75,6 +75,15 @@ def test_options_refuse_bad_values() -> None:
         TrainOptions("b", "o", side_info=["sex"])
     with pytest.raises(ValueError, match="val_fraction"):
         TrainOptions("b", "o", val_fraction=1.0)
+    with pytest.raises(ValueError, match="memory_saving"):
+        TrainOptions("b", "o", memory_saving="maybe")
+
+
+def test_group_level_trains_with_memory_saving(tmp_path: Path) -> None:
+    options = tiny_options(tmp_path / "out", tmp_path / "work", epochs=1, memory_saving="on")
+    result = train(options, data=paired_volumes(4))
+    assert result.model.memory_saving
+    assert all(torch.isfinite(p.grad).all() for p in result.model.parameters() if p.grad is not None)
 
 
 def test_phantom_cohort_is_recognised(tmp_path: Path) -> None:
