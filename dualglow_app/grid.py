@@ -103,8 +103,8 @@ class ModelGrid:
             raise ValueError(f"unknown model grid keys {sorted(extra)}; expected {sorted(known)}")
         return cls(
             voxel_size=float(data["voxel_size"]),
-            shape=tuple(data["shape"]),  # type: ignore[arg-type]
-            origin=tuple(data["origin"]),  # type: ignore[arg-type]
+            shape=tuple(data["shape"]),
+            origin=tuple(data["origin"]),
             levels=int(data.get("levels", 3)),
             space=str(data.get("space", SPACE)),
         )

