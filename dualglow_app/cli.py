@@ -101,6 +101,25 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all available.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run bids-validator-deno on BIDS_DIR.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+# --- participant level (dualglow_app.synthesize)
+@click.option("--weights", default=None, metavar="NAME_OR_PATH",
+              help="Model: NAME.safetensors path, or a name looked up in $DUALGLOW_MODELS_DIR and models/.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs (auto: CUDA when present).")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per scan; their mean is the output, their SD the uncertainty map (needs > 1).")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Sampling temperature; 0 with one sample gives the conditional mode.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
+@click.option("--age", type=click.FloatRange(0, 130, min_open=True), default=None,
+              help="Age in years for scans with none in sessions.tsv / participants.tsv.")
+@click.option("--age-sweep", type=float, multiple=True, metavar="A1 A2 ...",
+              help="Also synthesize each scan at these ages (years), with regional means per age.")
+@click.option("--output-spaces", type=click.Choice(["MNI152NLin2009cAsym", "T1w"]), multiple=True,
+              default=("MNI152NLin2009cAsym",), show_default=True, help="Spaces of the synthetic PET.")
+@click.option("--output-res", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="Voxel size (mm) of the MNI outputs (TemplateFlow res-XX grid).")
+@click.option("--overwrite", is_flag=True, help="Redo scans whose outputs exist (default: skip them).")
 @click.version_option(__version__, "--version", prog_name="dualglow")
 def main(
     bids_dir: Path,
@@ -112,10 +131,44 @@ def main(
     nprocs: int | None,
     skip_bids_validation: bool,
     verbose: int,
+    **level_options: object,
 ) -> None:
     """Synthesize FDG-PET from T1w MRI (participant) or train DUAL-GLOW (group).
 
     BIDS_DIR is the raw BIDS dataset, OUTPUT_DIR the derivatives folder.
     """
     check_directories(bids_dir, output_dir)
+    general = {
+        "bids_dir": bids_dir, "output_dir": output_dir, "participant_labels": participant_labels,
+        "session_labels": session_labels, "work_dir": work_dir, "nprocs": nprocs,
+        "skip_bids_validation": skip_bids_validation,
+    }
+    if analysis_level == "participant":
+        click.get_current_context().exit(_run_participant(general, level_options, verbose))
     raise click.UsageError(f"the {analysis_level} level is not available in dualglow {__version__} yet.")
+
+
+def _log_file(output_dir: Path, level: str) -> Path:
+    import datetime as dt
+
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = output_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{level}-{stamp}-{os.getpid()}.log"
+
+
+def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
+    """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
+    from dualglow_app.bids import BIDSInputError
+    from dualglow_app.log import setup_logging
+    from dualglow_app.synthesize import ParticipantOptions, ParticipantUsageError, run_participant
+    from dualglow_app.weights import ModelFileError
+
+    setup_logging(verbose, _log_file(Path(str(general["output_dir"])), "participant"))
+    try:
+        participant = ParticipantOptions(**general, **options)  # type: ignore[arg-type]
+        summary = run_participant(participant)
+    except (ParticipantUsageError, BIDSInputError, ModelFileError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(summary.describe())
+    return summary.exit_code
