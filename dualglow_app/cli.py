@@ -9,7 +9,10 @@ Heavy imports (torch, ants, pybids) happen inside the level functions so ``--hel
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -157,6 +160,27 @@ def _log_file(output_dir: Path, level: str) -> Path:
     return folder / f"{level}-{stamp}-{os.getpid()}.log"
 
 
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, ``docker stop``, SLURM time limits) into SystemExit(143).
+
+    Python's default SIGTERM handling exits without unwinding, so the temporary files of
+    atomic writes would be left behind; an exception runs their clean-up.
+    """
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signal handling alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
     """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
     from dualglow_app.bids import BIDSInputError
@@ -167,7 +191,8 @@ def _run_participant(general: dict[str, object], options: dict[str, object], ver
     setup_logging(verbose, _log_file(Path(str(general["output_dir"])), "participant"))
     try:
         participant = ParticipantOptions(**general, **options)  # type: ignore[arg-type]
-        summary = run_participant(participant)
+        with sigterm_as_exit():
+            summary = run_participant(participant)
     except (ParticipantUsageError, BIDSInputError, ModelFileError) as err:
         raise click.UsageError(str(err)) from None
     click.echo(summary.describe())
