@@ -21,6 +21,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Templates and weights live in the image, read-only, so the container needs no network.
 # HOME and caches point at /tmp so any --user UID works, also with --read-only + a tmpfs /tmp.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow \
+    DUALGLOW_TEMPLATE_CACHE=/opt/dualglow/template-cache \
     DUALGLOW_MODELS_DIR=/opt/dualglow/models \
     HOME=/tmp \
     MPLCONFIGDIR=/tmp/matplotlib \

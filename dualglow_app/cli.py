@@ -104,16 +104,17 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all available.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run bids-validator-deno on BIDS_DIR.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
+# --- both levels
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs (auto: CUDA when present).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
 # --- participant level (dualglow_app.synthesize)
 @click.option("--weights", default=None, metavar="NAME_OR_PATH",
               help="Model: NAME.safetensors path, or a name looked up in $DUALGLOW_MODELS_DIR and models/.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the model runs (auto: CUDA when present).")
 @click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Samples per scan; their mean is the output, their SD the uncertainty map (needs > 1).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Sampling temperature; 0 with one sample gives the conditional mode.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
 @click.option("--age", type=click.FloatRange(0, 130, min_open=True), default=None,
               help="Age in years for scans with none in sessions.tsv / participants.tsv.")
 @click.option("--age-sweep", type=float, multiple=True, metavar="A1 A2 ...",
@@ -123,6 +124,29 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--output-res", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Voxel size (mm) of the MNI outputs (TemplateFlow res-XX grid).")
 @click.option("--overwrite", is_flag=True, help="Redo scans whose outputs exist (default: skip them).")
+# --- group level (dualglow_app.train)
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="group: training epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="group: scans per step and per process (under torchrun the global batch is this x processes).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="group: AdaMax learning rate after the warm-up.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=100, show_default=True, help="group: linear lr warm-up.")
+@click.option("--levels", type=click.IntRange(min=1), default=None, help="group: flow levels. Default: the grid's.")
+@click.option("--depth", type=click.IntRange(min=1), default=8, show_default=True, help="group: flow steps per level.")
+@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="group: coupling channels.")
+@click.option("--grid", "grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True,
+              help="group: model grid preset (MNI152NLin2009cAsym).")
+@click.option("--grid-mm", type=click.FloatRange(1, 16), default=None, help="group: voxel size in mm instead of a preset.")
+@click.option("--side-info", type=click.Choice(["age"]), multiple=True, help="group: condition on these covariates (eq. 16-17).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="group: share of subjects held out for validation.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="group: bf16 autocast on CUDA.")
+@click.option("--resume", is_flag=True, help="group: continue from the last checkpoint in the work dir.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="group: stop after this many steps.")
+@click.option("--model-name", default="dualglow", show_default=True, help="group: writes OUTPUT_DIR/models/NAME.*")
+@click.option("--tracer", default="FDG", show_default=True, help="group: PET tracer label (trc-<label>).")
+@click.option("--preprocess-only", is_flag=True, help="group: preprocess and stack the pairs, then stop.")
+@click.option("--ablate-mri", is_flag=True, hidden=True, help="group: zero the MRI (unconditional baseline).")
 @click.version_option(__version__, "--version", prog_name="dualglow")
 def main(
     bids_dir: Path,
@@ -148,6 +172,8 @@ def main(
     }
     if analysis_level == "participant":
         click.get_current_context().exit(_run_participant(general, level_options, verbose))
+    if analysis_level == "group":
+        click.get_current_context().exit(_run_group(general, level_options, verbose))
     raise click.UsageError(f"the {analysis_level} level is not available in dualglow {__version__} yet.")
 
 
@@ -183,17 +209,54 @@ def sigterm_as_exit() -> Iterator[None]:
 
 def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
     """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
+    import dataclasses
+
     from dualglow_app.bids import BIDSInputError
     from dualglow_app.log import setup_logging
     from dualglow_app.synthesize import ParticipantOptions, ParticipantUsageError, run_participant
     from dualglow_app.weights import ModelFileError
 
     setup_logging(verbose, _log_file(Path(str(general["output_dir"])), "participant"))
+    known = {f.name for f in dataclasses.fields(ParticipantOptions)}
     try:
-        participant = ParticipantOptions(**general, **options)  # type: ignore[arg-type]
+        participant = ParticipantOptions(**general, **{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
         with sigterm_as_exit():
             summary = run_participant(participant)
     except (ParticipantUsageError, BIDSInputError, ModelFileError) as err:
         raise click.UsageError(str(err)) from None
     click.echo(summary.describe())
     return summary.exit_code
+
+
+def _run_group(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
+    """Build TrainOptions and train; usage problems exit with 2, a failed training with 1."""
+    import dataclasses
+
+    from dualglow_app.bids import BIDSInputError
+    from dualglow_app.log import get_logger, setup_logging
+    from dualglow_app.train import TrainingError, TrainOptions, train
+
+    # Under torchrun every rank runs this command; rank 0 alone logs (and to a file).
+    main_rank = os.environ.get("RANK", "0") == "0"
+    output_dir = Path(str(general["output_dir"]))
+    setup_logging(verbose if main_rank else -1, _log_file(output_dir, "group") if main_rank else None)
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    group = {k: v for k, v in options.items() if k in known}
+    group["mri_input"] = not options.get("ablate_mri", False)
+    try:
+        training = TrainOptions(**general, **group)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        result = train(training)
+    except BIDSInputError as err:
+        raise click.UsageError(str(err)) from None
+    except TrainingError as err:
+        get_logger().error("%s", err)
+        return 1
+    if main_rank and result.model_path is not None:
+        scores = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items()) or "no validation split"
+        click.echo(f"model: {result.model_path}\nreport: {result.report_path}\nvalidation: {scores}")
+    elif main_rank:
+        click.echo(f"preprocessed {len(result.train_labels)} pairs into the work dir")
+    return 0

@@ -26,6 +26,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def restore_logger() -> Iterator[None]:
+    """CLI tests call setup_logging, which attaches handlers; don't let them leak into later tests."""
+    from dualglow_app.log import get_logger
+
+    logger = get_logger()
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = state[0]
+    logger.setLevel(state[1])
+    logger.propagate = state[2]
+
+
 def write_nifti(path: Path, shape: Sequence[int], seed: int, zooms: float = 2.0) -> Path:
     """A small smooth-ish positive volume (not all zero, no NaN) at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def test_entrypoint_is_the_package_console_script() -> None:
 def test_apptainer_environment_matches_the_image() -> None:
     env = dockerfile_env()
     definition = (ROOT / "docker" / "apptainer.def").read_text()
-    for name in ("TEMPLATEFLOW_HOME", "DUALGLOW_MODELS_DIR"):
+    for name in ("TEMPLATEFLOW_HOME", "DUALGLOW_TEMPLATE_CACHE", "DUALGLOW_MODELS_DIR"):
         assert f"export {name}={env[name]}" in definition
     assert "exec dualglow" in definition
 
@@ -84,3 +84,17 @@ def test_home_is_writable_for_any_uid() -> None:
 def test_shell_scripts_parse(script: str) -> None:
     result = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_template_paths_agree_with_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualglow_app import templates
+
+    env = dockerfile_env()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", env["TEMPLATEFLOW_HOME"])
+    monkeypatch.setenv("DUALGLOW_TEMPLATE_CACHE", env["DUALGLOW_TEMPLATE_CACHE"])
+    assert templates.templateflow_home() == Path(env["TEMPLATEFLOW_HOME"])
+    assert templates.cache_dir() == Path(env["DUALGLOW_TEMPLATE_CACHE"])
+    prefetch_script = (ROOT / "docker" / "prefetch.py").read_text()
+    assert "from dualglow_app.templates import prefetch" in prefetch_script
+    assert callable(templates.prefetch)
+    assert "python docker/prefetch.py" in DOCKERFILE

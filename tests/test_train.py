@@ -1,0 +1,352 @@
+"""Group level (dualglow_app.train): short runs on 16^3 volumes and tiny models.
+
+Preprocessing is replaced by a fake (it costs 30-60 s a subject) except in the slow
+end-to-end test, which runs the real pipeline on two phantom subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from synthetic_pairs import ddp_worker, paired_volumes, tiny_options
+
+from dualglow_app import preprocess
+from dualglow_app.grid import preset
+from dualglow_app.train import (
+    TrainingError,
+    TrainOptions,
+    image_metrics,
+    is_phantom_cohort,
+    prepare_dataset,
+    resolve_grid,
+    split_subjects,
+    train,
+)
+from dualglow_app.weights import load_model
+
+TESTS = Path(__file__).parent
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def test_split_keeps_a_subjects_sessions_together() -> None:
+    subjects = ["01", "01", "02", "03", "03", "04", "05"]
+    train_rows, val_rows = split_subjects(subjects, 0.4, seed=3)
+    assert sorted([*train_rows, *val_rows]) == list(range(len(subjects)))
+    train_subjects = {subjects[i] for i in train_rows}
+    val_subjects = {subjects[i] for i in val_rows}
+    assert not train_subjects & val_subjects and len(val_subjects) == 2
+    assert split_subjects(["a", "b"], 0.2, 0)[1].size == 1  # 2 subjects: 1 + 1
+    assert split_subjects(["a", "b"], 0.0, 0)[1].size == 0
+
+
+def test_image_metrics_of_a_perfect_and_a_bad_synthesis() -> None:
+    data = paired_volumes(1)
+    pet, mask = data.pet[0], data.mask[0]
+    perfect = image_metrics(pet, pet.copy(), mask, 3.0)
+    assert perfect["mae_suvr"] == 0 and perfect["ssim"] == pytest.approx(1.0)
+    bad = image_metrics(pet, np.zeros_like(pet), mask, 3.0)
+    assert bad["mae_suvr"] == pytest.approx(pet[mask > 0].mean(), rel=1e-5)
+    assert bad["ssim"] < 0.5 and bad["psnr_db"] < perfect["psnr_db"]
+
+
+def test_grid_from_preset_or_voxel_size() -> None:
+    assert resolve_grid(TrainOptions("b", "o", grid="tiny8mm")) == preset("tiny8mm")
+    grid = resolve_grid(TrainOptions("b", "o", grid_mm=6.0, levels=2))
+    assert grid.voxel_size == 6.0 and all(s % 4 == 0 and s * 6 >= 160 for s in grid.shape)
+
+
+def test_options_refuse_bad_values() -> None:
+    with pytest.raises(ValueError, match="side_info"):
+        TrainOptions("b", "o", side_info=["sex"])
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainOptions("b", "o", val_fraction=1.0)
+
+
+def test_phantom_cohort_is_recognised(tmp_path: Path) -> None:
+    (tmp_path / "dataset_description.json").write_text(json.dumps(
+        {"Name": "x", "GeneratedBy": [{"Name": "dualglow-phantom"}]}))  # fmt: skip
+    assert is_phantom_cohort(tmp_path)
+    (tmp_path / "dataset_description.json").write_text(json.dumps({"Name": "ADNI"}))
+    assert not is_phantom_cohort(tmp_path)
+
+
+# --------------------------------------------------------------------------- training runs
+
+
+def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> None:
+    options = tiny_options(tmp_path / "out", tmp_path / "work", side_info=["age"], report=True)
+    result = train(options, data=paired_volumes(6))
+
+    model, info = load_model(result.model_path)
+    meta = info["metadata"]
+    assert set(meta) >= {"grid", "intensity", "side_info", "demonstration", "training"}
+    assert meta["side_info"] == ["age"] and meta["demonstration"] is False
+    assert meta["grid"]["shape"] == [16, 16, 16]
+    assert meta["training"]["epochs"] == 3 and meta["training"]["seed"] == 0
+    assert len(meta["training"]["subjects"]) + len(meta["training"]["validation_subjects"]) == 6
+    assert set(meta["training"]["validation"]) == {"bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim"}
+    assert info["config"]["continuous"] == {"age": [70.0, 10.0]}
+    assert model.is_initialized
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+    rows = result.metrics_path.read_text().splitlines()
+    assert rows[0].startswith("epoch\tstep") and len(rows) == 1 + 3
+    assert result.report_path == options.output_dir / "group.html"
+    html = result.report_path.read_text()
+    assert "Loss curves" in html and "Validation montages" in html and "data:image/png" in html
+    assert options.checkpoint_path.is_file()
+    assert all(math.isfinite(v) for v in result.final_metrics.values())
+
+
+def test_training_lowers_the_validation_bpd(tmp_path: Path) -> None:
+    options = tiny_options(tmp_path / "out", tmp_path / "work", epochs=4, batch_size=1, lr=3e-3)
+    history = train(options, data=paired_volumes(6)).history
+    assert history[-1]["val_bpd_pet_given_mri"] < history[0]["val_bpd_pet_given_mri"]
+
+
+def _final_weights(result: Any) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    """SIGKILL in the middle of epoch 3 (step 5 of 3 x 2), resume: same weights as no kill."""
+    killed = subprocess.run(
+        [sys.executable, "-m", "synthetic_pairs", "5", str(tmp_path / "out"), str(tmp_path / "work")],
+        cwd=TESTS, env={**__import__("os").environ, "PYTHONPATH": str(TESTS.parent)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    options = tiny_options(tmp_path / "out", tmp_path / "work", resume=True)
+    checkpoint = torch.load(options.checkpoint_path, weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 4
+    assert not (tmp_path / "out" / "models").exists()
+
+    resumed = train(options, data=paired_volumes(6))
+    straight = train(tiny_options(tmp_path / "out2", tmp_path / "work2"), data=paired_volumes(6))
+    assert resumed.steps == straight.steps == 6
+    expected = _final_weights(straight)
+    for name, tensor in _final_weights(resumed).items():
+        assert torch.equal(tensor, expected[name]), name
+    assert [h["val_bpd_pet_given_mri"] for h in resumed.history] == [
+        h["val_bpd_pet_given_mri"] for h in straight.history
+    ]
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
+    train(tiny_options(tmp_path / "out", tmp_path / "work", epochs=1), data=paired_volumes(4))
+    with pytest.raises(TrainingError, match="changed: config"):
+        train(tiny_options(tmp_path / "out", tmp_path / "work", hidden=12, resume=True), data=paired_volumes(4))
+
+
+def test_non_finite_step_is_skipped_and_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dualglow_app.model import DualGlow
+
+    original = DualGlow.forward
+    calls = {"n": 0}
+
+    def poisoned(self: DualGlow, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DualGlow, "forward", poisoned)
+    caplog.set_level(logging.WARNING, logger="dualglow")
+    result = train(tiny_options(tmp_path / "out", tmp_path / "work", epochs=2), data=paired_volumes(6))
+    assert result.skipped_steps == 1 and result.steps == 4
+    assert "step skipped" in caplog.text
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+def test_diverged_training_stops_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualglow_app import train as train_module
+    from dualglow_app.model import DualGlow
+
+    original = DualGlow.forward
+
+    def always_nan(self: DualGlow, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = original(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(DualGlow, "forward", always_nan)
+    monkeypatch.setattr(train_module, "MAX_CONSECUTIVE_BAD_STEPS", 3)
+    with pytest.raises(TrainingError, match="lower --lr"):
+        train(tiny_options(tmp_path / "out", tmp_path / "work", epochs=5), data=paired_volumes(6))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_ddp_two_cpu_processes_agree_and_only_rank0_writes(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+
+    mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "weights-rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "weights-rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert (tmp_path / "out-rank0" / "models" / "dualglow.safetensors").is_file()
+    assert (tmp_path / "work-rank0" / "train" / "dualglow" / "checkpoint.pt").is_file()
+    for folder in ("out-rank1", "work-rank1"):
+        written = [p for p in (tmp_path / folder).rglob("*") if p.is_file()]
+        assert written == [], f"rank 1 wrote {written}"
+    meta = json.loads((tmp_path / "out-rank0" / "models" / "dualglow.json").read_text())["metadata"]
+    assert meta["training"]["world_size"] == 2
+    # 4 training subjects, 2 ranks, batch 1: 2 steps per epoch on each rank.
+    assert meta["training"]["steps"] == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_training(tmp_path: Path) -> None:
+    options = tiny_options(tmp_path / "out", tmp_path / "work", device="cuda", amp=True, epochs=2)
+    result = train(options, data=paired_volumes(6))
+    assert result.device.startswith("cuda") and "bf16" in result.device
+    assert all(math.isfinite(v) for v in result.final_metrics.values())
+    model, _ = load_model(result.model_path, device="cuda")
+    assert next(model.parameters()).is_cuda
+
+
+# --------------------------------------------------------------------------- prepare_dataset
+
+
+def _fake_preprocessing(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
+    """Replace the slow registration by grid-sized volumes; subjects in ``fail`` raise."""
+    calls = {"t1w": 0}
+
+    def t1w(path: Path, grid: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
+        calls["t1w"] += 1
+        if any(f"sub-{label}_" in Path(path).name for label in fail):
+            raise preprocess.InputImageError(f"{path}: the image is all zeros")
+        volumes = paired_volumes(1, seed=calls["t1w"], shape=grid.shape)
+        return SimpleNamespace(
+            image=nib.Nifti1Image(volumes.mri[0], grid.affine),
+            brain_mask=nib.Nifti1Image(volumes.mask[0], grid.affine),
+            pet=volumes.pet[0], grid=grid,
+        )  # fmt: skip
+
+    def pet(path: Path, t1: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
+        return SimpleNamespace(image=nib.Nifti1Image(t1.pet, t1.grid.affine))
+
+    monkeypatch.setattr(preprocess, "preprocess_t1w", t1w)
+    monkeypatch.setattr(preprocess, "preprocess_pet", pet)
+    return calls
+
+
+def test_prepare_dataset_skips_a_failing_subject_and_caches(
+    tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bids = tiny_bids(subjects=["01", "02", "03", "04"], with_pet=["01", "02", "03"])
+    calls = _fake_preprocessing(monkeypatch, fail={"02"})
+    options = TrainOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", grid="tiny8mm")
+    data = prepare_dataset(options)
+    assert data.labels == ["sub-01", "sub-03"] and list(data.skipped) == ["sub-02"]
+    assert data.mri.shape == (2, 20, 24, 20) and isinstance(data.mri, np.memmap)
+    assert data.age.tolist() == [60.0, 70.0]
+    again = prepare_dataset(options)
+    assert calls["t1w"] == 3 and again.labels == data.labels
+    assert np.array_equal(again.pet, data.pet)
+
+
+def test_fewer_than_two_pairs_is_an_error_naming_them(
+    tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bids = tiny_bids(subjects=["01", "02", "03"], with_pet=["01"])
+    options = TrainOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", grid="tiny8mm")
+    with pytest.raises(TrainingError, match=r"1 usable .*\(sub-01\); training needs at least 2"):
+        prepare_dataset(options)
+    bids2 = tiny_bids(subjects=["01", "02"], with_pet=["01", "02"])
+    _fake_preprocessing(monkeypatch, fail={"02"})
+    with pytest.raises(TrainingError, match=r"\(sub-01\).*Skipped: sub-02: .*all zeros"):
+        prepare_dataset(TrainOptions(bids2, tmp_path / "out", work_dir=tmp_path / "w2", grid="tiny8mm"))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from dualglow_app.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def test_cli_group_trains_and_writes_the_model(
+    tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bids = tiny_bids(subjects=["01", "02", "03"], with_pet=["01", "02", "03"])
+    _fake_preprocessing(monkeypatch)
+    out = tmp_path / "out"
+    result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
+                  "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
+                  "--side-info", "age", "--model-name", "study", "--nprocs", "1")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "models/study.safetensors" in result.output
+    info = json.loads((out / "models" / "study.json").read_text())
+    assert info["metadata"]["side_info"] == ["age"] and info["metadata"]["grid"]["voxel_size"] == 8.0
+    assert (out / "group.html").is_file() and (out / "models" / "study_metrics.tsv").is_file()
+
+
+def test_cli_group_preprocess_only(tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bids = tiny_bids(subjects=["01", "02"], with_pet=["01", "02"])
+    _fake_preprocessing(monkeypatch)
+    result = _cli(str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),
+                  "--skip-bids-validation", "--grid", "tiny8mm", "--preprocess-only")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "work" / "train-data").glob("*/mri.npy"))
+    assert not (tmp_path / "out" / "models").exists()
+
+
+def test_cli_group_errors(tiny_bids: Callable[..., Path], tmp_path: Path) -> None:
+    bids = tiny_bids(subjects=["01", "02"], with_pet=["01"])
+    args = [str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation"]
+    too_few = _cli(*args)
+    assert too_few.exit_code == 1
+    assert (tmp_path / "out" / "logs").is_dir()
+    assert _cli(*args, "--side-info", "sex").exit_code == 2
+    unknown = _cli(*args, "--participant-label", "09")
+    assert unknown.exit_code == 2 and "sub-09" in unknown.output
+
+
+# --------------------------------------------------------------------------- end to end (slow)
+
+
+@pytest.mark.slow
+def test_group_level_on_phantoms_through_real_preprocessing(tmp_path: Path) -> None:
+    from dualglow_app.phantom.cohort import make_cohort
+
+    bids = tmp_path / "bids"
+    make_cohort(bids, 2, seed=0, voxel_mm=2.0, jobs=1)
+    out = tmp_path / "out"
+    result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--grid", "tiny8mm",
+                  "--epochs", "2", "--depth", "2", "--hidden", "16", "--nprocs", "2")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "models" / "dualglow.json").read_text())
+    assert info["metadata"]["demonstration"] is True
+    assert len(info["metadata"]["training"]["subjects"]) == 1
