@@ -1,53 +1,61 @@
-"""A small T1w-only BIDS cohort and a small trained DUAL-GLOW for the participant level.
+"""A small phantom BIDS cohort and a small trained DUAL-GLOW for the participant level.
 
-Subjects are the ICBM152 T1 in a random pose (``synthetic.make_subject``); sub-03's two
-sessions are copies of sub-01's T1w, so preprocessing (cached by the input's sha256) costs
-two registrations for four scans. The model is tiny, on the 8 mm grid, its ActNorms
-initialised by a train-mode forward on real preprocessed T1w, then trained a few steps on
-pseudo-PET (grey matter brighter, scaled by age), which is enough for outputs to depend on
-the T1w and on age.
+The cohort is the digital phantom (``dualglow_app.phantom.make_cohort``: sub-001, sub-002,
+with FDG-PET and ground truth) plus sub-003 whose two sessions are copies of sub-001's T1w
+(ages in ``sub-003_sessions.tsv``, n/a in participants.tsv), so preprocessing (cached by
+the input's sha256) costs two registrations for four scans. The model is tiny, on the 8 mm
+grid, its ActNorms initialised by a train-mode forward on real preprocessed T1w, then
+trained a few steps on pseudo-PET (grey matter brighter, scaled by age), which is enough for
+outputs to depend on the T1w and on age.
 """
 
 from __future__ import annotations
 
-import json
+import csv
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from synthetic import make_subject
 
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid
 
+SESSION_AGES = {"a": 70.0, "b": 72.0}
 
-def build_cohort(root: Path, subjects: Sequence[int] = (1, 2), session_subject: bool = True) -> Path:
-    """Raw BIDS: sub-01 (65 y), sub-02 (75 y), and sub-03 with ses-a / ses-b (70 / 72 y in
-    ``sub-03_sessions.tsv``, n/a in participants.tsv)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset_description.json").write_text(
-        json.dumps({"Name": "dualglow participant test cohort", "BIDSVersion": "1.10.0", "DatasetType": "raw",
-                    "Authors": ["dualglow tests", "nobody else"]}, indent=1)
-    )
-    (root / "README").write_text("ICBM152 T1 in random poses, for the dualglow tests.\n")
-    rows = ["participant_id\tage\tsex"]
-    for seed in subjects:
-        anat = root / f"sub-{seed:02d}" / "anat"
-        made = make_subject(anat, seed=seed)
-        for key in ("pet", "native_gm"):
-            made[key].unlink()
-        rows.append(f"sub-{seed:02d}\t{55 + 10 * seed}\tF")
+
+def build_cohort(
+    root: Path, n_subjects: int = 2, seed: int = 0, session_subject: bool = True, voxel_mm: float = 2.0
+) -> Path:
+    """A phantom cohort of ``n_subjects`` (+ sub-003 with ses-a / ses-b, see the module).
+
+    ``voxel_mm`` 2 (the phantom's fast-test resolution) halves preprocessing; 1 is realistic.
+    """
+    from dualglow_app.phantom import make_cohort
+
+    make_cohort(root, n_subjects=n_subjects, seed=seed, sessions=1, voxel_mm=voxel_mm)
     if session_subject:
-        source = root / f"sub-{subjects[0]:02d}" / "anat" / f"sub-{subjects[0]:02d}_T1w.nii.gz"
-        for session in ("a", "b"):
-            anat = root / "sub-03" / f"ses-{session}" / "anat"
+        label = f"{n_subjects + 1:03d}"
+        source = root / "sub-001" / "anat" / "sub-001_T1w.nii.gz"
+        for session in SESSION_AGES:
+            anat = root / f"sub-{label}" / f"ses-{session}" / "anat"
             anat.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, anat / f"sub-03_ses-{session}_T1w.nii.gz")
-        (root / "sub-03" / "sub-03_sessions.tsv").write_text("session_id\tage\nses-a\t70\nses-b\t72\n")
-        rows.append("sub-03\tn/a\tM")
-    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+            shutil.copyfile(source, anat / f"sub-{label}_ses-{session}_T1w.nii.gz")
+        rows = "".join(f"ses-{s}\t{a:g}\n" for s, a in SESSION_AGES.items())
+        (root / f"sub-{label}" / f"sub-{label}_sessions.tsv").write_text("session_id\tage\n" + rows)
+        with (root / "participants.tsv").open(encoding="utf-8") as handle:
+            columns = handle.readline().rstrip("\n").split("\t")
+        row = {"participant_id": f"sub-{label}", "age": "n/a", "sex": "M"}
+        with (root / "participants.tsv").open("a", encoding="utf-8") as handle:
+            handle.write("\t".join(row.get(c, "n/a") for c in columns) + "\n")
     return root
+
+
+def participant_ages(root: Path) -> dict[str, float]:
+    """participants.tsv ages by label (n/a left out)."""
+    with (root / "participants.tsv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return {r["participant_id"][4:]: float(r["age"]) for r in rows if r["age"] not in ("", "n/a")}
 
 
 def make_model(

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
-from participant_data import build_cohort, make_model
+from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
 
 from dualglow_app.bids import (
     Scan,
@@ -80,7 +80,7 @@ def models(session_env: None, cohort: Path, work: Path, tmp_path_factory: pytest
 
     torch.set_num_threads(2)
     images = [
-        np.asarray(preprocess_t1w(cohort / f"sub-0{i}" / "anat" / f"sub-0{i}_T1w.nii.gz", GRID, work, 2).image.dataobj)
+        np.asarray(preprocess_t1w(cohort / f"sub-00{i}" / "anat" / f"sub-00{i}_T1w.nii.gz", GRID, work, 2).image.dataobj)
         for i in (1, 2)
     ]
     folder = tmp_path_factory.mktemp("models")
@@ -122,8 +122,8 @@ def test_full_run_writes_valid_indexable_derivatives(main_run: tuple[Path, Resul
     assert result.exit_code == 0, result.output
     assert "4 processed, 0 skipped" in result.output
     scans = {
-        "sub-01": "sub-01/pet/sub-01",
-        "sub-03 ses-b": "sub-03/ses-b/pet/sub-03_ses-b",
+        "sub-001": "sub-001/pet/sub-001",
+        "sub-003 ses-b": "sub-003/ses-b/pet/sub-003_ses-b",
     }
     for stem in scans.values():
         for desc in ("synthetic", "sd", "age60", "age80"):
@@ -132,31 +132,31 @@ def test_full_run_writes_valid_indexable_derivatives(main_run: tuple[Path, Resul
             native = out / f"{stem}_trc-FDG_space-T1w_desc-{desc}_pet.nii.gz"
             assert native.is_file()
     # native outputs are on the subject's own T1w grid
-    raw = nib.load(cohort / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
-    native = nib.load(out / "sub-01" / "pet" / "sub-01_trc-FDG_space-T1w_desc-synthetic_pet.nii.gz")
+    raw = nib.load(cohort / "sub-001" / "anat" / "sub-001_T1w.nii.gz")
+    native = nib.load(out / "sub-001" / "pet" / "sub-001_trc-FDG_space-T1w_desc-synthetic_pet.nii.gz")
     assert native.shape == raw.shape and np.allclose(native.affine, raw.affine, atol=1e-4)
-    mean_path = out / "sub-01" / "pet" / f"sub-01_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz"
+    mean_path = out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz"
     assert data_of(mean_path).shape == (97, 115, 97)
     assert data_of(mean_path).max() > 0.2  # SUVR, not the model's [0, 1] scale squashed to 0
     assert not tmp_leftovers(out)
     assert sorted(p.name for p in (out / "logs").iterdir())[0].startswith("participant-")
 
 
-def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Result], models: dict[str, Path]) -> None:
+def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Result], cohort: Path) -> None:
     out, _ = main_run
-    meta = json.loads((out / "sub-03" / "ses-a" / "pet" / f"sub-03_ses-a_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
+    meta = json.loads((out / "sub-003" / "ses-a" / "pet" / f"sub-003_ses-a_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
     assert meta["Description"].startswith("SYNTHETIC")
     assert "demonstration model trained on digital phantoms" in meta["Description"].lower()
     assert meta["TracerName"] == "FDG" and meta["SkullStripped"] is True and meta["Units"] == "SUVR"
-    assert meta["Sources"] == ["bids:raw:sub-03/ses-a/anat/sub-03_ses-a_T1w.nii.gz"]
+    assert meta["Sources"] == ["bids:raw:sub-003/ses-a/anat/sub-003_ses-a_T1w.nii.gz"]
     assert meta["Resolution"] == {"2": f"TemplateFlow res-02 grid of {MNI} (2 mm isotropic)"}
     assert meta["ModelName"] == "tiny-age" and len(meta["ModelSHA256"]) == 64
-    assert (meta["Age"], meta["AgeSource"]) == (70.0, "bids:raw:sub-03/sub-03_sessions.tsv")
+    assert (meta["Age"], meta["AgeSource"]) == (SESSION_AGES["a"], "bids:raw:sub-003/sub-003_sessions.tsv")
     assert (meta["Seed"], meta["Samples"], meta["Temperature"], meta["DemonstrationModel"]) == (7, 3, 0.7, True)
     assert "SoftwareVersion" in meta
-    sub01 = json.loads((out / "sub-01" / "pet" / f"sub-01_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
-    assert (sub01["Age"], sub01["AgeSource"]) == (65.0, "bids:raw:participants.tsv")
-    sweep = json.loads((out / "sub-01" / "pet" / f"sub-01_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
+    sub01 = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
+    assert (sub01["Age"], sub01["AgeSource"]) == (participant_ages(cohort)["001"], "bids:raw:participants.tsv")
+    sweep = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
     assert (sweep["Age"], sweep["AgeSource"]) == (80.0, "--age-sweep")
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
@@ -166,40 +166,40 @@ def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Resu
 
 def test_age_sweep_table_and_report(main_run: tuple[Path, Result]) -> None:
     out, _ = main_run
-    table = out / "sub-02" / "pet" / f"sub-02_trc-FDG_space-{MNI}_res-2_atlas-AAL2_desc-agesweep_stats.tsv"
+    table = out / "sub-002" / "pet" / f"sub-002_trc-FDG_space-{MNI}_res-2_atlas-AAL2_desc-agesweep_stats.tsv"
     lines = table.read_text().splitlines()
     assert lines[0] == "age\tregion\tmean_suvr"
     rows = [line.split("\t") for line in lines[1:]]
     assert {r[0] for r in rows} == {"60", "80"}
     assert len(rows) == 2 * 121  # whole_brain + 120 AAL2 regions, per age
     assert any(r[1] == "Precuneus_L" for r in rows)
-    report = (out / "sub-03.html").read_text()
+    report = (out / "sub-003.html").read_text()
     assert "SYNTHETIC" in report and "Demonstration model trained on digital phantoms" in report
     assert report.count("<img") == 4  # two sessions x (montage, age-sweep curve)
     assert "Session a" in report and "Session b" in report
 
 
 @needs_validator
-def test_derivatives_pass_the_bids_validator_and_pybids_indexes_them(main_run: tuple[Path, Result]) -> None:
+def test_derivatives_pass_the_bids_validator_and_pybids_indexes_them(main_run: tuple[Path, Result], cohort: Path) -> None:
     from bids import BIDSLayout
 
     out, _ = main_run
     result = validate_dataset(out)
     assert result.errors == []
     layout = BIDSLayout(out, validate=False, is_derivative=True)
-    assert layout.get_subjects() == ["01", "02", "03"]
+    assert layout.get_subjects() == ["001", "002", "003"]
     means = layout.get(desc="synthetic", suffix="pet", space=MNI, extension=".nii.gz")
     assert len(means) == 4
-    assert {f.get_metadata()["Age"] for f in means} == {65.0, 75.0, 70.0, 72.0}
+    assert {f.get_metadata()["Age"] for f in means} == {*participant_ages(cohort).values(), *SESSION_AGES.values()}
 
 
 def test_rerun_skips_and_overwrite_is_bit_identical(main_run: tuple[Path, Result], cohort: Path, work: Path, models: dict[str, Path]) -> None:
     out, _ = main_run
-    outputs = sorted(p for p in out.rglob("sub-01/**/*") if p.is_file())
+    outputs = sorted(p for p in out.rglob("sub-001/**/*") if p.is_file())
     before = {p: (p.stat().st_mtime_ns, data_of(p).tobytes() if p.name.endswith(".nii.gz") else None) for p in outputs}
     common = [cohort, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation",
               "--samples", "3", "--temperature", "0.7", "--seed", "7", "--age-sweep", "60", "80",
-              "--output-spaces", MNI, "T1w", "--participant-label", "01"]
+              "--output-spaces", MNI, "T1w", "--participant-label", "001"]
     again = invoke(*common)
     assert again.exit_code == 0 and "0 processed, 1 skipped" in again.output
     assert all(p.stat().st_mtime_ns == before[p][0] for p in outputs)
@@ -214,7 +214,7 @@ def test_rerun_skips_and_overwrite_is_bit_identical(main_run: tuple[Path, Result
 def test_changed_settings_are_reported_not_silently_mixed(main_run: tuple[Path, Result], cohort: Path, work: Path, models: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     out, _ = main_run
     options = ParticipantOptions(
-        cohort, out, weights=models["age"], work_dir=work, participant_labels=["01"], skip_bids_validation=True,
+        cohort, out, weights=models["age"], work_dir=work, participant_labels=["001"], skip_bids_validation=True,
         samples=3, temperature=0.7, seed=8, age_sweep=[60, 80], output_spaces=[MNI, "T1w"], report=False,
     )
     caplog.set_level("WARNING", logger="dualglow")
@@ -228,47 +228,47 @@ def test_changed_settings_are_reported_not_silently_mixed(main_run: tuple[Path, 
 
 def test_one_failing_participant_does_not_stop_the_others(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
     bids = tmp_path / "bids"
-    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-02", "sub-03"))
-    broken = bids / "sub-04" / "anat" / "sub-04_T1w.nii.gz"
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-002", "sub-003", "derivatives"))
+    broken = bids / "sub-004" / "anat" / "sub-004_T1w.nii.gz"
     broken.parent.mkdir(parents=True)
-    raw = (cohort / "sub-02" / "anat" / "sub-02_T1w.nii.gz").read_bytes()
+    raw = (cohort / "sub-002" / "anat" / "sub-002_T1w.nii.gz").read_bytes()
     broken.write_bytes(raw[: len(raw) // 3])  # a truncated download
     with (bids / "participants.tsv").open("a") as handle:
-        handle.write("sub-04\t70\tF\n")
+        handle.write("sub-004\t70\tF\tCN\tCN\n")
     out = tmp_path / "out"
     result = invoke(bids, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation")
     assert result.exit_code == 1
     assert "1 processed, 0 skipped (outputs exist), 1 failed" in result.output
-    assert "FAILED sub-04" in result.output and "sub-04_T1w.nii.gz" in result.output
-    assert (out / "sub-01" / "pet" / f"sub-01_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz").is_file()
-    assert not (out / "sub-04").exists()
-    assert (out / "sub-01.html").is_file()
+    assert "FAILED sub-004" in result.output and "sub-004_T1w.nii.gz" in result.output
+    assert (out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz").is_file()
+    assert not (out / "sub-004").exists()
+    assert (out / "sub-001.html").is_file()
 
 
 def test_missing_age_fails_that_subject_naming_the_file(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
     bids = tmp_path / "bids"
-    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-01", "sub-03"))
-    (bids / "participants.tsv").write_text("participant_id\tage\tsex\nsub-02\tn/a\tF\n")
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-001", "sub-003", "derivatives"))
+    (bids / "participants.tsv").write_text("participant_id\tage\tsex\nsub-002\tn/a\tF\n")
     out = tmp_path / "out"
     common = [bids, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation"]
     result = invoke(*common)
     assert result.exit_code == 1
-    assert "no age for sub-02" in result.output and f"{bids}/participants.tsv" in result.output
+    assert "no age for sub-002" in result.output and f"{bids}/participants.tsv" in result.output
     assert "--age YEARS" in result.output
     fixed = invoke(*common, "--age", "68")
     assert fixed.exit_code == 0, fixed.output
-    meta = json.loads(sidecar_path(next((out / "sub-02" / "pet").glob("*desc-synthetic_pet.nii.gz"))).read_text())
+    meta = json.loads(sidecar_path(next((out / "sub-002" / "pet").glob("*desc-synthetic_pet.nii.gz"))).read_text())
     assert (meta["Age"], meta["AgeSource"]) == (68.0, "--age")
 
 
 def test_a_model_without_age_needs_none(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
     bids = tmp_path / "bids"
-    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-01", "sub-03"))
-    (bids / "participants.tsv").write_text("participant_id\tsex\nsub-02\tF\n")
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-001", "sub-003", "derivatives"))
+    (bids / "participants.tsv").write_text("participant_id\tsex\nsub-002\tF\n")
     result = invoke(bids, tmp_path / "out", "participant", "--weights", models["plain"], "-w", work,
                     "--skip-bids-validation", "--output-res", "4")
     assert result.exit_code == 0, result.output
-    meta = json.loads(next((tmp_path / "out" / "sub-02" / "pet").glob("*desc-synthetic_pet.json")).read_text())
+    meta = json.loads(next((tmp_path / "out" / "sub-002" / "pet").glob("*desc-synthetic_pet.json")).read_text())
     assert "Age" not in meta and "conditional mode" in meta["Description"]
     sweep = invoke(bids, tmp_path / "out2", "participant", "--weights", models["plain"], "-w", work,
                    "--skip-bids-validation", "--age-sweep", "60", "70")
@@ -278,7 +278,7 @@ def test_a_model_without_age_needs_none(session_env: None, cohort: Path, work: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--participant-label", "01", "99"], "no participant(s) sub-99"),
+        (["--participant-label", "001", "099"], "no participant(s) sub-099"),
         (["--weights", "no-such-model"], "looked for"),
         (["--samples", "3"], "identical samples"),
         (["--session-label", "zz"], "no T1w in session(s) zz"),
@@ -289,7 +289,7 @@ def test_usage_errors_exit_2_with_one_line(session_env: None, cohort: Path, work
     result = invoke(cohort, tmp_path / "out", "participant", "-w", work, *weights, *args)
     assert result.exit_code == 2
     assert message in result.output
-    assert not (tmp_path / "out" / "sub-01").exists()
+    assert not (tmp_path / "out" / "sub-001").exists()
 
 
 def test_output_dir_equal_to_bids_dir_exits_2(cohort: Path) -> None:
@@ -299,7 +299,7 @@ def test_output_dir_equal_to_bids_dir_exits_2(cohort: Path) -> None:
 
 def test_interrupted_write_leaves_no_partial_file(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    options = ParticipantOptions(cohort, out, weights=models["age"], work_dir=work, participant_labels=["02"],
+    options = ParticipantOptions(cohort, out, weights=models["age"], work_dir=work, participant_labels=["002"],
                                  skip_bids_validation=True, samples=2, temperature=0.5)
     real_save = nib.save
     calls = {"n": 0}
@@ -314,7 +314,7 @@ def test_interrupted_write_leaves_no_partial_file(session_env: None, cohort: Pat
     monkeypatch.setattr(nib, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_participant(options)
-    scan = Scan("02", None, cohort / "sub-02" / "anat" / "sub-02_T1w.nii.gz")
+    scan = Scan("002", None, cohort / "sub-002" / "anat" / "sub-002_T1w.nii.gz")
     planned = planned_outputs(scan, options)
     assert planned["t1w"].is_file() and not planned["mean"].exists()
     assert not tmp_leftovers(out)
