@@ -101,7 +101,9 @@ def main() -> None:
     sys.stdout.write("\n".join(lines) + "\n")
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores_used": args.nprocs,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    # other work on the machine slows ANTs down; record how busy it was
+                    "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"samples": args.samples, "temperature": args.temperature, "age_sweep": args.age_sweep,
                      "weights": str(args.weights or "default architecture (untrained), cpu4mm")},
         "scans": rows, "mean": mean, "run_wall_s": round(total, 1), "goal_s_per_subject": 90,

@@ -149,9 +149,9 @@ def read_age(bids_dir: Path, subject: str, session: str | None) -> tuple[float |
                 if age is not None:
                     return age, str(sessions_tsv)
     participants = bids_dir / "participants.tsv"
-    row = read_demographics(bids_dir).get(subject)
-    if row is not None:
-        age = _parse_age(row.get("age"), participants, f"sub-{subject}")
+    demographics = read_demographics(bids_dir).get(subject)
+    if demographics is not None:
+        age = _parse_age(demographics.get("age"), participants, f"sub-{subject}")
         if age is not None:
             return age, str(participants)
     return None, None

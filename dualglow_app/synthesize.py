@@ -56,6 +56,7 @@ from dualglow_app.grid import SPACE as MNI
 from dualglow_app.grid import ModelGrid
 from dualglow_app.io import save_nifti, write_json, write_text
 from dualglow_app.log import get_logger, progress
+from dualglow_app.templates import load_nifti
 
 if TYPE_CHECKING:
 
@@ -332,7 +333,11 @@ def draw(
     import torch
 
     x = torch.from_numpy(model.scaling.mri_to_model(t1w_grid))[None, None].to(model.device)
-    side = {"age": torch.tensor([float(age)], device=model.device)} if model.uses_age else None
+    side = None
+    if model.uses_age:
+        if age is None:
+            raise ScanError(f"model {model.name} is conditioned on age: pass an age in years")
+        side = {"age": torch.tensor([float(age)], device=model.device)}
     generator = torch.Generator(device=model.device).manual_seed(seed)
     drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)
     suvr = model.scaling.pet_from_model(drawn[:, 0, 0].cpu().numpy()) * brain_mask[None]
@@ -763,15 +768,15 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
         ["samples / temperature / seed", f"{sidecar.get('Samples')} / {sidecar.get('Temperature')} / {sidecar.get('Seed')}"],
     ]
     report.add_table(["", ""], rows)
-    mean = np.asarray(nib.load(planned["mean"]).dataobj, dtype=np.float32)
-    t1w = np.asarray(nib.load(planned["t1w"]).dataobj, dtype=np.float32)
+    mean = np.asarray(load_nifti(planned["mean"]).dataobj, dtype=np.float32)
+    t1w = np.asarray(load_nifti(planned["t1w"]).dataobj, dtype=np.float32)
     vmax = float(np.percentile(mean[mean > 0], 99.5)) if (mean > 0).any() else 1.0
     montage = [
         MontageRow("T1w (preprocessed, MNI)", t1w, vmin=0.0, vmax=1.0),
         MontageRow("synthetic FDG-PET", mean, cmap="magma", vmin=0.0, vmax=vmax, colorbar_label="SUVR"),
     ]
     if "sd" in planned and planned["sd"].is_file():
-        sd = np.asarray(nib.load(planned["sd"]).dataobj, dtype=np.float32)
+        sd = np.asarray(load_nifti(planned["sd"]).dataobj, dtype=np.float32)
         montage.append(MontageRow("uncertainty (SD of samples)", sd, cmap="viridis", vmin=0.0, colorbar_label="SD (SUVR)"))
     report.add_figure(
         orthogonal_montage(montage),
