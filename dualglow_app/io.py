@@ -31,11 +31,19 @@ def atomic_path(path: os.PathLike[str] | str) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    # mkstemp creates 0600 files; outputs get the mode an ordinary open() would give them.
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def write_text(path: os.PathLike[str] | str, text: str) -> Path:

@@ -49,6 +49,7 @@ from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
 from dualglow_app.io import atomic_path, write_json, write_text
 from dualglow_app.log import get_logger, progress, progress_enabled
+from dualglow_app.metrics import image_metrics  # one definition for training and evaluation
 
 log = get_logger(__name__)
 
@@ -450,26 +451,6 @@ def _batch(
         mri = torch.zeros_like(mri)
     side = {"age": torch.from_numpy(data.age[rows]).to(device)} if "age" in options.side_info else None
     return mri, pet, side
-
-
-def image_metrics(true_suvr: np.ndarray, synth_suvr: np.ndarray, mask: np.ndarray, data_range: float) -> dict[str, float]:
-    """MAE (SUVR), PSNR (dB) and SSIM between two PET volumes, inside ``mask``.
-
-    PSNR and SSIM are scikit-image's; SSIM is its local map (7-voxel window, or the largest
-    odd window that fits) averaged over the brain.
-    """
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    inside = mask.astype(bool)
-    true_in, synth_in = true_suvr[inside], synth_suvr[inside]
-    mae = float(np.abs(true_in - synth_in).mean())
-    # A perfect synthesis has infinite PSNR; cap it so means over subjects stay finite.
-    identical = np.array_equal(true_in, synth_in)
-    psnr = 100.0 if identical else float(peak_signal_noise_ratio(true_in, synth_in, data_range=data_range))
-    win = min(7, min(true_suvr.shape))
-    win -= 1 - win % 2
-    _, ssim_map = structural_similarity(true_suvr, synth_suvr, data_range=data_range, win_size=win, full=True)
-    return {"mae_suvr": mae, "psnr_db": min(psnr, 100.0), "ssim": float(ssim_map[inside].mean())}
 
 
 def evaluate(

@@ -20,3 +20,15 @@ def test_atomic_write_replaces(tmp_path: Path) -> None:
     write_json(target, {"x": 2})
     assert target.read_text().strip().endswith("}") and '"x": 2' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    current = os.umask(0o022)
+    try:
+        target = write_json(tmp_path / "b.json", {})
+    finally:
+        os.umask(current)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644

@@ -1,0 +1,215 @@
+"""Evaluation: splits, statistics on known cases, the whole run on tiny arrays, resume, CLI, BIDS."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from synthetic_pairs import paired_volumes
+
+from dualglow_app.evaluate import (
+    DUALGLOW,
+    Cohort,
+    EvaluateOptions,
+    EvaluationError,
+    age_trends,
+    classification,
+    evaluate_cohort,
+    main,
+    make_splits,
+    paired_tests,
+    phantom_true_slopes,
+    regional_slopes,
+    roi_means,
+)
+from dualglow_app.metrics import METRICS
+
+DIAGNOSES = ["CN", "AD", "MCI", "CN", "EMCI", "LMCI"]
+
+
+def tiny_options(tmp_path: Path, **overrides: object) -> EvaluateOptions:
+    settings: dict[str, object] = dict(
+        bids_dir=None, output_dir=tmp_path / "out", work_dir=tmp_path / "work", folds=2, epochs=1,
+        side_info=("age",), depth=2, hidden=8, relation_hidden=8, warmup_steps=2, baseline_width=4,
+        nprocs=1, device="cpu", ages=(50.0, 75.0, 100.0),
+    )  # fmt: skip
+    settings.update(overrides)
+    return EvaluateOptions(**settings)  # type: ignore[arg-type]
+
+
+def test_splits_keep_subjects_together_and_cover_everyone() -> None:
+    subjects = ["a", "a", "b", "c", "c", "d", "e", "f"]
+    splits = make_splits(subjects, 3, seed=1, strata=[0, 0, 1, 0, 0, 1, 1, 0])
+    tested = np.concatenate([test for _, test in splits])
+    assert sorted(tested) == list(range(len(subjects)))
+    for train, test in splits:
+        assert not {subjects[i] for i in train} & {subjects[i] for i in test}
+    assert [t.tolist() for _, t in make_splits(subjects, 3, seed=1)] == [t.tolist() for _, t in make_splits(subjects, 3, seed=1)]
+    with pytest.raises(EvaluationError, match="lower --folds"):
+        make_splits(["a", "b"], 3, seed=0)
+
+
+def test_roi_means_and_slopes_on_known_volumes() -> None:
+    labels = np.zeros((4, 4, 4), np.int32)
+    labels[:2], labels[2:] = 1, 2
+    volume = np.where(labels == 1, 1.0, 3.0)[None]
+    mask = np.ones((1, 4, 4, 4))
+    mask[0, 3] = 0  # half of region 2 outside the brain: still its mean, from what is inside
+    np.testing.assert_allclose(roi_means(volume, mask, labels, 3), [[1.0, 3.0, np.nan]])
+    ages = [50.0, 60.0, 70.0, 80.0]
+    # A region losing 0.1 SUVR per decade from 2.0 at 73.
+    sweep = np.array([2.0 - 0.01 * (a - 73.0) for a in ages])[None, :, None]
+    absolute, relative = regional_slopes(sweep, ages)
+    assert absolute[0, 0] == pytest.approx(-0.1)
+    assert relative[0, 0] == pytest.approx(-0.05)
+
+
+def test_paired_tests_say_when_a_baseline_wins() -> None:
+    rows = []
+    for i in range(8):
+        rows.append({"label": f"s{i}", "method": DUALGLOW, "mae_suvr": 0.2 + 0.01 * i, "pearson_r": 0.9,
+                     "psnr_db": 20.0 + i, "ssim": 0.8})  # fmt: skip
+        rows.append({"label": f"s{i}", "method": "unet", "mae_suvr": 0.1 + 0.005 * i, "pearson_r": 0.9,
+                     "psnr_db": 19.0 + i, "ssim": 0.8})  # fmt: skip
+    tests = paired_tests(rows, [DUALGLOW, "unet"])["unet"]
+    assert tests["mae_suvr"]["better"] == "unet" and tests["mae_suvr"]["p_value"] < 0.05
+    assert tests["psnr_db"]["better"] == DUALGLOW
+    assert tests["ssim"]["better"] == "tie" and np.isnan(tests["ssim"]["p_value"])
+
+
+def test_classification_on_separable_and_on_missing_diagnoses() -> None:
+    rng = np.random.default_rng(0)
+    diagnosis = ["CN", "AD"] * 10
+    y = np.array([d == "AD" for d in diagnosis], float)
+    separable = rng.normal(0, 0.1, (20, 5)) + y[:, None]
+    noise = rng.normal(0, 1.0, (20, 5))
+    splits = make_splits([str(i) for i in range(20)], 4, seed=0, strata=y.astype(int).tolist())
+    table = classification({"true PET": [separable] * 4, "synthetic PET (x)": [noise] * 4}, diagnosis, splits, 0)
+    assert table["sources"]["true PET"] == pytest.approx(
+        {"accuracy": 1.0, "fnr": 0.0, "fpr": 0.0, "n": 20, "tp": 10, "tn": 10, "fp": 0, "fn": 0}
+    )
+    assert table["sources"]["synthetic PET (x)"]["accuracy"] < 1.0
+    skipped = classification({"true PET": [separable] * 4}, [None] * 20, splits, 0)
+    assert "skipped" in skipped
+
+
+def write_phantom_truth(root: Path, ages: list[float], slopes: dict[str, float]) -> None:
+    """factors.tsv + json like dualglow-phantom's, with age_factor = 1 - s (age - 73) / 10."""
+    for i, age in enumerate(ages):
+        folder = root / "derivatives" / "phantom" / f"sub-{i:03d}"
+        folder.mkdir(parents=True)
+        lines = ["region\tage_factor"] + [f"{r}\t{1 - s * (age - 73) / 10:.6f}" for r, s in slopes.items()]
+        (folder / f"sub-{i:03d}_desc-regions_factors.tsv").write_text("\n".join(lines) + "\n")
+        (folder / f"sub-{i:03d}_desc-regions_factors.json").write_text(json.dumps({"Age": age}))
+
+
+def test_phantom_slopes_are_recovered_and_compared(tmp_path: Path) -> None:
+    slopes = {"precuneus": 0.06, "insula": 0.12, "cerebellar_cortex": 0.04}
+    write_phantom_truth(tmp_path, [60.0, 70.0, 85.0], slopes)
+    names = list(slopes)
+    truth = phantom_true_slopes(tmp_path, names)
+    assert truth is not None
+    np.testing.assert_allclose(truth["activity_per_decade"], [-0.06, -0.12, -0.04], atol=1e-5)
+    np.testing.assert_allclose(truth["suvr_per_decade"], [-0.02, -0.08, 0.0], atol=1e-5)
+    # A synthetic sweep whose relative slopes equal the true SUVR slopes compares perfectly.
+    ages = [50.0, 70.0, 90.0]
+    rel = np.array(truth["suvr_per_decade"])
+    sweep = np.array([[1.5 * (1 + rel * (a - 73) / 10) for a in ages]] * 2)
+    trends = age_trends({"phantom": sweep}, {"phantom": names}, ages, truth)
+    comparison = trends["phantom_comparison"]
+    assert comparison["pearson_r"] == pytest.approx(1.0)
+    assert comparison["mae_per_decade"] == pytest.approx(0.0, abs=1e-6)
+    assert trends["atlases"]["phantom"]["n_scans"] == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateOptions, Cohort, object, float]:
+    import torch
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("evaluate")
+    cohort = Cohort(paired_volumes(6), DIAGNOSES)
+    options = tiny_options(tmp)
+    start = time.perf_counter()
+    result = evaluate_cohort(cohort, options)
+    return options, cohort, result, time.perf_counter() - start
+
+
+def test_small_run_writes_every_output(tiny_run: tuple) -> None:
+    options, cohort, result, _ = tiny_run
+    methods = [DUALGLOW, "unet", "pix2pix", "cgan", "cvae"]
+    with open(options.output_dir / "metrics.tsv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert len(rows) == 6 * len(methods)
+    assert {r["method"] for r in rows} == set(methods)
+    # Every scan is held out exactly once, and scored for every method in that fold.
+    for method in methods:
+        assert sorted(r["label"] for r in rows if r["method"] == method) == sorted(cohort.data.labels)
+    assert all(np.isfinite(float(r[m])) for r in rows for m in ("mae_suvr", "psnr_db", "ssim"))
+    summary = json.loads((options.output_dir / "summary.json").read_text())
+    assert summary["seeds"]["per_fold"][DUALGLOW] == [0, 1]
+    assert sorted(label for s in summary["splits"] for label in s["test"]) == sorted(cohort.data.labels)
+    assert "7-voxel" in summary["definitions"]["ssim"] and "3.0 SUVR" in summary["definitions"]["psnr"]
+    assert set(summary["table1"]) == set(methods) and set(summary["table1"][DUALGLOW]) == set(METRICS)
+    assert set(summary["wilcoxon"]) == set(methods) - {DUALGLOW}
+    assert summary["table2"]["sources"]["true PET"]["n"] == 6
+    assert set(summary["table2"]["sources"]) == {"true PET", *[f"synthetic PET ({m})" for m in methods]}
+    trends = summary["age_trends"]["atlases"]["aal"]
+    assert len(trends["regions"]) == 116 and len(trends["mean"][0]) == 3
+    html = (options.output_dir / "evaluation.html").read_text()
+    for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7"):
+        assert text in html
+
+
+def test_rerun_resumes_from_the_work_dir(tiny_run: tuple) -> None:
+    options, cohort, result, first_seconds = tiny_run
+    start = time.perf_counter()
+    again = evaluate_cohort(cohort, options)
+    assert time.perf_counter() - start < first_seconds
+    assert [r["mae_suvr"] for r in again.rows] == [r["mae_suvr"] for r in result.rows]  # type: ignore[attr-defined]
+
+
+def test_without_age_conditioning_there_are_no_age_trends(tmp_path: Path) -> None:
+    cohort = Cohort(paired_volumes(4), ["CN", "AD", "CN", "AD"])
+    result = evaluate_cohort(cohort, tiny_options(tmp_path, side_info=(), baselines=("unet",), report=False))
+    assert result.age_trends is None
+    assert {r["method"] for r in result.rows} == {DUALGLOW, "unet"}
+    assert not (tmp_path / "out" / "evaluation.html").exists()
+
+
+def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    runner = CliRunner()
+    same = runner.invoke(main, [str(bids), str(bids)])
+    assert same.exit_code == 2 and "must differ" in same.output
+    bad = runner.invoke(main, [str(bids), str(tmp_path / "out"), "--baselines", "unet,resnet"])
+    assert bad.exit_code == 2 and "resnet" in bad.output
+    folds = runner.invoke(main, [str(bids), str(tmp_path / "out"), "--folds", "1"])
+    assert folds.exit_code == 2 and "folds=1" in folds.output
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+
+
+@pytest.mark.slow
+def test_bids_front_end_on_a_phantom_cohort(tmp_path: Path) -> None:
+    """Real preprocessing of 4 coarse phantoms, then the whole evaluation with its CLI."""
+    from dualglow_app.phantom import make_cohort
+
+    bids = tmp_path / "bids"
+    make_cohort(bids, 4, seed=3, voxel_mm=2.0, jobs=1)
+    out = tmp_path / "out"
+    args = [str(bids), str(out), "-w", str(tmp_path / "work"), "--folds", "2", "--epochs", "1", "--grid", "tiny8mm",
+            "--side-info", "age", "--baselines", "unet", "--depth", "2", "--hidden", "8", "--baseline-width", "4",
+            "--skip-bids-validation", "--nprocs", "1", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "dualglow" in result.output and "unet" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cohort"]["phantom"] is True and summary["cohort"]["scans"] == 4
+    comparison = summary["age_trends"]["phantom_comparison"]
+    assert len(comparison["regions"]) == len(comparison["synthetic_relative_per_decade"]) == 30
