@@ -149,9 +149,9 @@ def read_age(bids_dir: Path, subject: str, session: str | None) -> tuple[float |
                 if age is not None:
                     return age, str(sessions_tsv)
     participants = bids_dir / "participants.tsv"
-    row = read_demographics(bids_dir).get(subject)
-    if row is not None:
-        age = _parse_age(row.get("age"), participants, f"sub-{subject}")
+    demographics = read_demographics(bids_dir).get(subject)
+    if demographics is not None:
+        age = _parse_age(demographics.get("age"), participants, f"sub-{subject}")
         if age is not None:
             return age, str(participants)
     return None, None
@@ -321,3 +321,35 @@ def validate_dataset(dataset_dir: os.PathLike[str] | str, extra_args: Iterable[s
     errors = [describe(i) for i in issues if i.get("severity") == "error"]
     warnings = [describe(i) for i in issues if i.get("severity") == "warning"]
     return ValidationResult(errors=errors, warnings=warnings)
+
+
+def sidecar_path(image_path: os.PathLike[str] | str) -> Path:
+    """The JSON sidecar beside a derivative image (``..._pet.nii.gz`` -> ``..._pet.json``)."""
+    path = Path(image_path)
+    name = path.name
+    for extension in (".nii.gz", ".nii", ".tsv"):
+        if name.endswith(extension):
+            return path.with_name(name[: -len(extension)] + ".json")
+    return path.with_suffix(".json")
+
+
+def template_uri(space: str, resolution: int) -> str:
+    """TemplateFlow URL of a template's T1w at ``res-XX``, for a sidecar's SpatialReference."""
+    return (
+        f"https://templateflow.s3.amazonaws.com/tpl-{space}/tpl-{space}_res-{resolution:02d}_T1w.nii.gz"
+    )
+
+
+def write_bidsignore(out_dir: os.PathLike[str] | str, patterns: Sequence[str]) -> Path:
+    """Add ``patterns`` to ``out_dir/.bidsignore`` (files the BIDS specification has no name for).
+
+    Patterns already there are kept, so several tools can share one derivatives folder.
+    """
+    from dualglow_app.io import write_text
+
+    path = Path(out_dir) / ".bidsignore"
+    existing = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    lines = existing + [p for p in patterns if p not in existing]
+    if lines != existing or not path.is_file():
+        write_text(path, "\n".join(lines) + "\n")
+    return path

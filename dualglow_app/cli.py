@@ -9,7 +9,10 @@ Heavy imports (torch, ants, pybids) happen inside the level functions so ``--hel
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -101,10 +104,27 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all available.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run bids-validator-deno on BIDS_DIR.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
-# --- group level (dualglow_app.train)
+# --- both levels
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the model runs (auto: CUDA when present).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same output).")
+# --- participant level (dualglow_app.synthesize)
+@click.option("--weights", default=None, metavar="NAME_OR_PATH",
+              help="Model: NAME.safetensors path, or a name looked up in $DUALGLOW_MODELS_DIR and models/.")
+@click.option("--samples", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Samples per scan; their mean is the output, their SD the uncertainty map (needs > 1).")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Sampling temperature; 0 with one sample gives the conditional mode.")
+@click.option("--age", type=click.FloatRange(0, 130, min_open=True), default=None,
+              help="Age in years for scans with none in sessions.tsv / participants.tsv.")
+@click.option("--age-sweep", type=float, multiple=True, metavar="A1 A2 ...",
+              help="Also synthesize each scan at these ages (years), with regional means per age.")
+@click.option("--output-spaces", type=click.Choice(["MNI152NLin2009cAsym", "T1w"]), multiple=True,
+              default=("MNI152NLin2009cAsym",), show_default=True, help="Spaces of the synthetic PET.")
+@click.option("--output-res", type=click.IntRange(1, 8), default=2, show_default=True,
+              help="Voxel size (mm) of the MNI outputs (TemplateFlow res-XX grid).")
+@click.option("--overwrite", is_flag=True, help="Redo scans whose outputs exist (default: skip them).")
+# --- group level (dualglow_app.train)
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="group: training epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="group: scans per step and per process (under torchrun the global batch is this x processes).")
@@ -152,6 +172,8 @@ def main(
         "session_labels": session_labels, "work_dir": work_dir, "nprocs": nprocs,
         "skip_bids_validation": skip_bids_validation,
     }
+    if analysis_level == "participant":
+        click.get_current_context().exit(_run_participant(general, level_options, verbose))
     if analysis_level == "group":
         click.get_current_context().exit(_run_group(general, level_options, verbose))
     raise click.UsageError(f"the {analysis_level} level is not available in dualglow {__version__} yet.")
@@ -164,6 +186,48 @@ def _log_file(output_dir: Path, level: str) -> Path:
     folder = output_dir / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{level}-{stamp}-{os.getpid()}.log"
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, ``docker stop``, SLURM time limits) into SystemExit(143).
+
+    Python's default SIGTERM handling exits without unwinding, so the temporary files of
+    atomic writes would be left behind; an exception runs their clean-up.
+    """
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signal handling alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
+    """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
+    import dataclasses
+
+    from dualglow_app.bids import BIDSInputError
+    from dualglow_app.log import setup_logging
+    from dualglow_app.synthesize import ParticipantOptions, ParticipantUsageError, run_participant
+    from dualglow_app.weights import ModelFileError
+
+    setup_logging(verbose, _log_file(Path(str(general["output_dir"])), "participant"))
+    known = {f.name for f in dataclasses.fields(ParticipantOptions)}
+    try:
+        participant = ParticipantOptions(**general, **{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
+        with sigterm_as_exit():
+            summary = run_participant(participant)
+    except (ParticipantUsageError, BIDSInputError, ModelFileError) as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(summary.describe())
+    return summary.exit_code
 
 
 def _run_group(general: dict[str, object], options: dict[str, object], verbose: int) -> int:

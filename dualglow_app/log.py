@@ -29,6 +29,7 @@ def setup_logging(verbosity: int = 0, log_file: os.PathLike[str] | str | None = 
 
     verbosity: 0 -> INFO, 1 or more -> DEBUG; negative -> WARNING.
     """
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbosity > 0 else logging.INFO if verbosity == 0 else logging.WARNING
@@ -36,7 +37,11 @@ def setup_logging(verbosity: int = 0, log_file: os.PathLike[str] | str | None = 
     logger.setLevel(level)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    console = RichHandler(show_path=verbosity > 0, rich_tracebacks=verbosity > 0, markup=False)
+        handler.close()
+    # Logs go to stderr: stdout is for results (final summaries, piped output, doctests).
+    console = RichHandler(
+        console=Console(stderr=True), show_path=verbosity > 0, rich_tracebacks=verbosity > 0, markup=False
+    )
     console.setLevel(level)
     logger.addHandler(console)
     if log_file is not None:

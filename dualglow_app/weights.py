@@ -182,12 +182,66 @@ def load_model(
     return model, info
 
 
+DEFAULT_MODEL = "dualglow-default"
+MODELS_DIR_ENV = "DUALGLOW_MODELS_DIR"
+
+
+class WeightsNotFoundError(ModelFileError, FileNotFoundError):
+    """``--weights`` names no model file; the message lists every place that was searched."""
+
+
+def model_search_dirs() -> list[Path]:
+    """Where named models are looked up, in order: ``$DUALGLOW_MODELS_DIR``, then the
+    ``models/`` folder of the source tree, then ``<prefix>/share/dualglow/models`` (installed)."""
+    import sys
+
+    folders = []
+    if os.environ.get(MODELS_DIR_ENV):
+        folders.append(Path(os.environ[MODELS_DIR_ENV]))
+    folders.append(Path(__file__).resolve().parents[1] / "models")
+    folders.append(Path(sys.prefix) / "share" / "dualglow" / "models")
+    return folders
+
+
+def resolve_weights(name_or_path: str | os.PathLike[str] | None = None) -> Path:
+    """The ``NAME.safetensors`` of a model given as a path (stem or either file) or a name.
+
+    A path is used as given; a bare name is looked up in :func:`model_search_dirs`. ``None``
+    means :data:`DEFAULT_MODEL`. Raises :class:`WeightsNotFoundError` naming where it looked.
+
+    >>> resolve_weights("/no/such/model")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    WeightsNotFoundError: model '/no/such/model' not found; looked for /no/such/model.safetensors; ...
+    """
+    given = str(name_or_path) if name_or_path is not None else DEFAULT_MODEL
+    candidates: list[Path] = []
+    is_path = os.sep in given or given.endswith(_SUFFIXES) or Path(given).exists()
+    if is_path:
+        candidates.append(model_paths(Path(given).expanduser())[0])
+    else:
+        candidates.extend(model_paths(folder / given)[0] for folder in model_search_dirs())
+    for tensors_path in candidates:
+        if tensors_path.is_file() or model_paths(tensors_path)[1].is_file():
+            return tensors_path
+    hint = (
+        "pass --weights PATH to a NAME.safetensors written by the group level"
+        if is_path
+        else f"put {given}.safetensors + {given}.json in ${MODELS_DIR_ENV} or pass --weights PATH"
+    )
+    looked = "; ".join(str(c) for c in candidates)
+    raise WeightsNotFoundError(f"model {given!r} not found; looked for {looked}; {hint}.")
+
+
 __all__ = [
+    "DEFAULT_MODEL",
     "FORMAT_VERSION",
+    "WeightsNotFoundError",
     "ModelFileError",
     "file_sha256",
     "load_model",
     "model_paths",
+    "model_search_dirs",
     "read_model_info",
+    "resolve_weights",
     "save_model",
 ]

@@ -41,3 +41,40 @@ def test_space_separated_labels_are_expanded() -> None:
         "--participant-label", "01", "--participant-label", "sub-02",
         "-w", "work", "--age-sweep", "60", "--age-sweep", "-5",
     ]
+
+
+def test_sigterm_unwinds_so_atomic_writes_clean_up(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    import pytest
+
+    from dualglow_app.cli import sigterm_as_exit
+    from dualglow_app.io import atomic_path
+
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(SystemExit) as exited, sigterm_as_exit(), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half a file")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert exited.value.code == 143
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_participant_option_errors_exit_2_before_any_work(tiny_bids: Callable[..., Path], tmp_path: Path) -> None:
+    root = tiny_bids()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(root), str(out), "participant", "--samples", "5"])
+    assert result.exit_code == 2
+    assert "--samples 5 at --temperature 0 gives 5 identical samples" in result.output
+    result = CliRunner().invoke(main, [str(root), str(out), "participant", "--weights", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert "looked for" in result.output and "none.safetensors" in result.output
+    assert not (out / "sub-01").exists()
+
+
+def test_participant_help_lists_the_options() -> None:
+    result = CliRunner().invoke(main, ["--help"])
+    for option in ("--weights", "--samples", "--temperature", "--seed", "--age-sweep", "--output-spaces",
+                   "--output-res", "--overwrite", "--device"):
+        assert option in result.output

@@ -1,0 +1,386 @@
+"""Participant level, end to end on a small cohort with a small trained model.
+
+Preprocessing (~30-60 s per T1w on 2 cores) runs once per session: the cohort, the work dir
+(whose cache every run shares) and the models are session-scoped, and ``main_run`` is the one
+full CLI run whose outputs several tests inspect.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
+
+from dualglow_app.bids import (
+    Scan,
+    sidecar_path,
+    validate_dataset,
+    validator_executable,
+    write_bidsignore,
+)
+from dualglow_app.cli import main
+from dualglow_app.grid import preset
+from dualglow_app.synthesize import (
+    ParticipantOptions,
+    ParticipantUsageError,
+    age_label,
+    draw,
+    load_synthesis_model,
+    planned_outputs,
+    run_participant,
+    scan_seed,
+)
+from dualglow_app.weights import WeightsNotFoundError, resolve_weights
+
+MNI = "MNI152NLin2009cAsym"
+GRID = preset("tiny8mm")
+needs_validator = pytest.mark.skipif(validator_executable() is None, reason="bids-validator-deno not installed")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def session_env(tmp_path_factory: pytest.TempPathFactory, template_cache: Path) -> Iterator[None]:
+    """The offline template settings of conftest's (function-scoped) autouse fixture, for the
+    session-scoped fixtures that preprocess."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DUALGLOW_TEMPLATEFLOW_OFFLINE", "1")
+        patch.setenv("DUALGLOW_TEMPLATE_CACHE", str(template_cache))
+        patch.setenv("TEMPLATEFLOW_HOME", str(tmp_path_factory.getbasetemp() / "empty-tf-home"))
+        patch.setenv("DUALGLOW_NO_PROGRESS", "1")
+        yield
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_cohort(tmp_path_factory.mktemp("participant") / "bids")
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("participant-work")
+
+
+@pytest.fixture(scope="session")
+def models(session_env: None, cohort: Path, work: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``age``: conditioned on age; ``plain``: no side information. Trained on the cohort's
+    preprocessed T1w, which also fills the shared preprocessing cache."""
+    import torch
+
+    from dualglow_app.preprocess import preprocess_t1w
+
+    torch.set_num_threads(2)
+    images = [
+        np.asarray(preprocess_t1w(cohort / f"sub-00{i}" / "anat" / f"sub-00{i}_T1w.nii.gz", GRID, work, 2).image.dataobj)
+        for i in (1, 2)
+    ]
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        "age": make_model(folder / "tiny-age", GRID, images, [65, 75], steps=8),
+        "plain": make_model(folder / "tiny-plain", GRID, images, [65, 75], steps=1, with_age=False),
+    }
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="session")
+def main_run(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """The full run: input validation, 4 scans, 3 samples, age sweep, MNI and native outputs."""
+    out = tmp_path_factory.mktemp("main-run") / "derivatives"
+    result = invoke(
+        cohort, out, "participant", "--weights", models["age"], "-w", work, "--nprocs", "2",
+        "--samples", "3", "--temperature", "0.7", "--seed", "7", "--age-sweep", "60", "80",
+        "--output-spaces", MNI, "T1w",
+    )
+    return out, result
+
+
+def data_of(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def tmp_leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if ".tmp" in p.name]
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_full_run_writes_valid_indexable_derivatives(main_run: tuple[Path, Result], cohort: Path) -> None:
+    out, result = main_run
+    assert result.exit_code == 0, result.output
+    assert "4 processed, 0 skipped" in result.output
+    scans = {
+        "sub-001": "sub-001/pet/sub-001",
+        "sub-003 ses-b": "sub-003/ses-b/pet/sub-003_ses-b",
+    }
+    for stem in scans.values():
+        for desc in ("synthetic", "sd", "age60", "age80"):
+            assert (out / f"{stem}_trc-FDG_space-{MNI}_res-2_desc-{desc}_pet.nii.gz").is_file()
+        for desc in ("synthetic", "sd"):
+            native = out / f"{stem}_trc-FDG_space-T1w_desc-{desc}_pet.nii.gz"
+            assert native.is_file()
+    # native outputs are on the subject's own T1w grid
+    raw = nib.load(cohort / "sub-001" / "anat" / "sub-001_T1w.nii.gz")
+    native = nib.load(out / "sub-001" / "pet" / "sub-001_trc-FDG_space-T1w_desc-synthetic_pet.nii.gz")
+    assert native.shape == raw.shape and np.allclose(native.affine, raw.affine, atol=1e-4)
+    mean_path = out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz"
+    assert data_of(mean_path).shape == (97, 115, 97)
+    assert data_of(mean_path).max() > 0.2  # SUVR, not the model's [0, 1] scale squashed to 0
+    assert not tmp_leftovers(out)
+    assert sorted(p.name for p in (out / "logs").iterdir())[0].startswith("participant-")
+
+
+def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Result], cohort: Path) -> None:
+    out, _ = main_run
+    meta = json.loads((out / "sub-003" / "ses-a" / "pet" / f"sub-003_ses-a_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
+    assert meta["Description"].startswith("SYNTHETIC")
+    assert "demonstration model trained on digital phantoms" in meta["Description"].lower()
+    assert meta["TracerName"] == "FDG" and meta["SkullStripped"] is True and meta["Units"] == "SUVR"
+    assert meta["Sources"] == ["bids:raw:sub-003/ses-a/anat/sub-003_ses-a_T1w.nii.gz"]
+    assert meta["Resolution"] == {"2": f"TemplateFlow res-02 grid of {MNI} (2 mm isotropic)"}
+    assert meta["ModelName"] == "tiny-age" and len(meta["ModelSHA256"]) == 64
+    assert (meta["Age"], meta["AgeSource"]) == (SESSION_AGES["a"], "bids:raw:sub-003/sub-003_sessions.tsv")
+    assert (meta["Seed"], meta["Samples"], meta["Temperature"], meta["DemonstrationModel"]) == (7, 3, 0.7, True)
+    assert "SoftwareVersion" in meta
+    sub01 = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
+    assert (sub01["Age"], sub01["AgeSource"]) == (participant_ages(cohort)["001"], "bids:raw:participants.tsv")
+    sweep = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
+    assert (sweep["Age"], sweep["AgeSource"]) == (80.0, "--age-sweep")
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "dualglow"
+    assert "raw" in description["DatasetLinks"]
+
+
+def test_age_sweep_table_and_report(main_run: tuple[Path, Result]) -> None:
+    out, _ = main_run
+    table = out / "sub-002" / "pet" / f"sub-002_trc-FDG_space-{MNI}_res-2_atlas-AAL2_desc-agesweep_stats.tsv"
+    lines = table.read_text().splitlines()
+    assert lines[0] == "age\tregion\tmean_suvr"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert {r[0] for r in rows} == {"60", "80"}
+    assert len(rows) == 2 * 121  # whole_brain + 120 AAL2 regions, per age
+    assert any(r[1] == "Precuneus_L" for r in rows)
+    report = (out / "sub-003.html").read_text()
+    assert "SYNTHETIC" in report and "Demonstration model trained on digital phantoms" in report
+    assert report.count("<img") == 4  # two sessions x (montage, age-sweep curve)
+    assert "Session a" in report and "Session b" in report
+
+
+@needs_validator
+def test_derivatives_pass_the_bids_validator_and_pybids_indexes_them(main_run: tuple[Path, Result], cohort: Path) -> None:
+    from bids import BIDSLayout
+
+    out, _ = main_run
+    result = validate_dataset(out)
+    assert result.errors == []
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    assert layout.get_subjects() == ["001", "002", "003"]
+    means = layout.get(desc="synthetic", suffix="pet", space=MNI, extension=".nii.gz")
+    assert len(means) == 4
+    assert {f.get_metadata()["Age"] for f in means} == {*participant_ages(cohort).values(), *SESSION_AGES.values()}
+
+
+def test_rerun_skips_and_overwrite_is_bit_identical(main_run: tuple[Path, Result], cohort: Path, work: Path, models: dict[str, Path]) -> None:
+    out, _ = main_run
+    outputs = sorted(p for p in out.rglob("sub-001/**/*") if p.is_file())
+    before = {p: (p.stat().st_mtime_ns, data_of(p).tobytes() if p.name.endswith(".nii.gz") else None) for p in outputs}
+    common = [cohort, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation",
+              "--samples", "3", "--temperature", "0.7", "--seed", "7", "--age-sweep", "60", "80",
+              "--output-spaces", MNI, "T1w", "--participant-label", "001"]
+    again = invoke(*common)
+    assert again.exit_code == 0 and "0 processed, 1 skipped" in again.output
+    assert all(p.stat().st_mtime_ns == before[p][0] for p in outputs)
+    redo = invoke(*common, "--overwrite")
+    assert redo.exit_code == 0 and "1 processed, 0 skipped" in redo.output
+    for path, (mtime, data) in before.items():
+        assert path.stat().st_mtime_ns != mtime
+        if data is not None:
+            assert data_of(path).tobytes() == data, f"{path.name} changed on a re-run with the same seed"
+
+
+def test_changed_settings_are_reported_not_silently_mixed(main_run: tuple[Path, Result], cohort: Path, work: Path, models: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    out, _ = main_run
+    options = ParticipantOptions(
+        cohort, out, weights=models["age"], work_dir=work, participant_labels=["001"], skip_bids_validation=True,
+        samples=3, temperature=0.7, seed=8, age_sweep=[60, 80], output_spaces=[MNI, "T1w"], report=False,
+    )
+    caplog.set_level("WARNING", logger="dualglow")
+    summary = run_participant(options)
+    assert [o.status for o in summary.outcomes] == ["skipped"]
+    assert "made with other Seed" in caplog.text and "--overwrite" in caplog.text
+
+
+# --------------------------------------------------------------------------- failure modes
+
+
+def test_one_failing_participant_does_not_stop_the_others(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    bids = tmp_path / "bids"
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-002", "sub-003", "derivatives"))
+    broken = bids / "sub-004" / "anat" / "sub-004_T1w.nii.gz"
+    broken.parent.mkdir(parents=True)
+    raw = (cohort / "sub-002" / "anat" / "sub-002_T1w.nii.gz").read_bytes()
+    broken.write_bytes(raw[: len(raw) // 3])  # a truncated download
+    with (bids / "participants.tsv").open("a") as handle:
+        handle.write("sub-004\t70\tF\tCN\tCN\n")
+    out = tmp_path / "out"
+    result = invoke(bids, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation")
+    assert result.exit_code == 1
+    assert "1 processed, 0 skipped (outputs exist), 1 failed" in result.output
+    assert "FAILED sub-004" in result.output and "sub-004_T1w.nii.gz" in result.output
+    assert (out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.nii.gz").is_file()
+    assert not (out / "sub-004").exists()
+    assert (out / "sub-001.html").is_file()
+
+
+def test_missing_age_fails_that_subject_naming_the_file(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    bids = tmp_path / "bids"
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-001", "sub-003", "derivatives"))
+    (bids / "participants.tsv").write_text("participant_id\tage\tsex\nsub-002\tn/a\tF\n")
+    out = tmp_path / "out"
+    common = [bids, out, "participant", "--weights", models["age"], "-w", work, "--skip-bids-validation"]
+    result = invoke(*common)
+    assert result.exit_code == 1
+    assert "no age for sub-002" in result.output and f"{bids}/participants.tsv" in result.output
+    assert "--age YEARS" in result.output
+    fixed = invoke(*common, "--age", "68")
+    assert fixed.exit_code == 0, fixed.output
+    meta = json.loads(sidecar_path(next((out / "sub-002" / "pet").glob("*desc-synthetic_pet.nii.gz"))).read_text())
+    assert (meta["Age"], meta["AgeSource"]) == (68.0, "--age")
+
+
+def test_a_model_without_age_needs_none(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path) -> None:
+    bids = tmp_path / "bids"
+    shutil.copytree(cohort, bids, ignore=shutil.ignore_patterns("sub-001", "sub-003", "derivatives"))
+    (bids / "participants.tsv").write_text("participant_id\tsex\nsub-002\tF\n")
+    result = invoke(bids, tmp_path / "out", "participant", "--weights", models["plain"], "-w", work,
+                    "--skip-bids-validation", "--output-res", "4")
+    assert result.exit_code == 0, result.output
+    meta = json.loads(next((tmp_path / "out" / "sub-002" / "pet").glob("*desc-synthetic_pet.json")).read_text())
+    assert "Age" not in meta and "conditional mode" in meta["Description"]
+    sweep = invoke(bids, tmp_path / "out2", "participant", "--weights", models["plain"], "-w", work,
+                   "--skip-bids-validation", "--age-sweep", "60", "70")
+    assert sweep.exit_code == 2 and "not conditioned on age" in sweep.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--participant-label", "001", "099"], "no participant(s) sub-099"),
+        (["--weights", "no-such-model"], "looked for"),
+        (["--samples", "3"], "identical samples"),
+        (["--session-label", "zz"], "no T1w in session(s) zz"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    weights = [] if "--weights" in args else ["--weights", str(models["age"])]
+    result = invoke(cohort, tmp_path / "out", "participant", "-w", work, *weights, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out" / "sub-001").exists()
+
+
+def test_output_dir_equal_to_bids_dir_exits_2(cohort: Path) -> None:
+    result = invoke(cohort, cohort, "participant")
+    assert result.exit_code == 2 and "OUTPUT_DIR" in result.output
+
+
+def test_interrupted_write_leaves_no_partial_file(session_env: None, cohort: Path, work: Path, models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    options = ParticipantOptions(cohort, out, weights=models["age"], work_dir=work, participant_labels=["002"],
+                                 skip_bids_validation=True, samples=2, temperature=0.5)
+    real_save = nib.save
+    calls = {"n": 0}
+
+    def save_then_interrupt(image: nib.Nifti1Image, filename: str) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the synthetic mean: half written, then Ctrl-C
+            Path(filename).write_bytes(gzip.compress(b"\0" * 100)[:20])
+            raise KeyboardInterrupt
+        real_save(image, filename)
+
+    monkeypatch.setattr(nib, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_participant(options)
+    scan = Scan("002", None, cohort / "sub-002" / "anat" / "sub-002_T1w.nii.gz")
+    planned = planned_outputs(scan, options)
+    assert planned["t1w"].is_file() and not planned["mean"].exists()
+    assert not tmp_leftovers(out)
+    monkeypatch.setattr(nib, "save", real_save)
+    summary = run_participant(options)
+    assert [o.status for o in summary.outcomes] == ["processed"]
+    assert all(p.is_file() for p in planned.values())
+    data_of(planned["mean"])  # readable
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_draw_is_reproducible_and_seed_dependent(session_env: None, models: dict[str, Path]) -> None:
+    model = load_synthesis_model(models["age"], "cpu")
+    rng = np.random.default_rng(0)
+    t1 = (rng.random(GRID.shape) * 0.8).astype(np.float32)
+    mask = np.ones(GRID.shape, bool)
+    first = draw(model, t1, mask, 70.0, 3, 0.7, seed=5)
+    again = draw(model, t1, mask, 70.0, 3, 0.7, seed=5)
+    other = draw(model, t1, mask, 70.0, 3, 0.7, seed=6)
+    assert first[0].tobytes() == again[0].tobytes() and first[1] is not None
+    assert not np.array_equal(first[0], other[0])
+    mode, sd = draw(model, t1, mask, 70.0, 1, 0.0, seed=5)
+    assert sd is None and np.array_equal(mode, draw(model, t1, mask, 70.0, 1, 0.0, seed=9)[0])
+    older = draw(model, t1, mask, 90.0, 1, 0.0, seed=5)[0]
+    assert not np.array_equal(mode, older)  # the age reaches the output
+
+
+def test_scan_seed_is_stable_and_distinct() -> None:
+    assert scan_seed(0, "01", None) == scan_seed(0, "01", None)
+    seeds = {scan_seed(0, "01", None), scan_seed(0, "02", None), scan_seed(0, "01", "a"), scan_seed(1, "01", None)}
+    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_age_labels_are_bids_safe() -> None:
+    assert age_label(60) == "age60" and age_label(72.5) == "age72p5"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"samples": 4, "temperature": 0.0}, "identical samples"),
+        ({"temperature": -1.0}, "--temperature"),
+        ({"output_spaces": ["fsaverage"]}, "--output-spaces fsaverage"),
+        ({"age_sweep": [60, 500]}, "age 500"),
+        ({"device": "tpu"}, "--device tpu"),
+    ],
+)
+def test_options_refuse_impossible_settings(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ParticipantUsageError, match=message):
+        ParticipantOptions("bids", "out", **kwargs)  # type: ignore[arg-type]
+
+
+def test_resolve_weights_looks_in_the_models_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(WeightsNotFoundError, match=r"looked for .*mine\.safetensors.*DUALGLOW_MODELS_DIR"):
+        resolve_weights("mine")
+    (tmp_path / "mine.safetensors").write_bytes(b"")
+    (tmp_path / "mine.json").write_text("{}")
+    monkeypatch.setenv("DUALGLOW_MODELS_DIR", str(tmp_path))
+    assert resolve_weights("mine") == tmp_path / "mine.safetensors"
+    assert resolve_weights(tmp_path / "mine.json") == tmp_path / "mine.safetensors"
+
+
+def test_bidsignore_keeps_other_tools_patterns(tmp_path: Path) -> None:
+    (tmp_path / ".bidsignore").write_text("extra/\n")
+    write_bidsignore(tmp_path, ["*.html", "extra/"])
+    write_bidsignore(tmp_path, ["*.html"])
+    assert (tmp_path / ".bidsignore").read_text() == "extra/\n*.html\n"
