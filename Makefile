@@ -3,12 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: test test-all lint clean-venv
+.PHONY: demo test test-all lint clean-venv
 
 $(BIN)/.installed: pyproject.toml docker/install.sh
 	$(PYTHON) -m venv $(VENV)
 	bash docker/install.sh $(BIN)/python "[test]"
 	touch $@
+
+# A 3-subject phantom dataset (seed 7: subjects the shipped model never saw), then the
+# participant level with the shipped default model: 4 samples (mean + uncertainty map) and an
+# age sweep. Reports: demo/out/sub-*.html
+demo: $(BIN)/.installed
+	rm -rf demo
+	$(BIN)/dualglow-phantom demo/bids --subjects 3 --seed 7
+	DUALGLOW_NO_PROGRESS=1 $(BIN)/dualglow demo/bids demo/out participant -w demo/work \
+		--samples 4 --temperature 0.7 --age-sweep 60 70 80 90
+	@echo "reports: $$(ls demo/out/sub-*.html | tr '\n' ' ')"
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

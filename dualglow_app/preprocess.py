@@ -690,11 +690,3 @@ def native_to_grid(
     return nib.Nifti1Image(warped.numpy().astype(np.float32), t1w.grid.affine, header)
 
 
-def save_nifti(image: nib.Nifti1Image, path: str | os.PathLike[str]) -> Path:
-    """Write ``image`` via a temporary name and rename it, so no half-written file is left."""
-    from dualglow_app.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        nib.save(image, tmp)
-        os.chmod(tmp, 0o644)
-    return Path(path)

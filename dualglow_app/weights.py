@@ -64,12 +64,10 @@ def model_paths(path_or_stem: str | os.PathLike[str]) -> tuple[Path, Path]:
 
 def _write_atomically(path: Path, write: Any) -> None:
     """Write via ``write(tmp_path)`` then rename, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    from dualglow_app.io import atomic_path
+
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(
@@ -182,7 +180,7 @@ def load_model(
     return model, info
 
 
-DEFAULT_MODEL = "dualglow-default"
+DEFAULT_MODEL = "dualglow-phantom-demo"
 MODELS_DIR_ENV = "DUALGLOW_MODELS_DIR"
 
 

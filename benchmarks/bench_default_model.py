@@ -1,0 +1,82 @@
+"""Held-out figures of a trained model for its model card: DUAL-GLOW vs the mean training PET.
+
+The reference "mean training PET in MNI space" ignores the MRI; a model that uses the MRI
+must beat it. Both are scored with dualglow_app.metrics (SUVR, inside the brain mask).
+
+    python benchmarks/bench_default_model.py BIDS_DIR --weights models/NAME.safetensors \
+        --train 001-048 --test 049-053 -w WORK_DIR [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualglow_app.data import IntensityScaling
+from dualglow_app.evaluate import _dualglow_predict
+from dualglow_app.grid import PRESETS, ModelGrid
+from dualglow_app.log import setup_logging
+from dualglow_app.metrics import image_metrics
+from dualglow_app.train import TrainOptions, prepare_dataset
+from dualglow_app.weights import load_model
+
+
+def labels(span: str) -> list[str]:
+    first, last = span.split("-")
+    width = len(first)
+    return [f"{i:0{width}d}" for i in range(int(first), int(last) + 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--train", required=True, help="training subject range, e.g. 001-048")
+    parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-053")
+    parser.add_argument("-w", "--work-dir", type=Path, required=True)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    setup_logging(-1)
+    torch.set_num_threads(2)
+
+    model, info = load_model(args.weights)
+    grid = ModelGrid.from_dict(info["metadata"]["grid"])
+    scaling = IntensityScaling.from_dict(info["metadata"]["intensity"])
+    assert scaling == IntensityScaling(), "the prediction helper assumes the default scaling"
+
+    preset = next(name for name, g in PRESETS.items() if g == grid)
+
+    def data(subjects: list[str]):  # type: ignore[no-untyped-def]
+        options = TrainOptions(args.bids_dir, args.work_dir / "unused-out", work_dir=args.work_dir,
+                               participant_labels=subjects, skip_bids_validation=True,
+                               grid=preset, side_info=["age"])
+        return prepare_dataset(options)
+
+    train, test = data(labels(args.train)), data(labels(args.test))
+    mean_pet = np.asarray(train.pet).mean(axis=0)
+    synthetic = _dualglow_predict(model, np.asarray(test.mri), np.asarray(test.age), torch.device("cpu"))
+    rows = []
+    for i, label in enumerate(test.labels):
+        mask = np.asarray(test.mask[i]) > 0
+        for method, prediction in (("DUAL-GLOW (T=0)", synthetic[i]), ("mean training PET", mean_pet)):
+            scores = image_metrics(np.asarray(test.pet[i]), prediction, mask)
+            rows.append({"subject": label, "method": method, **scores})
+    methods = ["DUAL-GLOW (T=0)", "mean training PET"]
+    summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m]))
+                   for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")} for m in methods}
+    print(f"held-out subjects: {', '.join(test.labels)} (trained on {len(train)} scans)")
+    print(f"{'method':<22}{'MAE (SUVR)':>12}{'r':>8}{'PSNR (dB)':>11}{'SSIM':>8}")
+    for method in methods:
+        s = summary[method]
+        print(f"{method:<22}{s['mae_suvr']:>12.4f}{s['pearson_r']:>8.3f}{s['psnr_db']:>11.2f}{s['ssim']:>8.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels,
+                                         "summary": summary, "rows": rows}, indent=1, default=float))
+
+
+if __name__ == "__main__":
+    main()
