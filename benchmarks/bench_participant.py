@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--age-sweep", type=float, nargs="*", default=[])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results_participant.json"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/participant.json"))
     args = parser.parse_args()
     setup_logging(-1)
     os.environ.setdefault("DUALGLOW_NO_PROGRESS", "1")

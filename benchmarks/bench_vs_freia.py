@@ -37,6 +37,7 @@ from perfkit import BATCH, DEPTH, GRID, HIDDEN, LEVELS
 from torch import Tensor, nn
 
 from dualglow_app.model.flows import Glow, Squeeze, conv, zero_conv
+from dualglow_app.model.memory import saved_tensor_bytes
 
 
 class FreiaSqueeze3d(FreiaModule):
@@ -104,19 +105,6 @@ def nll(latents: list[Tensor] | tuple[Tensor, ...], logdet: Tensor) -> Tensor:
     return (0.5 * sum(z.square().flatten(1).sum(1) for z in latents) - logdet).mean()
 
 
-def saved_mib(run: Callable[[], Tensor], params: set[int]) -> float:
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = run()
-    del loss
-    return sum(storages.values()) / 2**20
 
 
 def main() -> None:
@@ -163,7 +151,7 @@ def main() -> None:
     memory = {}
     for name, (model, run) in models.items():
         perfkit.train_step(run, optimizers[name], device)  # warm-up, ActNorm init
-        memory[name] = saved_mib(run, {p.untyped_storage().data_ptr() for p in model.parameters()})
+        memory[name] = saved_tensor_bytes(run, model.parameters()) / 2**20
 
     times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)

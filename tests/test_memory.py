@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig, memory
 from dualglow_app.model.flows import Glow, GlowLevel, InvConv
+from dualglow_app.model.memory import saved_tensor_bytes
 
 
 def perturb(module: nn.Module, scale: float = 0.05, seed: int = 0) -> None:
@@ -119,19 +120,7 @@ def test_glow_input_and_logdet_gradients_match(ndim: int) -> None:
 
 def saved_bytes(flow: Glow, x: Tensor) -> int:
     """Bytes of distinct tensors autograd keeps for backward (parameters excluded)."""
-    params = {p.data_ptr() for p in flow.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        zs, logdet = flow(x)
-    del zs, logdet
-    return sum(storages.values())
+    return saved_tensor_bytes(lambda: flow(x), flow.parameters())
 
 
 def test_saved_memory_does_not_grow_with_depth() -> None:

@@ -33,7 +33,7 @@ compares the reconstructed input with it; above ``tolerance`` (relative L2) it w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -320,3 +320,24 @@ __all__ = [
     "invertible_checkpoint",
     "memory_saving_pays",
 ]
+
+
+def saved_tensor_bytes(run: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``run()`` executes.
+
+    Tensors in ``exclude`` (typically the parameters, which exist anyway) are not counted.
+    The memory tests and benchmarks use it to show what memory saving removes.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    del result
+    return sum(storages.values())
