@@ -13,6 +13,9 @@ as DUAL-GLOW in the evaluation; nothing is tuned per fold.
 - ``cvae``: a conditional VAE: an encoder of (MRI, PET) -> z (``latent`` dims), a U-Net decoder
   of the MRI with z broadcast at its bottleneck; L1 reconstruction + KL. Prediction uses the
   prior mean z = 0.
+- ``meanpet``: not from the paper, a reference that ignores the MRI: every prediction is the
+  voxel-wise mean training PET on the model grid. A translator that does not beat it has not
+  learned anything from the MRI.
 
 Example:
     >>> model = make_baseline("unet", BaselineOptions(epochs=1, width=4))
@@ -319,11 +322,33 @@ class CVAE(Baseline):
         return self.decoder(mri, z)
 
 
-BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (UNetL1, Pix2Pix, CGAN, CVAE)}
+class MeanPET(Baseline):
+    """The mean training PET for every MRI: the reference a model of the MRI has to beat."""
+
+    name = "meanpet"
+
+    def _build(self) -> None:
+        self.mean: np.ndarray | None = None
+
+    def fit(self, mri: np.ndarray, pet: np.ndarray) -> list[float]:
+        if mri.shape != pet.shape or mri.ndim != 4:
+            raise ValueError(f"{self.name}.fit: mri {mri.shape} and pet {pet.shape} must both be (N, X, Y, Z)")
+        start = time.perf_counter()
+        self.mean = np.asarray(pet, dtype=np.float64).mean(0).astype(np.float32)
+        self.fit_seconds = time.perf_counter() - start
+        return [float(np.abs(pet - self.mean).mean())]  # its training L1, one "epoch"
+
+    def predict(self, mri: np.ndarray) -> np.ndarray:
+        if self.mean is None:
+            raise RuntimeError("meanpet.predict before fit")
+        return np.broadcast_to(self.mean, mri.shape).copy()
+
+
+BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (UNetL1, Pix2Pix, CGAN, CVAE, MeanPET)}
 
 
 def make_baseline(name: str, options: BaselineOptions | None = None) -> Baseline:
-    """A fresh, seeded baseline by name (``unet``, ``pix2pix``, ``cgan``, ``cvae``)."""
+    """A fresh, seeded baseline by name (``unet``, ``pix2pix``, ``cgan``, ``cvae``, ``meanpet``)."""
     try:
         cls = BASELINES[name]
     except KeyError:
@@ -331,4 +356,4 @@ def make_baseline(name: str, options: BaselineOptions | None = None) -> Baseline
     return cls(options)
 
 
-__all__ = ["BASELINES", "Baseline", "BaselineOptions", "CGAN", "CVAE", "Pix2Pix", "UNetL1", "make_baseline"]
+__all__ = ["BASELINES", "Baseline", "BaselineOptions", "CGAN", "CVAE", "MeanPET", "Pix2Pix", "UNetL1", "make_baseline"]

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 DUALGLOW = "dualglow"
-BASELINE_NAMES = ("unet", "pix2pix", "cgan", "cvae")
+BASELINE_NAMES = ("unet", "pix2pix", "cgan", "cvae", "meanpet")
 IMPAIRED = ("MCI", "LMCI", "AD")
 NOT_IMPAIRED = ("CN", "SMC", "EMCI")
 SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)

@@ -115,6 +115,9 @@ class TrainOptions:
     skip_bids_validation: bool = False
     mri_input: bool = True
     report: bool = True
+    # Centre both images on the mean training image (DualGlowConfig.template_shape): the
+    # model starts from the population mean PET and learns departures from it.
+    template_centring: bool = True
     # Invertible backprop (dualglow_app.model.memory): "auto" turns it on for deep flows
     # (depth >= 16), where stored activations dominate memory; "on"/"off" force it.
     memory_saving: str = "auto"
@@ -440,7 +443,23 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         hidden=options.hidden,
         relation_hidden=options.relation_hidden,
         continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
+        template_shape=list(grid.shape) if options.template_centring else None,
     )
+
+
+def mean_images(
+    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, options: TrainOptions
+) -> tuple[Any, Any]:
+    """Voxel-wise means of the model-scale MRI and PET over ``rows``: the centring templates."""
+    import torch
+
+    sums = None
+    for first in range(0, len(rows), 8):
+        mri, pet, _ = _batch(data, rows[first : first + 8], scaling, options, torch.device("cpu"))
+        batch_sums = (mri.double().sum(0), pet.double().sum(0))
+        sums = batch_sums if sums is None else (sums[0] + batch_sums[0], sums[1] + batch_sums[1])
+    assert sums is not None, "mean_images needs at least one row"
+    return (sums[0] / len(rows)).float(), (sums[1] / len(rows)).float()
 
 
 def _batch(
@@ -592,7 +611,11 @@ def _train_loop(
                  ", ".join(val_labels) or "no validation")  # fmt: skip
     config = build_config(options, grid)
     torch.manual_seed(options.seed)  # same initial weights on every rank
-    model = DualGlow(config).to(device)
+    model = DualGlow(config)
+    if config.template_shape is not None:
+        # Every rank sees the same training rows, so every rank sets the same templates.
+        model.set_templates(*mean_images(data, train_rows, scaling, options))
+    model = model.to(device)
     model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
     log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
     optimizer = torch.optim.Adamax(model.parameters(), lr=options.lr)

@@ -55,6 +55,15 @@ def test_supervised_baselines_learn_the_mapping(name: str) -> None:
     assert error < constant
 
 
+def test_meanpet_reference_ignores_the_mri() -> None:
+    mri, pet = pairs(n=5)
+    model = make_baseline("meanpet")
+    model.fit(mri, pet)
+    out = model.predict(np.random.default_rng(1).random((2, 8, 8, 8), dtype=np.float32))
+    np.testing.assert_allclose(out[0], pet.mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(out[0], out[1])
+
+
 def test_bad_names_and_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match="choose from"):
         make_baseline("resnet")

@@ -153,6 +153,61 @@ def test_fit_toy_pairs_lowers_conditional_bpd_and_mode_beats_mean() -> None:
     assert mse_mode < 0.5 * mse_mean, (mse_mode, mse_mean)
 
 
+# -- template centring ----------------------------------------------------------------------
+
+
+def test_fresh_centred_model_predicts_the_template_pet() -> None:
+    """With zero-initialised couplings and relation nets, a new flow is linear and its ActNorm
+    init maps the data mean to 0: the T = 0 mode of a centred model is the mean training PET."""
+    torch.manual_seed(0)
+    mri, pet = images(batch=16)
+    pet = 0.3 + 0.4 * pet  # off-centre, so 0.5-centring could not pass by accident
+    model = DualGlow(tiny_config(template_shape=[8, 8]))
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.train()
+    model.nll(mri, pet)
+    mode = model.sample(mri[:2], temperature=0.0)[0]
+    expected = pet.mean(0, keepdim=True).expand_as(mode)
+    assert torch.allclose(mode, expected, atol=0.02), (mode - expected).abs().max()
+    plain = DualGlow(tiny_config())
+    plain.train()
+    plain.nll(mri, pet)
+    assert (plain.sample(mri[:2], temperature=0.0)[0] - expected).abs().max() > 0.05
+
+
+def test_centring_is_a_shift_so_the_likelihood_only_moves_by_the_template() -> None:
+    """Centring on templates is the same as feeding (x - template + 0.5) to an uncentred model."""
+    torch.manual_seed(0)
+    mri, pet = images()
+    t_mri, t_pet = torch.rand(1, 8, 8) * 0.5, torch.rand(1, 8, 8) * 0.5 + 0.25
+    centred = DualGlow(tiny_config(template_shape=[8, 8]))
+    centred.set_templates(t_mri, t_pet)
+    centred = trained_like(centred, mri, pet)
+    plain = DualGlow(tiny_config())
+    missing, unexpected = plain.load_state_dict(centred.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"mri_template", "pet_template"}
+    plain.eval()
+    a = centred.nll(mri, pet)
+    b = plain.nll(mri - t_mri + 0.5, pet - t_pet + 0.5)
+    assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-5)
+    mode = centred.sample(mri, temperature=0.0)[0]
+    shifted = plain.sample(mri - t_mri + 0.5, temperature=0.0)[0] + t_pet - 0.5
+    assert torch.allclose(mode, shifted, atol=1e-5)
+
+
+def test_centring_errors_name_the_shape() -> None:
+    model = DualGlow(tiny_config(template_shape=[8, 8]))
+    mri, pet = images(size=16)
+    with pytest.raises(ValueError, match=r"templates of size \(8, 8\)"):
+        model.nll(mri, pet)
+    with pytest.raises(ValueError, match="expected \\(1, 8, 8\\)"):
+        model.set_templates(torch.zeros(1, 4, 4), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="no templates"):
+        DualGlow(tiny_config()).set_templates(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="template_shape"):
+        tiny_config(template_shape=[8, 8, 8])
+
+
 # -- sampling ------------------------------------------------------------------------------
 
 

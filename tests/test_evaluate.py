@@ -142,7 +142,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateOptions,
 
 def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     options, cohort, result, _ = tiny_run
-    methods = [DUALGLOW, "unet", "pix2pix", "cgan", "cvae"]
+    methods = [DUALGLOW, "unet", "pix2pix", "cgan", "cvae", "meanpet"]
     with open(options.output_dir / "metrics.tsv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t"))
     assert len(rows) == 6 * len(methods)

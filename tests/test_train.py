@@ -24,6 +24,7 @@ import torch
 from synthetic_pairs import ddp_worker, paired_volumes, tiny_options
 
 from dualglow_app import preprocess
+from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import preset
 from dualglow_app.train import (
     TrainingError,
@@ -113,6 +114,12 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     assert model.is_initialized
     for name, tensor in result.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
+    # Template centring (default): the templates are the training scans' mean images.
+    assert info["config"]["template_shape"] == [16, 16, 16]
+    data = paired_volumes(6)
+    train_rows = [data.labels.index(label) for label in meta["training"]["subjects"]]
+    expected_pet = IntensityScaling().pet_to_model(np.asarray(data.pet)[train_rows]).mean(0)
+    assert np.allclose(model.pet_template[0, 0].numpy(), expected_pet, atol=1e-5)
 
     rows = result.metrics_path.read_text().splitlines()
     assert rows[0].startswith("epoch\tstep") and len(rows) == 1 + 3

@@ -8,6 +8,13 @@ pushed out of the lower MRI latents through a gradient-reversal layer (the code 
 Intensities: both images are expected scaled to [0, 1] (callers normalise); a value is one of
 ``n_bins`` intensity bins, and the likelihood is that of the dequantised image (uniform noise
 of one bin width), reported in bits per voxel.
+
+Template centring (our addition, off unless ``DualGlowConfig.template_shape`` is set): each
+modality enters its flow minus a per-voxel template, the mean training image, instead of
+minus the constant 0.5. A shift has unit Jacobian, so the likelihood is unchanged in meaning;
+what changes is the starting point: a new model's conditional mode is the population mean
+PET, and training spends its capacity on how each subject departs from it, which is where the
+MRI carries information. The group level turns it on (``--template-centring``).
 """
 
 from __future__ import annotations
@@ -65,8 +72,13 @@ class DualGlowConfig:
     continuous: dict[str, tuple[float, float]] = field(default_factory=dict)
     categorical: dict[str, int] = field(default_factory=dict)
     side_loss_weight: float = 0.01
+    # Spatial size of the per-voxel templates the images are centred on (see the module
+    # docstring); None centres on 0.5 as in the paper.
+    template_shape: list[int] | None = None
 
     def __post_init__(self) -> None:
+        if self.template_shape is not None:
+            self.template_shape = [int(n) for n in self.template_shape]
         self.continuous = {k: (float(v[0]), float(v[1])) for k, v in self.continuous.items()}
         self.categorical = {k: int(v) for k, v in self.categorical.items()}
         problems = []
@@ -83,6 +95,10 @@ class DualGlowConfig:
         for name, k in self.categorical.items():
             if k < 2:
                 problems.append(f"categorical[{name!r}]={k} classes (must be >= 2)")
+        if self.template_shape is not None and (
+            len(self.template_shape) != self.ndim or min(self.template_shape) < 1
+        ):
+            problems.append(f"template_shape={self.template_shape} (one positive size per axis, ndim={self.ndim})")
         overlap = set(self.continuous) & set(self.categorical)
         if overlap:
             problems.append(f"covariates {sorted(overlap)} are both continuous and categorical")
@@ -233,6 +249,42 @@ class DualGlow(nn.Module):
             self.side_remove = nn.ModuleList(
                 SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in channels[:top]
             )
+        if cfg.template_shape is not None:
+            shape = (1, cfg.in_channels, *cfg.template_shape)
+            # Buffers: saved with the weights, moved with .to(), never trained.
+            self.register_buffer("mri_template", torch.full(shape, 0.5))
+            self.register_buffer("pet_template", torch.full(shape, 0.5))
+
+    @torch.no_grad()
+    def set_templates(self, mri: Tensor, pet: Tensor) -> None:
+        """Set the centring templates (mean training images on the [0, 1] scale), each
+        shaped ``(in_channels, *template_shape)`` or with a leading 1; before training.
+
+        Example:
+            >>> model = DualGlow(DualGlowConfig(ndim=3, levels=1, depth=1, hidden=8, template_shape=[4, 4, 4]))
+            >>> model.set_templates(torch.full((1, 4, 4, 4), 0.2), torch.full((1, 4, 4, 4), 0.6))
+            >>> round(float(model.pet_template.mean()), 3)
+            0.6
+        """
+        if self.config.template_shape is None:
+            raise ValueError(
+                "this model has no templates; build it with DualGlowConfig(template_shape=[...]) to centre on them."
+            )
+        for name, value in (("mri_template", mri), ("pet_template", pet)):
+            target = getattr(self, name)
+            value = torch.as_tensor(value, dtype=target.dtype, device=target.device)
+            if value.numel() != target.numel():
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}; expected {tuple(target.shape[1:])} "
+                    "(the mean training image on the model grid)."
+                )
+            target.copy_(value.reshape(target.shape))
+
+    def _center(self, x: Tensor, modality: str) -> Tensor | float:
+        """What an image is centred on before its flow: its template, or 0.5."""
+        if self.config.template_shape is None:
+            return 0.5
+        return getattr(self, f"{modality}_template").to(x.dtype)
 
     @property
     def memory_saving(self) -> bool:
@@ -277,6 +329,11 @@ class DualGlow(nn.Module):
             )
         factor = 2**cfg.levels
         spatial = tuple(x.shape[2:])
+        if cfg.template_shape is not None and list(spatial) != cfg.template_shape:
+            raise ValueError(
+                f"{name} has spatial size {spatial}; this model is centred on templates of size "
+                f"{tuple(cfg.template_shape)}: resample the image onto the model's grid."
+            )
         if any(s % factor for s in spatial):
             fixed = tuple(max(factor, round(s / factor) * factor) for s in spatial)
             raise ValueError(
@@ -340,13 +397,14 @@ class DualGlow(nn.Module):
 
     # -- likelihood ------------------------------------------------------------------------
 
-    def _dequantize(self, x: Tensor, noise: bool) -> Tensor:
-        """[0, 1] intensities -> continuous values centred on 0, plus up to one bin of noise."""
+    def _dequantize(self, x: Tensor, noise: bool, modality: str) -> Tensor:
+        """[0, 1] intensities -> continuous values centred on 0 (or on the template), plus up
+        to one bin of noise."""
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return x + u / self.config.n_bins - 0.5
+        return x + u / self.config.n_bins - self._center(x, modality)
 
-    def _quantize_back(self, y: Tensor) -> Tensor:
-        return y + 0.5 - 0.5 / self.config.n_bins
+    def _quantize_back(self, y: Tensor, modality: str) -> Tensor:
+        return y + self._center(y, modality) - 0.5 / self.config.n_bins
 
     def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         if c is not None and i == len(self.relations) - 1:
@@ -386,8 +444,8 @@ class DualGlow(nn.Module):
         encoded = self._encode_side(side, batch, x_mri)
         c = encoded[0] if encoded is not None else None
 
-        zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training))
-        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training))
+        zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training, "mri"))
+        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet"))
 
         # log p(zm) under the standard normal prior of the MRI flow.
         log_p_zm = sum(gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) for z in zm)
@@ -463,7 +521,7 @@ class DualGlow(nn.Module):
             )
         encoded = self._encode_side(side, x_mri.shape[0], x_mri)
         c = encoded[0] if encoded is not None else None
-        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False))
+        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
         priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
         # One sample at a time: a full-size 3D inverse pass per sample bounds peak memory.
         samples = []
@@ -477,7 +535,7 @@ class DualGlow(nn.Module):
                         mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
                     )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
-            samples.append(self._quantize_back(self.flow_pet.inverse(zp)))
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet"))
         return torch.stack(samples)
 
 
