@@ -4,7 +4,10 @@ The reference "mean training PET in MNI space" ignores the MRI; a model that use
 must beat it. Both are scored with dualglow_app.metrics (SUVR, inside the brain mask).
 
     python benchmarks/bench_default_model.py BIDS_DIR --weights models/NAME.safetensors \
-        --train 001-048 --test 049-053 -w WORK_DIR [--json out.json]
+        --train 001-048 --test 049-060 -w WORK_DIR [--json out.json]
+
+Prints the mean of each metric per method and on how many held-out scans DUAL-GLOW is the
+better of the two (paired, with the two-sided Wilcoxon signed-rank p-value from SciPy).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import wilcoxon
 
 from dualglow_app.data import IntensityScaling
-from dualglow_app.evaluate import _dualglow_predict
+from dualglow_app.evaluate import dualglow_predict
 from dualglow_app.grid import PRESETS, ModelGrid
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import image_metrics
@@ -39,9 +43,10 @@ def main() -> None:
     parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-053")
     parser.add_argument("-w", "--work-dir", type=Path, required=True)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     setup_logging(-1)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model, info = load_model(args.weights)
     grid = ModelGrid.from_dict(info["metadata"]["grid"])
@@ -58,7 +63,7 @@ def main() -> None:
 
     train, test = data(labels(args.train)), data(labels(args.test))
     mean_pet = np.asarray(train.pet).mean(axis=0)
-    synthetic = _dualglow_predict(model, np.asarray(test.mri), np.asarray(test.age), torch.device("cpu"))
+    synthetic = dualglow_predict(model, np.asarray(test.mri), np.asarray(test.age), torch.device("cpu"))
     rows = []
     for i, label in enumerate(test.labels):
         mask = np.asarray(test.mask[i]) > 0
@@ -68,14 +73,23 @@ def main() -> None:
     methods = ["DUAL-GLOW (T=0)", "mean training PET"]
     summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m]))
                    for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")} for m in methods}
+    paired = {}
+    for key in ("mae_suvr", "pearson_r", "psnr_db", "ssim"):
+        ours, ref = (np.array([r[key] for r in rows if r["method"] == m]) for m in methods)
+        better = ours < ref if key == "mae_suvr" else ours > ref
+        paired[key] = {"dualglow_better": int(better.sum()), "n": len(ours),
+                       "wilcoxon_p": float(wilcoxon(ours, ref).pvalue)}  # fmt: skip
     print(f"held-out subjects: {', '.join(test.labels)} (trained on {len(train)} scans)")
     print(f"{'method':<22}{'MAE (SUVR)':>12}{'r':>8}{'PSNR (dB)':>11}{'SSIM':>8}")
     for method in methods:
         s = summary[method]
         print(f"{method:<22}{s['mae_suvr']:>12.4f}{s['pearson_r']:>8.3f}{s['psnr_db']:>11.2f}{s['ssim']:>8.3f}")
+    wins = [f"{paired[k]['dualglow_better']}/{paired[k]['n']} (p {paired[k]['wilcoxon_p']:.2g})"
+            for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")]  # fmt: skip
+    print(f"{'DUAL-GLOW better on':<22}{wins[0]:>12}  {wins[1]}  {wins[2]}  {wins[3]}")
     if args.json:
-        args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels,
-                                         "summary": summary, "rows": rows}, indent=1, default=float))
+        args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels, "summary": summary,
+                                         "paired": paired, "rows": rows}, indent=1, default=float))  # fmt: skip
 
 
 if __name__ == "__main__":

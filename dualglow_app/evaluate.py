@@ -316,7 +316,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
     return train(train_options, data=_subset(cohort.data, train_rows)).model
 
 
-def _dualglow_predict(model: Any, mri: np.ndarray, ages: np.ndarray | None, device: Any) -> np.ndarray:
+def dualglow_predict(model: Any, mri: np.ndarray, ages: np.ndarray | None, device: Any) -> np.ndarray:
     """Conditional mode (T = 0) in SUVR for each (MRI, age)."""
     import torch
 
@@ -345,12 +345,12 @@ def _run_method(
         fit_s = time.perf_counter() - start
         ages = np.asarray(data.age) if age_conditioned else None
         all_pred = np.stack([
-            _dualglow_predict(model, np.asarray(data.mri[[i]]), None if ages is None else ages[[i]], device)[0]
+            dualglow_predict(model, np.asarray(data.mri[[i]]), None if ages is None else ages[[i]], device)[0]
             for i in everyone
         ])  # fmt: skip
         if age_conditioned:
             sweep = np.stack([
-                np.stack([_dualglow_predict(model, np.asarray(data.mri[[i]]), np.array([age]), device)[0]
+                np.stack([dualglow_predict(model, np.asarray(data.mri[[i]]), np.array([age]), device)[0]
                           for age in options.ages])
                 for i in test_rows
             ])  # fmt: skip
@@ -980,7 +980,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
 
 __all__ = [
     "Cohort", "EvaluateOptions", "EvaluationError", "EvaluationResult", "aal_atlas", "age_trends",
-    "classification", "evaluate", "evaluate_cohort", "load_cohort", "main", "make_splits", "paired_tests",
+    "classification", "dualglow_predict", "evaluate", "evaluate_cohort", "load_cohort", "main", "make_splits", "paired_tests",
     "phantom_regions", "phantom_true_slopes", "regional_slopes", "roi_means", "summarise",
 ]
 

