@@ -751,8 +751,26 @@ def write_subject_report(
         return None
 
 
+def scan_montage(planned: dict[str, Path]) -> Any:
+    """Orthogonal montage of a scan's outputs (``planned_outputs``): the preprocessed T1w, the
+    synthetic PET and, with several samples, the uncertainty map; a matplotlib figure."""
+    from dualglow_app.report import MontageRow, orthogonal_montage
+
+    mean = np.asarray(load_nifti(planned["mean"]).dataobj, dtype=np.float32)
+    t1w = np.asarray(load_nifti(planned["t1w"]).dataobj, dtype=np.float32)
+    vmax = float(np.percentile(mean[mean > 0], 99.5)) if (mean > 0).any() else 1.0
+    montage = [
+        MontageRow("T1w (preprocessed, MNI)", t1w, vmin=0.0, vmax=1.0),
+        MontageRow("synthetic FDG-PET", mean, cmap="magma", vmin=0.0, vmax=vmax, colorbar_label="SUVR"),
+    ]
+    if "sd" in planned and planned["sd"].is_file():
+        sd = np.asarray(load_nifti(planned["sd"]).dataobj, dtype=np.float32)
+        montage.append(MontageRow("uncertainty (SD of samples)", sd, cmap="viridis", vmin=0.0, colorbar_label="SD (SUVR)"))
+    return orthogonal_montage(montage)
+
+
 def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
-    from dualglow_app.report import MontageRow, line_figure, orthogonal_montage
+    from dualglow_app.report import line_figure
 
     planned = planned_outputs(scan, options)
     if not planned["mean"].is_file():
@@ -768,18 +786,8 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
         ["samples / temperature / seed", f"{sidecar.get('Samples')} / {sidecar.get('Temperature')} / {sidecar.get('Seed')}"],
     ]
     report.add_table(["", ""], rows)
-    mean = np.asarray(load_nifti(planned["mean"]).dataobj, dtype=np.float32)
-    t1w = np.asarray(load_nifti(planned["t1w"]).dataobj, dtype=np.float32)
-    vmax = float(np.percentile(mean[mean > 0], 99.5)) if (mean > 0).any() else 1.0
-    montage = [
-        MontageRow("T1w (preprocessed, MNI)", t1w, vmin=0.0, vmax=1.0),
-        MontageRow("synthetic FDG-PET", mean, cmap="magma", vmin=0.0, vmax=vmax, colorbar_label="SUVR"),
-    ]
-    if "sd" in planned and planned["sd"].is_file():
-        sd = np.asarray(load_nifti(planned["sd"]).dataobj, dtype=np.float32)
-        montage.append(MontageRow("uncertainty (SD of samples)", sd, cmap="viridis", vmin=0.0, colorbar_label="SD (SUVR)"))
     report.add_figure(
-        orthogonal_montage(montage),
+        scan_montage(planned),
         f"{scan.prefix}: axial, coronal and sagittal slices in {MNI} (res-{options.output_res}).",
     )
     table = planned.get("sweep_table")
