@@ -734,6 +734,7 @@ def _write_outputs(cohort: Cohort, options: EvaluateOptions, result: EvaluationR
         writer.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns])
     result.metrics_path = write_text(options.output_dir / "metrics.tsv", buffer.getvalue())
     result.summary_path = write_json(options.output_dir / "summary.json", _json_safe(result.summary))
+    write_text(options.output_dir / "tables.md", markdown_tables(_json_safe(result.summary)))
     if options.report:
         try:
             result.report_path = write_report(cohort, options, result, runs)
@@ -757,21 +758,70 @@ def _fmt_p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else f"{p:.2g}"
 
 
-def table1_rows(result: EvaluationResult, methods: Sequence[str]) -> list[list[str]]:
-    """Table 1 as text: mean +- SD, the best method per metric marked with '*'."""
+def table1_rows(table1: dict[str, dict[str, dict[str, float]]], methods: Sequence[str]) -> list[list[str]]:
+    """Table 1 (``summarise``'s dict) as text: mean ± SD, the best method per metric marked '*'."""
     best = {}
     for metric in METRICS:
-        means = {m: result.table1[m][metric]["mean"] for m in methods if math.isfinite(result.table1[m][metric]["mean"])}
+        means = {m: table1[m][metric]["mean"] for m in methods if math.isfinite(table1[m][metric]["mean"])}
         if means:
             best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(means, key=means.__getitem__)
     rows = []
     for method in methods:
         cells = [method]
         for metric in METRICS:
-            s = result.table1[method][metric]
+            s = table1[method][metric]
             cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" + (" *" if best.get(metric) == method else ""))
         rows.append(cells)
     return rows
+
+
+def age_check_sentence(comparison: dict[str, Any]) -> str:
+    """One sentence comparing synthetic with true regional age slopes (``phantom_comparison``)."""
+    c = {k: (float("nan") if v is None else v) for k, v in comparison.items() if k != "regions"}
+    return (f"Across {len(comparison['regions'])} phantom regions: Pearson r = {c['pearson_r']:.3f} between synthetic "
+            f"and true SUVR slopes, mean absolute difference {c['mae_per_decade']:.4f} per decade, sign agreement "
+            f"{c['sign_agreement']:.0%}; mean slope true {c['mean_true']:+.4f} vs synthetic {c['mean_synthetic']:+.4f} "
+            "per decade.")  # fmt: skip
+
+
+def markdown_tables(summary: dict[str, Any]) -> str:
+    """Table 1, the Wilcoxon tests, Table 2 and the age-slope check as Markdown, from a
+    ``summary.json`` dict (written as ``tables.md``; docs/RESULTS.md pastes it)."""
+
+    def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+        def cell(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+    methods = [DUALGLOW, *summary["options"]["baselines"]]
+    nan_safe = {m: {k: {q: (float("nan") if v is None else v) for q, v in d.items()} for k, d in per.items()}
+                for m, per in summary["table1"].items()}  # fmt: skip
+    out = ["### Table 1 (held-out scans, mean ± SD; * best)", ""]
+    out += table(["method", *[LABELS[m] for m in METRICS]], table1_rows(nan_safe, methods))
+    if summary.get("wilcoxon"):
+        out += ["", "Paired Wilcoxon signed-rank tests, DUAL-GLOW minus each baseline (p; the better method by the median difference):", ""]
+        out += table(["baseline", *[LABELS[m] for m in METRICS]], [
+            [m, *[f"p={_fmt_p(float('nan') if t['p_value'] is None else t['p_value'])}, {t['better']}"
+                  for t in (per[k] for k in METRICS)]]
+            for m, per in summary["wilcoxon"].items()
+        ])  # fmt: skip
+    t2 = summary["table2"]
+    out += ["", "### Table 2 (impaired vs not, RBF SVM on AAL-116 SUVR)", ""]
+    if "skipped" in t2:
+        out.append(f"Skipped: {t2['skipped']}.")
+    else:
+        out += table(["features", "accuracy", "FNR", "FPR", "scans"],
+                     [[src, v["accuracy"], v["fnr"], v["fpr"], v["n"]] for src, v in t2["sources"].items()])
+        out += ["", f"{t2['regions_used']} regions non-empty in every scan; diagnoses {t2['counts']}."]
+    trends = summary.get("age_trends") or {}
+    comparison = trends.get("phantom_comparison")
+    if comparison:
+        out += ["", "### Age trends vs the phantom's truth", "", age_check_sentence(comparison)]
+    timing = summary["budget"]["seconds_per_fold"]
+    out += ["", "Wall time per fold (s): " + "; ".join(f"{m} {np.mean(v):.0f}" for m, v in timing.items()) + "."]
+    return "\n".join(out) + "\n"
 
 
 def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult,
@@ -797,7 +847,7 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         "DUAL-GLOW predicts its conditional mode (temperature 0)."
     )
     report.add_heading("Table 1: image agreement on held-out scans (mean ± SD; * best)")
-    report.add_table(["method", *[LABELS[m] for m in METRICS]], table1_rows(result, methods))
+    report.add_table(["method", *[LABELS[m] for m in METRICS]], table1_rows(result.table1, methods))
     report.add_paragraph(
         f"Inside the brain mask, on SUVR. PSNR and SSIM use a fixed data range of {DATA_RANGE_SUVR} SUVR; SSIM is "
         f"scikit-image's 3D SSIM with a uniform {SSIM_WINDOW}-voxel cubic window, its map averaged inside the mask."
@@ -870,10 +920,8 @@ def _add_age_trends(report: Any, trends: dict[str, Any], line_figure: Any) -> No
     if comparison:
         report.add_heading("Age slopes vs the phantom's ground truth")
         report.add_paragraph(
-            f"Across {len(comparison['regions'])} phantom regions: Pearson r = {comparison['pearson_r']:.3f}, mean absolute "
-            f"difference {comparison['mae_per_decade']:.4f} per decade, sign agreement {comparison['sign_agreement']:.0%}; "
-            f"mean slope true {comparison['mean_true']:+.4f}, synthetic {comparison['mean_synthetic']:+.4f} per decade. "
-            "True SUVR slope = region's relative activity slope minus the cerebellar reference's (first order, age 73)."
+            age_check_sentence(comparison) + " True SUVR slope = region's relative activity slope minus the "
+            "cerebellar reference's (first order, age 73)."
         )
         report.add_table(["phantom region", "true SUVR / decade", "synthetic SUVR / decade"], [
             [n, t, s] for n, t, s in zip(comparison["regions"], comparison["suvr_per_decade"],
@@ -972,7 +1020,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
     except EvaluationError as err:
         raise click.UsageError(str(err)) from None
     lines = ["method      " + "  ".join(f"{LABELS[m]:>18}" for m in METRICS)]
-    for cells in table1_rows(result, options.methods):
+    for cells in table1_rows(result.table1, options.methods):
         lines.append(f"{cells[0]:<10}  " + "  ".join(f"{c:>18}" for c in cells[1:]))
     click.echo("\n".join(lines))
     click.echo(f"results: {result.report_path or result.summary_path}")
@@ -980,7 +1028,8 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
 
 __all__ = [
     "Cohort", "EvaluateOptions", "EvaluationError", "EvaluationResult", "aal_atlas", "age_trends",
-    "classification", "dualglow_predict", "evaluate", "evaluate_cohort", "load_cohort", "main", "make_splits", "paired_tests",
+    "classification", "dualglow_predict", "evaluate", "evaluate_cohort", "load_cohort", "main", "make_splits",
+    "markdown_tables", "paired_tests",
     "phantom_regions", "phantom_true_slopes", "regional_slopes", "roi_means", "summarise",
 ]
 

@@ -161,6 +161,9 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     assert set(summary["table2"]["sources"]) == {"true PET", *[f"synthetic PET ({m})" for m in methods]}
     trends = summary["age_trends"]["atlases"]["aal"]
     assert len(trends["regions"]) == 116 and len(trends["mean"][0]) == 3
+    tables = (options.output_dir / "tables.md").read_text()
+    assert "### Table 1" in tables and "| meanpet |" in tables and "### Table 2" in tables
+    assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with
     html = (options.output_dir / "evaluation.html").read_text()
     for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7"):
         assert text in html
