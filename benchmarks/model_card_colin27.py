@@ -24,7 +24,12 @@ from dualglow_app.bids import find_scans  # noqa: E402
 from dualglow_app.io import atomic_path, write_json  # noqa: E402
 from dualglow_app.log import setup_logging  # noqa: E402
 from dualglow_app.report import figure_to_png  # noqa: E402
-from dualglow_app.synthesize import ParticipantOptions, planned_outputs, run_participant, scan_montage  # noqa: E402
+from dualglow_app.synthesize import (  # noqa: E402
+    ParticipantOptions,
+    planned_outputs,
+    run_participant,
+    scan_montage,
+)
 
 DEFAULT_T1W = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
