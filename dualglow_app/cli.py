@@ -140,6 +140,8 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--side-info", type=click.Choice(["age"]), multiple=True, help="group: condition on these covariates (eq. 16-17).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="group: share of subjects held out for validation.")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="group: the model's weights: the epoch with the lowest validation bpd, or the last epoch.")
 @click.option("--memory-saving", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="group: recompute activations by inversion in backward (auto: on from depth 16).")
 @click.option("--template-centring/--no-template-centring", default=True, show_default=True,

@@ -118,6 +118,10 @@ class TrainOptions:
     # Centre both images on the mean training image (DualGlowConfig.template_shape): the
     # model starts from the population mean PET and learns departures from it.
     template_centring: bool = True
+    # Which weights become the model: "best" = the epoch with the lowest validation
+    # bpd(PET | MRI) (small cohorts overfit), "last" = the final epoch. Without a validation
+    # split, always the last.
+    keep: str = "best"
     # Invertible backprop (dualglow_app.model.memory): "auto" turns it on for deep flows
     # (depth >= 16), where stored activations dominate memory; "on"/"off" force it.
     memory_saving: str = "auto"
@@ -142,6 +146,8 @@ class TrainOptions:
             problems.append(f"lr={self.lr} (must be > 0)")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
+        if self.keep not in ("best", "last"):
+            problems.append(f"keep={self.keep!r} (best or last)")
         if self.memory_saving not in ("auto", "on", "off"):
             problems.append(f"memory_saving={self.memory_saving!r} (auto, on or off)")
         if not self.model_name or any(c in self.model_name for c in "/\\ "):
@@ -422,6 +428,8 @@ class TrainResult:
     history: list[dict[str, float]]
     final_metrics: dict[str, float]
     epochs: int
+    # The epoch whose weights the model holds (``keep="best"``: the best validation epoch).
+    selected_epoch: int
     steps: int
     skipped_steps: int
     wall_time_s: float
@@ -569,7 +577,7 @@ def train(
         data = prepare_dataset(options, rank=dist.rank)
     if options.preprocess_only:
         log.info("--preprocess-only: %d pairs stacked in the work dir; no training", len(data))
-        return TrainResult(None, None, None, [], {}, 0, 0, 0, time.perf_counter() - start_time,
+        return TrainResult(None, None, None, [], {}, 0, 0, 0, 0, time.perf_counter() - start_time,
                            "none", dist.world_size, list(data.labels), [])  # fmt: skip
 
     device = resolve_device(options.device, dist)
@@ -626,6 +634,7 @@ def _train_loop(
     )
     fingerprint = _fingerprint(config, grid, train_labels, options)
     start_epoch, step, history, skipped_total = 0, 0, [], 0
+    best: dict[str, Any] | None = None  # {"epoch", "val_bpd", "model"}: the best validation epoch so far
     checkpoint_path = options.checkpoint_path
     if options.resume and checkpoint_path.is_file():
         # weights_only: a checkpoint is data, never code (no pickle of arbitrary objects).
@@ -641,6 +650,7 @@ def _train_loop(
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_epoch, step = int(checkpoint["epoch"]), int(checkpoint["step"])
         history, skipped_total = list(checkpoint["history"]), int(checkpoint["skipped_steps"])
+        best = checkpoint.get("best")
         if dist.is_main:
             log.info("resuming from %s after epoch %d (step %d)", checkpoint_path, start_epoch, step)
     elif options.resume and dist.is_main:
@@ -728,6 +738,10 @@ def _train_loop(
                 "epoch_seconds": epoch_seconds,
             }  # fmt: skip
             history.append(row)
+            val_bpd = val.get("bpd_pet_given_mri")
+            if val_bpd is not None and math.isfinite(val_bpd) and (best is None or val_bpd < best["val_bpd"]):
+                best = {"epoch": epoch + 1, "val_bpd": val_bpd,
+                        "model": {k: v.detach().clone() for k, v in model.state_dict().items()}}  # fmt: skip
             if dist.is_main:
                 log.info("epoch %d/%d  step %d  loss %.4f  bpd(PET|MRI) %.4f  val bpd %s  val MAE %s  %.2f samples/s",
                          epoch + 1, options.epochs, step, row["train_loss"], row["train_bpd_pet_given_mri"],
@@ -735,7 +749,7 @@ def _train_loop(
                 _save_checkpoint(checkpoint_path, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step,
-                    "history": history, "skipped_steps": skipped_total, "fingerprint": fingerprint,
+                    "history": history, "skipped_steps": skipped_total, "fingerprint": fingerprint, "best": best,
                     "options": options.to_dict(), "rng_seed_rule": "seed + 1000 * (epoch + 1) + rank",
                 })  # fmt: skip
             if dist.enabled:
@@ -744,10 +758,17 @@ def _train_loop(
         bar.close()
 
     wall = time.perf_counter() - start_time
-    final = {k.removeprefix("val_"): v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}
+    selected = len(history)
+    if options.keep == "best" and best is not None:
+        selected = int(best["epoch"])
+        model.load_state_dict(best["model"])
+        if dist.is_main:
+            log.info("keeping the weights of epoch %d (lowest validation bpd %.4f; --keep last for the final epoch's)",
+                     selected, best["val_bpd"])  # fmt: skip
+    final = {k.removeprefix("val_"): v for k, v in (history[selected - 1] if history else {}).items() if k.startswith("val_")}
     result = TrainResult(
         model_path=None, report_path=None, metrics_path=None, history=history, final_metrics=final,
-        epochs=len(history), steps=step, skipped_steps=skipped_total, wall_time_s=wall,
+        epochs=len(history), selected_epoch=selected, steps=step, skipped_steps=skipped_total, wall_time_s=wall,
         device=str(device) + (" (bf16 autocast)" if use_amp else ""), world_size=dist.world_size,
         train_labels=train_labels, val_labels=val_labels, model=model.eval(),
     )  # fmt: skip
@@ -846,6 +867,8 @@ def _model_metadata(options: TrainOptions, data: PairedVolumes, result: TrainRes
             "validation_subjects": result.val_labels,
             "skipped_subjects": data.skipped,
             "epochs": result.epochs,
+            "selected_epoch": result.selected_epoch,
+            "keep": options.keep,
             "steps": result.steps,
             "skipped_steps": result.skipped_steps,
             "seed": options.seed,

@@ -24,6 +24,7 @@ import torch
 from synthetic_pairs import ddp_worker, paired_volumes, tiny_options
 
 from dualglow_app import preprocess
+from dualglow_app import train as train_module
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import preset
 from dualglow_app.train import (
@@ -162,6 +163,30 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert [h["val_bpd_pet_given_mri"] for h in resumed.history] == [
         h["val_bpd_pet_given_mri"] for h in straight.history
     ]
+
+
+def test_keep_best_selects_the_lowest_validation_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripted validation bpd 3.0, 2.0, 2.5: the model holds epoch 2's weights, which a run
+    stopped after epoch 2 reproduces exactly; --keep last holds epoch 3's."""
+    real_evaluate = train_module.evaluate
+    scripted = iter([3.0, 2.0, 2.5] * 2)
+
+    def fake_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        return {**real_evaluate(*args, **kwargs), "bpd_pet_given_mri": next(scripted)}
+
+    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    best = train(tiny_options(tmp_path / "best", tmp_path / "w1"), data=paired_volumes(6))
+    last = train(tiny_options(tmp_path / "last", tmp_path / "w2", keep="last"), data=paired_volumes(6))
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    two = train(tiny_options(tmp_path / "two", tmp_path / "w3", epochs=2, keep="last"), data=paired_volumes(6))
+
+    assert best.selected_epoch == 2 and last.selected_epoch == 3 and best.epochs == 3
+    assert best.final_metrics["bpd_pet_given_mri"] == 2.0
+    for name, tensor in _final_weights(two).items():
+        assert torch.equal(_final_weights(best)[name], tensor), name
+    assert any(not torch.equal(_final_weights(last)[k], v) for k, v in _final_weights(two).items())
+    _, info = load_model(best.model_path)
+    assert info["metadata"]["training"]["selected_epoch"] == 2 and info["metadata"]["training"]["keep"] == "best"
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
