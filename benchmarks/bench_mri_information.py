@@ -82,7 +82,7 @@ def main() -> None:
             hidden=args.hidden, epochs=args.epochs, lr=args.lr, val_fraction=args.val_fraction,
             seed=args.seed, nprocs=args.threads, device="cpu", mri_input=mri_input, resume=True,
             model_name=f"mri-information-{'with' if mri_input else 'zeroed'}-s{args.subjects}",
-            report=False, skip_bids_validation=True,
+            report=False, skip_bids_validation=True, keep="last",  # no selection on the scored scans
         )  # fmt: skip
         data = prepare_dataset(options)
         start = time.perf_counter()
