@@ -33,10 +33,11 @@ def atomic_path(path: os.PathLike[str] | str) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
-    # mkstemp creates 0600 files; outputs get the mode an ordinary open() would give them.
-    os.chmod(tmp, 0o666 & ~_umask())
     try:
         yield tmp
+        # mkstemp creates 0600 files, and some writers (safetensors) replace the file with
+        # their own 0600 one: outputs get the mode an ordinary open() would give them.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

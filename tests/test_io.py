@@ -26,9 +26,17 @@ def test_atomic_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
     import os
     import stat
 
+    def recreate(path: Path) -> None:  # what safetensors' save_file does: a new 0600 file
+        path.unlink()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+
     current = os.umask(0o022)
     try:
         target = write_json(tmp_path / "b.json", {})
+        with atomic_path(tmp_path / "c.safetensors") as tmp:
+            recreate(tmp)
     finally:
         os.umask(current)
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o644
