@@ -115,8 +115,8 @@ class TrainOptions:
     skip_bids_validation: bool = False
     mri_input: bool = True
     report: bool = True
-    # Centre both images on the mean training image (DualGlowConfig.template_shape): the
-    # model starts from the population mean PET and learns departures from it.
+    # Centre the PET on the mean training PET (DualGlowConfig.template_shape): the model
+    # starts from the population mean PET and learns departures from it.
     template_centring: bool = True
     # Which weights become the model: "best" = the epoch with the lowest validation
     # bpd(PET | MRI) (small cohorts overfit), "last" = the final epoch. Without a validation
@@ -455,19 +455,14 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
     )
 
 
-def mean_images(
-    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, options: TrainOptions
-) -> tuple[Any, Any]:
-    """Voxel-wise means of the model-scale MRI and PET over ``rows``: the centring templates."""
+def mean_pet(data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling) -> Any:
+    """Voxel-wise mean of the model-scale PET over ``rows``: the centring template."""
     import torch
 
-    sums = None
+    total = np.zeros(data.pet.shape[1:], dtype=np.float64)
     for first in range(0, len(rows), 8):
-        mri, pet, _ = _batch(data, rows[first : first + 8], scaling, options, torch.device("cpu"))
-        batch_sums = (mri.double().sum(0), pet.double().sum(0))
-        sums = batch_sums if sums is None else (sums[0] + batch_sums[0], sums[1] + batch_sums[1])
-    assert sums is not None, "mean_images needs at least one row"
-    return (sums[0] / len(rows)).float(), (sums[1] / len(rows)).float()
+        total += scaling.pet_to_model(np.asarray(data.pet[np.sort(rows[first : first + 8])])).sum(0)
+    return torch.from_numpy(total / len(rows)).float()[None]
 
 
 def _batch(
@@ -621,8 +616,8 @@ def _train_loop(
     torch.manual_seed(options.seed)  # same initial weights on every rank
     model = DualGlow(config)
     if config.template_shape is not None:
-        # Every rank sees the same training rows, so every rank sets the same templates.
-        model.set_templates(*mean_images(data, train_rows, scaling, options))
+        # Every rank sees the same training rows, so every rank sets the same template.
+        model.set_pet_template(mean_pet(data, train_rows, scaling))
     model = model.to(device)
     model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
     log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
