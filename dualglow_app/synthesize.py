@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -319,6 +319,19 @@ def scan_seed(seed: int, subject: str, session: str | None) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+class Drawn(NamedTuple):
+    """What :func:`draw` returns: voxelwise mean and SD (None for one sample) in SUVR, and the
+    share of in-brain sample values that left the model's intensity range and were clipped."""
+
+    mean: np.ndarray
+    sd: np.ndarray | None
+    clipped_fraction: float
+
+
+#: Above this share of clipped in-brain values the scan is flagged as unlike the training data.
+CLIPPED_WARNING = 0.01
+
+
 def draw(
     model: SynthesisModel,
     t1w_grid: np.ndarray,
@@ -327,9 +340,11 @@ def draw(
     samples: int,
     temperature: float,
     seed: int,
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Voxelwise mean and standard deviation (None for one sample) of ``samples`` synthetic
-    PETs in SUVR on the model grid, masked to the brain."""
+) -> Drawn:
+    """``samples`` synthetic PETs in SUVR on the model grid, masked to the brain: their mean
+    and SD. Samples are clipped to the intensity range the model was trained on ([0, 1] on the
+    model scale, 0 to ``pet_suvr_max`` SUVR): a flow's inverse is unbounded, and a T1w unlike
+    the training data can drive it far outside that range."""
     import torch
 
     x = torch.from_numpy(model.scaling.mri_to_model(t1w_grid))[None, None].to(model.device)
@@ -339,11 +354,14 @@ def draw(
             raise ScanError(f"model {model.name} is conditioned on age: pass an age in years")
         side = {"age": torch.tensor([float(age)], device=model.device)}
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)
-    suvr = model.scaling.pet_from_model(drawn[:, 0, 0].cpu().numpy()) * brain_mask[None]
+    drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)[:, 0, 0].cpu().numpy()
+    outside = (drawn < 0.0) | (drawn > 1.0) | ~np.isfinite(drawn)
+    clipped = float(outside[:, brain_mask].mean()) if brain_mask.any() else 0.0
+    drawn = np.clip(np.nan_to_num(drawn, nan=0.0), 0.0, 1.0)
+    suvr = model.scaling.pet_from_model(drawn) * brain_mask[None]
     mean = suvr.mean(axis=0, dtype=np.float64).astype(np.float32)
     sd = suvr.std(axis=0, ddof=1, dtype=np.float64).astype(np.float32) if samples > 1 else None
-    return mean, sd
+    return Drawn(mean, sd, clipped)
 
 
 @contextlib.contextmanager
@@ -467,8 +485,12 @@ def synthesize_scan(scan: Scan, model: SynthesisModel, options: ParticipantOptio
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     seed = scan_seed(options.seed, scan.subject, scan.session)
     conditioning_age = age if model.uses_age else None
-    mean, sd = draw(model, t1_data, mask, conditioning_age, options.samples, options.temperature, seed)
+    mean, sd, clipped = draw(model, t1_data, mask, conditioning_age, options.samples, options.temperature, seed)
     timings["sample"] = time.perf_counter() - start
+    if clipped > CLIPPED_WARNING:
+        log.warning("%s: %.1f%% of the synthetic brain values fell outside the model's range (0-%g SUVR) and "
+                    "were clipped: this T1w may be unlike the model's training data; check the report",
+                    scan.t1w.name, 100 * clipped, model.scaling.pet_suvr_max)  # fmt: skip
 
     start = time.perf_counter()
     source_t1w = bids_uri(options.bids_dir, scan.t1w)
@@ -493,10 +515,13 @@ def synthesize_scan(scan: Scan, model: SynthesisModel, options: ParticipantOptio
         written.append(write_json(sidecar_path(planned[role]), {**extra, "SpatialReference": source_t1w}))
 
     write_mni("t1w", t1_data, _t1w_sidecar(t1, source_t1w))
-    mean_fields = {"Description": _describe(model, options, age, "mean"), **common}
+    # Share of in-brain sample values clipped to the model's range: near 0 for scans like the
+    # training data; a few percent or more flags an input the model does not know.
+    mean_fields = {"Description": _describe(model, options, age, "mean"), **common, "ClippedFraction": round(clipped, 6)}
     write_mni("mean", mean, mean_fields)
     mean_uri = f"bids::{planned['mean'].relative_to(options.output_dir).as_posix()}"
-    sd_fields = {"Description": _describe(model, options, age, "sd"), **common, "Sources": [source_t1w, mean_uri]}
+    sd_fields = {"Description": _describe(model, options, age, "sd"), **common, "ClippedFraction": round(clipped, 6),
+                 "Sources": [source_t1w, mean_uri]}  # fmt: skip
     if sd is not None:
         write_mni("sd", sd, sd_fields)
     if T1W in options.output_spaces:
@@ -530,7 +555,7 @@ def _age_sweep(
     rows = ["age\tregion\tmean_suvr"]
     for age in options.age_sweep:
         # The same seed at every age: the images then differ only by the age, not by the noise.
-        mean, _ = draw(model, t1_data, mask, age, options.samples, options.temperature, seed)
+        mean = draw(model, t1_data, mask, age, options.samples, options.temperature, seed).mean
         role = age_label(age)
         fields = {"Description": _describe(model, options, age, "sweep"), **common}
         fields.update({**provenance(model, options, age), "AgeSource": "--age-sweep"})
@@ -785,6 +810,10 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
         ["age", "not used" if age is None else f"{age:g} years (from {sidecar.get('AgeSource')})"],
         ["samples / temperature / seed", f"{sidecar.get('Samples')} / {sidecar.get('Temperature')} / {sidecar.get('Seed')}"],
     ]
+    clipped = sidecar.get("ClippedFraction")
+    if clipped is not None:
+        flag = " (high: this T1w may be unlike the training data)" if clipped > CLIPPED_WARNING else ""
+        rows.append(["brain values clipped to the model's range", f"{100 * clipped:.2f} %{flag}"])
     report.add_table(["", ""], rows)
     report.add_figure(
         scan_montage(planned),

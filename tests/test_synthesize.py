@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
 
@@ -153,7 +154,7 @@ def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Resu
     assert meta["ModelName"] == "tiny-age" and len(meta["ModelSHA256"]) == 64
     assert (meta["Age"], meta["AgeSource"]) == (SESSION_AGES["a"], "bids:raw:sub-003/sub-003_sessions.tsv")
     assert (meta["Seed"], meta["Samples"], meta["Temperature"], meta["DemonstrationModel"]) == (7, 3, 0.7, True)
-    assert "SoftwareVersion" in meta
+    assert "SoftwareVersion" in meta and 0.0 <= meta["ClippedFraction"] <= 1.0
     sub01 = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
     assert (sub01["Age"], sub01["AgeSource"]) == (participant_ages(cohort)["001"], "bids:raw:participants.tsv")
     sweep = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
@@ -338,10 +339,26 @@ def test_draw_is_reproducible_and_seed_dependent(session_env: None, models: dict
     other = draw(model, t1, mask, 70.0, 3, 0.7, seed=6)
     assert first[0].tobytes() == again[0].tobytes() and first[1] is not None
     assert not np.array_equal(first[0], other[0])
-    mode, sd = draw(model, t1, mask, 70.0, 1, 0.0, seed=5)
+    mode, sd, _ = draw(model, t1, mask, 70.0, 1, 0.0, seed=5)
     assert sd is None and np.array_equal(mode, draw(model, t1, mask, 70.0, 1, 0.0, seed=9)[0])
     older = draw(model, t1, mask, 90.0, 1, 0.0, seed=5)[0]
     assert not np.array_equal(mode, older)  # the age reaches the output
+
+
+def test_draw_clips_to_the_model_range_and_reports_how_much(session_env: None, models: dict[str, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A flow's inverse is unbounded: values outside [0, 1] (model scale) are clipped to the
+    training range, and their in-brain share is returned for the sidecar and the warning."""
+    model = load_synthesis_model(models["age"], "cpu")
+    wild = torch.full((1, 1, 1, *GRID.shape), 0.5)
+    wild[..., :2, :, :] = 40.0  # 2 of the grid's x-slices far above the ceiling
+    wild[..., 2, :, :] = float("nan")
+    monkeypatch.setattr(model.model, "sample", lambda *args, **kwargs: wild)
+    mask = np.ones(GRID.shape, bool)
+    mean, _, clipped = draw(model, np.zeros(GRID.shape, np.float32), mask, 70.0, 1, 0.0, seed=0)
+    assert clipped == pytest.approx(3 / GRID.shape[0])
+    assert np.nanmax(mean) == pytest.approx(model.scaling.pet_suvr_max) and np.isfinite(mean).all()
+    assert mean[5, 5, 5] == pytest.approx(0.5 * model.scaling.pet_suvr_max)
 
 
 def test_scan_seed_is_stable_and_distinct() -> None:
