@@ -272,7 +272,7 @@ class DualGlow(nn.Module):
             raise ValueError(
                 "this model has no PET template; build it with DualGlowConfig(template_shape=[...]) to centre on one."
             )
-        target = self.pet_template
+        target = self.get_buffer("pet_template")
         value = torch.as_tensor(pet, dtype=target.dtype, device=target.device)
         if value.numel() != target.numel():
             raise ValueError(
@@ -284,7 +284,7 @@ class DualGlow(nn.Module):
     def _center(self, x: Tensor, modality: str) -> Tensor | float:
         """What an image is centred on before its flow: the PET template, or 0.5."""
         if modality == "pet" and self.config.template_shape is not None:
-            return self.pet_template.to(x.dtype)
+            return self.get_buffer("pet_template").to(x.dtype)
         return 0.5
 
     @property
