@@ -873,7 +873,8 @@ def _model_metadata(options: TrainOptions, data: PairedVolumes, result: TrainRes
             "tracer": options.tracer,
             "mri_input": options.mri_input,
             "validation": result.final_metrics,
-            "wall_time_s": round(result.wall_time_s, 1),
+            "wall_time_s": round(result.wall_time_s, 1),  # of this invocation (a resumed run: since the resume)
+            "epoch_seconds_total": round(sum(h.get("epoch_seconds", 0.0) for h in result.history), 1),  # all epochs
             "device": result.device,
             "versions": {"dualglow": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "options": options.to_dict(),
