@@ -317,7 +317,8 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
 
 
 def dualglow_predict(model: Any, mri: np.ndarray, ages: np.ndarray | None, device: Any) -> np.ndarray:
-    """Conditional mode (T = 0) in SUVR for each (MRI, age)."""
+    """Conditional mode (T = 0) in SUVR for each (MRI, age), clipped to the model's intensity
+    range as the participant level clips it (``synthesize.draw``)."""
     import torch
 
     scaling = IntensityScaling()
@@ -327,7 +328,7 @@ def dualglow_predict(model: Any, mri: np.ndarray, ages: np.ndarray | None, devic
             x = torch.from_numpy(scaling.mri_to_model(mri[i]))[None, None].to(device)
             side = None if ages is None else {"age": torch.tensor([float(ages[i])], device=device)}
             out.append(model.sample(x, side, temperature=0.0)[0, 0, 0].float().cpu().numpy())
-    return scaling.pet_from_model(np.asarray(out))
+    return scaling.pet_from_model(np.clip(np.nan_to_num(np.asarray(out), nan=0.0), 0.0, 1.0))
 
 
 def _run_method(
