@@ -116,8 +116,7 @@ def child(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=perfkit.THREADS)
+    perfkit.add_device_options(parser)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--child", nargs=2, metavar=("DEPTH", "SAVING"), help=argparse.SUPPRESS)

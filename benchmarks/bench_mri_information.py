@@ -23,37 +23,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualglow_app.bids import find_scans  # noqa: E402
 from dualglow_app.data import IntensityScaling  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
-from dualglow_app.metrics import image_metrics  # noqa: E402
-from dualglow_app.train import TrainOptions, prepare_dataset, split_subjects, train  # noqa: E402
+from dualglow_app.train import TrainOptions, prepare_dataset, score_scan, split_subjects, train  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 RUNS = {"with MRI": True, "MRI zeroed": False}
-
-
-def score_scans(model, data, rows, mri_input: bool) -> list[dict[str, float]]:  # type: ignore[no-untyped-def]
-    """Per validation scan: bpd(PET | MRI) in eval mode and the T = 0 mode's image metrics."""
-    import torch
-
-    scaling = IntensityScaling()
-    scores = []
-    with torch.no_grad():
-        for row in rows:
-            mri = torch.from_numpy(scaling.mri_to_model(np.asarray(data.mri[row])))[None, None]
-            if not mri_input:
-                mri = torch.zeros_like(mri)
-            pet = torch.from_numpy(scaling.pet_to_model(np.asarray(data.pet[row])))[None, None]
-            bpd = float(model.nll(mri, pet)["bpd_pet_given_mri"])
-            mode = scaling.pet_from_model(model.sample(mri, temperature=0.0)[0, 0, 0].numpy())
-            mask = np.asarray(data.mask[row])
-            scores.append({"label": data.labels[row], "bpd_pet_given_mri": bpd,
-                           **image_metrics(np.asarray(data.pet[row]), mode * mask, mask)})  # fmt: skip
-    return scores
 
 
 def main() -> None:
@@ -90,7 +70,9 @@ def main() -> None:
         _, val_rows = split_subjects(data.subjects, options.val_fraction, options.seed)
         last = result.history[-10:]
         results[name] = {
-            "scans": score_scans(result.model, data, val_rows, mri_input),
+            # The group level's own per-scan validation scoring (mri_input=False zeroes the MRI).
+            "scans": [{"label": data.labels[r], **score_scan(result.model.eval(), data, int(r), IntensityScaling(), options,
+                                                              torch.device("cpu"))} for r in val_rows],  # fmt: skip
             "val_bpd_last10_mean": float(np.mean([h["val_bpd_pet_given_mri"] for h in last])),
             "val_bpd_history": [h["val_bpd_pet_given_mri"] for h in result.history],
             "train_seconds": time.perf_counter() - start,

@@ -5,6 +5,7 @@ Machine description, a training step, JSON output, and a plain-text table printe
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -76,6 +77,19 @@ def train_step(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    """``--device cpu|cuda`` and ``--threads``, shared by the model-level benchmarks."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=THREADS)
+
+
+def start(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads``, seed torch with 0, return the ``--device``."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return torch.device(args.device)
 
 
 def median(values: Sequence[float]) -> float:

@@ -48,6 +48,19 @@ class IntensityScaling:
     def pet_to_model(self, suvr: np.ndarray) -> np.ndarray:
         return np.clip(np.asarray(suvr, dtype=np.float32) / self.pet_suvr_max, 0.0, 1.0)
 
+    def synthetic_pet(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Model-scale samples -> (SUVR clipped to 0..``pet_suvr_max``, where they were
+        outside that range or not finite). A flow's inverse is unbounded; the training data
+        were not.
+
+        >>> suvr, outside = IntensityScaling().synthetic_pet(np.array([0.5, 1.5, np.nan], np.float32))
+        >>> suvr.tolist(), outside.tolist()
+        ([1.5, 3.0, 0.0], [False, True, True])
+        """
+        values = np.asarray(values, dtype=np.float32)
+        outside = ~np.isfinite(values) | (values < 0.0) | (values > 1.0)
+        return self.pet_from_model(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)), outside
+
     def pet_from_model(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(values, dtype=np.float32) * np.float32(self.pet_suvr_max)
 

@@ -328,7 +328,7 @@ def dualglow_predict(model: Any, mri: np.ndarray, ages: np.ndarray | None, devic
             x = torch.from_numpy(scaling.mri_to_model(mri[i]))[None, None].to(device)
             side = None if ages is None else {"age": torch.tensor([float(ages[i])], device=device)}
             out.append(model.sample(x, side, temperature=0.0)[0, 0, 0].float().cpu().numpy())
-    return scaling.pet_from_model(np.clip(np.nan_to_num(np.asarray(out), nan=0.0), 0.0, 1.0))
+    return scaling.synthetic_pet(np.asarray(out))[0]
 
 
 def _run_method(
@@ -735,7 +735,7 @@ def _write_outputs(cohort: Cohort, options: EvaluateOptions, result: EvaluationR
         writer.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns])
     result.metrics_path = write_text(options.output_dir / "metrics.tsv", buffer.getvalue())
     result.summary_path = write_json(options.output_dir / "summary.json", _json_safe(result.summary))
-    write_text(options.output_dir / "tables.md", markdown_tables(_json_safe(result.summary)))
+    write_text(options.output_dir / "tables.md", markdown_tables(result.summary))
     if options.report:
         try:
             result.report_path = write_report(cohort, options, result, runs)
@@ -778,7 +778,7 @@ def table1_rows(table1: dict[str, dict[str, dict[str, float]]], methods: Sequenc
 
 def age_check_sentence(comparison: dict[str, Any]) -> str:
     """One sentence comparing synthetic with true regional age slopes (``phantom_comparison``)."""
-    c = {k: (float("nan") if v is None else v) for k, v in comparison.items() if k != "regions"}
+    c = comparison
     return (f"Across {len(comparison['regions'])} phantom regions: Pearson r = {c['pearson_r']:.3f} between synthetic "
             f"and true SUVR slopes, mean absolute difference {c['mae_per_decade']:.4f} per decade, sign agreement "
             f"{c['sign_agreement']:.0%}; mean slope true {c['mean_true']:+.4f} vs synthetic {c['mean_synthetic']:+.4f} "
@@ -786,25 +786,26 @@ def age_check_sentence(comparison: dict[str, Any]) -> str:
 
 
 def markdown_tables(summary: dict[str, Any]) -> str:
-    """Table 1, the Wilcoxon tests, Table 2 and the age-slope check as Markdown, from a
-    ``summary.json`` dict (written as ``tables.md``; docs/RESULTS.md pastes it)."""
+    """Table 1, the Wilcoxon tests, Table 2 and the age-slope check as Markdown, from the
+    evaluation's summary (``EvaluationResult.summary``, NaN where summary.json has null);
+    written as ``tables.md``, which docs/RESULTS.md pastes."""
 
     def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
         def cell(v: Any) -> str:
-            return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+            if isinstance(v, float):
+                return f"{v:.3f}" if math.isfinite(v) else "n/a"
+            return "n/a" if v is None else str(v)
 
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
     methods = [DUALGLOW, *summary["options"]["baselines"]]
-    nan_safe = {m: {k: {q: (float("nan") if v is None else v) for q, v in d.items()} for k, d in per.items()}
-                for m, per in summary["table1"].items()}  # fmt: skip
     out = ["### Table 1 (held-out scans, mean ± SD; * best)", ""]
-    out += table(["method", *[LABELS[m] for m in METRICS]], table1_rows(nan_safe, methods))
+    out += table(["method", *[LABELS[m] for m in METRICS]], table1_rows(summary["table1"], methods))
     if summary.get("wilcoxon"):
         out += ["", "Paired Wilcoxon signed-rank tests, DUAL-GLOW minus each baseline (p; the better method by the median difference):", ""]
         out += table(["baseline", *[LABELS[m] for m in METRICS]], [
-            [m, *[f"p={_fmt_p(float('nan') if t['p_value'] is None else t['p_value'])}, {t['better']}"
+            [m, *[f"p={_fmt_p(t['p_value'])}, {t['better']}"
                   for t in (per[k] for k in METRICS)]]
             for m, per in summary["wilcoxon"].items()
         ])  # fmt: skip

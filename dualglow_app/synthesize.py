@@ -354,11 +354,10 @@ def draw(
             raise ScanError(f"model {model.name} is conditioned on age: pass an age in years")
         side = {"age": torch.tensor([float(age)], device=model.device)}
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)[:, 0, 0].cpu().numpy()
-    outside = (drawn < 0.0) | (drawn > 1.0) | ~np.isfinite(drawn)
+    drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)
+    suvr, outside = model.scaling.synthetic_pet(drawn[:, 0, 0].cpu().numpy())
     clipped = float(outside[:, brain_mask].mean()) if brain_mask.any() else 0.0
-    drawn = np.clip(np.nan_to_num(drawn, nan=0.0), 0.0, 1.0)
-    suvr = model.scaling.pet_from_model(drawn) * brain_mask[None]
+    suvr = suvr * brain_mask[None]
     mean = suvr.mean(axis=0, dtype=np.float64).astype(np.float32)
     sd = suvr.std(axis=0, ddof=1, dtype=np.float64).astype(np.float32) if samples > 1 else None
     return Drawn(mean, sd, clipped)

@@ -499,23 +499,11 @@ def evaluate(
     if len(rows) == 0:
         return {}
     model.eval()
-    totals = torch.zeros(6, dtype=torch.float64)
-    with torch.no_grad():
-        for row in rows[dist.rank :: dist.world_size]:
-            mri, pet, side = _batch(data, np.array([row]), scaling, options, device)
-            out = model.nll(mri, pet, side)
-            synth = model.sample(mri, side, temperature=0.0)[0, 0, 0].float().cpu().numpy()
-            scores = image_metrics(
-                np.asarray(data.pet[row], dtype=np.float32),
-                scaling.pet_from_model(synth),
-                np.asarray(data.mask[row]),
-                scaling.pet_suvr_max,
-            )
-            totals += torch.tensor(
-                [float(out["bpd_pet_given_mri"]), float(out["bpd_mri"]), scores["mae_suvr"],
-                 scores["psnr_db"], scores["ssim"], 1.0],
-                dtype=torch.float64,
-            )  # fmt: skip
+    names = ("bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim")
+    totals = torch.zeros(len(names) + 1, dtype=torch.float64)
+    for row in rows[dist.rank :: dist.world_size]:
+        scores = score_scan(model, data, int(row), scaling, options, device)
+        totals += torch.tensor([scores[name] for name in names] + [1.0], dtype=torch.float64)
     if dist.enabled:
         import torch.distributed as tdist
 
@@ -524,9 +512,28 @@ def evaluate(
         tdist.all_reduce(on)
         totals = on.cpu()
     model.train()
-    n = max(float(totals[5]), 1.0)
-    names = ("bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim")
+    n = max(float(totals[-1]), 1.0)
     return {name: float(totals[i]) / n for i, name in enumerate(names)}
+
+
+def score_scan(
+    model: Any, data: PairedVolumes, row: int, scaling: IntensityScaling, options: TrainOptions, device: Any
+) -> dict[str, float]:
+    """One scan under ``model`` (in eval mode): bits per voxel (eq. 12 parts) and the image
+    metrics of its conditional mode (T = 0) against the true PET, in SUVR inside the mask."""
+    import torch
+
+    with torch.no_grad():
+        mri, pet, side = _batch(data, np.array([row]), scaling, options, device)
+        out = model.nll(mri, pet, side)
+        synth = model.sample(mri, side, temperature=0.0)[0, 0, 0].float().cpu().numpy()
+    scores = image_metrics(
+        np.asarray(data.pet[row], dtype=np.float32),
+        scaling.pet_from_model(synth),
+        np.asarray(data.mask[row]),
+        scaling.pet_suvr_max,
+    )
+    return {"bpd_pet_given_mri": float(out["bpd_pet_given_mri"]), "bpd_mri": float(out["bpd_mri"]), **scores}
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
