@@ -145,7 +145,7 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--memory-saving", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="group: recompute activations by inversion in backward (auto: on from depth 16).")
 @click.option("--template-centring/--no-template-centring", default=True, show_default=True,
-              help="group: centre the PET on the mean training PET (the model starts from the "
+              help="group: centre each image on its mean training image (the model starts from the "
                    "population mean PET); off = centre on 0.5 as in the paper.")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="group: bf16 autocast on CUDA.")
 @click.option("--resume", is_flag=True, help="group: continue from the last checkpoint in the work dir.")

@@ -36,7 +36,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,8 +115,8 @@ class TrainOptions:
     skip_bids_validation: bool = False
     mri_input: bool = True
     report: bool = True
-    # Centre the PET on the mean training PET (DualGlowConfig.template_shape): the model
-    # starts from the population mean PET and learns departures from it.
+    # Centre both images on the mean training image (DualGlowConfig.template_shape): the
+    # model starts from the population mean PET and learns departures from it.
     template_centring: bool = True
     # Which weights become the model: "best" = the epoch with the lowest validation
     # bpd(PET | MRI) (small cohorts overfit), "last" = the final epoch. Without a validation
@@ -455,14 +455,18 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
     )
 
 
-def mean_pet(data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling) -> Any:
-    """Voxel-wise mean of the model-scale PET over ``rows``: the centring template."""
+def mean_images(
+    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, options: TrainOptions
+) -> tuple[Any, Any]:
+    """Voxel-wise means of the model-scale MRI and PET over ``rows``: the centring templates."""
     import torch
 
-    total = np.zeros(data.pet.shape[1:], dtype=np.float64)
-    for first in range(0, len(rows), 8):
-        total += scaling.pet_to_model(np.asarray(data.pet[np.sort(rows[first : first + 8])])).sum(0)
-    return torch.from_numpy(total / len(rows)).float()[None]
+    sums = None
+    for mri, pet, _ in _batches(data, rows, scaling, options, torch.device("cpu"), 8):
+        batch_sums = (mri.double().sum(0), pet.double().sum(0))
+        sums = batch_sums if sums is None else (sums[0] + batch_sums[0], sums[1] + batch_sums[1])
+    assert sums is not None, "mean_images needs at least one row"
+    return (sums[0] / len(rows)).float(), (sums[1] / len(rows)).float()
 
 
 def _batch(
@@ -478,6 +482,14 @@ def _batch(
         mri = torch.zeros_like(mri)
     side = {"age": torch.from_numpy(data.age[rows]).to(device)} if "age" in options.side_info else None
     return mri, pet, side
+
+
+def _batches(
+    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, options: TrainOptions, device: Any, size: int
+) -> Iterator[tuple[Any, Any, dict[str, Any] | None]]:
+    """:func:`_batch` over ``rows``, ``size`` at a time."""
+    for first in range(0, len(rows), size):
+        yield _batch(data, rows[first : first + size], scaling, options, device)
 
 
 def evaluate(
@@ -623,8 +635,8 @@ def _train_loop(
     torch.manual_seed(options.seed)  # same initial weights on every rank
     model = DualGlow(config)
     if config.template_shape is not None:
-        # Every rank sees the same training rows, so every rank sets the same template.
-        model.set_pet_template(mean_pet(data, train_rows, scaling))
+        # Every rank sees the same training rows, so every rank sets the same templates.
+        model.set_templates(*mean_images(data, train_rows, scaling, options))
     model = model.to(device)
     model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
     log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
@@ -767,6 +779,11 @@ def _train_loop(
         if dist.is_main:
             log.info("keeping the weights of epoch %d (lowest validation bpd %.4f; --keep last for the final epoch's)",
                      selected, best["val_bpd"])  # fmt: skip
+    # Bound what the relation networks see to the training scans' MRI latents (see
+    # dualglow_app.model.dualglow, "Conditioning range"): a no-op on them, a guard elsewhere.
+    model.set_conditioning_range(
+        mri for mri, _, _ in _batches(data, train_rows, scaling, options, device, options.batch_size)
+    )
     final = {k.removeprefix("val_"): v for k, v in (history[selected - 1] if history else {}).items() if k.startswith("val_")}
     result = TrainResult(
         model_path=None, report_path=None, metrics_path=None, history=history, final_metrics=final,

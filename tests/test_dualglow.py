@@ -163,7 +163,7 @@ def test_fresh_centred_model_predicts_the_template_pet() -> None:
     mri, pet = images(batch=16)
     pet = 0.3 + 0.4 * pet  # off-centre, so 0.5-centring could not pass by accident
     model = DualGlow(tiny_config(template_shape=[8, 8]))
-    model.set_pet_template(pet.mean(0))
+    model.set_templates(mri.mean(0), pet.mean(0))
     model.train()
     model.nll(mri, pet)
     mode = model.sample(mri[:2], temperature=0.0)[0]
@@ -176,35 +176,34 @@ def test_fresh_centred_model_predicts_the_template_pet() -> None:
 
 
 def test_centring_is_a_shift_so_the_likelihood_only_moves_by_the_template() -> None:
-    """Centring the PET on a template is the same as feeding (pet - template + 0.5) to an
-    uncentred model; the MRI is not centred."""
+    """Centring on templates is the same as feeding (x - template + 0.5) to an uncentred model."""
     torch.manual_seed(0)
     mri, pet = images()
-    t_pet = torch.rand(1, 8, 8) * 0.5 + 0.25
+    t_mri, t_pet = torch.rand(1, 8, 8) * 0.5, torch.rand(1, 8, 8) * 0.5 + 0.25
     centred = DualGlow(tiny_config(template_shape=[8, 8]))
-    centred.set_pet_template(t_pet)
+    centred.set_templates(t_mri, t_pet)
     centred = trained_like(centred, mri, pet)
     plain = DualGlow(tiny_config())
     missing, unexpected = plain.load_state_dict(centred.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"pet_template"}
+    assert not missing and set(unexpected) == {"mri_template", "pet_template"}
     plain.eval()
     a = centred.nll(mri, pet)
-    b = plain.nll(mri, pet - t_pet + 0.5)
+    b = plain.nll(mri - t_mri + 0.5, pet - t_pet + 0.5)
     assert a["loss"].item() == pytest.approx(b["loss"].item(), rel=1e-5)
     mode = centred.sample(mri, temperature=0.0)[0]
-    shifted = plain.sample(mri, temperature=0.0)[0] + t_pet - 0.5
+    shifted = plain.sample(mri - t_mri + 0.5, temperature=0.0)[0] + t_pet - 0.5
     assert torch.allclose(mode, shifted, atol=1e-5)
 
 
 def test_centring_errors_name_the_shape() -> None:
     model = DualGlow(tiny_config(template_shape=[8, 8]))
     mri, pet = images(size=16)
-    with pytest.raises(ValueError, match=r"PET template of size \(8, 8\)"):
+    with pytest.raises(ValueError, match=r"templates of size \(8, 8\)"):
         model.nll(mri, pet)
     with pytest.raises(ValueError, match="expected \\(1, 8, 8\\)"):
-        model.set_pet_template(torch.zeros(1, 4, 4))
-    with pytest.raises(ValueError, match="no PET template"):
-        DualGlow(tiny_config()).set_pet_template(torch.zeros(1, 8, 8))
+        model.set_templates(torch.zeros(1, 4, 4), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="no templates"):
+        DualGlow(tiny_config()).set_templates(torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))
     with pytest.raises(ValueError, match="template_shape"):
         tiny_config(template_shape=[8, 8, 8])
 

@@ -9,23 +9,32 @@ Intensities: both images are expected scaled to [0, 1] (callers normalise); a va
 ``n_bins`` intensity bins, and the likelihood is that of the dequantised image (uniform noise
 of one bin width), reported in bits per voxel.
 
-Template centring (our addition, off unless ``DualGlowConfig.template_shape`` is set): the
-PET enters its flow minus a per-voxel template, the mean training PET, instead of minus the
-constant 0.5. A shift has unit Jacobian, so the likelihood is unchanged in meaning; what
-changes is the starting point: a new model's conditional mode is the population mean PET, and
-training spends its capacity on how each subject departs from it, which is where the MRI
-carries information. The group level turns it on (``--template-centring``). The MRI stays
-centred on 0.5: centred on a sharp mean MRI (phantoms share one anatomy) the MRI flow learnt
-to amplify small residuals, and a real brain's larger ones then blew its latents up (Colin27:
-latent RMS 29 instead of 5, synthetic SUVR in the hundreds).
+Template centring (our addition, off unless ``DualGlowConfig.template_shape`` is set): each
+modality enters its flow minus a per-voxel template, the mean training image, instead of
+minus the constant 0.5. A shift has unit Jacobian, so the likelihood is unchanged in meaning;
+what changes is the starting point: a new model's conditional mode is the population mean
+PET, and training spends its capacity on how each subject departs from it, which is where the
+MRI carries information. The group level turns it on (``--template-centring``).
+
+Conditioning range (our addition): each relation network sees the MRI latents clamped,
+channel by channel, to the range they took on the training scans (buffers set after training
+by :meth:`DualGlow.set_conditioning_range`; until then the range is unbounded). With the small
+lambda of eq. 12 the MRI flow is barely pulled towards its prior, so its latents are not
+standard normal and their scale is learnt from the training anatomy alone; a T1w unlike the
+training scans can then drive them far outside anything the relation networks were fitted on,
+and the PET flow's inverse turns that into nonsense (a demonstration model trained on phantoms,
+run on Colin27: latent RMS 29 against 12 on held-out phantoms, SUVR in the hundreds; clamped:
+SUVR 0.1-1.4, held-out phantoms unchanged). The clamp is a no-op on the training scans, so the
+likelihood trained on is untouched; :meth:`DualGlow.conditional_prior` also reports the share
+of latents that needed it, a measure of how unlike the training data an MRI is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +84,7 @@ class DualGlowConfig:
     continuous: dict[str, tuple[float, float]] = field(default_factory=dict)
     categorical: dict[str, int] = field(default_factory=dict)
     side_loss_weight: float = 0.01
-    # Spatial size of the per-voxel PET template the PET is centred on (see the module
+    # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
 
@@ -201,6 +210,15 @@ class SideHead(nn.Module):
         return self.bound * torch.tanh(raw / self.bound)
 
 
+class ConditionalPrior(NamedTuple):
+    """The PET latents' prior given an MRI, per level (coarse to fine as the flow emits them),
+    and per scan the share of MRI latents outside the training range (clamped)."""
+
+    mu: list[Tensor]
+    log_sigma: list[Tensor]
+    outside_fraction: Tensor
+
+
 class DualGlow(nn.Module):
     """Conditional flow MRI -> PET: flows f_m, f_p and per-level relation networks.
 
@@ -254,38 +272,86 @@ class DualGlow(nn.Module):
             )
         if cfg.template_shape is not None:
             shape = (1, cfg.in_channels, *cfg.template_shape)
-            # A buffer: saved with the weights, moved with .to(), never trained.
+            # Buffers: saved with the weights, moved with .to(), never trained.
+            self.register_buffer("mri_template", torch.full(shape, 0.5))
             self.register_buffer("pet_template", torch.full(shape, 0.5))
+        for i, c in enumerate(channels):
+            range_shape = (1, c, *([1] * cfg.ndim))
+            self.register_buffer(f"mri_latent_low_{i}", torch.full(range_shape, -math.inf))
+            self.register_buffer(f"mri_latent_high_{i}", torch.full(range_shape, math.inf))
 
     @torch.no_grad()
-    def set_pet_template(self, pet: Tensor) -> None:
-        """Set the PET centring template (the mean training PET on the [0, 1] scale), shaped
-        ``(in_channels, *template_shape)`` or with a leading 1; before training.
+    def set_templates(self, mri: Tensor, pet: Tensor) -> None:
+        """Set the centring templates (mean training images on the [0, 1] scale), each
+        shaped ``(in_channels, *template_shape)`` or with a leading 1; before training.
 
         Example:
             >>> model = DualGlow(DualGlowConfig(ndim=3, levels=1, depth=1, hidden=8, template_shape=[4, 4, 4]))
-            >>> model.set_pet_template(torch.full((1, 4, 4, 4), 0.6))
+            >>> model.set_templates(torch.full((1, 4, 4, 4), 0.2), torch.full((1, 4, 4, 4), 0.6))
             >>> round(float(model.pet_template.mean()), 3)
             0.6
         """
         if self.config.template_shape is None:
             raise ValueError(
-                "this model has no PET template; build it with DualGlowConfig(template_shape=[...]) to centre on one."
+                "this model has no templates; build it with DualGlowConfig(template_shape=[...]) to centre on them."
             )
-        target = self.get_buffer("pet_template")
-        value = torch.as_tensor(pet, dtype=target.dtype, device=target.device)
-        if value.numel() != target.numel():
-            raise ValueError(
-                f"the PET template has shape {tuple(value.shape)}; expected {tuple(target.shape[1:])} "
-                "(the mean training PET on the model grid)."
-            )
-        target.copy_(value.reshape(target.shape))
+        for name, value in (("mri_template", mri), ("pet_template", pet)):
+            target = self.get_buffer(name)
+            value = torch.as_tensor(value, dtype=target.dtype, device=target.device)
+            if value.numel() != target.numel():
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)}; expected {tuple(target.shape[1:])} "
+                    "(the mean training image on the model grid)."
+                )
+            target.copy_(value.reshape(target.shape))
 
     def _center(self, x: Tensor, modality: str) -> Tensor | float:
-        """What an image is centred on before its flow: the PET template, or 0.5."""
-        if modality == "pet" and self.config.template_shape is not None:
-            return self.get_buffer("pet_template").to(x.dtype)
-        return 0.5
+        """What an image is centred on before its flow: its template, or 0.5."""
+        if self.config.template_shape is None:
+            return 0.5
+        return self.get_buffer(f"{modality}_template").to(x.dtype)
+
+    def _latent_range(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.get_buffer(f"mri_latent_low_{i}"), self.get_buffer(f"mri_latent_high_{i}")
+
+    @torch.no_grad()
+    def set_conditioning_range(self, mri_batches: Iterable[Tensor]) -> None:
+        """Set the range the relation networks' MRI latents are clamped to (see the module
+        docstring): per level and channel, the minimum and maximum over ``mri_batches`` (the
+        training MRIs, ``(batch, in_channels, *spatial)`` on the [0, 1] scale). After training.
+
+        Example:
+            >>> model = DualGlow(DualGlowConfig(ndim=2, levels=1, depth=1, hidden=8))
+            >>> model.set_conditioning_range([torch.rand(2, 1, 8, 8)])
+            >>> bool(model.mri_latent_low_0.isfinite().all())
+            True
+        """
+        lows: list[Tensor] = []
+        highs: list[Tensor] = []
+        was_training = self.training
+        self.eval()
+        for x_mri in mri_batches:
+            self._check_image(x_mri, "x_mri")
+            zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
+            for i, z in enumerate(zm):
+                dims = [0, *range(2, z.dim())]
+                low, high = z.amin(dim=dims, keepdim=True), z.amax(dim=dims, keepdim=True)
+                if len(lows) <= i:
+                    lows.append(low)
+                    highs.append(high)
+                else:
+                    lows[i], highs[i] = torch.minimum(lows[i], low), torch.maximum(highs[i], high)
+        self.train(was_training)
+        if not lows:
+            raise ValueError("set_conditioning_range needs at least one batch of training MRIs.")
+        for i, (low, high) in enumerate(zip(lows, highs, strict=True)):
+            self.get_buffer(f"mri_latent_low_{i}").copy_(low)
+            self.get_buffer(f"mri_latent_high_{i}").copy_(high)
+
+    @property
+    def has_conditioning_range(self) -> bool:
+        """Whether :meth:`set_conditioning_range` has bounded the relation networks' inputs."""
+        return bool(self.get_buffer("mri_latent_low_0").isfinite().all())
 
     @property
     def memory_saving(self) -> bool:
@@ -332,7 +398,7 @@ class DualGlow(nn.Module):
         spatial = tuple(x.shape[2:])
         if cfg.template_shape is not None and list(spatial) != cfg.template_shape:
             raise ValueError(
-                f"{name} has spatial size {spatial}; this model is centred on a PET template of size "
+                f"{name} has spatial size {spatial}; this model is centred on templates of size "
                 f"{tuple(cfg.template_shape)}: resample the image onto the model's grid."
             )
         if any(s % factor for s in spatial):
@@ -408,6 +474,8 @@ class DualGlow(nn.Module):
         return y + self._center(y, modality) - 0.5 / self.config.n_bins
 
     def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
+        low, high = self._latent_range(i)
+        zm = torch.clamp(zm, min=low.to(zm.dtype), max=high.to(zm.dtype))
         if c is not None and i == len(self.relations) - 1:
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
@@ -496,6 +564,22 @@ class DualGlow(nn.Module):
         return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
 
     @torch.no_grad()
+    def conditional_prior(self, x_mri: Tensor, side: SideInput | None = None) -> ConditionalPrior:
+        """p(zp | zm, c) for each MRI (eq. 10-11, 16) and the share of its MRI latents that
+        fell outside the training range and were clamped (0 for a model without one)."""
+        self._check_image(x_mri, "x_mri")
+        encoded = self._encode_side(side, x_mri.shape[0], x_mri)
+        c = encoded[0] if encoded is not None else None
+        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
+        outside = x_mri.new_zeros(x_mri.shape[0])
+        for i, z in enumerate(zm):
+            low, high = self._latent_range(i)
+            outside += ((z < low) | (z > high)).flatten(1).sum(1).to(outside.dtype)
+        outside /= sum(z[0].numel() for z in zm)
+        priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
+        return ConditionalPrior([p[0] for p in priors], [p[1] for p in priors], outside)
+
+    @torch.no_grad()
     def sample(
         self,
         x_mri: Tensor,
@@ -509,7 +593,17 @@ class DualGlow(nn.Module):
         zp_i = mu_i(zm_i) + temperature * sigma_i(zm_i) * eps, eps ~ N(0, I); temperature 0
         gives the conditional mode of the latents, deterministically (then all n are equal).
         """
-        self._check_image(x_mri, "x_mri")
+        return self.sample_prior(self.conditional_prior(x_mri, side), temperature, n, generator)
+
+    @torch.no_grad()
+    def sample_prior(
+        self,
+        prior: ConditionalPrior,
+        temperature: float = 1.0,
+        n: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """:meth:`sample` from a prior :meth:`conditional_prior` has already computed."""
         if temperature < 0 or not math.isfinite(temperature):
             raise ValueError(
                 f"temperature={temperature}; expected a finite value >= 0 (0 = mode, 1 = the model's spread)."
@@ -520,15 +614,11 @@ class DualGlow(nn.Module):
             log.warning(
                 "sampling from a DualGlow that has never seen data: the output is meaningless"
             )
-        encoded = self._encode_side(side, x_mri.shape[0], x_mri)
-        c = encoded[0] if encoded is not None else None
-        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
-        priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
         # One sample at a time: a full-size 3D inverse pass per sample bounds peak memory.
         samples = []
         for _ in range(n):
             zp = []
-            for mu, log_sigma in priors:
+            for mu, log_sigma in zip(prior.mu, prior.log_sigma, strict=True):
                 if temperature == 0:
                     zp.append(mu)
                 else:
@@ -540,4 +630,4 @@ class DualGlow(nn.Module):
         return torch.stack(samples)
 
 
-__all__ = ["AGE_SCALING", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]
+__all__ = ["AGE_SCALING", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]
