@@ -64,6 +64,10 @@ def main() -> None:
     train, test = data(labels(args.train)), data(labels(args.test))
     mean_pet = np.asarray(train.pet).mean(axis=0)
     synthetic = dualglow_predict(model, np.asarray(test.mri), np.asarray(test.age), torch.device("cpu"))
+    # How many of each held-out scan's MRI latents the conditioning range clamped.
+    outside = [float(model.conditional_prior(torch.from_numpy(scaling.mri_to_model(np.asarray(mri)))[None, None],
+                                             {"age": torch.tensor([float(age)])}).outside_fraction[0])
+               for mri, age in zip(test.mri, test.age, strict=True)]  # fmt: skip
     rows = []
     for i, label in enumerate(test.labels):
         mask = np.asarray(test.mask[i]) > 0
@@ -87,9 +91,12 @@ def main() -> None:
     wins = [f"{paired[k]['dualglow_better']}/{paired[k]['n']} (p {paired[k]['wilcoxon_p']:.2g})"
             for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")]  # fmt: skip
     print(f"{'DUAL-GLOW better on':<22}{wins[0]:>12}  {wins[1]}  {wins[2]}  {wins[3]}")
+    print(f"MRI latents outside the training range: mean {100 * np.mean(outside):.3f} %, "
+          f"max {100 * np.max(outside):.3f} % of a scan's")
     if args.json:
         args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels, "summary": summary,
-                                         "paired": paired, "rows": rows}, indent=1, default=float))  # fmt: skip
+                                         "paired": paired, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},
+                                        indent=1, default=float))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,14 +13,18 @@ model card.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualglow_app.bids import find_scans  # noqa: E402
+from dualglow_app.bids import find_scans, sidecar_path  # noqa: E402
 from dualglow_app.io import atomic_path, write_json  # noqa: E402
 from dualglow_app.log import setup_logging  # noqa: E402
 from dualglow_app.report import figure_to_png  # noqa: E402
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="model file (default: the shipped model)")
     parser.add_argument("--t1w", type=Path, default=DEFAULT_T1W, help="a real T1w (default: Colin27 of mricron-data)")
     parser.add_argument("--age", type=float, default=70.0, help="age (years) to synthesize at")
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--png", type=Path, required=True, help="where to write the montage")
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temporary one)")
     parser.add_argument("--nprocs", type=int, default=2)
@@ -54,16 +60,24 @@ def main() -> None:
         write_json(bids / "dataset_description.json", {"Name": "Colin27 (mricron-data)", "BIDSVersion": "1.9.0"})
         options = ParticipantOptions(
             bids_dir=bids, output_dir=Path(tmp) / "out", work_dir=args.work or Path(tmp) / "work",
-            weights=str(args.weights) if args.weights else None, age=args.age, samples=4, temperature=0.7,
+            weights=str(args.weights) if args.weights else None, age=args.age, samples=args.samples, temperature=args.temperature,
             nprocs=args.nprocs, skip_bids_validation=True,
         )  # fmt: skip
         summary = run_participant(options)
         if summary.exit_code:
             sys.exit(f"participant level failed: {summary.describe()}")
         scan = find_scans(bids)[0]
+        planned = planned_outputs(scan, options)
         with atomic_path(args.png) as tmp_png:
-            tmp_png.write_bytes(figure_to_png(scan_montage(planned_outputs(scan, options)), dpi=80))
+            tmp_png.write_bytes(figure_to_png(scan_montage(planned), dpi=80))
+        sidecar = json.loads(sidecar_path(planned["mean"]).read_text(encoding="utf-8"))
+        suvr = np.asarray(nib.load(planned["mean"]).dataobj)
+    brain = suvr[suvr > 0]
     print(f"montage: {args.png}")
+    print(f"synthetic SUVR in the brain: 1st/50th/99th percentile {np.percentile(brain, 1):.2f} / "
+          f"{np.median(brain):.2f} / {np.percentile(brain, 99):.2f}, max {brain.max():.2f}")
+    print(f"clipped to the model's range: {100 * sidecar['ClippedFraction']:.2f} %; MRI latents outside the "
+          f"training range: {100 * sidecar.get('LatentsOutsideTrainingRange', float('nan')):.2f} %")
 
 
 if __name__ == "__main__":

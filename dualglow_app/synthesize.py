@@ -320,16 +320,21 @@ def scan_seed(seed: int, subject: str, session: str | None) -> int:
 
 
 class Drawn(NamedTuple):
-    """What :func:`draw` returns: voxelwise mean and SD (None for one sample) in SUVR, and the
-    share of in-brain sample values that left the model's intensity range and were clipped."""
+    """What :func:`draw` returns: voxelwise mean and SD (None for one sample) in SUVR, the
+    share of in-brain sample values that left the model's intensity range and were clipped,
+    and the share of the T1w's MRI latents outside the range seen in training (None for a
+    model without one; see ``DualGlow.conditional_prior``)."""
 
     mean: np.ndarray
     sd: np.ndarray | None
     clipped_fraction: float
+    latents_outside: float | None
 
 
 #: Above this share of clipped in-brain values the scan is flagged as unlike the training data.
 CLIPPED_WARNING = 0.01
+#: Above this share of MRI latents outside the training range, likewise.
+LATENT_WARNING = 0.05
 
 
 def draw(
@@ -354,13 +359,15 @@ def draw(
             raise ScanError(f"model {model.name} is conditioned on age: pass an age in years")
         side = {"age": torch.tensor([float(age)], device=model.device)}
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    drawn = model.model.sample(x, side, temperature=temperature, n=samples, generator=generator)
+    prior = model.model.conditional_prior(x, side)
+    drawn = model.model.sample_prior(prior, temperature=temperature, n=samples, generator=generator)
+    latents_outside = float(prior.outside_fraction[0]) if model.model.has_conditioning_range else None
     suvr, outside = model.scaling.synthetic_pet(drawn[:, 0, 0].cpu().numpy())
     clipped = float(outside[:, brain_mask].mean()) if brain_mask.any() else 0.0
     suvr = suvr * brain_mask[None]
     mean = suvr.mean(axis=0, dtype=np.float64).astype(np.float32)
     sd = suvr.std(axis=0, ddof=1, dtype=np.float64).astype(np.float32) if samples > 1 else None
-    return Drawn(mean, sd, clipped)
+    return Drawn(mean, sd, clipped, latents_outside)
 
 
 @contextlib.contextmanager
@@ -484,12 +491,17 @@ def synthesize_scan(scan: Scan, model: SynthesisModel, options: ParticipantOptio
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     seed = scan_seed(options.seed, scan.subject, scan.session)
     conditioning_age = age if model.uses_age else None
-    mean, sd, clipped = draw(model, t1_data, mask, conditioning_age, options.samples, options.temperature, seed)
+    mean, sd, clipped, latents_outside = draw(model, t1_data, mask, conditioning_age, options.samples,
+                                              options.temperature, seed)  # fmt: skip
     timings["sample"] = time.perf_counter() - start
     if clipped > CLIPPED_WARNING:
         log.warning("%s: %.1f%% of the synthetic brain values fell outside the model's range (0-%g SUVR) and "
                     "were clipped: this T1w may be unlike the model's training data; check the report",
                     scan.t1w.name, 100 * clipped, model.scaling.pet_suvr_max)  # fmt: skip
+    if latents_outside is not None and latents_outside > LATENT_WARNING:
+        log.warning("%s: %.1f%% of its MRI latents lie outside the range of the model's training scans and were "
+                    "clamped: this T1w is unlike the training data, read the synthetic PET with care",
+                    scan.t1w.name, 100 * latents_outside)  # fmt: skip
 
     start = time.perf_counter()
     source_t1w = bids_uri(options.bids_dir, scan.t1w)
@@ -514,12 +526,16 @@ def synthesize_scan(scan: Scan, model: SynthesisModel, options: ParticipantOptio
         written.append(write_json(sidecar_path(planned[role]), {**extra, "SpatialReference": source_t1w}))
 
     write_mni("t1w", t1_data, _t1w_sidecar(t1, source_t1w))
-    # Share of in-brain sample values clipped to the model's range: near 0 for scans like the
-    # training data; a few percent or more flags an input the model does not know.
-    mean_fields = {"Description": _describe(model, options, age, "mean"), **common, "ClippedFraction": round(clipped, 6)}
+    # How far the T1w is from the training data: the share of in-brain sample values clipped to
+    # the model's range and of MRI latents clamped to the training range; near 0 for scans like
+    # the training data, a few percent or more flags an input the model does not know.
+    fit = {"ClippedFraction": round(clipped, 6)}
+    if latents_outside is not None:
+        fit["LatentsOutsideTrainingRange"] = round(latents_outside, 6)
+    mean_fields = {"Description": _describe(model, options, age, "mean"), **common, **fit}
     write_mni("mean", mean, mean_fields)
     mean_uri = f"bids::{planned['mean'].relative_to(options.output_dir).as_posix()}"
-    sd_fields = {"Description": _describe(model, options, age, "sd"), **common, "ClippedFraction": round(clipped, 6),
+    sd_fields = {"Description": _describe(model, options, age, "sd"), **common, **fit,
                  "Sources": [source_t1w, mean_uri]}  # fmt: skip
     if sd is not None:
         write_mni("sd", sd, sd_fields)
@@ -813,6 +829,10 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
     if clipped is not None:
         flag = " (high: this T1w may be unlike the training data)" if clipped > CLIPPED_WARNING else ""
         rows.append(["brain values clipped to the model's range", f"{100 * clipped:.2f} %{flag}"])
+    outside = sidecar.get("LatentsOutsideTrainingRange")
+    if outside is not None:
+        flag = " (high: this T1w is unlike the training data)" if outside > LATENT_WARNING else ""
+        rows.append(["MRI latents outside the training range", f"{100 * outside:.2f} %{flag}"])
     report.add_table(["", ""], rows)
     report.add_figure(
         scan_montage(planned),

@@ -782,7 +782,7 @@ def _train_loop(
     # Bound what the relation networks see to the training scans' MRI latents (see
     # dualglow_app.model.dualglow, "Conditioning range"): a no-op on them, a guard elsewhere.
     model.set_conditioning_range(
-        mri for mri, _, _ in _batches(data, train_rows, scaling, options, device, options.batch_size)
+        (mri, side) for mri, _, side in _batches(data, train_rows, scaling, options, device, options.batch_size)
     )
     final = {k.removeprefix("val_"): v for k, v in (history[selected - 1] if history else {}).items() if k.startswith("val_")}
     result = TrainResult(

@@ -33,7 +33,7 @@ import torch
 from dualglow_app import __version__
 from dualglow_app.io import file_sha256
 from dualglow_app.log import get_logger
-from dualglow_app.model.dualglow import DualGlow, DualGlowConfig
+from dualglow_app.model.dualglow import CONDITIONING_RANGE_BUFFERS, DualGlow, DualGlowConfig
 
 log = get_logger(__name__)
 
@@ -161,7 +161,7 @@ def load_model(
         state = load_file(str(tensors_path), device="cpu")
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Models written before the conditioning range existed load unbounded (as trained).
-        missing = [key for key in missing if not key.startswith("mri_latent_")]
+        missing = [key for key in missing if not key.startswith(CONDITIONING_RANGE_BUFFERS)]
         if missing or unexpected:
             raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     except (SafetensorError, RuntimeError) as err:

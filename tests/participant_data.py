@@ -65,6 +65,7 @@ def make_model(
     ages: Sequence[float],
     steps: int = 10,
     with_age: bool = True,
+    conditioning_range: bool = True,
     **config: int,
 ) -> Path:
     """Train a small DualGlow on (T1w, pseudo-PET) pairs on ``grid`` and save it with the
@@ -92,6 +93,8 @@ def make_model(
         optimizer.zero_grad()
         model.nll(mri, pet, side)["loss"].backward()
         optimizer.step()
+    if conditioning_range:
+        model.set_conditioning_range([(mri, side)])
     model.eval()
     metadata = {
         "grid": grid.to_dict(),

@@ -87,7 +87,8 @@ def models(session_env: None, cohort: Path, work: Path, tmp_path_factory: pytest
     folder = tmp_path_factory.mktemp("models")
     return {
         "age": make_model(folder / "tiny-age", GRID, images, [65, 75], steps=8),
-        "plain": make_model(folder / "tiny-plain", GRID, images, [65, 75], steps=1, with_age=False),
+        "plain": make_model(folder / "tiny-plain", GRID, images, [65, 75], steps=1, with_age=False,
+                            conditioning_range=False),  # as written before the range existed
     }
 
 
@@ -155,8 +156,11 @@ def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Resu
     assert (meta["Age"], meta["AgeSource"]) == (SESSION_AGES["a"], "bids:raw:sub-003/sub-003_sessions.tsv")
     assert (meta["Seed"], meta["Samples"], meta["Temperature"], meta["DemonstrationModel"]) == (7, 3, 0.7, True)
     assert "SoftwareVersion" in meta and 0.0 <= meta["ClippedFraction"] <= 1.0
+    assert 0.0 <= meta["LatentsOutsideTrainingRange"] <= 1.0
     sub01 = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-synthetic_pet.json").read_text())
     assert (sub01["Age"], sub01["AgeSource"]) == (participant_ages(cohort)["001"], "bids:raw:participants.tsv")
+    # sub-001 is a training scan of the model: none of its MRI latents is outside the range.
+    assert sub01["LatentsOutsideTrainingRange"] <= 1e-3
     sweep = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
     assert (sweep["Age"], sweep["AgeSource"]) == (80.0, "--age-sweep")
     description = json.loads((out / "dataset_description.json").read_text())
@@ -353,9 +357,9 @@ def test_draw_clips_to_the_model_range_and_reports_how_much(session_env: None, m
     wild = torch.full((1, 1, 1, *GRID.shape), 0.5)
     wild[..., :2, :, :] = 40.0  # 2 of the grid's x-slices far above the ceiling
     wild[..., 2, :, :] = float("nan")
-    monkeypatch.setattr(model.model, "sample", lambda *args, **kwargs: wild)
+    monkeypatch.setattr(model.model, "sample_prior", lambda *args, **kwargs: wild)
     mask = np.ones(GRID.shape, bool)
-    mean, _, clipped = draw(model, np.zeros(GRID.shape, np.float32), mask, 70.0, 1, 0.0, seed=0)
+    mean, _, clipped, _ = draw(model, np.zeros(GRID.shape, np.float32), mask, 70.0, 1, 0.0, seed=0)
     assert clipped == pytest.approx(3 / GRID.shape[0])
     assert np.nanmax(mean) == pytest.approx(model.scaling.pet_suvr_max) and np.isfinite(mean).all()
     assert mean[5, 5, 5] == pytest.approx(0.5 * model.scaling.pet_suvr_max)

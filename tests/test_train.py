@@ -121,6 +121,14 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     train_rows = [data.labels.index(label) for label in meta["training"]["subjects"]]
     expected_pet = IntensityScaling().pet_to_model(np.asarray(data.pet)[train_rows]).mean(0)
     assert np.allclose(model.pet_template[0, 0].numpy(), expected_pet, atol=1e-5)
+    expected_mri = IntensityScaling().mri_to_model(np.asarray(data.mri)[train_rows]).mean(0)
+    assert np.allclose(model.mri_template[0, 0].numpy(), expected_mri, atol=1e-5)
+    # Conditioning range: set from the training scans, so none of theirs is outside it; the
+    # validation scans were not used for it.
+    assert model.has_conditioning_range
+    scaled = torch.from_numpy(IntensityScaling().mri_to_model(np.asarray(data.mri)[train_rows]))[:, None]
+    ages = {"age": torch.from_numpy(np.asarray(data.age)[train_rows])}
+    assert model.conditional_prior(scaled, ages).outside_fraction.max().item() <= 1e-3
 
     rows = result.metrics_path.read_text().splitlines()
     assert rows[0].startswith("epoch\tstep") and len(rows) == 1 + 3

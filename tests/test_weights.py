@@ -12,6 +12,7 @@ import torch
 
 from dualglow_app import weights
 from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig
+from dualglow_app.model.dualglow import CONDITIONING_RANGE_BUFFERS
 from dualglow_app.model.flows import ActNorm
 from dualglow_app.weights import ModelFileError, file_sha256, load_model, model_paths, save_model
 
@@ -70,6 +71,31 @@ def test_loaded_model_gives_identical_outputs(model: DualGlow, tmp_path: Path) -
     assert torch.equal(
         loaded.sample(mri, SIDE, temperature=0.0), model.sample(mri, SIDE, temperature=0.0)
     )
+
+
+def test_conditioning_range_is_saved_and_older_files_without_it_load_unbounded(
+    model: DualGlow, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model.set_conditioning_range([(images()[0], SIDE)])
+    loaded, _ = load_model(save_model(model, tmp_path / "m"))
+    assert loaded.has_conditioning_range
+    # A file written before the range existed: the same tensors minus its buffers.
+    tensors = load_file(str(tmp_path / "m.safetensors"))
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(CONDITIONING_RANGE_BUFFERS)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    info = json.loads((tmp_path / "m.json").read_text())
+    info["sha256"] = file_sha256(tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    older, _ = load_model(tmp_path / "m")
+    assert not older.has_conditioning_range
+    # Anything else missing is still refused.
+    save_file({k: v for k, v in tensors.items() if not k.startswith("relations.0")}, str(tmp_path / "m.safetensors"))
+    info["sha256"] = file_sha256(tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="do not fit the model"):
+        load_model(tmp_path / "m")
 
 
 def test_actnorm_init_survives_load_and_never_reruns(model: DualGlow, tmp_path: Path) -> None:
