@@ -334,7 +334,7 @@ class Drawn(NamedTuple):
 #: Above this share of clipped in-brain values the scan is flagged as unlike the training data.
 CLIPPED_WARNING = 0.01
 #: Above this share of MRI latents outside the training range, likewise.
-LATENT_WARNING = 0.05
+LATENT_WARNING = 0.01
 
 
 def draw(
