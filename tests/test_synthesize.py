@@ -275,9 +275,30 @@ def test_a_model_without_age_needs_none(session_env: None, cohort: Path, work: P
     assert result.exit_code == 0, result.output
     meta = json.loads(next((tmp_path / "out" / "sub-002" / "pet").glob("*desc-synthetic_pet.json")).read_text())
     assert "Age" not in meta and "conditional mode" in meta["Description"]
+    assert "LatentsOutsideTrainingRange" not in meta  # a model file from before the range
     sweep = invoke(bids, tmp_path / "out2", "participant", "--weights", models["plain"], "-w", work,
                    "--skip-bids-validation", "--age-sweep", "60", "70")
     assert sweep.exit_code == 2 and "not conditioned on age" in sweep.output
+
+
+def test_a_t1w_unlike_the_training_data_is_flagged(session_env: None, cohort: Path, work: Path, models: dict[str, Path],
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Many MRI latents outside the training range: a warning naming the T1w, the share in
+    the sidecar and a flagged row in the report."""
+    from dualglow_app import synthesize
+
+    real_draw = synthesize.draw
+    monkeypatch.setattr(synthesize, "draw", lambda *a, **k: real_draw(*a, **k)._replace(latents_outside=0.2))
+    caplog.set_level("WARNING", logger="dualglow")
+    out = tmp_path / "out"
+    options = ParticipantOptions(cohort, out, weights=models["age"], work_dir=work, participant_labels=["002"],
+                                 skip_bids_validation=True, output_res=4)  # fmt: skip
+    assert run_participant(options).exit_code == 0
+    assert "sub-002_T1w.nii.gz: 20.0% of its MRI latents lie outside" in caplog.text
+    meta = json.loads(next((out / "sub-002" / "pet").glob("*desc-synthetic_pet.json")).read_text())
+    assert meta["LatentsOutsideTrainingRange"] == 0.2
+    assert "20.00 % (high: this T1w is unlike the training data)" in (out / "sub-002.html").read_text()
 
 
 @pytest.mark.parametrize(
