@@ -390,7 +390,7 @@ class DualGlow(nn.Module):
 
     @property
     def has_conditioning_range(self) -> bool:
-        """Whether :meth:`set_conditioning_range` has bounded the relation networks' inputs."""
+        """Whether :meth:`set_conditioning_range` has bounded the relation networks' inputs and outputs."""
         return bool(self.get_buffer("mri_latent_low_0").isfinite().all())
 
     @property
