@@ -330,16 +330,20 @@ class DualGlow(nn.Module):
             return 0.5
         return self.get_buffer(f"{modality}_template").to(x.dtype)
 
+    def _range(self, name: str, i: int) -> tuple[Tensor, Tensor]:
+        """The buffers of conditioning range ``name`` at level ``i``: (low, high)."""
+        return self.get_buffer(f"{name}_low_{i}"), self.get_buffer(f"{name}_high_{i}")
+
     def _bounded(self, name: str, i: int, x: Tensor) -> Tensor:
         """``x`` clamped to the conditioning range ``name`` of level ``i``."""
-        low, high = self.get_buffer(f"{name}_low_{i}"), self.get_buffer(f"{name}_high_{i}")
+        low, high = self._range(name, i)
         return torch.clamp(x, min=low.to(x.dtype), max=high.to(x.dtype))
 
     def _outside(self, name: str, i: int, x: Tensor) -> Tensor:
         """Per batch item, how many values of ``x`` lie outside range ``name`` of level ``i``,
         by more than 0.1 % of its width: a training scan's own extremes, recomputed in another
         batch, can come out a rounding error beyond them."""
-        low, high = self.get_buffer(f"{name}_low_{i}"), self.get_buffer(f"{name}_high_{i}")
+        low, high = self._range(name, i)
         slack = 1e-3 * (high - low)
         return ((x < low - slack) | (x > high + slack)).flatten(1).sum(1)
 
@@ -367,16 +371,13 @@ class DualGlow(nn.Module):
         def widen(name: str, i: int, x: Tensor) -> None:
             low_name, high_name = f"{name}_low_{i}", f"{name}_high_{i}"
             # Reduce over the batch and over every axis the buffer has size 1 on.
-            dims = [d for d in range(x.dim()) if self.get_buffer(low_name).shape[d] == 1]
+            dims = [d for d in range(x.dim()) if self._range(name, i)[0].shape[d] == 1]
             low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
             bounds[low_name] = torch.minimum(bounds[low_name], low) if low_name in bounds else low
             bounds[high_name] = torch.maximum(bounds[high_name], high) if high_name in bounds else high
 
         for x_mri, side in batches:
-            self._check_image(x_mri, "x_mri")
-            encoded = self._encode_side(side, x_mri.shape[0], x_mri)
-            c = encoded[0] if encoded is not None else None
-            zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
+            zm, c = self._mri_latents(x_mri, side)
             for i, z in enumerate(zm):
                 mu, log_sigma = self._relation(i, z, c)
                 widen("mri_latent", i, z)
@@ -602,14 +603,18 @@ class DualGlow(nn.Module):
         """Whether every ActNorm has seen data (i.e. the model was trained or loaded)."""
         return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
 
+    def _mri_latents(self, x_mri: Tensor, side: SideInput | None) -> tuple[list[Tensor], Tensor | None]:
+        """The MRI's latents (each value mid-bin, no noise) and the encoded side information."""
+        self._check_image(x_mri, "x_mri")
+        encoded = self._encode_side(side, x_mri.shape[0], x_mri)
+        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
+        return zm, encoded[0] if encoded is not None else None
+
     @torch.no_grad()
     def conditional_prior(self, x_mri: Tensor, side: SideInput | None = None) -> ConditionalPrior:
         """p(zp | zm, c) for each MRI (eq. 10-11, 16) and the share of its MRI latents that
         fell outside the training range and were clamped (0 for a model without one)."""
-        self._check_image(x_mri, "x_mri")
-        encoded = self._encode_side(side, x_mri.shape[0], x_mri)
-        c = encoded[0] if encoded is not None else None
-        zm, _ = self.flow_mri(self._dequantize(x_mri, noise=False, modality="mri"))
+        zm, c = self._mri_latents(x_mri, side)
         outside = sum(self._outside("mri_latent", i, z) for i, z in enumerate(zm))
         fraction = torch.as_tensor(outside, device=x_mri.device) / sum(z[0].numel() for z in zm)
         priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
