@@ -21,11 +21,11 @@ import torch
 from scipy.stats import wilcoxon
 
 from dualglow_app.data import IntensityScaling
-from dualglow_app.evaluate import dualglow_predict
-from dualglow_app.grid import PRESETS, ModelGrid
+from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset
+from dualglow_app.grid import ModelGrid
+from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import image_metrics
-from dualglow_app.train import TrainOptions, prepare_dataset
 from dualglow_app.weights import load_model
 
 
@@ -51,23 +51,19 @@ def main() -> None:
     model, info = load_model(args.weights)
     grid = ModelGrid.from_dict(info["metadata"]["grid"])
     scaling = IntensityScaling.from_dict(info["metadata"]["intensity"])
-    assert scaling == IntensityScaling(), "the prediction helper assumes the default scaling"
 
-    preset = next(name for name, g in PRESETS.items() if g == grid)
-
-    def data(subjects: list[str]):  # type: ignore[no-untyped-def]
-        options = TrainOptions(args.bids_dir, args.work_dir / "unused-out", work_dir=args.work_dir,
-                               participant_labels=subjects, skip_bids_validation=True,
-                               grid=preset, side_info=["age"])
-        return prepare_dataset(options)
+    def data(subjects: list[str]) -> PairedVolumes:
+        return prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=tuple(subjects),
+                                           side_info=("age",)))  # fmt: skip
 
     train, test = data(labels(args.train)), data(labels(args.test))
     mean_pet = np.asarray(train.pet).mean(axis=0)
-    synthetic = dualglow_predict(model, np.asarray(test.mri), np.asarray(test.age), torch.device("cpu"))
-    # How many of each held-out scan's MRI latents the conditioning range clamped.
-    outside = [float(model.conditional_prior(torch.from_numpy(scaling.mri_to_model(np.asarray(mri)))[None, None],
-                                             {"age": torch.tensor([float(age)])}).outside_fraction[0])
-               for mri, age in zip(test.mri, test.age, strict=True)]  # fmt: skip
+    # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
+    predictions = [predict(model, scaling, np.asarray(mri), np.asarray(mask), {"age": float(age)})
+                   for mri, mask, age in zip(test.mri, test.mask, test.age, strict=True)]  # fmt: skip
+    synthetic = [p.mean for p in predictions]
+    # How many of each held-out scan's MRI latents the conditioning range clamped (0 without one).
+    outside = [p.latents_outside or 0.0 for p in predictions]
     rows = []
     for i, label in enumerate(test.labels):
         mask = np.asarray(test.mask[i]) > 0

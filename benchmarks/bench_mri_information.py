@@ -23,14 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualglow_app.bids import find_scans  # noqa: E402
 from dualglow_app.data import IntensityScaling  # noqa: E402
+from dualglow_app.dataset import prepare_dataset, split_subjects  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
-from dualglow_app.train import TrainOptions, prepare_dataset, score_scan, split_subjects, train  # noqa: E402
+from dualglow_app.options import TrainOptions  # noqa: E402
+from dualglow_app.train import train  # noqa: E402
+from dualglow_app.validation import score_scan  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 RUNS = {"with MRI": True, "MRI zeroed": False}
@@ -64,15 +66,16 @@ def main() -> None:
             model_name=f"mri-information-{'with' if mri_input else 'zeroed'}-s{args.subjects}",
             report=False, skip_bids_validation=True, keep="last",  # no selection on the scored scans
         )  # fmt: skip
-        data = prepare_dataset(options)
+        data = prepare_dataset(options.dataset_spec)
         start = time.perf_counter()
         result = train(options, data=data)
         _, val_rows = split_subjects(data.subjects, options.val_fraction, options.seed)
         last = result.history[-10:]
         results[name] = {
             # The group level's own per-scan validation scoring (mri_input=False zeroes the MRI).
-            "scans": [{"label": data.labels[r], **score_scan(result.model.eval(), data, int(r), IntensityScaling(), options,
-                                                              torch.device("cpu"))} for r in val_rows],  # fmt: skip
+            "scans": [{"label": data.labels[r], **score_scan(result.model.eval(), data, int(r), IntensityScaling(),
+                                                              options.side_info, options.mri_input)}
+                      for r in val_rows],  # fmt: skip
             "val_bpd_last10_mean": float(np.mean([h["val_bpd_pet_given_mri"] for h in last])),
             "val_bpd_history": [h["val_bpd_pet_given_mri"] for h in result.history],
             "train_seconds": time.perf_counter() - start,

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
-from dualglow_app.synthesize import ParticipantOptions, run_participant  # noqa: E402
+from dualglow_app.options import ParticipantOptions  # noqa: E402
+from dualglow_app.synthesize import run_participant  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 

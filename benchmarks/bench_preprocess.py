@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from dualglow_app.grid import ModelGrid, preset  # noqa: E402
+from dualglow_app.imaging import resample_to  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
 from dualglow_app.preprocess import native_to_grid, preprocess_pet, preprocess_t1w  # noqa: E402
-from dualglow_app.templates import resample_to  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic_pairs import paired_volumes  # noqa: E402
 
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
-from dualglow_app.train import TrainOptions, resolve_grid, train  # noqa: E402
+from dualglow_app.options import TrainOptions  # noqa: E402
+from dualglow_app.train import train  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 
@@ -58,7 +59,7 @@ def main() -> None:
             epochs=args.epochs, val_fraction=0.0, device=args.device, nprocs=args.threads,
             skip_bids_validation=True, report=False,
         )  # fmt: skip
-        grid = resolve_grid(options)
+        grid = options.model_grid
         data = paired_volumes(args.subjects, shape=grid.shape)
         data.grid = grid
         if torch.cuda.is_available() and args.device != "cpu":

@@ -25,15 +25,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualglow_app.bids import find_scans, sidecar_path  # noqa: E402
+from dualglow_app.derivatives import planned_outputs  # noqa: E402
 from dualglow_app.io import atomic_path, write_json  # noqa: E402
 from dualglow_app.log import setup_logging  # noqa: E402
+from dualglow_app.options import ParticipantOptions  # noqa: E402
+from dualglow_app.participant_report import scan_montage  # noqa: E402
 from dualglow_app.report import figure_to_png  # noqa: E402
-from dualglow_app.synthesize import (  # noqa: E402
-    ParticipantOptions,
-    planned_outputs,
-    run_participant,
-    scan_montage,
-)
+from dualglow_app.synthesize import run_participant  # noqa: E402
 
 DEFAULT_T1W = Path("/usr/share/mricron/templates/ch2.nii.gz")
 

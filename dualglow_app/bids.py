@@ -323,6 +323,42 @@ def validate_dataset(dataset_dir: os.PathLike[str] | str, extra_args: Iterable[s
     return ValidationResult(errors=errors, warnings=warnings)
 
 
+def check_bids_dataset(bids_dir: os.PathLike[str] | str) -> None:
+    """Run bids-validator-deno on ``bids_dir``; errors raise :class:`BIDSInputError` (one line,
+    the first three and the fix). Without the validator installed: a warning, no check."""
+    try:
+        result = validate_dataset(bids_dir)
+    except FileNotFoundError:
+        log.warning("bids-validator-deno is not installed; the input was not validated")
+        return
+    for warning in sorted(set(result.warnings))[:10]:
+        log.debug("BIDS validator warning: %s", warning)
+    if not result.ok:
+        errors = sorted(set(result.errors))
+        shown = "; ".join(errors[:3]) + (" ..." if len(errors) > 3 else "")
+        raise BIDSInputError(
+            f"{bids_dir}: bids-validator-deno found {len(errors)} error(s) ({shown}); "
+            "fix them, or pass --skip-bids-validation"
+        )
+
+
+def is_phantom_cohort(bids_dir: os.PathLike[str] | str) -> bool:
+    """Whether ``bids_dir`` is the synthetic cohort of ``dualglow-phantom`` (a demonstration)."""
+    bids_dir = Path(bids_dir)
+    try:
+        data = json.loads((bids_dir / "dataset_description.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    generators = [g.get("Name", "") for g in data.get("GeneratedBy", []) if isinstance(g, dict)]
+    if "dualglow-phantom" in generators:
+        return True
+    text = str(data.get("Name", ""))
+    readme = next((p for p in bids_dir.glob("README*") if p.is_file()), None)
+    if readme is not None:
+        text += readme.read_text(encoding="utf-8", errors="replace")[:5000]
+    return "dualglow-phantom" in text or "dualglow phantom" in text.lower()
+
+
 def sidecar_path(image_path: os.PathLike[str] | str) -> Path:
     """The JSON sidecar beside a derivative image (``..._pet.nii.gz`` -> ``..._pet.json``)."""
     path = Path(image_path)

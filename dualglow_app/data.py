@@ -1,17 +1,10 @@
-"""The bridge between preprocessed images and the model: intensity scales and model metadata.
+"""The bridge between preprocessed images and the model: the intensity scale.
 
 Preprocessing gives a brain-masked T1w already on [0, 1] (robust percentiles) and a PET in
 SUVR units. The flow models intensities on [0, 1] in ``n_bins`` bins, so PET SUVR is divided
-by ``pet_suvr_max``. The scaling travels with the weights (``metadata["intensity"]``), so
-synthesis maps samples back to SUVR exactly as training mapped them in.
-
-Model-file metadata keys written by the group level and read by the participant level:
-
-- ``grid``: :meth:`dualglow_app.grid.ModelGrid.to_dict` of the grid the model was trained on
-- ``intensity``: :meth:`IntensityScaling.to_dict`
-- ``side_info``: the covariate names the model is conditioned on (e.g. ``["age"]``)
-- ``demonstration``: true when trained on the synthetic phantom cohort
-- ``training``: free-form facts (subjects, epochs, seed, validation metrics, hardware)
+by ``pet_suvr_max``. The scaling travels with the weights (``ModelMetadata.intensity`` in
+:mod:`dualglow_app.weights`, which owns the rest of a model file's metadata), so synthesis
+maps samples back to SUVR exactly as training mapped them in.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ are centred on (0, -18, 5) mm and cover 160 x 192 x 160 mm, which holds it with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 
 SPACE = "MNI152NLin2009cAsym"
 BRAIN_CENTRE_MM = (0.0, -18.0, 5.0)
+#: The presets' box (mm); ``resolve_grid(grid_mm=...)`` keeps it.
+GRID_EXTENT_MM = (160.0, 192.0, 160.0)
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,26 @@ def preset(name: str) -> ModelGrid:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model grid {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def resolve_grid(name: str = "cpu4mm", grid_mm: float | None = None, levels: int | None = None) -> ModelGrid:
+    """The model grid: preset ``name``, or ``grid_mm`` voxels over the presets' 160 x 192 x 160
+    mm box (sides rounded up to multiples of ``2 ** levels``); ``levels`` defaults to the
+    preset's (3 with ``grid_mm``).
+
+    Example::
+
+        >>> resolve_grid(grid_mm=5.0).shape
+        (32, 40, 32)
+        >>> resolve_grid("cpu4mm", levels=2).levels
+        2
+    """
+    if grid_mm is None:
+        grid = preset(name)
+        if levels is None or levels == grid.levels:
+            return grid
+        return ModelGrid(grid.voxel_size, grid.shape, grid.origin, levels=levels)
+    levels = levels or 3
+    step = 2**levels
+    shape = tuple(int(math.ceil(extent / grid_mm / step) * step) for extent in GRID_EXTENT_MM)
+    return ModelGrid.centred(grid_mm, shape, levels=levels)  # type: ignore[arg-type]

@@ -52,15 +52,10 @@ import nibabel as nib
 import numpy as np
 
 from dualglow_app.grid import ModelGrid
+from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import file_sha256
 from dualglow_app.log import get_logger
-from dualglow_app.templates import (
-    REFERENCE_REGIONS,
-    get_template,
-    load_nifti,
-    reference_region,
-    resample_to,
-)
+from dualglow_app.templates import REFERENCE_REGIONS, get_template, reference_region
 
 if TYPE_CHECKING:
     import ants
@@ -397,6 +392,31 @@ def _register_t1w(
     }
 
 
+def image_on_grid(data: np.ndarray, grid: ModelGrid) -> nib.Nifti1Image:
+    """``data`` as a NIfTI image on ``grid`` (units mm)."""
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm")
+    return nib.Nifti1Image(data, grid.affine, header)
+
+
+def _t1w_transforms(
+    ras: nib.Nifti1Image, folder: Path, source: Path, facts: dict[str, Any], options: T1wOptions,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], bool]:
+    """The cached skull strip + registration of a T1w (computed into ``folder`` when missing,
+    its meta.json recording ``facts`` about the input): the meta and whether it was cached."""
+    meta = _read_meta(folder)
+    if meta is not None:
+        _LOG.info("%s: reusing transforms from %s", source.name, folder)
+        return meta, True
+    _LOG.info("%s: skull strip, N4, registration to MNI152NLin2009cAsym", source.name)
+    with _cache_entry(folder) as tmp:
+        meta = _register_t1w(ras, tmp, options, timings)
+        meta.update({"source": str(source), **facts, "options": asdict(options)})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta, False
+
+
 def preprocess_t1w(
     t1w: str | os.PathLike[str],
     grid: ModelGrid,
@@ -434,19 +454,8 @@ def preprocess_t1w(
     with _itk_threads(nprocs):
         import ants
 
-        meta = _read_meta(folder)
-        from_cache = meta is not None
-        if meta is None:
-            _LOG.info("%s: skull strip, N4, registration to MNI152NLin2009cAsym", source.name)
-            with _cache_entry(folder) as tmp:
-                meta = _register_t1w(ras, tmp, options, timings)
-                meta.update({"source": str(source), "sha256": digest, "options": asdict(options)})
-                meta["native_affine"] = native_affine.tolist()
-                meta["native_shape"] = list(native_shape)
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        else:
-            _LOG.info("%s: reusing transforms from %s", source.name, folder)
-
+        facts = {"sha256": digest, "native_affine": native_affine.tolist(), "native_shape": list(native_shape)}
+        meta, from_cache = _t1w_transforms(ras, folder, source, facts, options, timings)
         forward = [str(folder / name) for name in meta["forward"]]
         brain = ants.image_read(str(folder / "brain.nii.gz"))
         brain_mask = ants.image_read(str(folder / "brain_mask.nii.gz"))
@@ -465,14 +474,12 @@ def preprocess_t1w(
     low, high = (float(v) for v in np.percentile(values[mask], options.percentiles))
     scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0) * mask
     timings["total"] = time.perf_counter() - start
-    header = nib.Nifti1Header()
-    header.set_xyzt_units("mm")
     return T1wResult(
         source=source,
         sha256=digest,
         grid=grid,
-        image=nib.Nifti1Image(scaled.astype(np.float32), grid.affine, header),
-        brain_mask=nib.Nifti1Image(mask.astype(np.uint8), grid.affine, header),
+        image=image_on_grid(scaled.astype(np.float32), grid),
+        brain_mask=image_on_grid(mask.astype(np.uint8), grid),
         forward_transforms=[Path(p) for p in forward],
         inverse_transforms=[folder / name for name in meta["inverse"]],
         inverse_invert=list(meta["inverse_invert"]),
@@ -488,6 +495,60 @@ def preprocess_t1w(
 
 
 # --------------------------------------------------------------------------- PET path
+
+
+def _pet_to_t1w(
+    moving: Any, t1w: T1wResult, folder: Path, source: Path, digest: str, options: PETOptions,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], bool]:
+    """The cached rigid PET -> T1w transform (Mattes MI against the skull-stripped,
+    bias-corrected T1w; computed into ``folder`` when missing): its meta and whether cached."""
+    import ants
+
+    meta = _read_meta(folder)
+    if meta is not None:
+        _LOG.info("%s: reusing PET -> T1w transform from %s", source.name, folder)
+        return meta, True
+    _LOG.info("%s: rigid coregistration to the T1w (mutual information)", source.name)
+    start = time.perf_counter()
+    brain = ants.image_read(str(t1w.native_brain))
+    # Rigid alignment needs no 1 mm detail; a 2 mm T1w makes MI 8x cheaper.
+    fixed = ants.resample_image(brain, (2.0, 2.0, 2.0), False, 0)
+    with _cache_entry(folder) as tmp:
+        reg = ants.registration(
+            fixed=fixed,
+            moving=moving,
+            type_of_transform="Rigid",
+            aff_metric="mattes",
+            aff_iterations=tuple(options.rigid_iterations),
+            aff_shrink_factors=(4, 2, 1)[-len(options.rigid_iterations) :],
+            aff_smoothing_sigmas=(2, 1, 0)[-len(options.rigid_iterations) :],
+            outprefix=str(tmp / "pet2t1w_"),
+        )
+        meta = {"rigid": Path(reg["fwdtransforms"][0]).name, "source": str(source)}
+        meta.update({"sha256": digest, "t1w_sha256": t1w.sha256})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    timings["coregistration"] = time.perf_counter() - start
+    return meta, False
+
+
+def _suvr(warped: np.ndarray, t1w: T1wResult, options: PETOptions, source: Path) -> tuple[np.ndarray, float]:
+    """PET on the grid divided by its mean in the reference region (0 outside the brain when
+    ``options.mask_brain``), and that mean."""
+    brain = np.asarray(t1w.brain_mask.dataobj) > 0
+    region_path = reference_region(options.reference_region, 1 if t1w.grid.voxel_size < 2 else 2)
+    region = resample_to(load_nifti(region_path), t1w.grid.affine, t1w.grid.shape, order=1) > 0.5
+    region &= brain
+    if region.sum() < 3:
+        raise PreprocessError(
+            f"{source}: reference region {options.reference_region!r} is (almost) outside the "
+            "brain on this grid; pick another region or a larger grid"
+        )
+    reference = float(warped[region].mean())
+    if not reference > 0:
+        raise PreprocessError(f"{source}: mean uptake in the {options.reference_region} is {reference:.3g}")
+    suvr = warped / reference
+    return (suvr * brain if options.mask_brain else suvr), reference
 
 
 def preprocess_pet(
@@ -525,30 +586,7 @@ def preprocess_pet(
         import ants
 
         moving = to_ants(np.asarray(mean_img.dataobj, dtype=np.float32), mean_img.affine)
-        meta = _read_meta(folder)
-        from_cache = meta is not None
-        if meta is None:
-            _LOG.info("%s: rigid coregistration to the T1w (mutual information)", source.name)
-            brain = ants.image_read(str(t1w.native_brain))
-            # Rigid alignment needs no 1 mm detail; a 2 mm T1w makes MI 8x cheaper.
-            fixed = ants.resample_image(brain, (2.0, 2.0, 2.0), False, 0)
-            with _cache_entry(folder) as tmp:
-                reg = ants.registration(
-                    fixed=fixed,
-                    moving=moving,
-                    type_of_transform="Rigid",
-                    aff_metric="mattes",
-                    aff_iterations=tuple(options.rigid_iterations),
-                    aff_shrink_factors=(4, 2, 1)[-len(options.rigid_iterations) :],
-                    aff_smoothing_sigmas=(2, 1, 0)[-len(options.rigid_iterations) :],
-                    outprefix=str(tmp / "pet2t1w_"),
-                )
-                meta = {"rigid": Path(reg["fwdtransforms"][0]).name, "source": str(source)}
-                meta.update({"sha256": digest, "t1w_sha256": t1w.sha256})
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            timings["coregistration"] = time.perf_counter() - start
-        else:
-            _LOG.info("%s: reusing PET -> T1w transform from %s", source.name, folder)
+        meta, from_cache = _pet_to_t1w(moving, t1w, folder, source, digest, options, timings)
         rigid = folder / meta["rigid"]
         target = grid_reference(t1w.grid.affine, t1w.grid.shape)
         transforms = [str(p) for p in t1w.forward_transforms] + [str(rigid)]
@@ -556,30 +594,13 @@ def preprocess_pet(
             target, _anti_alias(moving, t1w.grid.voxel_size), transforms, interpolator="linear"
         ).numpy()
 
-    brain = np.asarray(t1w.brain_mask.dataobj) > 0
-    region_path = reference_region(options.reference_region, 1 if t1w.grid.voxel_size < 2 else 2)
-    region_img = load_nifti(region_path)
-    region = resample_to(region_img, t1w.grid.affine, t1w.grid.shape, order=1) > 0.5
-    region &= brain
-    if region.sum() < 3:
-        raise PreprocessError(
-            f"{source}: reference region {options.reference_region!r} is (almost) outside the "
-            "brain on this grid; pick another region or a larger grid"
-        )
-    reference = float(warped[region].mean())
-    if not reference > 0:
-        raise PreprocessError(f"{source}: mean uptake in the {options.reference_region} is {reference:.3g}")
-    suvr = warped / reference
-    if options.mask_brain:
-        suvr = suvr * brain
+    suvr, reference = _suvr(warped, t1w, options, source)
     timings["total"] = time.perf_counter() - start
-    header = nib.Nifti1Header()
-    header.set_xyzt_units("mm")
     return PETResult(
         source=source,
         sha256=digest,
         grid=t1w.grid,
-        image=nib.Nifti1Image(suvr.astype(np.float32), t1w.grid.affine, header),
+        image=image_on_grid(suvr.astype(np.float32), t1w.grid),
         rigid_transform=rigid,
         reference_region=options.reference_region,
         reference_value=reference,

@@ -48,6 +48,7 @@ from typing import TypeVar
 import nibabel as nib
 import numpy as np
 
+from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import package_dir, save_nifti
 from dualglow_app.log import get_logger
 
@@ -78,11 +79,6 @@ class TemplateFiles:
     mask: Path
     resolution: int
     source: str
-
-
-def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:
-    """``nib.load`` typed as the NIfTI image it returns for the files handled here."""
-    return nib.load(path)  # type: ignore[return-value]
 
 
 def tf_name(resolution: int, suffix: str) -> str:
@@ -205,17 +201,6 @@ def tf_grid(resolution: int) -> tuple[np.ndarray, tuple[int, int, int]]:
     affine = np.diag([float(resolution)] * 3 + [1.0])
     affine[:3, 3] = (-96.0, -132.0, -78.0)
     return affine, shape  # type: ignore[return-value]
-
-
-def resample_to(img: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Resample ``img`` onto the grid (affine, shape) in world space, spline ``order``."""
-    from scipy import ndimage
-
-    vox = np.linalg.inv(img.affine) @ affine
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return ndimage.affine_transform(
-        data, vox[:3, :3], vox[:3, 3], output_shape=shape, order=order, mode="constant", cval=0.0
-    )
 
 
 def _from_wheel(resolution: int) -> tuple[Path, Path]:

@@ -1,13 +1,23 @@
-"""The one place that reads and writes model files.
+"""The one place that reads and writes model files and training checkpoints.
 
 A model is a pair ``NAME.safetensors`` (tensors only; no pickle) + ``NAME.json``:
 
-    {"format": "dualglow-model", "format_version": 1, "package_version": "...",
+    {"format": "dualglow-model", "format_version": 2, "package_version": "...",
      "created": "...", "tensors_file": "NAME.safetensors", "sha256": "<of the tensors file>",
-     "config": {DualGlowConfig.to_dict()}, "metadata": {free-form: training, model grid, ...}}
+     "config": {DualGlowConfig.to_dict()}, "metadata": {ModelMetadata.to_dict()}}
 
 Loading rebuilds the model from ``config``, refuses a missing or mismatching hash, and loads
-the state dict with strict key matching.
+the state dict with strict key matching. Format versions:
+
+- 1: the conditioning range as model buffers ``<what>_{low,high}_<level>`` (or absent in files
+  written before it existed: they load unbounded, as trained);
+- 2: the conditioning range as ``conditioning_range.<level>.*`` (one module per level).
+
+Files of version 1 are migrated on load; every file this version writes is version 2.
+The metadata the stages rely on (model grid, intensity scale, covariates, demonstration flag)
+is :class:`ModelMetadata`, written by the group level and checked by :func:`open_model`.
+Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) are torch files read with
+``weights_only=True``: data, never code.
 
 Example:
     >>> import tempfile
@@ -25,20 +35,26 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dualglow_app import __version__
+from dualglow_app.data import IntensityScaling
+from dualglow_app.grid import ModelGrid
 from dualglow_app.io import file_sha256
 from dualglow_app.log import get_logger
-from dualglow_app.model.dualglow import CONDITIONING_RANGE_BUFFERS, DualGlow, DualGlowConfig
+from dualglow_app.model.conditioning import legacy_state_keys
+from dualglow_app.model.dualglow import DualGlow, DualGlowConfig
 
 log = get_logger(__name__)
 
 FORMAT = "dualglow-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this release reads (older ones are migrated on load).
+READABLE_FORMAT_VERSIONS = (1, 2)
 _SUFFIXES = (".safetensors", ".json")
 
 
@@ -62,15 +78,17 @@ def _write_atomically(path: Path, write: Any) -> None:
 
 
 def save_model(
-    model: DualGlow, path_or_stem: str | os.PathLike[str], metadata: dict[str, Any] | None = None
+    model: DualGlow, path_or_stem: str | os.PathLike[str], metadata: ModelMetadata | dict[str, Any] | None = None
 ) -> Path:
     """Write ``NAME.safetensors`` + ``NAME.json``; returns the ``.safetensors`` path.
 
-    ``metadata`` must be JSON-able (training options, data grid, metrics, ...).
+    ``metadata`` is a :class:`ModelMetadata` (what the stages read) or any JSON-able dict.
     """
     from safetensors.torch import save_file
 
     tensors_path, json_path = model_paths(path_or_stem)
+    if isinstance(metadata, ModelMetadata):
+        metadata = metadata.to_dict()
     try:
         meta_json = json.loads(json.dumps(metadata or {}))
     except (TypeError, ValueError) as err:
@@ -116,10 +134,11 @@ def read_model_info(path_or_stem: str | os.PathLike[str]) -> dict[str, Any]:
         raise ModelFileError(
             f'{json_path}: not a dualglow model description (no "format": "{FORMAT}").'
         )
-    if info.get("format_version") != FORMAT_VERSION:
+    if info.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ModelFileError(
             f"{json_path}: format_version {info.get('format_version')!r}, this dualglow ({__version__}) "
-            f"reads {FORMAT_VERSION}; use the dualglow version that wrote it ({info.get('package_version')})."
+            f"reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))}; use the dualglow version that wrote it "
+            f"({info.get('package_version')})."
         )
     return info
 
@@ -159,9 +178,9 @@ def load_model(
     model = DualGlow(config)
     try:
         state = load_file(str(tensors_path), device="cpu")
+        if info["format_version"] == 1:
+            state = _migrate_v1(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        # Models written before the conditioning range existed load unbounded (as trained).
-        missing = [key for key in missing if not key.startswith(CONDITIONING_RANGE_BUFFERS)]
         if missing or unexpected:
             raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     except (SafetensorError, RuntimeError) as err:
@@ -173,6 +192,17 @@ def load_model(
     model.to(device).eval()
     log.info("loaded model %s (sha256 %s)", tensors_path, actual[:12])
     return model, info
+
+
+def _migrate_v1(state: dict[str, torch.Tensor], model: DualGlow) -> dict[str, torch.Tensor]:
+    """Format 1 -> 2: rename the conditioning-range buffers; a file written before the range
+    existed gets the model's unbounded one (it loads as it was trained)."""
+    renames = legacy_state_keys(len(model.conditioning_range))
+    migrated = {renames.get(key, key): value for key, value in state.items()}
+    for key, value in model.state_dict().items():
+        if key.startswith("conditioning_range.") and key not in migrated:
+            migrated[key] = value
+    return migrated
 
 
 DEFAULT_MODEL = "dualglow-phantom-demo"
@@ -225,9 +255,152 @@ def resolve_weights(name_or_path: str | os.PathLike[str] | None = None) -> Path:
     raise WeightsNotFoundError(f"model {given!r} not found; looked for {looked}; {hint}.")
 
 
+# --------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class ModelMetadata:
+    """What the stages read from a model file besides the weights (``NAME.json["metadata"]``).
+
+    ``grid``: the model grid the model was trained on (None only for models that are not for
+    synthesis, e.g. 2D test models); ``intensity``: the [0, 1] <-> SUVR scaling;
+    ``side_info``: the covariate names it is conditioned on (e.g. ``["age"]``);
+    ``demonstration``: trained on the synthetic phantom cohort; ``training``: free-form facts
+    (subjects, epochs, seed, validation metrics, hardware, options).
+
+    >>> meta = ModelMetadata(grid=None, side_info=["age"])
+    >>> ModelMetadata.from_dict(meta.to_dict()) == meta
+    True
+    """
+
+    grid: ModelGrid | None
+    intensity: IntensityScaling = field(default_factory=IntensityScaling)
+    side_info: list[str] = field(default_factory=list)
+    demonstration: bool = False
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "grid": None if self.grid is None else self.grid.to_dict(),
+            "intensity": self.intensity.to_dict(),
+            "side_info": list(self.side_info),
+            "demonstration": self.demonstration,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: os.PathLike[str] | str = "metadata") -> ModelMetadata:
+        """Parse and check; a bad grid or intensity raises :class:`ModelFileError` naming ``source``."""
+        try:
+            grid = ModelGrid.from_dict(data["grid"]) if data.get("grid") is not None else None
+            intensity = IntensityScaling.from_dict(data.get("intensity") or {})
+        except (KeyError, TypeError, ValueError) as err:
+            raise ModelFileError(f"{source}: bad grid or intensity metadata ({err}).") from err
+        return cls(
+            grid=grid, intensity=intensity, side_info=list(data.get("side_info") or []),
+            demonstration=bool(data.get("demonstration", False)), training=dict(data.get("training") or {}),
+        )  # fmt: skip
+
+
+@dataclass
+class LoadedModel:
+    """A verified model ready for synthesis: the network and what its file says about it.
+
+    ``name`` is the file stem, ``sha256`` the tensors file's hash, ``device`` where it runs.
+    """
+
+    model: DualGlow
+    path: Path
+    name: str
+    sha256: str
+    metadata: ModelMetadata
+    device: Any
+
+    @property
+    def grid(self) -> ModelGrid:
+        assert self.metadata.grid is not None, "open_model refuses models without a grid"
+        return self.metadata.grid
+
+    @property
+    def scaling(self) -> IntensityScaling:
+        return self.metadata.intensity
+
+    @property
+    def side_names(self) -> list[str]:
+        return list(self.model.config.side_names)
+
+    @property
+    def uses_age(self) -> bool:
+        return "age" in self.side_names
+
+    @property
+    def demonstration(self) -> bool:
+        return self.metadata.demonstration
+
+
+def open_model(weights: str | os.PathLike[str] | None, device: Any = "cpu") -> LoadedModel:
+    """Resolve (:func:`resolve_weights`), verify and load a model for synthesis on ``device``:
+    a trained 3D model with a model grid in its metadata."""
+    path = resolve_weights(weights)
+    model, info = load_model(path, device=device)
+    json_path = model_paths(path)[1]
+    metadata = ModelMetadata.from_dict(info.get("metadata") or {}, json_path)
+    if metadata.grid is None:
+        raise ModelFileError(
+            f"{json_path}: no model grid in the metadata; re-save the model with ModelMetadata(grid=...)."
+        )
+    if model.config.ndim != 3:
+        raise ModelFileError(f"{json_path}: a {model.config.ndim}D model; synthesis needs a 3D one.")
+    if not model.is_initialized:
+        raise ModelFileError(f"{json_path}: the model was never trained (ActNorm not initialised); use trained weights.")
+    return LoadedModel(model, path, path.name.removesuffix(".safetensors"), str(info["sha256"]), metadata, device)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: os.PathLike[str] | str, state: dict[str, Any]) -> Path:
+    """Write a training checkpoint atomically (tensors, numbers, strings, lists and dicts only)."""
+    from dualglow_app.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def load_checkpoint(path: os.PathLike[str] | str, device: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`, never unpickling code.
+
+    A truncated or foreign file raises :class:`ModelFileError` with one line naming it and the fix.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelFileError(
+            f"{path}: not a dualglow checkpoint (it holds Python objects, which are never unpickled); "
+            "delete it, or drop --resume to start afresh."
+        ) from err
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise ModelFileError(
+            f"{path}: unreadable checkpoint ({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}); "
+            "delete it, or drop --resume to start afresh."
+        ) from err
+    if not isinstance(state, dict) or "model" not in state:
+        raise ModelFileError(f"{path}: not a dualglow checkpoint; delete it, or drop --resume to start afresh.")
+    return state
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "FORMAT_VERSION",
+    "LoadedModel",
+    "ModelMetadata",
+    "load_checkpoint",
+    "open_model",
+    "save_checkpoint",
     "WeightsNotFoundError",
     "ModelFileError",
     "file_sha256",

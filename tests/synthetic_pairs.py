@@ -14,12 +14,17 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pytest
 
+from dualglow_app.dataset import PairedVolumes
 from dualglow_app.grid import ModelGrid
-from dualglow_app.train import PairedVolumes, TrainOptions, train
+from dualglow_app.options import TrainOptions
+from dualglow_app.train import train
 
 SHAPE = (16, 16, 16)
 
@@ -56,6 +61,31 @@ def tiny_options(out: Path | str, work: Path | str, **overrides: Any) -> TrainOp
     )  # fmt: skip
     settings.update(overrides)
     return TrainOptions(**settings)
+
+
+def fake_preprocessing(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
+    """Replace the slow registration by grid-sized volumes; subjects in ``fail`` raise."""
+    from dualglow_app import preprocess
+
+    calls = {"t1w": 0}
+
+    def t1w(path: Path, grid: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
+        calls["t1w"] += 1
+        if any(f"sub-{label}_" in Path(path).name for label in fail):
+            raise preprocess.InputImageError(f"{path}: the image is all zeros")
+        volumes = paired_volumes(1, seed=calls["t1w"], shape=grid.shape)
+        return SimpleNamespace(
+            image=nib.Nifti1Image(volumes.mri[0], grid.affine),
+            brain_mask=nib.Nifti1Image(volumes.mask[0], grid.affine),
+            pet=volumes.pet[0], grid=grid,
+        )  # fmt: skip
+
+    def pet(path: Path, t1: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
+        return SimpleNamespace(image=nib.Nifti1Image(t1.pet, t1.grid.affine))
+
+    monkeypatch.setattr(preprocess, "preprocess_t1w", t1w)
+    monkeypatch.setattr(preprocess, "preprocess_pet", pet)
+    return calls
 
 
 def ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:

@@ -11,6 +11,7 @@ from scipy import ndimage
 from synthetic import make_subject
 
 from dualglow_app.grid import PRESETS, ModelGrid, preset
+from dualglow_app.imaging import resample_to
 from dualglow_app.preprocess import (
     InputImageError,
     PETOptions,
@@ -24,7 +25,7 @@ from dualglow_app.preprocess import (
     preprocess_t1w,
     to_ants,
 )
-from dualglow_app.templates import get_template, resample_to
+from dualglow_app.templates import get_template
 
 # --------------------------------------------------------------------------- model grid
 

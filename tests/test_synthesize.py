@@ -28,17 +28,10 @@ from dualglow_app.bids import (
     write_bidsignore,
 )
 from dualglow_app.cli import main
+from dualglow_app.derivatives import age_label, planned_outputs
 from dualglow_app.grid import preset
-from dualglow_app.synthesize import (
-    ParticipantOptions,
-    ParticipantUsageError,
-    age_label,
-    draw,
-    load_synthesis_model,
-    planned_outputs,
-    run_participant,
-    scan_seed,
-)
+from dualglow_app.options import ParticipantOptions, ParticipantUsageError
+from dualglow_app.synthesize import run_participant
 from dualglow_app.weights import WeightsNotFoundError, resolve_weights
 
 MNI = "MNI152NLin2009cAsym"
@@ -75,7 +68,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def models(session_env: None, cohort: Path, work: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """``age``: conditioned on age; ``plain``: no side information. Trained on the cohort's
     preprocessed T1w, which also fills the shared preprocessing cache."""
-    import torch
 
     from dualglow_app.preprocess import preprocess_t1w
 
@@ -288,8 +280,8 @@ def test_a_t1w_unlike_the_training_data_is_flagged(session_env: None, cohort: Pa
     the sidecar and a flagged row in the report."""
     from dualglow_app import synthesize
 
-    real_draw = synthesize.draw
-    monkeypatch.setattr(synthesize, "draw", lambda *a, **k: real_draw(*a, **k)._replace(latents_outside=0.2))
+    real = synthesize.synthesize
+    monkeypatch.setattr(synthesize, "synthesize", lambda *a, **k: real(*a, **k)._replace(latents_outside=0.2))
     caplog.set_level("WARNING", logger="dualglow")
     out = tmp_path / "out"
     options = ParticipantOptions(cohort, out, weights=models["age"], work_dir=work, participant_labels=["002"],
@@ -354,44 +346,6 @@ def test_interrupted_write_leaves_no_partial_file(session_env: None, cohort: Pat
 # --------------------------------------------------------------------------- units
 
 
-def test_draw_is_reproducible_and_seed_dependent(session_env: None, models: dict[str, Path]) -> None:
-    model = load_synthesis_model(models["age"], "cpu")
-    rng = np.random.default_rng(0)
-    t1 = (rng.random(GRID.shape) * 0.8).astype(np.float32)
-    mask = np.ones(GRID.shape, bool)
-    first = draw(model, t1, mask, 70.0, 3, 0.7, seed=5)
-    again = draw(model, t1, mask, 70.0, 3, 0.7, seed=5)
-    other = draw(model, t1, mask, 70.0, 3, 0.7, seed=6)
-    assert first[0].tobytes() == again[0].tobytes() and first[1] is not None
-    assert not np.array_equal(first[0], other[0])
-    mode, sd, _, _ = draw(model, t1, mask, 70.0, 1, 0.0, seed=5)
-    assert sd is None and np.array_equal(mode, draw(model, t1, mask, 70.0, 1, 0.0, seed=9)[0])
-    older = draw(model, t1, mask, 90.0, 1, 0.0, seed=5)[0]
-    assert not np.array_equal(mode, older)  # the age reaches the output
-
-
-def test_draw_clips_to_the_model_range_and_reports_how_much(session_env: None, models: dict[str, Path],
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """A flow's inverse is unbounded: values outside [0, 1] (model scale) are clipped to the
-    training range, and their in-brain share is returned for the sidecar and the warning."""
-    model = load_synthesis_model(models["age"], "cpu")
-    wild = torch.full((1, 1, 1, *GRID.shape), 0.5)
-    wild[..., :2, :, :] = 40.0  # 2 of the grid's x-slices far above the ceiling
-    wild[..., 2, :, :] = float("nan")
-    monkeypatch.setattr(model.model, "sample_prior", lambda *args, **kwargs: wild)
-    mask = np.ones(GRID.shape, bool)
-    mean, _, clipped, _ = draw(model, np.zeros(GRID.shape, np.float32), mask, 70.0, 1, 0.0, seed=0)
-    assert clipped == pytest.approx(3 / GRID.shape[0])
-    assert np.nanmax(mean) == pytest.approx(model.scaling.pet_suvr_max) and np.isfinite(mean).all()
-    assert mean[5, 5, 5] == pytest.approx(0.5 * model.scaling.pet_suvr_max)
-
-
-def test_scan_seed_is_stable_and_distinct() -> None:
-    assert scan_seed(0, "01", None) == scan_seed(0, "01", None)
-    seeds = {scan_seed(0, "01", None), scan_seed(0, "02", None), scan_seed(0, "01", "a"), scan_seed(1, "01", None)}
-    assert len(seeds) == 4 and all(0 <= s < 2**63 for s in seeds)
-
-
 def test_age_labels_are_bids_safe() -> None:
     assert age_label(60) == "age60" and age_label(72.5) == "age72p5"
 
@@ -426,3 +380,79 @@ def test_bidsignore_keeps_other_tools_patterns(tmp_path: Path) -> None:
     write_bidsignore(tmp_path, ["*.html", "extra/"])
     write_bidsignore(tmp_path, ["*.html"])
     assert (tmp_path / ".bidsignore").read_text() == "extra/\n*.html\n"
+
+
+# --------------------------------------------------------------------------- pinned outputs
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _close(got: object, want: object, where: str) -> None:
+    """Equal, with floats to 1e-4 (relative) so another CPU's rounding passes, a changed output not."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            _close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and not isinstance(want, bool):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-4), where
+    elif isinstance(want, str) and isinstance(got, str) and _number(want) is not None:
+        assert _number(got) == pytest.approx(_number(want), rel=1e-4, abs=1e-4), where
+    else:
+        assert got == want, where
+
+
+def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The participant level with the shipped model on a fixed preprocessed T1w (its own mean
+    training T1w; registration is replaced because ANTs is not run-to-run reproducible): every
+    derivative, sidecar and table matches what dualglow 92b201d wrote before the architecture
+    change (images by their axis profiles; tests/data/participant_outputs_pinned.json)."""
+    from types import SimpleNamespace
+
+    from dualglow_app import __version__, preprocess
+    from dualglow_app.weights import open_model
+
+    t1w = open_model("dualglow-phantom-demo").model.mri_template[0, 0].numpy().astype(np.float32)
+
+    def fixed_t1w(path: Path, grid: object, work_dir: object, nprocs: int = 2, options: object = None) -> object:
+        affine = grid.affine  # type: ignore[attr-defined]
+        mask = (t1w > 0.05).astype(np.uint8)
+        return SimpleNamespace(image=nib.Nifti1Image(t1w, affine), brain_mask=nib.Nifti1Image(mask, affine),
+                               intensity_range=(100.0, 1000.0), grid=grid)  # fmt: skip
+
+    monkeypatch.setattr(preprocess, "preprocess_t1w", fixed_t1w)
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "pin", "BIDSVersion": "1.10.0"}))
+    (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t72\n")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    options = ParticipantOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", samples=2, temperature=0.7,
+                                 age_sweep=(60, 85), skip_bids_validation=True, report=False, nprocs=1)  # fmt: skip
+    assert run_participant(options).exit_code == 0
+    pinned_text = (Path(__file__).parent / "data" / "participant_outputs_pinned.json").read_text()
+    pinned = json.loads(pinned_text.replace('"0.1.0"', json.dumps(__version__)).replace("dualglow 0.1.0.", f"dualglow {__version__}."))
+    got: dict[str, object] = {}
+    for path in sorted((tmp_path / "out").rglob("*")):
+        name = path.relative_to(tmp_path / "out").as_posix()
+        if not path.is_file() or name.startswith("logs/"):
+            continue
+        if name.endswith(".nii.gz"):
+            image = nib.load(path)
+            data = np.asarray(image.dataobj, dtype=np.float64)
+            got[name] = {"shape": list(data.shape), "affine": image.affine.tolist(),
+                         "profiles": [data.sum(axis=tuple(a for a in range(3) if a != k)).tolist() for k in range(3)]}  # fmt: skip
+        elif name.endswith(".json") and name != "dataset_description.json":
+            got[name] = json.loads(path.read_text())
+        elif name.endswith(".tsv"):
+            got[name] = [line.split("\t") for line in path.read_text().splitlines()]
+        else:
+            got[name] = None
+    _close(got, pinned, "outputs")

@@ -14,46 +14,26 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from synthetic_pairs import ddp_worker, paired_volumes, tiny_options
+from synthetic_pairs import ddp_worker, fake_preprocessing, paired_volumes, tiny_options
 
-from dualglow_app import preprocess
 from dualglow_app import train as train_module
+from dualglow_app.bids import is_phantom_cohort
 from dualglow_app.data import IntensityScaling
-from dualglow_app.grid import preset
-from dualglow_app.train import (
-    TrainingError,
-    TrainOptions,
-    image_metrics,
-    is_phantom_cohort,
-    prepare_dataset,
-    resolve_grid,
-    split_subjects,
-    train,
-)
+from dualglow_app.grid import preset, resolve_grid
+from dualglow_app.metrics import image_metrics
+from dualglow_app.options import TrainOptions
+from dualglow_app.train import TrainingError, train
 from dualglow_app.weights import load_model
 
 TESTS = Path(__file__).parent
 
 
 # --------------------------------------------------------------------------- pure functions
-
-
-def test_split_keeps_a_subjects_sessions_together() -> None:
-    subjects = ["01", "01", "02", "03", "03", "04", "05"]
-    train_rows, val_rows = split_subjects(subjects, 0.4, seed=3)
-    assert sorted([*train_rows, *val_rows]) == list(range(len(subjects)))
-    train_subjects = {subjects[i] for i in train_rows}
-    val_subjects = {subjects[i] for i in val_rows}
-    assert not train_subjects & val_subjects and len(val_subjects) == 2
-    assert split_subjects(["a", "b"], 0.2, 0)[1].size == 1  # 2 subjects: 1 + 1
-    assert split_subjects(["a", "b"], 0.0, 0)[1].size == 0
 
 
 def test_image_metrics_of_a_perfect_and_a_bad_synthesis() -> None:
@@ -67,8 +47,8 @@ def test_image_metrics_of_a_perfect_and_a_bad_synthesis() -> None:
 
 
 def test_grid_from_preset_or_voxel_size() -> None:
-    assert resolve_grid(TrainOptions("b", "o", grid="tiny8mm")) == preset("tiny8mm")
-    grid = resolve_grid(TrainOptions("b", "o", grid_mm=6.0, levels=2))
+    assert TrainOptions("b", "o", grid="tiny8mm").model_grid == preset("tiny8mm")
+    grid = resolve_grid(grid_mm=6.0, levels=2)
     assert grid.voxel_size == 6.0 and all(s % 4 == 0 and s * 6 >= 160 for s in grid.shape)
 
 
@@ -176,16 +156,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
 def test_keep_best_selects_the_lowest_validation_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Scripted validation bpd 3.0, 2.0, 2.5: the model holds epoch 2's weights, which a run
     stopped after epoch 2 reproduces exactly; --keep last holds epoch 3's."""
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_module.validate
     scripted = iter([3.0, 2.0, 2.5] * 2)
 
     def fake_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
         return {**real_evaluate(*args, **kwargs), "bpd_pet_given_mri": next(scripted)}
 
-    monkeypatch.setattr(train_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train_module, "validate", fake_evaluate)
     best = train(tiny_options(tmp_path / "best", tmp_path / "w1"), data=paired_volumes(6))
     last = train(tiny_options(tmp_path / "last", tmp_path / "w2", keep="last"), data=paired_volumes(6))
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    monkeypatch.setattr(train_module, "validate", real_evaluate)
     two = train(tiny_options(tmp_path / "two", tmp_path / "w3", epochs=2, keep="last"), data=paired_volumes(6))
 
     assert best.selected_epoch == 2 and last.selected_epoch == 3 and best.epochs == 3
@@ -281,60 +261,6 @@ def test_cuda_bf16_training(tmp_path: Path) -> None:
     assert next(model.parameters()).is_cuda
 
 
-# --------------------------------------------------------------------------- prepare_dataset
-
-
-def _fake_preprocessing(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
-    """Replace the slow registration by grid-sized volumes; subjects in ``fail`` raise."""
-    calls = {"t1w": 0}
-
-    def t1w(path: Path, grid: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
-        calls["t1w"] += 1
-        if any(f"sub-{label}_" in Path(path).name for label in fail):
-            raise preprocess.InputImageError(f"{path}: the image is all zeros")
-        volumes = paired_volumes(1, seed=calls["t1w"], shape=grid.shape)
-        return SimpleNamespace(
-            image=nib.Nifti1Image(volumes.mri[0], grid.affine),
-            brain_mask=nib.Nifti1Image(volumes.mask[0], grid.affine),
-            pet=volumes.pet[0], grid=grid,
-        )  # fmt: skip
-
-    def pet(path: Path, t1: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
-        return SimpleNamespace(image=nib.Nifti1Image(t1.pet, t1.grid.affine))
-
-    monkeypatch.setattr(preprocess, "preprocess_t1w", t1w)
-    monkeypatch.setattr(preprocess, "preprocess_pet", pet)
-    return calls
-
-
-def test_prepare_dataset_skips_a_failing_subject_and_caches(
-    tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bids = tiny_bids(subjects=["01", "02", "03", "04"], with_pet=["01", "02", "03"])
-    calls = _fake_preprocessing(monkeypatch, fail={"02"})
-    options = TrainOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", grid="tiny8mm")
-    data = prepare_dataset(options)
-    assert data.labels == ["sub-01", "sub-03"] and list(data.skipped) == ["sub-02"]
-    assert data.mri.shape == (2, 20, 24, 20) and isinstance(data.mri, np.memmap)
-    assert data.age.tolist() == [60.0, 70.0]
-    again = prepare_dataset(options)
-    assert calls["t1w"] == 3 and again.labels == data.labels
-    assert np.array_equal(again.pet, data.pet)
-
-
-def test_fewer_than_two_pairs_is_an_error_naming_them(
-    tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bids = tiny_bids(subjects=["01", "02", "03"], with_pet=["01"])
-    options = TrainOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", grid="tiny8mm")
-    with pytest.raises(TrainingError, match=r"1 usable .*\(sub-01\); training needs at least 2"):
-        prepare_dataset(options)
-    bids2 = tiny_bids(subjects=["01", "02"], with_pet=["01", "02"])
-    _fake_preprocessing(monkeypatch, fail={"02"})
-    with pytest.raises(TrainingError, match=r"\(sub-01\).*Skipped: sub-02: .*all zeros"):
-        prepare_dataset(TrainOptions(bids2, tmp_path / "out", work_dir=tmp_path / "w2", grid="tiny8mm"))
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -350,7 +276,7 @@ def test_cli_group_trains_and_writes_the_model(
     tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bids = tiny_bids(subjects=["01", "02", "03"], with_pet=["01", "02", "03"])
-    _fake_preprocessing(monkeypatch)
+    fake_preprocessing(monkeypatch)
     out = tmp_path / "out"
     result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                   "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
@@ -364,7 +290,7 @@ def test_cli_group_trains_and_writes_the_model(
 
 def test_cli_group_preprocess_only(tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bids = tiny_bids(subjects=["01", "02"], with_pet=["01", "02"])
-    _fake_preprocessing(monkeypatch)
+    fake_preprocessing(monkeypatch)
     result = _cli(str(bids), str(tmp_path / "out"), "group", "-w", str(tmp_path / "work"),
                   "--skip-bids-validation", "--grid", "tiny8mm", "--preprocess-only")  # fmt: skip
     assert result.exit_code == 0, result.output

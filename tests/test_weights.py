@@ -12,7 +12,7 @@ import torch
 
 from dualglow_app import weights
 from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig
-from dualglow_app.model.dualglow import CONDITIONING_RANGE_BUFFERS
+from dualglow_app.model.conditioning import legacy_state_keys
 from dualglow_app.model.flows import ActNorm
 from dualglow_app.weights import ModelFileError, file_sha256, load_model, model_paths, save_model
 
@@ -50,7 +50,7 @@ def test_save_writes_a_self_describing_pair(model: DualGlow, tmp_path: Path) -> 
     path = save_model(model, tmp_path / "m", {"epochs": 3, "grid": [4, 4, 4]})
     assert path == tmp_path / "m.safetensors"
     info = json.loads((tmp_path / "m.json").read_text())
-    assert info["format"] == "dualglow-model" and info["format_version"] == 1
+    assert info["format"] == "dualglow-model" and info["format_version"] == 2
     assert info["sha256"] == file_sha256(path)
     assert info["config"] == model.config.to_dict()
     assert info["metadata"] == {"epochs": 3, "grid": [4, 4, 4]}
@@ -73,30 +73,83 @@ def test_loaded_model_gives_identical_outputs(model: DualGlow, tmp_path: Path) -
     )
 
 
-def test_conditioning_range_is_saved_and_older_files_without_it_load_unbounded(
-    model: DualGlow, tmp_path: Path
-) -> None:
-    from safetensors.torch import load_file, save_file
+def _rewrite(tmp_path: Path, tensors: dict[str, torch.Tensor], format_version: int) -> None:
+    """Replace m.safetensors and fix m.json's hash and format version."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    info = json.loads((tmp_path / "m.json").read_text())
+    info["sha256"], info["format_version"] = file_sha256(tmp_path / "m.safetensors"), format_version
+    (tmp_path / "m.json").write_text(json.dumps(info))
+
+
+def test_conditioning_range_is_saved_and_format_1_files_are_migrated(model: DualGlow, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
 
     model.set_conditioning_range([(images()[0], SIDE)])
     loaded, _ = load_model(save_model(model, tmp_path / "m"))
     assert loaded.has_conditioning_range
-    # A file written before the range existed: the same tensors minus its buffers.
     tensors = load_file(str(tmp_path / "m.safetensors"))
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(CONDITIONING_RANGE_BUFFERS)}
-    save_file(tensors, str(tmp_path / "m.safetensors"))
-    info = json.loads((tmp_path / "m.json").read_text())
-    info["sha256"] = file_sha256(tmp_path / "m.safetensors")
-    (tmp_path / "m.json").write_text(json.dumps(info))
+    # Format 1 stored the range as <what>_{low,high}_<level> buffers: migrated on load.
+    legacy = {new: old for old, new in legacy_state_keys(len(model.conditioning_range)).items()}
+    _rewrite(tmp_path, {legacy.get(k, k): v for k, v in tensors.items()}, format_version=1)
+    migrated, _ = load_model(tmp_path / "m")
+    assert migrated.has_conditioning_range
+    assert torch.equal(migrated.conditioning_range[1].mu_high, model.conditioning_range[1].mu_high)
+    # A format 1 file written before the range existed loads unbounded, as it was trained.
+    without = {k: v for k, v in tensors.items() if not k.startswith("conditioning_range.")}
+    _rewrite(tmp_path, without, format_version=1)
     older, _ = load_model(tmp_path / "m")
     assert not older.has_conditioning_range
-    # Anything else missing is still refused.
-    save_file({k: v for k, v in tensors.items() if not k.startswith("relations.0")}, str(tmp_path / "m.safetensors"))
-    info["sha256"] = file_sha256(tmp_path / "m.safetensors")
-    (tmp_path / "m.json").write_text(json.dumps(info))
+    # Format 2 must hold the range, and anything else missing is refused in any format.
+    _rewrite(tmp_path, without, format_version=2)
+    with pytest.raises(ModelFileError, match="do not fit the model"):
+        load_model(tmp_path / "m")
+    _rewrite(tmp_path, {k: v for k, v in without.items() if not k.startswith("relations.0")}, format_version=1)
     with pytest.raises(ModelFileError, match="do not fit the model"):
         load_model(tmp_path / "m")
 
+
+def test_unknown_format_versions_are_refused(model: DualGlow, tmp_path: Path) -> None:
+    save_model(model, tmp_path / "m")
+    info = json.loads((tmp_path / "m.json").read_text())
+    info["format_version"] = 3
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    with pytest.raises(ModelFileError, match="format_version 3.*reads 1, 2"):
+        load_model(tmp_path / "m")
+
+
+def test_metadata_round_trips_and_bad_grids_name_the_file(tmp_path: Path) -> None:
+    from dualglow_app.data import IntensityScaling
+    from dualglow_app.grid import preset
+    from dualglow_app.weights import ModelMetadata
+
+    meta = ModelMetadata(grid=preset("tiny8mm"), intensity=IntensityScaling(2.5), side_info=["age"],
+                         demonstration=True, training={"epochs": 3})  # fmt: skip
+    assert ModelMetadata.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
+    with pytest.raises(ModelFileError, match=r"m\.json: bad grid or intensity"):
+        ModelMetadata.from_dict({"grid": {"voxel_size": 4.0, "shape": [5, 5, 5], "origin": [0, 0, 0]}}, tmp_path / "m.json")
+
+
+def test_checkpoints_round_trip_and_refuse_what_is_not_one(tmp_path: Path) -> None:
+    from dualglow_app.weights import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "c.pt", {"model": {"w": torch.ones(2)}, "epoch": 3})
+    assert load_checkpoint(path)["epoch"] == 3
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ModelFileError, match=r"t\.pt: unreadable checkpoint.*drop --resume"):
+        load_checkpoint(truncated)
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (print, ("never run",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, evil)
+    with pytest.raises(ModelFileError, match="never unpickled") as refused:
+        load_checkpoint(evil)
+    assert "weights_only" not in str(refused.value)
 
 def test_actnorm_init_survives_load_and_never_reruns(model: DualGlow, tmp_path: Path) -> None:
     loaded, _ = load_model(save_model(model, tmp_path / "m"))

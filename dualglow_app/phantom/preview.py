@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
+from dualglow_app.imaging import load_nifti
 from dualglow_app.log import get_logger
-from dualglow_app.phantom.template import load_nifti
-
-if TYPE_CHECKING:
-    from dualglow_app.phantom.cohort import SubjectInfo
+from dualglow_app.phantom.subjects import SubjectInfo
 
 log = get_logger(__name__)
 SPACE = "MNI152NLin2009cAsym"

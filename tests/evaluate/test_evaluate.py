@@ -1,4 +1,4 @@
-"""Evaluation: splits, statistics on known cases, the whole run on tiny arrays, resume, CLI, BIDS."""
+"""Evaluation: splits, regions and statistics on known cases, the whole run on tiny arrays, resume, CLI, BIDS."""
 
 from __future__ import annotations
 
@@ -12,21 +12,24 @@ import pytest
 from click.testing import CliRunner
 from synthetic_pairs import paired_volumes
 
+from dualglow_app.cli.evaluate import main
 from dualglow_app.evaluate import (
     DUALGLOW,
+    FIGURE7_AAL,
     Cohort,
     EvaluateOptions,
     EvaluationError,
+    aal_regions,
     age_trends,
     classification,
     evaluate_cohort,
-    main,
     make_splits,
     paired_tests,
     phantom_true_slopes,
     regional_slopes,
-    roi_means,
 )
+from dualglow_app.evaluate.atlases import RegionMap
+from dualglow_app.grid import preset
 from dualglow_app.metrics import METRICS
 
 DIAGNOSES = ["CN", "AD", "MCI", "CN", "EMCI", "LMCI"]
@@ -54,19 +57,35 @@ def test_splits_keep_subjects_together_and_cover_everyone() -> None:
         make_splits(["a", "b"], 3, seed=0)
 
 
-def test_roi_means_and_slopes_on_known_volumes() -> None:
+def test_regional_means_and_slopes_on_known_volumes() -> None:
     labels = np.zeros((4, 4, 4), np.int32)
     labels[:2], labels[2:] = 1, 2
     volume = np.where(labels == 1, 1.0, 3.0)[None]
     mask = np.ones((1, 4, 4, 4))
     mask[0, 3] = 0  # half of region 2 outside the brain: still its mean, from what is inside
-    np.testing.assert_allclose(roi_means(volume, mask, labels, 3), [[1.0, 3.0, np.nan]])
+    regions = RegionMap(labels, [1, 2, 3], ["a", "b", "empty"])
+    np.testing.assert_allclose(regions.means(volume, mask), [[1.0, 3.0, np.nan]])
     ages = [50.0, 60.0, 70.0, 80.0]
     # A region losing 0.1 SUVR per decade from 2.0 at 73.
     sweep = np.array([2.0 - 0.01 * (a - 73.0) for a in ages])[None, :, None]
     absolute, relative = regional_slopes(sweep, ages)
     assert absolute[0, 0] == pytest.approx(-0.1)
     assert relative[0, 0] == pytest.approx(-0.05)
+
+
+def test_figure7_regions_are_aal2_regions_on_the_cpu_grid() -> None:
+    aal2 = aal_regions(preset("cpu4mm"))
+    assert set(FIGURE7_AAL) <= set(aal2.names)
+    assert len(aal2.names) == len(aal2.regions) > 100 and set(np.unique(aal2.labels)) - {0} == set(aal2.regions)
+
+
+def test_cohort_takes_the_diagnoses_of_its_data() -> None:
+    data = paired_volumes(4)
+    data.diagnosis = ["CN", "AD", None, "MCI"]
+    assert Cohort(data).diagnosis == ["CN", "AD", None, "MCI"]
+    assert Cohort(data, ["AD", "AD", "CN", "CN"]).diagnosis == ["AD", "AD", "CN", "CN"]
+    with pytest.raises(ValueError, match="3 diagnoses for 4 scans"):
+        Cohort(data, ["CN", "AD", "CN"])
 
 
 def test_paired_tests_say_when_a_baseline_wins() -> None:
@@ -160,7 +179,9 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     assert summary["table2"]["sources"]["true PET"]["n"] == 6
     assert set(summary["table2"]["sources"]) == {"true PET", *[f"synthetic PET ({m})" for m in methods]}
     trends = summary["age_trends"]["atlases"]["aal"]
-    assert len(trends["regions"]) == 116 and len(trends["mean"][0]) == 3
+    aal2 = aal_regions(cohort.data.grid)
+    assert trends["regions"] == aal2.names and len(trends["mean"]) == len(aal2.names) and len(trends["mean"][0]) == 3
+    assert "AAL2" in summary["definitions"]["classification"] and "AAL-116" not in json.dumps(summary)
     tables = (options.output_dir / "tables.md").read_text()
     assert "### Table 1" in tables and "| meanpet |" in tables and "### Table 2" in tables
     assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with

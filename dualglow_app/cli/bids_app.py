@@ -3,8 +3,11 @@
     dualglow BIDS_DIR OUTPUT_DIR participant [options]   -> dualglow_app.synthesize
     dualglow BIDS_DIR OUTPUT_DIR group [options]         -> dualglow_app.train
 
-Exit codes: 0 all went well, 1 a participant (or the training) failed, 2 usage errors.
-Heavy imports (torch, ants, pybids) happen inside the level functions so ``--help`` is instant.
+Each level's options are the fields of its dataclass (:mod:`dualglow_app.options`); an option
+given on the command line that the chosen level does not use is refused (exit 2), never
+silently dropped. Exit codes: 0 all went well, 1 a participant (or the training) failed,
+2 usage errors. Heavy imports (torch, ants, pybids) happen inside the level functions so
+``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -172,16 +175,44 @@ def main(
     BIDS_DIR is the raw BIDS dataset, OUTPUT_DIR the derivatives folder.
     """
     check_directories(bids_dir, output_dir)
+    refuse_other_level_options(click.get_current_context(), analysis_level)
     general = {
         "bids_dir": bids_dir, "output_dir": output_dir, "participant_labels": participant_labels,
         "session_labels": session_labels, "work_dir": work_dir, "nprocs": nprocs,
         "skip_bids_validation": skip_bids_validation,
     }
-    if analysis_level == "participant":
-        click.get_current_context().exit(_run_participant(general, level_options, verbose))
-    if analysis_level == "group":
-        click.get_current_context().exit(_run_group(general, level_options, verbose))
-    raise click.UsageError(f"the {analysis_level} level is not available in dualglow {__version__} yet.")
+    run = _run_participant if analysis_level == "participant" else _run_group
+    click.get_current_context().exit(run(general, level_options, verbose))
+
+
+#: Command-line parameters that are not dataclass fields, by the level they belong to.
+EXTRA_LEVEL_PARAMETERS = {"group": {"ablate_mri"}}
+
+
+def level_parameters(level: str) -> set[str]:
+    """The parameter names the ``level`` uses: its options dataclass's fields (and extras)."""
+    import dataclasses
+
+    from dualglow_app.options import ParticipantOptions, TrainOptions
+
+    options = {"participant": ParticipantOptions, "group": TrainOptions}[level]
+    return {f.name for f in dataclasses.fields(options)} | EXTRA_LEVEL_PARAMETERS.get(level, set())
+
+
+def refuse_other_level_options(ctx: click.Context, level: str) -> None:
+    """A usage error for any option given on the command line that ``level`` does not use."""
+    from click.core import ParameterSource
+
+    used = level_parameters(level) | {"bids_dir", "output_dir", "analysis_level", "verbose"}
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name in used or ctx.get_parameter_source(name) in (ParameterSource.DEFAULT, None):
+            continue
+        flag = max(param.opts, key=len) if param.opts else name
+        owner = next((other for other in LEVELS if other != level and name in level_parameters(other)), "another")
+        raise click.UsageError(
+            f"{flag} is a {owner}-level option; the {level} level does not use it: drop it, or run the {owner} level."
+        )
 
 
 def _log_file(output_dir: Path, level: str) -> Path:
@@ -216,15 +247,14 @@ def sigterm_as_exit() -> Iterator[None]:
 
 def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
     """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
-    import dataclasses
-
     from dualglow_app.bids import BIDSInputError
     from dualglow_app.log import setup_logging
-    from dualglow_app.synthesize import ParticipantOptions, ParticipantUsageError, run_participant
+    from dualglow_app.options import ParticipantOptions, ParticipantUsageError
+    from dualglow_app.synthesize import run_participant
     from dualglow_app.weights import ModelFileError
 
     setup_logging(verbose, _log_file(Path(str(general["output_dir"])), "participant"))
-    known = {f.name for f in dataclasses.fields(ParticipantOptions)}
+    known = level_parameters("participant")
     try:
         participant = ParticipantOptions(**general, **{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
         with sigterm_as_exit():
@@ -237,28 +267,29 @@ def _run_participant(general: dict[str, object], options: dict[str, object], ver
 
 def _run_group(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
     """Build TrainOptions and train; usage problems exit with 2, a failed training with 1."""
-    import dataclasses
-
     from dualglow_app.bids import BIDSInputError
+    from dualglow_app.dataset import DatasetError
     from dualglow_app.log import get_logger, setup_logging
-    from dualglow_app.train import TrainingError, TrainOptions, train
+    from dualglow_app.options import TrainOptions
+    from dualglow_app.runtime import DeviceUnavailableError
+    from dualglow_app.train import TrainingError, train
 
     # Under torchrun every rank runs this command; rank 0 alone logs (and to a file).
     main_rank = os.environ.get("RANK", "0") == "0"
     output_dir = Path(str(general["output_dir"]))
     setup_logging(verbose if main_rank else -1, _log_file(output_dir, "group") if main_rank else None)
-    known = {f.name for f in dataclasses.fields(TrainOptions)}
-    group = {k: v for k, v in options.items() if k in known}
+    group = {k: v for k, v in options.items() if k in level_parameters("group") and k != "ablate_mri"}
     group["mri_input"] = not options.get("ablate_mri", False)
     try:
         training = TrainOptions(**general, **group)  # type: ignore[arg-type]
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     try:
-        result = train(training)
-    except BIDSInputError as err:
+        with sigterm_as_exit():
+            result = train(training)
+    except (BIDSInputError, DeviceUnavailableError) as err:
         raise click.UsageError(str(err)) from None
-    except TrainingError as err:
+    except (TrainingError, DatasetError) as err:
         get_logger().error("%s", err)
         return 1
     if main_rank and result.model_path is not None:

@@ -12,7 +12,6 @@ import torch
 
 from dualglow_app.model import AGE_SCALING, DualGlow, DualGlowConfig, grad_reverse
 from dualglow_app.model import dualglow as dualglow_module
-from dualglow_app.model.dualglow import CONDITIONING_RANGE_BUFFERS
 
 
 def tiny_config(ndim: int = 2, **overrides: Any) -> DualGlowConfig:
@@ -186,10 +185,10 @@ def test_centring_is_a_shift_so_the_likelihood_only_moves_by_the_template() -> N
     centred = trained_like(centred, mri, pet)
     plain = DualGlow(tiny_config())
     # The conditioning range is unset (unbounded) in both; its shape depends on centring.
-    state = {k: v for k, v in centred.state_dict().items() if not k.startswith(CONDITIONING_RANGE_BUFFERS)}
+    state = {k: v for k, v in centred.state_dict().items() if not k.startswith("conditioning_range.")}
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert set(unexpected) == {"mri_template", "pet_template"}
-    assert all(key.startswith(CONDITIONING_RANGE_BUFFERS) for key in missing)
+    assert all(key.startswith("conditioning_range.") for key in missing)
     plain.eval()
     a = centred.nll(mri, pet)
     b = plain.nll(mri - t_mri + 0.5, pet - t_pet + 0.5)
@@ -224,9 +223,12 @@ def test_conditioning_range_is_a_no_op_on_the_training_mris_and_bounds_the_rest(
     wild = mri * 40.0 - 20.0  # far outside anything seen
     unbounded_wild = model.sample(wild, temperature=0.0)[0]
 
+    unbounded_wild_nll = model.nll(wild, pet)["loss"].item()
     model.set_conditioning_range([(mri[:3], None), (mri[3:], None)])  # min/max over all batches
     assert model.has_conditioning_range
     assert model.nll(mri, pet)["loss"].item() == pytest.approx(unbounded_nll, rel=1e-6)
+    # The likelihood never uses the range (synthesis only): training and scoring see one density.
+    assert model.nll(wild, pet)["loss"].item() == unbounded_wild_nll
     prior = model.conditional_prior(mri)
     assert prior.outside_fraction.tolist() == [0.0] * 6
     wild_prior = model.conditional_prior(wild)
@@ -236,10 +238,11 @@ def test_conditioning_range_is_a_no_op_on_the_training_mris_and_bounds_the_rest(
     # what they returned was clamped to the training priors' range.
     zm, _ = model.flow_mri(model._dequantize(wild, noise=False, modality="mri"))
     for i, z in enumerate(zm):
-        low, high = model.get_buffer(f"mri_latent_low_{i}"), model.get_buffer(f"mri_latent_high_{i}")
+        bounds = model.conditioning_range[i]
+        low, high = bounds.bounds("latent")
         mu, log_sigma = model.relations[i](torch.clamp(z, low, high))
-        for name, raw, got in (("prior_mu", mu, wild_prior.mu[i]), ("prior_log_sigma", log_sigma, wild_prior.log_sigma[i])):
-            low, high = model.get_buffer(f"{name}_low_{i}"), model.get_buffer(f"{name}_high_{i}")
+        for name, raw, got in (("mu", mu, wild_prior.mu[i]), ("log_sigma", log_sigma, wild_prior.log_sigma[i])):
+            low, high = bounds.bounds(name)
             assert torch.allclose(got, torch.clamp(raw, low, high), atol=1e-6)
             assert (got >= low).all() and (got <= high).all()
 
@@ -254,14 +257,15 @@ def test_fixed_size_models_bound_the_prior_per_position() -> None:
     model = trained_like(model, mri, pet)
     model.set_conditioning_range([(mri, None)])
     for i, z in enumerate(model.conditional_prior(mri).log_sigma):
-        assert model.get_buffer(f"prior_log_sigma_high_{i}").shape == (1, *z.shape[1:])
-        assert model.get_buffer(f"mri_latent_high_{i}").shape == (1, z.shape[1], 1, 1)
-        assert torch.equal(model.get_buffer(f"prior_log_sigma_high_{i}")[0], z.amax(0))
+        bounds = model.conditioning_range[i]
+        assert bounds.bounds("log_sigma")[1].shape == (1, *z.shape[1:])
+        assert bounds.bounds("latent")[1].shape == (1, z.shape[1], 1, 1)
+        assert torch.equal(bounds.bounds("log_sigma")[1][0], z.amax(0))
     # Set again from other scans: the range is replaced, not widened.
     model.set_conditioning_range([(mri[:1], None)])
     first = model.conditional_prior(mri[:1]).mu
     for i, mu in enumerate(first):
-        assert torch.equal(model.get_buffer(f"prior_mu_high_{i}")[0], mu[0])
+        assert torch.equal(model.conditioning_range[i].bounds("mu")[1][0], mu[0])
 
 
 def test_conditioning_range_survives_a_state_dict_round_trip_and_needs_data() -> None:
@@ -272,9 +276,20 @@ def test_conditioning_range_survives_a_state_dict_round_trip_and_needs_data() ->
     copy = DualGlow(tiny_config())
     copy.load_state_dict(model.state_dict())
     assert copy.has_conditioning_range
-    assert torch.equal(copy.get_buffer("mri_latent_high_0"), model.get_buffer("mri_latent_high_0"))
+    assert torch.equal(copy.conditioning_range[0].latent_high, model.conditioning_range[0].latent_high)
     with pytest.raises(ValueError, match="at least one batch"):
         DualGlow(tiny_config()).set_conditioning_range([])
+
+
+def test_every_level_must_be_bounded_for_the_model_to_count_as_bounded() -> None:
+    torch.manual_seed(0)
+    mri, pet = images()
+    model = trained_like(DualGlow(tiny_config()), mri, pet)
+    model.set_conditioning_range([(mri, None)])
+    last = model.conditioning_range[-1]
+    last.set_bounds("mu", torch.full_like(last.mu_low, -math.inf), last.mu_high)
+    assert not last.is_set and model.conditioning_range[0].is_set
+    assert not model.has_conditioning_range
 
 
 # -- sampling ------------------------------------------------------------------------------

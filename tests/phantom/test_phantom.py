@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import spearmanr
 
-from dualglow_app.phantom import load_truth, main, make_cohort, make_subject
+from dualglow_app.cli.phantom import main
+from dualglow_app.phantom import load_truth, make_cohort, make_subject
 from dualglow_app.phantom import pet as pt
 from dualglow_app.phantom.template import HIPPOCAMPUS, LATERAL_VENTRICLES, load_template
 
@@ -66,7 +67,7 @@ def by_age_and_diagnosis(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
 
 
 def regional_suvr(gt: Path, voxel_mm: float) -> dict[str, float]:
-    """Mean noise-free MNI PET per DESIGN.md region, normalised by the pons (table's reference)."""
+    """Mean noise-free MNI PET per docs/DESIGN.md region, normalised by the pons (table's reference)."""
     tpl = load_template(voxel_mm)
     maps = pt.region_maps(voxel_mm)
     pet = np.zeros(tpl.shape, dtype=np.float32)

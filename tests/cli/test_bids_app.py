@@ -6,7 +6,8 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dualglow_app import __version__
-from dualglow_app.cli import expand_multi_value_options, main
+from dualglow_app.cli import main
+from dualglow_app.cli.bids_app import expand_multi_value_options
 
 
 def test_version() -> None:
@@ -49,7 +50,7 @@ def test_sigterm_unwinds_so_atomic_writes_clean_up(tmp_path: Path) -> None:
 
     import pytest
 
-    from dualglow_app.cli import sigterm_as_exit
+    from dualglow_app.cli.bids_app import sigterm_as_exit
     from dualglow_app.io import atomic_path
 
     target = tmp_path / "out.nii.gz"
@@ -78,3 +79,28 @@ def test_participant_help_lists_the_options() -> None:
     for option in ("--weights", "--samples", "--temperature", "--seed", "--age-sweep", "--output-spaces",
                    "--output-res", "--overwrite", "--device"):
         assert option in result.output
+
+
+def test_options_of_the_other_level_are_refused(tiny_bids: Callable[..., Path], tmp_path: Path) -> None:
+    """An option the chosen level does not use is a usage error naming it, never dropped."""
+    root = tiny_bids()
+    out = tmp_path / "out"
+    epochs = CliRunner().invoke(main, [str(root), str(out), "participant", "--epochs", "5"])
+    assert epochs.exit_code == 2
+    assert "--epochs is a group-level option; the participant level does not use it" in epochs.output
+    for args, flag in ((["--grid", "paper2mm"], "--grid"), (["--ablate-mri"], "--ablate-mri")):
+        refused = CliRunner().invoke(main, [str(root), str(out), "participant", *args])
+        assert refused.exit_code == 2 and f"{flag} is a group-level option" in refused.output
+    for args, flag in ((["--samples", "10"], "--samples"), (["--weights", "/nonexistent"], "--weights"),
+                       (["--overwrite"], "--overwrite"), (["--age-sweep", "60", "70"], "--age-sweep")):  # fmt: skip
+        refused = CliRunner().invoke(main, [str(root), str(out), "group", "--preprocess-only", *args])
+        assert refused.exit_code == 2 and f"{flag} is a participant-level option" in refused.output
+    assert not out.exists()  # refused before any work
+
+
+def test_options_both_levels_use_are_accepted_by_both() -> None:
+    from dualglow_app.cli.bids_app import level_parameters
+
+    shared = level_parameters("participant") & level_parameters("group")
+    assert {"device", "seed", "nprocs", "work_dir", "participant_labels"} <= shared
+    assert "epochs" not in level_parameters("participant") and "samples" not in level_parameters("group")

@@ -1,0 +1,92 @@
+"""The ``dualglow-evaluate`` command: arguments in, :func:`dualglow_app.evaluate.evaluate` out.
+
+It parses, builds :class:`~dualglow_app.evaluate.EvaluateOptions`, runs the evaluation
+(the paper's Tables 1-2 and Figs. 4 and 7, Sun et al. 2019, sec. 4) and prints Table 1;
+the science is in :mod:`dualglow_app.evaluate`. Usage problems exit with 2, a failed
+preprocessing or training with 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dualglow_app import __version__
+from dualglow_app.evaluate.options import BASELINE_NAMES
+
+
+def _parse_baselines(value: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    unknown = sorted(set(names) - set(BASELINE_NAMES))
+    if unknown:
+        raise click.BadParameter(f"unknown baseline(s) {', '.join(unknown)}; choose from {','.join(BASELINE_NAMES)} or none")
+    return names
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bids_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("output_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--folds", type=int, default=5, show_default=True, help="K of the K-fold cross-validation (by subject).")
+@click.option("--baselines", default=",".join(BASELINE_NAMES), show_default=True,
+              help="Comma-separated comparison methods, or 'none'.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs for every method.")
+@click.option("--side-info", type=click.Choice(["age"]), multiple=True,
+              help="Condition DUAL-GLOW on age (enables the age-trend experiment).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits; fold k trains with seed + k.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("-w", "--work-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Preprocessing cache and resumable per-fold results (default: OUTPUT_DIR/../dualglow-work).")
+@click.option("--grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--depth", type=int, default=8, show_default=True, help="DUAL-GLOW flow steps per level.")
+@click.option("--hidden", type=int, default=128, show_default=True, help="DUAL-GLOW coupling channels.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
+              help="DUAL-GLOW's AdaMax learning rate (the baselines keep their own: Adam 1e-3, GANs 2e-4).")
+@click.option("--baseline-width", type=int, default=16, show_default=True, help="Baselines' first-layer channels.")
+@click.option("--participant-label", multiple=True, help="Only these subjects (repeatable).")
+@click.option("--nprocs", type=int, default=None, help="CPU threads (default: all).")
+@click.option("--skip-bids-validation", is_flag=True)
+@click.option("-v", "--verbose", count=True)
+@click.version_option(__version__, "--version", prog_name="dualglow-evaluate")
+def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, side_info: tuple[str, ...],
+         seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
+         lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
+         verbose: int) -> None:  # fmt: skip
+    """Cross-validate DUAL-GLOW against baselines on the paired T1w + FDG-PET of BIDS_DIR (the paper's Tables 1-2, Figs. 4 and 7)."""
+    from dualglow_app.bids import BIDSInputError
+    from dualglow_app.dataset import DatasetError
+    from dualglow_app.evaluate import EvaluateOptions, EvaluationError, evaluate, table1_rows
+    from dualglow_app.log import get_logger, setup_logging
+    from dualglow_app.metrics import LABELS, METRICS
+    from dualglow_app.runtime import DeviceUnavailableError
+    from dualglow_app.train import TrainingError
+
+    if bids_dir.resolve() == output_dir.resolve():
+        raise click.UsageError("OUTPUT_DIR must differ from BIDS_DIR (the raw dataset is never written to).")
+    setup_logging(verbose)
+    try:
+        options = EvaluateOptions(
+            bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir, folds=folds,
+            baselines=_parse_baselines(baselines), epochs=epochs, side_info=side_info, seed=seed, device=device,
+            grid=grid, batch_size=batch_size, depth=depth, hidden=hidden, lr=lr, baseline_width=baseline_width,
+            participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
+        )  # fmt: skip
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    try:
+        result = evaluate(options)
+    except (EvaluationError, BIDSInputError, DeviceUnavailableError) as err:
+        raise click.UsageError(str(err)) from None
+    except (DatasetError, TrainingError) as err:
+        get_logger().error("%s", err)
+        raise SystemExit(1) from None
+    lines = ["method      " + "  ".join(f"{LABELS[m]:>18}" for m in METRICS)]
+    for cells in table1_rows(result.table1, options.methods):
+        lines.append(f"{cells[0]:<10}  " + "  ".join(f"{c:>18}" for c in cells[1:]))
+    click.echo("\n".join(lines))
+    click.echo(f"results: {result.report_path or result.summary_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""The paired data layer: T1w + PET pairs found, preprocessed, stacked, split and batched.
+
+One module for the group level, the evaluation and the benchmarks, keyed on a small value
+object, :class:`DatasetSpec` (BIDS dir, labels, tracer, grid, side information, work dir):
+
+1. :func:`find_pairs` - every scan with a T1w and a PET of the tracer (and an age when the
+   model is conditioned on one);
+2. :func:`prepare_dataset` - each pair preprocessed through the per-subject cache of
+   :mod:`dualglow_app.preprocess`, then stacked once into ``.npy`` files in the work dir, so
+   epochs read a memory map, never NIfTI (see docs/ARCHITECTURE.md, "Work directory");
+3. :func:`split_subjects` - train / validation rows, never splitting a subject's sessions;
+4. :func:`model_batch` / :func:`model_batches` / :func:`mean_images` - rows of the stack as
+   tensors on the model's [0, 1] scale (:class:`dualglow_app.data.IntensityScaling`).
+
+Example::
+
+    >>> spec = DatasetSpec("bids/", "work/", grid=preset("cpu4mm"))   # doctest: +SKIP
+    >>> data = prepare_dataset(spec)                                  # doctest: +SKIP
+    >>> train_rows, val_rows = split_subjects(data.subjects, 0.2, seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dualglow_app import __version__
+from dualglow_app.bids import Scan, find_scans
+from dualglow_app.data import IntensityScaling
+from dualglow_app.grid import ModelGrid, preset
+from dualglow_app.io import write_json
+from dualglow_app.log import get_logger, progress
+from dualglow_app.runtime import cpu_threads
+
+log = get_logger(__name__)
+
+#: Covariates the data layer can supply per scan (eq. 16-17's side information c).
+SIDE_INFO_CHOICES = ("age",)
+DATASET_CACHE_VERSION = 1
+
+
+class DatasetError(RuntimeError):
+    """The paired data cannot be used as asked (fewer than 2 usable pairs, named)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Which paired scans, on which grid, cached where: the key of a stacked dataset.
+
+    ``side_info`` lists the covariates every usable scan must have (a scan without one is
+    left out, with a warning). ``nprocs`` only sets preprocessing threads (not part of the key).
+    """
+
+    bids_dir: Path
+    work_dir: Path
+    grid: ModelGrid = field(default_factory=lambda: preset("cpu4mm"))
+    participant_labels: tuple[str, ...] = ()
+    session_labels: tuple[str, ...] = ()
+    tracer: str = "FDG"
+    side_info: tuple[str, ...] = ()
+    nprocs: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bids_dir", Path(self.bids_dir))
+        object.__setattr__(self, "work_dir", Path(self.work_dir))
+        for name in ("participant_labels", "session_labels", "side_info"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        unknown = sorted(set(self.side_info) - set(SIDE_INFO_CHOICES))
+        if unknown:
+            raise ValueError(f"side_info {unknown}: choose from {list(SIDE_INFO_CHOICES)}")
+
+
+@dataclass
+class PairedVolumes:
+    """The stacked data: one row per usable T1w + PET pair, on one model grid.
+
+    ``mri`` is the preprocessed T1w ([0, 1], 0 outside the brain), ``pet`` the PET in SUVR,
+    ``mask`` the brain mask; all (N, X, Y, Z), memory-mapped from the work-dir cache.
+    ``labels`` are ``sub-<l>[_ses-<l>]``, ``subjects`` the subject label of each row (splits
+    keep a subject's sessions together), ``age`` NaN where unknown, ``diagnosis`` None where
+    unknown.
+    """
+
+    labels: list[str]
+    subjects: list[str]
+    mri: np.ndarray
+    pet: np.ndarray
+    mask: np.ndarray
+    age: np.ndarray
+    grid: ModelGrid
+    skipped: dict[str, str] = field(default_factory=dict)
+    diagnosis: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.diagnosis:
+            self.diagnosis = [None] * len(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> PairedVolumes:
+        """These rows only, read into memory (a fold's training scans)."""
+        rows = np.asarray(rows)
+        return PairedVolumes(
+            labels=[self.labels[i] for i in rows], subjects=[self.subjects[i] for i in rows],
+            mri=np.asarray(self.mri[rows]), pet=np.asarray(self.pet[rows]), mask=np.asarray(self.mask[rows]),
+            age=np.asarray(self.age[rows]), grid=self.grid, diagnosis=[self.diagnosis[i] for i in rows],
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- finding and stacking
+
+
+def find_pairs(spec: DatasetSpec) -> list[Scan]:
+    """Every scan with a T1w and a PET of ``spec.tracer`` (and an age when conditioning on it)."""
+    scans = find_scans(
+        spec.bids_dir, spec.participant_labels, spec.session_labels,
+        tracer=spec.tracer, require_pet=True, work_dir=spec.work_dir,
+    )  # fmt: skip
+    if "age" in spec.side_info:
+        for scan in (s for s in scans if s.age is None):
+            log.warning(
+                "%s: no age in participants.tsv or sessions.tsv; not used (--side-info age needs one)", scan.prefix
+            )
+        scans = [s for s in scans if s.age is not None]
+    return scans
+
+
+def _too_few(spec: DatasetSpec, usable: Sequence[str], skipped: dict[str, str]) -> DatasetError:
+    details = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    return DatasetError(
+        f"{spec.bids_dir}: {len(usable)} usable T1w + {spec.tracer} PET pair(s)"
+        f" ({', '.join(usable) or 'none'}); training needs at least 2."
+        + (f" Skipped: {details}." if details else "")
+        + f" Add paired subjects (anat/*_T1w + pet/*_trc-{spec.tracer}_pet) or check --participant-label / --tracer."
+    )
+
+
+def _cache_key(scans: Sequence[Scan], grid: ModelGrid) -> str:
+    """The stack's key: the inputs (path, size, mtime), the grid and the preprocessing settings."""
+    from dualglow_app import preprocess
+
+    parts: list[Any] = [DATASET_CACHE_VERSION, preprocess.CACHE_VERSION, grid.to_dict()]
+    parts.append([asdict(preprocess.T1wOptions()), asdict(preprocess.PETOptions())])
+    for scan in scans:
+        for path in (scan.t1w, scan.pet):
+            stat = Path(str(path)).stat()
+            parts.append([scan.prefix, str(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid) -> PairedVolumes:
+    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+    n = len(index["labels"])
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:n] for name in ("mri", "pet", "mask")}
+    by_label = {s.prefix: s for s in scans}
+    rows = [by_label[k] for k in index["labels"]]
+    # Covariates are read from the TSVs on every run, so editing participants.tsv needs no
+    # re-preprocessing.
+    age = np.array([s.age if s.age is not None else np.nan for s in rows], dtype=np.float32)
+    return PairedVolumes(
+        labels=list(index["labels"]), subjects=[s.subject for s in rows], age=age, grid=grid,
+        skipped=dict(index["skipped"]), diagnosis=[s.diagnosis for s in rows], **arrays,
+    )  # fmt: skip
+
+
+def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
+    """Preprocess every pair into ``folder`` (built under a temporary name, then renamed)."""
+    from dualglow_app.preprocess import preprocess_pet, preprocess_t1w
+
+    nprocs = cpu_threads(spec.nprocs)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        shape = (len(scans), *spec.grid.shape)
+        mri = np.lib.format.open_memmap(tmp / "mri.npy", "w+", np.float32, shape)
+        pet = np.lib.format.open_memmap(tmp / "pet.npy", "w+", np.float32, shape)
+        mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.uint8, shape)
+        labels: list[str] = []
+        skipped: dict[str, str] = {}
+        for scan in progress(scans, "preprocessing T1w + PET pairs", total=len(scans)):
+            try:
+                t1 = preprocess_t1w(scan.t1w, spec.grid, spec.work_dir, nprocs)
+                suvr = preprocess_pet(scan.pet, t1, spec.work_dir, nprocs)  # type: ignore[arg-type]
+            except Exception as err:  # noqa: BLE001 - one bad subject must not stop the cohort
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                log.error("%s: preprocessing failed (%s); skipped", scan.prefix, reason)
+                skipped[scan.prefix] = reason
+                continue
+            row = len(labels)
+            mri[row] = np.asarray(t1.image.dataobj, dtype=np.float32)
+            pet[row] = np.asarray(suvr.image.dataobj, dtype=np.float32)
+            mask[row] = np.asarray(t1.brain_mask.dataobj, dtype=np.uint8)
+            labels.append(scan.prefix)
+        for array in (mri, pet, mask):
+            array.flush()
+        del mri, pet, mask
+        if len(labels) < 2:
+            raise _too_few(spec, labels, skipped)
+        write_json(tmp / "index.json", {"labels": labels, "skipped": skipped, "grid": spec.grid.to_dict(),
+                                        "version": __version__})  # fmt: skip
+        if folder.exists():  # a concurrent run finished first: keep its copy
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
+    """Find the pairs, preprocess them (a failing subject is logged and skipped) and stack them.
+
+    The stack is written once to ``WORK_DIR/train-data/<key>/{mri,pet,mask}.npy`` and
+    memory-mapped on later runs. Under torchrun only rank 0 preprocesses; the other ranks wait
+    for the cache, so no collective times out during hours of preprocessing
+    (``group --preprocess-only`` fills it beforehand). Raises :class:`DatasetError` when
+    fewer than 2 pairs are usable, naming them.
+    """
+    scans = find_pairs(spec)
+    if len(scans) < 2:
+        raise _too_few(spec, [s.prefix for s in scans], {})
+    folder = spec.work_dir / "train-data" / _cache_key(scans, spec.grid)
+    if (folder / "index.json").is_file():
+        log.info("reusing the stacked training data in %s", folder)
+    elif rank != 0:
+        waited = 0.0
+        while not (folder / "index.json").is_file():
+            if waited % 300 == 0:
+                log.info("rank %d: waiting for rank 0 to preprocess into %s", rank, folder)
+            time.sleep(5.0)
+            waited += 5.0
+    else:
+        _stack(spec, scans, folder)
+    data = _load_stack(folder, scans, spec.grid)
+    for label, reason in data.skipped.items():
+        log.warning("%s: not used for training (%s)", label, reason)
+    log.info("%d paired scans on the %s mm grid %s", len(data), spec.grid.voxel_size, spec.grid.shape)
+    return data
+
+
+# --------------------------------------------------------------------------- splitting and batching
+
+
+def split_subjects(subjects: Sequence[str], val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, validation), split by subject so no subject is on both sides.
+
+    At least one subject stays in training; with ``val_fraction`` > 0 at least one goes to
+    validation (2 subjects: 1 + 1).
+
+    >>> split_subjects(["a", "a", "b", "c"], 0.34, seed=0)[1].size > 0
+    True
+    """
+    unique = sorted(set(subjects))
+    n_val = 0 if val_fraction <= 0 else min(len(unique) - 1, max(1, round(val_fraction * len(unique))))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    val_subjects = {unique[i] for i in order[:n_val]}
+    rows = np.arange(len(subjects))
+    is_val = np.array([s in val_subjects for s in subjects], dtype=bool)
+    return rows[~is_val], rows[is_val]
+
+
+class ModelBatch(NamedTuple):
+    """Rows of the stack as model inputs: MRI and PET ``(B, 1, X, Y, Z)`` on [0, 1] and the
+    side information (None without)."""
+
+    mri: Any
+    pet: Any
+    side: dict[str, Any] | None
+
+
+def side_information(data: PairedVolumes, rows: np.ndarray, side_info: Sequence[str]) -> dict[str, np.ndarray] | None:
+    """The covariates of ``rows`` in natural units (age in years), or None without any."""
+    if "age" not in side_info:
+        return None
+    return {"age": np.asarray(data.age[rows], dtype=np.float32)}
+
+
+def model_batch(
+    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, device: Any,
+    side_info: Sequence[str] = (), mri_input: bool = True,
+) -> ModelBatch:  # fmt: skip
+    """Rows of the memmap -> tensors on ``device``, on the model's [0, 1] scale.
+
+    ``mri_input=False`` zeroes the MRI (the unconditional baseline of the MRI-information check).
+    """
+    import torch
+
+    rows = np.sort(rows)  # memmaps read faster in order; the order in a batch does not matter
+    mri = torch.from_numpy(scaling.mri_to_model(data.mri[rows]))[:, None].to(device)
+    pet = torch.from_numpy(scaling.pet_to_model(data.pet[rows]))[:, None].to(device)
+    if not mri_input:
+        mri = torch.zeros_like(mri)
+    side = side_information(data, rows, side_info)
+    return ModelBatch(mri, pet, None if side is None else {k: torch.from_numpy(v).to(device) for k, v in side.items()})
+
+
+def model_batches(
+    data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, device: Any, size: int,
+    side_info: Sequence[str] = (), mri_input: bool = True,
+) -> Iterator[ModelBatch]:  # fmt: skip
+    """:func:`model_batch` over ``rows``, ``size`` at a time."""
+    for first in range(0, len(rows), size):
+        yield model_batch(data, rows[first : first + size], scaling, device, side_info, mri_input)
+
+
+def mean_images(data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling, mri_input: bool = True) -> tuple[Any, Any]:
+    """Voxel-wise means of the model-scale MRI and PET over ``rows``: the centring templates."""
+    import torch
+
+    sums = None
+    for mri, pet, _ in model_batches(data, rows, scaling, torch.device("cpu"), 8, mri_input=mri_input):
+        batch_sums = (mri.double().sum(0), pet.double().sum(0))
+        sums = batch_sums if sums is None else (sums[0] + batch_sums[0], sums[1] + batch_sums[1])
+    assert sums is not None, "mean_images needs at least one row"
+    return (sums[0] / len(rows)).float(), (sums[1] / len(rows)).float()
+
+
+__all__ = [
+    "DatasetError",
+    "DatasetSpec",
+    "ModelBatch",
+    "PairedVolumes",
+    "SIDE_INFO_CHOICES",
+    "find_pairs",
+    "mean_images",
+    "model_batch",
+    "model_batches",
+    "prepare_dataset",
+    "side_information",
+    "split_subjects",
+]

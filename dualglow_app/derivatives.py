@@ -1,0 +1,207 @@
+"""The participant level's derivatives: names, JSON sidecars and the dataset's own files.
+
+Every output of a scan has a role (``t1w``, ``mean``, ``sd``, ``mean_t1w``, ``age60``, ...)
+and a BIDS-Derivatives path (:func:`planned_outputs`); sidecars say the image is SYNTHETIC,
+name the model and its sha256, the age, seed, samples and temperature it was made with
+(:func:`provenance`), and how far the T1w was from the training data. Nothing here computes
+an image: :mod:`dualglow_app.synthesize` does, then writes through these helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dualglow_app import __version__
+from dualglow_app.bids import (
+    Scan,
+    derivative_path,
+    sidecar_path,
+    template_uri,
+    write_bidsignore,
+    write_dataset_description,
+)
+from dualglow_app.grid import SPACE as MNI
+from dualglow_app.io import write_text
+from dualglow_app.log import get_logger
+from dualglow_app.options import T1W, ParticipantOptions
+
+if TYPE_CHECKING:
+    from dualglow_app.preprocess import T1wResult
+    from dualglow_app.weights import LoadedModel
+
+log = get_logger(__name__)
+
+# Outputs the BIDS specification has no name for: reports, logs, regional tables.
+BIDSIGNORE = ("*.html", "logs/", "*_stats.tsv", "*_stats.json")
+ATLAS_ENTITY = "AAL2"
+SYNTHETIC_WARNING = (
+    "SYNTHETIC FDG-PET generated from the T1w MRI by a model; it is not a measurement "
+    "and must not be used for diagnosis."
+)
+DEMONSTRATION_WARNING = (
+    "Demonstration model trained on digital phantoms: the images show what the method does, "
+    "not real FDG uptake."
+)
+
+
+def age_label(age: float) -> str:
+    """A BIDS-safe ``desc-`` label for an age: 60 -> ``age60``, 72.5 -> ``age72p5``."""
+    text = f"{age:g}".replace(".", "p").replace("-", "m")
+    return f"age{text}"
+
+
+def res_label(options: ParticipantOptions) -> str:
+    """The ``res-`` label of the MNI outputs (TemplateFlow's, in mm)."""
+    return str(options.output_res)
+
+
+def planned_outputs(scan: Scan, options: ParticipantOptions) -> dict[str, Path]:
+    """Every image/table this scan will get, by role (``mean``, ``sd``, ``age60``, ...)."""
+    out, res = options.output_dir, res_label(options)
+    planned = {
+        "t1w": derivative_path(out, scan, desc="preproc", space=MNI, res=res, tracer=None, suffix="T1w", datatype="anat"),
+        "mean": derivative_path(out, scan, desc="synthetic", space=MNI, res=res),
+    }
+    if options.samples > 1:
+        planned["sd"] = derivative_path(out, scan, desc="sd", space=MNI, res=res)
+    if T1W in options.output_spaces:
+        planned["mean_t1w"] = derivative_path(out, scan, desc="synthetic", space=T1W)
+        if options.samples > 1:
+            planned["sd_t1w"] = derivative_path(out, scan, desc="sd", space=T1W)
+    for age in options.age_sweep:
+        planned[age_label(age)] = derivative_path(out, scan, desc=age_label(age), space=MNI, res=res)
+    if options.age_sweep:
+        planned["sweep_table"] = sweep_table_path(scan, options)
+    return planned
+
+
+def sweep_table_path(scan: Scan, options: ParticipantOptions) -> Path:
+    """``..._trc-FDG_space-MNI..._res-2_atlas-AAL2_desc-agesweep_stats.tsv`` (bidsignored)."""
+    name = (
+        f"{scan.prefix}_trc-FDG_space-{MNI}_res-{res_label(options)}_atlas-{ATLAS_ENTITY}_desc-agesweep_stats.tsv"
+    )
+    return options.output_dir / scan.folder / "pet" / name
+
+
+def provenance(model: LoadedModel, options: ParticipantOptions, age: float | None) -> dict[str, Any]:
+    """The settings that determine an output; a finished output made otherwise is reported."""
+    return {
+        "ModelName": model.name,
+        "ModelSHA256": model.sha256,
+        "Age": age,
+        "Seed": options.seed,
+        "Samples": options.samples,
+        "Temperature": options.temperature,
+    }
+
+
+def common_sidecar(
+    model: LoadedModel,
+    options: ParticipantOptions,
+    settings: dict[str, Any],
+    age_source: str | None,
+    source_t1w: str,
+) -> dict[str, Any]:
+    """Sidecar fields every synthetic PET of a scan shares (tracer, units, SYNTHETIC, provenance)."""
+    fields: dict[str, Any] = {
+        "TracerName": "FDG",
+        "SkullStripped": True,
+        "Units": "SUVR",
+        "Synthetic": True,
+        "Sources": [source_t1w],
+        **settings,
+        "AgeSource": age_source if settings["Age"] is not None else None,
+        "DemonstrationModel": model.demonstration,
+        "SoftwareName": "dualglow",
+        "SoftwareVersion": __version__,
+    }
+    reference = model.metadata.training.get("reference_region")
+    if reference:
+        fields["ReferenceRegion"] = reference
+    # Without age conditioning there is no age to report: leave the keys out rather than null.
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def mni_fields(options: ParticipantOptions) -> dict[str, Any]:
+    """SpatialReference and Resolution of an output on TemplateFlow's ``res-XX`` grid."""
+    res = options.output_res
+    return {
+        "SpatialReference": template_uri(MNI, res),
+        "Resolution": {res_label(options): f"TemplateFlow res-{res:02d} grid of {MNI} ({res} mm isotropic)"},
+    }
+
+
+def describe(model: LoadedModel, options: ParticipantOptions, age: float | None, kind: str) -> str:
+    """The sidecar's Description of a ``mean``, ``sd`` or ``sweep`` image: what it is and how made."""
+    what = {
+        "mean": "mean of the samples" if options.samples > 1 else (
+            "the conditional mode (one sample at temperature 0)" if options.temperature == 0 else "one sample"
+        ),
+        "sd": "voxelwise standard deviation of the samples (the model's uncertainty)",
+        "sweep": "mean of the samples at the age of the age sweep",
+    }[kind]
+    conditioned = f" and age {age:g} years" if model.uses_age and age is not None else ""
+    text = (
+        f"SYNTHETIC FDG-PET (SUVR), not a measurement: {what}; {options.samples} sample(s) at temperature "
+        f"{options.temperature:g}, seed {options.seed}, drawn by the DUAL-GLOW model {model.name} "
+        f"(sha256 {model.sha256[:12]}) conditioned on the T1w{conditioned}; dualglow {__version__}."
+    )
+    return text + (" " + DEMONSTRATION_WARNING if model.demonstration else "")
+
+
+def t1w_sidecar(t1: T1wResult, source_t1w: str) -> dict[str, Any]:
+    """Sidecar of the preprocessed T1w (the image the model saw)."""
+    return {
+        "Description": (
+            "The T1w as the model saw it: skull-stripped (deepbet), N4 bias-corrected, registered to "
+            f"{MNI} (ANTs affine + SyN), resampled on the model grid and scaled to [0, 1] within the brain."
+        ),
+        "SkullStripped": True,
+        "Sources": [source_t1w],
+        "IntensityRange": list(t1.intensity_range),
+        "SoftwareName": "dualglow",
+        "SoftwareVersion": __version__,
+    }
+
+
+def warn_if_made_otherwise(mean_path: Path, settings: dict[str, Any]) -> None:
+    """Warn when a finished output was made with other settings (it is kept without --overwrite)."""
+    try:
+        existing = json.loads(sidecar_path(mean_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    differ = [key for key, value in settings.items() if existing.get(key) != value]
+    if differ:
+        log.warning(
+            "%s exists, made with other %s; kept (pass --overwrite to replace it)",
+            mean_path.name,
+            ", ".join(differ),
+        )
+
+
+def prepare_output(options: ParticipantOptions, model: LoadedModel) -> None:
+    """dataset_description.json, .bidsignore and README of the derivative dataset."""
+    out = options.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    description = f"Synthetic FDG-PET from T1w MRI with DUAL-GLOW (model {model.name}, sha256 {model.sha256[:12]})"
+    write_dataset_description(out, options.bids_dir, description)
+    write_bidsignore(out, BIDSIGNORE)
+    readme = out / "README"
+    if not readme.exists():
+        text = (
+            "dualglow synthetic FDG-PET derivatives\n\n"
+            f"{SYNTHETIC_WARNING}\n"
+            + (f"{DEMONSTRATION_WARNING}\n" if model.demonstration else "")
+            + "\nEach image's JSON sidecar names the model (and its sha256), the age, seed, samples and\n"
+            "temperature it was made with. Reports: sub-<label>.html.\n"
+        )
+        write_text(readme, text)
+
+
+__all__ = [
+    "ATLAS_ENTITY", "BIDSIGNORE", "DEMONSTRATION_WARNING", "SYNTHETIC_WARNING", "age_label", "common_sidecar",
+    "describe", "mni_fields", "planned_outputs", "prepare_output", "provenance", "res_label", "sweep_table_path",
+    "t1w_sidecar", "warn_if_made_otherwise",
+]

@@ -1,0 +1,329 @@
+"""K-fold cross-validation of DUAL-GLOW against the baselines (Sun et al. 2019, sec. 4).
+
+1. :func:`make_splits` - folds grouped by subject (sessions of one person never straddle
+   folds), stratified by impaired / not / unknown diagnosis, shuffled with the run's seed.
+2. Each (fold, method): trained on the fold's training scans, seeded ``seed + fold``; its
+   predictions of every scan (held-out volumes, AAL2 means of all scans, and the age sweep of
+   the held-out ones) are saved under ``WORK_DIR/evaluate/<run key>/fold<k>/<method>.npz`` as
+   soon as they exist (:func:`_cached_run`), so a re-run of the same command resumes.
+   DUAL-GLOW's prediction is :func:`dualglow_app.inference.predict` at temperature 0 (its
+   conditional mode: one deterministic sample, clipped to the model's range, masked).
+3. :func:`evaluate_cohort` scores the held-out scans and hands the statistics
+   (:mod:`dualglow_app.evaluate.statistics`) to the outputs
+   (:mod:`dualglow_app.evaluate.report`); :func:`evaluate` is its BIDS front end
+   (:func:`load_cohort`: the group level's preprocessing and work-dir cache).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualglow_app import __version__
+from dualglow_app.data import IntensityScaling
+from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
+from dualglow_app.evaluate.options import (
+    DUALGLOW,
+    RUN_CACHE_VERSION,
+    Cohort,
+    EvaluateOptions,
+    EvaluationError,
+    EvaluationResult,
+)
+from dualglow_app.evaluate.report import build_summary, write_outputs
+from dualglow_app.evaluate.statistics import (
+    age_trends,
+    classification,
+    impairment_classes,
+    paired_tests,
+    phantom_true_slopes,
+    summarise,
+)
+from dualglow_app.io import atomic_path
+from dualglow_app.log import get_logger
+from dualglow_app.metrics import image_metrics
+
+log = get_logger(__name__)
+
+#: One fold's stored result of one method: arrays by name (see :func:`_run_method`).
+Run = dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def make_splits(
+    subjects: Sequence[str], folds: int, seed: int, strata: Sequence[int] | np.ndarray | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train rows, test rows) per fold, grouped by subject and shuffled by ``seed``.
+
+    With ``strata`` (one class per scan, e.g. impaired / not / unknown) the folds are also
+    stratified (StratifiedGroupKFold), so every training fold holds both diagnostic classes
+    for Table 2; otherwise GroupKFold.
+    """
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    n_subjects = len(set(subjects))
+    if n_subjects < folds:
+        raise EvaluationError(
+            f"{folds}-fold cross-validation needs at least {folds} subjects, the cohort has {n_subjects}; "
+            "lower --folds or add subjects."
+        )
+    rows = np.arange(len(subjects))
+    if strata is not None and len(set(strata)) > 1:
+        stratified = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        return list(stratified.split(rows, list(strata), groups=list(subjects)))
+    return list(GroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(rows, groups=list(subjects)))
+
+
+# --------------------------------------------------------------------------- one fold, one method
+
+
+def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: EvaluateOptions, run_dir: Path) -> Any:
+    """DUAL-GLOW trained on ``train_rows`` (the group level's :func:`dualglow_app.train.train`):
+    its :class:`~dualglow_app.train.TrainResult` (model and intensity scale)."""
+    from dualglow_app.options import TrainOptions
+    from dualglow_app.train import train
+
+    train_options = TrainOptions(
+        bids_dir=cohort.phantom_dir or options.bids_dir or options.output_dir,
+        output_dir=run_dir / DUALGLOW, work_dir=run_dir, model_name=f"fold{fold}",
+        grid=options.grid, depth=options.depth, hidden=options.hidden, relation_hidden=options.relation_hidden,
+        side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
+        warmup_steps=options.warmup_steps, val_fraction=0.0, seed=options.seed + fold, device=options.device,
+        resume=True, nprocs=options.nprocs, skip_bids_validation=True, report=False,
+    )  # fmt: skip
+    # No inner validation split: nothing is selected on held-out data, and DUAL-GLOW sees the
+    # same training scans as the baselines.
+    return train(train_options, data=cohort.data.subset(train_rows))
+
+
+def _dualglow_predictions(
+    trained: Any, cohort: Cohort, test_rows: np.ndarray, options: EvaluateOptions, atlases: EvaluationAtlases,
+) -> tuple[np.ndarray, Run]:  # fmt: skip
+    """Every scan's conditional mode (T = 0) at its own age, and the regional means of each
+    held-out scan synthesised at every sweep age (age-conditioned models only)."""
+    from dualglow_app.inference import predict
+
+    data, model, scaling = cohort.data, trained.model, trained.scaling
+    age_conditioned = "age" in options.side_info
+
+    def mode(row: int, age: float | None) -> np.ndarray:
+        side = None if age is None else {"age": age}
+        return predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), side).mean
+
+    every = np.stack([mode(i, float(data.age[i]) if age_conditioned else None) for i in range(len(data))])
+    if not age_conditioned:
+        return every, {}
+    maps = {f"sweep_{name}": m for name, m in (("aal", atlases.aal), ("phantom", atlases.phantom)) if m is not None}
+    sweeps = {key: np.empty((len(test_rows), len(options.ages), len(m.regions))) for key, m in maps.items()}
+    for k, row in enumerate(test_rows):
+        swept = np.stack([mode(int(row), age) for age in options.ages])  # (ages, X, Y, Z)
+        for key, region_map in maps.items():
+            sweeps[key][k] = region_map.means(swept, np.asarray(data.mask[row]))  # (ages, regions)
+    return every, sweeps
+
+
+def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, fold: int,
+                          options: EvaluateOptions, device: Any) -> np.ndarray:  # fmt: skip
+    """Every scan predicted by baseline ``method`` trained on ``train_rows`` (SUVR, unmasked)."""
+    from dualglow_app.baselines import BaselineOptions, make_baseline
+
+    data, scaling = cohort.data, IntensityScaling()
+    baseline = make_baseline(method, BaselineOptions(
+        epochs=options.epochs, batch_size=options.batch_size, width=options.baseline_width,
+        seed=options.seed + fold, device=str(device),
+    ))  # fmt: skip
+    baseline.fit(scaling.mri_to_model(np.asarray(data.mri[train_rows])), scaling.pet_to_model(np.asarray(data.pet[train_rows])))
+    return scaling.pet_from_model(baseline.predict(scaling.mri_to_model(np.asarray(data.mri))))
+
+
+def _run_method(
+    method: str, cohort: Cohort, train_rows: np.ndarray, test_rows: np.ndarray, fold: int,
+    options: EvaluateOptions, run_dir: Path, atlases: EvaluationAtlases, device: Any,
+) -> Run:  # fmt: skip
+    """Train ``method`` on ``train_rows``; predict: held-out volumes, AAL2 means of every scan,
+    and (DUAL-GLOW with age) the age sweep's regional means of the held-out scans."""
+    data = cohort.data
+    start = time.perf_counter()
+    sweeps: Run = {}
+    if method == DUALGLOW:
+        trained = _fit_dualglow(cohort, train_rows, fold, options, run_dir)
+        fit_s = time.perf_counter() - start
+        all_pred, sweeps = _dualglow_predictions(trained, cohort, test_rows, options, atlases)
+    else:
+        all_pred = _baseline_predictions(method, cohort, train_rows, fold, options, device)
+        fit_s = time.perf_counter() - start
+    masks = np.asarray(data.mask)
+    all_pred = all_pred * masks  # the brain is what is scored; background is set to 0 for every method
+    return {
+        "test_rows": np.asarray(test_rows),
+        "test_pred": all_pred[test_rows].astype(np.float32),
+        "aal_all": atlases.aal.means(all_pred, masks),
+        "fit_seconds": np.array(fit_s),
+        "seconds": np.array(time.perf_counter() - start),
+        **sweeps,
+    }
+
+
+def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
+    """Same cohort + same settings -> same folder, so a re-run resumes; anything else starts afresh."""
+    relevant = {k: v for k, v in options.to_dict().items()
+                if k not in ("bids_dir", "output_dir", "work_dir", "device", "nprocs", "report", "skip_bids_validation")}  # fmt: skip
+    parts = [RUN_CACHE_VERSION, __version__, relevant, list(cohort.data.labels), cohort.data.grid.to_dict()]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_run(path: Path, compute: Callable[[], Run]) -> Run:
+    """The stored result at ``path``, or ``compute()``'s, saved there atomically."""
+    if path.is_file():
+        with np.load(path) as stored:
+            return {k: stored[k] for k in stored.files}
+    result = compute()
+    arrays: dict[str, Any] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
+    return result
+
+
+def _run_folds(
+    cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+    run_dir: Path, atlases: EvaluationAtlases, device: Any,
+) -> dict[str, list[Run]]:  # fmt: skip
+    """Every (fold, method), from the cache where it is there: {method: [run of fold k]}."""
+    data = cohort.data
+    results: dict[str, list[Run]] = {m: [] for m in options.methods}
+    total, done = len(splits) * len(options.methods), 0
+    for fold, (train_rows, test_rows) in enumerate(splits):
+        for method in options.methods:
+            path = run_dir / f"fold{fold}" / f"{method}.npz"
+            cached = path.is_file()
+            result = _cached_run(path, functools.partial(
+                _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir, atlases, device))  # fmt: skip
+            results[method].append(result)
+            done += 1
+            mae = np.mean([image_metrics(data.pet[r], p, data.mask[r])["mae_suvr"]
+                           for r, p in zip(result["test_rows"], result["test_pred"], strict=True)])  # fmt: skip
+            log.info("[%d/%d] fold %d/%d %-8s %s in %.0f s; held-out MAE %.4f SUVR", done, total, fold + 1,
+                     len(splits), method, "reused" if cached else "trained", float(result["seconds"]), mae)  # fmt: skip
+    return results
+
+
+# --------------------------------------------------------------------------- the core
+
+
+def _scan_rows(cohort: Cohort, options: EvaluateOptions, results: dict[str, list[Run]]) -> list[dict[str, Any]]:
+    """Table 1's raw material: one row per held-out scan, fold and method, with its metrics."""
+    data = cohort.data
+    rows: list[dict[str, Any]] = []
+    for method in options.methods:
+        for fold, result in enumerate(results[method]):
+            for row, pred in zip(result["test_rows"], result["test_pred"], strict=True):
+                scores = image_metrics(np.asarray(data.pet[row]), pred, np.asarray(data.mask[row]))
+                rows.append({"label": data.labels[row], "subject": data.subjects[row], "fold": fold, "method": method,
+                             "age": float(data.age[row]), "diagnosis": cohort.diagnosis[row] or "n/a", **scores})  # fmt: skip
+    return rows
+
+
+def _table2(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+            atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:  # fmt: skip
+    """Table 2 on AAL2 means: true PET, and each method's synthetic PET of fold k in fold k."""
+    data = cohort.data
+    true_aal = atlases.aal.means(np.asarray(data.pet), np.asarray(data.mask))
+    features = {"true PET": [true_aal] * len(splits)}
+    for method in options.methods:
+        features[f"synthetic PET ({method})"] = [r["aal_all"] for r in results[method]]
+    return classification(features, cohort.diagnosis, splits, options.seed)
+
+
+def _age_experiment(cohort: Cohort, options: EvaluateOptions, atlases: EvaluationAtlases,
+                    runs: list[Run]) -> dict[str, Any]:  # fmt: skip
+    """Fig. 7 from DUAL-GLOW's per-fold sweeps (``runs``), with the phantom's truth if any."""
+    order = np.concatenate([r["test_rows"] for r in runs])
+    sweeps = {"aal": np.concatenate([r["sweep_aal"] for r in runs])}
+    names = {"aal": atlases.aal.names}
+    truth = None
+    if atlases.phantom is not None and cohort.phantom_dir is not None:
+        sweeps["phantom"] = np.concatenate([r["sweep_phantom"] for r in runs])
+        names["phantom"] = atlases.phantom.names
+        truth = phantom_true_slopes(cohort.phantom_dir, atlases.phantom.names)
+    trends = age_trends(sweeps, names, options.ages, truth)
+    trends["scans"] = [cohort.data.labels[i] for i in order]
+    return trends
+
+
+def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResult:
+    """Cross-validate DUAL-GLOW and the baselines on prepared arrays; write the outputs
+    (``metrics.tsv``, ``summary.json``, ``tables.md`` and, with ``options.report``,
+    ``evaluation.html``)."""
+    import torch
+
+    from dualglow_app.runtime import cpu_threads, resolve_device
+
+    data = cohort.data
+    if options.nprocs:
+        torch.set_num_threads(cpu_threads(options.nprocs))
+    age_conditioned = "age" in options.side_info
+    if age_conditioned and not np.all(np.isfinite(np.asarray(data.age))):
+        raise EvaluationError("--side-info age: some scans have no age; add it to participants.tsv or drop --side-info")
+    splits = make_splits(data.subjects, options.folds, options.seed, impairment_classes(cohort.diagnosis))
+    device = resolve_device(options.device)
+    assert options.work_dir is not None
+    run_dir = options.work_dir / "evaluate" / _run_key(cohort, options)
+    log.info("evaluation of %d scans (%d subjects), %d folds, methods %s; results cached in %s",
+             len(data), len(set(data.subjects)), options.folds, ", ".join(options.methods), run_dir)  # fmt: skip
+    atlases = evaluation_atlases(data.grid, phantom=cohort.phantom_dir is not None and age_conditioned)
+    results = _run_folds(cohort, options, splits, run_dir, atlases, device)
+
+    rows = _scan_rows(cohort, options, results)
+    evaluation = EvaluationResult(
+        rows=rows, table1=summarise(rows, options.methods), wilcoxon=paired_tests(rows, options.methods),
+        table2=_table2(cohort, options, splits, atlases, results),
+        age_trends=_age_experiment(cohort, options, atlases, results[DUALGLOW]) if age_conditioned else None,
+        splits=[{"fold": k, "test": [data.labels[i] for i in te], "n_train": int(len(tr))}
+                for k, (tr, te) in enumerate(splits)],
+        timing={m: [float(r["seconds"]) for r in results[m]] for m in options.methods},
+    )  # fmt: skip
+    evaluation.summary = build_summary(cohort, options, evaluation, str(device), run_dir)
+    write_outputs(cohort, options, evaluation, results)
+    return evaluation
+
+
+# --------------------------------------------------------------------------- BIDS front end
+
+
+def load_cohort(options: EvaluateOptions) -> Cohort:
+    """Preprocess (or reuse the work-dir cache of) every T1w + PET pair, with its diagnosis
+    (:func:`dualglow_app.dataset.prepare_dataset`, the group level's own data layer)."""
+    from dualglow_app.bids import check_bids_dataset, is_phantom_cohort
+    from dualglow_app.dataset import DatasetSpec, prepare_dataset
+    from dualglow_app.grid import resolve_grid
+
+    assert options.bids_dir is not None and options.work_dir is not None
+    if not options.skip_bids_validation:
+        check_bids_dataset(options.bids_dir)
+    spec = DatasetSpec(
+        options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
+        side_info=tuple(options.side_info), nprocs=options.nprocs,
+    )  # fmt: skip
+    data = prepare_dataset(spec)
+    phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None
+    return Cohort(data=data, diagnosis=list(data.diagnosis), phantom_dir=phantom)
+
+
+def evaluate(options: EvaluateOptions) -> EvaluationResult:
+    """The full evaluation of the paired scans in ``options.bids_dir`` (see the package docstring)."""
+    if options.bids_dir is None:
+        raise ValueError("evaluate() needs options.bids_dir; use evaluate_cohort() for prepared arrays")
+    return evaluate_cohort(load_cohort(options), options)
+
+
+__all__ = ["evaluate", "evaluate_cohort", "load_cohort", "make_splits"]

