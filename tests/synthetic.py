@@ -14,6 +14,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from dualglow_app.imaging import resample_to
+
 NILEARN_DATA = Path(__import__("nilearn").__file__).parent / "datasets" / "data"
 T1 = NILEARN_DATA / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 GM = NILEARN_DATA / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
@@ -25,14 +27,6 @@ def _pose(rng: np.random.Generator, degrees: float, shift_mm: float) -> np.ndarr
     pose[:3, :3] = Rotation.from_euler("xyz", rng.uniform(-degrees, degrees, 3), degrees=True).as_matrix()
     pose[:3, 3] = rng.uniform(-shift_mm, shift_mm, 3)
     return pose
-
-
-def _resample(src: nib.Nifti1Image, affine: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
-    vox = np.linalg.inv(src.affine) @ affine
-    return ndimage.affine_transform(
-        np.asarray(src.dataobj, dtype=np.float32), vox[:3, :3], vox[:3, 3],
-        output_shape=shape, order=order, mode="constant",
-    )
 
 
 def scanner_grid(pose: np.ndarray, voxel: tuple[float, float, float], shape: tuple[int, int, int],
@@ -57,7 +51,7 @@ def make_subject(folder: Path, seed: int = 0, t1_voxel: tuple[float, float, floa
     t1 = nib.load(T1)
     shape = tuple(int(round(s / v)) for s, v in zip((200.0, 220.0, 200.0), t1_voxel, strict=True))
     affine = scanner_grid(_pose(rng, 12, 10), t1_voxel, shape, "PIR")
-    data = _resample(t1, affine, shape)
+    data = resample_to(t1, affine, shape, order=1)
     # smooth multiplicative bias field (0.85..1.15), like a receive coil
     xyz = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
     bias = 1 + 0.15 * np.tanh(rng.normal(size=3) @ xyz.reshape(3, -1)).reshape(shape)
@@ -69,13 +63,13 @@ def make_subject(folder: Path, seed: int = 0, t1_voxel: tuple[float, float, floa
     gm_p = np.asarray(gm.dataobj, dtype=np.float32) / 255.0  # the wheel stores uint8 0..255
     wm_p = np.asarray(wm.dataobj, dtype=np.float32) / 255.0
     gm_path = folder / f"sub-{seed:02d}_label-GM_probseg.nii.gz"
-    gm_native = _resample(nib.Nifti1Image(gm_p, gm.affine), affine, shape)
+    gm_native = resample_to(nib.Nifti1Image(gm_p, gm.affine), affine, shape, order=1)
     nib.save(nib.Nifti1Image(gm_native.astype(np.float32), affine), gm_path)
     activity = 4 * gm_p + wm_p
     activity = ndimage.gaussian_filter(activity, 6 / 2.3548)  # 6 mm FWHM at 1 mm
     pet_shape = (100, 110, 90)
     pet_affine = scanner_grid(_pose(rng, 8, 8), (2.0, 2.0, 2.0), pet_shape, "LAS")
-    pet = _resample(nib.Nifti1Image(activity, gm.affine), pet_affine, pet_shape)
+    pet = resample_to(nib.Nifti1Image(activity, gm.affine), pet_affine, pet_shape, order=1)
     frames = np.stack([pet * 1000 * (1 + 0.02 * k) + rng.normal(0, 50, pet_shape) for k in range(pet_frames)], -1)
     pet_path = folder / f"sub-{seed:02d}_pet.nii.gz"
     nib.save(nib.Nifti1Image(frames.astype(np.float32), pet_affine), pet_path)
