@@ -37,7 +37,7 @@ log = get_logger(__name__)
 
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_bpd_pet_given_mri", "train_bpd_mri",
-    "val_bpd_pet_given_mri", "val_bpd_mri", "val_mae_suvr", "val_psnr_db", "val_ssim",
+    "val_bpd_pet_given_mri", "val_bpd_mri", "val_mae_suvr", "val_psnr_db", "val_ssim", "val_deviation_r",
     "skipped_steps", "samples_per_s", "epoch_seconds",
 )  # fmt: skip
 DEMONSTRATION_BANNER = "DEMONSTRATION: trained on the synthetic dualglow phantom cohort, not on people"
@@ -79,6 +79,8 @@ def model_metadata(
         "epochs": result.epochs,
         "selected_epoch": result.selected_epoch,
         "keep": options.keep,
+        "patience": options.patience,
+        "stopped_early": result.stopped_early,
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
         "seed": options.seed,
@@ -138,6 +140,10 @@ def write_report(
         if "val_mae_suvr" in history[0]:
             report.add_figure(line_figure(epochs, {"MAE (SUVR)": [h["val_mae_suvr"] for h in history]}, "epoch", "SUVR"),
                               "validation mean absolute error inside the brain")  # fmt: skip
+        if "val_deviation_r" in history[0]:
+            report.add_figure(line_figure(epochs, {"deviation r": [h["val_deviation_r"] for h in history]}, "epoch", "r"),
+                              "validation deviation correlation: does the synthetic PET depart from the mean training "
+                              "PET the way the subject's does? (0 = the mean PET, 1 = perfect)")  # fmt: skip
         report.add_heading("Metrics per epoch")
         columns = [c for c in METRIC_COLUMNS if c in history[0]]
         report.add_table(columns, [[h.get(c) for c in columns] for h in history[-20:]])

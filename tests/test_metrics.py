@@ -21,8 +21,10 @@ def volume() -> tuple[np.ndarray, np.ndarray]:
 
 def test_identical_images_score_perfectly(volume: tuple[np.ndarray, np.ndarray]) -> None:
     true, mask = volume
-    scores = image_metrics(true, true.copy(), mask)
+    scores = image_metrics(true, true.copy(), mask, reference=np.full_like(true, float(true.mean())))
     assert list(scores) == list(METRICS)
+    assert scores["deviation_r"] == pytest.approx(1.0)
+    assert list(image_metrics(true, true.copy(), mask)) == list(METRICS[:-1])  # no reference, no deviation
     assert scores["mae_suvr"] == 0.0
     assert scores["pearson_r"] == pytest.approx(1.0)
     assert scores["psnr_db"] == 100.0
@@ -77,3 +79,53 @@ def test_ssim_window_shrinks_to_an_odd_side() -> None:
     assert ssim_window((40, 48, 40)) == 7
     assert ssim_window((20, 6, 20)) == 5
     assert ssim_window((4, 4)) == 3
+
+
+# --------------------------------------------------------------------------- subject-level metrics
+
+
+def test_deviation_correlation_sees_the_subject_where_image_metrics_do_not() -> None:
+    """The population mean scores well on r and SSIM but has no deviation; a prediction that
+    departs like the subject has deviation r 1, one that departs the other way -1."""
+    from dualglow_app.metrics import deviation_correlation
+
+    rng = np.random.default_rng(0)
+    mean_pet = 1.0 + 0.5 * rng.random((12, 12, 12))
+    subject = 0.05 * rng.standard_normal((12, 12, 12))
+    truth, mask = mean_pet + subject, np.ones((12, 12, 12), bool)
+    assert image_metrics(truth, mean_pet, mask)["pearson_r"] > 0.9
+    assert image_metrics(truth, mean_pet, mask, reference=mean_pet)["deviation_r"] == 0.0
+    assert deviation_correlation(mean_pet + 0.5 * subject, truth, mean_pet, mask) == pytest.approx(1.0)
+    assert deviation_correlation(mean_pet - subject, truth, mean_pet, mask) == pytest.approx(-1.0)
+    other = mean_pet + 0.05 * rng.standard_normal((12, 12, 12))
+    assert abs(deviation_correlation(other, truth, mean_pet, mask)) < 0.15
+
+
+def test_input_specificity_is_higher_for_a_model_that_ignores_the_input() -> None:
+    from dualglow_app.metrics import mean_pairwise_correlation
+
+    rng = np.random.default_rng(1)
+    base = rng.random((6, 6, 6))
+    masks = np.ones((4, 6, 6, 6), bool)
+    truths = np.stack([base + 0.3 * rng.random((6, 6, 6)) for _ in range(4)])
+    constant = np.stack([base] * 4)
+    assert mean_pairwise_correlation(constant, masks) == pytest.approx(1.0)
+    assert mean_pairwise_correlation(truths, masks) < 0.95
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_pairwise_correlation(truths[:1], masks[:1])
+
+
+def test_icc_matches_shrout_and_fleiss_and_regional_agreement() -> None:
+    from dualglow_app.metrics import bland_altman, icc_2_1, regional_agreement
+
+    # Shrout & Fleiss (1979), Table 2: 6 targets, 4 judges; ICC(2,1) = 0.29.
+    ratings = np.array([[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]], float)
+    assert icc_2_1(ratings) == pytest.approx(0.29, abs=0.005)
+    agreement = bland_altman(np.array([1.1, 2.1, 3.1, 4.1]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert agreement["bias"] == pytest.approx(0.1) and agreement["sd"] == pytest.approx(0.0, abs=1e-12)
+    rng = np.random.default_rng(2)
+    true = 1.0 + 0.2 * rng.standard_normal((20, 3))
+    good = regional_agreement(true + 0.01 * rng.standard_normal((20, 3)), true)
+    flat = regional_agreement(np.tile(true.mean(0), (20, 1)), true)
+    assert good["median_icc"] > 0.95 and abs(flat["median_icc"]) < 0.05
+    assert flat["median_abs_bias"] < 1e-9 and flat["median_limits_half_width"] > good["median_limits_half_width"]

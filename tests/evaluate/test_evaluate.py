@@ -92,13 +92,14 @@ def test_paired_tests_say_when_a_baseline_wins() -> None:
     rows = []
     for i in range(8):
         rows.append({"label": f"s{i}", "method": DUALGLOW, "mae_suvr": 0.2 + 0.01 * i, "pearson_r": 0.9,
-                     "psnr_db": 20.0 + i, "ssim": 0.8})  # fmt: skip
+                     "psnr_db": 20.0 + i, "ssim": 0.8, "deviation_r": 0.3 + 0.01 * i})  # fmt: skip
         rows.append({"label": f"s{i}", "method": "unet", "mae_suvr": 0.1 + 0.005 * i, "pearson_r": 0.9,
-                     "psnr_db": 19.0 + i, "ssim": 0.8})  # fmt: skip
+                     "psnr_db": 19.0 + i, "ssim": 0.8, "deviation_r": 0.5 + 0.02 * i})  # fmt: skip
     tests = paired_tests(rows, [DUALGLOW, "unet"])["unet"]
     assert tests["mae_suvr"]["better"] == "unet" and tests["mae_suvr"]["p_value"] < 0.05
     assert tests["psnr_db"]["better"] == DUALGLOW
     assert tests["ssim"]["better"] == "tie" and np.isnan(tests["ssim"]["p_value"])
+    assert tests["deviation_r"]["better"] == "unet"
 
 
 def test_classification_on_separable_and_on_missing_diagnoses() -> None:
@@ -177,16 +178,23 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     assert set(summary["table1"]) == set(methods) and set(summary["table1"][DUALGLOW]) == set(METRICS)
     assert set(summary["wilcoxon"]) == set(methods) - {DUALGLOW}
     assert summary["table2"]["sources"]["true PET"]["n"] == 6
-    assert set(summary["table2"]["sources"]) == {"true PET", *[f"synthetic PET ({m})" for m in methods]}
+    assert set(summary["table2"]["sources"]) == {"true PET", "MRI (T1w regional means) + age", "age alone",
+                                                 *[f"synthetic PET ({m})" for m in methods]}  # fmt: skip
+    # Subject-level metrics: the mean PET does not depart from itself (deviation r 0 exactly).
+    assert all(float(r["deviation_r"]) == 0.0 for r in rows if r["method"] == "meanpet")
+    specificity = summary["subject_level"]["input_specificity"]
+    assert set(specificity) == {"true PET", *methods} and specificity["meanpet"] > specificity["true PET"]
+    assert set(summary["subject_level"]["regional_agreement"]) == set(methods)
     trends = summary["age_trends"]["atlases"]["aal"]
     aal2 = aal_regions(cohort.data.grid)
     assert trends["regions"] == aal2.names and len(trends["mean"]) == len(aal2.names) and len(trends["mean"][0]) == 3
     assert "AAL2" in summary["definitions"]["classification"] and "AAL-116" not in json.dumps(summary)
     tables = (options.output_dir / "tables.md").read_text()
     assert "### Table 1" in tables and "| meanpet |" in tables and "### Table 2" in tables
+    assert "Does the synthesis follow the subject?" in tables and "deviation r" in tables
     assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with
     html = (options.output_dir / "evaluation.html").read_text()
-    for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7"):
+    for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7", "follow the subject", "input specificity"):
         assert text in html
 
 
