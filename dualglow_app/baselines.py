@@ -2,14 +2,31 @@
 
 Four MRI -> PET translators behind one interface, :class:`Baseline`: ``fit(mri, pet)`` on
 stacked model-grid volumes (N, X, Y, Z) on the model's [0, 1] scale, ``predict(mri)``
-returning the same shape and scale. Every method sees the same arrays, epochs and batch size
-as DUAL-GLOW in the evaluation; nothing is tuned per fold.
+returning the same shape and scale. Every method sees the same arrays and batch size as
+DUAL-GLOW in the evaluation; nothing is tuned per fold.
+
+Two ways to train (:meth:`Baseline.fit`):
+
+- without validation data, a fixed ``BaselineOptions.epochs`` epochs;
+- with ``val_mri`` / ``val_pet`` (a subject-level inner split), up to ``max_epochs`` with
+  early stopping: after every epoch the validation MAE of :meth:`Baseline.predict` (the
+  deterministic prediction: the cGAN with its noise at 0, the cVAE at the prior mean z = 0) is
+  measured on the model's [0, 1] PET scale (SUVR / ``pet_suvr_max``, i.e. SUVR / 3 with the
+  default :class:`~dualglow_app.data.IntensityScaling`; inside ``val_mask`` when given). The
+  best epoch's weights are kept and restored at the end; training stops after ``patience``
+  epochs without a relative improvement of ``min_delta``, or at ``budget_seconds``.
+
+Either way ``baseline.history`` holds one JSON-able row per epoch (train losses, validation
+MAE, seconds) and :meth:`Baseline.summary` the epochs run, the best epoch, whether and why it
+stopped, and the wall time.
 
 - ``unet``: 3D U-Net trained with L1 (the paper's "U-Net").
 - ``pix2pix``: the same U-Net as generator + a 3D PatchGAN on (MRI, PET) pairs, loss
   adversarial + 100 * L1 (Isola et al. 2017's weighting).
 - ``cgan``: a plain conditional GAN: the U-Net generator gets (MRI, noise), the discriminator
-  sees (MRI, PET) as one global decision (no patches); adversarial loss only, no L1.
+  sees (MRI, PET) as one global decision (no patches); adversarial loss only, no L1. Noise is
+  drawn while training; predictions use noise 0 (the noise's mean and mode), so they are
+  deterministic.
 - ``cvae``: a conditional VAE: an encoder of (MRI, PET) -> z (``latent`` dims), a U-Net decoder
   of the MRI with z broadcast at its bottleneck; L1 reconstruction + KL. Prediction uses the
   prior mean z = 0.
@@ -31,7 +48,9 @@ must be divisible by 4.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -47,14 +66,23 @@ log = get_logger(__name__)
 
 @dataclass
 class BaselineOptions:
-    """Training settings shared by every baseline (the evaluation copies epochs/batch from DUAL-GLOW).
+    """Training settings shared by every baseline (the evaluation copies the batch size from DUAL-GLOW).
 
     ``lr`` is Adam's for the U-Net and the cVAE; the GANs use ``gan_lr`` with beta1 = 0.5
     (pix2pix's settings). ``l1_weight`` is pix2pix's lambda; ``kl_weight`` scales the cVAE's
     KL term (summed over latent dims) against the per-voxel mean L1.
+
+    ``epochs`` is the fixed length of a fit without validation data. With validation data
+    the fit runs up to ``max_epochs`` (the budget) and stops after ``patience`` epochs in
+    which the validation MAE did not fall below ``best * (1 - min_delta)`` (``min_delta`` is
+    relative), or once ``budget_seconds`` (if set) have passed at the end of an epoch.
     """
 
     epochs: int = 20
+    max_epochs: int = 200
+    patience: int = 10
+    min_delta: float = 1e-3
+    budget_seconds: float | None = None
     batch_size: int = 2
     width: int = 16
     lr: float = 1e-3
@@ -65,8 +93,23 @@ class BaselineOptions:
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        problems = [f"{name}={getattr(self, name)} (must be >= 1)"
+                    for name in ("epochs", "max_epochs", "patience", "batch_size", "width", "latent")
+                    if getattr(self, name) < 1]  # fmt: skip
+        if not 0.0 <= self.min_delta < 1.0:
+            problems.append(f"min_delta={self.min_delta} (a relative improvement, 0 <= d < 1)")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            problems.append(f"budget_seconds={self.budget_seconds} (must be > 0, or None)")
+        if problems:
+            raise ValueError("invalid baseline options: " + "; ".join(problems) + ".")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: What ``val_mae`` in a baseline's history and summary measures.
+VAL_METRIC = "MAE of predict() on the model's [0, 1] PET scale (SUVR / pet_suvr_max), inside val_mask if given"
 
 
 # --------------------------------------------------------------------------- networks
@@ -145,9 +188,11 @@ class Encoder3d(nn.Module):
 
 
 class Baseline:
-    """fit / predict on stacked volumes; subclasses define ``_build`` and ``_step``.
+    """fit / predict on stacked volumes; subclasses define ``_build``, ``_step`` and ``_generate``.
 
     Seeded: the same options and arrays give the same weights (on one device and thread count).
+    Validation only reads the model (:meth:`predict` draws no random numbers), so the first k
+    epochs of an early-stopped fit are exactly a fixed k-epoch fit.
     """
 
     name: ClassVar[str] = ""
@@ -155,7 +200,16 @@ class Baseline:
     def __init__(self, options: BaselineOptions | None = None) -> None:
         self.options = options or BaselineOptions()
         self.device = torch.device(self.options.device)
-        self.fit_seconds = 0.0
+        # What the last fit measured (see summary()).
+        self.history: list[dict[str, Any]] = []
+        self.best_epoch = 0
+        self.best_val_mae: float | None = None
+        self.epochs_run = 0
+        self.stopped_early = False
+        self.stop_reason = "not fitted"
+        self.validated = False
+        self.wall_s = 0.0
+        self.fit_seconds = 0.0  # = wall_s (older name)
         torch.manual_seed(self.options.seed)
         self._build()
         self._noise = torch.Generator().manual_seed(self.options.seed + 1)
@@ -163,42 +217,143 @@ class Baseline:
     def _build(self) -> None:
         raise NotImplementedError
 
-    def _step(self, mri: Tensor, pet: Tensor) -> float:
+    def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
+        """One optimisation step on a batch; its losses, ``"loss"`` (the one minimised) first."""
         raise NotImplementedError
 
     def _generate(self, mri: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _modules(self) -> list[nn.Module]:
-        return [m for m in vars(self).values() if isinstance(m, nn.Module)]
+    def _modules(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in vars(self).items() if isinstance(m, nn.Module)}
 
-    def fit(self, mri: np.ndarray, pet: np.ndarray) -> list[float]:
-        """Train on (N, X, Y, Z) arrays on [0, 1]; returns the mean loss of each epoch."""
+    def _state(self) -> dict[str, dict[str, Tensor]]:
+        """A copy of every network's weights (generator and critic alike)."""
+        return {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in self._modules().items()}
+
+    def _load_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        for name, module in self._modules().items():
+            module.load_state_dict(state[name])
+
+    def fit(
+        self,
+        mri: np.ndarray,
+        pet: np.ndarray,
+        val_mri: np.ndarray | None = None,
+        val_pet: np.ndarray | None = None,
+        *,
+        val_mask: np.ndarray | None = None,
+        on_epoch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
+    ) -> list[float]:
+        """Train on (N, X, Y, Z) arrays on [0, 1]; returns the mean training loss of each epoch.
+
+        Without ``val_mri``/``val_pet``: ``options.epochs`` epochs. With them: up to
+        ``options.max_epochs`` with early stopping on the validation MAE (module docstring),
+        ending with the best epoch's weights. ``val_mask`` (same shape as ``val_pet``) limits
+        the MAE to the brain. ``on_epoch(row, val_pred)`` is called after each validated
+        epoch with the history row (add JSON-able keys to it) and the model-scale validation
+        predictions. What was measured is in :attr:`history` and :meth:`summary`.
+        """
+        self._check_pair(mri, pet, "")
+        if (val_mri is None) != (val_pet is None):
+            raise ValueError(f"{self.name}.fit: pass both val_mri and val_pet, or neither")
+        validating = val_mri is not None and val_pet is not None
+        if val_mri is not None and val_pet is not None:
+            self._check_pair(val_mri, val_pet, "val_")
+            if val_mri.shape[1:] != mri.shape[1:]:
+                raise ValueError(f"{self.name}.fit: validation grid {val_mri.shape[1:]} differs from {mri.shape[1:]}")
+            if val_mask is not None and val_mask.shape != val_pet.shape:
+                raise ValueError(f"{self.name}.fit: val_mask {val_mask.shape} must match val_pet {val_pet.shape}")
+        opts = self.options
+        budget = opts.max_epochs if validating else opts.epochs
+        start = time.perf_counter()
+        rng = np.random.default_rng(opts.seed)
+        self.history, self.validated = [], validating
+        best_state: dict[str, dict[str, Tensor]] | None = None
+        best, reference, since = math.inf, math.inf, 0
+        self.best_epoch, self.best_val_mae = 0, None
+        reason = "max_epochs" if validating else "fixed_epochs"
+        for epoch in range(1, budget + 1):
+            epoch_start = time.perf_counter()
+            for module in self._modules().values():
+                module.train()
+            order = rng.permutation(len(mri))
+            sums: dict[str, float] = {}
+            for first in range(0, len(order), opts.batch_size):
+                rows = np.sort(order[first : first + opts.batch_size])
+                for key, value in self._step(self._tensor(mri[rows]), self._tensor(pet[rows])).items():
+                    sums[key] = sums.get(key, 0.0) + value * len(rows)
+            row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / len(mri) for k, v in sums.items()}}
+            row["train_seconds"] = time.perf_counter() - epoch_start
+            pred = None
+            if val_mri is not None and val_pet is not None:
+                pred = self.predict(val_mri)
+                mae = _mae(pred, val_pet, val_mask)
+                row["val_mae"] = mae
+                if mae < best:  # the weights kept: the lowest validation MAE
+                    best, self.best_epoch, best_state = mae, epoch, self._state()
+                # Patience counts epochs since the last improvement by at least min_delta (relative).
+                row["improved"] = bool(mae < reference * (1.0 - opts.min_delta))
+                reference, since = (mae, 0) if row["improved"] else (reference, since + 1)
+            row["seconds"] = time.perf_counter() - epoch_start
+            if pred is not None and on_epoch is not None:
+                on_epoch(row, pred)
+            self.history.append(row)
+            log.debug("%s epoch %d: %s", self.name, epoch, {k: v for k, v in row.items() if k != "epoch"})
+            if validating and since >= opts.patience:
+                reason = "patience"
+                break
+            if opts.budget_seconds is not None and epoch < budget and time.perf_counter() - start >= opts.budget_seconds:
+                reason = "budget_seconds"
+                break
+        if best_state is not None:
+            self._load_state(best_state)
+            self.best_val_mae = best
+        else:
+            self.best_epoch = len(self.history)
+        self.epochs_run = len(self.history)
+        self.stopped_early = reason == "patience"
+        self.stop_reason = reason
+        self.wall_s = self.fit_seconds = time.perf_counter() - start
+        log.info("%s: %d epochs (%s) in %.1f s; kept epoch %d%s", self.name, self.epochs_run, reason, self.wall_s,
+                 self.best_epoch, "" if self.best_val_mae is None else f", val MAE {self.best_val_mae:.4f}")  # fmt: skip
+        return [float(r["train_loss"]) for r in self.history]
+
+    def summary(self) -> dict[str, Any]:
+        """What the last fit did, JSON-able: epochs run, kept epoch, why it stopped, time, history."""
+        opts = self.options
+        return {
+            "method": self.name,
+            "validated": self.validated,
+            "val_metric": VAL_METRIC if self.validated else None,
+            "budget_epochs": opts.max_epochs if self.validated else opts.epochs,
+            "patience": opts.patience if self.validated else None,
+            "min_delta": opts.min_delta if self.validated else None,
+            "budget_seconds": opts.budget_seconds,
+            "epochs_run": self.epochs_run,
+            "best_epoch": self.best_epoch,
+            "best_val_mae": self.best_val_mae,
+            "stopped_early": self.stopped_early,
+            "stop_reason": self.stop_reason,
+            "wall_s": self.wall_s,
+            "history": [dict(row) for row in self.history],
+        }
+
+    def _check_pair(self, mri: np.ndarray, pet: np.ndarray, prefix: str) -> None:
         if mri.shape != pet.shape or mri.ndim != 4:
-            raise ValueError(f"{self.name}.fit: mri {mri.shape} and pet {pet.shape} must both be (N, X, Y, Z)")
+            raise ValueError(
+                f"{self.name}.fit: {prefix}mri {mri.shape} and {prefix}pet {pet.shape} must both be (N, X, Y, Z)"
+            )
         if any(s % 4 for s in mri.shape[1:]):
             raise ValueError(f"{self.name}: grid sides {mri.shape[1:]} must be divisible by 4 (two poolings)")
-        start = time.perf_counter()
-        for module in self._modules():
-            module.train()
-        rng = np.random.default_rng(self.options.seed)
-        history = []
-        for _ in range(self.options.epochs):
-            order = rng.permutation(len(mri))
-            losses = []
-            for first in range(0, len(order), self.options.batch_size):
-                rows = np.sort(order[first : first + self.options.batch_size])
-                losses.append(self._step(self._tensor(mri[rows]), self._tensor(pet[rows])))
-            history.append(float(np.mean(losses)))
-        self.fit_seconds = time.perf_counter() - start
-        log.debug("%s: %d epochs in %.1f s, last loss %.4f", self.name, self.options.epochs, self.fit_seconds,
-                  history[-1] if history else float("nan"))  # fmt: skip
-        return history
 
     @torch.no_grad()
     def predict(self, mri: np.ndarray) -> np.ndarray:
-        """Synthetic PET on the model's [0, 1] scale, one volume at a time (bounded memory)."""
-        for module in self._modules():
+        """Synthetic PET on the model's [0, 1] scale, one volume at a time (bounded memory).
+
+        Deterministic: the cGAN's noise is 0, the cVAE's latent its prior mean.
+        """
+        for module in self._modules().values():
             module.eval()
         out = [self._generate(self._tensor(mri[i : i + 1]))[0, 0].cpu().numpy() for i in range(len(mri))]
         return np.asarray(out, dtype=np.float32)
@@ -212,6 +367,15 @@ class Baseline:
         return torch.optim.Adam(module.parameters(), lr=self.options.lr)
 
 
+def _mae(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:
+    """Mean over scans of each scan's MAE (inside its mask when given), as the evaluation averages."""
+    errors = np.abs(np.asarray(pred, np.float64) - np.asarray(truth, np.float64))
+    if mask is None:
+        return float(errors.mean())
+    inside = np.asarray(mask).astype(bool)
+    return float(np.mean([e[m].mean() for e, m in zip(errors, inside, strict=True) if m.any()]))
+
+
 class UNetL1(Baseline):
     """3D U-Net, L1 loss."""
 
@@ -221,12 +385,12 @@ class UNetL1(Baseline):
         self.net = UNet3d(1, self.options.width).to(self.device)
         self.opt = self._adam(self.net)
 
-    def _step(self, mri: Tensor, pet: Tensor) -> float:
+    def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
         loss = F.l1_loss(self.net(mri), pet)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return {"loss": float(loss.detach())}
 
     def _generate(self, mri: Tensor) -> Tensor:
         return self.net(mri)
@@ -247,10 +411,10 @@ class _GAN(Baseline):
     def _gen_channels(self) -> int:
         return 1
 
-    def _gen_input(self, mri: Tensor) -> Tensor:
+    def _gen_input(self, mri: Tensor, sample: bool = True) -> Tensor:
         return mri
 
-    def _step(self, mri: Tensor, pet: Tensor) -> float:
+    def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
         fake = self.gen(self._gen_input(mri))
         real_logits = self.critic(mri, pet)
         fake_logits = self.critic(mri, fake.detach())
@@ -262,16 +426,18 @@ class _GAN(Baseline):
         loss_d.backward()
         self.opt_d.step()
         gen_logits = self.critic(mri, fake)
-        loss_g = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
-        if self.l1:
-            loss_g = loss_g + self.options.l1_weight * F.l1_loss(fake, pet)
+        adversarial = F.binary_cross_entropy_with_logits(gen_logits, torch.ones_like(gen_logits))
+        l1 = F.l1_loss(fake, pet)
+        loss_g = adversarial + self.options.l1_weight * l1 if self.l1 else adversarial
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()
-        return float(loss_g.detach())
+        # l1 is reported for both GANs (the cGAN does not minimise it: a diagnostic).
+        return {"loss": float(loss_g.detach()), "loss_d": float(loss_d.detach()),
+                "adversarial": float(adversarial.detach()), "l1": float(l1.detach())}  # fmt: skip
 
     def _generate(self, mri: Tensor) -> Tensor:
-        return self.gen(self._gen_input(mri))
+        return self.gen(self._gen_input(mri, sample=False))
 
 
 class Pix2Pix(_GAN):
@@ -290,9 +456,13 @@ class CGAN(_GAN):
     def _gen_channels(self) -> int:
         return 2
 
-    def _gen_input(self, mri: Tensor) -> Tensor:
-        # Noise from the method's own seeded generator: predictions repeat for a given seed.
-        noise = torch.randn(mri.shape, generator=self._noise).to(mri.device)
+    def _gen_input(self, mri: Tensor, sample: bool = True) -> Tensor:
+        # Training: noise from the method's own seeded generator. Prediction: noise 0, the
+        # noise's mean and mode (a deterministic prediction, like the cVAE's z = 0).
+        if sample:
+            noise = torch.randn(mri.shape, generator=self._noise).to(mri.device)
+        else:
+            noise = torch.zeros_like(mri)
         return torch.cat([mri, noise], dim=1)
 
 
@@ -306,16 +476,17 @@ class CVAE(Baseline):
         self.decoder = UNet3d(1, self.options.width, extra=self.options.latent).to(self.device)
         self.opt = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=self.options.lr)
 
-    def _step(self, mri: Tensor, pet: Tensor) -> float:
+    def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
         mu, logvar = self.encoder(mri, pet)
         eps = torch.randn(mu.shape, generator=self._noise).to(mu.device)
         recon = self.decoder(mri, mu + torch.exp(0.5 * logvar) * eps)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
-        loss = F.l1_loss(recon, pet) + self.options.kl_weight * kl
+        l1 = F.l1_loss(recon, pet)
+        loss = l1 + self.options.kl_weight * kl
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return {"loss": float(loss.detach()), "l1": float(l1.detach()), "kl": float(kl.detach())}
 
     def _generate(self, mri: Tensor) -> Tensor:
         z = torch.zeros(mri.shape[0], self.options.latent, device=mri.device)
@@ -323,19 +494,41 @@ class CVAE(Baseline):
 
 
 class MeanPET(Baseline):
-    """The mean training PET for every MRI: the reference a model of the MRI has to beat."""
+    """The mean training PET for every MRI: the reference a model of the MRI has to beat.
+
+    Closed form: "converged" after 0 epochs (``stop_reason`` ``"closed_form"``); with
+    validation data its validation MAE is measured like the others'.
+    """
 
     name = "meanpet"
 
     def _build(self) -> None:
         self.mean: np.ndarray | None = None
 
-    def fit(self, mri: np.ndarray, pet: np.ndarray) -> list[float]:
+    def fit(
+        self,
+        mri: np.ndarray,
+        pet: np.ndarray,
+        val_mri: np.ndarray | None = None,
+        val_pet: np.ndarray | None = None,
+        *,
+        val_mask: np.ndarray | None = None,
+        on_epoch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
+    ) -> list[float]:
+        """The voxel-wise mean of ``pet``; returns its training L1 (one "epoch")."""
         if mri.shape != pet.shape or mri.ndim != 4:
             raise ValueError(f"{self.name}.fit: mri {mri.shape} and pet {pet.shape} must both be (N, X, Y, Z)")
+        if (val_mri is None) != (val_pet is None):
+            raise ValueError(f"{self.name}.fit: pass both val_mri and val_pet, or neither")
         start = time.perf_counter()
         self.mean = np.asarray(pet, dtype=np.float64).mean(0).astype(np.float32)
-        self.fit_seconds = time.perf_counter() - start
+        self.history, self.epochs_run, self.best_epoch = [], 0, 0
+        self.stopped_early, self.stop_reason = False, "closed_form"
+        self.validated = val_mri is not None
+        self.best_val_mae = None
+        if val_mri is not None and val_pet is not None:
+            self.best_val_mae = _mae(self.predict(val_mri), val_pet, val_mask)
+        self.wall_s = self.fit_seconds = time.perf_counter() - start
         return [float(np.abs(pet - self.mean).mean())]  # its training L1, one "epoch"
 
     def predict(self, mri: np.ndarray) -> np.ndarray:
@@ -356,4 +549,7 @@ def make_baseline(name: str, options: BaselineOptions | None = None) -> Baseline
     return cls(options)
 
 
-__all__ = ["BASELINES", "Baseline", "BaselineOptions", "CGAN", "CVAE", "MeanPET", "Pix2Pix", "UNetL1", "make_baseline"]
+__all__ = [
+    "BASELINES", "VAL_METRIC", "Baseline", "BaselineOptions", "CGAN", "CVAE", "MeanPET", "Pix2Pix", "UNetL1",
+    "make_baseline",
+]  # fmt: skip

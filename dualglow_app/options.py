@@ -122,6 +122,9 @@ class TrainOptions:
     ``mri_input=False`` zeroes the MRI: the same architecture then learns an unconditional
     PET model, the baseline that shows the MRI carries information. ``max_steps`` ends the
     run after the epoch in which that many batches were processed (smoke tests, benchmarks).
+    ``patience`` (needs a validation split) ends the run once that many epochs in a row have
+    not lowered the validation bpd(PET | MRI) below ``best - min_delta * |best|`` (``min_delta``
+    is relative); ``epochs`` is then the budget.
     """
 
     bids_dir: Path
@@ -138,6 +141,10 @@ class TrainOptions:
     relation_hidden: int = 64
     side_info: Sequence[str] = ()
     epochs: int = 100
+    # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a
+    # relative improvement of at least `min_delta`. None: train all `epochs`.
+    patience: int | None = None
+    min_delta: float = 0.0
     batch_size: int = 2
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -181,6 +188,13 @@ class TrainOptions:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} (use 0 <= F < 1)")
+        if self.patience is not None:
+            if self.patience < 1:
+                problems.append(f"patience={self.patience} (must be >= 1, or None)")
+            if self.val_fraction == 0:
+                problems.append(f"patience={self.patience} needs a validation split (val_fraction > 0)")
+        if not 0.0 <= self.min_delta < 1.0:
+            problems.append(f"min_delta={self.min_delta} (a relative improvement, 0 <= d < 1)")
         if not self.lr > 0:
             problems.append(f"lr={self.lr} (must be > 0)")
         if self.device not in DEVICES:

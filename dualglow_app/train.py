@@ -9,7 +9,8 @@ Reads top to bottom, like nanoGPT's train.py:
    SSIM of :func:`dualglow_app.inference.predict`, the same prediction the participant level
    and the evaluation make), an atomic checkpoint every epoch, and at the end the model file,
    ``group.html`` and the metrics TSV (:mod:`dualglow_app.group_outputs`). One process, or
-   one per GPU under ``torchrun`` (PyTorch DDP).
+   one per GPU under ``torchrun`` (PyTorch DDP). With ``patience`` the run stops early once
+   the validation bpd(PET | MRI) has stopped improving (:func:`epochs_without_improvement`).
 
 Distributed training is launched by torchrun, which sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; then each process trains on its shard of the subjects (DistributedSampler), DDP
@@ -49,7 +50,7 @@ from dualglow_app.grid import ModelGrid
 from dualglow_app.log import get_logger, progress_enabled
 from dualglow_app.options import TrainOptions
 from dualglow_app.runtime import Distributed, cpu_threads, distributed_from_env, resolve_device
-from dualglow_app.validation import validate
+from dualglow_app.validation import reference_pet, validate
 
 log = get_logger(__name__)
 
@@ -86,6 +87,8 @@ class TrainResult:
     model: Any = None
     # The intensity scale the model was trained with (and that predictions must use).
     scaling: IntensityScaling = field(default_factory=IntensityScaling)
+    # True when ``patience`` ended the run before its budget (``epochs`` / ``max_steps``).
+    stopped_early: bool = False
 
 
 def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
@@ -101,6 +104,28 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
         template_shape=list(grid.shape) if options.template_centring else None,
     )
+
+
+def epochs_without_improvement(history: list[dict[str, Any]], min_delta: float = 0.0,
+                               key: str = "val_bpd_pet_given_mri") -> int:  # fmt: skip
+    """Epochs at the end of ``history`` since ``key`` last fell below ``best - min_delta * |best|``.
+
+    A pure function of the history (which every checkpoint stores), so a resumed run decides
+    to stop at the same epoch as an uninterrupted one. Epochs without a finite value count as
+    not improving.
+
+    >>> epochs_without_improvement([{"v": 3.0}, {"v": 2.0}, {"v": 2.5}, {"v": 2.1}], key="v")
+    2
+    """
+    best: float | None = None
+    since = 0
+    for row in history:
+        value = row.get(key)
+        if value is not None and math.isfinite(value) and (best is None or value < best - min_delta * abs(best)):
+            best, since = float(value), 0
+        else:
+            since += 1
+    return since
 
 
 # --------------------------------------------------------------------------- training
@@ -172,8 +197,11 @@ class _Run:
     skipped_total: int = 0
     # Non-finite steps in a row, across epochs: MAX_CONSECUTIVE_BAD_STEPS of them end the run.
     consecutive_bad: int = 0
+    # The mean training PET (SUVR): validation's deviation correlation is measured against it.
+    reference: np.ndarray | None = None
     # The best validation epoch so far: {"epoch", "val_bpd", "model" (its state dict)}.
     best: dict[str, Any] | None = None
+    stopped_early: bool = False
 
     @classmethod
     def start(cls, options: TrainOptions, data: PairedVolumes, dist: Distributed, device: Any, use_amp: bool) -> _Run:
@@ -186,6 +214,8 @@ class _Run:
         if dist.is_main:
             log.info("training on %d scans, validating on %d (%s)", len(train_rows), len(val_rows),
                      ", ".join(data.labels[i] for i in val_rows) or "no validation")  # fmt: skip
+            if options.patience is not None and len(val_rows) == 0:
+                log.warning("--patience %d: no validation scans, so no early stopping", options.patience)
         config = build_config(options, data.grid)
         torch.manual_seed(options.seed)  # same initial weights on every rank
         model = DualGlow(config)
@@ -265,6 +295,14 @@ class _Run:
             for epoch in range(self.start_epoch, options.epochs):
                 if options.max_steps is not None and self.step >= options.max_steps:
                     break
+                if self.should_stop():
+                    self.stopped_early = True
+                    if dist.is_main:
+                        best = self.best or {"epoch": 0, "val_bpd": float("nan")}
+                        log.info("early stopping after epoch %d of %d: validation bpd(PET|MRI) has not improved "
+                                 "by %g (relative) for %d epochs; best %.4f at epoch %d", epoch, options.epochs,
+                                 options.min_delta, options.patience, best["val_bpd"], best["epoch"])  # fmt: skip
+                    break
                 torch.manual_seed(options.seed + 1000 * (epoch + 1) + dist.rank)
                 sampler.set_epoch(epoch)
                 order = self.train_rows[np.fromiter(iter(sampler), dtype=np.int64)]
@@ -275,6 +313,13 @@ class _Run:
                     tdist.barrier()
         finally:
             bar.close()
+
+    def should_stop(self) -> bool:
+        """Whether ``patience`` epochs have passed without improvement (never without validation)."""
+        patience = self.options.patience
+        if patience is None or len(self.val_rows) == 0:
+            return False
+        return epochs_without_improvement(self.history, self.options.min_delta) >= patience
 
     def initialise_actnorm(self) -> None:
         """ActNorm's data-dependent init (Glow) needs one forward in train mode; DDP then
@@ -344,7 +389,10 @@ class _Run:
 
         options = self.options
         self.skipped_total += skipped
-        val = validate(self.model, self.data, self.val_rows, self.scaling, options.side_info, options.mri_input, self.dist)
+        if self.reference is None and len(self.val_rows):
+            self.reference = reference_pet(self.data, self.train_rows, self.scaling)
+        val = validate(self.model, self.data, self.val_rows, self.scaling, options.side_info, options.mri_input,
+                       self.dist, self.reference)  # fmt: skip
         row = {
             "epoch": epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
             **{f"train_{k}": v for k, v in train_means.items()}, **{f"val_{k}": v for k, v in val.items()},
@@ -366,6 +414,9 @@ class _Run:
             "scheduler": self.scheduler.state_dict(), "epoch": epoch + 1, "step": self.step,
             "history": self.history, "skipped_steps": self.skipped_total, "fingerprint": self.fingerprint,
             "best": self.best, "options": options.to_dict(), "rng_seed_rule": "seed + 1000 * (epoch + 1) + rank",
+            # Early stopping is decided from "history" alone (epochs_without_improvement); this is a record.
+            "early_stopping": {"patience": options.patience, "min_delta": options.min_delta,
+                               "epochs_without_improvement": epochs_without_improvement(self.history, options.min_delta)},
         })  # fmt: skip
 
     def finish(self, start_time: float) -> TrainResult:
@@ -397,6 +448,7 @@ class _Run:
             wall_time_s=wall, device=str(self.device) + (" (bf16 autocast)" if self.use_amp else ""),
             world_size=self.dist.world_size, train_labels=[self.data.labels[i] for i in self.train_rows],
             val_labels=[self.data.labels[i] for i in self.val_rows], model=model.eval(), scaling=self.scaling,
+            stopped_early=self.stopped_early,
         )  # fmt: skip
         if self.dist.is_main:
             write_group_outputs(options, self.data, result, self.train_rows, self.val_rows, self.scaling)
@@ -427,5 +479,6 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "build_config",
+    "epochs_without_improvement",
     "train",
 ]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import pytest
+import torch
 
+from dualglow_app import baselines
 from dualglow_app.baselines import BASELINES, BaselineOptions, make_baseline
 
 
@@ -72,3 +77,114 @@ def test_bad_names_and_shapes_are_refused() -> None:
         model.fit(np.zeros((2, 6, 8, 8), np.float32), np.zeros((2, 6, 8, 8), np.float32))
     with pytest.raises(ValueError, match="must both be"):
         model.fit(np.zeros((2, 8, 8, 8), np.float32), np.zeros((2, 8, 8), np.float32))
+
+
+# --------------------------------------------------------------------------- early stopping
+
+
+def _weights(model: Any) -> dict[str, dict[str, torch.Tensor]]:
+    return model._state()
+
+
+def _assert_same_weights(a: Any, b: Any) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for module in wa:
+        for name, tensor in wa[module].items():
+            assert torch.equal(tensor, wb[module][name]), f"{module}.{name}"
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, values: list[float]) -> None:
+    curve = iter(values)
+    monkeypatch.setattr(baselines, "_mae", lambda pred, truth, mask: next(curve))
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scripted validation MAE: epoch 2 improves by more than min_delta, epoch 4 is lower still
+    but by less than min_delta (kept as the best weights, yet not resetting patience), so
+    patience 3 ends the fit after epoch 5 holding epoch 4's weights."""
+    mri, pet = pairs(n=4)
+    options = BaselineOptions(max_epochs=50, patience=3, min_delta=0.01, width=4, seed=2)
+    _scripted(monkeypatch, [0.5, 0.3, 0.31, 0.299, 0.32, 0.01, 0.01])
+    model = make_baseline("unet", options)
+    losses = model.fit(mri, pet, mri[:2], pet[:2])
+    assert [row["val_mae"] for row in model.history] == [0.5, 0.3, 0.31, 0.299, 0.32]
+    assert [row["improved"] for row in model.history] == [True, True, False, False, False]
+    assert model.epochs_run == 5 and model.best_epoch == 4 and model.stopped_early
+    assert model.stop_reason == "patience" and model.best_val_mae == 0.299 and len(losses) == 5
+
+    fixed = make_baseline("unet", BaselineOptions(epochs=4, width=4, seed=2))
+    fixed.fit(mri, pet)
+    _assert_same_weights(model, fixed)
+    np.testing.assert_array_equal(model.predict(mri[:1]), fixed.predict(mri[:1]))
+
+
+def test_flat_validation_curve_stops_after_patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    mri, pet = pairs(n=4)
+    _scripted(monkeypatch, [0.2] * 20)
+    model = make_baseline("cvae", BaselineOptions(max_epochs=20, patience=2, width=4))
+    model.fit(mri, pet, mri[:2], pet[:2])
+    assert model.epochs_run == 3 and model.best_epoch == 1 and model.stopped_early
+    fixed = make_baseline("cvae", BaselineOptions(epochs=1, width=4))
+    fixed.fit(mri, pet)
+    _assert_same_weights(model, fixed)
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_validated_fit_history_and_summary(name: str) -> None:
+    mri, pet = pairs(n=4)
+    mask = (pet > 0.12).astype(np.uint8)
+    seen: list[tuple[int, tuple[int, ...]]] = []
+    model = make_baseline(name, BaselineOptions(max_epochs=2, patience=5, width=4, seed=1))
+    model.fit(mri[:3], pet[:3], mri[3:], pet[3:], val_mask=mask[3:],
+              on_epoch=lambda row, pred: seen.append((row["epoch"], pred.shape)))  # fmt: skip
+    summary = json.loads(json.dumps(model.summary()))
+    assert set(summary) >= {"method", "epochs_run", "best_epoch", "stopped_early", "stop_reason", "wall_s",
+                            "best_val_mae", "history", "val_metric", "budget_epochs"}  # fmt: skip
+    assert summary["method"] == name and not summary["stopped_early"] and summary["wall_s"] > 0
+    assert np.isfinite(summary["best_val_mae"])
+    if name == "meanpet":
+        assert summary["epochs_run"] == summary["best_epoch"] == 0 and summary["history"] == []
+        assert summary["stop_reason"] == "closed_form" and seen == []
+        expected = np.abs(pet[:3].mean(0) - pet[3])[mask[3] > 0].mean()
+        assert summary["best_val_mae"] == pytest.approx(expected, rel=1e-5)
+        return
+    assert summary["epochs_run"] == 2 and summary["stop_reason"] == "max_epochs"
+    assert summary["best_val_mae"] == min(row["val_mae"] for row in summary["history"])
+    for epoch, row in enumerate(summary["history"], start=1):
+        assert row["epoch"] == epoch and {"train_loss", "val_mae", "seconds", "train_seconds"} <= set(row)
+        assert all(np.isfinite(v) for k, v in row.items() if k != "improved")
+    if name in ("pix2pix", "cgan"):
+        assert {"train_loss_d", "train_adversarial", "train_l1"} <= set(summary["history"][0])
+    if name == "cvae":
+        assert {"train_l1", "train_kl"} <= set(summary["history"][0])
+    assert seen == [(1, (1, 8, 8, 8)), (2, (1, 8, 8, 8))]
+
+
+def test_fixed_epochs_without_validation_and_a_time_budget() -> None:
+    mri, pet = pairs(n=4)
+    model = make_baseline("unet", BaselineOptions(epochs=3, width=4))
+    model.fit(mri, pet)
+    assert model.summary()["stop_reason"] == "fixed_epochs" and model.epochs_run == model.best_epoch == 3
+    assert model.best_val_mae is None and "val_mae" not in model.history[0]
+    capped = make_baseline("unet", BaselineOptions(max_epochs=50, width=4, budget_seconds=1e-6))
+    capped.fit(mri, pet, mri[:1], pet[:1])
+    assert capped.epochs_run == 1 and capped.stop_reason == "budget_seconds" and not capped.stopped_early
+
+
+def test_cgan_predicts_deterministically() -> None:
+    mri, pet = pairs(n=4)
+    model = make_baseline("cgan", BaselineOptions(epochs=1, width=4))
+    model.fit(mri, pet)
+    np.testing.assert_array_equal(model.predict(mri[:2]), model.predict(mri[:2]))
+
+
+def test_baseline_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="patience=0"):
+        BaselineOptions(patience=0)
+    with pytest.raises(ValueError, match="min_delta"):
+        BaselineOptions(min_delta=1.5)
+    model = make_baseline("unet", BaselineOptions(epochs=1, width=4))
+    mri, pet = pairs(n=2)
+    with pytest.raises(ValueError, match="both val_mri and val_pet"):
+        model.fit(mri, pet, val_mri=mri)

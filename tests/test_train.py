@@ -90,7 +90,8 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     assert meta["grid"]["shape"] == [16, 16, 16]
     assert meta["training"]["epochs"] == 3 and meta["training"]["seed"] == 0
     assert len(meta["training"]["subjects"]) + len(meta["training"]["validation_subjects"]) == 6
-    assert set(meta["training"]["validation"]) == {"bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim"}
+    assert set(meta["training"]["validation"]) == {"bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim", "deviation_r"}
+    assert -1.0 <= meta["training"]["validation"]["deviation_r"] <= 1.0
     assert info["config"]["continuous"] == {"age": [70.0, 10.0]}
     assert model.is_initialized
     for name, tensor in result.model.state_dict().items():
@@ -175,6 +176,63 @@ def test_keep_best_selects_the_lowest_validation_epoch(tmp_path: Path, monkeypat
     assert any(not torch.equal(_final_weights(last)[k], v) for k, v in _final_weights(two).items())
     _, info = load_model(best.model_path)
     assert info["metadata"]["training"]["selected_epoch"] == 2 and info["metadata"]["training"]["keep"] == "best"
+
+
+def test_epochs_without_improvement_counts_from_the_last_real_improvement() -> None:
+    rows = [{"val_bpd_pet_given_mri": v} for v in (3.0, 2.0, 1.99, float("nan"), 2.5)]
+    assert train_module.epochs_without_improvement(rows) == 2  # 1.99 < 2.0 counts with min_delta 0
+    assert train_module.epochs_without_improvement(rows, min_delta=0.01) == 3  # 1.99 is not 1 % below 2.0
+    assert train_module.epochs_without_improvement([{"epoch": 1}, {"epoch": 2}]) == 2  # no validation values
+    with pytest.raises(ValueError, match="validation split"):
+        TrainOptions("b", "o", patience=3, val_fraction=0.0)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_patience_stops_early_and_a_resumed_run_stops_at_the_same_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scripted validation bpd 3.0, 2.0, 2.5, 2.4, 2.6, ...: patience 2 ends a 6-epoch budget
+    after epoch 4 with epoch 2's weights. A run interrupted in epoch 4 and resumed stops there
+    too, with the same weights; resuming the finished run trains nothing more."""
+    real_validate = train_module.validate
+    curve = [3.0, 2.0, 2.5, 2.4, 2.6, 1.0]
+
+    def script(start: int) -> None:
+        values = iter(curve[start:])
+        monkeypatch.setattr(train_module, "validate",
+                            lambda *a, **k: {**real_validate(*a, **k), "bpd_pet_given_mri": next(values)})  # fmt: skip
+
+    settings = {"epochs": 6, "patience": 2}
+    script(0)
+    straight = train(tiny_options(tmp_path / "a", tmp_path / "wa", **settings), data=paired_volumes(6))
+    assert straight.stopped_early and straight.epochs == 4 and straight.steps == 8 and straight.selected_epoch == 2
+    assert [h["val_bpd_pet_given_mri"] for h in straight.history] == curve[:4]
+
+    def interrupt(step: int) -> None:
+        if step == 7:  # 2 steps an epoch: in epoch 4, after epoch 3's checkpoint
+            raise _Interrupt
+
+    script(0)
+    with pytest.raises(_Interrupt):
+        train(tiny_options(tmp_path / "b", tmp_path / "wb", **settings), data=paired_volumes(6), on_step=interrupt)
+    options = tiny_options(tmp_path / "b", tmp_path / "wb", resume=True, **settings)
+    checkpoint = torch.load(options.checkpoint_path, weights_only=True)
+    assert checkpoint["epoch"] == 3 and checkpoint["early_stopping"]["epochs_without_improvement"] == 1
+    script(3)
+    resumed = train(options, data=paired_volumes(6))
+    assert resumed.stopped_early and resumed.epochs == 4 and resumed.steps == 8 and resumed.selected_epoch == 2
+    expected = _final_weights(straight)
+    for name, tensor in _final_weights(resumed).items():
+        assert torch.equal(tensor, expected[name]), name
+
+    script(4)
+    again = train(options, data=paired_volumes(6))  # the finished run's checkpoint: nothing left to train
+    assert again.stopped_early and again.epochs == 4 and again.steps == 8
+    _, info = load_model(again.model_path)
+    assert info["metadata"]["training"]["stopped_early"] is True and info["metadata"]["training"]["patience"] == 2
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
@@ -280,10 +338,13 @@ def test_cli_group_trains_and_writes_the_model(
     out = tmp_path / "out"
     result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                   "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
-                  "--side-info", "age", "--model-name", "study", "--nprocs", "1")  # fmt: skip
+                  "--side-info", "age", "--model-name", "study", "--nprocs", "1", "--patience", "4",
+                  "--min-delta", "0.01")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "models/study.safetensors" in result.output
     info = json.loads((out / "models" / "study.json").read_text())
+    assert info["metadata"]["training"]["options"]["patience"] == 4
+    assert info["metadata"]["training"]["options"]["min_delta"] == 0.01
     assert info["metadata"]["side_info"] == ["age"] and info["metadata"]["grid"]["voxel_size"] == 8.0
     assert (out / "group.html").is_file() and (out / "models" / "study_metrics.tsv").is_file()
 

@@ -128,7 +128,12 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
               help="Voxel size (mm) of the MNI outputs (TemplateFlow res-XX grid).")
 @click.option("--overwrite", is_flag=True, help="Redo scans whose outputs exist (default: skip them).")
 # --- group level (dualglow_app.train)
-@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True, help="group: training epochs.")
+@click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
+              help="group: training epochs (with --patience: the most epochs).")
+@click.option("--patience", type=click.IntRange(min=1), default=None,
+              help="group: stop once the validation bpd(PET|MRI) has not improved for N epochs. Default: never.")
+@click.option("--min-delta", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="group: with --patience, the relative fall in validation bpd that counts as an improvement.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="group: scans per step and per process (under torchrun the global batch is this x processes).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,

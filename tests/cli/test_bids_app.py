@@ -88,7 +88,8 @@ def test_options_of_the_other_level_are_refused(tiny_bids: Callable[..., Path], 
     epochs = CliRunner().invoke(main, [str(root), str(out), "participant", "--epochs", "5"])
     assert epochs.exit_code == 2
     assert "--epochs is a group-level option; the participant level does not use it" in epochs.output
-    for args, flag in ((["--grid", "paper2mm"], "--grid"), (["--ablate-mri"], "--ablate-mri")):
+    for args, flag in ((["--grid", "paper2mm"], "--grid"), (["--ablate-mri"], "--ablate-mri"),
+                       (["--patience", "3"], "--patience"), (["--min-delta", "0.01"], "--min-delta")):  # fmt: skip
         refused = CliRunner().invoke(main, [str(root), str(out), "participant", *args])
         assert refused.exit_code == 2 and f"{flag} is a group-level option" in refused.output
     for args, flag in ((["--samples", "10"], "--samples"), (["--weights", "/nonexistent"], "--weights"),
