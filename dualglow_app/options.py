@@ -66,6 +66,8 @@ class ParticipantOptions:
     skip_bids_validation: bool = False
     overwrite: bool = False
     report: bool = True
+    # Where a scan has a measured FDG-PET, score the synthetic one against it (sidecar, report).
+    compare_measured_pet: bool = True
 
     def __post_init__(self) -> None:
         self.bids_dir = Path(self.bids_dir)

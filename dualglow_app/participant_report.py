@@ -90,6 +90,12 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
     if clipped is not None:
         flag = " (high: this T1w may be unlike the training data)" if clipped > CLIPPED_WARNING else ""
         rows.append(["brain values clipped to the model's range", f"{100 * clipped:.2f} %{flag}"])
+    measured = sidecar.get("AgreementWithMeasuredPET")
+    if measured:
+        rows.append(["agreement with the measured FDG-PET",
+                     ", ".join(f"{name} {measured[key]:.3f}" for key, name in (
+                         ("mae_suvr", "MAE (SUVR)"), ("pearson_r", "r"), ("ssim", "SSIM"), ("deviation_r", "deviation r"))
+                         if key in measured)])  # fmt: skip
     outside = sidecar.get("LatentsOutsideTrainingRange")
     if outside is not None:
         flag = " (high: this T1w is unlike the training data)" if outside > LATENT_WARNING else ""

@@ -261,7 +261,8 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions)
     fit = {"ClippedFraction": round(prediction.clipped_fraction, 6)}
     if prediction.latents_outside is not None:
         fit["LatentsOutsideTrainingRange"] = round(prediction.latents_outside, 6)
-    mean_fields = {"Description": out.describe(model, options, age, "mean"), **common, **fit}
+    measured = compare_with_measured_pet(scan, model, t1, prediction, options)
+    mean_fields = {"Description": out.describe(model, options, age, "mean"), **common, **fit, **measured}
     writer.mni("mean", prediction.mean, mean_fields)
     mean_uri = f"bids::{planned['mean'].relative_to(options.output_dir).as_posix()}"
     sd_fields = {"Description": out.describe(model, options, age, "sd"), **common, **fit,
@@ -280,6 +281,36 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions)
         timings["age_sweep"] = time.perf_counter() - start
     timings["synthesis"] = sum(v for k, v in timings.items() if k != "preprocess")
     return ScanOutcome(scan, "processed", writer.written, timings=timings)
+
+
+def compare_with_measured_pet(scan: Scan, model: LoadedModel, t1: T1wResult, prediction: Prediction,
+                              options: ParticipantOptions) -> dict[str, Any]:  # fmt: skip
+    """Where the scan has a measured FDG-PET: the synthetic PET's agreement with it, as the
+    sidecar field ``AgreementWithMeasuredPET`` (image metrics inside the brain, and for a
+    template-centred model the deviation correlation against its mean training PET). A PET
+    that cannot be preprocessed is logged and skipped; it never fails the scan."""
+    from dualglow_app.metrics import image_metrics
+    from dualglow_app.preprocess import preprocess_pet
+
+    if scan.pet is None or not options.compare_measured_pet:
+        return {}
+    try:
+        truth = preprocess_pet(scan.pet, t1, options.resolved_work_dir, nprocs=options.threads)
+    except Exception as err:  # noqa: BLE001 - a comparison must never fail the synthesis
+        log.warning("%s: not compared with the synthetic PET (%s)", scan.pet.name, str(err).strip().splitlines()[0])
+        return {}
+    mask = np.asarray(t1.brain_mask.dataobj) > 0
+    reference = None
+    if model.model.config.template_shape is not None:
+        reference = model.scaling.pet_from_model(model.model.pet_template[0, 0].cpu().numpy())
+    scores = image_metrics(np.asarray(truth.image.dataobj, np.float32), prediction.mean, mask,
+                           model.scaling.pet_suvr_max, reference)  # fmt: skip
+    return {"AgreementWithMeasuredPET": {
+        "Source": bids_uri(options.bids_dir, scan.pet),
+        **{key: round(float(value), 6) for key, value in scores.items() if np.isfinite(value)},
+        "Description": "inside the brain, in SUVR, on the model grid; deviation_r: correlation of (synthetic - mean "
+                       "training PET) with (measured - mean training PET), 0 for the mean PET, 1 for a perfect model",
+    }}  # fmt: skip
 
 
 def _warn_if_unfamiliar(scan: Scan, model: LoadedModel, prediction: Prediction) -> None:

@@ -153,6 +153,12 @@ def test_sidecars_say_synthetic_and_record_provenance(main_run: tuple[Path, Resu
     assert (sub01["Age"], sub01["AgeSource"]) == (participant_ages(cohort)["001"], "bids:raw:participants.tsv")
     # sub-001 is a training scan of the model: none of its MRI latents is outside the range.
     assert sub01["LatentsOutsideTrainingRange"] == 0.0
+    # It has a measured FDG-PET, so the synthetic one is scored against it; sub-003 has none.
+    measured = sub01["AgreementWithMeasuredPET"]
+    assert measured["Source"] == "bids:raw:sub-001/pet/sub-001_trc-FDG_pet.nii.gz"
+    assert measured["mae_suvr"] > 0 and -1.0 <= measured["pearson_r"] <= 1.0 and "ssim" in measured
+    assert "AgreementWithMeasuredPET" not in meta
+    assert "agreement with the measured FDG-PET" in (out / "sub-001.html").read_text()
     sweep = json.loads((out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_desc-age80_pet.json").read_text())
     assert (sweep["Age"], sweep["AgeSource"]) == (80.0, "--age-sweep")
     description = json.loads((out / "dataset_description.json").read_text())

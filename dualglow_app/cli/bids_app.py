@@ -127,6 +127,8 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--output-res", type=click.IntRange(1, 8), default=2, show_default=True,
               help="Voxel size (mm) of the MNI outputs (TemplateFlow res-XX grid).")
 @click.option("--overwrite", is_flag=True, help="Redo scans whose outputs exist (default: skip them).")
+@click.option("--compare-measured-pet/--no-compare-measured-pet", default=True, show_default=True,
+              help="Where a scan also has an FDG-PET, score the synthetic PET against it (sidecar and report).")
 # --- group level (dualglow_app.train)
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="group: training epochs (with --patience: the most epochs).")
