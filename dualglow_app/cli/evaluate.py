@@ -30,7 +30,13 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--folds", type=int, default=5, show_default=True, help="K of the K-fold cross-validation (by subject).")
 @click.option("--baselines", default=",".join(BASELINE_NAMES), show_default=True,
               help="Comma-separated comparison methods, or 'none'.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="Training epochs for every method.")
+@click.option("--epochs", type=int, default=200, show_default=True,
+              help="Training budget: the most epochs any method trains (each stops at its validation plateau).")
+@click.option("--patience", type=int, default=10, show_default=True,
+              help="Stop a method after this many epochs without a validation improvement; 0 = train all --epochs "
+                   "without a validation split.")
+@click.option("--inner-val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
+              show_default=True, help="Share of each fold's training subjects held out for early stopping.")
 @click.option("--side-info", type=click.Choice(["age"]), multiple=True,
               help="Condition DUAL-GLOW on age (enables the age-trend experiment).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits; fold k trains with seed + k.")
@@ -49,7 +55,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--skip-bids-validation", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 @click.version_option(__version__, "--version", prog_name="dualglow-evaluate")
-def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, side_info: tuple[str, ...],
+def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
+         inner_val_fraction: float, side_info: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
@@ -68,7 +75,8 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
     try:
         options = EvaluateOptions(
             bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir, folds=folds,
-            baselines=_parse_baselines(baselines), epochs=epochs, side_info=side_info, seed=seed, device=device,
+            baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
+            inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden, lr=lr, baseline_width=baseline_width,
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip

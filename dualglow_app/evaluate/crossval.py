@@ -87,23 +87,46 @@ def make_splits(
 # --------------------------------------------------------------------------- one fold, one method
 
 
-def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: EvaluateOptions, run_dir: Path) -> Any:
-    """DUAL-GLOW trained on ``train_rows`` (the group level's :func:`dualglow_app.train.train`):
-    its :class:`~dualglow_app.train.TrainResult` (model and intensity scale)."""
+def _inner_split(cohort: Cohort, train_rows: np.ndarray, fold: int, options: EvaluateOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's training rows split by subject into (inner training, validation) rows: the
+    same split DUAL-GLOW's :func:`dualglow_app.train.train` makes (seed + fold), so every
+    method stops on the same validation scans. Without early stopping: all rows, none."""
+    from dualglow_app.dataset import split_subjects
+
+    if options.patience is None:
+        return train_rows, train_rows[:0]
+    inner, val = split_subjects([cohort.data.subjects[i] for i in train_rows], options.inner_val_fraction,
+                                options.seed + fold)  # fmt: skip
+    return train_rows[inner], train_rows[val]
+
+
+def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: EvaluateOptions,
+                  run_dir: Path) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """DUAL-GLOW trained on ``train_rows`` (the group level's :func:`dualglow_app.train.train`,
+    with its inner validation split and early stopping): its TrainResult and what the training did."""
     from dualglow_app.options import TrainOptions
     from dualglow_app.train import train
 
+    validating = options.patience is not None
     train_options = TrainOptions(
         bids_dir=cohort.phantom_dir or options.bids_dir or options.output_dir,
         output_dir=run_dir / DUALGLOW, work_dir=run_dir, model_name=f"fold{fold}",
         grid=options.grid, depth=options.depth, hidden=options.hidden, relation_hidden=options.relation_hidden,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
-        warmup_steps=options.warmup_steps, val_fraction=0.0, seed=options.seed + fold, device=options.device,
-        resume=True, nprocs=options.nprocs, skip_bids_validation=True, report=False,
+        warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
+        patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
+        seed=options.seed + fold, device=options.device, resume=True, nprocs=options.nprocs,
+        skip_bids_validation=True, report=False,
     )  # fmt: skip
-    # No inner validation split: nothing is selected on held-out data, and DUAL-GLOW sees the
-    # same training scans as the baselines.
-    return train(train_options, data=cohort.data.subset(train_rows))
+    # Nothing is selected on held-out data: the inner validation scans come from the fold's
+    # training scans, the same ones the baselines stop on.
+    result = train(train_options, data=cohort.data.subset(train_rows))
+    record = {
+        "epochs_run": result.epochs, "best_epoch": result.selected_epoch, "stopped_early": result.stopped_early,
+        "val_curve": [h.get("val_mae_suvr", float("nan")) for h in result.history],
+        "val_deviation_curve": [h.get("val_deviation_r", float("nan")) for h in result.history],
+    }  # fmt: skip
+    return result, record
 
 
 def _dualglow_predictions(
@@ -133,17 +156,34 @@ def _dualglow_predictions(
 
 
 def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, fold: int,
-                          options: EvaluateOptions, device: Any) -> np.ndarray:  # fmt: skip
-    """Every scan predicted by baseline ``method`` trained on ``train_rows`` (SUVR, unmasked)."""
+                          options: EvaluateOptions, device: Any) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Every scan predicted by baseline ``method`` trained on ``train_rows`` (SUVR, unmasked),
+    early-stopped on the fold's inner validation scans, and what its training did."""
     from dualglow_app.baselines import BaselineOptions, make_baseline
 
     data, scaling = cohort.data, IntensityScaling()
+    # The mean PET has nothing to stop: it averages all the fold's training scans (the
+    # reference of the deviation correlation is the same mean).
+    inner, val = (train_rows, train_rows[:0]) if method == "meanpet" else _inner_split(cohort, train_rows, fold, options)
     baseline = make_baseline(method, BaselineOptions(
-        epochs=options.epochs, batch_size=options.batch_size, width=options.baseline_width,
+        epochs=options.epochs, max_epochs=options.epochs, patience=options.patience or 1,
+        min_delta=options.min_delta, batch_size=options.batch_size, width=options.baseline_width,
         seed=options.seed + fold, device=str(device),
     ))  # fmt: skip
-    baseline.fit(scaling.mri_to_model(np.asarray(data.mri[train_rows])), scaling.pet_to_model(np.asarray(data.pet[train_rows])))
-    return scaling.pet_from_model(baseline.predict(scaling.mri_to_model(np.asarray(data.mri))))
+    model_scale = {name: scaling.mri_to_model(np.asarray(data.mri[rows])) for name, rows in (("train", inner), ("val", val))}
+    if len(val):
+        baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])), model_scale["val"],
+                     scaling.pet_to_model(np.asarray(data.pet[val])), val_mask=np.asarray(data.mask[val]) > 0)  # fmt: skip
+    else:
+        baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])))
+    record = {
+        "epochs_run": int(getattr(baseline, "epochs_run", options.epochs)), "best_epoch": int(getattr(baseline, "best_epoch", 0)),
+        "stopped_early": bool(getattr(baseline, "stopped_early", False)),
+        # Validation MAE in SUVR (the baselines measure it on the model's [0, 1] scale).
+        "val_curve": [float(h["val_mae"]) * scaling.pet_suvr_max for h in baseline.history if "val_mae" in h],
+        "val_deviation_curve": [],
+    }  # fmt: skip
+    return scaling.pet_from_model(baseline.predict(scaling.mri_to_model(np.asarray(data.mri)))), record
 
 
 def _run_method(
@@ -156,11 +196,11 @@ def _run_method(
     start = time.perf_counter()
     sweeps: Run = {}
     if method == DUALGLOW:
-        trained = _fit_dualglow(cohort, train_rows, fold, options, run_dir)
+        trained, record = _fit_dualglow(cohort, train_rows, fold, options, run_dir)
         fit_s = time.perf_counter() - start
         all_pred, sweeps = _dualglow_predictions(trained, cohort, test_rows, options, atlases)
     else:
-        all_pred = _baseline_predictions(method, cohort, train_rows, fold, options, device)
+        all_pred, record = _baseline_predictions(method, cohort, train_rows, fold, options, device)
         fit_s = time.perf_counter() - start
     masks = np.asarray(data.mask)
     all_pred = all_pred * masks  # the brain is what is scored; background is set to 0 for every method
@@ -170,6 +210,11 @@ def _run_method(
         "aal_all": atlases.aal.means(all_pred, masks),
         "fit_seconds": np.array(fit_s),
         "seconds": np.array(time.perf_counter() - start),
+        "epochs_run": np.array(record["epochs_run"]),
+        "best_epoch": np.array(record["best_epoch"]),
+        "stopped_early": np.array(record["stopped_early"]),
+        "val_curve": np.asarray(record["val_curve"], dtype=np.float64),
+        "val_deviation_curve": np.asarray(record["val_deviation_curve"], dtype=np.float64),
         **sweeps,
     }
 
@@ -256,6 +301,16 @@ def _table2(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.
     return classification(features, cohort.diagnosis, splits, options.seed)
 
 
+def _training_record(run: Run) -> dict[str, Any]:
+    """What one (fold, method) training did: epochs, kept epoch, early stop, time, curves."""
+    return {
+        "epochs_run": int(run["epochs_run"]), "best_epoch": int(run["best_epoch"]),
+        "stopped_early": bool(run["stopped_early"]), "seconds": float(run["seconds"]),
+        "val_mae_curve": [float(v) for v in run["val_curve"]],
+        "val_deviation_curve": [float(v) for v in run["val_deviation_curve"]],
+    }  # fmt: skip
+
+
 def _subject_level(cohort: Cohort, atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:
     """Input specificity and regional agreement of every method on its held-out scans."""
     data = cohort.data
@@ -313,6 +368,7 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
         splits=[{"fold": k, "test": [data.labels[i] for i in te], "n_train": int(len(tr))}
                 for k, (tr, te) in enumerate(splits)],
         timing={m: [float(r["seconds"]) for r in results[m]] for m in options.methods},
+        training={m: [_training_record(r) for r in results[m]] for m in options.methods},
         subject_level=_subject_level(cohort, atlases, results),
     )  # fmt: skip
     evaluation.summary = build_summary(cohort, options, evaluation, str(device), run_dir)

@@ -32,8 +32,8 @@ PHANTOM_REFERENCE_REGION = "cerebellar_cortex"
 FIGURE7_AAL = ("Frontal_Sup_2_L", "Cingulate_Ant_L", "Insula_L", "Precuneus_L", "Cingulate_Post_L", "Hippocampus_L")
 #: Part of every run key: bumped when a cached (fold, method) result would no longer be valid
 #: (2: AAL2 regional means from :mod:`dualglow_app.regions`; predictions from
-#: :func:`dualglow_app.inference.predict`).
-RUN_CACHE_VERSION = 2
+#: :func:`dualglow_app.inference.predict`; 3: inner validation split and early stopping).
+RUN_CACHE_VERSION = 3
 
 
 class EvaluationError(RuntimeError):
@@ -46,7 +46,15 @@ class EvaluateOptions:
 
     DUAL-GLOW's architecture (``depth``, ``hidden``, ``relation_hidden``) and optimiser
     (``lr``, ``warmup_steps``) default to the group level's; ``baseline_width`` is the first
-    layer's channel count of every baseline network. ``epochs`` and ``batch_size`` are shared.
+    layer's channel count of every baseline network. ``batch_size`` is shared.
+
+    Training budget, the same for every method: each fold's training scans are split by
+    subject into an inner training and validation part (``inner_val_fraction``); every method
+    trains up to ``epochs`` epochs and stops once its validation score has not improved by
+    ``min_delta`` (relative) for ``patience`` epochs, keeping its best epoch (DUAL-GLOW: the
+    validation bpd(PET | MRI); the baselines: the validation MAE). ``patience=None`` trains
+    every method for exactly ``epochs`` epochs without a validation split (the paper-style
+    fixed budget).
     """
 
     bids_dir: Path | None
@@ -54,7 +62,10 @@ class EvaluateOptions:
     work_dir: Path | None = None
     folds: int = 5
     baselines: Sequence[str] = BASELINE_NAMES
-    epochs: int = 20
+    epochs: int = 200
+    patience: int | None = 10
+    min_delta: float = 1e-3
+    inner_val_fraction: float = 0.2
     side_info: Sequence[str] = ()
     seed: int = 0
     device: str = "auto"
@@ -86,6 +97,9 @@ class EvaluateOptions:
             problems.append(f"baselines {unknown}: choose from {list(BASELINE_NAMES)}")
         if self.folds < 2:
             problems.append(f"folds={self.folds} (cross-validation needs at least 2)")
+        if self.patience is not None and (self.patience < 1 or not 0.0 < self.inner_val_fraction < 1.0):
+            problems.append(f"patience={self.patience} with inner_val_fraction={self.inner_val_fraction} "
+                            "(patience >= 1 needs 0 < inner_val_fraction < 1)")  # fmt: skip
         for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "baseline_width"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -141,6 +155,8 @@ class EvaluationResult:
     timing: dict[str, list[float]]
     # Input specificity and regional agreement (statistics.subject_level) on held-out scans.
     subject_level: dict[str, Any] = field(default_factory=dict)
+    # Per method and fold: epochs run, the kept epoch, early stop, seconds, validation curves.
+    training: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     metrics_path: Path | None = None
     summary_path: Path | None = None

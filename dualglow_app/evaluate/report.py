@@ -79,7 +79,10 @@ def build_summary(cohort: Cohort, options: EvaluateOptions, result: EvaluationRe
             "age_trends": f"held-out scans synthesised at ages {list(options.ages)}; 95 % CI of the mean over scans (Student t); relative slopes at age {REFERENCE_AGE}",
         },
         "device": device,
-        "budget": {"epochs": options.epochs, "batch_size": options.batch_size, "seconds_per_fold": result.timing},
+        "budget": {"epochs": options.epochs, "patience": options.patience, "min_delta": options.min_delta,
+                   "inner_val_fraction": options.inner_val_fraction if options.patience is not None else 0.0,
+                   "batch_size": options.batch_size, "seconds_per_fold": result.timing},
+        "training": result.training,
         "run_cache": str(run_dir),
         "table1": result.table1,
         "wilcoxon": result.wilcoxon,
@@ -141,6 +144,20 @@ def table1_rows(table1: dict[str, dict[str, dict[str, float]]], methods: Sequenc
             s = table1[method][metric]
             cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" + (" *" if best.get(metric) == method else ""))
         rows.append(cells)
+    return rows
+
+
+def training_rows(training: dict[str, list[dict[str, Any]]]) -> list[list[Any]]:
+    """Per method: median epochs run and kept epoch, early-stopped folds, mean seconds per fold
+    and the median over folds of the best validation MAE."""
+    rows = []
+    for method, folds in training.items():
+        best = [min(f["val_mae_curve"]) for f in folds if f.get("val_mae_curve")]
+        rows.append([
+            method, f"{np.median([f['epochs_run'] for f in folds]):g}", f"{np.median([f['best_epoch'] for f in folds]):g}",
+            f"{sum(bool(f['stopped_early']) for f in folds)}/{len(folds)}", f"{np.mean([f['seconds'] for f in folds]):.0f}",
+            float(np.median(best)) if best else float("nan"),
+        ])  # fmt: skip
     return rows
 
 
@@ -212,6 +229,15 @@ def markdown_tables(summary: dict[str, Any]) -> str:
     comparison = trends.get("phantom_comparison")
     if comparison:
         out += ["", "### Age trends vs the phantom's truth", "", age_check_sentence(comparison)]
+    if summary.get("training"):
+        out += ["", "### Training (per method, over folds)", ""]
+        out += table(["method", "epochs run", "kept epoch", "early-stopped folds", "seconds per fold",
+                      "best validation MAE (SUVR)"], training_rows(summary["training"]))  # fmt: skip
+        budget = summary["budget"]
+        out += ["", f"Budget: at most {budget['epochs']} epochs per method; "
+                + (f"early stopping after {budget['patience']} epochs without a relative improvement of "
+                   f"{budget['min_delta']:g} on {budget['inner_val_fraction']:.0%} of each fold's training subjects."
+                   if budget.get("patience") else "no early stopping (fixed epochs).")]
     timing = summary["budget"]["seconds_per_fold"]
     out += ["", "Wall time per fold (s): " + "; ".join(f"{m} {np.mean(v):.0f}" for m, v in timing.items()) + "."]
     return "\n".join(out) + "\n"
@@ -234,12 +260,16 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         banner="DEMONSTRATION: evaluated on the synthetic dualglow phantom cohort, not on people"
         if cohort.phantom_dir is not None else None,
     )
+    budget = (f"at most {options.epochs} epochs, stopped after {options.patience} epochs without improvement on "
+              f"{options.inner_val_fraction:.0%} of the fold's training subjects (best epoch kept)"
+              if options.patience is not None else f"{options.epochs} epochs")
     report.add_paragraph(
         f"{len(data)} scans of {len(set(data.subjects))} subjects, {options.folds}-fold cross-validation grouped by "
         f"subject (seed {options.seed}), grid {data.grid.voxel_size} mm {data.grid.shape}. Every method: the same folds, "
-        f"{options.epochs} epochs, batch size {options.batch_size}, the same preprocessing; nothing tuned on test folds. "
+        f"{budget}, batch size {options.batch_size}, the same preprocessing; nothing tuned on test folds. "
         "DUAL-GLOW predicts its conditional mode (temperature 0)."
     )
+    _add_training(report, result, line_figure)
     _add_table1(report, options.methods, result)
     _add_subject_level(report, options.methods, result)
     _add_table2(report, result.table2)
@@ -275,6 +305,24 @@ def _add_table1(report: Any, methods: Sequence[str], result: EvaluationResult) -
     ax.set_ylabel("MAE (SUVR) per held-out scan")
     ax.grid(alpha=0.3)
     report.add_figure(figure, "Mean absolute error per method (the paper's Fig. 4)")
+
+
+def _add_training(report: Any, result: EvaluationResult, line_figure: Any) -> None:
+    """How long each method trained and its validation curves (did it reach its plateau?)."""
+    if not result.training:
+        return
+    report.add_heading("Training: epochs, early stopping and validation curves")
+    report.add_table(["method", "epochs run (median)", "kept epoch (median)", "early-stopped folds", "seconds per fold",
+                      "best validation MAE (SUVR, median)"], training_rows(result.training))  # fmt: skip
+    for method, folds in result.training.items():
+        curves = {f"fold {k + 1}": f["val_mae_curve"] for k, f in enumerate(folds) if f.get("val_mae_curve")}
+        if not curves:
+            continue
+        length = max(len(c) for c in curves.values())
+        padded = {name: c + [float("nan")] * (length - len(c)) for name, c in curves.items()}
+        report.add_figure(line_figure([float(e) for e in range(1, length + 1)], padded, "epoch",
+                                      "validation MAE (SUVR)", f"{method}: inner validation MAE per epoch"),
+                          f"{method}: the curve each fold's early stopping watched (its best epoch is kept)")  # fmt: skip
 
 
 def _add_subject_level(report: Any, methods: Sequence[str], result: EvaluationResult) -> None:

@@ -185,6 +185,13 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     specificity = summary["subject_level"]["input_specificity"]
     assert set(specificity) == {"true PET", *methods} and specificity["meanpet"] > specificity["true PET"]
     assert set(summary["subject_level"]["regional_agreement"]) == set(methods)
+    # Every method trained on the fold's inner split within the same budget (1 epoch here) and
+    # recorded its validation curve (the mean PET needs no training).
+    assert summary["budget"]["patience"] == 10 and summary["budget"]["inner_val_fraction"] == 0.2
+    for method in methods:
+        for fold in summary["training"][method]:
+            assert fold["epochs_run"] == (0 if method == "meanpet" else 1)
+            assert len(fold["val_mae_curve"]) == fold["epochs_run"] and fold["seconds"] >= 0
     trends = summary["age_trends"]["atlases"]["aal"]
     aal2 = aal_regions(cohort.data.grid)
     assert trends["regions"] == aal2.names and len(trends["mean"]) == len(aal2.names) and len(trends["mean"][0]) == 3
@@ -192,9 +199,11 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     tables = (options.output_dir / "tables.md").read_text()
     assert "### Table 1" in tables and "| meanpet |" in tables and "### Table 2" in tables
     assert "Does the synthesis follow the subject?" in tables and "deviation r" in tables
+    assert "### Training (per method, over folds)" in tables and "early stopping after 10 epochs" in tables
     assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with
     html = (options.output_dir / "evaluation.html").read_text()
-    for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7", "follow the subject", "input specificity"):
+    for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7", "follow the subject", "input specificity",
+                 "Training: epochs, early stopping", "early stopping watched"):
         assert text in html
 
 
@@ -245,3 +254,18 @@ def test_bids_front_end_on_a_phantom_cohort(tmp_path: Path) -> None:
     assert summary["cohort"]["phantom"] is True and summary["cohort"]["scans"] == 4
     comparison = summary["age_trends"]["phantom_comparison"]
     assert len(comparison["regions"]) == len(comparison["synthetic_relative_per_decade"]) == 30
+
+
+def test_inner_split_is_dualglows_and_absent_without_early_stopping(tmp_path: Path) -> None:
+    """Every method stops on the same inner validation subjects: those train() holds out."""
+    from dualglow_app.dataset import split_subjects
+    from dualglow_app.evaluate.crossval import _inner_split
+
+    cohort = Cohort(paired_volumes(10), ["CN", "AD"] * 5)
+    train_rows = np.array([0, 2, 3, 5, 6, 8, 9])
+    inner, val = _inner_split(cohort, train_rows, fold=1, options=tiny_options(tmp_path))
+    expected_inner, expected_val = split_subjects(cohort.data.subset(train_rows).subjects, 0.2, seed=1)
+    assert val.tolist() == train_rows[expected_val].tolist() and inner.tolist() == train_rows[expected_inner].tolist()
+    assert len(val) >= 1 and not set(val) & set(inner)
+    none_inner, none_val = _inner_split(cohort, train_rows, 1, tiny_options(tmp_path, patience=None))
+    assert none_val.size == 0 and none_inner.tolist() == train_rows.tolist()
