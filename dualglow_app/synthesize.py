@@ -302,7 +302,7 @@ def compare_with_measured_pet(scan: Scan, model: LoadedModel, t1: T1wResult, pre
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     reference = None
     if model.model.config.template_shape is not None:
-        reference = model.scaling.pet_from_model(model.model.pet_template[0, 0].cpu().numpy())
+        reference = model.scaling.pet_from_model(model.model.get_buffer("pet_template")[0, 0].cpu().numpy())
     scores = image_metrics(np.asarray(truth.image.dataobj, np.float32), prediction.mean, mask,
                            model.scaling.pet_suvr_max, reference)  # fmt: skip
     return {"AgreementWithMeasuredPET": {
