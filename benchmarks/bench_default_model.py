@@ -25,7 +25,7 @@ from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset
 from dualglow_app.grid import ModelGrid
 from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
-from dualglow_app.metrics import image_metrics
+from dualglow_app.metrics import METRICS, image_metrics, mean_pairwise_correlation
 from dualglow_app.weights import load_model
 
 
@@ -68,11 +68,14 @@ def main() -> None:
     for i, label in enumerate(test.labels):
         mask = np.asarray(test.mask[i]) > 0
         for method, prediction in (("DUAL-GLOW (T=0)", synthetic[i]), ("mean training PET", mean_pet)):
-            scores = image_metrics(np.asarray(test.pet[i]), prediction, mask)
+            scores = image_metrics(np.asarray(test.pet[i]), prediction, mask, reference=mean_pet)
             rows.append({"subject": label, "method": method, **scores})
     methods = ["DUAL-GLOW (T=0)", "mean training PET"]
-    summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m]))
-                   for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")} for m in methods}
+    summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m])) for k in METRICS} for m in methods}
+    summary["input specificity"] = {
+        "synthetic": mean_pairwise_correlation(np.stack(synthetic), np.asarray(test.mask)),
+        "true PET": mean_pairwise_correlation(np.asarray(test.pet), np.asarray(test.mask)),
+    }
     paired = {}
     for key in ("mae_suvr", "pearson_r", "psnr_db", "ssim"):
         ours, ref = (np.array([r[key] for r in rows if r["method"] == m]) for m in methods)
@@ -80,10 +83,14 @@ def main() -> None:
         paired[key] = {"dualglow_better": int(better.sum()), "n": len(ours),
                        "wilcoxon_p": float(wilcoxon(ours, ref).pvalue)}  # fmt: skip
     print(f"held-out subjects: {', '.join(test.labels)} (trained on {len(train)} scans)")
-    print(f"{'method':<22}{'MAE (SUVR)':>12}{'r':>8}{'PSNR (dB)':>11}{'SSIM':>8}")
+    print(f"{'method':<22}{'MAE (SUVR)':>12}{'r':>8}{'PSNR (dB)':>11}{'SSIM':>8}{'deviation r':>13}")
     for method in methods:
         s = summary[method]
-        print(f"{method:<22}{s['mae_suvr']:>12.4f}{s['pearson_r']:>8.3f}{s['psnr_db']:>11.2f}{s['ssim']:>8.3f}")
+        print(f"{method:<22}{s['mae_suvr']:>12.4f}{s['pearson_r']:>8.3f}{s['psnr_db']:>11.2f}{s['ssim']:>8.3f}"
+              f"{s['deviation_r']:>13.3f}")  # fmt: skip
+    specificity = summary["input specificity"]
+    print(f"input specificity (mean pairwise r): synthetic {specificity['synthetic']:.3f}, "
+          f"true PET {specificity['true PET']:.3f}")
     wins = [f"{paired[k]['dualglow_better']}/{paired[k]['n']} (p {paired[k]['wilcoxon_p']:.2g})"
             for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")]  # fmt: skip
     print(f"{'DUAL-GLOW better on':<22}{wins[0]:>12}  {wins[1]}  {wins[2]}  {wins[3]}")
