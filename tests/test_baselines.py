@@ -188,3 +188,18 @@ def test_baseline_options_are_checked() -> None:
     mri, pet = pairs(n=2)
     with pytest.raises(ValueError, match="both val_mri and val_pet"):
         model.fit(mri, pet, val_mri=mri)
+
+
+@pytest.mark.parametrize("name", ["pix2pix", "cgan"])
+def test_gan_generators_leave_the_background_at_zero(name: str) -> None:
+    """Real PET is 0 outside the brain (where the MRI is 0); a fake that is not would let the
+    critic tell them apart by the background alone."""
+    mri, pet = pairs(n=4)
+    mri[:, :2] = 0.0
+    pet[:, :2] = 0.0
+    model = make_baseline(name, BaselineOptions(epochs=1, width=4))
+    model.fit(mri, pet)
+    out = model.predict(mri)
+    assert np.all(out[:, :2] == 0) and np.all(out[:, 2:] > 0)
+    fake = model._fake(model._tensor(mri))  # type: ignore[attr-defined]
+    assert torch.all(fake[:, :, :2] == 0)
