@@ -248,6 +248,47 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
     return data
 
 
+def load_mni_stack(folder: str | os.PathLike[str]) -> PairedVolumes:
+    """A stack written by ``dualglow-phantom OUT --mni-stack`` (:func:`dualglow_app.phantom.mni.make_mni_stack`)
+    as :class:`PairedVolumes`, memory-mapped, with age and diagnosis filled.
+
+    Those phantoms SKIP the native-space simulation and the preprocessing (they are made on the
+    model grid directly): for model development only. The explainable PET (same SUVR scaling,
+    row for row) rides along as the extra attribute ``explainable`` (memory-mapped; it is not a
+    :class:`PairedVolumes` field, so ``subset`` drops it), also
+    ``np.load(folder / "explainable.npy", mmap_mode="r")``.
+
+    Example::
+
+        >>> data = load_mni_stack("stack")      # doctest: +SKIP
+        >>> data.mri.shape                      # doctest: +SKIP
+        (200, 40, 48, 40)
+    """
+    folder = Path(folder)
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        raise DatasetError(f"{folder}: no index.json; make the stack with dualglow-phantom OUT --mni-stack")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    if index.get("Kind") != "mni-stack":
+        raise DatasetError(f"{folder}: index.json is not a dualglow-phantom --mni-stack index")
+    n = len(index["labels"])
+    arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("mri", "pet", "mask")}
+    grid = ModelGrid.from_dict(index["grid"])
+    for name, array in arrays.items():
+        if array.shape != (n, *grid.shape):
+            raise DatasetError(f"{folder}/{name}.npy has shape {array.shape}; index.json says {(n, *grid.shape)}")
+    log.warning("%s: %d phantoms made directly on the model grid (no native simulation, no preprocessing): "
+                "for model development only", folder, n)
+    data = PairedVolumes(
+        labels=list(index["labels"]), subjects=list(index["subjects"]), grid=grid,
+        age=np.asarray(index["age"], dtype=np.float32), diagnosis=list(index["diagnosis"]), **arrays,
+    )  # fmt: skip
+    explainable = folder / "explainable.npy"
+    if explainable.is_file():
+        setattr(data, "explainable", np.load(explainable, mmap_mode="r"))  # noqa: B010 - not a field
+    return data
+
+
 # --------------------------------------------------------------------------- splitting and batching
 
 
@@ -332,6 +373,7 @@ __all__ = [
     "PairedVolumes",
     "SIDE_INFO_CHOICES",
     "find_pairs",
+    "load_mni_stack",
     "mean_images",
     "model_batch",
     "model_batches",

@@ -1,6 +1,7 @@
 """Anatomy of a phantom: atrophy, the synthetic head, the T1w contrast and the native geometry.
 
-Facts (docs/DESIGN.md "Data facts"):
+Facts (docs/DESIGN.md "Data facts"; phantom version 2's anatomy is documented at
+"phantom version 2" below):
 
 - Atrophy: GM volume -0.2 to -0.8 %/yr after 65 (cortical thinning here: 0.2 %/yr from 55,
   0.4 %/yr after 65, times the subject's own rate, +0.5 %/yr of disease in MCI/AD); hippocampus -1.4 %/yr (CN) and -4.7 %/yr
@@ -88,8 +89,16 @@ class AtrophyParams:
         return cls(float(min(gm, 0.5)), float(min(1 - hippo_keep, 0.7)), float(vent))
 
 
-def atrophied_tissues(tpl: Template, atrophy: AtrophyParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(GM, WM, CSF) of the subject in MNI space: template minus atrophy, the loss as CSF."""
+def atrophied_tissues(tpl: Template, atrophy: AtrophyParams,
+                      gm_factor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GM, WM, CSF) of the subject in MNI space: template minus atrophy, the loss as CSF.
+
+    ``gm_factor`` (phantom version 2): a per-voxel cortical GM factor (:func:`gm_factor_map`);
+    below 1 the lost GM becomes CSF (sulcal widening), above 1 GM takes the voxel's CSF and
+    then its WM (never beyond the brain). A negative ``atrophy.ventricle_growth_ml`` (version 2
+    only: a subject with ventricles smaller than the template's) fills the ventricles' outer
+    shell with WM.
+    """
     gm, wm = tpl.gm.copy(), tpl.wm.copy()
     gm *= 1.0 - np.float32(atrophy.cortical_gm_loss) * tpl.cortex
     gm *= 1.0 - np.float32(atrophy.hippocampus_loss) * tpl.hippocampus
@@ -100,6 +109,15 @@ def atrophied_tissues(tpl: Template, atrophy: AtrophyParams) -> tuple[np.ndarray
         keep = 1.0 - vent * (tpl.ventricle_distance > -1.0)
         gm *= keep
         wm *= keep
+    elif atrophy.ventricle_growth_ml < 0:
+        wm += _ventricle_fill(tpl, -atrophy.ventricle_growth_ml) * np.clip(tpl.brain - gm - wm, 0.0, 1.0)
+    if gm_factor is not None:
+        csf = np.clip(tpl.brain - gm - wm, 0.0, 1.0)
+        change = gm * (gm_factor - 1.0)
+        from_csf = np.clip(change, 0.0, csf)  # gained GM takes the voxel's CSF first,
+        from_wm = np.clip(change - from_csf, 0.0, wm)  # then its WM: never beyond the brain
+        gm = (gm + np.minimum(change, 0.0) + from_csf + from_wm).astype(np.float32)  # lost GM -> CSF
+        wm = (wm - from_wm).astype(np.float32)
     csf = np.clip(tpl.brain - gm - wm, 0.0, 1.0)
     return gm, wm, csf
 
@@ -116,6 +134,198 @@ def _ventricle_shell_mm(tpl: Template, ml: float) -> float:
     cum = np.cumsum(weight[order])
     k = min(int(np.searchsorted(cum, ml)), len(order) - 1)
     return float(dist[order][k])
+
+
+def _ventricle_fill(tpl: Template, ml: float) -> np.ndarray:
+    """Share (0..1) of each voxel's CSF to turn into WM so the ventricles lose ``ml``: the
+    shallowest voxels inside them first (whole distance levels, the last one in part)."""
+    inside = tpl.ventricle_distance < 0
+    depth = -tpl.ventricle_distance
+    csf = tpl.csf * (tpl.voxel_mm**3 / 1000.0)
+    levels, level_of = np.unique(depth[inside], return_inverse=True)
+    per_level = np.bincount(level_of, weights=csf[inside], minlength=len(levels))
+    cum = np.cumsum(per_level)
+    k = min(int(np.searchsorted(cum, ml)), len(levels) - 1)
+    before = cum[k - 1] if k > 0 else 0.0
+    part = float(np.clip((ml - before) / max(per_level[k], 1e-9), 0.0, 1.0))
+    share = np.zeros(tpl.shape, dtype=np.float32)
+    share[inside] = np.where(depth[inside] < levels[k], 1.0, np.where(depth[inside] == levels[k], part, 0.0))
+    return share
+
+
+def ventricle_volume_ml(csf: np.ndarray, tpl: Template) -> float:
+    """CSF (ml) inside the template's lateral + 3rd ventricle labels (grown ventricles reach past
+    them, so this under-counts a grown subject by the shell outside the labels)."""
+    return float(csf[tpl.ventricle_distance < 0].sum() * tpl.voxel_mm**3 / 1000.0)
+
+
+def ventricle_target_ml(tpl: Template, atrophy: AtrophyParams) -> float:
+    """The lateral + 3rd ventricles' volume (ml) ``atrophy`` asks for: the template's CSF in
+    them plus the growth (negative: shrinkage)."""
+    return ventricle_volume_ml(tpl.csf, tpl) + atrophy.ventricle_growth_ml
+
+
+# --- phantom version 2: anatomy that spatial normalisation does not remove -------------------
+#
+# Version 1 phantoms are all the template under a smooth 2-4 mm warp, which SyN removes: after
+# preprocessing their T1w images correlate 0.997-0.998 (docs/DESIGN.md "What works means").
+# Version 2 gives each subject anatomy of its own in MNI space, which a warp to the template
+# cannot undo and which the PET follows (pet.py). Facts (docs/DESIGN.md "Data facts"):
+#
+# - Regional cortical GM (thickness / density): a lognormal factor per cortical region of
+#   pet.all_regions() (both hemispheres), median 1, SD ``GM_FACTOR_SD`` = 12 %. Cortical
+#   thickness is about 2.7 +- 0.2 mm globally and varies more regionally, most in para-limbic
+#   cortex and the insula (Kharabian Masouleh 2020, Cereb Cortex 30:5014); lobar cortical GM
+#   volumes vary by 11-13 % (SD / mean in 133 adults aged 20-80, PMC10511609 table 1, head
+#   size included). Below 1 the GM is lost to CSF (sulcal widening); above 1 GM takes the
+#   voxel's CSF (narrower sulci), then its WM, never beyond the brain. The factor is smoothed
+#   across region borders (``GM_FACTOR_SMOOTH_MM``).
+# - Ventricles: lateral ventricles in ADNI at baseline measure 45 +- 27.5 ml (CN), 57 +- 30
+#   (MCI), 59 +- 29 (AD) (400 subjects; abstract "Robust automatic segmentation and
+#   characterization of lateral ventricle size in the ADNI cohort", label fusion after Fonov,
+#   ISMRM 2010), a coefficient of variation of 0.5-0.6; 23 +- 12 ml in the adults of
+#   PMC10511609. The template's volume plus the age/diagnosis growth (+1.4 ml/yr, faster in
+#   MCI/AD) is multiplied by a per-subject lognormal factor, so the cohort spans about
+#   10-80 ml at 55-90.
+# - Brain size: intracranial volume 1469 +- 102 ml (men), 1289 +- 111 ml (women) (Matsumae
+#   1996, J Neurosurg 84:982); whole-brain volume CV 10 % (Whitwell 2001, AJNR 22:1483):
+#   about 3 % linear within a sex, 4 % overall. An isotropic scale of the head, which affine
+#   registration removes, as it does in real data.
+# - Local pattern (residual folding): sulci and gyri lie differently in every brain, and even
+#   the best nonlinear registrations leave cortical labels only partly overlapping (Klein
+#   2009, NeuroImage 46:786), so after spatial normalisation a cortical voxel's GM still
+#   differs between subjects at the scale of a few millimetres. A band-pass lognormal field
+#   (Gaussian 2.5 mm minus Gaussian 8 mm, log-SD ``GM_PATTERN_SD``; drawn on a fixed 2 mm
+#   lattice, so a subject is the same at 1 and 2 mm) multiplies the regional factor, and each
+#   region's GM is then rescaled to what the regional factor alone gives
+#   (``conserve_regional_gm``): the pattern MOVES GM within a region, the regional factor sets
+#   how much there is. It changes tissue composition at a scale a warp to the template cannot
+#   follow: a displacement-type folding (2-4 mm RMS, smooth at 5-12 mm) was tried first, and
+#   the preprocessing's SyN removed nearly all of it (3 subjects: preprocessed T1w r 0.963-0.976
+#   against 0.71-0.89 without registration). ``GM_PATTERN_SD`` is set so the cohort's
+#   preprocessed T1w images correlate nearer real brains (docs/DESIGN.md "What works means";
+#   the figures are in benchmarks/results/phantom_v2_mri_information.json). The PET follows
+#   the subject's GM (activity_map); the uptake per unit GM follows the regional factor only.
+# - T1w contrast: GM:WM 0.68-0.76 and CSF:WM 0.25-0.35 per scan (docs/DESIGN.md: about
+#   0.7-0.75 and 0.3), as a multi-site cohort's sequences and field strengths differ.
+
+#: Local GM pattern: log-SD and Gaussian smoothness (mm) of the fine-scale GM field.
+GM_PATTERN_SD = 1.0
+GM_PATTERN_SMOOTH_MM = 2.5
+#: Band-pass: the pattern minus its own smoothing at this scale (mm), so GM is moved within a
+#: few millimetres rather than added or removed at the PET's 8 mm scale (0: no band-pass).
+GM_PATTERN_COARSE_MM = 8.0
+#: The fixed lattice the pattern's noise is drawn on: spacing (mm), then (origin mm, shape);
+#: it covers the work grid (x -96..96, y -132..96, z -118..114 mm) at 1 and 2 mm alike.
+GM_PATTERN_LATTICE_MM = 2.0
+GM_PATTERN_LATTICE = ((-98.0, -134.0, -120.0), (100, 118, 120))
+#: Version 2: each scan's T1w contrast (GM:WM, CSF:WM) within docs/DESIGN.md's ranges (field
+#: strength, sequence and site differ across a multi-site cohort like ADNI's).
+T1_GM_RANGE = (0.68, 0.76)
+T1_CSF_RANGE = (0.25, 0.35)
+#: Lognormal SD of the regional cortical GM factor.
+GM_FACTOR_SD = 0.12
+GM_FACTOR_LIMITS = (0.6, 1.5)
+GM_FACTOR_SMOOTH_MM = 3.0
+#: Lognormal SD of the per-subject ventricle volume factor, and its limits.
+VENTRICLE_LOG_SD = 0.35
+VENTRICLE_FACTOR_LIMITS = (0.45, 2.0)
+#: Never shrink the template's ventricles by more than this share.
+MAX_VENTRICLE_FILL = 0.8
+#: Linear brain scale: log-SD within a sex and the sexes' offsets (men ~4.4 % larger).
+BRAIN_SCALE_SD = 0.03
+BRAIN_SCALE_SEX = {"M": 0.022, "F": -0.022}
+
+
+@dataclass(frozen=True)
+class AnatomyTraits:
+    """A version 2 subject's own anatomy (the same in every session)."""
+
+    gm_factor: np.ndarray  # per region of pet.all_regions(); exactly 1 outside the cortex
+    ventricle_factor: float  # multiplies the expected ventricular volume (template + growth)
+    brain_scale: float  # linear size of the head relative to the template
+    pattern_seed: int  # seed of the local GM pattern's noise (gm_pattern_map)
+    t1_contrast: tuple[float, float] = (T1_GM, T1_CSF)  # the scan's GM:WM and CSF:WM
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cortical: np.ndarray, sex: str) -> AnatomyTraits:
+        """``cortical``: bool per region (the factor applies there)."""
+        factor = np.clip(np.exp(rng.normal(0.0, GM_FACTOR_SD, len(cortical))), *GM_FACTOR_LIMITS)
+        gm_factor = np.where(cortical, factor, 1.0)
+        ventricle = float(np.clip(np.exp(rng.normal(0.0, VENTRICLE_LOG_SD)), *VENTRICLE_FACTOR_LIMITS))
+        scale = float(np.exp(BRAIN_SCALE_SEX.get(sex, 0.0) + rng.normal(0.0, BRAIN_SCALE_SD)))
+        contrast = (float(rng.uniform(*T1_GM_RANGE)), float(rng.uniform(*T1_CSF_RANGE)))
+        return cls(gm_factor, ventricle, scale, int(rng.integers(2**62)), contrast)
+
+
+def with_ventricle_factor(atrophy: AtrophyParams, tpl: Template, factor: float) -> AtrophyParams:
+    """``atrophy`` with the ventricles at ``factor`` x (template volume + expected growth)."""
+    template_ml = ventricle_volume_ml(tpl.csf, tpl)
+    target = (template_ml + atrophy.ventricle_growth_ml) * factor
+    growth = max(target - template_ml, -MAX_VENTRICLE_FILL * template_ml)
+    return AtrophyParams(atrophy.cortical_gm_loss, atrophy.hippocampus_loss, float(growth))
+
+
+def gm_factor_map(tpl: Template, region_index: np.ndarray, gm_factor: np.ndarray,
+                  smooth_mm: float = GM_FACTOR_SMOOTH_MM,
+                  pattern_seed: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-voxel GM factors: (regional, pattern). Regional: each cortical region's factor,
+    smoothed across region borders and fading to 1 within a few mm outside the cortex
+    (normalised convolution). Pattern (with ``pattern_seed``): the local GM pattern
+    (:func:`gm_pattern`) as a factor, in the same cortical weight; None without a seed."""
+    cortical = gm_factor != 1.0
+    lut = np.append(np.where(cortical, gm_factor - 1.0, 0.0), 0.0).astype(np.float32)
+    inside = np.append(cortical, False)[region_index].astype(np.float32)
+    box = tuple(slice(max(int(i.min()) - 8, 0), int(i.max()) + 9) for i in np.nonzero(inside))
+    sigma = smooth_mm / tpl.voxel_mm
+    num = ndi.gaussian_filter(lut[region_index[box]], sigma)
+    den = ndi.gaussian_filter(inside[box], sigma)
+    weight = np.clip(den / 0.25, 0.0, 1.0)
+    regional = np.ones(region_index.shape, dtype=np.float32)
+    regional[box] += num / np.maximum(den, 1e-3) * weight
+    if pattern_seed is None:
+        return regional, None
+    pattern = np.ones(region_index.shape, dtype=np.float32)
+    pattern[box] = np.exp(gm_pattern(tpl, pattern_seed, box) * weight)
+    return regional, pattern
+
+
+def conserve_regional_gm(tpl: Template, gm: np.ndarray, wm: np.ndarray, reference_gm: np.ndarray,
+                         region_index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(GM, WM, CSF) with each region's GM rescaled to its total in ``reference_gm``: the local
+    pattern moves GM within a region but neither adds nor removes it (a lognormal factor whose
+    gains are capped by the CSF and WM at hand would otherwise shrink the cortex on average)."""
+    inside = region_index >= 0
+    n = int(region_index.max()) + 1
+    want = np.bincount(region_index[inside], weights=reference_gm[inside], minlength=n)
+    have = np.bincount(region_index[inside], weights=gm[inside], minlength=n)
+    scale = np.append(np.where(have > 0, want / np.maximum(have, 1e-9), 1.0), 1.0).astype(np.float32)
+    cap = np.clip(tpl.brain - wm, 0.0, 1.0)
+    gm = np.minimum(gm * scale[region_index], cap).astype(np.float32)
+    # What the cap cut off goes to the region's voxels that still have CSF to give.
+    have = np.bincount(region_index[inside], weights=gm[inside], minlength=n)
+    room = np.where(inside, cap - gm, 0.0)
+    room_sum = np.bincount(region_index[inside], weights=room[inside], minlength=n)
+    share = np.append(np.clip((want - have) / np.maximum(room_sum, 1e-9), 0.0, 1.0), 0.0).astype(np.float32)
+    gm = (gm + room * share[region_index]).astype(np.float32)
+    return gm, wm, np.clip(tpl.brain - gm - wm, 0.0, 1.0)
+
+
+def gm_pattern(tpl: Template, seed: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """The local GM pattern's log-field on the work grid (or its ``box``): white noise on a fixed
+    2 mm lattice in MNI space (``GM_PATTERN_LATTICE``, whatever the voxel size), smoothed at
+    ``GM_PATTERN_SMOOTH_MM``, scaled to SD ``GM_PATTERN_SD``, interpolated linearly."""
+    lo, shape = GM_PATTERN_LATTICE
+    step = GM_PATTERN_LATTICE_MM
+    noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    field = ndi.gaussian_filter(noise, GM_PATTERN_SMOOTH_MM / step, mode="wrap")
+    if GM_PATTERN_COARSE_MM:
+        field -= ndi.gaussian_filter(noise, GM_PATTERN_COARSE_MM / step, mode="wrap")
+    field *= np.float32(GM_PATTERN_SD / field.std())
+    box = box or tuple(slice(0, n) for n in tpl.shape)
+    # Lattice point j of axis a lies at lo_a + 2 j mm = work voxel (lo_a + 2 j - mm_a[0]) / v.
+    positions = [(lo[a] + step * np.arange(shape[a]) - tpl.mm[a][0]) / tpl.voxel_mm - box[a].start for a in range(3)]
+    return upsample_linear(field, positions, tuple(b.stop - b.start for b in box))
 
 
 @dataclass(frozen=True)
@@ -201,9 +411,10 @@ def head_images(tpl: Template, head: HeadParams, shell: HeadShell, pet_weights: 
     return t1.reshape(tpl.shape), pet.reshape(tpl.shape)
 
 
-def t1_image(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray) -> np.ndarray:
-    """Noise-free brain T1w (WM = 1) from partial-volume tissue fractions."""
-    return (T1_GM * gm + T1_WM * wm + T1_CSF * csf).astype(np.float32)
+def t1_image(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, contrast: tuple[float, float] = (T1_GM, T1_CSF)) -> np.ndarray:
+    """Noise-free brain T1w (WM = 1) from partial-volume tissue fractions; ``contrast`` is
+    (GM:WM, CSF:WM), the subject's own in version 2."""
+    return (np.float32(contrast[0]) * gm + T1_WM * wm + np.float32(contrast[1]) * csf).astype(np.float32)
 
 
 # --- geometry -------------------------------------------------------------------------------
@@ -229,22 +440,61 @@ def _sample_field(field: np.ndarray, affine: np.ndarray, points: np.ndarray) -> 
     return np.stack([ndi.map_coordinates(field[..., c], vox, order=1, mode="nearest") for c in range(3)])
 
 
-def random_deformation(tpl: Template, rng: np.random.Generator) -> Deformation:
-    """A smooth, invertible inter-subject deformation (random affine + nonlinear part)."""
+@dataclass(frozen=True)
+class DeformationDraw:
+    """The random numbers of one :func:`random_deformation`, drawn in the stream's order.
+
+    Kept apart from building the fields (about a second of interpolation) so a caller that
+    needs no native space (the MNI fast path, :mod:`~dualglow_app.phantom.mni`) still
+    consumes the subject's random stream exactly as the BIDS cohort does.
+    """
+
+    noise: tuple[np.ndarray, np.ndarray, np.ndarray]
+    rms_mm: float
+    scaling: np.ndarray
+    shear: np.ndarray
+
+
+def draw_deformation(tpl: Template, rng: np.random.Generator) -> DeformationDraw:
+    shape = _field_grid(tpl)[0]
+    noise = (rng.normal(size=shape), rng.normal(size=shape), rng.normal(size=shape))
+    rms = float(rng.uniform(2.0, 4.0))
+    return DeformationDraw(noise, rms, rng.normal(0.0, 0.04, 3), rng.normal(0, 0.015, (3, 3)))
+
+
+def _field_grid(tpl: Template) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray]:
     step = FIELD_SPACING_MM
     lo = np.array([tpl.mm[a][0] for a in range(3)]) - 16.0
     hi = np.array([tpl.mm[a][-1] for a in range(3)]) + 16.0
     shape = tuple(int(np.ceil((h - low) / step)) + 1 for low, h in zip(lo, hi, strict=True))
     affine = np.diag([step, step, step, 1.0])
     affine[:3, 3] = lo
+    return shape, affine, lo  # type: ignore[return-value]
+
+
+def random_deformation(tpl: Template, rng: np.random.Generator, brain_scale: float = 1.0) -> Deformation:
+    """A smooth, invertible inter-subject deformation (random affine + nonlinear part).
+
+    ``brain_scale`` (phantom version 2) makes the whole head that much larger (linear factor)
+    on top of the per-axis scaling every version draws.
+    """
+    return build_deformation(tpl, draw_deformation(tpl, rng), brain_scale)
+
+
+def build_deformation(tpl: Template, draw: DeformationDraw, brain_scale: float = 1.0) -> Deformation:
+    step = FIELD_SPACING_MM
+    shape, affine, lo = _field_grid(tpl)
     grid = np.stack(np.meshgrid(*[lo[a] + step * np.arange(shape[a]) for a in range(3)], indexing="ij"), -1)
 
     # Nonlinear part: white noise smoothed at ~16 mm, scaled to a 2-4 mm RMS displacement.
     smooth = 16.0 / step
-    nl = np.stack([ndi.gaussian_filter(rng.normal(size=shape), smooth, mode="nearest") for _ in range(3)], -1)
-    nl *= rng.uniform(2.0, 4.0) / np.sqrt((nl**2).sum(-1).mean())
+    nl = np.stack([ndi.gaussian_filter(n, smooth, mode="nearest") for n in draw.noise], -1)
+    nl *= draw.rms_mm / np.sqrt((nl**2).sum(-1).mean())
     # Affine part: head size and shape differ by up to ~10 % per axis.
-    lin = np.diag(np.clip(rng.normal(0.0, 0.04, 3), -0.1, 0.1)) + np.clip(rng.normal(0, 0.015, (3, 3)), -0.04, 0.04) * (1 - np.eye(3))
+    lin = np.diag(np.clip(draw.scaling, -0.1, 0.1)) + np.clip(draw.shear, -0.04, 0.04) * (1 - np.eye(3))
+    if brain_scale != 1.0:
+        # m - c = (a - c) / s: a head s times the template's maps onto it shrunk by 1/s.
+        lin = lin + np.eye(3) * (1.0 / brain_scale - 1.0)
     w = nl + (grid - BRAIN_CENTRE_MM) @ lin.T
 
     # Keep every partial derivative below 0.3 (Lipschitz < 1 -> invertible, fixed point converges).

@@ -8,7 +8,22 @@ participants.tsv is the broad CN / MCI / AD group (SMC -> CN, EMCI/LMCI -> MCI) 
 Randomness: subject ``i`` of seed ``s`` uses ``SeedSequence(s, spawn_key=(i, 0))`` for its
 traits (demographics, shape, head, metabolic variation) and ``spawn_key=(i, 1 + k)`` for
 session ``k`` (pose, bias, noise), so a subject is identical whatever the cohort size and
-whichever worker process makes it.
+whichever worker process makes it. Phantom version 2 draws its extra anatomy (regional GM
+factors, ventricle factor, brain size, pattern seed, T1w contrast) from ``spawn_key=(i, 0, 2)``, so subject ``i`` has the
+same demographics, pose and noise in both versions.
+
+Versions (``version=``, ``dualglow-phantom --phantom-version``; recorded in
+dataset_description.json's ``GeneratedBy`` and the README, read back by
+:func:`phantom_version`):
+
+- 1: every subject is the template (with age/diagnosis atrophy) under a smooth warp that
+  registration removes; the subject-specific PET variation is invisible in the MRI. Its files
+  are exactly those of earlier releases for the same seed.
+- 2 (default): anatomy of its own per subject (regional cortical GM, a local GM pattern for
+  its folding, ventricle volume, brain size, T1w contrast; anatomy.py) with the PET following
+  it (pet.py), and a second PET truth, the
+  explainable PET (``desc-explainable``): noise-free, after the PSF, without the
+  MRI-invisible factors (no regional subject factor, no smooth field, global scale 1).
 """
 
 from __future__ import annotations
@@ -42,6 +57,14 @@ SPACE = "MNI152NLin2009cAsym"
 GENERATOR = "dualglow-phantom"
 BIDS_VERSION = "1.10.0"
 MAX_SESSIONS = 10
+PHANTOM_VERSIONS = (1, 2)
+DEFAULT_VERSION = 2
+VERSION_NOTES = {
+    1: "phantom version 1: the template with age/diagnosis atrophy under a smooth warp that "
+       "registration removes; subject-specific PET variation invisible in the MRI",
+    2: "phantom version 2: per-subject regional cortical GM, local GM pattern, ventricle volume, "
+       "brain size and T1w contrast; the PET following the GM; explainable PET truth",
+}
 DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
 AGE_RANGE = (55.0, 90.0)
 #: Disease duration given to a subject whose diagnosis is overridden (middle of the drawn ranges).
@@ -63,6 +86,7 @@ class CohortInfo:
     subjects: list[SubjectInfo]
     seconds: float
     preview: Path | None = None
+    version: int = DEFAULT_VERSION
 
 
 def participant_label(index: int) -> str:
@@ -93,19 +117,35 @@ def draw_demographics(rng: np.random.Generator, sessions: int) -> tuple[Demograp
 
 @dataclass(frozen=True)
 class SubjectTraits:
-    """What stays the same across a subject's sessions."""
+    """What stays the same across a subject's sessions.
+
+    ``deformation`` is None when the traits were drawn without the native space (the MNI fast
+    path); ``anatomy`` is the version 2 anatomy (None in version 1).
+    """
 
     demographics: Demographics
     ages: list[float]
-    deformation: an.Deformation
+    deformation: an.Deformation | None
     head: an.HeadParams
     regional: np.ndarray
     global_scale: float
     smooth_coarse: np.ndarray
+    version: int = 1
+    anatomy: an.AnatomyTraits | None = None
+
+
+def check_version(version: int) -> int:
+    if version not in PHANTOM_VERSIONS:
+        raise ValueError(f"--phantom-version must be one of {list(PHANTOM_VERSIONS)}, got {version}.")
+    return int(version)
 
 
 def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: float | None = None,
-                   diagnosis: str | None = None) -> SubjectTraits:
+                   diagnosis: str | None = None, version: int = DEFAULT_VERSION,
+                   native: bool = True) -> SubjectTraits:
+    """Subject ``index``'s traits; ``native=False`` skips building its deformation (about a
+    second) but draws the same random numbers, so everything else is unchanged."""
+    check_version(version)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0)))
     demo, ages = draw_demographics(rng, sessions)
     if age is not None or diagnosis is not None:
@@ -118,10 +158,81 @@ def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: flo
             disease if broad != "CN" else 0.0, pt.SEVERITY[detail], demo.atrophy_rate,
         )
         ages = [round(demo.age + (a - ages[0]), 1) for a in ages]
-    deformation = an.random_deformation(tpl, rng)
+    draw = an.draw_deformation(tpl, rng)
     head = an.HeadParams.draw(rng)
-    regional, global_scale, coarse = pt.draw_subject_variation(rng, len(pt.all_regions()))
-    return SubjectTraits(demo, ages, deformation, head, regional, global_scale, coarse)
+    regional_sd = pt.REGIONAL_SD if version == 1 else pt.REGIONAL_SD_V2
+    regional, global_scale, coarse = pt.draw_subject_variation(rng, len(pt.all_regions()), regional_sd)
+    anatomy = None
+    if version == 2:
+        extra = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0, 2)))
+        anatomy = an.AnatomyTraits.draw(extra, pt.cortical_regions(), demo.sex)
+    scale = anatomy.brain_scale if anatomy is not None else 1.0
+    deformation = an.build_deformation(tpl, draw, scale) if native else None
+    return SubjectTraits(demo, ages, deformation, head, regional, global_scale, coarse, version, anatomy)
+
+
+@dataclass(frozen=True)
+class SessionTruth:
+    """One session of a subject in MNI space (work grid), before any native-space step."""
+
+    age: float
+    atrophy: an.AtrophyParams
+    tissues: tuple[np.ndarray, np.ndarray, np.ndarray]  # GM, WM, CSF
+    brain: np.ndarray  # soft brain mask (GM + WM + CSF)
+    state: pt.MetabolicState
+    brain_t1: np.ndarray  # noise-free brain T1w, WM = 1
+    pet: np.ndarray  # noise-free PET after the PSF, Bq/mL (head included)
+    explainable: np.ndarray | None  # the same without the MRI-invisible factors (when asked)
+
+
+@dataclass(frozen=True)
+class AnatomyMaps:
+    """A version 2 subject's per-voxel anatomy maps (computed once per subject)."""
+
+    gm_factor: np.ndarray  # the regional factor per voxel (anatomy.gm_factor_map)
+    pattern: np.ndarray  # the local GM pattern as a factor
+
+
+def subject_maps(tpl: Template, traits: SubjectTraits) -> AnatomyMaps | None:
+    """The version 2 per-voxel GM factor and local pattern (None in version 1)."""
+    if traits.anatomy is None:
+        return None
+    regional, pattern = an.gm_factor_map(tpl, pt.region_maps(tpl.voxel_mm).index, traits.anatomy.gm_factor,
+                                         pattern_seed=traits.anatomy.pattern_seed)
+    assert pattern is not None
+    return AnatomyMaps(regional, pattern)
+
+
+def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: int, head_pet: np.ndarray,
+                  maps: AnatomyMaps | None, explainable: bool) -> SessionTruth:
+    """Anatomy, metabolic state and noise-free PET(s) of session ``k`` in MNI space."""
+    demo = traits.demographics
+    session_age = traits.ages[k]
+    elapsed = session_age - traits.ages[0]
+    disease = demo.disease_years + elapsed if demo.diagnosis != "CN" else 0.0
+    atrophy = an.AtrophyParams.expected(session_age, demo.diagnosis, disease, demo.atrophy_rate)
+    gm_factor = None
+    smooth_sd = pt.SMOOTH_FIELD_SD
+    if traits.anatomy is not None:
+        atrophy = an.with_ventricle_factor(atrophy, tpl, traits.anatomy.ventricle_factor)
+        gm_factor = traits.anatomy.gm_factor
+        smooth_sd = pt.SMOOTH_FIELD_SD_V2
+    if maps is None:
+        gm, wm, csf = an.atrophied_tissues(tpl, atrophy)
+    else:
+        # The pattern moves GM within each region; the regional factor sets how much there is.
+        regional_gm = an.atrophied_tissues(tpl, atrophy, maps.gm_factor)[0]
+        gm, wm, _ = an.atrophied_tissues(tpl, atrophy, maps.gm_factor * maps.pattern)
+        gm, wm, csf = an.conserve_regional_gm(tpl, gm, wm, regional_gm, pt.region_maps(tpl.voxel_mm).index)
+    brain = tpl.brain
+    severity = demo.severity * (1.0 + 0.1 * elapsed) if demo.diagnosis != "CN" else 0.0
+    state = pt.metabolic_state(cal, session_age, demo.diagnosis, severity, traits.regional,
+                               traits.global_scale, traits.smooth_coarse, gm_factor, smooth_sd)
+    _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
+    explained = pt.subject_pet(tpl, gm, wm, head_pet, cal, state.explainable())[1] if explainable else None
+    contrast = (an.T1_GM, an.T1_CSF) if traits.anatomy is None else traits.anatomy.t1_contrast
+    return SessionTruth(session_age, atrophy, (gm, wm, csf), brain, state, an.t1_image(gm, wm, csf, contrast), pet_mni,
+                        explained)
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -207,43 +318,38 @@ def _head_shell(voxel_mm: float) -> an.HeadShell:
 
 
 def make_subject(out_dir: Path | str, index: int, seed: int = 0, sessions: int = 1, voxel_mm: float = 1.0,
-                 age: float | None = None, diagnosis: str | None = None) -> SubjectInfo:
+                 age: float | None = None, diagnosis: str | None = None,
+                 version: int = DEFAULT_VERSION) -> SubjectInfo:
     """Write subject ``index`` (0-based; ``sub-<index+1:03d>``) into a BIDS dataset.
 
     ``age``/``diagnosis`` override the drawn demographics (for figures and tests);
-    ``voxel_mm`` > 1 makes a coarse phantom for fast tests (1.0 is the real one).
+    ``voxel_mm`` > 1 makes a coarse phantom for fast tests (1.0 is the real one); ``version``
+    is the phantom version (module docstring).
     """
     out_dir = Path(out_dir)
     tpl = load_template(voxel_mm)
     cal = pt.calibrate(voxel_mm)
     maps = pt.region_maps(voxel_mm)
-    traits = subject_traits(seed, index, sessions, tpl, age, diagnosis)
+    traits = subject_traits(seed, index, sessions, tpl, age, diagnosis, version)
     demo = traits.demographics
     label = participant_label(index)
     info = SubjectInfo(f"sub-{label}", demo, traits.ages)
     head_t1, head_pet = an.head_images(tpl, traits.head, _head_shell(voxel_mm), pt.HEAD_ACTIVITY)
+    anatomy_maps = subject_maps(tpl, traits)
 
-    for k, session_age in enumerate(traits.ages):
+    for k in range(len(traits.ages)):
         session = f"{k + 1:02d}" if sessions > 1 else None
         rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1 + k)))
-        elapsed = session_age - traits.ages[0]
-        disease = demo.disease_years + elapsed if demo.diagnosis != "CN" else 0.0
-        atrophy = an.AtrophyParams.expected(session_age, demo.diagnosis, disease, demo.atrophy_rate)
-        gm, wm, csf = an.atrophied_tissues(tpl, atrophy)
-        severity = demo.severity * (1.0 + 0.1 * elapsed) if demo.diagnosis != "CN" else 0.0
-        state = pt.metabolic_state(cal, session_age, demo.diagnosis, severity, traits.regional,
-                                   traits.global_scale, traits.smooth_coarse)
-        _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
-        brain_t1 = an.t1_image(gm, wm, csf)
-        info.files += _write_session(out_dir, tpl, label, session, rng, traits, brain_t1, head_t1, pet_mni,
-                                     (gm, wm, csf), atrophy, state, cal, maps, session_age)
+        truth = session_truth(tpl, cal, traits, k, head_pet, anatomy_maps, explainable=version >= 2)
+        info.files += _write_session(out_dir, tpl, label, session, rng, traits, head_t1, truth, cal, maps)
     return info
 
 
 def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None, rng: np.random.Generator,
-                   traits: SubjectTraits, brain_t1: np.ndarray, head_t1: np.ndarray, pet_mni: np.ndarray,
-                   tissues: tuple[np.ndarray, np.ndarray, np.ndarray], atrophy: an.AtrophyParams,
-                   state: pt.MetabolicState, cal: pt.Calibration, maps: pt.RegionMaps, age: float) -> list[Path]:
+                   traits: SubjectTraits, head_t1: np.ndarray, truth: SessionTruth, cal: pt.Calibration,
+                   maps: pt.RegionMaps) -> list[Path]:
+    brain_t1, pet_mni, tissues = truth.brain_t1, truth.pet, truth.tissues
+    assert traits.deformation is not None, "the BIDS cohort needs the native-space deformation"
     rel, stem = _entities(label, session)
     raw = out_dir / rel
     gt = out_dir / "derivatives" / "phantom" / rel
@@ -300,7 +406,7 @@ def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None
     # Ground truth in MNI152NLin2009cAsym (the 2009c grid: crop the work grid's neck padding).
     c = tpl.crop
     gm, wm, csf = (t[c] for t in tissues)
-    mask = (tpl.brain[c] > 0.5)
+    mask = (truth.brain[c] > 0.5)
     gt_note = {"SpatialReference": GRID_NOTE, "Description": "Ground truth of a SYNTHETIC phantom (dualglow-phantom)."}
     anat = gt / "anat"
     written.append(_save(np.rint(brain_t1[c] * 1000.0).astype(np.int16) * mask, tpl.mni_affine,
@@ -315,9 +421,24 @@ def _write_session(out_dir: Path, tpl: Template, label: str, session: str | None
                          gt / "pet" / f"{stem}_trc-FDG_space-{SPACE}_desc-noisefree_pet.nii.gz", np.int16,
                          {**gt_note, "Units": "Bq/mL", "TracerName": "FDG", "SkullStripped": False,
                           "Resolution": f"{pt.PSF_FWHM_MM:g} mm FWHM PSF applied in MNI space; no noise"}))
+    if truth.explainable is not None:
+        written.append(_save(truth.explainable[c].astype(np.float32), tpl.mni_affine,
+                             gt / "pet" / f"{stem}_trc-FDG_space-{SPACE}_desc-explainable_pet.nii.gz", np.int16,
+                             {**gt_note, "Units": "Bq/mL", "TracerName": "FDG", "SkullStripped": False,
+                              "Resolution": f"{pt.PSF_FWHM_MM:g} mm FWHM PSF applied in MNI space; no noise",
+                              "Description": EXPLAINABLE_NOTE}))
     written += _write_transforms(gt / "xfm", stem, pose, pet_to_t1, traits.deformation)
-    written += _write_factors(gt, stem, tpl, cal, maps, state, atrophy, traits, age, pet_mni)
+    written += _write_factors(gt, stem, tpl, cal, maps, truth, traits)
     return written
+
+
+EXPLAINABLE_NOTE = (
+    "Explainable PET of a SYNTHETIC phantom (dualglow-phantom, version 2): the noise-free PET "
+    "(after the 8 mm PSF) without what the MRI cannot show: no regional subject factor, no "
+    "smooth field, global scale 1. It keeps age, diagnosis and the subject's own GM (through the "
+    "tissue maps and the uptake per unit GM), so it is the best any MRI (+ age, diagnosis) -> PET "
+    "model could do; the noise-free PET minus this is the MRI-invisible part."
+)
 
 
 def _write_transforms(xfm: Path, stem: str, pose: np.ndarray, pet_to_t1: np.ndarray,
@@ -359,10 +480,10 @@ def _write_transforms(xfm: Path, stem: str, pose: np.ndarray, pet_to_t1: np.ndar
 
 
 def _write_factors(gt: Path, stem: str, tpl: Template, cal: pt.Calibration, maps: pt.RegionMaps,
-                   state: pt.MetabolicState, atrophy: an.AtrophyParams, traits: SubjectTraits, age: float,
-                   pet_mni: np.ndarray) -> list[Path]:
+                   truth: SessionTruth, traits: SubjectTraits) -> list[Path]:
+    state, atrophy, age, pet_mni = truth.state, truth.atrophy, truth.age, truth.pet
     measured = pt.measure_regions(pet_mni, maps) / (state.global_scale * pt.BQML_PER_SUVR)
-    rows = [
+    rows: list[dict] = [
         {"region": n, "target_suvr": float(t), "calibrated_activity": float(a), "age_factor": float(fa),
          "diagnosis_factor": float(fd), "subject_factor": float(fs), "total_factor": float(ft),
          "measured_suvr": float(m)}
@@ -370,6 +491,17 @@ def _write_factors(gt: Path, stem: str, tpl: Template, cal: pt.Calibration, maps
                                               state.diagnosis_factor, state.subject_factor, state.total,
                                               measured, strict=True)
     ]
+    extra: dict = {}
+    if traits.anatomy is not None and state.gm_uptake is not None:
+        gm_volume = _regional_gm_ml(truth.tissues[0], maps, tpl)
+        for row, g, u, v, v0 in zip(rows, traits.anatomy.gm_factor, state.gm_uptake, gm_volume, cal.gm_volume,
+                                    strict=True):
+            total = row.pop("total_factor")
+            measured_suvr = row.pop("measured_suvr")
+            row.update({"gm_factor": float(g), "gm_uptake_factor": float(u), "total_factor": total,
+                        "gm_volume_ml": float(v), "reference_gm_volume_ml": float(v0),
+                        "measured_suvr": measured_suvr})
+        extra = _factors_v2_doc(tpl, truth, traits)
     path = gt / f"{stem}_desc-regions_factors.tsv"
     _write_tsv(path, rows)
     demo = traits.demographics
@@ -393,15 +525,49 @@ def _write_factors(gt: Path, stem: str, tpl: Template, cal: pt.Calibration, maps
         "DiagnosisDetail": demo.diagnosis_detail,
         "Atrophy": asdict(atrophy),
         "Head": asdict(traits.head),
+        **extra,
     })
     return [path, path.with_suffix(".json")]
+
+
+def _regional_gm_ml(gm: np.ndarray, maps: pt.RegionMaps, tpl: Template) -> np.ndarray:
+    inside = maps.index >= 0
+    volume = np.bincount(maps.index[inside], weights=gm[inside], minlength=len(maps.names))
+    return volume * tpl.voxel_mm**3 / 1000.0
+
+
+def _factors_v2_doc(tpl: Template, truth: SessionTruth, traits: SubjectTraits) -> dict:
+    anatomy = traits.anatomy
+    assert anatomy is not None
+    return {
+        "subject_factor": {"Description": "Subject-specific metabolic variation, not visible in the MRI "
+                                          f"(lognormal, SD {pt.REGIONAL_SD_V2:g} in version 2)."},
+        "gm_factor": {"Description": "The subject's regional cortical GM thickness/density factor (version 2; "
+                                     "1 outside the cortex): GM x factor in the region, lost GM becomes CSF, "
+                                     "extra GM takes the voxel's CSF. Visible in the MRI."},
+        "gm_uptake_factor": {"Description": f"FDG uptake per unit GM from the GM factor: gm_factor ** {pt.GM_UPTAKE_EXPONENT:g}."},
+        "total_factor": {"Description": "age_factor * diagnosis_factor * subject_factor * gm_uptake_factor."},
+        "gm_volume_ml": {"Description": "GM volume (ml) of the region in this session's MNI-space tissue map."},
+        "reference_gm_volume_ml": {"Description": "GM volume (ml) of the region in the calibration anatomy (CN, 73, factor 1)."},
+        "PhantomVersion": traits.version,
+        "GMUptakeExponent": pt.GM_UPTAKE_EXPONENT,
+        "GMFactorSD": an.GM_FACTOR_SD,
+        "RegionalSD": pt.REGIONAL_SD_V2,
+        "GMPatternSD": an.GM_PATTERN_SD,
+        "T1Contrast": {"GM:WM": round(anatomy.t1_contrast[0], 4), "CSF:WM": round(anatomy.t1_contrast[1], 4)},
+        "BrainScale": anatomy.brain_scale,
+        "VentricleFactor": anatomy.ventricle_factor,
+        "VentricleVolumeML": round(an.ventricle_target_ml(tpl, truth.atrophy), 2),
+        "ExplainablePET": EXPLAINABLE_NOTE,
+    }
 
 
 # --- the cohort -----------------------------------------------------------------------------
 
 
 def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT_DIR unless ``overwrite``; only a previous phantom is ever deleted."""
+    """Refuse a non-empty OUT_DIR unless ``overwrite``; only a previous phantom (a BIDS cohort or
+    an MNI stack) is ever deleted."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"OUT_DIR {out_dir} is a file: pass a new or empty directory.")
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -413,6 +579,10 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
         made_here = any(g.get("Name") == GENERATOR for g in json.loads(description.read_text()).get("GeneratedBy", []))
     except (OSError, ValueError, AttributeError):
         made_here = False
+    try:  # or an MNI stack (mni.py)
+        made_here = made_here or json.loads((out_dir / "index.json").read_text()).get("Generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        pass
     if not made_here:
         raise FileExistsError(
             f"OUT_DIR {out_dir} is not empty and is not a {GENERATOR} dataset: refusing to delete it; pick another directory."
@@ -420,14 +590,17 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(out_dir)
 
 
-def _worker(args: tuple[Path, int, int, int, float]) -> SubjectInfo:
-    out_dir, index, seed, sessions, voxel_mm = args
-    return make_subject(out_dir, index, seed, sessions, voxel_mm)
+def _worker(args: tuple[Path, int, int, int, float, int]) -> SubjectInfo:
+    out_dir, index, seed, sessions, voxel_mm, version = args
+    return make_subject(out_dir, index, seed, sessions, voxel_mm, version=version)
 
 
 def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: int = 1, overwrite: bool = False,
-                preview: bool = False, jobs: int | None = None, voxel_mm: float = 1.0) -> CohortInfo:
+                preview: bool = False, jobs: int | None = None, voxel_mm: float = 1.0,
+                version: int = DEFAULT_VERSION) -> CohortInfo:
     """Write ``n_subjects`` phantoms (T1w + FDG-PET) as a BIDS dataset with ground truth.
+
+    ``version`` is the phantom version (1 or 2, the default; module docstring).
 
     Example::
 
@@ -435,6 +608,7 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
         info.subjects[0].participant_id   # 'sub-001'
     """
     out_dir = Path(out_dir)
+    check_version(version)
     if n_subjects < 1:
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}.")
     if not 1 <= sessions <= MAX_SESSIONS:
@@ -451,23 +625,47 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
     pt.calibrate(voxel_mm)
     _head_shell(voxel_mm)
     jobs = max(1, min(cpu_threads(jobs), n_subjects))
-    tasks = [(out_dir, i, seed, sessions, voxel_mm) for i in range(n_subjects)]
+    tasks = [(out_dir, i, seed, sessions, voxel_mm, version) for i in range(n_subjects)]
     if jobs == 1:
         subjects = list(progress(map(_worker, tasks), "phantoms", total=n_subjects))
     else:
         context = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(jobs, mp_context=context) as pool:
             subjects = list(progress(pool.map(_worker, tasks), "phantoms", total=n_subjects))
-    _write_dataset_files(out_dir, subjects, seed, sessions, voxel_mm)
-    info = CohortInfo(out_dir, seed, sessions, subjects, time.perf_counter() - start)
+    _write_dataset_files(out_dir, subjects, seed, sessions, voxel_mm, version)
+    info = CohortInfo(out_dir, seed, sessions, subjects, time.perf_counter() - start, version=version)
     if preview:
         info.preview = save_preview(out_dir, subjects, sessions)
     log.info("%d phantom subjects written to %s in %.1f s", n_subjects, out_dir, info.seconds)
     return info
 
 
-def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, sessions: int, voxel_mm: float) -> None:
-    generated = [{"Name": GENERATOR, "Version": __version__, "CodeURL": "https://github.com/dualglow/dualglow"}]
+def generated_by(version: int) -> list[dict]:
+    """The cohort's ``GeneratedBy``; ``Description`` names the phantom version (:func:`phantom_version`)."""
+    return [{"Name": GENERATOR, "Version": __version__, "Description": VERSION_NOTES[version],
+             "CodeURL": "https://github.com/dualglow/dualglow"}]
+
+
+def phantom_version(bids_dir: Path | str) -> int | None:
+    """The phantom version of a dualglow-phantom cohort (from dataset_description.json), 1 for a
+    cohort written before versions were recorded, None for any other dataset."""
+    try:
+        description = json.loads((Path(bids_dir) / "dataset_description.json").read_text())
+        entries = [g for g in description.get("GeneratedBy", []) if g.get("Name") == GENERATOR]
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not entries:
+        return None
+    text = str(entries[0].get("Description", ""))
+    for version in PHANTOM_VERSIONS:
+        if text.startswith(f"phantom version {version}:"):
+            return version
+    return 1
+
+
+def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, sessions: int, voxel_mm: float,
+                         version: int) -> None:
+    generated = generated_by(version)
     _write_json(out_dir / "dataset_description.json", {
         "Name": f"dualglow phantom cohort (SYNTHETIC, seed {seed})",
         "BIDSVersion": BIDS_VERSION,
@@ -485,7 +683,7 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
         "DatasetLinks": {"raw": "../.."},
         "SpatialReference": GRID_NOTE,
     })
-    (out_dir / "README").write_text(_readme(len(subjects), seed, sessions, voxel_mm))
+    (out_dir / "README").write_text(_readme(len(subjects), seed, sessions, voxel_mm, version))
     (out_dir / ".bidsignore").write_text("derivatives/\n")
     rows = [{"participant_id": s.participant_id, "age": s.demographics.age, "sex": s.demographics.sex,
              "diagnosis": s.demographics.diagnosis, "diagnosis_detail": s.demographics.diagnosis_detail}
@@ -507,29 +705,58 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
         _write_json(out_dir / "sessions.json", {"age": {"Description": "Age at the session.", "Units": "year"}})
 
 
-def _readme(n: int, seed: int, sessions: int, voxel_mm: float) -> str:
+def _readme(n: int, seed: int, sessions: int, voxel_mm: float, version: int) -> str:
+    if version >= 2:
+        anatomy = """- Anatomy (phantom version 2): ICBM152 2009a GM/WM maps (nilearn wheel), each subject with
+  its own regional cortical GM thickness/density (lognormal factor per region, SD 12 %: lost
+  GM becomes CSF, extra GM fills sulcal CSF), ventricle volume (a lognormal factor on the
+  age/diagnosis-driven growth; about 10-80 ml), brain size (about 4 % linear SD), a local GM
+  pattern standing in for its folding (GM moved within each region at a few mm) and its own
+  T1w contrast, plus age- and diagnosis-driven atrophy (cortical thinning, hippocampal loss
+  faster in AD),
+  a random smooth invertible deformation, a synthetic head (CSF rim, skull, scalp, neck),
+  and a random head pose in a scanner-like 1 mm matrix with varied voxel orientation.
+  Registration to a template does not remove the regional GM, ventricle and pattern
+  differences."""
+        pet = """- FDG-PET: regional grey-matter activity calibrated so that, after an 8 mm FWHM PSF, the
+  regions measure like cognitively normal ADNI SUVRs; grey:white 4:1; -8 %/decade ageing;
+  AD/MCI hypometabolism (precuneus, posterior cingulate, temporoparietal, hippocampus);
+  the PET follows the subject's own GM, and the uptake per unit GM follows the regional GM
+  factor (MRI-explainable); a smaller subject-specific variation NOT visible in the MRI
+  (regional 3 %, smooth field 2 %); noise; 2 mm voxels in its own scanner frame, rigidly
+  offset from the T1w."""
+        truth = """`derivatives/phantom/` holds the ground truth: MNI152NLin2009cAsym T1w, tissue maps, brain
+mask, noise-free PET (`desc-noisefree`) and explainable PET (`desc-explainable`: the
+noise-free PET without the MRI-invisible factors, i.e. what the MRI, age and diagnosis can
+explain), the true transforms (`xfm/`, conventions in their JSON files) and the regional
+factors, GM factors included (`*_desc-regions_factors.tsv`)."""
+    else:
+        anatomy = """- Anatomy (phantom version 1): ICBM152 2009a GM/WM maps (nilearn wheel) with age- and
+  diagnosis-driven atrophy (cortical thinning, hippocampal loss faster in AD, ventricle
+  growth), a random smooth invertible deformation, a synthetic head (CSF rim, skull, scalp,
+  neck), and a random head pose in a scanner-like 1 mm matrix with varied voxel orientation.
+  Every subject is the template under that deformation, which registration removes."""
+        pet = """- FDG-PET: regional grey-matter activity calibrated so that, after an 8 mm FWHM PSF, the
+  regions measure like cognitively normal ADNI SUVRs; grey:white 4:1; -8 %/decade ageing;
+  AD/MCI hypometabolism (precuneus, posterior cingulate, temporoparietal, hippocampus);
+  subject-specific metabolic variation not visible in the MRI; noise; 2 mm voxels in its own
+  scanner frame, rigidly offset from the T1w."""
+        truth = """`derivatives/phantom/` holds the ground truth: MNI152NLin2009cAsym T1w, tissue maps, brain
+mask and noise-free PET, the true transforms (`xfm/`, conventions in their JSON files) and the
+regional factors (`*_desc-regions_factors.tsv`)."""
     return f"""# dualglow phantom cohort (SYNTHETIC DATA)
 
 Every image in this dataset is SYNTHETIC: {n} digital phantoms made by `dualglow-phantom`
-(dualglow {__version__}, seed {seed}, {sessions} session(s) per subject, {voxel_mm:g} mm). No
-person was scanned.
+(dualglow {__version__}, phantom version {version}, seed {seed}, {sessions} session(s) per
+subject, {voxel_mm:g} mm). No person was scanned.
 
 How they were made:
 
 - Demographics drawn like ADNI (ages 55-90; CN, SMC, EMCI, MCI, LMCI, AD in ADNI proportions).
-- Anatomy: ICBM152 2009a GM/WM maps (nilearn wheel) with age- and diagnosis-driven atrophy
-  (cortical thinning, hippocampal loss faster in AD, ventricle growth), a random smooth
-  invertible deformation, a synthetic head (CSF rim, skull, scalp, neck), and a random head
-  pose in a scanner-like 1 mm matrix with varied voxel orientation.
+{anatomy}
 - T1w: partial-volume tissue intensities (GM:WM 0.72, CSF:WM 0.30), a bias field in 0.8-1.2,
   Rician noise.
-- FDG-PET: regional grey-matter activity calibrated so that, after an 8 mm FWHM PSF, the
-  regions measure like cognitively normal ADNI SUVRs; grey:white 4:1; -8 %/decade ageing;
-  AD/MCI hypometabolism (precuneus, posterior cingulate, temporoparietal, hippocampus);
-  subject-specific metabolic variation not visible in the MRI; noise; 2 mm voxels in its own
-  scanner frame, rigidly offset from the T1w.
+{pet}
 
-`derivatives/phantom/` holds the ground truth: MNI152NLin2009cAsym T1w, tissue maps, brain
-mask and noise-free PET, the true transforms (`xfm/`, conventions in their JSON files) and the
-regional factors (`*_desc-regions_factors.tsv`).
+{truth}
 """

