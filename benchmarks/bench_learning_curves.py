@@ -179,7 +179,8 @@ def main() -> None:
             seed=args.seed, device=args.device,
         )  # fmt: skip
         model = make_baseline(method, options)
-        print(f"\n{method}: epoch  train loss  val MAE (SUVR)  val r   deviation r  seconds")
+        if method != "meanpet":  # closed form: no epochs
+            print(f"\n{method}: epoch  train loss  val MAE (SUVR)  val r   deviation r  seconds")
 
         def on_epoch(row: dict[str, Any], pred: np.ndarray, method: str = method) -> None:
             row.update(scores(scaling.pet_from_model(pred)))
