@@ -382,6 +382,13 @@ def _mae(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:
     return float(np.mean([e[m].mean() for e, m in zip(errors, inside, strict=True) if m.any()]))
 
 
+def in_brain(pet: Tensor, mri: Tensor) -> Tensor:
+    """A generator's PET, 0 where the (skull-stripped) MRI is 0, as the real PET is: every
+    baseline's output, so none spends its training learning the background (the GANs' critic
+    told real from fake by it alone) and all start from the same place."""
+    return pet * (mri > 0).to(mri.dtype)
+
+
 class UNetL1(Baseline):
     """3D U-Net, L1 loss."""
 
@@ -392,14 +399,14 @@ class UNetL1(Baseline):
         self.opt = self._adam(self.net)
 
     def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
-        loss = F.l1_loss(self.net(mri), pet)
+        loss = F.l1_loss(in_brain(self.net(mri), mri), pet)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return {"loss": float(loss.detach())}
 
     def _generate(self, mri: Tensor) -> Tensor:
-        return self.net(mri)
+        return in_brain(self.net(mri), mri)
 
 
 class _GAN(Baseline):
@@ -423,7 +430,7 @@ class _GAN(Baseline):
     def _fake(self, mri: Tensor, sample: bool = True) -> Tensor:
         """The generator's PET, 0 where the MRI is 0 (outside the brain), like the real PET:
         otherwise the critic needs only the background to tell them apart (module docstring)."""
-        return self.gen(self._gen_input(mri, sample)) * (mri > 0).to(mri.dtype)
+        return in_brain(self.gen(self._gen_input(mri, sample)), mri)
 
     def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
         fake = self._fake(mri)
@@ -490,7 +497,7 @@ class CVAE(Baseline):
     def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
         mu, logvar = self.encoder(mri, pet)
         eps = torch.randn(mu.shape, generator=self._noise).to(mu.device)
-        recon = self.decoder(mri, mu + torch.exp(0.5 * logvar) * eps)
+        recon = in_brain(self.decoder(mri, mu + torch.exp(0.5 * logvar) * eps), mri)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1).mean()
         l1 = F.l1_loss(recon, pet)
         loss = l1 + self.options.kl_weight * kl
@@ -501,7 +508,7 @@ class CVAE(Baseline):
 
     def _generate(self, mri: Tensor) -> Tensor:
         z = torch.zeros(mri.shape[0], self.options.latent, device=mri.device)
-        return self.decoder(mri, z)
+        return in_brain(self.decoder(mri, z), mri)
 
 
 class MeanPET(Baseline):

@@ -32,8 +32,9 @@ PHANTOM_REFERENCE_REGION = "cerebellar_cortex"
 FIGURE7_AAL = ("Frontal_Sup_2_L", "Cingulate_Ant_L", "Insula_L", "Precuneus_L", "Cingulate_Post_L", "Hippocampus_L")
 #: Part of every run key: bumped when a cached (fold, method) result would no longer be valid
 #: (2: AAL2 regional means from :mod:`dualglow_app.regions`; predictions from
-#: :func:`dualglow_app.inference.predict`; 3: inner validation split and early stopping).
-RUN_CACHE_VERSION = 3
+#: :func:`dualglow_app.inference.predict`; 3: inner validation split and early stopping;
+#: 4: every baseline's output 0 outside the brain).
+RUN_CACHE_VERSION = 4
 
 
 class EvaluationError(RuntimeError):
