@@ -26,6 +26,7 @@ Geometry conventions (all points in mm, RAS world coordinates as in the NIfTI af
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,7 +174,7 @@ def ventricle_target_ml(tpl: Template, atrophy: AtrophyParams) -> float:
 # cannot undo and which the PET follows (pet.py). Facts (docs/DESIGN.md "Data facts"):
 #
 # - Regional cortical GM (thickness / density): a lognormal factor per cortical region of
-#   pet.all_regions() (both hemispheres), median 1, SD ``GM_FACTOR_SD`` = 12 %. Cortical
+#   pet.all_regions() (both hemispheres), median 1, SD ``GM_FACTOR_SD`` = 8 % (12 % in a first draft: see the constant). Cortical
 #   thickness is about 2.7 +- 0.2 mm globally and varies more regionally, most in para-limbic
 #   cortex and the insula (Kharabian Masouleh 2020, Cereb Cortex 30:5014); lobar cortical GM
 #   volumes vary by 11-13 % (SD / mean in 133 adults aged 20-80, PMC10511609 table 1, head
@@ -223,8 +224,11 @@ GM_PATTERN_LATTICE = ((-98.0, -134.0, -120.0), (100, 118, 120))
 #: strength, sequence and site differ across a multi-site cohort like ADNI's).
 T1_GM_RANGE = (0.68, 0.76)
 T1_CSF_RANGE = (0.25, 0.35)
-#: Lognormal SD of the regional cortical GM factor.
-GM_FACTOR_SD = 0.12
+#: Lognormal SD of the regional cortical GM factor. 12 % (lobar volume CV, head size included)
+#: let this healthy variation swamp the disease: on 60 subjects an SVM told impaired from not
+#: no better than the majority class, from the true PET (0.667 vs 0.617) or the T1w (0.600)
+#: (benchmarks/bench_signal.py); 8 % keeps the T1w images about as alike as real brains.
+GM_FACTOR_SD = 0.08
 GM_FACTOR_LIMITS = (0.6, 1.5)
 GM_FACTOR_SMOOTH_MM = 3.0
 #: Lognormal SD of the per-subject ventricle volume factor, and its limits.
@@ -232,6 +236,25 @@ VENTRICLE_LOG_SD = 0.35
 VENTRICLE_FACTOR_LIMITS = (0.45, 2.0)
 #: Never shrink the template's ventricles by more than this share.
 MAX_VENTRICLE_FILL = 0.8
+#: Cortical thinning of the Alzheimer signature at disease severity 1 (a fraction of the region's
+#: GM), scaled by the subject's severity like the hypometabolism (pet.AD_PATTERN): AD vs CN
+#: thickness -0.2 to -0.3 mm of ~2.5 mm in medial and lateral temporal, temporal pole, angular
+#: / supramarginal (lateral parietal), precuneus and superior frontal cortex, MCI about half
+#: (Dickerson 2009, Cereb Cortex 19:497, "the cortical signature of AD"). Hippocampal loss is
+#: AtrophyParams' (-4.7 %/yr in AD). It is MRI-visible atrophy, and the PET loses the GM's uptake
+#: with it (partial volume), on top of pet.AD_PATTERN's hypometabolism.
+AD_CORTICAL_THINNING: dict[str, float] = {
+    "mesial_temporal": 0.12, "temporal_pole": 0.10, "lateral_temporal": 0.09, "lateral_parietal": 0.09,
+    "precuneus": 0.08, "fusiform": 0.08, "posterior_cingulate": 0.06, "superior_frontal": 0.05,
+    "dorsolateral_frontal": 0.04,
+}  # fmt: skip
+
+
+def disease_gm_factor(region_names: Sequence[str], severity: float) -> np.ndarray:
+    """Per region, the GM kept by the Alzheimer cortical signature at ``severity`` (1 elsewhere)."""
+    return np.array([1.0 - severity * AD_CORTICAL_THINNING.get(name, 0.0) for name in region_names])
+
+
 #: Linear brain scale: log-SD within a sex and the sexes' offsets (men ~4.4 % larger).
 BRAIN_SCALE_SD = 0.03
 BRAIN_SCALE_SEX = {"M": 0.022, "F": -0.022}

@@ -217,15 +217,20 @@ def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: 
         atrophy = an.with_ventricle_factor(atrophy, tpl, traits.anatomy.ventricle_factor)
         gm_factor = traits.anatomy.gm_factor
         smooth_sd = pt.SMOOTH_FIELD_SD_V2
+    severity = demo.severity * (1.0 + 0.1 * elapsed) if demo.diagnosis != "CN" else 0.0
     if maps is None:
         gm, wm, csf = an.atrophied_tissues(tpl, atrophy)
     else:
-        # The pattern moves GM within each region; the regional factor sets how much there is.
-        regional_gm = an.atrophied_tissues(tpl, atrophy, maps.gm_factor)[0]
-        gm, wm, _ = an.atrophied_tissues(tpl, atrophy, maps.gm_factor * maps.pattern)
-        gm, wm, csf = an.conserve_regional_gm(tpl, gm, wm, regional_gm, pt.region_maps(tpl.voxel_mm).index)
+        # The subject's own GM, thinned where the disease thins it (the AD cortical signature);
+        # the pattern moves GM within each region, the regional factor sets how much there is.
+        region_index = pt.region_maps(tpl.voxel_mm).index
+        factor = maps.gm_factor
+        if severity > 0:
+            factor = factor * an.gm_factor_map(tpl, region_index, an.disease_gm_factor(list(pt.all_regions()), severity))[0]
+        regional_gm = an.atrophied_tissues(tpl, atrophy, factor)[0]
+        gm, wm, _ = an.atrophied_tissues(tpl, atrophy, factor * maps.pattern)
+        gm, wm, csf = an.conserve_regional_gm(tpl, gm, wm, regional_gm, region_index)
     brain = tpl.brain
-    severity = demo.severity * (1.0 + 0.1 * elapsed) if demo.diagnosis != "CN" else 0.0
     state = pt.metabolic_state(cal, session_age, demo.diagnosis, severity, traits.regional,
                                traits.global_scale, traits.smooth_coarse, gm_factor, smooth_sd)
     _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
@@ -708,7 +713,7 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
 def _readme(n: int, seed: int, sessions: int, voxel_mm: float, version: int) -> str:
     if version >= 2:
         anatomy = """- Anatomy (phantom version 2): ICBM152 2009a GM/WM maps (nilearn wheel), each subject with
-  its own regional cortical GM thickness/density (lognormal factor per region, SD 12 %: lost
+  its own regional cortical GM thickness/density (lognormal factor per region, SD 8 %: lost
   GM becomes CSF, extra GM fills sulcal CSF), ventricle volume (a lognormal factor on the
   age/diagnosis-driven growth; about 10-80 ml), brain size (about 4 % linear SD), a local GM
   pattern standing in for its folding (GM moved within each region at a few mm) and its own
