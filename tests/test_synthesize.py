@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
+from pinned import assert_close
 
 from dualglow_app.bids import (
     Scan,
@@ -391,31 +392,6 @@ def test_bidsignore_keeps_other_tools_patterns(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- pinned outputs
 
 
-def _number(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _close(got: object, want: object, where: str) -> None:
-    """Equal, with floats to 1e-4 (relative) so another CPU's rounding passes, a changed output not."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), where
-        for key in want:
-            _close(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float) and not isinstance(want, bool):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-4), where
-    elif isinstance(want, str) and isinstance(got, str) and _number(want) is not None:
-        assert _number(got) == pytest.approx(_number(want), rel=1e-4, abs=1e-4), where
-    else:
-        assert got == want, where
-
-
 def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The participant level with the shipped model on a fixed preprocessed T1w (its own mean
     training T1w; registration is replaced because ANTs is not run-to-run reproducible): every
@@ -461,4 +437,5 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
             got[name] = [line.split("\t") for line in path.read_text().splitlines()]
         else:
             got[name] = None
-    _close(got, pinned, "outputs")
+    # Floats to 1e-4 (relative) so another CPU's rounding passes, a changed output not.
+    assert_close(got, pinned, "outputs", tol=1e-4, numeric_strings=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from pinned import assert_close
 from scipy.stats import spearmanr
 
 from dualglow_app.imaging import load_nifti
@@ -48,28 +49,13 @@ def summarize(root: Path) -> dict[str, object]:
     return out
 
 
-def _close(got: object, want: object, where: str) -> None:
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), where
-        for key in want:
-            _close(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            _close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), where
-    else:
-        assert got == want, where
-
-
 def test_version_1_subject_is_unchanged(tmp_path: Path) -> None:
     """Version 1 writes what the code wrote before versions existed: the same files, sidecars
     and tables, images equal to 1e-6 (relative) along every axis profile."""
     from dualglow_app.phantom import make_subject
 
     make_subject(tmp_path, 0, seed=SEED, voxel_mm=2.0, version=1)
-    _close(summarize(tmp_path), json.loads(EXPECTED_V1.read_text()), "v1")
+    assert_close(summarize(tmp_path), json.loads(EXPECTED_V1.read_text()), "v1", tol=1e-6)
 
 
 def _data(path: Path) -> np.ndarray:
