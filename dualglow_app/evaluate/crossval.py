@@ -4,8 +4,10 @@
    folds), stratified by impaired / not / unknown diagnosis, shuffled with the run's seed.
 2. Each (fold, method): trained on the fold's training scans, seeded ``seed + fold``; its
    predictions of every scan (held-out volumes, AAL2 means of all scans, and the age sweep of
-   the held-out ones) are saved under ``WORK_DIR/evaluate/<run key>/fold<k>/<method>.npz`` as
-   soon as they exist (:func:`_cached_run`), so a re-run of the same command resumes.
+   the held-out ones) are saved under ``WORK_DIR/evaluate/<run key>/fold<k>/<method>-<method
+   key>.npz`` as soon as they exist (:func:`_cached_run`), so a re-run of the same command
+   resumes, and a re-run that changes one method's settings retrains that method only.
+   The baselines train first, DUAL-GLOW last.
    DUAL-GLOW's prediction is :func:`dualglow_app.inference.predict` at temperature 0 (its
    conditional mode: one deterministic sample, clipped to the model's range, masked).
 3. :func:`evaluate_cohort` scores the held-out scans and hands the statistics
@@ -31,6 +33,7 @@ from dualglow_app.data import IntensityScaling
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
     DUALGLOW,
+    DUALGLOW_REVISION,
     RUN_CACHE_VERSION,
     Cohort,
     EvaluateOptions,
@@ -101,7 +104,7 @@ def _inner_split(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Eva
 
 
 def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: EvaluateOptions,
-                  run_dir: Path) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+                  method_dir: Path) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     """DUAL-GLOW trained on ``train_rows`` (the group level's :func:`dualglow_app.train.train`,
     with its inner validation split and early stopping): its TrainResult and what the training did."""
     from dualglow_app.options import TrainOptions
@@ -110,7 +113,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
     validating = options.patience is not None
     train_options = TrainOptions(
         bids_dir=cohort.phantom_dir or options.bids_dir or options.output_dir,
-        output_dir=run_dir / DUALGLOW, work_dir=run_dir, model_name=f"fold{fold}",
+        output_dir=method_dir, work_dir=method_dir, model_name=f"fold{fold}",
         grid=options.grid, depth=options.depth, hidden=options.hidden, relation_hidden=options.relation_hidden,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
@@ -188,15 +191,15 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
 
 def _run_method(
     method: str, cohort: Cohort, train_rows: np.ndarray, test_rows: np.ndarray, fold: int,
-    options: EvaluateOptions, run_dir: Path, atlases: EvaluationAtlases, device: Any,
+    options: EvaluateOptions, method_dir: Path, atlases: EvaluationAtlases, device: Any,
 ) -> Run:  # fmt: skip
-    """Train ``method`` on ``train_rows``; predict: held-out volumes, AAL2 means of every scan,
+    """Train ``method`` on ``train_rows`` (DUAL-GLOW's checkpoints under ``method_dir``); predict: held-out volumes, AAL2 means of every scan,
     and (DUAL-GLOW with age) the age sweep's regional means of the held-out scans."""
     data = cohort.data
     start = time.perf_counter()
     sweeps: Run = {}
     if method == DUALGLOW:
-        trained, record = _fit_dualglow(cohort, train_rows, fold, options, run_dir)
+        trained, record = _fit_dualglow(cohort, train_rows, fold, options, method_dir)
         fit_s = time.perf_counter() - start
         all_pred, sweeps = _dualglow_predictions(trained, cohort, test_rows, options, atlases)
     else:
@@ -219,12 +222,30 @@ def _run_method(
     }
 
 
+#: Settings every method's result depends on: the cohort's folds and the shared training budget.
+_SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_val_fraction", "batch_size",
+                    "participant_labels")  # fmt: skip
+#: Settings only DUAL-GLOW's result depends on (with :data:`DUALGLOW_REVISION`); the baselines' own.
+_METHOD_SETTINGS = {
+    DUALGLOW: ("depth", "hidden", "relation_hidden", "lr", "warmup_steps", "side_info", "ages", "top_prior"),
+    "baselines": ("baseline_width",),
+}
+
+
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
-    """Same cohort + same settings -> same folder, so a re-run resumes; anything else starts afresh."""
-    relevant = {k: v for k, v in options.to_dict().items()
-                if k not in ("bids_dir", "output_dir", "work_dir", "device", "nprocs", "report", "skip_bids_validation")}  # fmt: skip
-    parts = [RUN_CACHE_VERSION, __version__, relevant, list(cohort.data.labels), cohort.data.grid.to_dict()]
+    """Same cohort + same folds and budget -> same folder, so a re-run resumes."""
+    shared = {k: v for k, v in options.to_dict().items() if k in _SHARED_SETTINGS}
+    parts = [RUN_CACHE_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def _method_key(method: str, options: EvaluateOptions) -> str:
+    """What one method's cached result depends on beyond the run key: changing DUAL-GLOW's
+    settings (or its code revision) retrains DUAL-GLOW only, and a baseline's width only the baselines."""
+    names = _METHOD_SETTINGS[DUALGLOW if method == DUALGLOW else "baselines"]
+    settings = {k: v for k, v in options.to_dict().items() if k in names}
+    parts = [method, settings, DUALGLOW_REVISION if method == DUALGLOW else None]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
 def _cached_run(path: Path, compute: Callable[[], Run]) -> Run:
@@ -248,12 +269,16 @@ def _run_folds(
     data = cohort.data
     results: dict[str, list[Run]] = {m: [] for m in options.methods}
     total, done = len(splits) * len(options.methods), 0
-    for fold, (train_rows, test_rows) in enumerate(splits):
-        for method in options.methods:
-            path = run_dir / f"fold{fold}" / f"{method}.npz"
+    # The baselines first: they are cheap next to DUAL-GLOW, and their results stay valid
+    # when only DUAL-GLOW changes (:func:`_method_key`).
+    for method in (*options.baselines, DUALGLOW):
+        key = _method_key(method, options)
+        for fold, (train_rows, test_rows) in enumerate(splits):
+            path = run_dir / f"fold{fold}" / f"{method}-{key}.npz"
             cached = path.is_file()
             result = _cached_run(path, functools.partial(
-                _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir, atlases, device))  # fmt: skip
+                _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir / f"{method}-{key}", atlases,
+                device))  # fmt: skip
             results[method].append(result)
             done += 1
             mae = np.mean([image_metrics(data.pet[r], p, data.mask[r])["mae_suvr"]

@@ -33,8 +33,12 @@ FIGURE7_AAL = ("Frontal_Sup_2_L", "Cingulate_Ant_L", "Insula_L", "Precuneus_L", 
 #: Part of every run key: bumped when a cached (fold, method) result would no longer be valid
 #: (2: AAL2 regional means from :mod:`dualglow_app.regions`; predictions from
 #: :func:`dualglow_app.inference.predict`; 3: inner validation split and early stopping;
-#: 4: every baseline's output 0 outside the brain).
-RUN_CACHE_VERSION = 4
+#: 4: every baseline's output 0 outside the brain; 5: one cache key per method).
+RUN_CACHE_VERSION = 5
+#: Part of DUAL-GLOW's own cache key: bumped when a change to the model or its training makes
+#: cached DUAL-GLOW results stale (the baselines' stay valid). 2: the paper's top-level prior
+#: (eq. 16: p(zp_top | c), without the top MRI latent).
+DUALGLOW_REVISION = 2
 
 
 class EvaluationError(RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import json
 import time
@@ -213,6 +215,17 @@ def test_rerun_resumes_from_the_work_dir(tiny_run: tuple) -> None:
     again = evaluate_cohort(cohort, options)
     assert time.perf_counter() - start < first_seconds
     assert [r["mae_suvr"] for r in again.rows] == [r["mae_suvr"] for r in result.rows]  # type: ignore[attr-defined]
+
+
+def test_changing_dualglow_settings_retrains_dualglow_only(tiny_run: tuple) -> None:
+    options, cohort, result, _ = tiny_run
+    deeper = dataclasses.replace(options, depth=options.depth + 1, report=False)
+    again = evaluate_cohort(cohort, deeper)
+    for method in deeper.baselines:
+        assert [r["mae_suvr"] for r in again.rows if r["method"] == method] == \
+            [r["mae_suvr"] for r in result.rows if r["method"] == method]  # fmt: skip
+    folds = sorted(Path(again.summary["run_cache"]).glob("fold*/dualglow-*.npz"))  # type: ignore[attr-defined]
+    assert len(folds) == 2 * options.folds  # one result per fold for each DUAL-GLOW setting
 
 
 def test_without_age_conditioning_there_are_no_age_trends(tmp_path: Path) -> None:
