@@ -141,6 +141,9 @@ class TrainOptions:
     depth: int = 8
     hidden: int = 128
     relation_hidden: int = 64
+    relation_layers: int = 2
+    # DualGlowConfig.top_prior: "side" (eq. 16) or "mri+side".
+    top_prior: str = "side"
     side_info: Sequence[str] = ()
     epochs: int = 100
     # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a
@@ -185,11 +188,15 @@ class TrainOptions:
         unknown = sorted(set(self.side_info) - set(SIDE_INFO_CHOICES))
         if unknown:
             problems.append(f"side_info {unknown}: choose from {list(SIDE_INFO_CHOICES)}")
-        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden"):
+        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "relation_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         if not 0.0 <= self.val_fraction < 1.0:
             problems.append(f"val_fraction={self.val_fraction} (use 0 <= F < 1)")
+        from dualglow_app.model.dualglow import TOP_PRIORS  # training needs torch anyway
+
+        if self.top_prior not in TOP_PRIORS:
+            problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
         if self.patience is not None:
             if self.patience < 1:
                 problems.append(f"patience={self.patience} (must be >= 1, or None)")

@@ -101,6 +101,8 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         depth=options.depth,
         hidden=options.hidden,
         relation_hidden=options.relation_hidden,
+        relation_layers=options.relation_layers,
+        top_prior=options.top_prior,
         continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
         template_shape=list(grid.shape) if options.template_centring else None,
     )
@@ -406,9 +408,10 @@ class _Run:
                          "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}  # fmt: skip
         if not self.dist.is_main:
             return
-        log.info("epoch %d/%d  step %d  loss %.4f  bpd(PET|MRI) %.4f  val bpd %s  val MAE %s  %.2f samples/s",
-                 epoch + 1, options.epochs, self.step, row["train_loss"], row["train_bpd_pet_given_mri"],
-                 _fmt(val.get("bpd_pet_given_mri")), _fmt(val.get("mae_suvr")), row["samples_per_s"])  # fmt: skip
+        log.info("epoch %d/%d  step %d  loss %.4f  bpd(PET|MRI) %.4f  val bpd %s  val MAE %s  val deviation r %s  "
+                 "%.2f samples/s", epoch + 1, options.epochs, self.step, row["train_loss"], row["train_bpd_pet_given_mri"],
+                 _fmt(val.get("bpd_pet_given_mri")), _fmt(val.get("mae_suvr")), _fmt(val.get("deviation_r")),
+                 row["samples_per_s"])  # fmt: skip
         save_checkpoint(options.checkpoint_path, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": epoch + 1, "step": self.step,

@@ -144,6 +144,13 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 @click.option("--levels", type=click.IntRange(min=1), default=None, help="group: flow levels. Default: the grid's.")
 @click.option("--depth", type=click.IntRange(min=1), default=8, show_default=True, help="group: flow steps per level.")
 @click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="group: coupling channels.")
+@click.option("--relation-hidden", type=click.IntRange(min=1), default=64, show_default=True,
+              help="group: channels of the relation networks (eq. 10).")
+@click.option("--relation-layers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="group: hidden convolutions of each relation network.")
+@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
+              help="group: with --side-info, the top PET prior takes the covariates alone (side: eq. 16) "
+                   "or the top MRI latent too (mri+side: dualglow <= 0.1).")
 @click.option("--grid", "grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True,
               help="group: model grid preset (MNI152NLin2009cAsym).")
 @click.option("--grid-mm", type=click.FloatRange(1, 16), default=None, help="group: voxel size in mm instead of a preset.")

@@ -47,6 +47,10 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--depth", type=int, default=8, show_default=True, help="DUAL-GLOW flow steps per level.")
 @click.option("--hidden", type=int, default=128, show_default=True, help="DUAL-GLOW coupling channels.")
+@click.option("--relation-hidden", type=int, default=64, show_default=True, help="DUAL-GLOW relation-network channels.")
+@click.option("--relation-layers", type=int, default=2, show_default=True, help="DUAL-GLOW relation-network depth.")
+@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
+              help="DUAL-GLOW's top PET prior with --side-info: the covariates alone (eq. 16) or with the top MRI latent.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="DUAL-GLOW's AdaMax learning rate (the baselines keep their own: Adam 1e-3, GANs 2e-4).")
 @click.option("--baseline-width", type=int, default=16, show_default=True, help="Baselines' first-layer channels.")
@@ -58,7 +62,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
          inner_val_fraction: float, side_info: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
-         lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
+         relation_hidden: int, relation_layers: int, top_prior: str, lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
     """Cross-validate DUAL-GLOW against baselines on the paired T1w + FDG-PET of BIDS_DIR (the paper's Tables 1-2, Figs. 4 and 7)."""
     from dualglow_app.bids import BIDSInputError
@@ -77,7 +81,8 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir, folds=folds,
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
             inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
-            grid=grid, batch_size=batch_size, depth=depth, hidden=hidden, lr=lr, baseline_width=baseline_width,
+            grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
+            relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior, lr=lr, baseline_width=baseline_width,
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip
     except ValueError as err:

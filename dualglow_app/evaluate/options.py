@@ -79,6 +79,8 @@ class EvaluateOptions:
     depth: int = 8
     hidden: int = 128
     relation_hidden: int = 64
+    relation_layers: int = 2
+    top_prior: str = "side"
     lr: float = 1e-3
     warmup_steps: int = 100
     baseline_width: int = 16
@@ -105,7 +107,7 @@ class EvaluateOptions:
         if self.patience is not None and (self.patience < 1 or not 0.0 < self.inner_val_fraction < 1.0):
             problems.append(f"patience={self.patience} with inner_val_fraction={self.inner_val_fraction} "
                             "(patience >= 1 needs 0 < inner_val_fraction < 1)")  # fmt: skip
-        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "baseline_width"):
+        for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "relation_layers", "baseline_width"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         if set(self.side_info) - {"age"}:

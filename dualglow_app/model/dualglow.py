@@ -47,6 +47,9 @@ AGE_SCALING: tuple[float, float] = (70.0, 10.0)
 
 SideInput = Mapping[str, Tensor | float | int | Sequence[float] | Sequence[int]]
 
+#: Choices of DualGlowConfig.top_prior (its comment).
+TOP_PRIORS = ("side", "mri+side")
+
 
 @dataclass
 class DualGlowConfig:
@@ -71,6 +74,8 @@ class DualGlowConfig:
     depth: int = 8
     hidden: int = 128
     relation_hidden: int = 64
+    # Hidden convolutions of each relation network (eq. 10); the paper's image runs use deep ones.
+    relation_layers: int = 2
     coupling_clamp: float = 2.0
     # Bound on |log sigma_i| of the relation networks (soft, via tanh), so the conditional
     # prior can sharpen a lot (sigma >= e^-5) but never collapse to zero or explode.
@@ -80,6 +85,12 @@ class DualGlowConfig:
     continuous: dict[str, tuple[float, float]] = field(default_factory=dict)
     categorical: dict[str, int] = field(default_factory=dict)
     side_loss_weight: float = 0.01
+    # The top level's PET prior with side information (eq. 16). "side": p(zp_top | c), the
+    # paper's (and the authors' code's ``prior_u``): the top MRI latent, which the eq. 17 head
+    # keeps c in, is not an input, so the covariates reach the PET through c alone. "mri+side":
+    # p(zp_top | zm_top, c), what versions up to 0.1 built (the network could read age from the
+    # MRI and ignore c). Without side information the top prior is eq. 10's, on zm_top.
+    top_prior: str = "side"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -92,7 +103,7 @@ class DualGlowConfig:
         problems = []
         if self.ndim not in (2, 3):
             problems.append(f"ndim={self.ndim} (use 2 or 3)")
-        for name in ("in_channels", "levels", "depth", "hidden", "relation_hidden"):
+        for name in ("in_channels", "levels", "depth", "hidden", "relation_hidden", "relation_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         if self.n_bins < 2:
@@ -103,6 +114,8 @@ class DualGlowConfig:
         for name, k in self.categorical.items():
             if k < 2:
                 problems.append(f"categorical[{name!r}]={k} classes (must be >= 2)")
+        if self.top_prior not in TOP_PRIORS:
+            problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
         if self.template_shape is not None and (
             len(self.template_shape) != self.ndim or min(self.template_shape) < 1
         ):
@@ -139,7 +152,10 @@ class DualGlowConfig:
                 f"DualGlowConfig.from_dict: unknown keys {unknown}; known keys are {sorted(known)}. "
                 "The config was probably written by a newer dualglow: upgrade, or remove those keys."
             )
-        return cls(**dict(d))
+        d = dict(d)
+        # Files written before the choice existed were built with the MRI + side top prior.
+        d.setdefault("top_prior", "mri+side")
+        return cls(**d)
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -169,20 +185,45 @@ class RelationNet(nn.Module):
     """
 
     def __init__(
-        self, c_in: int, c_out: int, hidden: int, ndim: int, log_sigma_bound: float
+        self, c_in: int, c_out: int, hidden: int, ndim: int, log_sigma_bound: float, layers: int = 2
     ) -> None:
         super().__init__()
         self.bound = log_sigma_bound
-        self.net = nn.Sequential(
-            conv(ndim, c_in, hidden, 3),
-            nn.ReLU(),
-            conv(ndim, hidden, hidden, 1),
-            nn.ReLU(),
-            zero_conv(ndim, hidden, 2 * c_out),
-        )
+        # ``layers`` hidden convolutions, 3x3x3 and 1x1x1 in turn (2: the original 3 -> 1).
+        body: list[nn.Module] = []
+        for k in range(layers):
+            body += [conv(ndim, c_in if k == 0 else hidden, hidden, 3 if k % 2 == 0 else 1), nn.ReLU()]
+        self.net = nn.Sequential(*body, zero_conv(ndim, hidden, 2 * c_out))
 
     def forward(self, zm: Tensor) -> tuple[Tensor, Tensor]:
         mu, h = self.net(zm).chunk(2, dim=1)
+        return mu, self.bound * torch.tanh(h / self.bound)
+
+
+class SidePrior(nn.Module):
+    """The top level's PET prior from the side information alone (eq. 16):
+    p(zp_top | c) = N(mu(c), sigma(c)), with (mu, log sigma) = A + sum_j c_j B_j per position
+    (per channel for a model without a fixed size).
+
+    Linear in the encoded covariates, as the authors' ``prior_u`` (a linear layer of the
+    covariate): a continuous covariate outside the training range extrapolates along the
+    trend the model learnt instead of saturating, and a categorical one gets one map per
+    class. Zero-initialised: a new model starts from the standard normal prior.
+    """
+
+    def __init__(self, n_side: int, channels: int, ndim: int, log_sigma_bound: float,
+                 shape: Sequence[int] | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.bound = log_sigma_bound
+        spatial = tuple(shape) if shape is not None else (1,) * ndim
+        self.base = nn.Parameter(torch.zeros(2 * channels, *spatial))
+        self.weight = nn.Parameter(torch.zeros(n_side, 2 * channels, *spatial))
+
+    def forward(self, c: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, log sigma) for each row of ``c``, shaped like the latent ``like``."""
+        out = self.base + torch.einsum("bn,n...->b...", c.to(self.weight.dtype), self.weight)
+        out = out.expand(like.shape[0], -1, *like.shape[2:]) if out.shape[2:] != like.shape[2:] else out
+        mu, h = out.chunk(2, dim=1)
         return mu, self.bound * torch.tanh(h / self.bound)
 
 
@@ -246,16 +287,15 @@ class DualGlow(nn.Module):
         )
         channels = self.flow_mri.latent_channels
         top = len(channels) - 1
-        # eq. 16: only the top-level prior sees c, next to zm_top.
+        # eq. 16: only the top-level prior sees c; from c alone (SidePrior) or next to zm_top.
+        self.side_prior: SidePrior | None = None
+        if cfg.n_side and cfg.top_prior == "side":
+            top_shape = None if cfg.template_shape is None else [n // 2**cfg.levels for n in cfg.template_shape]
+            self.side_prior = SidePrior(cfg.n_side, channels[top], cfg.ndim, cfg.log_sigma_bound, top_shape)
         self.relations = nn.ModuleList(
-            RelationNet(
-                c + (cfg.n_side if i == top else 0),
-                c,
-                cfg.relation_hidden,
-                cfg.ndim,
-                cfg.log_sigma_bound,
-            )
-            for i, c in enumerate(channels)
+            RelationNet(c + (cfg.n_side if i == top else 0), c, cfg.relation_hidden, cfg.ndim, cfg.log_sigma_bound,
+                        cfg.relation_layers)
+            for i, c in enumerate(channels[:top] if self.side_prior is not None else channels)
         )
         if cfg.n_side:
             # eq. 17: heads without GRL on the top latents of both flows keep c in them; heads
@@ -469,8 +509,13 @@ class DualGlow(nn.Module):
         return y + self._center(y, modality) - 0.5 / self.config.n_bins
 
     def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(mu_i, log sigma_i) of p(zp_i | zm_i[, c]) (eq. 10, 16): the density training fits."""
-        if c is not None and i == len(self.relations) - 1:
+        """(mu_i, log sigma_i) of p(zp_i | zm_i[, c]) (eq. 10, 16): the density training fits;
+        at the top with a :class:`SidePrior`, of p(zp_top | c) (``zm`` gives only the shape)."""
+        top = len(self.conditioning_range) - 1
+        if self.side_prior is not None and i == top:
+            assert c is not None
+            return self.side_prior(c, zm)
+        if c is not None and i == top:
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
         return self.relations[i](zm)
@@ -573,8 +618,12 @@ class DualGlow(nn.Module):
         for i, (z, bounds) in enumerate(zip(zm, self.ranges, strict=True)):
             outside = outside + bounds.count_outside(z)
             mu, log_sigma = self._relation(i, bounds.clamp("latent", z), c)
-            mus.append(bounds.clamp("mu", mu))
-            log_sigmas.append(bounds.clamp("log_sigma", log_sigma))
+            if self.side_prior is None or i < len(zm) - 1:
+                # The prior of c alone is left as it is: bounding it to the training ages
+                # would flatten every age sweep beyond them.
+                mu, log_sigma = bounds.clamp("mu", mu), bounds.clamp("log_sigma", log_sigma)
+            mus.append(mu)
+            log_sigmas.append(log_sigma)
         fraction = outside / sum(z[0].numel() for z in zm)
         return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype))
 
@@ -629,4 +678,7 @@ class DualGlow(nn.Module):
         return torch.stack(samples)
 
 
-__all__ = ["AGE_SCALING", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "grad_reverse"]
+__all__ = [
+    "AGE_SCALING", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
+    "grad_reverse",
+]  # fmt: skip

@@ -396,6 +396,55 @@ def test_sample_changes_with_side_input() -> None:
     assert (young - other_sex).abs().max().item() > 1e-4
 
 
+def test_top_prior_takes_the_side_information_alone_as_eq16_writes() -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=2)
+    model = trained_like(DualGlow(side_config()), mri, pet, {"age": 70.0, "sex": 0})
+    side = {"age": 70.0, "sex": 0}
+    prior = model.conditional_prior(mri, side)
+    # Two different MRIs, one age: the top prior is the same; the lower levels differ.
+    assert torch.equal(prior.mu[-1][0], prior.mu[-1][1])
+    assert not torch.equal(prior.mu[0][0], prior.mu[0][1])
+    older = model.conditional_prior(mri, {"age": 85.0, "sex": 0})
+    assert (older.mu[-1] - prior.mu[-1]).abs().max().item() > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(older.mu[:-1], prior.mu[:-1], strict=True))
+
+
+def test_old_top_prior_reads_the_top_mri_latent_and_old_files_keep_it() -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=2)
+    config = tiny_config(continuous={"age": AGE_SCALING}, top_prior="mri+side")
+    model = trained_like(DualGlow(config), mri, pet, {"age": 70.0})
+    prior = model.conditional_prior(mri, {"age": 70.0})
+    assert not torch.equal(prior.mu[-1][0], prior.mu[-1][1])
+    assert model.side_prior is None and len(model.relations) == len(prior.mu)
+    written_before_the_choice = {k: v for k, v in config.to_dict().items() if k != "top_prior"}
+    assert DualGlowConfig.from_dict(written_before_the_choice).top_prior == "mri+side"
+    assert DualGlowConfig().top_prior == "side"
+
+
+def test_top_prior_extrapolates_the_age_trend_beyond_the_training_range() -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=2)
+    config = tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8])
+    model = trained_like(DualGlow(config), mri, pet, {"age": 70.0})
+    model.set_conditioning_range([(mri, {"age": torch.tensor([60.0, 80.0])})])
+    top = {age: model.conditional_prior(mri[:1], {"age": age}).mu[-1] for age in (60.0, 80.0, 100.0)}
+    step = top[80.0] - top[60.0]
+    assert step.abs().max().item() > 1e-3
+    # Linear in age and not bounded to the training ages: 100 is as far beyond 80 as 80 beyond 60.
+    assert torch.allclose(top[100.0] - top[80.0], step, atol=1e-5)
+
+
+def test_relation_networks_deepen_and_the_default_keeps_the_weight_names_of_older_files() -> None:
+    mri, pet = images(batch=2)
+    shallow, deep = DualGlow(tiny_config()), DualGlow(tiny_config(relation_layers=4))
+    # Files written before relation_layers existed name the output layer relations.<i>.net.4.
+    assert "relations.0.net.4.weight" in shallow.state_dict()
+    assert sum(p.numel() for p in deep.relations.parameters()) > sum(p.numel() for p in shallow.relations.parameters())
+    assert torch.isfinite(deep.nll(mri, pet)["loss"])
+
+
 # -- boundary errors -----------------------------------------------------------------------
 
 

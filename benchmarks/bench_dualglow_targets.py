@@ -1,0 +1,258 @@
+"""Does DUAL-GLOW follow the subject and the age? The model issue's targets on an MNI stack.
+
+    python benchmarks/bench_dualglow_targets.py --mni-stack STACK --label paper-top --top-prior side
+    python benchmarks/bench_dualglow_targets.py --mni-stack STACK --label today --top-prior mri+side
+
+One change at a time, the same split and seed: this trains DUAL-GLOW with the group level's
+own :func:`dualglow_app.train.train` on a stack written by ``dualglow-phantom --mni-stack``
+(model development only: it SKIPS the native simulation and the preprocessing), validating and
+early-stopping on the subjects :func:`dualglow_app.dataset.split_subjects` holds out (the same
+split as ``bench_learning_curves.py``'s U-Net oracle with the same ``--val-fraction`` and
+``--seed``), then scores the kept model on those validation scans:
+
+- *follows the subject*: the deviation correlation of the T = 0 mode against the true PET and
+  against the explainable PET (:mod:`dualglow_app.metrics`); input specificity: the mean
+  pairwise r of the synthetic PETs next to that of the true PETs;
+- *moves with age*: each validation scan synthesised at ``--ages``; regional slopes over the
+  phantom's own regions against the phantom's true slopes (its calibration's age slopes,
+  relative to the cerebellar reference), Pearson r, sign agreement, share of regions within
+  +-25 %, and the slope beyond the training ages against the slope inside them (flat tails);
+- MAE / r against the truth next to the mean training PET's.
+
+Training runs resume from their checkpoint (``--work``/LABEL). Results: one JSON per label
+(default ``benchmarks/results/dualglow_targets/<label>.json``) with the machine, the command,
+every epoch's validation row and the scores; ``--table`` prints every JSON of that folder as
+one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_learning_curves import cpu_description  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "dualglow_targets"
+SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
+
+
+def true_age_slopes(names: list[str]) -> np.ndarray:
+    """The phantom's true SUVR change per decade, relative (its calibration's age slopes minus
+    the cerebellar reference's; what :func:`dualglow_app.evaluate.statistics.phantom_true_slopes`
+    fits from a BIDS cohort's factor tables)."""
+    from dualglow_app.evaluate.options import PHANTOM_REFERENCE_REGION
+    from dualglow_app.phantom.pet import calibrate
+
+    cal = calibrate(2.0)
+    activity = -np.array([cal.age_slope[cal.names.index(n)] for n in names])
+    return activity - activity[names.index(PHANTOM_REFERENCE_REGION)]
+
+
+def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],
+                 train_ages: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """Regional slopes of each scan's age sweep against the phantom's truth."""
+    from dualglow_app.evaluate.atlases import phantom_regions
+    from dualglow_app.evaluate.statistics import age_trends, regional_slopes
+    from dualglow_app.inference import predict
+    from dualglow_app.regions import regional_mean_matrix
+
+    labels, names = phantom_regions(data.grid)
+    regions = list(range(1, len(names) + 1))
+    sweep = np.empty((len(rows), len(ages), len(names)))
+    for k, row in enumerate(rows):
+        mask = np.asarray(data.mask[row])
+        volumes = np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {"age": a}).mean for a in ages])
+        sweep[k] = regional_mean_matrix(volumes, labels, regions, masks=mask)
+    truth = true_age_slopes(names)
+    trends = age_trends({"phantom": sweep}, {"phantom": names}, ages,
+                        {"regions": names, "suvr_per_decade": truth.tolist()})["phantom_comparison"]  # fmt: skip
+    synthetic = np.array(trends["synthetic_relative_per_decade"])
+    ok = np.isfinite(synthetic) & (np.abs(truth) > 1e-3)
+    ratio = synthetic[ok] / truth[ok]
+    a = np.asarray(ages)
+    inside = (a >= train_ages.min()) & (a <= train_ages.max())
+    beyond = a >= train_ages.max()
+    slope_in = np.nanmean(regional_slopes(sweep[:, inside], a[inside])[1], axis=0)
+    slope_beyond = np.nanmean(regional_slopes(sweep[:, beyond], a[beyond])[1], axis=0) if beyond.sum() >= 2 else None
+    out = {
+        "pearson_r": trends["pearson_r"], "sign_agreement": trends["sign_agreement"],
+        "mean_true_per_decade": trends["mean_true"], "mean_synthetic_per_decade": trends["mean_synthetic"],
+        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
+        "regions": names, "true_per_decade": truth.tolist(), "synthetic_per_decade": synthetic.tolist(),
+        "ages": list(ages), "training_ages": [float(train_ages.min()), float(train_ages.max())],
+    }  # fmt: skip
+    if slope_beyond is not None:
+        keep = np.isfinite(slope_in) & (np.abs(slope_in) > 1e-4)
+        out["beyond_over_inside"] = float(np.median(slope_beyond[keep] / slope_in[keep]))
+    return out
+
+
+#: Which parts of the conditioning range (:mod:`dualglow_app.model.conditioning`) bound the
+#: prior at synthesis: what the model file holds, the MRI latents only, nothing.
+RANGE_VARIANTS = {"latent+prior": ("latent", "mu", "log_sigma"), "latent": ("latent",), "none": ()}
+
+
+def with_range(model: Any, kept: tuple[str, ...]) -> Any:
+    """A copy of ``model`` whose conditioning range bounds only ``kept`` (the rest unbounded)."""
+    import copy
+    import math
+
+    import torch
+
+    variant = copy.deepcopy(model)
+    for level in variant.ranges:
+        for name in ("latent", "mu", "log_sigma"):
+            if name not in kept:
+                low, high = level.bounds(name)
+                level.set_bounds(name, torch.full_like(low, -math.inf), torch.full_like(high, math.inf))
+    return variant
+
+
+def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows: np.ndarray,
+          ages: tuple[float, ...], explainable: np.ndarray | None) -> dict[str, Any]:  # fmt: skip
+    """The targets on the validation scans (T = 0 mode at each scan's own age)."""
+    from dualglow_app.inference import predict
+    from dualglow_app.metrics import deviation_correlation, image_metrics, mean_pairwise_correlation
+    from dualglow_app.validation import reference_pet
+
+    reference = reference_pet(data, train_rows, scaling)
+    side_info = "age" in model.config.continuous
+    preds, dev, dev_expl, mae, r, mae_mean, r_mean, clipped = [], [], [], [], [], [], [], []
+    for row in val_rows:
+        mask = np.asarray(data.mask[row])
+        truth = np.asarray(data.pet[row], dtype=np.float32)
+        out = predict(model, scaling, np.asarray(data.mri[row]), mask, {"age": float(data.age[row])} if side_info else None)
+        preds.append(out.mean)
+        clipped.append(out.clipped_fraction)
+        scores, mean_scores = image_metrics(truth, out.mean, mask), image_metrics(truth, reference * mask, mask)
+        mae.append(scores["mae_suvr"]), r.append(scores["pearson_r"])
+        mae_mean.append(mean_scores["mae_suvr"]), r_mean.append(mean_scores["pearson_r"])
+        dev.append(deviation_correlation(out.mean, truth, reference, mask))
+        if explainable is not None:
+            dev_expl.append(deviation_correlation(out.mean, explainable[row], reference, mask))
+    masks = np.asarray(data.mask[val_rows])
+    scores_out: dict[str, Any] = {
+        "deviation_r": float(np.mean(dev)), "deviation_r_explainable": float(np.mean(dev_expl)) if dev_expl else None,
+        "specificity_synthetic": mean_pairwise_correlation(np.stack(preds), masks),
+        "specificity_true": mean_pairwise_correlation(np.asarray(data.pet[val_rows]), masks),
+        "mae_suvr": float(np.mean(mae)), "pearson_r": float(np.mean(r)),
+        "meanpet_mae_suvr": float(np.mean(mae_mean)), "meanpet_pearson_r": float(np.mean(r_mean)),
+        "clipped_fraction": float(np.mean(clipped)),
+    }  # fmt: skip
+    if side_info:
+        scores_out["age"] = age_response(model, scaling, data, val_rows, ages, np.asarray(data.age[train_rows]))
+    return scores_out
+
+
+COLUMNS = (
+    ("label", "variant"), ("epochs", "epochs"), ("best_epoch", "kept"), ("train_seconds", "train s"),
+    ("deviation_r", "dev r"), ("deviation_r_explainable", "dev r expl."), ("specificity_synthetic", "pairwise r syn."),
+    ("specificity_true", "pairwise r true"), ("mae_suvr", "MAE"), ("meanpet_mae_suvr", "MAE mean PET"),
+    ("age.pearson_r", "age r"), ("age.sign_agreement", "age sign"), ("age.median_ratio", "age slope ratio"),
+    ("age.within_25_percent", "within 25 %"), ("age.beyond_over_inside", "beyond/inside"),
+)
+
+
+def table(folder: Path) -> str:
+    """Every result JSON in ``folder`` as one Markdown table."""
+    def cell(d: dict[str, Any], key: str) -> str:
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None  # type: ignore[assignment]
+        return f"{d:.3f}" if isinstance(d, float) else ("-" if d is None else str(d))
+
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        result = json.loads(path.read_text())
+        rows.append("| " + " | ".join(cell({**result, **result.get("scores", {})}, k) for k, _ in COLUMNS) + " |")
+        for name, scores in result.get("scores_by_range", {}).items():
+            variant = {**result, **scores, "label": f"{result['label']}, range: {name}"}
+            rows.append("| " + " | ".join(cell(variant, k) for k, _ in COLUMNS) + " |")
+    head = "| " + " | ".join(h for _, h in COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+    return head + "\n" + "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mni-stack", type=Path, help="a stack written by dualglow-phantom --mni-stack")
+    parser.add_argument("--label", help="name of this variant (its JSON and checkpoint folder)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dualglow-targets"), help="checkpoints (resumable)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--table", action="store_true", help="print the table of --out-dir's results and exit")
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=200, help="budget")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after the epoch reaching this many steps")
+    parser.add_argument("--patience", type=int, default=15)
+    parser.add_argument("--min-delta", type=float, default=0.0)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=32)
+    parser.add_argument("--relation-hidden", type=int, default=64)
+    parser.add_argument("--relation-layers", type=int, default=2)
+    parser.add_argument("--top-prior", default="side")
+    parser.add_argument("--side-info", default="age", help="'age' or '' (none)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ages", type=float, nargs="+", default=list(SWEEP_AGES))
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out_dir))
+        return
+    if args.mni_stack is None or not args.label:
+        parser.error("--mni-stack and --label are required (or --table)")
+
+    import torch
+
+    from dualglow_app.dataset import load_mni_stack, split_subjects
+    from dualglow_app.log import setup_logging
+    from dualglow_app.options import TrainOptions
+    from dualglow_app.train import train
+
+    setup_logging(0)
+    torch.set_num_threads(args.threads)
+    data = load_mni_stack(args.mni_stack)
+    explainable_path = args.mni_stack / "explainable.npy"
+    explainable = np.load(explainable_path, mmap_mode="r") if explainable_path.is_file() else None
+    options = TrainOptions(
+        bids_dir=args.mni_stack, output_dir=args.work / args.label / "out", work_dir=args.work / args.label,
+        depth=args.depth, hidden=args.hidden, relation_hidden=args.relation_hidden,
+        relation_layers=args.relation_layers, top_prior=args.top_prior,
+        side_info=tuple(s for s in args.side_info.split(",") if s), epochs=args.epochs, max_steps=args.max_steps,
+        patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, seed=args.seed, device="cpu", resume=True, nprocs=args.threads,
+        skip_bids_validation=True, report=False, model_name=args.label,
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = train(options, data=data)
+    train_seconds = time.perf_counter() - start
+    train_rows, val_rows = split_subjects(data.subjects, args.val_fraction, args.seed)
+    scores = score(result.model, result.scaling, data, val_rows, train_rows, tuple(args.ages), explainable)
+    by_range = {name: score(with_range(result.model, kept), result.scaling, data, val_rows, train_rows,
+                            tuple(args.ages), explainable) for name, kept in RANGE_VARIANTS.items() if name != "latent+prior"}  # fmt: skip
+    out = {
+        "label": args.label, "command": " ".join(sys.argv), "machine": cpu_description(),
+        "stack": str(args.mni_stack), "split": {"train": len(train_rows), "val": len(val_rows)},
+        "options": {k: v for k, v in vars(args).items() if k not in ("table",)},
+        "epochs": result.epochs, "best_epoch": result.selected_epoch, "stopped_early": result.stopped_early,
+        "train_seconds": round(train_seconds, 1), "history": result.history, "scores": scores,
+        "scores_by_range": by_range,
+    }  # fmt: skip
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{args.label}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(table(args.out_dir))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
