@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-all lint clean-venv
+.PHONY: demo test test-all lint clean-venv container-test
 
 $(BIN)/.installed: pyproject.toml docker/install.sh
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,9 @@ lint: $(BIN)/.installed
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The container smoke test (docs/CONTAINERS.md): builds the image (from a debootstrapped local
+# base when no registry is reachable; CPU torch, see SMOKE_TORCH in docker/smoke.sh), then runs
+# it offline, read-only, as a random UID. Needs a running Docker daemon; not part of `make test`.
+container-test:
+	bash docker/smoke.sh

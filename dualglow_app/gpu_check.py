@@ -1,0 +1,221 @@
+"""``dualglow-check-gpu``: can this machine, or this container, train DUAL-GLOW on a GPU?
+
+It prints what torch sees (its version, the CUDA it was built with, the device, its compute
+capability, memory and bf16 support, the driver when ``nvidia-smi`` is there) and times
+training steps of a DUAL-GLOW model under bf16 autocast, as the group level runs them
+(``--amp``, AdaMax, the model grid of ``--grid``). Exit 0 when the steps ran, 1 when there is
+no usable CUDA device (one line saying why, and the fix), so a job script or a health check
+can test it before a long run::
+
+    docker run --rm --gpus all --entrypoint dualglow-check-gpu dualglow:0.1.0
+    apptainer exec --nv dualglow.sif dualglow-check-gpu
+    dualglow-check-gpu --device cpu --grid tiny8mm      # the same timing on the CPU
+
+Example (Python)::
+
+    >>> from dualglow_app.gpu_check import time_training_step
+    >>> timing = time_training_step("cpu", grid="tiny8mm", depth=1, hidden=8, batch_size=1, steps=1)
+    >>> timing.seconds_per_step > 0
+    True
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from dualglow_app import __version__
+from dualglow_app.grid import PRESETS
+
+
+class NoGPUError(RuntimeError):
+    """No CUDA device is usable from here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What torch reports about the CUDA device it would use (``name`` is None without one)."""
+
+    torch_version: str
+    cuda_build: str | None
+    name: str | None = None
+    capability: tuple[int, int] | None = None
+    memory_gib: float | None = None
+    bf16: bool | None = None
+    count: int = 0
+    driver: str | None = None
+
+    def lines(self) -> list[str]:
+        cuda = f"CUDA {self.cuda_build}" if self.cuda_build else "CPU-only build (no CUDA)"
+        out = [f"torch    {self.torch_version} ({cuda})"]
+        if self.driver:
+            out.append(f"driver   NVIDIA {self.driver}")
+        if self.name is not None:
+            major, minor = self.capability or (0, 0)
+            out.append(f"device   {self.name} (cuda:0 of {self.count}), compute capability {major}.{minor}, "
+                       f"{self.memory_gib:.1f} GiB, bf16 {'yes' if self.bf16 else 'no'}")
+        return out
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Training steps timed on one device (seconds per step: the median of ``steps``)."""
+
+    device: str
+    grid: str
+    batch_size: int
+    bf16: bool
+    seconds_per_step: float
+    steps: int
+    peak_memory_gib: float | None
+    parameters: int
+
+    def line(self) -> str:
+        memory = f", peak memory {self.peak_memory_gib:.2f} GiB" if self.peak_memory_gib is not None else ""
+        precision = "bf16 autocast" if self.bf16 else "float32"
+        return (f"step     {self.seconds_per_step * 1000:.0f} ms per training step ({precision}, grid {self.grid}, "
+                f"batch {self.batch_size}, {self.parameters / 1e6:.1f} M parameters, median of {self.steps}){memory}")
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version from ``nvidia-smi`` (mounted by --gpus / --nv), if present."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def device_info() -> DeviceInfo:
+    """What torch sees; never raises (a machine without a GPU gets ``name=None``)."""
+    import torch
+
+    base = {"torch_version": torch.__version__, "cuda_build": torch.version.cuda, "driver": _driver_version()}
+    if not torch.cuda.is_available():
+        return DeviceInfo(**base)
+    props = torch.cuda.get_device_properties(0)
+    return DeviceInfo(**base, name=props.name, capability=(props.major, props.minor),
+                      memory_gib=props.total_memory / 2**30, bf16=torch.cuda.is_bf16_supported(),
+                      count=torch.cuda.device_count())
+
+
+def require_gpu(info: DeviceInfo) -> None:
+    """Raise :class:`NoGPUError` with the likely cause and fix when ``info`` has no device."""
+    if info.name is not None:
+        return
+    if info.cuda_build is None:
+        raise NoGPUError(
+            f"no GPU: torch {info.torch_version} is a CPU-only build; install a CUDA build of torch "
+            "(the image's default TORCH_SPEC, or pip install torch from PyPI on Linux x86_64)"
+        )
+    raise NoGPUError(
+        f"no GPU visible to torch {info.torch_version} (built with CUDA {info.cuda_build}): run the container "
+        "with --gpus all (Docker) or --nv (Apptainer), and check the host driver with nvidia-smi "
+        f"(CUDA {info.cuda_build} needs a driver that supports it; see docs/CONTAINERS.md)"
+    )
+
+
+def time_training_step(device: str = "cuda", grid: str = "paper2mm", depth: int = 8, hidden: int = 128,
+                       batch_size: int = 2, steps: int = 5, bf16: bool = True, seed: int = 0) -> StepTiming:
+    """Time DUAL-GLOW training steps (forward, backward, AdaMax step) on random paired images.
+
+    The model is the group level's (``train.py``: levels from the grid, age as side
+    information); one untimed step first initialises actnorm and warms the kernels up.
+    """
+    import torch
+
+    from dualglow_app.model.dualglow import AGE_SCALING, DualGlow, DualGlowConfig
+
+    model_grid = PRESETS[grid]
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    config = DualGlowConfig(ndim=3, levels=model_grid.levels, depth=depth, hidden=hidden,
+                            continuous={"age": AGE_SCALING})
+    model = DualGlow(config).to(dev).train()
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-4)
+    shape = (batch_size, 1, *model_grid.shape)
+    mri, pet = torch.rand(shape, device=dev), torch.rand(shape, device=dev)
+    side = {"age": torch.full((batch_size,), 70.0, device=dev)}
+
+    def step() -> None:
+        with torch.autocast(dev.type, torch.bfloat16, enabled=bf16):
+            loss = model.nll(mri, pet, side)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the timed step gave a non-finite loss ({float(loss)})")
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    return StepTiming(device=str(dev), grid=grid, batch_size=batch_size, bf16=bf16,
+                      seconds_per_step=statistics.median(times), steps=steps, peak_memory_gib=peak,
+                      parameters=sum(p.numel() for p in model.parameters()))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="cpu times the same step on the CPU (and never fails for want of a GPU).")
+@click.option("--grid", type=click.Choice(sorted(PRESETS)), default="paper2mm", show_default=True,
+              help="Model grid of the timed model.")
+@click.option("--depth", type=click.IntRange(min=1), default=8, show_default=True, help="Flow steps per level.")
+@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="Coupling channels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="Timed steps (after one untimed).")
+@click.option("--no-bf16", is_flag=True, help="Time float32 steps instead of bf16 autocast.")
+@click.version_option(__version__, "--version", prog_name="dualglow-check-gpu")
+def main(device: str, grid: str, depth: int, hidden: int, batch_size: int, steps: int, no_bf16: bool) -> None:
+    """Report the CUDA device torch sees and time DUAL-GLOW training steps under bf16 autocast.
+
+    Exit 0 when the steps ran, 1 without a usable CUDA device (--device cuda).
+    """
+    info = device_info()
+    for line in info.lines():
+        click.echo(line)
+    if device == "cuda":
+        try:
+            require_gpu(info)
+        except NoGPUError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(1)
+    bf16 = not no_bf16
+    if device == "cuda" and bf16 and info.bf16 is False:
+        click.echo(f"note     {info.name} has no bf16: timing float32 (the group level: --no-amp)")
+        bf16 = False
+    try:
+        timing = time_training_step(device, grid=grid, depth=depth, hidden=hidden, batch_size=batch_size,
+                                    steps=steps, bf16=bf16)
+    except Exception as err:  # out of memory, a driver/toolkit mismatch: one line, the cause
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        click.echo(f"Error: the timed step failed on {device}: {type(err).__name__}: {reason} "
+                   "(out of memory: try --batch-size 1 or a smaller --grid)", err=True)
+        sys.exit(1)
+    click.echo(timing.line())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
