@@ -16,18 +16,19 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dualglow_app import __version__
-from dualglow_app.io import write_json
+from dualglow_app.io import atomic_dir, entry_lock, write_json
 from dualglow_app.log import get_logger
 
 log = get_logger(__name__)
@@ -40,12 +41,18 @@ class BIDSInputError(ValueError):
     """A problem with the input dataset, stated in one line with the file and the fix."""
 
 
+class CovariateError(BIDSInputError):
+    """A covariate cell that is not a usable value (the file, the row, the value and the fix)."""
+
+
 @dataclass(frozen=True)
 class Scan:
     """One subject (and session) of the input dataset, with what dualglow needs from it.
 
     ``age_source`` names the file the age was read from, so an error about a missing age can
-    say which file to fix.
+    say which file to fix. ``covariate_problems`` holds, by covariate name, why a value in
+    ``participants.tsv`` / ``sessions.tsv`` could not be used (the value is then None): a stage
+    that needs that covariate fails this scan with the message, the others go on.
     """
 
     subject: str
@@ -56,6 +63,7 @@ class Scan:
     age_source: str | None = None
     sex: str | None = None
     diagnosis: str | None = None
+    covariate_problems: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def prefix(self) -> str:
@@ -71,6 +79,10 @@ class Scan:
 def strip_prefix(label: str, prefix: str) -> str:
     """``sub-01`` -> ``01`` (BIDS-Apps accept labels with or without the prefix)."""
     return label[len(prefix) + 1 :] if label.startswith(f"{prefix}-") else label
+
+
+#: Part of the index key: 2 = indexes written atomically (earlier ones may be partial).
+INDEX_VERSION = 2
 
 
 def _folder_stamp(bids_dir: Path) -> str:
@@ -89,8 +101,9 @@ def load_layout(
 ) -> Any:
     """Index ``bids_dir`` with pybids (no validation, only the subjects asked for).
 
-    With ``work_dir``, the index database is stored there and reused while the dataset's
-    folders are unchanged.
+    With ``work_dir``, the index is stored in ``WORK/pybids/<key>/`` and reused while the
+    dataset's folders are unchanged. It is built in memory and written whole (a killed run
+    leaves no partial index behind), once: a concurrent run waits for it.
     """
     from bids import BIDSLayout, BIDSLayoutIndexer
 
@@ -104,57 +117,143 @@ def load_layout(
         wanted = "|".join(re.escape(label) for label in participant_labels)
         # pybids matches regexes against the path relative to the root, with a leading "/"
         ignore.append(re.compile(rf"^/sub-(?!(?:{wanted})(?:/|$))[^/]+"))
-    database_path = None
-    if work_dir is not None:
-        key = hashlib.sha256(
-            f"{root}|{sorted(participant_labels or [])}|{_folder_stamp(root)}".encode()
-        ).hexdigest()[:16]
-        database_path = Path(work_dir) / "pybids" / key
-    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=False)
-    return BIDSLayout(root, validate=False, indexer=indexer, database_path=database_path)
+
+    def index() -> Any:
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=False)
+        return BIDSLayout(root, validate=False, indexer=indexer)
+
+    if work_dir is None:
+        return index()
+    key = hashlib.sha256(
+        f"{INDEX_VERSION}|{root}|{sorted(participant_labels or [])}|{_folder_stamp(root)}".encode()
+    ).hexdigest()[:16]
+    folder = Path(work_dir) / "pybids" / key
+    if not (folder / "layout_index.sqlite").is_file():
+        with entry_lock(folder):
+            if not (folder / "layout_index.sqlite").is_file():
+                layout = index()
+                with atomic_dir(folder) as tmp:
+                    layout.save(tmp, replace_connection=False)
+                return layout
+    return BIDSLayout(root, validate=False, database_path=folder)
 
 
-def _read_tsv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle, delimiter="\t"))
+# --------------------------------------------------------------------------- covariates
 
 
-def _parse_age(value: str | None, source: Path, row: str) -> float | None:
-    if value is None or value.strip() in ("", "n/a"):
+@dataclass(frozen=True)
+class Covariate:
+    """A numeric column of ``participants.tsv`` / ``sub-X_sessions.tsv`` and its plausible range.
+
+    :meth:`parse` reads one cell: ``n/a`` or empty is unknown (None); anything else must be a
+    finite number within ``[low, high]``, or it is refused with the file, the row and the fix.
+
+    >>> AGE.parse("71.5", Path("participants.tsv"), "sub-01")
+    71.5
+    >>> AGE.parse("-5", Path("participants.tsv"), "sub-01")
+    Traceback (most recent call last):
+    dualglow_app.bids.CovariateError: participants.tsv, row sub-01, column age: -5 is outside 18-110 years; correct it, or write n/a if it is unknown.
+    """
+
+    column: str
+    unit: str
+    low: float
+    high: float
+
+    def range_problem(self, value: float) -> str | None:
+        """Why ``value`` is not plausible (None when it is)."""
+        if not math.isfinite(value):
+            return f"{value} is not a number of {self.unit}"
+        if not self.low <= value <= self.high:
+            return f"{value:g} is outside {self.low:g}-{self.high:g} {self.unit}"
         return None
-    try:
-        return float(value)
-    except ValueError:
-        raise BIDSInputError(
-            f"{source}: age {value!r} for {row} is not a number of years; write a number or n/a."
-        ) from None
+
+    def parse(self, text: str | None, source: Path, row: str) -> float | None:
+        """The value of one cell; raises :class:`CovariateError` naming ``source`` and ``row``."""
+        if text is None or text.strip() in ("", "n/a"):
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            problem: str | None = f"{text.strip()!r} is not a number of {self.unit}"
+        else:
+            problem = self.range_problem(value)
+        if problem is None:
+            return value
+        raise CovariateError(
+            f"{source}, row {row}, column {self.column}: {problem}; correct it, or write n/a if it is unknown."
+        )
 
 
-def read_demographics(bids_dir: Path) -> dict[str, dict[str, str]]:
-    """participants.tsv as {subject label: row}, or {} when there is none."""
-    path = bids_dir / "participants.tsv"
-    if not path.is_file():
-        return {}
-    rows = _read_tsv(path)
-    return {strip_prefix(row.get("participant_id", ""), "sub"): row for row in rows}
+#: Age, the covariate dualglow reads today (eq. 16-17's side information): the adults the
+#: method is meant for; 0, negative or 300 are typing errors.
+AGE = Covariate("age", "years", 18.0, 110.0)
 
 
-def read_age(bids_dir: Path, subject: str, session: str | None) -> tuple[float | None, str | None]:
-    """The age in years for a scan: ``sub-X_sessions.tsv`` first, then ``participants.tsv``."""
-    sessions_tsv = bids_dir / f"sub-{subject}" / f"sub-{subject}_sessions.tsv"
-    if session is not None and sessions_tsv.is_file():
-        for row in _read_tsv(sessions_tsv):
-            if strip_prefix(row.get("session_id", ""), "ses") == session:
-                age = _parse_age(row.get("age"), sessions_tsv, f"ses-{session}")
-                if age is not None:
-                    return age, str(sessions_tsv)
-    participants = bids_dir / "participants.tsv"
-    demographics = read_demographics(bids_dir).get(subject)
-    if demographics is not None:
-        age = _parse_age(demographics.get("age"), participants, f"sub-{subject}")
-        if age is not None:
-            return age, str(participants)
+@dataclass(frozen=True)
+class TsvTable:
+    """A BIDS TSV (``participants.tsv``, ``sub-X_sessions.tsv``) read once: its path and its
+    rows by label (``participant_id`` / ``session_id`` without the ``sub-`` / ``ses-`` prefix)."""
+
+    path: Path
+    rows: dict[str, dict[str, str]]
+
+    @classmethod
+    def read(cls, path: Path, id_column: str, prefix: str) -> TsvTable | None:
+        """The table at ``path`` (None when there is none); an unreadable one, or one without
+        ``id_column``, raises :class:`BIDSInputError`."""
+        if not path.is_file():
+            return None
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t"))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise BIDSInputError(f"{path}: unreadable ({err}); save it as UTF-8 tab-separated text.") from None
+        if rows and id_column not in rows[0]:
+            raise BIDSInputError(f"{path}: no {id_column} column; its first column must be {id_column}.")
+        return cls(path, {strip_prefix(row.get(id_column) or "", prefix): row for row in rows})
+
+
+def read_covariate(
+    covariate: Covariate, subject: str, session: str | None, participants: TsvTable | None, sessions: TsvTable | None
+) -> tuple[float | None, str | None]:
+    """A scan's value of ``covariate`` and the file it came from: its row of ``sub-X_sessions.tsv``
+    first, then its row of ``participants.tsv``; ``(None, None)`` when neither has one.
+
+    A cell that is present but unusable raises :class:`CovariateError` (it is not skipped in
+    favour of the other file: the user wrote something, and it is wrong).
+    """
+    places = []
+    if session is not None and sessions is not None:
+        places.append((sessions, session, f"ses-{session}"))
+    if participants is not None:
+        places.append((participants, subject, f"sub-{subject}"))
+    for table, label, row_name in places:
+        row = table.rows.get(label)
+        if row is not None:
+            value = covariate.parse(row.get(covariate.column), table.path, row_name)
+            if value is not None:
+                return value, str(table.path)
     return None, None
+
+
+# --------------------------------------------------------------------------- finding scans
+
+_SCAN_ENTITIES = re.compile(r"^sub-(?P<subject>[A-Za-z0-9]+)(?:_ses-(?P<session>[A-Za-z0-9]+))?_")
+
+
+def _subjects_on_disk(root: Path) -> list[str]:
+    return sorted(path.name[4:] for path in root.glob("sub-*") if path.is_dir())
+
+
+def _by_scan(files: Iterable[str]) -> dict[tuple[str, str | None], list[Path]]:
+    """Files grouped by (subject, session) read from their names, each group sorted."""
+    groups: dict[tuple[str, str | None], list[Path]] = {}
+    for name in files:
+        match = _SCAN_ENTITIES.match(Path(name).name)
+        if match:
+            groups.setdefault((match["subject"], match["session"]), []).append(Path(name))
+    return {key: sorted(paths) for key, paths in groups.items()}
 
 
 def find_scans(
@@ -169,57 +268,63 @@ def find_scans(
 
     Unknown participant labels raise :class:`BIDSInputError`. Scans without a T1w, or without
     a PET when one is required, are logged and left out. When a session has several T1w runs
-    the first (sorted by name) is used.
+    the first (sorted by name) is used. The index is queried twice in all (T1w, PET) and each
+    TSV read once, so 1,000 subjects take seconds (``benchmarks/bench_indexing.py``). An
+    unusable age leaves the scan's ``age`` None with the reason in ``covariate_problems``.
     """
     root = Path(bids_dir).resolve()
     subjects = [strip_prefix(label, "sub") for label in participant_labels or []]
     sessions = [strip_prefix(label, "ses") for label in session_labels or []]
     layout = load_layout(root, subjects or None, work_dir)
-    present = set(layout.get_subjects())
-    missing = [label for label in subjects if label not in present]
+    on_disk = _subjects_on_disk(root)
+    missing = [label for label in subjects if label not in on_disk]
     if missing:
-        listed = ", ".join(sorted(present)[:10]) or "none"
+        listed = ", ".join(f"sub-{s}" for s in on_disk[:10]) + (f" ... ({len(on_disk)} in all)" if len(on_disk) > 10 else "")
         raise BIDSInputError(
-            f"{root}: no participant(s) {', '.join('sub-' + m for m in missing)}; the dataset has: {listed}."
+            f"{root}: no participant(s) {', '.join('sub-' + m for m in missing)}; the dataset has: {listed or 'none'}."
         )
-    demographics = read_demographics(root)
+    query: dict[str, Any] = {"extension": NIFTI_EXTENSIONS, "return_type": "filename"}
+    if subjects:
+        query["subject"] = subjects
+    t1w_files = _by_scan(layout.get(suffix="T1w", datatype="anat", **query))
+    pet_query = dict(query, suffix="pet", datatype="pet")
+    if tracer:
+        pet_query["tracer"] = tracer
+    pet_files = _by_scan(layout.get(**pet_query))
+    keys = set(t1w_files) | set(pet_files)
+    with_files = {subject for subject, _ in keys}
+    keys |= {(s, None) for s in (subjects or on_disk) if s not in with_files}  # logged below: no T1w
+    participants = TsvTable.read(root / "participants.tsv", "participant_id", "sub")
+    session_tables: dict[str, TsvTable | None] = {}
     scans: list[Scan] = []
-    for subject in sorted(subjects or present):
-        subject_sessions = layout.get_sessions(subject=subject) or [None]
-        for session in sorted(subject_sessions, key=lambda s: s or ""):
-            if sessions and session not in sessions:
-                continue
-            query: dict[str, Any] = {"subject": subject, "extension": NIFTI_EXTENSIONS}
-            if session is not None:
-                query["session"] = session
-            t1w_files = sorted(layout.get(suffix="T1w", datatype="anat", return_type="filename", **query))
-            pet_query = dict(query, suffix="pet", datatype="pet", return_type="filename")
-            if tracer:
-                pet_query["tracer"] = tracer
-            pet_files = sorted(layout.get(**pet_query))
-            where = f"sub-{subject}" + (f" ses-{session}" if session else "")
-            if not t1w_files:
-                log.warning("%s: no T1w image; skipped", where)
-                continue
-            if len(t1w_files) > 1:
-                log.info("%s: %d T1w images, using %s", where, len(t1w_files), Path(t1w_files[0]).name)
-            if require_pet and not pet_files:
-                log.info("%s: no %s PET; not used for training", where, tracer or "")
-                continue
-            age, age_source = read_age(root, subject, session)
-            row = demographics.get(subject, {})
-            scans.append(
-                Scan(
-                    subject=subject,
-                    session=session,
-                    t1w=Path(t1w_files[0]),
-                    pet=Path(pet_files[0]) if pet_files else None,
-                    age=age,
-                    age_source=age_source,
-                    sex=row.get("sex") or None,
-                    diagnosis=row.get("diagnosis") or row.get("group") or None,
-                )
+    for subject, session in sorted(keys, key=lambda k: (k[0], k[1] or "")):
+        if sessions and session not in sessions:
+            continue
+        where = f"sub-{subject}" + (f" ses-{session}" if session else "")
+        t1w, pet = t1w_files.get((subject, session), []), pet_files.get((subject, session), [])
+        if not t1w:
+            log.warning("%s: no T1w image; skipped", where)
+            continue
+        if len(t1w) > 1:
+            log.info("%s: %d T1w images, using %s", where, len(t1w), t1w[0].name)
+        if require_pet and not pet:
+            log.info("%s: no %s PET; not used for training", where, tracer or "")
+            continue
+        if session is not None and subject not in session_tables:
+            session_tables[subject] = TsvTable.read(
+                root / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", "session_id", "ses"
             )
+        problems: dict[str, str] = {}
+        try:
+            age, age_source = read_covariate(AGE, subject, session, participants, session_tables.get(subject))
+        except CovariateError as err:
+            age, age_source, problems["age"] = None, None, str(err)
+        row = participants.rows.get(subject, {}) if participants else {}
+        scans.append(Scan(
+            subject=subject, session=session, t1w=t1w[0], pet=pet[0] if pet else None, age=age,
+            age_source=age_source, sex=row.get("sex") or None,
+            diagnosis=row.get("diagnosis") or row.get("group") or None, covariate_problems=problems,
+        ))  # fmt: skip
     if sessions and not scans:
         raise BIDSInputError(f"{root}: no T1w in session(s) {', '.join(sessions)}; check --session-label.")
     return scans

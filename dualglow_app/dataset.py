@@ -7,7 +7,9 @@ object, :class:`DatasetSpec` (BIDS dir, labels, tracer, grid, side information, 
    model is conditioned on one);
 2. :func:`prepare_dataset` - each pair preprocessed through the per-subject cache of
    :mod:`dualglow_app.preprocess`, then stacked once into ``.npy`` files in the work dir, so
-   epochs read a memory map, never NIfTI (see docs/ARCHITECTURE.md, "Work directory");
+   epochs read a memory map, never NIfTI (see docs/ARCHITECTURE.md, "Work directory"); the
+   stack is built in a temporary folder under a lock, so a killed run leaves nothing a later
+   one would reuse, and two runs never stack the same data at once;
 3. :func:`split_subjects` - train / validation rows, never splitting a subject's sessions;
 4. :func:`model_batch` / :func:`model_batches` / :func:`mean_images` - rows of the stack as
    tensors on the model's [0, 1] scale (:class:`dualglow_app.data.IntensityScaling`).
@@ -24,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,8 +38,8 @@ from dualglow_app import __version__
 from dualglow_app.bids import Scan, find_scans
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
-from dualglow_app.io import write_json
-from dualglow_app.log import get_logger, progress
+from dualglow_app.io import atomic_dir, entry_lock, remove_stale_temporaries, write_json
+from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
@@ -126,8 +127,12 @@ def find_pairs(spec: DatasetSpec) -> list[Scan]:
         spec.bids_dir, spec.participant_labels, spec.session_labels,
         tracer=spec.tracer, require_pet=True, work_dir=spec.work_dir,
     )  # fmt: skip
+    for scan in scans:
+        for name, problem in scan.covariate_problems.items():
+            used = "not used (--side-info age needs one)" if name in spec.side_info else f"{name} left unknown"
+            log.warning("%s: %s; %s", scan.prefix, problem, used)
     if "age" in spec.side_info:
-        for scan in (s for s in scans if s.age is None):
+        for scan in (s for s in scans if s.age is None and "age" not in s.covariate_problems):
             log.warning(
                 "%s: no age in participants.tsv or sessions.tsv; not used (--side-info age needs one)", scan.prefix
             )
@@ -178,9 +183,7 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
     from dualglow_app.preprocess import preprocess_pet, preprocess_t1w
 
     nprocs = cpu_threads(spec.nprocs)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_dir(folder) as tmp:
         shape = (len(scans), *spec.grid.shape)
         mri = np.lib.format.open_memmap(tmp / "mri.npy", "w+", np.float32, shape)
         pet = np.lib.format.open_memmap(tmp / "pet.npy", "w+", np.float32, shape)
@@ -191,8 +194,12 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
             try:
                 t1 = preprocess_t1w(scan.t1w, spec.grid, spec.work_dir, nprocs)
                 suvr = preprocess_pet(scan.pet, t1, spec.work_dir, nprocs)  # type: ignore[arg-type]
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM through the CLI
+                add_note(interrupt, f"while preprocessing {scan.prefix} ({len(labels) + len(skipped)} of {len(scans)} "
+                                   "pairs done; their preprocessing is cached in the work dir)")  # fmt: skip
+                raise
             except Exception as err:  # noqa: BLE001 - one bad subject must not stop the cohort
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                reason = describe_error(err)
                 log.error("%s: preprocessing failed (%s); skipped", scan.prefix, reason)
                 skipped[scan.prefix] = reason
                 continue
@@ -208,13 +215,6 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
             raise _too_few(spec, labels, skipped)
         write_json(tmp / "index.json", {"labels": labels, "skipped": skipped, "grid": spec.grid.to_dict(),
                                         "version": __version__})  # fmt: skip
-        if folder.exists():  # a concurrent run finished first: keep its copy
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
@@ -226,6 +226,8 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
     (``group --preprocess-only`` fills it beforehand). Raises :class:`DatasetError` when
     fewer than 2 pairs are usable, naming them.
     """
+    if rank == 0:
+        remove_stale_temporaries(spec.work_dir, recursive=True)
     scans = find_pairs(spec)
     if len(scans) < 2:
         raise _too_few(spec, [s.prefix for s in scans], {})
@@ -240,7 +242,9 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
             time.sleep(5.0)
             waited += 5.0
     else:
-        _stack(spec, scans, folder)
+        with entry_lock(folder):  # a concurrent run stacking the same data: wait, then reuse it
+            if not (folder / "index.json").is_file():
+                _stack(spec, scans, folder)
     data = _load_stack(folder, scans, spec.grid)
     for label, reason in data.skipped.items():
         log.warning("%s: not used for training (%s)", label, reason)

@@ -23,7 +23,7 @@ from dualglow_app.bids import (
     write_dataset_description,
 )
 from dualglow_app.grid import SPACE as MNI
-from dualglow_app.io import write_text
+from dualglow_app.io import remove_stale_temporaries, write_text
 from dualglow_app.log import get_logger
 from dualglow_app.options import T1W, ParticipantOptions
 
@@ -182,9 +182,11 @@ def warn_if_made_otherwise(mean_path: Path, settings: dict[str, Any]) -> None:
 
 
 def prepare_output(options: ParticipantOptions, model: LoadedModel) -> None:
-    """dataset_description.json, .bidsignore and README of the derivative dataset."""
+    """dataset_description.json, .bidsignore and README of the derivative dataset (and away
+    with the temporaries a killed run left beside them and the reports)."""
     out = options.output_dir
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     description = f"Synthetic FDG-PET from T1w MRI with DUAL-GLOW (model {model.name}, sha256 {model.sha256[:12]})"
     write_dataset_description(out, options.bids_dir, description)
     write_bidsignore(out, BIDSIGNORE)

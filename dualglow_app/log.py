@@ -6,6 +6,7 @@ Progress bars are off when stderr is not a terminal (containers, SLURM logs) or 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -50,6 +51,51 @@ def setup_logging(verbosity: int = 0, log_file: os.PathLike[str] | str | None = 
         file_handler.setLevel(logging.DEBUG)
         logger.addHandler(file_handler)
     logger.propagate = False
+
+
+#: The fix for an OSError on a path, by errno.
+_PATH_FIXES = {
+    errno.EACCES: "make it writable for this user, or choose another folder",
+    errno.EPERM: "make it writable for this user, or choose another folder",
+    errno.EROFS: "it is on a read-only file system: choose a writable folder",
+    errno.ENOSPC: "the disk is full: free space, or choose a folder on another disk",
+    errno.EDQUOT: "the disk quota is full: free space, or choose a folder on another disk",
+    errno.ENOTDIR: "a file is in the way of a folder on that path: move it, or choose another path",
+    errno.EISDIR: "a folder is in the way of a file on that path: move it, or choose another path",
+    errno.ENOENT: "a folder on that path vanished or was never there: check the path",
+}
+_MOUNT_HINTS = {
+    "docker": " (inside Docker: mount a writable host folder, docker run -v /host/folder:/folder, without :ro)",
+    "apptainer": " (inside Apptainer: bind a writable host folder, apptainer run -B /host/folder:/folder)",
+}
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as one line: an ``OSError`` on a path as 'PATH: reason; the fix', anything
+    else as the first line of its message (its type when the message is empty).
+
+    >>> describe_error(OSError(28, "No space left on device", "/out/sub-01"))
+    '/out/sub-01: No space left on device; the disk is full: free space, or choose a folder on another disk'
+    """
+    if isinstance(err, OSError) and err.filename is not None:
+        from dualglow_app.runtime import in_container
+
+        fix = _PATH_FIXES.get(err.errno or 0, "check the path and its permissions")
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix += _MOUNT_HINTS.get(in_container() or "", "")
+        return f"{err.filename}: {err.strerror or type(err).__name__}; {fix}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """``err.add_note(note)`` on Python 3.10 too: context for whoever reports the error (the CLI
+    boundary says where an interruption stopped from these notes)."""
+    notes = getattr(err, "__notes__", None)
+    if notes is None:
+        notes = []
+        err.__notes__ = notes  # type: ignore[attr-defined]
+    notes.append(note)
 
 
 def progress_enabled() -> bool:

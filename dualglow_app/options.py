@@ -13,18 +13,40 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dualglow_app.bids import AGE
 from dualglow_app.dataset import SIDE_INFO_CHOICES, DatasetSpec
 from dualglow_app.grid import SPACE as MNI
 from dualglow_app.grid import ModelGrid, resolve_grid
+from dualglow_app.io import writable_dir
+from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
+
+log = get_logger(__name__)
 
 T1W = "T1w"
 OUTPUT_SPACES = (MNI, T1W)
+#: Model files written with torch.save / pickle: never loaded (unpickling runs code).
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
+WORK_DIR_NAME = "dualglow-work"
+
+
+def default_work_dir(output_dir: Path | str) -> Path:
+    """The work directory when none is given: ``OUTPUT_DIR/../dualglow-work`` where that can be
+    written (so existing caches keep working), else ``$TMPDIR/dualglow-work`` (e.g. in a
+    container whose ``/`` is read-only, where OUTPUT_DIR is ``/out``), said in an INFO line."""
+    beside = Path(output_dir).resolve().parent / WORK_DIR_NAME
+    if writable_dir(beside):
+        return beside
+    fallback = Path(tempfile.gettempdir()) / WORK_DIR_NAME
+    log.info("%s cannot be written; the work directory is %s (pass -w/--work-dir to keep the cache elsewhere)",
+             beside, fallback)  # fmt: skip
+    return fallback
 
 
 class ParticipantUsageError(ValueError):
@@ -39,8 +61,9 @@ class ParticipantOptions:
     ``samples`` draws at ``temperature`` (0 = the conditional mode; more than one sample needs
     a temperature above 0, or all samples are equal). ``age`` is used only for scans without
     an age in ``sessions.tsv`` / ``participants.tsv``. ``age_sweep``: ages (years) to
-    synthesize every scan at, besides its own. ``output_res``: mm of the MNI output grid
-    (TemplateFlow ``res-XX``). ``work_dir`` defaults to ``OUTPUT_DIR/../dualglow-work``.
+    synthesize every scan at, besides its own; both within :data:`dualglow_app.bids.AGE`'s
+    range. ``output_res``: mm of the MNI output grid (TemplateFlow ``res-XX``). ``work_dir``
+    defaults to :func:`default_work_dir`.
 
     Example::
 
@@ -72,7 +95,7 @@ class ParticipantOptions:
     def __post_init__(self) -> None:
         self.bids_dir = Path(self.bids_dir)
         self.output_dir = Path(self.output_dir)
-        self.work_dir = Path(self.work_dir) if self.work_dir is not None else None
+        self.work_dir = Path(self.work_dir) if self.work_dir is not None else default_work_dir(self.output_dir)
         self.participant_labels = tuple(self.participant_labels)
         self.session_labels = tuple(self.session_labels)
         self.age_sweep = tuple(sorted({float(a) for a in self.age_sweep}))
@@ -94,18 +117,21 @@ class ParticipantOptions:
             problems.append(f"--output-res {self.output_res}: use 1 to 8 mm")
         if self.device not in DEVICES:
             problems.append(f"--device {self.device}: choose one of {', '.join(DEVICES)}")
-        for age in ([self.age] if self.age is not None else []) + list(self.age_sweep):
-            if not 0 < age < 130:
-                problems.append(f"age {age}: give ages in years (0-130)")
+        for flag, ages in (("--age", [self.age] if self.age is not None else []), ("--age-sweep", self.age_sweep)):
+            problems += [f"{flag} {age:g}: {problem}" for age in ages if (problem := AGE.range_problem(age))]
+        if self.weights is not None and Path(str(self.weights)).suffix.lower() in PICKLE_SUFFIXES:
+            problems.append(
+                f"--weights {self.weights}: pickle files (torch.save) are not accepted, loading one runs code; "
+                "pass the NAME.safetensors (+ NAME.json) a dualglow group level wrote"
+            )
         if problems:
             raise ParticipantUsageError("; ".join(problems) + ".")
 
     @property
     def resolved_work_dir(self) -> Path:
-        """The work directory: ``work_dir``, else ``OUTPUT_DIR/../dualglow-work``."""
-        if self.work_dir is not None:
-            return self.work_dir
-        return self.output_dir.resolve().parent / "dualglow-work"
+        """The work directory (``work_dir``, filled by :func:`default_work_dir` when not given)."""
+        assert self.work_dir is not None
+        return self.work_dir
 
     @property
     def threads(self) -> int:
@@ -180,7 +206,7 @@ class TrainOptions:
     def __post_init__(self) -> None:
         self.bids_dir = Path(self.bids_dir)
         self.output_dir = Path(self.output_dir)
-        self.work_dir = Path(self.work_dir) if self.work_dir else self.output_dir.parent / "dualglow-work"
+        self.work_dir = Path(self.work_dir) if self.work_dir else default_work_dir(self.output_dir)
         self.participant_labels = tuple(self.participant_labels)
         self.session_labels = tuple(self.session_labels)
         self.side_info = tuple(self.side_info)
@@ -242,4 +268,7 @@ class TrainOptions:
         return json.loads(json.dumps(asdict(self), default=str))
 
 
-__all__ = ["OUTPUT_SPACES", "ParticipantOptions", "ParticipantUsageError", "T1W", "TrainOptions"]
+__all__ = [
+    "OUTPUT_SPACES", "PICKLE_SUFFIXES", "ParticipantOptions", "ParticipantUsageError", "T1W", "TrainOptions",
+    "default_work_dir",
+]

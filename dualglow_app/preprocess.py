@@ -24,7 +24,8 @@ voxel grid.
 
 Transforms are cached in ``work_dir/cache/`` under a key made of the input's sha256 and the
 settings, so a second run of a subject registers nothing. Cache entries are built in a
-temporary folder and renamed into place; bad input is refused before anything is written.
+temporary folder and renamed into place, under a per-entry lock (two runs sharing a work dir
+never register the same image twice); bad input is refused before anything is written.
 
 Example::
 
@@ -39,10 +40,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ import numpy as np
 
 from dualglow_app.grid import ModelGrid
 from dualglow_app.imaging import load_nifti, resample_to
-from dualglow_app.io import file_sha256
+from dualglow_app.io import atomic_dir, entry_lock, file_sha256
 from dualglow_app.log import get_logger
 from dualglow_app.templates import REFERENCE_REGIONS, get_template, reference_region
 
@@ -315,20 +314,22 @@ def _settings_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-@contextmanager
-def _cache_entry(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder next to ``final`` and rename it into place on success."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        if final.exists():  # a concurrent run finished first; keep its entry
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _cached_entry(folder: Path, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """The meta of the cache entry ``folder`` and whether it was cached; when missing,
+    ``build(tmp)`` fills a temporary folder and returns the meta, and the folder is renamed
+    into place. Built under the entry's lock (:func:`dualglow_app.io.entry_lock`): a concurrent
+    run that wants the same entry waits and reuses it, and a killed run's leftovers are removed."""
+    meta = _read_meta(folder)
+    if meta is not None:
+        return meta, True
+    with entry_lock(folder):
+        meta = _read_meta(folder)
+        if meta is not None:
+            return meta, True
+        with atomic_dir(folder) as tmp:
+            meta = build(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta, False
 
 
 def _read_meta(folder: Path) -> dict[str, Any] | None:
@@ -405,16 +406,14 @@ def _t1w_transforms(
 ) -> tuple[dict[str, Any], bool]:
     """The cached skull strip + registration of a T1w (computed into ``folder`` when missing,
     its meta.json recording ``facts`` about the input): the meta and whether it was cached."""
-    meta = _read_meta(folder)
-    if meta is not None:
+    def build(tmp: Path) -> dict[str, Any]:
+        _LOG.info("%s: skull strip, N4, registration to MNI152NLin2009cAsym", source.name)
+        return {**_register_t1w(ras, tmp, options, timings), "source": str(source), **facts, "options": asdict(options)}
+
+    meta, cached = _cached_entry(folder, build)
+    if cached:
         _LOG.info("%s: reusing transforms from %s", source.name, folder)
-        return meta, True
-    _LOG.info("%s: skull strip, N4, registration to MNI152NLin2009cAsym", source.name)
-    with _cache_entry(folder) as tmp:
-        meta = _register_t1w(ras, tmp, options, timings)
-        meta.update({"source": str(source), **facts, "options": asdict(options)})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta, False
+    return meta, cached
 
 
 def preprocess_t1w(
@@ -505,16 +504,12 @@ def _pet_to_t1w(
     bias-corrected T1w; computed into ``folder`` when missing): its meta and whether cached."""
     import ants
 
-    meta = _read_meta(folder)
-    if meta is not None:
-        _LOG.info("%s: reusing PET -> T1w transform from %s", source.name, folder)
-        return meta, True
-    _LOG.info("%s: rigid coregistration to the T1w (mutual information)", source.name)
-    start = time.perf_counter()
-    brain = ants.image_read(str(t1w.native_brain))
-    # Rigid alignment needs no 1 mm detail; a 2 mm T1w makes MI 8x cheaper.
-    fixed = ants.resample_image(brain, (2.0, 2.0, 2.0), False, 0)
-    with _cache_entry(folder) as tmp:
+    def build(tmp: Path) -> dict[str, Any]:
+        _LOG.info("%s: rigid coregistration to the T1w (mutual information)", source.name)
+        start = time.perf_counter()
+        brain = ants.image_read(str(t1w.native_brain))
+        # Rigid alignment needs no 1 mm detail; a 2 mm T1w makes MI 8x cheaper.
+        fixed = ants.resample_image(brain, (2.0, 2.0, 2.0), False, 0)
         reg = ants.registration(
             fixed=fixed,
             moving=moving,
@@ -525,11 +520,14 @@ def _pet_to_t1w(
             aff_smoothing_sigmas=(2, 1, 0)[-len(options.rigid_iterations) :],
             outprefix=str(tmp / "pet2t1w_"),
         )
-        meta = {"rigid": Path(reg["fwdtransforms"][0]).name, "source": str(source)}
-        meta.update({"sha256": digest, "t1w_sha256": t1w.sha256})
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    timings["coregistration"] = time.perf_counter() - start
-    return meta, False
+        timings["coregistration"] = time.perf_counter() - start
+        return {"rigid": Path(reg["fwdtransforms"][0]).name, "source": str(source), "sha256": digest,
+                "t1w_sha256": t1w.sha256}  # fmt: skip
+
+    meta, cached = _cached_entry(folder, build)
+    if cached:
+        _LOG.info("%s: reusing PET -> T1w transform from %s", source.name, folder)
+    return meta, cached
 
 
 def _suvr(warped: np.ndarray, t1w: T1wResult, options: PETOptions, source: Path) -> tuple[np.ndarray, float]:

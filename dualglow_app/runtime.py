@@ -11,6 +11,7 @@ same option means the same thing everywhere:
   oversubscribe a shared node).
 - :func:`torch_threads`: run a block on that many torch threads, restored afterwards.
 - :class:`Distributed`: rank, local rank and world size from torchrun's environment.
+- :func:`in_container`: Docker or Apptainer, for hints about mounting folders.
 
 >>> cpu_threads(3)
 3
@@ -79,6 +80,15 @@ def resolve_device(option: str = "auto", local_rank: int = 0) -> Any:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def in_container() -> str | None:
+    """``docker`` or ``apptainer`` when running inside one (for hints about mounts), else None."""
+    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
+        return "apptainer"
+    if os.path.exists("/.dockerenv"):
+        return "docker"
+    return None
+
+
 def cpu_threads(nprocs: int | None = None) -> int:
     """CPU threads to use: ``nprocs``, else the cores this process may run on."""
     if nprocs:
@@ -108,6 +118,7 @@ __all__ = [
     "Distributed",
     "cpu_threads",
     "distributed_from_env",
+    "in_container",
     "resolve_device",
     "torch_threads",
 ]

@@ -3,7 +3,8 @@
 For every subject/session with a T1w (:func:`dualglow_app.bids.find_scans`):
 
 1. age from ``sub-X_sessions.tsv``, else ``participants.tsv``, else ``--age`` (a model
-   conditioned on age refuses a scan without one, naming the file to fix);
+   conditioned on age refuses a scan without one, or with an unusable one such as ``nan`` or
+   ``-5``, naming the file and row to fix; the other scans go on);
 2. the T1w onto the model grid (:func:`dualglow_app.preprocess.preprocess_t1w`, cached);
 3. the synthetic PET (:func:`dualglow_app.inference.predict`, the one prediction path):
    ``samples`` draws at temperature ``T`` with a generator seeded from (seed, subject,
@@ -15,8 +16,10 @@ For every subject/session with a T1w (:func:`dualglow_app.bids.find_scans`):
    JSON sidecars that say SYNTHETIC (:mod:`dualglow_app.derivatives`), and an HTML report
    per subject (:mod:`dualglow_app.participant_report`).
 
-Every file is written atomically (:mod:`dualglow_app.io`); a scan whose outputs all exist is
-skipped unless ``overwrite``; one failing scan is logged and reported while the others go on.
+Every file is written atomically (:mod:`dualglow_app.io`), and temporaries that a killed run
+left in the work dir or in a scan's output folders are removed; a scan whose outputs all exist
+is skipped unless ``overwrite``; one failing scan is logged and reported while the others go
+on. An interruption (Ctrl-C, SIGTERM) is noted with the scan it stopped and the scans done.
 
 >>> options = ParticipantOptions("bids", "out", weights="models/m.safetensors")  # doctest: +SKIP
 >>> summary = run_participant(options)  # doctest: +SKIP
@@ -27,6 +30,7 @@ skipped unless ``overwrite``; one failing scan is logged and reported while the 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +43,8 @@ import numpy as np
 from dualglow_app import derivatives as out
 from dualglow_app.bids import Scan, bids_uri, check_bids_dataset, find_scans, sidecar_path
 from dualglow_app.inference import CLIPPED_WARNING, LATENT_WARNING, Prediction, predict, scan_seed
-from dualglow_app.io import save_nifti, write_json, write_text
-from dualglow_app.log import get_logger, progress
+from dualglow_app.io import remove_stale_temporaries, save_nifti, write_json, write_text
+from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.options import T1W, ParticipantOptions, ParticipantUsageError
 from dualglow_app.runtime import resolve_device, torch_threads
 
@@ -143,6 +147,7 @@ def run_participant(options: ParticipantOptions) -> ParticipantSummary:
         )
     work_dir = options.resolved_work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work_dir, recursive=True)
     scans = find_scans(options.bids_dir, options.participant_labels, options.session_labels, work_dir=work_dir)
     if not scans:
         raise ParticipantUsageError(f"{options.bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) found")
@@ -155,12 +160,16 @@ def run_participant(options: ParticipantOptions) -> ParticipantSummary:
     by_subject = [(s, list(group)) for s, group in groupby(scans, key=lambda scan: scan.subject)]
     with torch_threads(options.threads):
         for subject, subject_scans in progress(by_subject, "Synthesizing FDG-PET", total=len(by_subject)):
-            for scan in subject_scans:
-                summary.outcomes.append(_run_one(scan, model, options))
-            if options.report:
-                report = write_subject_report(options, model, subject, subject_scans)
-                if report is not None:
-                    summary.reports.append(report)
+            try:
+                for scan in subject_scans:
+                    summary.outcomes.append(_run_one(scan, model, options))
+                if options.report:
+                    report = write_subject_report(options, model, subject, subject_scans)
+                    if report is not None:
+                        summary.reports.append(report)
+            except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM through the CLI
+                add_note(interrupt, f"during sub-{subject}, after {len(summary.outcomes)} of {len(scans)} scan(s)")
+                raise
     log.info(summary.describe())
     return summary
 
@@ -170,7 +179,7 @@ def _run_one(scan: Scan, model: LoadedModel, options: ParticipantOptions) -> Sca
     try:
         outcome = synthesize_scan(scan, model, options)
     except Exception as err:  # one scan's failure must not stop the others
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = describe_error(err)
         log.error("%s failed: %s", where, reason)
         log.debug("%s traceback", where, exc_info=True)
         return ScanOutcome(scan, "failed", reason=reason)
@@ -190,7 +199,10 @@ def resolve_age(
     scan: Scan, fallback: float | None, bids_dir: Path | None = None
 ) -> tuple[float | None, str | None]:
     """The scan's age and where it came from (the TSV as a ``bids:raw:`` URI when ``bids_dir``
-    holds it), else ``--age``, else ``(None, None)``."""
+    holds it), else ``--age``, else ``(None, None)``. An unusable value in the TSV raises
+    :class:`ScanError` with the file, row and fix (``--age`` does not paper over it)."""
+    if "age" in scan.covariate_problems:
+        raise ScanError(scan.covariate_problems["age"])
     if scan.age is not None:
         source = scan.age_source
         if source and bids_dir is not None:
@@ -214,8 +226,8 @@ def _missing_age_message(scan: Scan, bids_dir: Path) -> str:
 def synthesize(model: LoadedModel, t1w: np.ndarray, mask: np.ndarray, age: float | None,
                options: ParticipantOptions, seed: int) -> Prediction:  # fmt: skip
     """:func:`dualglow_app.inference.predict` with the run's samples and temperature."""
-    if model.uses_age and age is None:
-        raise ScanError(f"model {model.name} is conditioned on age: pass an age in years")
+    if model.uses_age and (age is None or not math.isfinite(age)):
+        raise ScanError(f"model {model.name} is conditioned on age: pass an age in years (got {age})")
     side = {"age": float(age)} if model.uses_age and age is not None else None
     return predict(model.model, model.scaling, t1w, mask, side, options.samples, options.temperature, seed)
 
@@ -229,11 +241,13 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions)
     """
     from dualglow_app.preprocess import preprocess_t1w
 
-    age, age_source = resolve_age(scan, options.age, options.bids_dir)
+    planned = out.planned_outputs(scan, options)
+    for folder in sorted({path.parent for path in planned.values()}):
+        remove_stale_temporaries(folder)
+    age, age_source = resolve_age(scan, options.age, options.bids_dir) if model.uses_age else (None, None)
     if model.uses_age and age is None:
         raise ScanError(_missing_age_message(scan, options.bids_dir))
-    planned = out.planned_outputs(scan, options)
-    settings = out.provenance(model, options, age if model.uses_age else None)
+    settings = out.provenance(model, options, age)
     if not options.overwrite and all(p.is_file() for p in planned.values()):
         out.warn_if_made_otherwise(planned["mean"], settings)
         return ScanOutcome(scan, "skipped", list(planned.values()))
@@ -246,7 +260,7 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions)
     t1_data = np.asarray(t1.image.dataobj, dtype=np.float32)
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     seed = scan_seed(options.seed, scan.subject, scan.session)
-    prediction = synthesize(model, t1_data, mask, age if model.uses_age else None, options, seed)
+    prediction = synthesize(model, t1_data, mask, age, options, seed)
     timings["sample"] = time.perf_counter() - start
     _warn_if_unfamiliar(scan, model, prediction)
 
@@ -297,7 +311,7 @@ def compare_with_measured_pet(scan: Scan, model: LoadedModel, t1: T1wResult, pre
     try:
         truth = preprocess_pet(scan.pet, t1, options.resolved_work_dir, nprocs=options.threads)
     except Exception as err:  # noqa: BLE001 - a comparison must never fail the synthesis
-        log.warning("%s: not compared with the synthetic PET (%s)", scan.pet.name, str(err).strip().splitlines()[0])
+        log.warning("%s: not compared with the synthetic PET (%s)", scan.pet.name, describe_error(err))
         return {}
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     reference = None

@@ -12,6 +12,7 @@ from synthetic import make_subject
 
 from dualglow_app.grid import PRESETS, ModelGrid, preset
 from dualglow_app.imaging import resample_to
+from dualglow_app.io import is_temporary
 from dualglow_app.preprocess import (
     InputImageError,
     PETOptions,
@@ -204,7 +205,7 @@ def test_second_run_reuses_transforms(t1, subject, work):
     assert "registration" not in again.timings
     assert np.allclose(again.image.get_fdata(), t1.image.get_fdata())
     assert len(list((work / "cache").iterdir())) >= 1
-    assert not [p for p in (work / "cache").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (work / "cache").iterdir() if is_temporary(p.name)]
 
 
 def test_round_trip_to_native_space(t1, subject):
