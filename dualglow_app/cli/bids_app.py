@@ -6,21 +6,24 @@
 Each level's options are the fields of its dataclass (:mod:`dualglow_app.options`); an option
 given on the command line that the chosen level does not use is refused (exit 2), never
 silently dropped. Exit codes: 0 all went well, 1 a participant (or the training) failed,
-2 usage errors. Heavy imports (torch, ants, pybids) happen inside the level functions so
-``--help`` is instant.
+2 usage errors and folders that cannot be written, 130/143 interrupted (Ctrl-C/SIGTERM; see
+:mod:`dualglow_app.cli.errors`, the boundary every entry point shares). Heavy imports
+(torch, ants, pybids) happen inside the level functions so ``--help`` is instant.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 from dualglow_app import __version__
+from dualglow_app.bids import AGE
+from dualglow_app.cli.errors import GuardedCommand, RunError
+from dualglow_app.io import writable_dir
+from dualglow_app.runtime import in_container
 
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
@@ -56,24 +59,37 @@ def _is_number(token: str) -> bool:
     return True
 
 
-class BIDSAppCommand(click.Command):
-    """A click command that accepts space-separated values after the multi-value options."""
+def resume_hint(params: dict[str, Any]) -> str:
+    """How to continue an interrupted run of the level in ``params``."""
+    if params.get("analysis_level") == "group":
+        return ("rerun the same command with --resume to continue after the last finished epoch "
+                "(the preprocessing is cached in the work dir)")  # fmt: skip
+    return "rerun the same command to continue: finished scans are skipped"
+
+
+class BIDSAppCommand(GuardedCommand):
+    """A guarded click command that accepts space-separated values after the multi-value options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, resume_hint=resume_hint, **kwargs)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         return super().parse_args(ctx, expand_multi_value_options(list(args)))
 
 
-def in_container() -> str | None:
-    """'docker' or 'apptainer' when running inside one (for hints about bind mounts)."""
-    if os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"):
-        return "apptainer"
-    if Path("/.dockerenv").exists():
-        return "docker"
-    return None
+def check_writable(folder: Path, what: str) -> None:
+    """A usage error, with a hint that fits the environment, when ``folder`` cannot be written."""
+    if writable_dir(folder):
+        return
+    hint = {
+        "docker": " Inside Docker, mount a writable host folder: -v /host/path:/path (without :ro).",
+        "apptainer": " Inside Apptainer, bind a writable host folder: -B /host/path:/path.",
+    }.get(in_container() or "", "")
+    raise click.UsageError(f"{what} {folder} cannot be written: make it writable, or choose another folder.{hint}")
 
 
-def check_directories(bids_dir: Path, output_dir: Path) -> None:
-    """Early checks on the two positional folders, with hints that fit the environment."""
+def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = None) -> None:
+    """Early checks on the positional folders and the work dir, with hints that fit the environment."""
     if not bids_dir.is_dir():
         hint = {
             "docker": " Inside Docker, mount it with -v /host/path:/data:ro and pass /data.",
@@ -89,6 +105,9 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
             f"OUTPUT_DIR {output_dir} is BIDS_DIR: write derivatives elsewhere, "
             f"e.g. {bids_dir}/derivatives/dualglow."
         )
+    check_writable(output_dir, "OUTPUT_DIR")
+    if work_dir is not None:
+        check_writable(work_dir, "-w/--work-dir")
 
 
 @click.command(cls=BIDSAppCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -103,7 +122,8 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
 )
 @click.option("--session-label", "session_labels", multiple=True, help="Session label(s) to process. Default: all.")
 @click.option("-w", "--work-dir", type=click.Path(path_type=Path), default=None,
-              help="Work directory (preprocessing cache, pybids index). Default: OUTPUT_DIR/../dualglow-work.")
+              help="Work directory (preprocessing cache, pybids index). Default: OUTPUT_DIR/../dualglow-work "
+                   "where it can be written, else $TMPDIR/dualglow-work.")
 @click.option("--nprocs", type=click.IntRange(min=1), default=None, help="CPU threads. Default: all available.")
 @click.option("--skip-bids-validation", is_flag=True, help="Do not run bids-validator-deno on BIDS_DIR.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
@@ -118,8 +138,9 @@ def check_directories(bids_dir: Path, output_dir: Path) -> None:
               help="Samples per scan; their mean is the output, their SD the uncertainty map (needs > 1).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Sampling temperature; 0 with one sample gives the conditional mode.")
-@click.option("--age", type=click.FloatRange(0, 130, min_open=True), default=None,
-              help="Age in years for scans with none in sessions.tsv / participants.tsv.")
+@click.option("--age", type=float, default=None,
+              help=f"Age in years ({AGE.low:g}-{AGE.high:g}) for scans with none (n/a) in sessions.tsv / "
+                   "participants.tsv.")
 @click.option("--age-sweep", type=float, multiple=True, metavar="A1 A2 ...",
               help="Also synthesize each scan at these ages (years), with regional means per age.")
 @click.option("--output-spaces", type=click.Choice(["MNI152NLin2009cAsym", "T1w"]), multiple=True,
@@ -188,7 +209,7 @@ def main(
 
     BIDS_DIR is the raw BIDS dataset, OUTPUT_DIR the derivatives folder.
     """
-    check_directories(bids_dir, output_dir)
+    check_directories(bids_dir, output_dir, work_dir)
     refuse_other_level_options(click.get_current_context(), analysis_level)
     general = {
         "bids_dir": bids_dir, "output_dir": output_dir, "participant_labels": participant_labels,
@@ -238,27 +259,6 @@ def _log_file(output_dir: Path, level: str) -> Path:
     return folder / f"{level}-{stamp}-{os.getpid()}.log"
 
 
-@contextlib.contextmanager
-def sigterm_as_exit() -> Iterator[None]:
-    """Turn SIGTERM (``kill``, ``docker stop``, SLURM time limits) into SystemExit(143).
-
-    Python's default SIGTERM handling exits without unwinding, so the temporary files of
-    atomic writes would be left behind; an exception runs their clean-up.
-    """
-    def terminate(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: leave signal handling alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run_participant(general: dict[str, object], options: dict[str, object], verbose: int) -> int:
     """Build ParticipantOptions, run them, print the summary; usage problems exit with 2."""
     from dualglow_app.bids import BIDSInputError
@@ -271,8 +271,7 @@ def _run_participant(general: dict[str, object], options: dict[str, object], ver
     known = level_parameters("participant")
     try:
         participant = ParticipantOptions(**general, **{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
-        with sigterm_as_exit():
-            summary = run_participant(participant)
+        summary = run_participant(participant)
     except (ParticipantUsageError, BIDSInputError, ModelFileError) as err:
         raise click.UsageError(str(err)) from None
     click.echo(summary.describe())
@@ -283,7 +282,7 @@ def _run_group(general: dict[str, object], options: dict[str, object], verbose: 
     """Build TrainOptions and train; usage problems exit with 2, a failed training with 1."""
     from dualglow_app.bids import BIDSInputError
     from dualglow_app.dataset import DatasetError
-    from dualglow_app.log import get_logger, setup_logging
+    from dualglow_app.log import describe_error, setup_logging
     from dualglow_app.options import TrainOptions
     from dualglow_app.runtime import DeviceUnavailableError
     from dualglow_app.train import TrainingError, train
@@ -299,13 +298,11 @@ def _run_group(general: dict[str, object], options: dict[str, object], verbose: 
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     try:
-        with sigterm_as_exit():
-            result = train(training)
+        result = train(training)
     except (BIDSInputError, DeviceUnavailableError) as err:
         raise click.UsageError(str(err)) from None
     except (TrainingError, DatasetError) as err:
-        get_logger().error("%s", err)
-        return 1
+        raise RunError(describe_error(err), 1) from None
     if main_rank and result.model_path is not None:
         scores = ", ".join(f"{k} {v:.4g}" for k, v in result.final_metrics.items()) or "no validation split"
         click.echo(f"model: {result.model_path}\nreport: {result.report_path}\nvalidation: {scores}")

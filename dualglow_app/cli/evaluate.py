@@ -2,8 +2,9 @@
 
 It parses, builds :class:`~dualglow_app.evaluate.EvaluateOptions`, runs the evaluation
 (the paper's Tables 1-2 and Figs. 4 and 7, Sun et al. 2019, sec. 4) and prints Table 1;
-the science is in :mod:`dualglow_app.evaluate`. Usage problems exit with 2, a failed
-preprocessing or training with 1.
+the science is in :mod:`dualglow_app.evaluate`. Usage problems and folders that cannot be
+written exit with 2, a failed preprocessing or training with 1, an interruption with 130/143
+(:mod:`dualglow_app.cli.errors`); a rerun of the same command resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import click
 
 from dualglow_app import __version__
+from dualglow_app.cli.bids_app import check_writable
+from dualglow_app.cli.errors import GuardedCommand, RunError
 from dualglow_app.evaluate.options import BASELINE_NAMES
 
 
@@ -24,7 +27,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
     return names
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               resume_hint=lambda params: "rerun the same command to continue: finished folds and methods are reused")
 @click.argument("bids_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.argument("output_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--folds", type=int, default=5, show_default=True, help="K of the K-fold cross-validation (by subject).")
@@ -42,7 +46,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits; fold k trains with seed + k.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("-w", "--work-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Preprocessing cache and resumable per-fold results (default: OUTPUT_DIR/../dualglow-work).")
+              help="Preprocessing cache and resumable per-fold results (default: OUTPUT_DIR/../dualglow-work where "
+                   "it can be written, else $TMPDIR/dualglow-work).")
 @click.option("--grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True)
 @click.option("--batch-size", type=int, default=2, show_default=True)
 @click.option("--depth", type=int, default=8, show_default=True, help="DUAL-GLOW flow steps per level.")
@@ -68,17 +73,21 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
     from dualglow_app.bids import BIDSInputError
     from dualglow_app.dataset import DatasetError
     from dualglow_app.evaluate import EvaluateOptions, EvaluationError, evaluate, table1_rows
-    from dualglow_app.log import get_logger, setup_logging
+    from dualglow_app.log import describe_error, setup_logging
     from dualglow_app.metrics import LABELS, METRICS
+    from dualglow_app.options import default_work_dir
     from dualglow_app.runtime import DeviceUnavailableError
     from dualglow_app.train import TrainingError
 
     if bids_dir.resolve() == output_dir.resolve():
         raise click.UsageError("OUTPUT_DIR must differ from BIDS_DIR (the raw dataset is never written to).")
+    check_writable(output_dir, "OUTPUT_DIR")
+    if work_dir is not None:
+        check_writable(work_dir, "-w/--work-dir")
     setup_logging(verbose)
     try:
         options = EvaluateOptions(
-            bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir, folds=folds,
+            bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir or default_work_dir(output_dir), folds=folds,
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
             inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
@@ -92,8 +101,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
     except (EvaluationError, BIDSInputError, DeviceUnavailableError) as err:
         raise click.UsageError(str(err)) from None
     except (DatasetError, TrainingError) as err:
-        get_logger().error("%s", err)
-        raise SystemExit(1) from None
+        raise RunError(describe_error(err), 1) from None
     lines = ["method      " + "  ".join(f"{LABELS[m]:>18}" for m in METRICS)]
     for cells in table1_rows(result.table1, options.methods):
         lines.append(f"{cells[0]:<10}  " + "  ".join(f"{c:>18}" for c in cells[1:]))

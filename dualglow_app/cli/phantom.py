@@ -1,5 +1,6 @@
 """The ``dualglow-phantom`` command: arguments in, :func:`make_cohort` (or, with ``--mni-stack``,
-:func:`~dualglow_app.phantom.mni.make_mni_stack`) out; no science here."""
+:func:`~dualglow_app.phantom.mni.make_mni_stack`) out; no science here. Errors reach the user
+through the boundary every entry point shares (:mod:`dualglow_app.cli.errors`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 import click
 
 from dualglow_app import __version__
+from dualglow_app.cli.errors import GuardedCommand
 from dualglow_app.grid import PRESETS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=GuardedCommand, context_settings={"help_option_names": ["-h", "--help"]},
+               resume_hint=lambda params: "rerun the same command with --overwrite to write the cohort again")
 @click.argument("out_dir", type=click.Path(path_type=Path, file_okay=True))
 @click.option("--subjects", "n_subjects", type=int, required=True, help="Number of subjects (>= 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (>= 0).")

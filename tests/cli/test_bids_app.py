@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from dualglow_app import __version__
@@ -44,22 +47,20 @@ def test_space_separated_labels_are_expanded() -> None:
     ]
 
 
-def test_sigterm_unwinds_so_atomic_writes_clean_up(tmp_path: Path) -> None:
-    import os
-    import signal
-
-    import pytest
-
-    from dualglow_app.cli.bids_app import sigterm_as_exit
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_unwind_so_atomic_writes_clean_up(tmp_path: Path, signum: int) -> None:
+    """SIGTERM and SIGINT alike become an exception, so every atomic write removes its temporary."""
+    from dualglow_app.cli.errors import Interrupted, signals_as_interrupts
     from dualglow_app.io import atomic_path
 
     target = tmp_path / "out.nii.gz"
-    with pytest.raises(SystemExit) as exited, sigterm_as_exit(), atomic_path(target) as tmp:
+    with pytest.raises(Interrupted) as interrupted, signals_as_interrupts(), atomic_path(target) as tmp:
         tmp.write_bytes(b"half a file")
-        os.kill(os.getpid(), signal.SIGTERM)
-    assert exited.value.code == 143
+        os.kill(os.getpid(), signum)
+    assert interrupted.value.signum == signum and isinstance(interrupted.value, KeyboardInterrupt)
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_participant_option_errors_exit_2_before_any_work(tiny_bids: Callable[..., Path], tmp_path: Path) -> None:
