@@ -28,6 +28,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -253,8 +254,15 @@ class _Run:
             checkpoint = load_checkpoint(path, self.device)
         except ModelFileError as err:
             raise TrainingError(str(err)) from None
-        if checkpoint["fingerprint"] != self.fingerprint:
-            changed = sorted(k for k in self.fingerprint if checkpoint["fingerprint"].get(k) != self.fingerprint[k])
+        from dualglow_app.model import DualGlowConfig
+
+        stored = dict(checkpoint["fingerprint"])
+        with contextlib.suppress(TypeError, ValueError):
+            # A checkpoint of an older release lacks the config fields added since: read with
+            # their values for old files, it resumes when nothing it was built with changed.
+            stored["config"] = DualGlowConfig.from_dict(stored["config"]).to_dict()
+        if stored != self.fingerprint:
+            changed = sorted(k for k in self.fingerprint if stored.get(k) != self.fingerprint[k])
             raise TrainingError(
                 f"{path}: checkpoint of a different run (changed: {', '.join(changed)}); "
                 "use the same options and subjects, or drop --resume (or the file) to start afresh."

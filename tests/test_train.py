@@ -241,6 +241,18 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> 
         train(tiny_options(tmp_path / "out", tmp_path / "work", hidden=12, resume=True), data=paired_volumes(4))
 
 
+def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_path: Path) -> None:
+    from dualglow_app.weights import load_checkpoint, save_checkpoint
+
+    options = tiny_options(tmp_path / "out", tmp_path / "work", epochs=1)
+    train(options, data=paired_volumes(4))
+    checkpoint = load_checkpoint(options.checkpoint_path, "cpu")
+    del checkpoint["fingerprint"]["config"]["relation_layers"]  # as an older release wrote it
+    save_checkpoint(options.checkpoint_path, checkpoint)
+    resumed = train(tiny_options(tmp_path / "out", tmp_path / "work", epochs=2, resume=True), data=paired_volumes(4))
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+
+
 def test_non_finite_step_is_skipped_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
