@@ -134,12 +134,12 @@ echo "image $image: $(gigabytes "$size") GB" >&2
 uid=$(( 20000 + RANDOM % 40000 ))
 run=("$DOCKER" run --rm --network none --read-only --tmpfs /tmp -u "$uid:$uid")
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/dualglow-smoke.XXXXXX")
-mkdir -m 0777 "$scratch"/{bids,out,group,trained,readonly}
+mkdir -m 0777 "$scratch"/{bids,out,group,trained,work,readonly}
 cleanup() {
   [ -z "${server_pid:-}" ] || kill "$server_pid" 2>/dev/null || true
   # Files the container wrote belong to $uid: remove them as $uid when we may not.
   rm -rf "$scratch" 2>/dev/null \
-    || { "$DOCKER" run --rm -u "$uid:$uid" -v "$scratch:/s" --entrypoint /bin/rm "$image" -rf /s/bids /s/out /s/group /s/trained \
+    || { "$DOCKER" run --rm -u "$uid:$uid" -v "$scratch:/s" --entrypoint /bin/rm "$image" -rf /s/bids /s/out /s/group /s/trained /s/work \
          && rm -rf "$scratch"; } || true
 }
 trap cleanup EXIT
@@ -154,6 +154,19 @@ say "--help"
 t=$(now); out=$("${run[@]}" "$image" --help) || fail "--help"
 grep -q "{participant|group}" <<<"$out" || fail "--help lacks the levels: $out"
 record "dualglow --help" "$t"
+
+say "dualglow-check-gpu (no GPU here: exit 1 with the reason; then the bf16 step on the CPU)"
+t=$(now); rc=0; out=$("${run[@]}" --entrypoint dualglow-check-gpu "$image" 2>&1) || rc=$?
+echo "$out" >&2
+if "${run[@]}" --entrypoint nvidia-smi "$image" >/dev/null 2>&1; then
+  [ "$rc" = 0 ] || fail "dualglow-check-gpu failed with a GPU visible"
+else
+  [ "$rc" = 1 ] && grep -q "^Error: no GPU" <<<"$out" || fail "dualglow-check-gpu without a GPU: exit $rc"
+fi
+out=$("${run[@]}" --entrypoint dualglow-check-gpu "$image" --device cpu --grid tiny8mm --depth 2 --hidden 16 --steps 2) \
+  || fail "dualglow-check-gpu --device cpu"
+echo "$out" | tail -n 1 >&2
+record "dualglow-check-gpu (+ --device cpu)" "$t"
 
 say "phantom: 2 subjects"
 t=$(now)
@@ -178,17 +191,17 @@ record "bids-validator-deno on the outputs" "$t"
 
 say "group level: a tiny model"
 t=$(now)
-"${run[@]}" -v "$scratch/bids/ds:/data:ro" -v "$scratch/group:/out" "$image" /data /out group -w /tmp/work \
+"${run[@]}" -v "$scratch/bids/ds:/data:ro" -v "$scratch/group:/out" -v "$scratch/work:/work" "$image" /data /out group -w /work \
   --grid tiny8mm --epochs 2 --depth 1 --hidden 8 --relation-hidden 8 --batch-size 2 --val-fraction 0 \
   --side-info age --model-name smoke --nprocs 2 --skip-bids-validation \
   || fail "group level"
 record "group level, tiny8mm, 2 epochs" "$t"
 [ -f "$scratch/group/models/smoke.safetensors" ] || fail "the group level wrote no models/smoke.safetensors"
 
-say "participant level with the group level's model"
+say "participant level with the group level's model (the group level's preprocessing cache, -w /work)"
 t=$(now)
 "${run[@]}" -v "$scratch/bids/ds:/data:ro" -v "$scratch/group/models:/models:ro" -v "$scratch/trained:/out" \
-  "$image" /data /out participant -w /tmp/work --weights /models/smoke.safetensors --skip-bids-validation --nprocs 2 \
+  -v "$scratch/work:/work" "$image" /data /out participant -w /work --weights /models/smoke.safetensors --skip-bids-validation --nprocs 2 \
   || fail "participant level with the trained model"
 record "participant, 2 subjects (trained model)" "$t"
 sha=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$scratch/group/models/smoke.json")
