@@ -2,7 +2,8 @@
 
 Built from the files on disk (so a rerun that skips finished scans still reports them): per
 scan the inputs and settings from the sidecar, how far the T1w was from the training data,
-an orthogonal montage of the preprocessed T1w, the synthetic PET and the uncertainty map,
+an orthogonal montage of the preprocessed T1w, the synthetic PET, its departure from the
+model's mean training PET and the uncertainty map,
 and the age sweep's regional curves. A failed report is logged and never fails the subject
 (as in fMRIPrep's reports).
 """
@@ -42,7 +43,7 @@ def write_subject_report(
         report = HtmlReport(f"sub-{subject}: synthetic FDG-PET", banner=banner)
         shown = 0
         for scan in scans:
-            shown += _report_scan(report, scan, options)
+            shown += _report_scan(report, scan, options, model)
         if not shown:
             return None
         return report.write(path)
@@ -52,25 +53,48 @@ def write_subject_report(
         return None
 
 
-def scan_montage(planned: dict[str, Path]) -> Any:
+def population_mean_pet(model: LoadedModel, like: Any) -> np.ndarray | None:
+    """The model's mean training PET (SUVR; its PET template) on the grid of the image ``like``,
+    or None for a model without templates."""
+    import nibabel as nib
+
+    from dualglow_app.imaging import resample_to
+
+    template = getattr(model.model, "pet_template", None)
+    if template is None:
+        return None
+    suvr = model.scaling.pet_from_model(template[0, 0].detach().cpu().numpy().astype(np.float32))
+    return resample_to(nib.Nifti1Image(suvr, model.grid.affine), like.affine, like.shape, order=1)
+
+
+def scan_montage(planned: dict[str, Path], model: LoadedModel | None = None) -> Any:
     """Orthogonal montage of a scan's outputs (``planned_outputs``): the preprocessed T1w, the
-    synthetic PET and, with several samples, the uncertainty map; a matplotlib figure."""
+    synthetic PET, how it departs from the model's mean training PET (what the MRI and the
+    covariates changed) and, with several samples, the uncertainty map; a matplotlib figure."""
     from dualglow_app.report import MontageRow, orthogonal_montage
 
-    mean = np.asarray(load_nifti(planned["mean"]).dataobj, dtype=np.float32)
+    image = load_nifti(planned["mean"])
+    mean = np.asarray(image.dataobj, dtype=np.float32)
     t1w = np.asarray(load_nifti(planned["t1w"]).dataobj, dtype=np.float32)
-    vmax = float(np.percentile(mean[mean > 0], 99.5)) if (mean > 0).any() else 1.0
+    brain = mean > 0
+    vmax = float(np.percentile(mean[brain], 99.5)) if brain.any() else 1.0
     montage = [
         MontageRow("T1w (preprocessed, MNI)", t1w, vmin=0.0, vmax=1.0),
         MontageRow("synthetic FDG-PET", mean, cmap="magma", vmin=0.0, vmax=vmax, colorbar_label="SUVR"),
     ]
+    population = None if model is None else population_mean_pet(model, image)
+    if population is not None and brain.any():
+        departure = np.where(brain, mean - population, 0.0).astype(np.float32)
+        limit = max(float(np.percentile(np.abs(departure[brain]), 99.5)), 1e-3)
+        montage.append(MontageRow("synthetic minus the mean training PET", departure, cmap="RdBu_r", vmin=-limit,
+                                  vmax=limit, colorbar_label="SUVR"))  # fmt: skip
     if "sd" in planned and planned["sd"].is_file():
         sd = np.asarray(load_nifti(planned["sd"]).dataobj, dtype=np.float32)
         montage.append(MontageRow("uncertainty (SD of samples)", sd, cmap="viridis", vmin=0.0, colorbar_label="SD (SUVR)"))
     return orthogonal_montage(montage)
 
 
-def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
+def _report_scan(report: Any, scan: Scan, options: ParticipantOptions, model: LoadedModel) -> int:
     from dualglow_app.report import line_figure
 
     planned = planned_outputs(scan, options)
@@ -102,8 +126,10 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
         rows.append(["MRI latents outside the training range", f"{100 * outside:.2f} %{flag}"])
     report.add_table(["", ""], rows)
     report.add_figure(
-        scan_montage(planned),
-        f"{scan.prefix}: axial, coronal and sagittal slices in {MNI} (res-{options.output_res}).",
+        scan_montage(planned, model),
+        f"{scan.prefix}: axial, coronal and sagittal slices in {MNI} (res-{options.output_res}). The row "
+        "'synthetic minus the mean training PET' is how this subject's synthetic PET departs from the population the model learnt (its mean training PET): "
+        "a model that ignored the MRI would show only noise there.",
     )
     table = planned.get("sweep_table")
     if table is not None and table.is_file():
@@ -123,4 +149,4 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions) -> int:
     return 1
 
 
-__all__ = ["scan_montage", "write_subject_report"]
+__all__ = ["population_mean_pet", "scan_montage", "write_subject_report"]
