@@ -644,6 +644,27 @@ class DualGlow(nn.Module):
         return self.sample_prior(self.conditional_prior(x_mri, side), temperature, n, generator)
 
     @torch.no_grad()
+    def counterfactual(self, x_mri: Tensor, x_pet: Tensor, side: SideInput, new_side: SideInput) -> Tensor:
+        """A measured PET as it would look with other side information (the authors' released
+        code does this): encode the PET, keep each latent's standardised residual from its prior
+        under ``side``, (zp - mu) / sigma, and put it on the prior under ``new_side``. Where the
+        prior does not depend on c (the lower levels, eq. 16), the latents stay as they are;
+        with a prior whose scale does not depend on c this is zp - mu(c) + mu(c').
+
+        Returns ``(batch, in_channels, *spatial)`` on the [0, 1] scale; ``side == new_side``
+        gives back the measured PET (up to the flow's numerical inverse).
+        """
+        self._check_image(x_pet, "x_pet")
+        old, new = self.conditional_prior(x_mri, side), self.conditional_prior(x_mri, new_side)
+        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet"))
+        moved = [
+            mu_new + (z - mu_old) * (log_sigma_new - log_sigma_old).exp()
+            for z, mu_old, log_sigma_old, mu_new, log_sigma_new in zip(
+                zp, old.mu, old.log_sigma, new.mu, new.log_sigma, strict=True)
+        ]  # fmt: skip
+        return self._quantize_back(self.flow_pet.inverse(moved), "pet")
+
+    @torch.no_grad()
     def sample_prior(
         self,
         prior: ConditionalPrior,
