@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import click
 
@@ -101,13 +100,13 @@ def device_info() -> DeviceInfo:
     """What torch sees; never raises (a machine without a GPU gets ``name=None``)."""
     import torch
 
-    base = {"torch_version": torch.__version__, "cuda_build": torch.version.cuda, "driver": _driver_version()}
+    version, cuda, driver = str(torch.__version__), torch.version.cuda, _driver_version()
     if not torch.cuda.is_available():
-        return DeviceInfo(**base)
+        return DeviceInfo(torch_version=version, cuda_build=cuda, driver=driver)
     props = torch.cuda.get_device_properties(0)
-    return DeviceInfo(**base, name=props.name, capability=(props.major, props.minor),
-                      memory_gib=props.total_memory / 2**30, bf16=torch.cuda.is_bf16_supported(),
-                      count=torch.cuda.device_count())
+    return DeviceInfo(torch_version=version, cuda_build=cuda, driver=driver, name=props.name,
+                      capability=(props.major, props.minor), memory_gib=props.total_memory / 2**30,
+                      bf16=torch.cuda.is_bf16_supported(), count=torch.cuda.device_count())
 
 
 def require_gpu(info: DeviceInfo) -> None:
