@@ -22,7 +22,7 @@ import click
 from dualglow_app import __version__
 from dualglow_app.bids import AGE
 from dualglow_app.cli.errors import GuardedCommand, RunError
-from dualglow_app.io import writable_dir
+from dualglow_app.io import remove_stale_temporaries, writable_dir
 from dualglow_app.runtime import in_container
 
 LEVELS = ("participant", "group")
@@ -297,6 +297,8 @@ def _run_group(general: dict[str, object], options: dict[str, object], verbose: 
         training = TrainOptions(**general, **group)  # type: ignore[arg-type]
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    if main_rank:  # a killed run's half-written model or report (the work dir: prepare_dataset)
+        remove_stale_temporaries(output_dir, recursive=True)
     try:
         result = train(training)
     except (BIDSInputError, DeviceUnavailableError) as err:

@@ -17,6 +17,7 @@ from dualglow_app import __version__
 from dualglow_app.cli.bids_app import check_writable
 from dualglow_app.cli.errors import GuardedCommand, RunError
 from dualglow_app.evaluate.options import BASELINE_NAMES
+from dualglow_app.io import remove_stale_temporaries
 
 
 def _parse_baselines(value: str) -> tuple[str, ...]:
@@ -96,6 +97,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
         )  # fmt: skip
     except ValueError as err:
         raise click.UsageError(str(err)) from None
+    remove_stale_temporaries(output_dir, recursive=True)  # a killed run's half-written report
     try:
         result = evaluate(options)
     except (EvaluationError, BIDSInputError, DeviceUnavailableError) as err:
