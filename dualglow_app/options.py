@@ -170,6 +170,8 @@ class TrainOptions:
     relation_layers: int = 2
     # DualGlowConfig.top_prior: "side" (eq. 16) or "mri+side".
     top_prior: str = "side"
+    # DualGlowConfig.top_mri_side: "keep" (eq. 17) or "remove".
+    top_mri_side: str = "keep"
     side_info: Sequence[str] = ()
     epochs: int = 100
     # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a

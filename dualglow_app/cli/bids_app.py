@@ -172,6 +172,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
               help="group: with --side-info, the top PET prior takes the covariates alone (side: eq. 16) "
                    "or the top MRI latent too (mri+side: dualglow <= 0.1).")
+@click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
+              help="group: with --side-info, the eq. 17 head on the top MRI latent keeps the covariates in it "
+                   "(keep: the paper) or pushes them out through gradient reversal (remove).")
 @click.option("--grid", "grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True,
               help="group: model grid preset (MNI152NLin2009cAsym).")
 @click.option("--grid-mm", type=click.FloatRange(1, 16), default=None, help="group: voxel size in mm instead of a preset.")

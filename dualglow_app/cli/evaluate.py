@@ -57,6 +57,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--relation-layers", type=int, default=2, show_default=True, help="DUAL-GLOW relation-network depth.")
 @click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
               help="DUAL-GLOW's top PET prior with --side-info: the covariates alone (eq. 16) or with the top MRI latent.")
+@click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
+              help="DUAL-GLOW's eq. 17 head on the top MRI latent: keep the covariates in it, or remove them (GRL).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="DUAL-GLOW's AdaMax learning rate (the baselines keep their own: Adam 1e-3, GANs 2e-4).")
 @click.option("--baseline-width", type=int, default=16, show_default=True, help="Baselines' first-layer channels.")
@@ -68,7 +70,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
          inner_val_fraction: float, side_info: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
-         relation_hidden: int, relation_layers: int, top_prior: str, lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
+         relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
     """Cross-validate DUAL-GLOW against baselines on the paired T1w + FDG-PET of BIDS_DIR (the paper's Tables 1-2, Figs. 4 and 7)."""
     from dualglow_app.bids import BIDSInputError
@@ -92,7 +94,8 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
             inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
-            relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior, lr=lr, baseline_width=baseline_width,
+            relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,
+            top_mri_side=top_mri_side, lr=lr, baseline_width=baseline_width,
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip
     except ValueError as err:

@@ -81,6 +81,7 @@ class EvaluateOptions:
     relation_hidden: int = 64
     relation_layers: int = 2
     top_prior: str = "side"
+    top_mri_side: str = "keep"
     lr: float = 1e-3
     warmup_steps: int = 100
     baseline_width: int = 16

@@ -91,6 +91,10 @@ class DualGlowConfig:
     # p(zp_top | zm_top, c), what versions up to 0.1 built (the network could read age from the
     # MRI and ignore c). Without side information the top prior is eq. 10's, on zm_top.
     top_prior: str = "side"
+    # The eq. 17 head on the top MRI latent: "keep" (the paper: no GRL, c stays in zm_top) or
+    # "remove" (behind a GRL like the lower ones: what the MRI says about c is pushed out, so a
+    # "mri+side" top prior must take c from c; the MRI keeps what c does not explain).
+    top_mri_side: str = "keep"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -116,6 +120,8 @@ class DualGlowConfig:
                 problems.append(f"categorical[{name!r}]={k} classes (must be >= 2)")
         if self.top_prior not in TOP_PRIORS:
             problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
+        if self.top_mri_side not in ("keep", "remove"):
+            problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
         if self.template_shape is not None and (
             len(self.template_shape) != self.ndim or min(self.template_shape) < 1
         ):
@@ -299,13 +305,14 @@ class DualGlow(nn.Module):
         )
         if cfg.n_side:
             # eq. 17: heads without GRL on the top latents of both flows keep c in them; heads
-            # behind a GRL on the lower MRI latents z'_m push c out of them.
+            # behind a GRL on the lower MRI latents z'_m push c out of them (top_mri_side="remove":
+            # out of the top MRI latent too).
+            kept = 2 if cfg.top_mri_side == "keep" else 1
+            removed = channels[:top] if cfg.top_mri_side == "keep" else channels
             self.side_keep = nn.ModuleList(
-                SideHead(channels[top], cfg.n_side, cfg.relation_hidden, cfg.ndim) for _ in range(2)
+                SideHead(channels[top], cfg.n_side, cfg.relation_hidden, cfg.ndim) for _ in range(kept)
             )
-            self.side_remove = nn.ModuleList(
-                SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in channels[:top]
-            )
+            self.side_remove = nn.ModuleList(SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in removed)
         if cfg.template_shape is not None:
             shape = (1, cfg.in_channels, *cfg.template_shape)
             # Buffers: saved with the weights, moved with .to(), never trained.
@@ -576,10 +583,11 @@ class DualGlow(nn.Module):
         if encoded is not None:
             _, cont, cats = encoded
             keep = x_mri.new_zeros(())
-            for head, z in zip(self.side_keep, (zm[-1], zp[-1]), strict=True):
+            top_mri_kept = cfg.top_mri_side == "keep"
+            for head, z in zip(self.side_keep, (zm[-1], zp[-1]) if top_mri_kept else (zp[-1],), strict=True):
                 keep = keep + self._side_loss(head(z), cont, cats)
             remove = x_mri.new_zeros(())
-            for head, z in zip(self.side_remove, zm[:-1], strict=True):
+            for head, z in zip(self.side_remove, zm[:-1] if top_mri_kept else zm, strict=True):
                 remove = remove + self._side_loss(head(grad_reverse(z)), cont, cats)
             # eq. 17: side-information losses enter the objective with a small weight.
             loss = loss + cfg.side_loss_weight * (keep + remove)

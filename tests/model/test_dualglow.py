@@ -445,6 +445,32 @@ def test_relation_networks_deepen_and_the_default_keeps_the_weight_names_of_olde
     assert torch.isfinite(deep.nll(mri, pet)["loss"])
 
 
+def test_top_mri_side_remove_puts_the_top_mri_latent_behind_a_gradient_reversal() -> None:
+    mri, pet = images(batch=2)
+    side = {"age": torch.tensor([60.0, 80.0])}
+    keep = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, top_prior="mri+side"))
+    remove = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, top_prior="mri+side", top_mri_side="remove"))
+    assert (len(keep.side_keep), len(keep.side_remove)) == (2, 1)
+    assert (len(remove.side_keep), len(remove.side_remove)) == (1, 2)  # zp_top kept; both MRI latents removed
+    remove = trained_like(remove, mri, pet, side)
+    out = remove.nll(mri, pet, side)
+    zm, _ = remove.flow_mri(remove._dequantize(mri, noise=False, modality="mri"))
+    zp, _ = remove.flow_pet(remove._dequantize(pet, noise=False, modality="pet"))
+    _, cont, cats = remove._encode_side(side, 2, mri)
+    assert torch.allclose(out["side_keep"], remove._side_loss(remove.side_keep[0](zp[-1]), cont, cats))
+    removed = sum(remove._side_loss(head(z), cont, cats) for head, z in zip(remove.side_remove, zm, strict=True))
+    assert torch.allclose(out["side_remove"], removed)
+    # Behind the GRL: the MRI flow gets the head loss's gradient reversed.
+    remove.zero_grad()
+    out["side_remove"].backward()
+    reversed_grad = [p.grad.clone() for p in remove.flow_mri.parameters() if p.grad is not None]
+    remove.zero_grad()
+    zm, _ = remove.flow_mri(remove._dequantize(mri, noise=False, modality="mri"))
+    sum(remove._side_loss(head(z), cont, cats) for head, z in zip(remove.side_remove, zm, strict=True)).backward()
+    plain = [p.grad.clone() for p in remove.flow_mri.parameters() if p.grad is not None]
+    assert all(torch.allclose(a, -b, atol=1e-5) for a, b in zip(reversed_grad, plain, strict=True))
+
+
 def test_counterfactual_moves_a_measured_pet_along_the_covariate_only() -> None:
     torch.manual_seed(0)
     mri, pet = images(batch=2)
