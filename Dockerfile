@@ -21,6 +21,8 @@ ARG BASE_IMAGE=debian:bookworm-slim
 # ---- base: Python (from the base image, else from Debian's packages) -----------------------
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# No apt version pins (hadolint DL3008): Debian replaces a version when it ships a security fix,
+# so a pinned version disappears from the mirror and the recipe stops building.
 # hadolint ignore=DL3008
 RUN --mount=type=secret,id=ca \
     if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
@@ -33,16 +35,17 @@ RUN --mount=type=secret,id=ca \
 
 # ---- build: a virtual environment with torch, the dependencies and the package -------------
 FROM base AS build
-ARG TORCH_SPEC=torch==2.13.0
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
-ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 COPY docker/with-ca.sh /usr/local/bin/with-ca
 # --system-site-packages: a base image's own torch is seen when TORCH_SPEC is empty.
 RUN python3 -m venv --system-site-packages /opt/venv
+# Build arguments are part of every later step's cache key, so they come after the venv.
+ARG TORCH_SPEC=torch==2.13.0
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
 # Layers from the slowest-changing down: torch, then the dependencies (pyproject.toml alone),
 # then the package; editing the source rebuilds only the last ones.
 RUN --mount=type=secret,id=ca \

@@ -8,7 +8,7 @@
 # The result stands in for the Dockerfile's default base, debian:bookworm-slim: the same
 # suite, debootstrap's "minbase" variant (essential + apt, as the slim image), and the same
 # apt sources (main + updates + security). It needs root (debootstrap chroots) and a
-# running Docker daemon; it takes about 2-4 minutes and ~90 MB of downloads.
+# running Docker daemon; it took 96 s here (a 117 MB image).
 set -euo pipefail
 tag=${1:-dualglow-local/debian:bookworm-slim}
 suite=${2:-bookworm}

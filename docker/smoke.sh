@@ -18,7 +18,8 @@
 #                   container, not CUDA; TORCH_SPEC=torch==2.13.0 gives the CUDA image)
 #   SMOKE_WHEELS    a folder of wheels served to the build as PIP_FIND_LINKS (default: a folder
 #                   of the host's PIP_FIND_LINKS that holds the wanted torch wheel, if any; else
-#                   the CPU wheels come from download.pytorch.org/whl/cpu)
+#                   the CPU wheels come from download.pytorch.org/whl/cpu), on 127.0.0.1:
+#                   SMOKE_WHEELS_PORT (default 38517)
 #   SMOKE_CA        CA bundle passed as the build secret "ca" (default: $PIP_CERT, $SSL_CERT_FILE
 #                   or $REQUESTS_CA_BUNDLE when one is a file)
 #   SMOKE_NETWORK   network of the build's RUN steps (default: host)
@@ -107,7 +108,11 @@ else
   fi
   server_pid=
   if [ -n "$wheels" ]; then
-    port=$(( 20000 + RANDOM % 20000 ))
+    # A fixed port by default: PIP_FIND_LINKS is part of the build cache key.
+    port=${SMOKE_WHEELS_PORT:-38517}
+    if python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1)' "$port" 2>/dev/null; then
+      port=$(( 20000 + RANDOM % 20000 ))
+    fi
     python3 -m http.server "$port" --bind 127.0.0.1 --directory "$wheels" >/dev/null 2>&1 &
     server_pid=$!
     trap '[ -z "$server_pid" ] || kill "$server_pid" 2>/dev/null || true' EXIT
@@ -213,8 +218,8 @@ bad_input() { # $1: label; rest: docker run arguments. Must exit 2, one error li
   out=$("${run[@]}" "$@" 2>&1) || rc=$?
   [ "$rc" = 2 ] || { echo "$out" >&2; fail "$label: exit $rc, expected 2"; }
   if grep -q Traceback <<<"$out"; then echo "$out" >&2; fail "$label: a traceback"; fi
-  [ "$(grep -ci error <<<"$out")" = 1 ] || { echo "$out" >&2; fail "$label: expected one error line"; }
-  echo "$label -> exit 2: $(grep -i error <<<"$out")" >&2
+  [ "$(grep -c '^Error: ' <<<"$out")" = 1 ] || { echo "$out" >&2; fail "$label: expected one 'Error: ' line"; }
+  echo "$label -> exit 2: $(grep '^Error: ' <<<"$out")" >&2
 }
 say "bad inputs"
 t=$(now)
