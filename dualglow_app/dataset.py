@@ -196,7 +196,7 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
                 suvr = preprocess_pet(scan.pet, t1, spec.work_dir, nprocs)  # type: ignore[arg-type]
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM through the CLI
                 add_note(interrupt, f"while preprocessing {scan.prefix} ({len(labels) + len(skipped)} of {len(scans)} "
-                                   "pairs done; their preprocessing is cached in the work dir)")  # fmt: skip
+                                   "pairs done)")  # fmt: skip
                 raise
             except Exception as err:  # noqa: BLE001 - one bad subject must not stop the cohort
                 reason = describe_error(err)

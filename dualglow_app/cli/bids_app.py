@@ -61,10 +61,12 @@ def _is_number(token: str) -> bool:
 
 def resume_hint(params: dict[str, Any]) -> str:
     """How to continue an interrupted run of the level in ``params``."""
-    if params.get("analysis_level") == "group":
-        return ("rerun the same command with --resume to continue after the last finished epoch "
-                "(the preprocessing is cached in the work dir)")  # fmt: skip
-    return "rerun the same command to continue: finished scans are skipped"
+    if params.get("analysis_level") != "group":
+        return "rerun the same command to continue: finished scans are skipped"
+    if params.get("preprocess_only"):
+        return "rerun the same command to continue: what was preprocessed is cached in the work dir"
+    return ("rerun the same command with --resume to continue after the last finished epoch "
+            "(what was preprocessed is cached in the work dir)")  # fmt: skip
 
 
 class BIDSAppCommand(GuardedCommand):

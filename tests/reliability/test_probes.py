@@ -208,8 +208,8 @@ def test_probe_5_sigterm_while_stacking_leaves_nothing_and_says_how_to_resume(
     result = invoke(cohort, tmp_path / "out", "group", "-w", work, "--preprocess-only", "--grid", "tiny8mm",
                     "--skip-bids-validation", "--nprocs", "1")  # fmt: skip
     assert result.exit_code == 143, result.output
-    assert ("interrupted by SIGTERM while preprocessing sub-02 (1 of 3 pairs done; their preprocessing is cached "
-            "in the work dir): no half-written file was kept; rerun the same command with --resume") in result.output
+    assert ("interrupted by SIGTERM while preprocessing sub-02 (1 of 3 pairs done): no half-written file was kept; "
+            "rerun the same command to continue: what was preprocessed is cached in the work dir") in result.output
     assert temporaries(work, tmp_path / "out") == []
     assert [p.name for p in (work / "train-data").iterdir() if not p.name.endswith(".lock")] == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is restored"
