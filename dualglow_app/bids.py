@@ -63,7 +63,7 @@ class Scan:
     age_source: str | None = None
     sex: str | None = None
     diagnosis: str | None = None
-    covariate_problems: Mapping[str, str] = field(default_factory=dict)
+    covariate_problems: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def prefix(self) -> str:
@@ -296,6 +296,7 @@ def find_scans(
     keys |= {(s, None) for s in (subjects or on_disk) if s not in with_files}  # logged below: no T1w
     participants = TsvTable.read(root / "participants.tsv", "participant_id", "sub")
     session_tables: dict[str, TsvTable | None] = {}
+    unreadable_sessions: dict[str, str] = {}  # a broken sub-X_sessions.tsv fails that subject's scans only
     scans: list[Scan] = []
     for subject, session in sorted(keys, key=lambda k: (k[0], k[1] or "")):
         if sessions and session not in sessions:
@@ -311,11 +312,16 @@ def find_scans(
             log.info("%s: no %s PET; not used for training", where, tracer or "")
             continue
         if session is not None and subject not in session_tables:
-            session_tables[subject] = TsvTable.read(
-                root / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", "session_id", "ses"
-            )
+            try:
+                session_tables[subject] = TsvTable.read(
+                    root / f"sub-{subject}" / f"sub-{subject}_sessions.tsv", "session_id", "ses"
+                )
+            except BIDSInputError as err:
+                session_tables[subject], unreadable_sessions[subject] = None, str(err)
         problems: dict[str, str] = {}
         try:
+            if subject in unreadable_sessions:
+                raise CovariateError(unreadable_sessions[subject])
             age, age_source = read_covariate(AGE, subject, session, participants, session_tables.get(subject))
         except CovariateError as err:
             age, age_source, problems["age"] = None, None, str(err)

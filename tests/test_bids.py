@@ -94,6 +94,15 @@ def test_a_bad_session_age_is_not_papered_over_by_participants_tsv(tiny_bids: Ca
     assert (second.age, second.covariate_problems) == (71.0, {})
 
 
+def test_a_broken_sessions_tsv_is_that_subjects_problem(tiny_bids: Callable[..., Path]) -> None:
+    root = tiny_bids(subjects=("01", "02"), sessions=("1",))
+    (root / "sub-01" / "sub-01_sessions.tsv").write_text("session\tage\nses-1\t70\n")
+    first, second = find_scans(root)
+    assert first.age is None and "sub-01_sessions.tsv: no session_id column" in first.covariate_problems["age"]
+    assert (second.age, second.covariate_problems) == (65.0, {})
+    assert len({first, second}) == 2, "scans stay hashable"
+
+
 def test_covariate_parse_and_range() -> None:
     assert AGE.parse(" 71.5 ", Path("p.tsv"), "sub-01") == 71.5 and AGE.parse("n/a", Path("p.tsv"), "sub-01") is None
     with pytest.raises(CovariateError, match=r"^p.tsv, row sub-01, column age: 111 is outside 18-110 years"):
