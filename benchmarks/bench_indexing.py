@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from perfkit import RESULTS, machine, print_table  # noqa: E402
 
 from dualglow_app.bids import find_scans  # noqa: E402
-from dualglow_app.io import remove_stale_temporaries  # noqa: E402
+from dualglow_app.io import remove_stale_work_temporaries  # noqa: E402
 
 TARGET_S = 10.0
 
@@ -81,7 +81,7 @@ def main() -> None:
         timings["find_scans, warm (stored index)"] = time.perf_counter() - start
         fill_cache(work, args.subjects * args.sessions)
         start = time.perf_counter()
-        remove_stale_temporaries(work, recursive=True)
+        remove_stale_work_temporaries(work)
         timings["sweep of the work dir (a cache entry per scan)"] = time.perf_counter() - start
     assert len(scans) == len(again) == args.subjects * args.sessions
     assert all(s.age is not None for s in scans)

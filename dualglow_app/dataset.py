@@ -38,7 +38,7 @@ from dualglow_app import __version__
 from dualglow_app.bids import Scan, find_scans
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
-from dualglow_app.io import atomic_dir, entry_lock, remove_stale_temporaries, write_json
+from dualglow_app.io import atomic_dir, entry_lock, remove_stale_work_temporaries, write_json
 from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.runtime import cpu_threads
 
@@ -227,7 +227,7 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
     fewer than 2 pairs are usable, naming them.
     """
     if rank == 0:
-        remove_stale_temporaries(spec.work_dir, recursive=True)
+        remove_stale_work_temporaries(spec.work_dir)
     scans = find_pairs(spec)
     if len(scans) < 2:
         raise _too_few(spec, [s.prefix for s in scans], {})

@@ -193,6 +193,16 @@ def remove_stale_temporaries(folder: os.PathLike[str] | str, recursive: bool = F
     return removed
 
 
+#: The folders a run writes in the work dir (docs/ARCHITECTURE.md, "Work directory"): the only
+#: ones swept, so a work dir on a big shared scratch folder is not walked whole.
+WORK_DIR_PARTS = ("pybids", "cache", "train-data", "train", "evaluate")
+
+
+def remove_stale_work_temporaries(work_dir: os.PathLike[str] | str) -> list[Path]:
+    """:func:`remove_stale_temporaries` in each of the work dir's :data:`WORK_DIR_PARTS`."""
+    return [path for part in WORK_DIR_PARTS for path in remove_stale_temporaries(Path(work_dir) / part, recursive=True)]
+
+
 def _is_stale(path: Path, host: str, now: float) -> bool:
     owner = temporary_owner(path.name)
     if owner is not None and owner[1] == host:

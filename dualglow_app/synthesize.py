@@ -43,7 +43,13 @@ import numpy as np
 from dualglow_app import derivatives as out
 from dualglow_app.bids import Scan, bids_uri, check_bids_dataset, find_scans, sidecar_path
 from dualglow_app.inference import CLIPPED_WARNING, LATENT_WARNING, Prediction, predict, scan_seed
-from dualglow_app.io import remove_stale_temporaries, save_nifti, write_json, write_text
+from dualglow_app.io import (
+    remove_stale_temporaries,
+    remove_stale_work_temporaries,
+    save_nifti,
+    write_json,
+    write_text,
+)
 from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.options import T1W, ParticipantOptions, ParticipantUsageError
 from dualglow_app.runtime import resolve_device, torch_threads
@@ -147,7 +153,7 @@ def run_participant(options: ParticipantOptions) -> ParticipantSummary:
         )
     work_dir = options.resolved_work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(work_dir, recursive=True)
+    remove_stale_work_temporaries(work_dir)
     scans = find_scans(options.bids_dir, options.participant_labels, options.session_labels, work_dir=work_dir)
     if not scans:
         raise ParticipantUsageError(f"{options.bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) found")

@@ -164,3 +164,16 @@ def test_json_files_are_always_valid_json(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="JSON"):
         write_json(tmp_path / "a.json", {"Age": float("nan")})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_sweeps_only_the_work_dirs_own_folders(tmp_path: Path) -> None:
+    """-w may point into a big shared scratch folder: only what dualglow writes is walked."""
+    from dualglow_app.io import _host_id, remove_stale_work_temporaries
+
+    name = f".x.json.abcd1234.tmp-{_dead_pid()}-{_host_id()}.json"
+    ours = tmp_path / "train" / "dualglow" / name
+    theirs = tmp_path / "someone-elses" / name
+    for path in (ours, theirs):
+        path.parent.mkdir(parents=True)
+        path.write_text("")
+    assert remove_stale_work_temporaries(tmp_path) == [ours] and theirs.exists()

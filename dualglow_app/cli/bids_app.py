@@ -303,7 +303,8 @@ def _run_group(general: dict[str, object], options: dict[str, object], verbose: 
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     if main_rank:  # a killed run's half-written model or report (the work dir: prepare_dataset)
-        remove_stale_temporaries(output_dir, recursive=True)
+        for folder in (output_dir, output_dir / "models"):
+            remove_stale_temporaries(folder)
     try:
         result = train(training)
     except (BIDSInputError, DeviceUnavailableError) as err:

@@ -100,7 +100,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
         )  # fmt: skip
     except ValueError as err:
         raise click.UsageError(str(err)) from None
-    remove_stale_temporaries(output_dir, recursive=True)  # a killed run's half-written report
+    remove_stale_temporaries(output_dir)  # a killed run's half-written report
     try:
         result = evaluate(options)
     except (EvaluationError, BIDSInputError, DeviceUnavailableError) as err:
