@@ -363,7 +363,8 @@ def test_age_labels_are_bids_safe() -> None:
         ({"samples": 4, "temperature": 0.0}, "identical samples"),
         ({"temperature": -1.0}, "--temperature"),
         ({"output_spaces": ["fsaverage"]}, "--output-spaces fsaverage"),
-        ({"age_sweep": [60, 500]}, "age 500"),
+        ({"age_sweep": [60, 500]}, "--age-sweep 500: 500 is outside 18-110 years"),
+        ({"age": float("nan")}, "--age nan: nan is not a number of years"),
         ({"device": "tpu"}, "--device tpu"),
     ],
 )
