@@ -21,8 +21,8 @@ import click
 
 from dualglow_app import __version__
 from dualglow_app.bids import AGE
-from dualglow_app.cli.errors import GuardedCommand, RunError
-from dualglow_app.io import remove_stale_temporaries, writable_dir
+from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
+from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.runtime import in_container
 
 LEVELS = ("participant", "group")
@@ -79,17 +79,6 @@ class BIDSAppCommand(GuardedCommand):
         return super().parse_args(ctx, expand_multi_value_options(list(args)))
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """A usage error, with a hint that fits the environment, when ``folder`` cannot be written."""
-    if writable_dir(folder):
-        return
-    hint = {
-        "docker": " Inside Docker, mount a writable host folder: -v /host/path:/path (without :ro).",
-        "apptainer": " Inside Apptainer, bind a writable host folder: -B /host/path:/path.",
-    }.get(in_container() or "", "")
-    raise click.UsageError(f"{what} {folder} cannot be written: make it writable, or choose another folder.{hint}")
-
-
 def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = None) -> None:
     """Early checks on the positional folders and the work dir, with hints that fit the environment."""
     if not bids_dir.is_dir():
@@ -107,9 +96,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
             f"OUTPUT_DIR {output_dir} is BIDS_DIR: write derivatives elsewhere, "
             f"e.g. {bids_dir}/derivatives/dualglow."
         )
-    check_writable(output_dir, "OUTPUT_DIR")
-    if work_dir is not None:
-        check_writable(work_dir, "-w/--work-dir")
+    check_writable_folders(output_dir, work_dir)
 
 
 @click.command(cls=BIDSAppCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -4,7 +4,8 @@ Each command is a :class:`GuardedCommand`: its callback runs with SIGTERM and SI
 into :class:`Interrupted`, and whatever escapes it reaches the user as one line on stderr
 (``Error: ...``, as click prints usage errors; the log file also gets it, with the traceback):
 
-- a usage problem (click's own, or an options/input error the command raises as one): exit 2;
+- a usage problem (click's own, or an options/input error the command raises as one, such as
+  an OUTPUT_DIR or work dir that cannot be written, :func:`check_writable_folders`): exit 2;
 - an ``OSError`` on a path (an output or work folder that cannot be written, a full disk):
   the path and the fix (:func:`dualglow_app.log.describe_error`), exit 2;
 - SIGTERM (``kill``, ``docker stop``, a SLURM time limit) or SIGINT (Ctrl-C): the stack unwinds,
@@ -21,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 
+from dualglow_app.io import writable_dir
 from dualglow_app.log import describe_error, get_logger
+from dualglow_app.runtime import in_container
 
 log = get_logger(__name__)
 
@@ -74,6 +78,19 @@ def interruption_message(err: KeyboardInterrupt, resume: str) -> str:
             + f": no half-written file was kept; {resume}")  # fmt: skip
 
 
+def check_writable_folders(output_dir: Path, work_dir: Path | None) -> None:
+    """A usage error (exit 2), with a hint that fits the environment, when OUTPUT_DIR or the
+    work dir given with ``-w`` cannot be written: said before any work, not as a traceback."""
+    for folder, what in ((output_dir, "OUTPUT_DIR"), (work_dir, "-w/--work-dir")):
+        if folder is None or writable_dir(folder):
+            continue
+        hint = {
+            "docker": " Inside Docker, mount a writable host folder: -v /host/path:/path (without :ro).",
+            "apptainer": " Inside Apptainer, bind a writable host folder: -B /host/path:/path.",
+        }.get(in_container() or "", "")
+        raise click.UsageError(f"{what} {folder} cannot be written: make it writable, or choose another folder.{hint}")
+
+
 class GuardedCommand(click.Command):
     """A click command run inside the error boundary (see the module docstring).
 
@@ -120,4 +137,7 @@ def _fail(ctx: click.Context, message: str, code: int, offer_traceback: bool = F
     raise RunError(message + hint, code)
 
 
-__all__ = ["GuardedCommand", "Interrupted", "RunError", "USAGE_EXIT", "interruption_message", "signals_as_interrupts"]
+__all__ = [
+    "GuardedCommand", "Interrupted", "RunError", "USAGE_EXIT", "check_writable_folders", "interruption_message",
+    "signals_as_interrupts",
+]

@@ -14,8 +14,7 @@ from pathlib import Path
 import click
 
 from dualglow_app import __version__
-from dualglow_app.cli.bids_app import check_writable
-from dualglow_app.cli.errors import GuardedCommand, RunError
+from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
 from dualglow_app.evaluate.options import BASELINE_NAMES
 from dualglow_app.io import remove_stale_temporaries
 
@@ -84,9 +83,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
 
     if bids_dir.resolve() == output_dir.resolve():
         raise click.UsageError("OUTPUT_DIR must differ from BIDS_DIR (the raw dataset is never written to).")
-    check_writable(output_dir, "OUTPUT_DIR")
-    if work_dir is not None:
-        check_writable(work_dir, "-w/--work-dir")
+    check_writable_folders(output_dir, work_dir)
     setup_logging(verbose)
     try:
         options = EvaluateOptions(
