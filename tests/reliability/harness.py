@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,7 @@ def patch_registration(setattr_: Callable[[Any, str, Any], None]) -> None:
         if os.environ.get("RELIABILITY_REGISTRATION_LOG"):  # one line per registration, for counting
             with open(os.environ["RELIABILITY_REGISTRATION_LOG"], "a") as handle:
                 handle.write(f"{kwargs.get('type_of_transform')}\n")
+            time.sleep(2.0)  # as slow as a registration can be made here, so concurrent runs overlap
         path = f"{outprefix}0GenericAffine.mat"
         ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), path)
         return {"fwdtransforms": [path], "invtransforms": [path]}

@@ -141,7 +141,8 @@ def test_two_runs_sharing_a_work_dir_register_each_image_once(
 ) -> None:
     """Two participant runs started together on one work dir (a SLURM array sharing a cache):
     each T1w and PET is registered once - a run that wants an entry the other is building
-    waits on the entry's lock, then reuses it."""
+    waits on the entry's lock, then reuses it. Each registration takes 2 s here, so the runs
+    overlap (without the lock, both registered sub-01)."""
     import os
     import subprocess
     import sys
