@@ -47,6 +47,20 @@ SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
 SAMPLES = 8
 
 
+def git_commit() -> str:
+    """The checkout's commit (with "+dirty" when it has uncommitted changes), or "unknown"."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def true_age_slopes(names: list[str]) -> np.ndarray:
     """The phantom's true SUVR change per decade, relative (its calibration's age slopes minus
     the cerebellar reference's; what :func:`dualglow_app.evaluate.statistics.phantom_true_slopes`
@@ -249,7 +263,7 @@ def main() -> None:
     by_range[f"mean of {SAMPLES} samples at T = 1"] = score(result.model, result.scaling, data, val_rows, train_rows,
                                                             None, explainable, SAMPLES, 1.0)  # fmt: skip
     out = {
-        "label": args.label, "command": " ".join(sys.argv), "machine": cpu_description(),
+        "label": args.label, "command": " ".join(sys.argv), "machine": cpu_description(), "commit": git_commit(),
         "stack": str(args.mni_stack), "split": {"train": len(train_rows), "val": len(val_rows)},
         "options": {k: v for k, v in vars(args).items() if k not in ("table",)},
         "epochs": result.epochs, "best_epoch": result.selected_epoch, "stopped_early": result.stopped_early,
