@@ -95,6 +95,13 @@ class DualGlowConfig:
     # "remove" (behind a GRL like the lower ones: what the MRI says about c is pushed out, so a
     # "mri+side" top prior must take c from c; the MRI keeps what c does not explain).
     top_mri_side: str = "keep"
+    # Output gain of the SidePrior: AdaMax moves each parameter by about the learning rate per
+    # step, so a prior read straight off its parameters moves 5e-4 per step at the group
+    # level's rates and needs thousands of steps to reach an age effect of a few latent SDs
+    # (measured: a flat age sweep after 960 steps at gain 1); the gain lets it move as fast as
+    # a relation network's output, a sum over many weights, does (Glow's zero-initialised
+    # output layers use a gain for the same reason). Part of the weights' meaning.
+    side_prior_gain: float = 10.0
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -120,6 +127,8 @@ class DualGlowConfig:
                 problems.append(f"categorical[{name!r}]={k} classes (must be >= 2)")
         if self.top_prior not in TOP_PRIORS:
             problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
+        if not self.side_prior_gain > 0:
+            problems.append(f"side_prior_gain={self.side_prior_gain} (must be > 0)")
         if self.top_mri_side not in ("keep", "remove"):
             problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
         if self.template_shape is not None and (
@@ -159,8 +168,10 @@ class DualGlowConfig:
                 "The config was probably written by a newer dualglow: upgrade, or remove those keys."
             )
         d = dict(d)
-        # Files written before the choice existed were built with the MRI + side top prior.
+        # Files written before these fields existed: the MRI + side top prior, and a SidePrior
+        # (only in experiments) without a gain.
         d.setdefault("top_prior", "mri+side")
+        d.setdefault("side_prior_gain", 1.0)
         return cls(**d)
 
 
@@ -206,15 +217,6 @@ class RelationNet(nn.Module):
         return mu, self.bound * torch.tanh(h / self.bound)
 
 
-#: Output gain of :class:`SidePrior`: AdaMax moves each parameter by about the learning rate
-#: per step, so a prior read straight off its parameters would move 5e-4 per step at the group
-#: level's rates and need thousands of steps to reach an age effect of a few latent SDs
-#: (measured: a flat age sweep after 960 steps); the gain lets it move as fast as a relation
-#: network's output, a sum over many weights, does (Glow's zero-initialised output layers use
-#: a gain for the same reason).
-SIDE_PRIOR_GAIN = 10.0
-
-
 class SidePrior(nn.Module):
     """The top level's PET prior from the side information alone (eq. 16):
     p(zp_top | c) = N(mu(c), sigma(c)), with (mu, log sigma) = A + sum_j c_j B_j per position
@@ -227,16 +229,16 @@ class SidePrior(nn.Module):
     """
 
     def __init__(self, n_side: int, channels: int, ndim: int, log_sigma_bound: float,
-                 shape: Sequence[int] | None = None) -> None:  # fmt: skip
+                 shape: Sequence[int] | None = None, gain: float = 1.0) -> None:  # fmt: skip
         super().__init__()
-        self.bound = log_sigma_bound
+        self.bound, self.gain = log_sigma_bound, gain
         spatial = tuple(shape) if shape is not None else (1,) * ndim
         self.base = nn.Parameter(torch.zeros(2 * channels, *spatial))
         self.weight = nn.Parameter(torch.zeros(n_side, 2 * channels, *spatial))
 
     def forward(self, c: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, log sigma) for each row of ``c``, shaped like the latent ``like``."""
-        out = SIDE_PRIOR_GAIN * (self.base + torch.einsum("bn,n...->b...", c.to(self.weight.dtype), self.weight))
+        out = self.gain * (self.base + torch.einsum("bn,n...->b...", c.to(self.weight.dtype), self.weight))
         out = out.expand(like.shape[0], -1, *like.shape[2:]) if out.shape[2:] != like.shape[2:] else out
         mu, h = out.chunk(2, dim=1)
         return mu, self.bound * torch.tanh(h / self.bound)
@@ -306,7 +308,8 @@ class DualGlow(nn.Module):
         self.side_prior: SidePrior | None = None
         if cfg.n_side and cfg.top_prior == "side":
             top_shape = None if cfg.template_shape is None else [n // 2**cfg.levels for n in cfg.template_shape]
-            self.side_prior = SidePrior(cfg.n_side, channels[top], cfg.ndim, cfg.log_sigma_bound, top_shape)
+            self.side_prior = SidePrior(cfg.n_side, channels[top], cfg.ndim, cfg.log_sigma_bound, top_shape,
+                                        cfg.side_prior_gain)
         self.relations = nn.ModuleList(
             RelationNet(c + (cfg.n_side if i == top else 0), c, cfg.relation_hidden, cfg.ndim, cfg.log_sigma_bound,
                         cfg.relation_layers)

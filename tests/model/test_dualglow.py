@@ -418,9 +418,10 @@ def test_old_top_prior_reads_the_top_mri_latent_and_old_files_keep_it() -> None:
     prior = model.conditional_prior(mri, {"age": 70.0})
     assert not torch.equal(prior.mu[-1][0], prior.mu[-1][1])
     assert model.side_prior is None and len(model.relations) == len(prior.mu)
-    written_before_the_choice = {k: v for k, v in config.to_dict().items() if k != "top_prior"}
+    written_before_the_choice = {k: v for k, v in config.to_dict().items() if k not in ("top_prior", "side_prior_gain")}
     assert DualGlowConfig.from_dict(written_before_the_choice).top_prior == "mri+side"
-    assert DualGlowConfig().top_prior == "side"
+    assert DualGlowConfig.from_dict(written_before_the_choice).side_prior_gain == 1.0
+    assert (DualGlowConfig().top_prior, DualGlowConfig().side_prior_gain) == ("side", 10.0)
 
 
 def test_top_prior_extrapolates_the_age_trend_beyond_the_training_range() -> None:
