@@ -40,9 +40,15 @@ def setup_logging(verbosity: int = 0, log_file: os.PathLike[str] | str | None = 
         logger.removeHandler(handler)
         handler.close()
     # Logs go to stderr: stdout is for results (final summaries, piped output, doctests).
-    console = RichHandler(
-        console=Console(stderr=True), show_path=verbosity > 0, rich_tracebacks=verbosity > 0, markup=False
-    )
+    # Rich formats for a terminal; redirected (containers, SLURM, nohup) it would wrap every
+    # line at 80 columns and split paths, so a log file gets one plain line per message.
+    stderr = Console(stderr=True)
+    console: logging.Handler
+    if stderr.is_terminal:
+        console = RichHandler(console=stderr, show_path=verbosity > 0, rich_tracebacks=verbosity > 0, markup=False)
+    else:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-7s %(message)s", "%Y-%m-%d %H:%M:%S"))
     console.setLevel(level)
     logger.addHandler(console)
     if log_file is not None:
