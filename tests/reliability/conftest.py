@@ -62,11 +62,12 @@ def invoke(*args: object, command: object = None) -> Result:
     return CliRunner().invoke(command or main, [str(a) for a in args])  # type: ignore[arg-type]
 
 
-def run_child(env: dict[str, str], *args: object, kill: str | None = None, entry: str = "dualglow",
-              timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_child(env: dict[str, str], *args: object, kill: str | None = None, count: Path | None = None,
+              entry: str = "dualglow", timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """A CLI run in a child process with the fast registration, optionally killing itself
-    (``kill="TERM:7"``: SIGTERM just before the 7th rename of an atomic write)."""
-    own = ["--entry", entry] + (["--kill", kill] if kill else [])
+    (``kill="TERM:7"``: SIGTERM just before the 7th rename of an atomic write) or counting
+    its renames into the file ``count``."""
+    own = ["--entry", entry] + (["--kill", kill] if kill else []) + (["--count-replaces", str(count)] if count else [])
     return subprocess.run(
         [sys.executable, str(HARNESS), *own, "--", *(str(a) for a in args)],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout, check=False,

@@ -7,11 +7,14 @@ writes it and skull stripping by a threshold (deepbet and SyN cost ~30 s a subje
 everything around them - reading and checking images, N4, the cache entries, resampling,
 inference, the outputs, stacking, training, checkpoints - runs for real.
 
-``python tests/reliability/harness.py [--kill SIGNAL:N] [--entry dualglow|evaluate] -- ARGS``
-runs an entry point's CLI with ARGS in this process and, with ``--kill``, sends SIGNAL (TERM,
-INT or KILL) to itself just before the N-th ``os.replace`` - the moment an atomic write or a
-cache entry is complete under its temporary name and not yet in place, the worst moment to
-die. ``--count-replaces FILE`` writes how many renames an uninterrupted run made.
+``python tests/reliability/harness.py [--kill SIGNAL:N] [--count-replaces FILE] [--entry
+dualglow|evaluate] -- ARGS`` runs an entry point's CLI with ARGS in this process and, with
+``--kill``, sends SIGNAL (TERM, INT or KILL) to itself just before the N-th ``os.replace`` -
+the moment an atomic write or a cache entry is complete under its temporary name and not yet
+in place, the worst moment to die. ``--count-replaces FILE`` writes how many renames an
+uninterrupted run made. Runs compared with one another all run here, in fresh processes:
+ITK fixes its thread count at first use in a process, and N4's result depends on it (1, 2
+and 4 threads give three different images).
 """
 
 from __future__ import annotations
@@ -113,31 +116,38 @@ def participant_model(path: Path, bids: Path, work: Path) -> Path:
     return make_model(path, grid, images, [65.0, 75.0], steps=4)
 
 
-def _kill_before_replace(signum: int, at: int) -> None:
-    """Send ``signum`` to this process just before the ``at``-th ``os.replace``."""
+def _on_replace(hook: Callable[[int], None]) -> None:
+    """Call ``hook(n)`` just before the n-th ``os.replace`` of the run's own files (the shared
+    template cache, warm or cold depending on earlier runs, is not counted)."""
     real_replace = os.replace
+    shared = os.environ.get("DUALGLOW_TEMPLATE_CACHE") or "\0"
     calls = {"n": 0}
 
     def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        calls["n"] += 1
-        if calls["n"] == at:
-            os.kill(os.getpid(), signum)
+        if not str(dst).startswith(shared):
+            calls["n"] += 1
+            hook(calls["n"])
         real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace  # type: ignore[assignment]
+
+
+def _kill_before_replace(signum: int, at: int) -> None:
+    """Send ``signum`` to this process just before the ``at``-th rename."""
+
+    def kill(n: int) -> None:
+        if n == at:
+            os.kill(os.getpid(), signum)
+
+    _on_replace(kill)
 
 
 def _count_replaces(out: Path) -> None:
+    """Write the number of renames to ``out`` when the run ends."""
     import atexit
 
-    real_replace = os.replace
     calls = {"n": 0}
-
-    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        calls["n"] += 1
-        real_replace(src, dst, *args, **kwargs)
-
-    os.replace = replace  # type: ignore[assignment]
+    _on_replace(lambda n: calls.update(n=n))
     atexit.register(lambda: out.write_text(str(calls["n"])))
 
 
