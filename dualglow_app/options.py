@@ -172,6 +172,8 @@ class TrainOptions:
     top_prior: str = "side"
     # DualGlowConfig.top_mri_side: "keep" (eq. 17) or "remove".
     top_mri_side: str = "keep"
+    # DualGlowConfig.side_loss_weight: the eq. 17 heads' weight in the objective.
+    side_loss_weight: float = 0.01
     side_info: Sequence[str] = ()
     epochs: int = 100
     # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a
