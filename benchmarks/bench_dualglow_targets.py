@@ -174,7 +174,7 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
 
 COLUMNS = (
     ("label", "variant"), ("epochs", "epochs"), ("best_epoch", "kept"), ("train_seconds", "train s"),
-    ("deviation_r", "dev r"), ("deviation_r_explainable", "dev r expl."), ("specificity_synthetic", "pairwise r syn."),
+    ("deviation_r", "dev r"), ("deviation_r_last10", "val dev r, last 10 epochs"), ("deviation_r_explainable", "dev r expl."), ("specificity_synthetic", "pairwise r syn."),
     ("specificity_true", "pairwise r true"), ("mae_suvr", "MAE"), ("meanpet_mae_suvr", "MAE mean PET"),
     ("age.pearson_r", "age r"), ("age.sign_agreement", "age sign"), ("age.median_ratio", "age slope ratio"),
     ("age.within_25_percent", "within 25 %"), ("age.beyond_over_inside", "beyond/inside"),
@@ -191,6 +191,11 @@ def table(folder: Path) -> str:
     rows = []
     for path in sorted(folder.glob("*.json")):
         result = json.loads(path.read_text())
+        # The validation deviation r moves by up to +-0.07 between epochs: its mean over the
+        # last 10 compares variants more fairly than the kept epoch's value alone.
+        curve = [row["val_deviation_r"] for row in result.get("history", []) if "val_deviation_r" in row][-10:]
+        if curve:
+            result["deviation_r_last10"] = f"{np.mean(curve):.3f} +- {np.std(curve):.3f}"
         rows.append("| " + " | ".join(cell({**result, **result.get("scores", {})}, k) for k, _ in COLUMNS) + " |")
         for name, scores in result.get("scores_by_range", {}).items():
             prefix = "" if name.startswith("mean of") else "range: "
