@@ -77,6 +77,12 @@ def planned_outputs(scan: Scan, options: ParticipantOptions) -> dict[str, Path]:
     return planned
 
 
+def outputs_complete(planned: dict[str, Path]) -> bool:
+    """Whether every planned output and its JSON sidecar exist: an image is renamed into place
+    before its sidecar, so a run killed between the two leaves an image that is not finished."""
+    return all(path.is_file() and sidecar_path(path).is_file() for path in planned.values())
+
+
 def sweep_table_path(scan: Scan, options: ParticipantOptions) -> Path:
     """``..._trc-FDG_space-MNI..._res-2_atlas-AAL2_desc-agesweep_stats.tsv`` (bidsignored)."""
     name = (
@@ -204,6 +210,6 @@ def prepare_output(options: ParticipantOptions, model: LoadedModel) -> None:
 
 __all__ = [
     "ATLAS_ENTITY", "BIDSIGNORE", "DEMONSTRATION_WARNING", "SYNTHETIC_WARNING", "age_label", "common_sidecar",
-    "describe", "mni_fields", "planned_outputs", "prepare_output", "provenance", "res_label", "sweep_table_path",
-    "t1w_sidecar", "warn_if_made_otherwise",
+    "describe", "mni_fields", "outputs_complete", "planned_outputs", "prepare_output", "provenance", "res_label",
+    "sweep_table_path", "t1w_sidecar", "warn_if_made_otherwise",
 ]

@@ -254,7 +254,7 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions)
     if model.uses_age and age is None:
         raise ScanError(_missing_age_message(scan, options.bids_dir))
     settings = out.provenance(model, options, age)
-    if not options.overwrite and all(p.is_file() for p in planned.values()):
+    if not options.overwrite and out.outputs_complete(planned):
         out.warn_if_made_otherwise(planned["mean"], settings)
         return ScanOutcome(scan, "skipped", list(planned.values()))
 

@@ -262,6 +262,23 @@ def test_interrupted_evaluation_and_phantom_say_how_to_resume(tmp_path: Path, mo
     assert made.exit_code == 143 and "rerun the same command with --overwrite" in made.output
 
 
+def test_probe_10_an_image_whose_sidecar_was_never_renamed_is_redone(
+    cohort: Path, model: Path, shared_work: Path, tmp_path: Path
+) -> None:
+    """SIGKILL between an image's rename and its sidecar's left a scan that every rerun
+    skipped, so its sidecar (and report) never came (found by the random-kill tests)."""
+    out = tmp_path / "out"
+    args = participant(cohort, out, model, shared_work, "--participant-label", "03")
+    assert invoke(*args).exit_code == 0
+    sidecar = next((out / "sub-03" / "pet").glob("*desc-synthetic_pet.json"))
+    sidecar.unlink()
+    (out / "sub-03.html").unlink()
+    again = invoke(*args)
+    assert again.exit_code == 0 and "1 processed, 0 skipped" in again.stdout
+    assert json.loads(sidecar.read_text())["Age"] == 70.0 and (out / "sub-03.html").is_file()
+    assert "0 processed, 1 skipped" in invoke(*args).stdout
+
+
 # --------------------------------------------------------------------------- probe 7: a bad checkpoint
 
 
