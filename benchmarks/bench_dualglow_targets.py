@@ -225,6 +225,7 @@ def main() -> None:
     parser.add_argument("--top-prior", default="side")
     parser.add_argument("--top-mri-side", default="keep")
     parser.add_argument("--side-loss-weight", type=float, default=0.01)
+    parser.add_argument("--side-levels", default="top")
     parser.add_argument("--side-info", default="age", help="'age' or '' (none)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -253,7 +254,7 @@ def main() -> None:
         bids_dir=args.mni_stack, output_dir=args.work / args.label / "out", work_dir=args.work / args.label,
         depth=args.depth, hidden=args.hidden, relation_hidden=args.relation_hidden,
         relation_layers=args.relation_layers, top_prior=args.top_prior, top_mri_side=args.top_mri_side,
-        side_loss_weight=args.side_loss_weight,
+        side_loss_weight=args.side_loss_weight, side_levels=args.side_levels,
         side_info=tuple(s for s in args.side_info.split(",") if s), epochs=args.epochs, max_steps=args.max_steps,
         patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, device="cpu", resume=True, nprocs=args.threads,

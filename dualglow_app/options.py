@@ -174,6 +174,8 @@ class TrainOptions:
     top_mri_side: str = "keep"
     # DualGlowConfig.side_loss_weight: the eq. 17 heads' weight in the objective.
     side_loss_weight: float = 0.01
+    # DualGlowConfig.side_levels: "top" (eq. 16) or "all".
+    side_levels: str = "top"
     side_info: Sequence[str] = ()
     epochs: int = 100
     # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a

@@ -106,6 +106,7 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         top_prior=options.top_prior,
         top_mri_side=options.top_mri_side,
         side_loss_weight=options.side_loss_weight,
+        side_levels=options.side_levels,
         continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
         template_shape=list(grid.shape) if options.template_centring else None,
     )

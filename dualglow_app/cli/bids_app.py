@@ -163,6 +163,8 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
                    "or the top MRI latent too (mri+side: dualglow <= 0.1).")
 @click.option("--side-loss-weight", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="group: weight of the eq. 17 side-information heads in the objective (the paper: 0.01).")
+@click.option("--side-levels", type=click.Choice(["top", "all"]), default="top", show_default=True,
+              help="group: with --side-info, which relation networks take the covariates: the top one (eq. 16) or all.")
 @click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
               help="group: with --side-info, the eq. 17 head on the top MRI latent keeps the covariates in it "
                    "(keep: the paper) or pushes them out through gradient reversal (remove).")

@@ -102,6 +102,10 @@ class DualGlowConfig:
     # a relation network's output, a sum over many weights, does (Glow's zero-initialised
     # output layers use a gain for the same reason). Part of the weights' meaning.
     side_prior_gain: float = 10.0
+    # Which relation networks take c (eq. 16): "top" (the paper) or "all" levels (ours: a flow
+    # spreads an age effect over every scale, measured ~3 % of each level's latent variance
+    # on phantom v2, so a prior that sees c at the top alone moves only part of it).
+    side_levels: str = "top"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -129,6 +133,8 @@ class DualGlowConfig:
             problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
         if not self.side_prior_gain > 0:
             problems.append(f"side_prior_gain={self.side_prior_gain} (must be > 0)")
+        if self.side_levels not in ("top", "all"):
+            problems.append(f"side_levels={self.side_levels!r} (top or all)")
         if self.top_mri_side not in ("keep", "remove"):
             problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
         if self.template_shape is not None and (
@@ -311,8 +317,8 @@ class DualGlow(nn.Module):
             self.side_prior = SidePrior(cfg.n_side, channels[top], cfg.ndim, cfg.log_sigma_bound, top_shape,
                                         cfg.side_prior_gain)
         self.relations = nn.ModuleList(
-            RelationNet(c + (cfg.n_side if i == top else 0), c, cfg.relation_hidden, cfg.ndim, cfg.log_sigma_bound,
-                        cfg.relation_layers)
+            RelationNet(c + (cfg.n_side if i == top or cfg.side_levels == "all" else 0), c, cfg.relation_hidden, cfg.ndim,
+                        cfg.log_sigma_bound, cfg.relation_layers)
             for i, c in enumerate(channels[:top] if self.side_prior is not None else channels)
         )
         if cfg.n_side:
@@ -534,7 +540,7 @@ class DualGlow(nn.Module):
         if self.side_prior is not None and i == top:
             assert c is not None
             return self.side_prior(c, zm)
-        if c is not None and i == top:
+        if c is not None and (i == top or self.config.side_levels == "all"):
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
         return self.relations[i](zm)

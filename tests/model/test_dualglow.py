@@ -472,6 +472,19 @@ def test_top_mri_side_remove_puts_the_top_mri_latent_behind_a_gradient_reversal(
     assert all(torch.allclose(a, -b, atol=1e-5) for a, b in zip(reversed_grad, plain, strict=True))
 
 
+def test_side_levels_all_gives_every_relation_network_the_covariates() -> None:
+    torch.manual_seed(0)
+    mri, pet = images(batch=1)
+    config = tiny_config(continuous={"age": AGE_SCALING}, top_prior="mri+side", side_levels="all")
+    model = trained_like(DualGlow(config), mri, pet, {"age": 70.0})
+    young, old = model.conditional_prior(mri, {"age": 60.0}), model.conditional_prior(mri, {"age": 80.0})
+    assert all((a - b).abs().max().item() > 1e-4 for a, b in zip(young.mu, old.mu, strict=True))
+    top_only = trained_like(DualGlow(tiny_config(continuous={"age": AGE_SCALING}, top_prior="mri+side")), mri, pet,
+                            {"age": 70.0})  # fmt: skip
+    young, old = top_only.conditional_prior(mri, {"age": 60.0}), top_only.conditional_prior(mri, {"age": 80.0})
+    assert torch.equal(young.mu[0], old.mu[0]) and not torch.equal(young.mu[-1], old.mu[-1])
+
+
 def test_counterfactual_moves_a_measured_pet_along_the_covariate_only() -> None:
     torch.manual_seed(0)
     mri, pet = images(batch=2)
