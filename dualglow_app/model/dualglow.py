@@ -175,9 +175,10 @@ class DualGlowConfig:
             )
         d = dict(d)
         # Files written before these fields existed: the MRI + side top prior, and a SidePrior
-        # (only in experiments) without a gain.
+        # (only in experiments) without a gain; the gain means nothing without a SidePrior.
         d.setdefault("top_prior", "mri+side")
-        d.setdefault("side_prior_gain", 1.0)
+        if d["top_prior"] == "side":
+            d.setdefault("side_prior_gain", 1.0)
         return cls(**d)
 
 

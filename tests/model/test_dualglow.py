@@ -420,7 +420,8 @@ def test_old_top_prior_reads_the_top_mri_latent_and_old_files_keep_it() -> None:
     assert model.side_prior is None and len(model.relations) == len(prior.mu)
     written_before_the_choice = {k: v for k, v in config.to_dict().items() if k not in ("top_prior", "side_prior_gain")}
     assert DualGlowConfig.from_dict(written_before_the_choice).top_prior == "mri+side"
-    assert DualGlowConfig.from_dict(written_before_the_choice).side_prior_gain == 1.0
+    side_only_experiment = {**written_before_the_choice, "top_prior": "side"}
+    assert DualGlowConfig.from_dict(side_only_experiment).side_prior_gain == 1.0
     assert (DualGlowConfig().top_prior, DualGlowConfig().side_prior_gain) == ("side", 10.0)
 
 
