@@ -208,7 +208,7 @@ def load_image(path: str | os.PathLike[str], kind: str = "T1w") -> tuple[nib.Nif
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     low, high = VOXEL_SIZE_RANGE_MM
     if not np.all(np.isfinite(zooms)) or np.any(zooms < low) or np.any(zooms > high):
-        raise _fail(path, f"absurd voxel size {tuple(np.round(zooms, 4))} mm; expected {low}..{high} mm")
+        raise _fail(path, f"absurd voxel size {tuple(float(z) for z in np.round(zooms, 4))} mm; expected {low}..{high} mm")
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise _fail(path, "voxel-to-world affine is singular or not finite; fix the header")

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dualglow_app.options import default_work_dir
+
 if TYPE_CHECKING:
     from dualglow_app.dataset import PairedVolumes
 
@@ -94,7 +96,7 @@ class EvaluateOptions:
     def __post_init__(self) -> None:
         self.bids_dir = Path(self.bids_dir) if self.bids_dir is not None else None
         self.output_dir = Path(self.output_dir)
-        self.work_dir = Path(self.work_dir) if self.work_dir else self.output_dir.parent / "dualglow-work"
+        self.work_dir = Path(self.work_dir) if self.work_dir else default_work_dir(self.output_dir)
         self.baselines = tuple(self.baselines)
         self.side_info = tuple(self.side_info)
         self.ages = tuple(float(a) for a in self.ages)

@@ -323,8 +323,6 @@ def test_probe_11_a_pickle_weights_file_is_refused_as_such(cohort: Path, tmp_pat
     assert f"--weights {tmp_path / 'x.pt'}: pickle files (torch.save) are not accepted" in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="preprocess.load_image's voxel-size message (input checks: not this issue's "
-                                       "file owner) still prints np.float64 reprs; the fix is one float() per value")
 def test_probe_11_messages_show_numbers_not_numpy_reprs(tmp_path: Path) -> None:
     import nibabel as nib
     import numpy as np
