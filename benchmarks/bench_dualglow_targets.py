@@ -61,23 +61,15 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def true_age_slopes(names: list[str]) -> np.ndarray:
-    """The phantom's true SUVR change per decade, relative (its calibration's age slopes minus
-    the cerebellar reference's; what :func:`dualglow_app.evaluate.statistics.phantom_true_slopes`
-    fits from a BIDS cohort's factor tables)."""
-    from dualglow_app.evaluate.options import PHANTOM_REFERENCE_REGION
-    from dualglow_app.phantom.pet import calibrate
-
-    cal = calibrate(2.0)
-    activity = -np.array([cal.age_slope[cal.names.index(n)] for n in names])
-    return activity - activity[names.index(PHANTOM_REFERENCE_REGION)]
-
-
 def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],
                  train_ages: np.ndarray) -> dict[str, Any]:  # fmt: skip
     """Regional slopes of each scan's age sweep against the phantom's truth."""
     from dualglow_app.evaluate.atlases import phantom_regions
-    from dualglow_app.evaluate.statistics import age_trends, regional_slopes
+    from dualglow_app.evaluate.statistics import (
+        age_trends,
+        phantom_calibrated_slopes,
+        regional_slopes,
+    )
     from dualglow_app.inference import predict
     from dualglow_app.regions import regional_mean_matrix
 
@@ -88,7 +80,7 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
         mask = np.asarray(data.mask[row])
         volumes = np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {"age": a}).mean for a in ages])
         sweep[k] = regional_mean_matrix(volumes, labels, regions, masks=mask)
-    truth = true_age_slopes(names)
+    truth = phantom_calibrated_slopes(names)
     trends = age_trends({"phantom": sweep}, {"phantom": names}, ages,
                         {"regions": names, "suvr_per_decade": truth.tolist()})["phantom_comparison"]  # fmt: skip
     synthetic = np.array(trends["synthetic_relative_per_decade"])

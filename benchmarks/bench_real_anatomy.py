@@ -335,17 +335,6 @@ def grid_regions(grid: Any) -> Regions:
     return Regions(labels, list(names))
 
 
-def phantom_truth_slopes(names: list[str]) -> dict[str, float]:
-    """The phantom's true relative SUVR slope per decade by region (cerebellar reference), as
-    benchmarks/bench_dualglow_targets.py's ``true_age_slopes``."""
-    from dualglow_app.evaluate.options import PHANTOM_REFERENCE_REGION
-    from dualglow_app.phantom.pet import calibrate
-
-    cal = calibrate(2.0)
-    activity = -np.array([cal.age_slope[cal.names.index(n)] for n in names])
-    return dict(zip(names, (activity - activity[names.index(PHANTOM_REFERENCE_REGION)]).tolist(), strict=True))
-
-
 #: Phantom subjects scored for scale (the default phantom version, CN, at ``--age``).
 PHANTOM_SUBJECTS = 5
 
@@ -385,12 +374,13 @@ def evaluate_model(model: Any, brains: list[Brain], age: float, sweep_ages: tupl
                    regions: Regions, table: dict[str, float]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
     """Every figure of one model (a :class:`dualglow_app.weights.LoadedModel`) on the brains
     (see the module docstring), and its T = 0 PETs at ``age``."""
+    from dualglow_app.evaluate.statistics import phantom_calibrated_slopes
     from dualglow_app.inference import predict
 
     def side(years: float) -> dict[str, float] | None:
         return {"age": float(years)} if model.uses_age else None
 
-    truth = phantom_truth_slopes(regions.names)
+    truth = dict(zip(regions.names, phantom_calibrated_slopes(regions.names).tolist(), strict=True))
     out: dict[str, Any] = {
         "weights": str(model.path), "name": model.name, "sha256": model.sha256, "grid": model.grid.to_dict(),
         "side_info": model.side_names, "demonstration": model.demonstration,

@@ -223,6 +223,18 @@ def phantom_true_slopes(bids_dir: Path, names: Sequence[str]) -> dict[str, Any] 
             "suvr_per_decade": (activity - reference).tolist(), "n_files": len(ages)}  # fmt: skip
 
 
+def phantom_calibrated_slopes(names: Sequence[str]) -> np.ndarray:
+    """The phantom's true relative SUVR change per decade by region, from its calibration
+    (:func:`dualglow_app.phantom.pet.calibrate`'s age slopes minus the cerebellar reference's):
+    what :func:`phantom_true_slopes` fits from a BIDS cohort's factor tables, for data that has
+    none (the MNI fast path)."""
+    from dualglow_app.phantom.pet import calibrate
+
+    cal = calibrate(2.0)
+    activity = -np.array([cal.age_slope[cal.names.index(n)] for n in names])
+    return activity - activity[list(names).index(PHANTOM_REFERENCE_REGION)]
+
+
 def age_trends(
     sweeps: dict[str, np.ndarray], names: dict[str, list[str]], ages: Sequence[float], truth: dict[str, Any] | None,
 ) -> dict[str, Any]:
@@ -264,6 +276,6 @@ def age_trends(
 
 
 __all__ = [
-    "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_true_slopes",
+    "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_calibrated_slopes", "phantom_true_slopes",
     "regional_slopes", "subject_level", "summarise",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,8 @@ log = get_logger(__name__)
 AGE_SCALING: tuple[float, float] = (70.0, 10.0)
 
 SideInput = Mapping[str, Tensor | float | int | Sequence[float] | Sequence[int]]
+
+_T = TypeVar("_T")
 
 #: Choices of DualGlowConfig.top_prior (its comment).
 TOP_PRIORS = ("side", "mri+side")
@@ -326,11 +328,8 @@ class DualGlow(nn.Module):
             # eq. 17: heads without GRL on the top latents of both flows keep c in them; heads
             # behind a GRL on the lower MRI latents z'_m push c out of them (top_mri_side="remove":
             # out of the top MRI latent too).
-            kept = 2 if cfg.top_mri_side == "keep" else 1
-            removed = channels[:top] if cfg.top_mri_side == "keep" else channels
-            self.side_keep = nn.ModuleList(
-                SideHead(channels[top], cfg.n_side, cfg.relation_hidden, cfg.ndim) for _ in range(kept)
-            )
+            kept, removed = self._side_head_inputs(channels, channels[top])
+            self.side_keep = nn.ModuleList(SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in kept)
             self.side_remove = nn.ModuleList(SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in removed)
         if cfg.template_shape is not None:
             shape = (1, cfg.in_channels, *cfg.template_shape)
@@ -534,14 +533,26 @@ class DualGlow(nn.Module):
     def _quantize_back(self, y: Tensor, modality: str) -> Tensor:
         return y + self._center(y, modality) - 0.5 / self.config.n_bins
 
+    def _side_head_inputs(self, mri: Sequence[_T], pet_top: _T) -> tuple[list[_T], list[_T]]:
+        """What the eq. 17 heads see, given the MRI's per-level items (latents, or their channel
+        counts when building the heads) and the PET's top one: (kept in: the top latents of
+        both flows; pushed out through the GRL: the lower MRI latents), with
+        ``top_mri_side="remove"`` the top MRI latent moved to the second list."""
+        if self.config.top_mri_side == "keep":
+            return [mri[-1], pet_top], list(mri[:-1])
+        return [pet_top], list(mri)
+
+    def _from_side_prior(self, i: int) -> bool:
+        """Whether level ``i``'s PET prior is the :class:`SidePrior` (of c alone)."""
+        return self.side_prior is not None and i == len(self.conditioning_range) - 1
+
     def _relation(self, i: int, zm: Tensor, c: Tensor | None) -> tuple[Tensor, Tensor]:
         """(mu_i, log sigma_i) of p(zp_i | zm_i[, c]) (eq. 10, 16): the density training fits;
         at the top with a :class:`SidePrior`, of p(zp_top | c) (``zm`` gives only the shape)."""
-        top = len(self.conditioning_range) - 1
-        if self.side_prior is not None and i == top:
-            assert c is not None
+        if self._from_side_prior(i):
+            assert c is not None and self.side_prior is not None
             return self.side_prior(c, zm)
-        if c is not None and (i == top or self.config.side_levels == "all"):
+        if c is not None and (i == len(self.conditioning_range) - 1 or self.config.side_levels == "all"):
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
         return self.relations[i](zm)
@@ -602,11 +613,11 @@ class DualGlow(nn.Module):
         if encoded is not None:
             _, cont, cats = encoded
             keep = x_mri.new_zeros(())
-            top_mri_kept = cfg.top_mri_side == "keep"
-            for head, z in zip(self.side_keep, (zm[-1], zp[-1]) if top_mri_kept else (zp[-1],), strict=True):
+            kept, removed = self._side_head_inputs(zm, zp[-1])
+            for head, z in zip(self.side_keep, kept, strict=True):
                 keep = keep + self._side_loss(head(z), cont, cats)
             remove = x_mri.new_zeros(())
-            for head, z in zip(self.side_remove, zm[:-1] if top_mri_kept else zm, strict=True):
+            for head, z in zip(self.side_remove, removed, strict=True):
                 remove = remove + self._side_loss(head(grad_reverse(z)), cont, cats)
             # eq. 17: side-information losses enter the objective with a small weight.
             loss = loss + cfg.side_loss_weight * (keep + remove)
@@ -645,7 +656,7 @@ class DualGlow(nn.Module):
         for i, (z, bounds) in enumerate(zip(zm, self.ranges, strict=True)):
             outside = outside + bounds.count_outside(z)
             mu, log_sigma = self._relation(i, bounds.clamp("latent", z), c)
-            if self.side_prior is None or i < len(zm) - 1:
+            if not self._from_side_prior(i):
                 # The prior of c alone is left as it is: bounding it to the training ages
                 # would flatten every age sweep beyond them.
                 mu, log_sigma = bounds.clamp("mu", mu), bounds.clamp("log_sigma", log_sigma)
