@@ -634,8 +634,10 @@ def native_to_mni_points(points: np.ndarray, pose: np.ndarray, deformation: Defo
     return a + _sample_field(deformation.w, deformation.affine, a)
 
 
-def bias_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative field within 0.8-1.2: exp of a random quadratic polynomial."""
+def bias_field(shape: tuple[int, ...], rng: np.random.Generator,
+               log_peak: tuple[float, float] = (0.10, 0.18)) -> np.ndarray:  # fmt: skip
+    """Smooth multiplicative field: exp of a random quadratic polynomial whose peak |log| is
+    drawn from ``log_peak`` (default: a scanner's field, within 0.8-1.2)."""
     axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
     x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
     terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
@@ -644,5 +646,5 @@ def bias_field(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndar
     for c, t in zip(coef, terms, strict=True):
         log_b += np.float32(c) * t
     peak = np.abs(log_b).max()
-    log_b *= np.float32(rng.uniform(0.10, 0.18) / max(peak, 1e-6))
+    log_b *= np.float32(rng.uniform(*log_peak) / max(peak, 1e-6))
     return np.exp(log_b)

@@ -137,19 +137,6 @@ def _to_grid(volume: np.ndarray, affine: np.ndarray, grid: ModelGrid, anti_alias
     return resample_to(nib.Nifti1Image(part, shifted), grid.affine, grid.shape, order=1)
 
 
-def _bias(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    """Smooth multiplicative residual bias: exp of a random quadratic, peak |log| in RESIDUAL_BIAS."""
-    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-    terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
-    coef = rng.normal(0.0, 1.0, len(terms))
-    log_b = np.zeros(shape, dtype=np.float32)
-    for c, t in zip(coef, terms, strict=True):
-        log_b += np.float32(c) * t
-    log_b *= np.float32(rng.uniform(*RESIDUAL_BIAS) / max(float(np.abs(log_b).max()), 1e-6))
-    return np.exp(log_b)
-
-
 def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = cohort.DEFAULT_VERSION,
                      age: float | None = None, diagnosis: str | None = None) -> MNISubject:
     """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring."""
@@ -167,7 +154,7 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     n1 = rng.standard_normal(t1.shape, dtype=np.float32)
     n2 = rng.standard_normal(t1.shape, dtype=np.float32)
     t1 = np.sqrt((t1 + sigma * n1) ** 2 + (sigma * n2) ** 2) * (truth.brain > 0.05)
-    t1 *= _bias(t1.shape, rng)
+    t1 *= an.bias_field(t1.shape, rng, RESIDUAL_BIAS)
 
     mask = _to_grid(truth.brain, tpl.affine, grid, anti_alias=False) > 0.5
     mri = _to_grid(t1, tpl.affine, grid)
