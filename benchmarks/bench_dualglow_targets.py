@@ -61,9 +61,50 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Regional slopes against the truth's: Pearson r, sign agreement, median ratio, share within +-25 %."""
+    ok = np.isfinite(synthetic) & np.isfinite(truth) & (np.abs(truth) > 1e-3)
+    ratio = synthetic[ok] / truth[ok]
+    return {
+        "pearson_r": float(np.corrcoef(truth[ok], synthetic[ok])[0, 1]) if np.ptp(synthetic[ok]) > 0 else float("nan"),
+        "sign_agreement": float(np.mean(np.sign(synthetic[ok]) == np.sign(truth[ok]))),
+        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
+    }  # fmt: skip
+
+
+def true_age_sweeps(stack: Path, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path) -> np.ndarray | None:
+    """(rows, ages, regions): regional means of each validation subject's true PET at each age
+    with its own anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`), cached in ``cache``;
+    None for a stack whose index does not say how it was made."""
+    from dualglow_app.evaluate.atlases import phantom_regions
+    from dualglow_app.phantom.mni import age_sweep_truth
+    from dualglow_app.regions import regional_mean_matrix
+
+    index = json.loads((stack / "index.json").read_text())
+    if "seed" not in index or "version" not in index:
+        return None
+    import hashlib
+
+    key = f"seed{index['seed']}-v{index['version']}-rows{'_'.join(map(str, rows))}-ages{'_'.join(f'{a:g}' for a in ages)}"
+    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    labels, names = phantom_regions(data.grid)
+    regions = list(range(1, len(names) + 1))
+    out = np.stack([
+        regional_mean_matrix(age_sweep_truth(index["seed"], int(row), data.grid, ages, index["version"]), labels, regions,
+                             masks=np.asarray(data.mask[row]))
+        for row in rows
+    ])  # fmt: skip
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, out)
+    return out
+
+
 def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],
-                 train_ages: np.ndarray) -> dict[str, Any]:  # fmt: skip
-    """Regional slopes of each scan's age sweep against the phantom's truth."""
+                 train_ages: np.ndarray, truth_sweep: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """Regional slopes of each scan's age sweep against the phantom's truth: its calibration's
+    activity slopes, and (``truth_sweep``) the same subjects' true PETs swept the same way."""
     from dualglow_app.evaluate.atlases import phantom_regions
     from dualglow_app.evaluate.statistics import (
         age_trends,
@@ -101,6 +142,9 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     if slope_beyond is not None:
         keep = np.isfinite(slope_in) & (np.abs(slope_in) > 1e-4)
         out["beyond_over_inside"] = float(np.median(slope_beyond[keep] / slope_in[keep]))
+    if truth_sweep is not None:
+        measured = np.nanmean(regional_slopes(truth_sweep, a)[1], axis=0)
+        out["measured"] = {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist()}
     return out
 
 
@@ -127,7 +171,7 @@ def with_range(model: Any, kept: tuple[str, ...]) -> Any:
 
 def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows: np.ndarray,
           ages: tuple[float, ...] | None, explainable: np.ndarray | None, samples: int = 1,
-          temperature: float = 0.0) -> dict[str, Any]:  # fmt: skip
+          temperature: float = 0.0, truth_sweep: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
     """The targets on the validation scans (by default the T = 0 mode at each scan's own age;
     else the mean of ``samples`` at ``temperature``); the age response unless ``ages`` is None."""
     from dualglow_app.inference import predict
@@ -160,7 +204,8 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
         "clipped_fraction": float(np.mean(clipped)),
     }  # fmt: skip
     if side_info and ages is not None:
-        scores_out["age"] = age_response(model, scaling, data, val_rows, ages, np.asarray(data.age[train_rows]))
+        scores_out["age"] = age_response(model, scaling, data, val_rows, ages, np.asarray(data.age[train_rows]),
+                                         truth_sweep)
     return scores_out
 
 
@@ -170,6 +215,8 @@ COLUMNS = (
     ("specificity_true", "pairwise r true"), ("mae_suvr", "MAE"), ("meanpet_mae_suvr", "MAE mean PET"),
     ("age.pearson_r", "age r"), ("age.sign_agreement", "age sign"), ("age.median_ratio", "age slope ratio"),
     ("age.within_25_percent", "within 25 %"), ("age.beyond_over_inside", "beyond/inside"),
+    ("age.measured.pearson_r", "age r (swept truth)"), ("age.measured.sign_agreement", "sign (swept truth)"),
+    ("age.measured.median_ratio", "slope ratio (swept truth)"), ("age.measured.within_25_percent", "within 25 % (swept truth)"),
 )
 
 
@@ -216,6 +263,8 @@ def main() -> None:
     parser.add_argument("--relation-layers", type=int, default=2)
     parser.add_argument("--top-prior", default="side")
     parser.add_argument("--top-mri-side", default="keep")
+    parser.add_argument("--side-template", choices=("on", "off"), default="off",
+                        help="the PET template moves with the covariates (DualGlowConfig.side_template)")
     parser.add_argument("--side-loss-weight", type=float, default=0.01)
     parser.add_argument("--side-levels", default="top")
     parser.add_argument("--side-info", default="age", help="'age' or '' (none)")
@@ -246,6 +295,7 @@ def main() -> None:
         bids_dir=args.mni_stack, output_dir=args.work / args.label / "out", work_dir=args.work / args.label,
         depth=args.depth, hidden=args.hidden, relation_hidden=args.relation_hidden,
         relation_layers=args.relation_layers, top_prior=args.top_prior, top_mri_side=args.top_mri_side,
+        side_template=args.side_template == "on",
         side_loss_weight=args.side_loss_weight, side_levels=args.side_levels,
         side_info=tuple(s for s in args.side_info.split(",") if s), epochs=args.epochs, max_steps=args.max_steps,
         patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
@@ -256,9 +306,12 @@ def main() -> None:
     result = train(options, data=data)
     train_seconds = time.perf_counter() - start
     train_rows, val_rows = split_subjects(data.subjects, args.val_fraction, args.seed)
-    scores = score(result.model, result.scaling, data, val_rows, train_rows, tuple(args.ages), explainable)
+    truth_sweep = true_age_sweeps(args.mni_stack, data, val_rows, tuple(args.ages), args.work / "age_truth")
+    scores = score(result.model, result.scaling, data, val_rows, train_rows, tuple(args.ages), explainable,
+                   truth_sweep=truth_sweep)
     by_range = {name: score(with_range(result.model, kept), result.scaling, data, val_rows, train_rows,
-                            tuple(args.ages), explainable) for name, kept in RANGE_VARIANTS.items() if name != "latent+prior"}  # fmt: skip
+                            tuple(args.ages), explainable, truth_sweep=truth_sweep)
+                for name, kept in RANGE_VARIANTS.items() if name != "latent+prior"}  # fmt: skip
     # The mean of samples estimates the conditional mean, which MAE rewards, not the mode.
     by_range[f"mean of {SAMPLES} samples at T = 1"] = score(result.model, result.scaling, data, val_rows, train_rows,
                                                             None, explainable, SAMPLES, 1.0)  # fmt: skip

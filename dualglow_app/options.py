@@ -176,6 +176,8 @@ class TrainOptions:
     side_loss_weight: float = 0.01
     # DualGlowConfig.side_levels: "top" (eq. 16) or "all".
     side_levels: str = "top"
+    # DualGlowConfig.side_template: the PET template moves with the covariates.
+    side_template: bool = True
     side_info: Sequence[str] = ()
     epochs: int = 100
     # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a

@@ -44,6 +44,7 @@ from dualglow_app.dataset import (
     PairedVolumes,
     mean_images,
     model_batch,
+    model_batches,
     prepare_dataset,
     split_subjects,
 )
@@ -107,6 +108,7 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         top_mri_side=options.top_mri_side,
         side_loss_weight=options.side_loss_weight,
         side_levels=options.side_levels,
+        side_template=options.side_template,
         continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
         template_shape=list(grid.shape) if options.template_centring else None,
     )
@@ -228,6 +230,9 @@ class _Run:
         if config.template_shape is not None:
             # Every rank sees the same training rows, so every rank sets the same templates.
             model.set_templates(*mean_images(data, train_rows, IntensityScaling(), options.mri_input))
+            if model.pet_side_template is not None:
+                model.fit_side_template((batch.pet, batch.side) for batch in model_batches(
+                    data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
         model = model.to(device)
         model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
         log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
@@ -435,7 +440,6 @@ class _Run:
 
     def finish(self, start_time: float) -> TrainResult:
         """Select the kept weights, set the conditioning range, write the model and the report."""
-        from dualglow_app.dataset import model_batches
         from dualglow_app.group_outputs import write_group_outputs
 
         options, model = self.options, self.model

@@ -165,6 +165,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: weight of the eq. 17 side-information heads in the objective (the paper: 0.01).")
 @click.option("--side-levels", type=click.Choice(["top", "all"]), default="top", show_default=True,
               help="group: with --side-info, which relation networks take the covariates: the top one (eq. 16) or all.")
+@click.option("--side-template/--no-side-template", default=True, show_default=True,
+              help="group: with --side-info, the PET's centring template moves with the covariates "
+                   "(a map per covariate, fitted by least squares, then trained).")
 @click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
               help="group: with --side-info, the eq. 17 head on the top MRI latent keeps the covariates in it "
                    "(keep: the paper) or pushes them out through gradient reversal (remove).")

@@ -108,6 +108,14 @@ class DualGlowConfig:
     # spreads an age effect over every scale, measured ~3 % of each level's latent variance
     # on phantom v2, so a prior that sees c at the top alone moves only part of it).
     side_levels: str = "top"
+    # The PET's centring template moves with the side information: it is T + sum_j c_j B_j,
+    # not T alone (a volume-preserving shift before the PET flow, logdet 0). Ours, beyond
+    # eq. 16: the flow spreads an age effect over every scale and, with c at the top only, the
+    # mode's age sweep moved 2-8 % of the phantom's truth (docs/MODEL_EXPERIMENTS.md); a map
+    # per covariate in image space carries it at every scale at once. B starts from a voxelwise
+    # least-squares fit of the training PETs on c (:meth:`DualGlow.fit_side_template`, the
+    # data-dependent start ActNorm also uses) and trains with the rest. Needs templates.
+    side_template: bool = True
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -179,6 +187,7 @@ class DualGlowConfig:
         # Files written before these fields existed: the MRI + side top prior, and a SidePrior
         # (only in experiments) without a gain; the gain means nothing without a SidePrior.
         d.setdefault("top_prior", "mri+side")
+        d.setdefault("side_template", False)
         if d["top_prior"] == "side":
             d.setdefault("side_prior_gain", 1.0)
         return cls(**d)
@@ -280,6 +289,8 @@ class ConditionalPrior(NamedTuple):
     mu: list[Tensor]
     log_sigma: list[Tensor]
     outside_fraction: Tensor
+    # The encoded side information c (None without): the PET template it moves is part of the prior.
+    side: Tensor | None = None
 
 
 class DualGlow(nn.Module):
@@ -336,6 +347,10 @@ class DualGlow(nn.Module):
             # Buffers: saved with the weights, moved with .to(), never trained.
             self.register_buffer("mri_template", torch.full(shape, 0.5))
             self.register_buffer("pet_template", torch.full(shape, 0.5))
+        self.pet_side_template: nn.Parameter | None = None
+        if cfg.n_side and cfg.side_template and cfg.template_shape is not None:
+            # One map per encoded covariate (B_j, see DualGlowConfig.side_template); zero = off.
+            self.pet_side_template = nn.Parameter(torch.zeros(cfg.n_side, cfg.in_channels, *cfg.template_shape))
         # The conditioning range (module docstring): unbounded until set_conditioning_range. Level
         # i's latents are 2^(i+1) times coarser than the image; a model of one fixed size
         # (template-centred) bounds its prior per position, any other per channel.
@@ -372,11 +387,43 @@ class DualGlow(nn.Module):
                 )
             target.copy_(value.reshape(target.shape))
 
-    def _center(self, x: Tensor, modality: str) -> Tensor | float:
-        """What an image is centred on before its flow: its template, or 0.5."""
+    @torch.no_grad()
+    def fit_side_template(self, batches: Iterable[tuple[Tensor, SideInput]]) -> None:
+        """Start the side template (``DualGlowConfig.side_template``) from the training PETs:
+        per voxel, least squares of the PET on (1, c) over ``(pet, side)`` batches; the
+        intercept becomes the PET template (the PET at c = 0, e.g. age 70), the slopes the maps
+        B_j. Rank-deficient designs (one-hot categories next to the intercept, a covariate that
+        never varies) get the minimum-norm solution. Call after :meth:`set_templates`."""
+        if self.pet_side_template is None:
+            raise ValueError(
+                "this model has no side template: build it with side information, template_shape=[...] "
+                "and DualGlowConfig(side_template=True)."
+            )
+        gram, moments, rows = None, None, 0
+        for pet, side in batches:
+            pet = torch.as_tensor(pet).to(self.pet_template.device)
+            c = self._encode_side(side, pet.shape[0], pet)[0].double()  # type: ignore[index]
+            design = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)
+            values = pet.double().flatten(1)
+            gram = design.T @ design if gram is None else gram + design.T @ design
+            moments = design.T @ values if moments is None else moments + design.T @ values
+            rows += pet.shape[0]
+        if gram is None or moments is None:
+            raise ValueError("fit_side_template needs at least one (pet, side) batch of training images.")
+        coef = torch.linalg.pinv(gram) @ moments  # (1 + n_side, voxels)
+        self.pet_template.copy_(coef[0].reshape(self.pet_template.shape).to(self.pet_template.dtype))
+        self.pet_side_template.copy_(coef[1:].reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
+        log.debug("side template fitted on %d PETs: |B| max %.4f", rows, float(coef[1:].abs().max()))
+
+    def _center(self, x: Tensor, modality: str, c: Tensor | None = None) -> Tensor | float:
+        """What an image is centred on before its flow: its template (for the PET, moved by the
+        side information ``c`` where the model has a side template), or 0.5."""
         if self.config.template_shape is None:
             return 0.5
-        return self.get_buffer(f"{modality}_template").to(x.dtype)
+        template = self.get_buffer(f"{modality}_template").to(x.dtype)
+        if modality == "pet" and self.pet_side_template is not None and c is not None:
+            return template + torch.einsum("bn,n...->b...", c.to(x.dtype), self.pet_side_template.to(x.dtype))
+        return template
 
     @torch.no_grad()
     def set_conditioning_range(self, batches: Iterable[tuple[Tensor, SideInput | None]]) -> None:
@@ -524,14 +571,14 @@ class DualGlow(nn.Module):
 
     # -- likelihood ------------------------------------------------------------------------
 
-    def _dequantize(self, x: Tensor, noise: bool, modality: str) -> Tensor:
+    def _dequantize(self, x: Tensor, noise: bool, modality: str, c: Tensor | None = None) -> Tensor:
         """[0, 1] intensities -> continuous values centred on 0 (or on the template), plus up
         to one bin of noise."""
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return x + u / self.config.n_bins - self._center(x, modality)
+        return x + u / self.config.n_bins - self._center(x, modality, c)
 
-    def _quantize_back(self, y: Tensor, modality: str) -> Tensor:
-        return y + self._center(y, modality) - 0.5 / self.config.n_bins
+    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None) -> Tensor:
+        return y + self._center(y, modality, c) - 0.5 / self.config.n_bins
 
     def _side_head_inputs(self, mri: Sequence[_T], pet_top: _T) -> tuple[list[_T], list[_T]]:
         """What the eq. 17 heads see, given the MRI's per-level items (latents, or their channel
@@ -589,7 +636,7 @@ class DualGlow(nn.Module):
         c = encoded[0] if encoded is not None else None
 
         zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training, "mri"))
-        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet"))
+        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet", c))
 
         # log p(zm) under the standard normal prior of the MRI flow.
         log_p_zm = sum(gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) for z in zm)
@@ -663,7 +710,7 @@ class DualGlow(nn.Module):
             mus.append(mu)
             log_sigmas.append(log_sigma)
         fraction = outside / sum(z[0].numel() for z in zm)
-        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype))
+        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c)
 
     @torch.no_grad()
     def sample(
@@ -694,13 +741,13 @@ class DualGlow(nn.Module):
         """
         self._check_image(x_pet, "x_pet")
         old, new = self.conditional_prior(x_mri, side), self.conditional_prior(x_mri, new_side)
-        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet"))
+        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side))
         moved = [
             mu_new + (z - mu_old) * (log_sigma_new - log_sigma_old).exp()
             for z, mu_old, log_sigma_old, mu_new, log_sigma_new in zip(
                 zp, old.mu, old.log_sigma, new.mu, new.log_sigma, strict=True)
         ]  # fmt: skip
-        return self._quantize_back(self.flow_pet.inverse(moved), "pet")
+        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side)
 
     @torch.no_grad()
     def sample_prior(
@@ -733,7 +780,7 @@ class DualGlow(nn.Module):
                         mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
                     )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
-            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet"))
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side))
         return torch.stack(samples)
 
 

@@ -204,8 +204,12 @@ def subject_maps(tpl: Template, traits: SubjectTraits) -> AnatomyMaps | None:
 
 
 def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: int, head_pet: np.ndarray,
-                  maps: AnatomyMaps | None, explainable: bool) -> SessionTruth:
-    """Anatomy, metabolic state and noise-free PET(s) of session ``k`` in MNI space."""
+                  maps: AnatomyMaps | None, explainable: bool, metabolic_age: float | None = None) -> SessionTruth:
+    """Anatomy, metabolic state and noise-free PET(s) of session ``k`` in MNI space.
+
+    ``metabolic_age`` (default: the session's age) ages the metabolism alone, the anatomy
+    staying the session's: this subject's PET at another age with its own brain, the truth a
+    model's age sweep of a fixed MRI is measured against."""
     demo = traits.demographics
     session_age = traits.ages[k]
     elapsed = session_age - traits.ages[0]
@@ -231,7 +235,7 @@ def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: 
         gm, wm, _ = an.atrophied_tissues(tpl, atrophy, factor * maps.pattern)
         gm, wm, csf = an.conserve_regional_gm(tpl, gm, wm, regional_gm, region_index)
     brain = tpl.brain
-    state = pt.metabolic_state(cal, session_age, demo.diagnosis, severity, traits.regional,
+    state = pt.metabolic_state(cal, session_age if metabolic_age is None else metabolic_age, demo.diagnosis, severity, traits.regional,
                                traits.global_scale, traits.smooth_coarse, gm_factor, smooth_sd)
     _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
     explained = pt.subject_pet(tpl, gm, wm, head_pet, cal, state.explainable())[1] if explainable else None

@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,14 +139,17 @@ def _to_grid(volume: np.ndarray, affine: np.ndarray, grid: ModelGrid, anti_alias
 
 
 def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = cohort.DEFAULT_VERSION,
-                     age: float | None = None, diagnosis: str | None = None) -> MNISubject:
-    """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring."""
+                     age: float | None = None, diagnosis: str | None = None,
+                     metabolic_age: float | None = None) -> MNISubject:
+    """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring.
+    ``metabolic_age`` ages its metabolism alone (:func:`~dualglow_app.phantom.cohort.session_truth`)."""
     tpl = load_template(WORK_VOXEL_MM)
     cal = pt.calibrate(WORK_VOXEL_MM)
     refs = _grid_refs(grid)
     traits = cohort.subject_traits(seed, index, 1, tpl, age, diagnosis, version, native=False)
     _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
-    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=True)
+    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=True,
+                                 metabolic_age=metabolic_age)
     assert truth.explainable is not None
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1, NOISE_STREAM)))
@@ -168,6 +172,16 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     label = f"sub-{cohort.participant_label(index)}"
     return MNISubject(label, traits.demographics, mri.astype(np.float32), suvr(truth.pet).astype(np.float32),
                       suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8))
+
+
+def age_sweep_truth(seed: int, index: int, grid: ModelGrid, ages: Sequence[float],
+                    version: int = cohort.DEFAULT_VERSION) -> np.ndarray:
+    """Subject ``index``'s true PET (SUVR on ``grid``) at each of ``ages`` with its own anatomy:
+    its MRI stays the stack's, only the metabolism ages. What a model's age sweep of that MRI
+    should reproduce; measured through the same PSF, grid and regions as the synthetic sweep
+    (the calibration's regional slopes are the activity's, before the 8 mm PSF mixes
+    neighbouring regions). ``(len(ages), *grid.shape)``, float32."""
+    return np.stack([simulate_subject(seed, index, grid, version, metabolic_age=float(a)).pet for a in ages])
 
 
 def _worker(args: tuple[int, int, ModelGrid, int]) -> MNISubject:

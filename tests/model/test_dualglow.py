@@ -505,6 +505,53 @@ def test_counterfactual_moves_a_measured_pet_along_the_covariate_only() -> None:
     assert torch.allclose(back, pet, atol=1e-3)
 
 
+def side_template_data(n: int = 16) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """PETs that are exactly a base image plus an age map per decade plus a sex map."""
+    gen = torch.Generator().manual_seed(5)
+    base = 0.3 + 0.3 * torch.rand(1, 8, 8, generator=gen)
+    per_decade = 0.05 * torch.randn(1, 8, 8, generator=gen)
+    sex_map = 0.02 * torch.randn(1, 8, 8, generator=gen)
+    age = torch.linspace(55.0, 90.0, n)
+    sex = torch.arange(n) % 2
+    pet = base + per_decade * ((age - 70.0) / 10.0).view(-1, 1, 1, 1) + sex_map * sex.view(-1, 1, 1, 1)
+    mri = torch.rand(n, 1, 8, 8, generator=gen)
+    return mri, pet, {"age": age, "sex": sex}, base, per_decade
+
+
+def test_side_template_is_fitted_by_least_squares_and_moves_the_mode_by_its_map() -> None:
+    torch.manual_seed(0)
+    mri, pet, side, base, per_decade = side_template_data()
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, categorical={"sex": 2}, template_shape=[8, 8]))
+    assert model.pet_side_template is not None and model.pet_side_template.requires_grad
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_side_template([(pet[:8], {k: v[:8] for k, v in side.items()}), (pet[8:], {k: v[8:] for k, v in side.items()})])
+    # The age map is the slope per (age - 70) / 10, and template + sum_j c_j B_j gives back every PET.
+    assert torch.allclose(model.pet_side_template[0], per_decade, atol=1e-5)
+    c = model._encode_side(side, len(pet), pet)[0]
+    assert torch.allclose(model._center(pet, "pet", c), pet, atol=1e-5)
+    model.train()
+    model.nll(mri, pet, side)
+    # Zero-initialised priors do not depend on c, so the mode moves by exactly B * (c' - c).
+    young, old = (model.sample(mri[:2], {"age": a, "sex": 0}, temperature=0.0)[0] for a in (60.0, 90.0))
+    assert torch.allclose(old - young, 3.0 * per_decade.expand_as(old), atol=1e-4)
+    same = model.counterfactual(mri[:2], pet[:2], {"age": side["age"][:2], "sex": side["sex"][:2]},
+                                {"age": side["age"][:2], "sex": side["sex"][:2]})  # fmt: skip
+    assert torch.allclose(same, pet[:2], atol=1e-4)
+
+
+def test_side_template_needs_templates_and_old_files_lack_it() -> None:
+    assert DualGlowConfig().side_template is True
+    without = {k: v for k, v in side_config().to_dict().items() if k != "side_template"}
+    assert DualGlowConfig.from_dict(without).side_template is False
+    assert DualGlow(side_config()).pet_side_template is None  # no templates to move
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], side_template=False))
+    assert model.pet_side_template is None and "pet_side_template" not in model.state_dict()
+    with pytest.raises(ValueError, match="no side template"):
+        model.fit_side_template([])
+    with pytest.raises(ValueError, match="at least one"):
+        DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8])).fit_side_template([])
+
+
 # -- boundary errors -----------------------------------------------------------------------
 
 

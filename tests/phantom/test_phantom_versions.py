@@ -228,6 +228,31 @@ def test_mni_stack_matches_the_bids_cohort_s_truth(tmp_path: Path) -> None:
     assert np.corrcoef(suvr[brain], subject.pet[brain])[0, 1] > 0.99
 
 
+def test_age_sweep_truth_ages_the_metabolism_of_the_same_brain() -> None:
+    """The truth of a fixed-MRI age sweep: at the subject's own age it is the stack's PET; at
+    other ages the anatomy (MRI, mask) stays and the PET falls with age, most in the frontal
+    cortex (the calibration's strongest slope) and not at all in the SUVR reference."""
+    from dualglow_app.evaluate.atlases import phantom_regions
+    from dualglow_app.grid import preset
+    from dualglow_app.phantom.mni import age_sweep_truth, simulate_subject
+    from dualglow_app.regions import regional_mean_matrix
+
+    grid = preset("tiny8mm")
+    subject = simulate_subject(SEED, 0, grid)
+    age = subject.demographics.age
+    sweep = age_sweep_truth(SEED, 0, grid, [age, age + 20.0])
+    np.testing.assert_array_equal(sweep[0], subject.pet)
+    older = simulate_subject(SEED, 0, grid, metabolic_age=age + 20.0)
+    np.testing.assert_array_equal(older.mri, subject.mri)
+    np.testing.assert_array_equal(older.pet, sweep[1])
+    labels, names = phantom_regions(grid)
+    regional = regional_mean_matrix(sweep, labels, list(range(1, len(names) + 1)), masks=subject.mask)
+    change = regional[1] / regional[0] - 1
+    frontal, reference = names.index("superior_frontal"), names.index("cerebellar_cortex")
+    assert change[frontal] < -0.05 and change[frontal] < np.nanmedian(change)
+    assert abs(change[reference]) < 0.02
+
+
 # --------------------------------------------------------------------------- CLI
 
 
