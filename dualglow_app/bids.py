@@ -50,7 +50,8 @@ class Scan:
     """One subject (and session) of the input dataset, with what dualglow needs from it.
 
     ``age_source`` names the file the age was read from, so an error about a missing age can
-    say which file to fix. ``covariate_problems`` holds, by covariate name, why a value in
+    say which file to fix; ``covariates`` / ``covariate_sources`` do the same for the
+    covariates :func:`find_scans` was asked for. ``covariate_problems`` holds, by covariate name, why a value in
     ``participants.tsv`` / ``sessions.tsv`` could not be used (the value is then None): a stage
     that needs that covariate fails this scan with the message, the others go on.
     """
@@ -64,6 +65,10 @@ class Scan:
     sex: str | None = None
     diagnosis: str | None = None
     covariate_problems: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # The covariates asked of find_scans (``covariates=``), by name: the value (a number, or a
+    # level) and the file it came from; a scan without a value has no entry.
+    covariates: Mapping[str, float | str] = field(default_factory=dict, hash=False)
+    covariate_sources: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def prefix(self) -> str:
@@ -215,10 +220,12 @@ class TsvTable:
 
 
 def read_covariate(
-    covariate: Covariate, subject: str, session: str | None, participants: TsvTable | None, sessions: TsvTable | None
-) -> tuple[float | None, str | None]:
+    covariate: Any, subject: str, session: str | None, participants: TsvTable | None, sessions: TsvTable | None
+) -> tuple[Any, str | None]:
     """A scan's value of ``covariate`` and the file it came from: its row of ``sub-X_sessions.tsv``
     first, then its row of ``participants.tsv``; ``(None, None)`` when neither has one.
+    ``covariate`` is a :class:`Covariate` or any object with a ``column`` and a ``parse`` of
+    the same signature (:class:`dualglow_app.covariates.CovariateSpec`).
 
     A cell that is present but unusable raises :class:`CovariateError` (it is not skipped in
     favour of the other file: the user wrote something, and it is wrong).
@@ -263,6 +270,7 @@ def find_scans(
     tracer: str | None = "FDG",
     require_pet: bool = False,
     work_dir: os.PathLike[str] | str | None = None,
+    covariates: Sequence[Any] = (),
 ) -> list[Scan]:
     """Every subject/session with a T1w (and, with ``require_pet``, a PET of ``tracer``).
 
@@ -271,6 +279,9 @@ def find_scans(
     the first (sorted by name) is used. The index is queried twice in all (T1w, PET) and each
     TSV read once, so 1,000 subjects take seconds (``benchmarks/bench_indexing.py``). An
     unusable age leaves the scan's ``age`` None with the reason in ``covariate_problems``.
+    ``covariates`` (:class:`dualglow_app.covariates.CovariateSpec` or :class:`Covariate`) are
+    read the same way into ``Scan.covariates`` (``sub-X_sessions.tsv`` first), an unusable
+    cell leaving the reason in ``covariate_problems`` under the covariate's name.
     """
     root = Path(bids_dir).resolve()
     subjects = [strip_prefix(label, "sub") for label in participant_labels or []]
@@ -325,11 +336,24 @@ def find_scans(
             age, age_source = read_covariate(AGE, subject, session, participants, session_tables.get(subject))
         except CovariateError as err:
             age, age_source, problems["age"] = None, None, str(err)
+        values: dict[str, float | str] = {}
+        sources: dict[str, str] = {}
+        for covariate in covariates:
+            try:
+                if subject in unreadable_sessions:
+                    raise CovariateError(unreadable_sessions[subject])
+                value, source = read_covariate(covariate, subject, session, participants, session_tables.get(subject))
+            except CovariateError as err:
+                problems[covariate.column] = str(err)
+                continue
+            if value is not None and source is not None:
+                values[covariate.column], sources[covariate.column] = value, source
         row = participants.rows.get(subject, {}) if participants else {}
         scans.append(Scan(
             subject=subject, session=session, t1w=t1w[0], pet=pet[0] if pet else None, age=age,
             age_source=age_source, sex=row.get("sex") or None,
             diagnosis=row.get("diagnosis") or row.get("group") or None, covariate_problems=problems,
+            covariates=values, covariate_sources=sources,
         ))  # fmt: skip
     if sessions and not scans:
         raise BIDSInputError(f"{root}: no T1w in session(s) {', '.join(sessions)}; check --session-label.")

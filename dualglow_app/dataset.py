@@ -3,8 +3,8 @@
 One module for the group level, the evaluation and the benchmarks, keyed on a small value
 object, :class:`DatasetSpec` (BIDS dir, labels, tracer, grid, side information, work dir):
 
-1. :func:`find_pairs` - every scan with a T1w and a PET of the tracer (and an age when the
-   model is conditioned on one);
+1. :func:`find_pairs` - every scan with a T1w and a PET of the tracer (and a value of every
+   covariate the model is conditioned on, typed by :mod:`dualglow_app.covariates`);
 2. :func:`prepare_dataset` - each pair preprocessed through the per-subject cache of
    :mod:`dualglow_app.preprocess`, then stacked once into ``.npy`` files in the work dir, so
    epochs read a memory map, never NIfTI (see docs/ARCHITECTURE.md, "Work directory"); the
@@ -36,6 +36,15 @@ import numpy as np
 
 from dualglow_app import __version__
 from dualglow_app.bids import Scan, find_scans
+from dualglow_app.covariates import (
+    AGE_SPEC,
+    CovariateSpec,
+    Value,
+    declare_covariate,
+    declare_covariates,
+    learn_covariates,
+    name_problem,
+)
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
 from dualglow_app.io import atomic_dir, entry_lock, remove_stale_work_temporaries, write_json
@@ -44,8 +53,6 @@ from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
 
-#: Covariates the data layer can supply per scan (eq. 16-17's side information c).
-SIDE_INFO_CHOICES = ("age",)
 DATASET_CACHE_VERSION = 1
 
 
@@ -57,8 +64,9 @@ class DatasetError(RuntimeError):
 class DatasetSpec:
     """Which paired scans, on which grid, cached where: the key of a stacked dataset.
 
-    ``side_info`` lists the covariates every usable scan must have (a scan without one is
-    left out, with a warning). ``nprocs`` only sets preprocessing threads (not part of the key).
+    ``side_info`` lists the covariates (columns of ``participants.tsv`` / ``sessions.tsv``)
+    every usable scan must have (a scan without one is left out, with a warning). ``nprocs``
+    only sets preprocessing threads (not part of the key).
     """
 
     bids_dir: Path
@@ -75,9 +83,9 @@ class DatasetSpec:
         object.__setattr__(self, "work_dir", Path(self.work_dir))
         for name in ("participant_labels", "session_labels", "side_info"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        unknown = sorted(set(self.side_info) - set(SIDE_INFO_CHOICES))
-        if unknown:
-            raise ValueError(f"side_info {unknown}: choose from {list(SIDE_INFO_CHOICES)}")
+        problems = [problem for name in self.side_info if (problem := name_problem(name))]
+        if problems:
+            raise ValueError(f"side_info: {'; '.join(problems)}")
 
 
 @dataclass
@@ -88,7 +96,10 @@ class PairedVolumes:
     ``mask`` the brain mask; all (N, X, Y, Z), memory-mapped from the work-dir cache.
     ``labels`` are ``sub-<l>[_ses-<l>]``, ``subjects`` the subject label of each row (splits
     keep a subject's sessions together), ``age`` NaN where unknown, ``diagnosis`` None where
-    unknown.
+    unknown. ``covariates`` holds other covariates by name, one value per row (a number, a
+    level, or None where unknown), ``covariate_declarations`` their kinds as the dataset
+    declares them (:func:`dualglow_app.covariates.declare_covariates`); age needs neither.
+    :meth:`covariate_specs` learns the encoding the model is built with.
     """
 
     labels: list[str]
@@ -100,10 +111,13 @@ class PairedVolumes:
     grid: ModelGrid
     skipped: dict[str, str] = field(default_factory=dict)
     diagnosis: list[str | None] = field(default_factory=list)
+    covariates: dict[str, list[Value | None]] = field(default_factory=dict)
+    covariate_declarations: dict[str, CovariateSpec] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.diagnosis:
             self.diagnosis = [None] * len(self.labels)
+        self._learnt: dict[tuple[str, ...], dict[str, CovariateSpec]] = {}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -115,29 +129,61 @@ class PairedVolumes:
             labels=[self.labels[i] for i in rows], subjects=[self.subjects[i] for i in rows],
             mri=np.asarray(self.mri[rows]), pet=np.asarray(self.pet[rows]), mask=np.asarray(self.mask[rows]),
             age=np.asarray(self.age[rows]), grid=self.grid, diagnosis=[self.diagnosis[i] for i in rows],
+            covariates={name: [values[i] for i in rows] for name, values in self.covariates.items()},
+            covariate_declarations=dict(self.covariate_declarations),
         )  # fmt: skip
+
+    def covariate_values(self, name: str) -> list[Value | None]:
+        """One value per row of covariate ``name`` (None where unknown); raises ``KeyError``
+        naming the covariates there are."""
+        if name in self.covariates:
+            return self.covariates[name]
+        if name == AGE_SPEC.name:
+            return [None if np.isnan(a) else float(a) for a in np.asarray(self.age, dtype=np.float64)]
+        raise KeyError(f"covariate {name!r} is not in this data (it has: {', '.join(['age', *self.covariates])})")
+
+    def covariate_specs(self, names: Sequence[str]) -> dict[str, CovariateSpec]:
+        """The covariates ``names`` learnt from every row (:func:`~dualglow_app.covariates.learn_covariates`):
+        the encoding a model trained on these rows is built with (``DualGlowConfig``) and stores."""
+        key = tuple(names)
+        if key not in self._learnt:
+            declared = {name: self.covariate_declarations.get(name, AGE_SPEC if name == AGE_SPEC.name else None)
+                        for name in names}  # fmt: skip
+            undeclared = [name for name, spec in declared.items() if spec is None]
+            if undeclared:
+                raise KeyError(f"covariates {undeclared} have no declaration in this data")
+            self._learnt[key] = learn_covariates({name: self.covariate_values(name) for name in names},
+                                                 declared)  # type: ignore[arg-type]  # fmt: skip
+        return self._learnt[key]
 
 
 # --------------------------------------------------------------------------- finding and stacking
 
 
-def find_pairs(spec: DatasetSpec) -> list[Scan]:
-    """Every scan with a T1w and a PET of ``spec.tracer`` (and an age when conditioning on it)."""
+def find_pairs(spec: DatasetSpec, declared: dict[str, CovariateSpec] | None = None) -> list[Scan]:
+    """Every scan with a T1w and a PET of ``spec.tracer`` and a usable value of every covariate
+    in ``spec.side_info`` (``declared``: their kinds, by default read from the dataset). A scan
+    without one, or with a value that is not usable, is left out with one warning line naming
+    the file and row; the other scans go on. Imputation is never done here: training on a
+    guessed covariate would teach the model the guess."""
+    if declared is None:
+        declared = declare_covariates(spec.bids_dir, spec.side_info) if spec.side_info else {}
     scans = find_scans(
         spec.bids_dir, spec.participant_labels, spec.session_labels,
-        tracer=spec.tracer, require_pet=True, work_dir=spec.work_dir,
+        tracer=spec.tracer, require_pet=True, work_dir=spec.work_dir, covariates=list(declared.values()),
     )  # fmt: skip
+    usable = []
     for scan in scans:
         for name, problem in scan.covariate_problems.items():
-            used = "not used (--side-info age needs one)" if name in spec.side_info else f"{name} left unknown"
+            used = f"not used (--side-info {name} needs one)" if name in spec.side_info else f"{name} left unknown"
             log.warning("%s: %s; %s", scan.prefix, problem, used)
-    if "age" in spec.side_info:
-        for scan in (s for s in scans if s.age is None and "age" not in s.covariate_problems):
-            log.warning(
-                "%s: no age in participants.tsv or sessions.tsv; not used (--side-info age needs one)", scan.prefix
-            )
-        scans = [s for s in scans if s.age is not None]
-    return scans
+        missing = [name for name in spec.side_info if name not in scan.covariates]
+        for name in (n for n in missing if n not in scan.covariate_problems):
+            log.warning("%s: no %s in participants.tsv or sessions.tsv; not used (--side-info %s needs one)",
+                        scan.prefix, name, name)  # fmt: skip
+        if not missing:
+            usable.append(scan)
+    return usable
 
 
 def _too_few(spec: DatasetSpec, usable: Sequence[str], skipped: dict[str, str]) -> DatasetError:
@@ -163,7 +209,8 @@ def _cache_key(scans: Sequence[Scan], grid: ModelGrid) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid) -> PairedVolumes:
+def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
+                declared: dict[str, CovariateSpec] | None = None) -> PairedVolumes:
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     n = len(index["labels"])
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:n] for name in ("mri", "pet", "mask")}
@@ -172,9 +219,12 @@ def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid) -> PairedV
     # Covariates are read from the TSVs on every run, so editing participants.tsv needs no
     # re-preprocessing.
     age = np.array([s.age if s.age is not None else np.nan for s in rows], dtype=np.float32)
+    declared = declared or {}
     return PairedVolumes(
         labels=list(index["labels"]), subjects=[s.subject for s in rows], age=age, grid=grid,
-        skipped=dict(index["skipped"]), diagnosis=[s.diagnosis for s in rows], **arrays,
+        skipped=dict(index["skipped"]), diagnosis=[s.diagnosis for s in rows],
+        covariates={name: [s.covariates.get(name) for s in rows] for name in declared},
+        covariate_declarations=dict(declared), **arrays,
     )  # fmt: skip
 
 
@@ -228,7 +278,10 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
     """
     if rank == 0:
         remove_stale_work_temporaries(spec.work_dir)
-    scans = find_pairs(spec)
+    declared = declare_covariates(spec.bids_dir, spec.side_info) if spec.side_info else {}
+    for covariate in declared.values():
+        log.info("covariate %s (declared in %s)", covariate.summary(), covariate.declared_in)
+    scans = find_pairs(spec, declared)
     if len(scans) < 2:
         raise _too_few(spec, [s.prefix for s in scans], {})
     folder = spec.work_dir / "train-data" / _cache_key(scans, spec.grid)
@@ -245,7 +298,7 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
         with entry_lock(folder):  # a concurrent run stacking the same data: wait, then reuse it
             if not (folder / "index.json").is_file():
                 _stack(spec, scans, folder)
-    data = _load_stack(folder, scans, spec.grid)
+    data = _load_stack(folder, scans, spec.grid, declared)
     for label, reason in data.skipped.items():
         log.warning("%s: not used for training (%s)", label, reason)
     log.info("%d paired scans on the %s mm grid %s", len(data), spec.grid.voxel_size, spec.grid.shape)
@@ -283,9 +336,18 @@ def load_mni_stack(folder: str | os.PathLike[str]) -> PairedVolumes:
             raise DatasetError(f"{folder}/{name}.npy has shape {array.shape}; index.json says {(n, *grid.shape)}")
     log.warning("%s: %d phantoms made directly on the model grid (no native simulation, no preprocessing): "
                 "for model development only", folder, n)
+    columns = index.get("columns")
+    if columns is None:  # a stack written before index.json described its columns
+        from dualglow_app.phantom.cohort import PARTICIPANT_COLUMNS
+
+        columns = PARTICIPANT_COLUMNS
+    names = [name for name in columns if name != AGE_SPEC.name and name in index]
+    declared = {name: declare_covariate(name, columns[name], [], "index.json", str(index_path)) for name in names}
     data = PairedVolumes(
         labels=list(index["labels"]), subjects=list(index["subjects"]), grid=grid,
-        age=np.asarray(index["age"], dtype=np.float32), diagnosis=list(index["diagnosis"]), **arrays,
+        age=np.asarray(index["age"], dtype=np.float32), diagnosis=list(index["diagnosis"]),
+        covariates={name: [None if v is None else declared[name].value(v) for v in index[name]] for name in names},
+        covariate_declarations=declared, **arrays,
     )  # fmt: skip
     explainable = folder / "explainable.npy"
     if explainable.is_file():
@@ -324,10 +386,24 @@ class ModelBatch(NamedTuple):
 
 
 def side_information(data: PairedVolumes, rows: np.ndarray, side_info: Sequence[str]) -> dict[str, np.ndarray] | None:
-    """The covariates of ``rows`` in natural units (age in years), or None without any."""
-    if "age" not in side_info:
+    """The covariates ``side_info`` of ``rows`` as the model takes them (:meth:`CovariateSpec.encode`:
+    continuous in natural units, e.g. age in years; categorical as the index of the class
+    among those :meth:`PairedVolumes.covariate_specs` learnt), or None without any."""
+    if not side_info:
         return None
-    return {"age": np.asarray(data.age[rows], dtype=np.float32)}
+    specs = data.covariate_specs(side_info)
+    side = {}
+    for name in side_info:
+        values, spec = data.covariate_values(name), specs[name]
+        encoded = []
+        for row in np.asarray(rows).tolist():
+            value = values[row]
+            if value is None or (isinstance(value, float) and np.isnan(value)):
+                raise DatasetError(f"{data.labels[row]}: no {name}, which the model is conditioned on; "
+                                   "leave the scan out or give it a value")  # fmt: skip
+            encoded.append(spec.encode(value))
+        side[name] = np.asarray(encoded, dtype=np.float32)
+    return side
 
 
 def model_batch(
@@ -375,7 +451,6 @@ __all__ = [
     "DatasetSpec",
     "ModelBatch",
     "PairedVolumes",
-    "SIDE_INFO_CHOICES",
     "find_pairs",
     "load_mni_stack",
     "mean_images",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import platform
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,9 +97,17 @@ def model_metadata(
         "versions": {"dualglow": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "options": options.to_dict(),
     }
+    # How each covariate was learnt, so the participant level encodes a scan as training did;
+    # a continuous one's centre and scale are those the network was built with.
+    config = result.model.config
+    covariates = {
+        name: (replace(spec, centre=config.continuous[name][0], scale=config.continuous[name][1])
+               if name in config.continuous else spec).to_dict()
+        for name, spec in data.covariate_specs(options.side_info).items()
+    }  # fmt: skip
     return ModelMetadata(
         grid=data.grid, intensity=scaling, side_info=list(options.side_info),
-        demonstration=is_phantom_cohort(options.bids_dir), training=training,
+        demonstration=is_phantom_cohort(options.bids_dir), training=training, covariates=covariates,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ True
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -94,4 +94,57 @@ def predict(
     return Prediction(mean, sd, clipped, latents_outside)
 
 
-__all__ = ["CLIPPED_WARNING", "LATENT_WARNING", "Prediction", "predict", "scan_seed"]
+def sweep(
+    model: Any,
+    scaling: IntensityScaling,
+    t1w: np.ndarray,
+    mask: np.ndarray,
+    side: Mapping[str, float],
+    name: str,
+    values: Sequence[float],
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> list[Prediction]:
+    """:func:`predict` of the same T1w with covariate ``name`` set to each of ``values`` (as
+    the model takes them: natural units, or class indices) and the other covariates as in
+    ``side``: counterfactual synthetic PETs of one MRI. The same ``seed`` at every value, so
+    the images differ by the covariate alone, not by the sampling noise."""
+    if name not in side:
+        raise ValueError(f"sweep over {name!r}: the side information has no such covariate ({', '.join(side)})")
+    return [predict(model, scaling, t1w, mask, {**side, name: value}, samples, temperature, seed) for value in values]
+
+
+def counterfactual(
+    model: Any,
+    scaling: IntensityScaling,
+    t1w: np.ndarray,
+    pet: np.ndarray,
+    mask: np.ndarray,
+    side: Mapping[str, float],
+    new_side: Mapping[str, float],
+) -> Prediction:
+    """A measured PET (SUVR on the model grid) moved from the covariates ``side`` to ``new_side``
+    (:meth:`DualGlow.counterfactual`: the subject's residual from the prior is kept, the prior
+    moves): "this subject's PET at age 85". Clipped to the model's range and masked like
+    :func:`predict`; ``sd`` is None, ``clipped_fraction`` the share of brain values clipped."""
+    import torch
+
+    device = next(model.parameters()).device
+    x_mri = torch.from_numpy(scaling.mri_to_model(t1w))[None, None].to(device)
+    x_pet = torch.from_numpy(scaling.pet_to_model(pet))[None, None].to(device)
+
+    def tensors(values: Mapping[str, float]) -> dict[str, Any]:
+        return {k: torch.tensor([float(v)], device=device) for k, v in values.items()}
+
+    with torch.no_grad():
+        moved = model.counterfactual(x_mri, x_pet, tensors(side), tensors(new_side))
+    prior = model.conditional_prior(x_mri, tensors(side)) if model.has_conditioning_range else None
+    brain = np.asarray(mask) > 0
+    suvr, outside = scaling.synthetic_pet(moved[0, 0].float().cpu().numpy())
+    clipped = float(outside[brain].mean()) if brain.any() else 0.0
+    latents_outside = None if prior is None else float(prior.outside_fraction[0])
+    return Prediction((suvr * brain).astype(np.float32), None, clipped, latents_outside)
+
+
+__all__ = ["CLIPPED_WARNING", "LATENT_WARNING", "Prediction", "counterfactual", "predict", "scan_seed", "sweep"]

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dualglow_app.bids import AGE
-from dualglow_app.dataset import SIDE_INFO_CHOICES, DatasetSpec
+from dualglow_app.covariates import name_problem
+from dualglow_app.dataset import DatasetSpec
 from dualglow_app.grid import SPACE as MNI
 from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
@@ -146,7 +147,9 @@ class TrainOptions:
 
     ``grid`` names a preset of :data:`dualglow_app.grid.PRESETS`; ``grid_mm`` instead builds a
     grid of that voxel size over the presets' 160 x 192 x 160 mm box. ``levels`` defaults to
-    the grid's. ``side_info`` lists the covariates the model is conditioned on (eq. 16-17).
+    the grid's. ``side_info`` lists the covariates the model is conditioned on (eq. 16-17):
+    columns of ``participants.tsv`` / ``sessions.tsv``, typed by ``participants.json``
+    (:mod:`dualglow_app.covariates`).
     ``mri_input=False`` zeroes the MRI: the same architecture then learns an unconditional
     PET model, the baseline that shows the MRI carries information. ``max_steps`` ends the
     run after the epoch in which that many batches were processed (smoke tests, benchmarks).
@@ -219,9 +222,9 @@ class TrainOptions:
         self.session_labels = tuple(self.session_labels)
         self.side_info = tuple(self.side_info)
         problems = []
-        unknown = sorted(set(self.side_info) - set(SIDE_INFO_CHOICES))
-        if unknown:
-            problems.append(f"side_info {unknown}: choose from {list(SIDE_INFO_CHOICES)}")
+        problems += [f"side_info: {problem}" for name in self.side_info if (problem := name_problem(name))]
+        if len(set(self.side_info)) != len(self.side_info):
+            problems.append(f"side_info {list(self.side_info)}: a covariate named twice")
         for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "relation_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")

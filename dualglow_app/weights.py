@@ -265,8 +265,13 @@ class ModelMetadata:
     ``grid``: the model grid the model was trained on (None only for models that are not for
     synthesis, e.g. 2D test models); ``intensity``: the [0, 1] <-> SUVR scaling;
     ``side_info``: the covariate names it is conditioned on (e.g. ``["age"]``);
-    ``demonstration``: trained on the synthetic phantom cohort; ``training``: free-form facts
-    (subjects, epochs, seed, validation metrics, hardware, options).
+    ``covariates``: how each was learnt (:class:`dualglow_app.covariates.CovariateSpec` as a
+    dict: kind, units, centre/scale and training range, or the classes in index order with
+    their training counts), so the participant level decodes a scan's values as the training
+    encoded them; empty in files written before it existed (age alone: see
+    :attr:`LoadedModel.covariates`); ``demonstration``: trained on the synthetic phantom
+    cohort; ``training``: free-form facts (subjects, epochs, seed, validation metrics,
+    hardware, options).
 
     >>> meta = ModelMetadata(grid=None, side_info=["age"])
     >>> ModelMetadata.from_dict(meta.to_dict()) == meta
@@ -278,15 +283,19 @@ class ModelMetadata:
     side_info: list[str] = field(default_factory=list)
     demonstration: bool = False
     training: dict[str, Any] = field(default_factory=dict)
+    covariates: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "grid": None if self.grid is None else self.grid.to_dict(),
             "intensity": self.intensity.to_dict(),
             "side_info": list(self.side_info),
             "demonstration": self.demonstration,
             "training": self.training,
         }
+        if self.covariates:  # absent, as in older files, for a model without learnt covariates
+            data["covariates"] = {name: dict(spec) for name, spec in self.covariates.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: os.PathLike[str] | str = "metadata") -> ModelMetadata:
@@ -296,9 +305,13 @@ class ModelMetadata:
             intensity = IntensityScaling.from_dict(data.get("intensity") or {})
         except (KeyError, TypeError, ValueError) as err:
             raise ModelFileError(f"{source}: bad grid or intensity metadata ({err}).") from err
+        covariates = data.get("covariates") or {}
+        if not isinstance(covariates, dict) or not all(isinstance(v, dict) for v in covariates.values()):
+            raise ModelFileError(f"{source}: bad covariates metadata (expected an object of objects by name).")
         return cls(
             grid=grid, intensity=intensity, side_info=list(data.get("side_info") or []),
             demonstration=bool(data.get("demonstration", False)), training=dict(data.get("training") or {}),
+            covariates={name: dict(spec) for name, spec in covariates.items()},
         )  # fmt: skip
 
 
@@ -334,6 +347,20 @@ class LoadedModel:
         return "age" in self.side_names
 
     @property
+    def covariates(self) -> dict[str, Any]:
+        """Each covariate the model is conditioned on as a learnt
+        :class:`~dualglow_app.covariates.CovariateSpec`, in the network's order: from the
+        metadata, or for a file written before covariates were stored, from its config (age in
+        years with its (70, 10) scaling; a categorical covariate then has no named classes)."""
+        from dualglow_app.covariates import CovariateSpec, legacy_specs
+
+        stored = self.metadata.covariates
+        if stored:
+            return {name: CovariateSpec.from_dict(stored[name]) for name in self.side_names}
+        config = self.model.config
+        return legacy_specs(config.continuous, config.categorical)
+
+    @property
     def demonstration(self) -> bool:
         return self.metadata.demonstration
 
@@ -353,7 +380,33 @@ def open_model(weights: str | os.PathLike[str] | None, device: Any = "cpu") -> L
         raise ModelFileError(f"{json_path}: a {model.config.ndim}D model; synthesis needs a 3D one.")
     if not model.is_initialized:
         raise ModelFileError(f"{json_path}: the model was never trained (ActNorm not initialised); use trained weights.")
+    check_covariates(metadata, model.config, json_path)
     return LoadedModel(model, path, path.name.removesuffix(".safetensors"), str(info["sha256"]), metadata, device)
+
+
+def check_covariates(metadata: ModelMetadata, config: DualGlowConfig, source: os.PathLike[str] | str) -> None:
+    """The stored covariates must be the config's, encoded as the config says (the same
+    centre/scale, as many classes as levels); otherwise the file was edited or mixed up."""
+    from dualglow_app.covariates import CovariateSpec
+
+    if not metadata.covariates:
+        return
+    problems = []
+    if sorted(metadata.covariates) != sorted(config.side_names):
+        problems.append(f"covariates {sorted(metadata.covariates)} but the network takes {sorted(config.side_names)}")
+    for name, data in metadata.covariates.items():
+        try:
+            spec = CovariateSpec.from_dict(data)
+        except (TypeError, ValueError) as err:
+            problems.append(str(err))
+            continue
+        if name in config.continuous and (spec.is_categorical or (spec.centre, spec.scale) != config.continuous[name]):
+            problems.append(f"{name}: stored as {spec.summary()!r}, the network scales it by {config.continuous[name]}")
+        if name in config.categorical and len(spec.levels) != config.categorical[name]:
+            problems.append(f"{name}: {len(spec.levels)} levels stored, the network has {config.categorical[name]} classes")
+    if problems:
+        raise ModelFileError(f"{source}: the covariates in the metadata do not match the model ({'; '.join(problems)}); "
+                             "re-save the model from its group level.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- checkpoints

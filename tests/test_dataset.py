@@ -51,9 +51,12 @@ def test_fewer_than_two_pairs_is_an_error_naming_them(
         prepare_dataset(DatasetSpec(bids2, tmp_path / "w2", grid=preset("tiny8mm")))
 
 
-def test_spec_refuses_unknown_side_information(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="side_info"):
-        DatasetSpec(tmp_path, tmp_path / "work", side_info=("sex",))
+def test_spec_takes_any_column_but_refuses_names_that_are_no_covariate(tmp_path: Path) -> None:
+    assert DatasetSpec(tmp_path, tmp_path / "work", side_info=("sex", "mmse")).side_info == ("sex", "mmse")
+    with pytest.raises(ValueError, match="participant_id identifies rows"):
+        DatasetSpec(tmp_path, tmp_path / "work", side_info=("participant_id",))
+    with pytest.raises(ValueError, match="not a column name"):
+        DatasetSpec(tmp_path, tmp_path / "work", side_info=("two words",))
 
 
 def test_batches_are_on_the_model_scale_with_ages() -> None:

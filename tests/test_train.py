@@ -54,7 +54,7 @@ def test_grid_from_preset_or_voxel_size() -> None:
 
 def test_options_refuse_bad_values() -> None:
     with pytest.raises(ValueError, match="side_info"):
-        TrainOptions("b", "o", side_info=["sex"])
+        TrainOptions("b", "o", side_info=["participant_id"])
     with pytest.raises(ValueError, match="val_fraction"):
         TrainOptions("b", "o", val_fraction=1.0)
     with pytest.raises(ValueError, match="memory_saving"):

@@ -34,6 +34,7 @@ import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import cast
@@ -67,6 +68,38 @@ VERSION_NOTES = {
 }
 DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
 AGE_RANGE = (55.0, 90.0)
+#: MMSE-like score (0-30): the mean and SD at baseline by ADNI group, CN 29.1 +- 1.0, MCI
+#: 27.0 +- 1.8, AD 23.3 +- 2.0 (ADNI-1 baseline; Petersen et al., Neurology 2010;74:201-209).
+MMSE_BY_DIAGNOSIS = {"CN": (29.1, 1.0), "MCI": (27.0, 1.8), "AD": (23.3, 2.0)}
+#: Scores fall with age in population norms (Crum et al., JAMA 1993;269:2386-2391: median 29 at
+#: 18-24 years, 25 at 80 and older, across schooling levels): assumed -0.05 points a year about
+#: the ADNI-like mean age, small next to the groups' differences.
+MMSE_AGE_SLOPE, MMSE_REFERENCE_AGE = -0.05, 74.0
+#: Change per year between sessions (assumed, in line with the clinical course: stable in CN,
+#: slow in MCI, 2-4 points a year in AD dementia cohorts).
+MMSE_YEARLY_CHANGE = {"CN": 0.0, "MCI": -1.0, "AD": -3.0}
+#: The MMSE's own random stream (spawn key (index, MMSE_STREAM)): drawing it changes no other
+#: draw, so every image of a seed stays what it was.
+MMSE_STREAM = 77
+#: Phantom versions whose participants.tsv (and MNI stack index) carry the MMSE-like score;
+#: version 1 writes its earlier files unchanged.
+MMSE_VERSIONS = (2,)
+#: participants.json of the cohort (BIDS column descriptions); the MNI stack's index.json
+#: carries the same under "columns".
+PARTICIPANT_COLUMNS = {
+    "age": {"Description": "Age at the first session (ADNI-like, 55-90).", "Units": "year"},
+    "sex": {"Description": "Sex of the phantom.", "Levels": {"M": "male", "F": "female"}},
+    "diagnosis": {"Description": "Clinical group (ADNI): cognitively normal, mild cognitive impairment, Alzheimer's disease.",
+                  "Levels": {"CN": "cognitively normal", "MCI": "mild cognitive impairment", "AD": "Alzheimer's disease dementia"}},
+    "diagnosis_detail": {"Description": "Finer ADNI label.",
+                         "Levels": {"CN": "cognitively normal", "SMC": "significant memory concern",
+                                    "EMCI": "early MCI", "MCI": "MCI", "LMCI": "late MCI", "AD": "Alzheimer's disease"}},
+}
+MMSE_COLUMN = {"mmse": {
+    "Description": "MMSE-like score of the SYNTHETIC phantom (0-30, higher is better): drawn from the diagnosis "
+                   "(ADNI-1 baseline means and SDs, Petersen et al. 2010) and the age (-0.05 a year), rounded; "
+                   "at the first session (sub-X_sessions.tsv: at each session).",
+    "Units": "score"}}
 #: Disease duration given to a subject whose diagnosis is overridden (middle of the drawn ranges).
 TYPICAL_DISEASE_YEARS = {"CN": 0.0, "MCI": 2.5, "AD": 4.5}
 GRID_NOTE = (
@@ -138,6 +171,17 @@ def check_version(version: int) -> int:
     if version not in PHANTOM_VERSIONS:
         raise ValueError(f"--phantom-version must be one of {list(PHANTOM_VERSIONS)}, got {version}.")
     return int(version)
+
+
+def mmse_scores(seed: int, index: int, demo: Demographics, ages: Sequence[float]) -> list[int]:
+    """Subject ``index``'s MMSE-like score (0-30) at each of its session ``ages``: its group's
+    baseline mean (:data:`MMSE_BY_DIAGNOSIS`) moved by age (:data:`MMSE_AGE_SLOPE`), a draw of
+    the group's SD, then the group's yearly change between sessions; integers, as MMSE is."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, MMSE_STREAM)))
+    mean, sd = MMSE_BY_DIAGNOSIS[demo.diagnosis]
+    baseline = mean + MMSE_AGE_SLOPE * (ages[0] - MMSE_REFERENCE_AGE) + sd * float(rng.standard_normal())
+    rate = MMSE_YEARLY_CHANGE[demo.diagnosis]
+    return [int(np.clip(round(baseline + rate * (a - ages[0])), 0, 30)) for a in ages]
 
 
 def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: float | None = None,
@@ -694,24 +738,23 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
     })
     (out_dir / "README").write_text(_readme(len(subjects), seed, sessions, voxel_mm, version))
     (out_dir / ".bidsignore").write_text("derivatives/\n")
+    with_mmse = version in MMSE_VERSIONS
+    mmse = {s.participant_id: mmse_scores(seed, int(s.participant_id.removeprefix("sub-")) - 1, s.demographics,
+                                          s.session_ages) for s in subjects} if with_mmse else {}  # fmt: skip
     rows = [{"participant_id": s.participant_id, "age": s.demographics.age, "sex": s.demographics.sex,
-             "diagnosis": s.demographics.diagnosis, "diagnosis_detail": s.demographics.diagnosis_detail}
+             "diagnosis": s.demographics.diagnosis, "diagnosis_detail": s.demographics.diagnosis_detail,
+             **({"mmse": mmse[s.participant_id][0]} if with_mmse else {})}
             for s in subjects]
     _write_tsv(out_dir / "participants.tsv", rows)
-    _write_json(out_dir / "participants.json", {
-        "age": {"Description": "Age at the first session (ADNI-like, 55-90).", "Units": "year"},
-        "sex": {"Description": "Sex of the phantom.", "Levels": {"M": "male", "F": "female"}},
-        "diagnosis": {"Description": "Clinical group (ADNI): cognitively normal, mild cognitive impairment, Alzheimer's disease.",
-                      "Levels": {"CN": "cognitively normal", "MCI": "mild cognitive impairment", "AD": "Alzheimer's disease dementia"}},
-        "diagnosis_detail": {"Description": "Finer ADNI label.",
-                             "Levels": {"CN": "cognitively normal", "SMC": "significant memory concern",
-                                        "EMCI": "early MCI", "MCI": "MCI", "LMCI": "late MCI", "AD": "Alzheimer's disease"}},
-    })
+    _write_json(out_dir / "participants.json", {**PARTICIPANT_COLUMNS, **(MMSE_COLUMN if with_mmse else {})})
     if sessions > 1:
         for s in subjects:
             _write_tsv(out_dir / s.participant_id / f"{s.participant_id}_sessions.tsv",
-                       [{"session_id": f"ses-{k + 1:02d}", "age": a} for k, a in enumerate(s.session_ages)])
-        _write_json(out_dir / "sessions.json", {"age": {"Description": "Age at the session.", "Units": "year"}})
+                       [{"session_id": f"ses-{k + 1:02d}", "age": a,
+                         **({"mmse": mmse[s.participant_id][k]} if with_mmse else {})}
+                        for k, a in enumerate(s.session_ages)])
+        _write_json(out_dir / "sessions.json", {"age": {"Description": "Age at the session.", "Units": "year"},
+                                                **(MMSE_COLUMN if with_mmse else {})})
 
 
 def _readme(n: int, seed: int, sessions: int, voxel_mm: float, version: int) -> str:
@@ -753,6 +796,8 @@ factors, GM factors included (`*_desc-regions_factors.tsv`)."""
         truth = """`derivatives/phantom/` holds the ground truth: MNI152NLin2009cAsym T1w, tissue maps, brain
 mask and noise-free PET, the true transforms (`xfm/`, conventions in their JSON files) and the
 regional factors (`*_desc-regions_factors.tsv`)."""
+    mmse = ("- An MMSE-like score (participants.tsv `mmse`, 0-30) from the diagnosis (ADNI-1 baseline means\n"
+            "  and SDs, Petersen et al. 2010) and the age, with noise.\n") if version in MMSE_VERSIONS else ""
     return f"""# dualglow phantom cohort (SYNTHETIC DATA)
 
 Every image in this dataset is SYNTHETIC: {n} digital phantoms made by `dualglow-phantom`
@@ -762,7 +807,7 @@ subject, {voxel_mm:g} mm). No person was scanned.
 How they were made:
 
 - Demographics drawn like ADNI (ages 55-90; CN, SMC, EMCI, MCI, LMCI, AD in ADNI proportions).
-{anatomy}
+{mmse}{anatomy}
 - T1w: partial-volume tissue intensities (GM:WM 0.72, CSF:WM 0.30), a bias field in 0.8-1.2,
   Rician noise.
 {pet}

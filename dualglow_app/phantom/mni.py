@@ -26,7 +26,8 @@ grid and put onto the model grid the way the preprocessing leaves a perfectly re
   :func:`dualglow_app.templates.reference_region`), 0 outside the brain (SUVR);
 - ``explainable.npy``: the explainable PET (cohort.py, ``desc-explainable``), scaled the same
   way by its own reference-region mean;
-- ``mask.npy``: the brain (> 0.5 on the grid); ``index.json``: labels, subjects, ages, sexes, diagnoses, the grid, the phantom
+- ``mask.npy``: the brain (> 0.5 on the grid); ``index.json``: labels, subjects, ages, sexes, diagnoses, (version 2)
+  MMSE-like scores, their BIDS column descriptions (``columns``), the grid, the phantom
   version, the seed and a note saying all this.
 
 Real scans differ from this by everything it skips (registration error, skull-strip and N4
@@ -276,6 +277,11 @@ def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int)
         "sex": [s.demographics.sex for s in subjects],
         "diagnosis": [s.demographics.diagnosis for s in subjects],
         "diagnosis_detail": [s.demographics.diagnosis_detail for s in subjects],
+        **({"mmse": [cohort.mmse_scores(seed, int(s.label.removeprefix("sub-")) - 1, s.demographics,
+                                        [s.demographics.age])[0] for s in subjects]}
+           if version in cohort.MMSE_VERSIONS else {}),
+        # The covariates above as participants.json declares them (dataset.load_mni_stack types them by it).
+        "columns": {**cohort.PARTICIPANT_COLUMNS, **(cohort.MMSE_COLUMN if version in cohort.MMSE_VERSIONS else {})},
         "grid": grid.to_dict(),
         "version": version,
         "version_note": cohort.VERSION_NOTES[version],
