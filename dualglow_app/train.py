@@ -231,7 +231,7 @@ class _Run:
             # Every rank sees the same training rows, so every rank sets the same templates.
             model.set_templates(*mean_images(data, train_rows, IntensityScaling(), options.mri_input))
             if model.pet_side_template is not None:
-                model.fit_side_template((batch.pet, batch.side) for batch in model_batches(
+                model.fit_side_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
                     data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
         model = model.to(device)
         model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])

@@ -97,15 +97,19 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     for name, tensor in result.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     # Template centring (default): the MRI template is the training scans' mean image; with
-    # side information the PET template is the least-squares intercept at age 70 of the
-    # training PETs on (age - 70) / 10 (the side template's start; its map then trains).
+    # side information the PET template is the mean training PET at age 70: the mean minus
+    # the age map (per voxel, least squares of the PET on 1, (age - 70) / 10 and the MRI;
+    # the side template's start, its map then trains) times the mean (age - 70) / 10.
     assert info["config"]["template_shape"] == [16, 16, 16] and info["config"]["side_template"] is True
     data = paired_volumes(6)
     train_rows = [data.labels.index(label) for label in meta["training"]["subjects"]]
     pets = IntensityScaling().pet_to_model(np.asarray(data.pet)[train_rows]).reshape(len(train_rows), -1)
-    design = np.column_stack([np.ones(len(train_rows)), (np.asarray(data.age)[train_rows] - 70.0) / 10.0])
-    intercept = np.linalg.lstsq(design, pets, rcond=None)[0][0].reshape(16, 16, 16)
-    assert np.allclose(model.pet_template[0, 0].numpy(), intercept, atol=1e-4)
+    mris = IntensityScaling().mri_to_model(np.asarray(data.mri)[train_rows]).reshape(len(train_rows), -1)
+    decades = (np.asarray(data.age)[train_rows] - 70.0) / 10.0
+    age_map = np.array([np.linalg.lstsq(np.column_stack([np.ones_like(decades), decades, mris[:, v]]), pets[:, v],
+                                        rcond=None)[0][1] for v in range(pets.shape[1])])  # fmt: skip
+    expected_template = (pets.mean(0) - age_map * decades.mean()).reshape(16, 16, 16)
+    assert np.allclose(model.pet_template[0, 0].numpy(), expected_template, atol=1e-4)
     assert model.pet_side_template is not None and model.pet_side_template.abs().max() > 0
     expected_mri = IntensityScaling().mri_to_model(np.asarray(data.mri)[train_rows]).mean(0)
     assert np.allclose(model.mri_template[0, 0].numpy(), expected_mri, atol=1e-5)

@@ -388,32 +388,48 @@ class DualGlow(nn.Module):
             target.copy_(value.reshape(target.shape))
 
     @torch.no_grad()
-    def fit_side_template(self, batches: Iterable[tuple[Tensor, SideInput]]) -> None:
-        """Start the side template (``DualGlowConfig.side_template``) from the training PETs:
-        per voxel, least squares of the PET on (1, c) over ``(pet, side)`` batches; the
-        intercept becomes the PET template (the PET at c = 0, e.g. age 70), the slopes the maps
-        B_j. Rank-deficient designs (one-hot categories next to the intercept, a covariate that
-        never varies) get the minimum-norm solution. Call after :meth:`set_templates`."""
+    def fit_side_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput]]) -> None:
+        """Start the side template (``DualGlowConfig.side_template``) from the training pairs:
+        per voxel, least squares of the PET on (1, c, the MRI at that voxel) over
+        ``(mri, pet, side)`` batches (model scale, as :meth:`nll` takes them). The maps B_j are
+        the coefficients of c: the covariates' effect with the anatomy held fixed, which is
+        what a sweep of one MRI should show. Without the MRI term they would also take what
+        the anatomy says about c (atrophy goes with age): measured on phantom v2, the age-only
+        fit's slopes are 1.56x those of the same brains aged with their anatomy fixed, the
+        MRI-adjusted fit's 1.22x (docs/MODEL_EXPERIMENTS.md). The PET template becomes the
+        mean training PET minus B times the mean c (the PET at c = 0 for the mean anatomy).
+        Rank-deficient designs (one-hot categories next to the intercept, a covariate that never
+        varies, no MRI signal outside the brain) get the minimum-norm solution."""
         if self.pet_side_template is None:
             raise ValueError(
                 "this model has no side template: build it with side information, template_shape=[...] "
                 "and DualGlowConfig(side_template=True)."
             )
-        gram, moments, rows = None, None, 0
-        for pet, side in batches:
-            pet = torch.as_tensor(pet).to(self.pet_template.device)
-            c = self._encode_side(side, pet.shape[0], pet)[0].double()  # type: ignore[index]
-            design = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)
-            values = pet.double().flatten(1)
-            gram = design.T @ design if gram is None else gram + design.T @ design
-            moments = design.T @ values if moments is None else moments + design.T @ values
+        gram, moments, pet_sum, c_sum, rows = None, None, None, None, 0
+        for mri, pet, side in batches:
+            device = self.pet_template.device
+            mri, pet = torch.as_tensor(mri).to(device).double(), torch.as_tensor(pet).to(device).double()
+            c = self._encode_side(side, pet.shape[0], pet)[0]  # type: ignore[index]
+            voxels = mri[0].numel()
+            # (batch, voxels, 1 + n_side + 1): intercept, covariates, the MRI at each voxel.
+            design = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)[:, None, :].expand(-1, voxels, -1)
+            design = torch.cat([design, mri.flatten(1)[..., None]], dim=2)
+            values = pet.flatten(1)
+            batch_gram = torch.einsum("nvp,nvq->vpq", design, design)
+            batch_moments = torch.einsum("nvp,nv->vp", design, values)
+            gram = batch_gram if gram is None else gram + batch_gram
+            moments = batch_moments if moments is None else moments + batch_moments
+            pet_sum = values.sum(0) if pet_sum is None else pet_sum + values.sum(0)
+            c_sum = c.sum(0) if c_sum is None else c_sum + c.sum(0)
             rows += pet.shape[0]
-        if gram is None or moments is None:
-            raise ValueError("fit_side_template needs at least one (pet, side) batch of training images.")
-        coef = torch.linalg.pinv(gram) @ moments  # (1 + n_side, voxels)
-        self.pet_template.copy_(coef[0].reshape(self.pet_template.shape).to(self.pet_template.dtype))
-        self.pet_side_template.copy_(coef[1:].reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
-        log.debug("side template fitted on %d PETs: |B| max %.4f", rows, float(coef[1:].abs().max()))
+        if gram is None or moments is None or pet_sum is None or c_sum is None:
+            raise ValueError("fit_side_template needs at least one (mri, pet, side) batch of training images.")
+        coef = (torch.linalg.pinv(gram) @ moments[..., None])[..., 0]  # (voxels, 1 + n_side + 1)
+        maps = coef[:, 1:-1].T  # (n_side, voxels)
+        template = pet_sum / rows - (c_sum / rows) @ maps
+        self.pet_template.copy_(template.reshape(self.pet_template.shape).to(self.pet_template.dtype))
+        self.pet_side_template.copy_(maps.reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
+        log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(maps.abs().max()))
 
     def _center(self, x: Tensor, modality: str, c: Tensor | None = None) -> Tensor | float:
         """What an image is centred on before its flow: its template (for the PET, moved by the
