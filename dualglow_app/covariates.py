@@ -293,6 +293,31 @@ def declare_covariates(bids_dir: str | Path, names: Sequence[str]) -> dict[str, 
     return specs
 
 
+def dataset_mismatch(bids_dir: str | Path, specs: Mapping[str, CovariateSpec]) -> dict[str, str]:
+    """How the dataset at ``bids_dir`` disagrees with a model's covariates ``specs``, by name:
+    a column missing from ``participants.tsv`` and every ``sub-X_sessions.tsv`` (the problem
+    starts with ``no column``), or declared in ``participants.json`` / ``sessions.json`` as the
+    other kind (``Levels`` for a continuous covariate, ``Units`` for a categorical one).
+    Values are checked scan by scan (:meth:`CovariateSpec.parse`)."""
+    root = Path(bids_dir)
+    if not specs:
+        return {}
+    participants, sessions = dataset_tables(root)
+    described = {**_json_columns(root / "sessions.json"), **_json_columns(root / "participants.json")}
+    available = set(_columns(participants)).union(*(set(_columns(t)) for t in sessions.values()))
+    problems = {}
+    for name, spec in specs.items():
+        if name not in available:
+            problems[name] = f"no column {name!r} in participants.tsv or any sub-*_sessions.tsv"
+            continue
+        declared = described.get(name, {})
+        if spec.is_categorical and "Units" in declared and "Levels" not in declared:
+            problems[name] = f"participants.json declares {name} continuous (Units {declared['Units']!r})"
+        elif not spec.is_categorical and isinstance(declared.get("Levels"), dict):
+            problems[name] = f"participants.json declares {name} categorical (Levels {', '.join(declared['Levels'])})"
+    return problems
+
+
 # --------------------------------------------------------------------------- learning (group level)
 
 
@@ -441,6 +466,7 @@ def desc_label(name: str, value: Value, spec: CovariateSpec | None = None) -> st
 
 
 __all__ = [
-    "AGE_SPEC", "CATEGORICAL", "CONTINUOUS", "CovariateSpec", "Sweep", "declare_covariate", "declare_covariates",
+    "AGE_SPEC", "CATEGORICAL", "CONTINUOUS", "CovariateSpec", "Sweep", "dataset_mismatch", "declare_covariate",
+    "declare_covariates",
     "dataset_tables", "desc_label", "learn_covariates", "legacy_specs", "name_problem", "side_config",
 ]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dualglow_app.bids import AGE
-from dualglow_app.covariates import name_problem
+from dualglow_app.covariates import Sweep, name_problem
 from dualglow_app.dataset import DatasetSpec
 from dualglow_app.grid import SPACE as MNI
 from dualglow_app.grid import ModelGrid, resolve_grid
@@ -63,8 +63,16 @@ class ParticipantOptions:
     a temperature above 0, or all samples are equal). ``age`` is used only for scans without
     an age in ``sessions.tsv`` / ``participants.tsv``. ``age_sweep``: ages (years) to
     synthesize every scan at, besides its own; both within :data:`dualglow_app.bids.AGE`'s
-    range. ``output_res``: mm of the MNI output grid (TemplateFlow ``res-XX``). ``work_dir``
-    defaults to :func:`default_work_dir`.
+    range. ``sweeps``: ``NAME=VALUES`` (``age=50:100:10``, ``diagnosis=CN,MCI,AD``, ``NAME=all``
+    for every class of a categorical covariate; :class:`dualglow_app.covariates.Sweep`), each
+    a series of counterfactual synthetic PETs of the scan's MRI with that covariate changed
+    (``age_sweep`` is ``age=...``). ``covariates``: ``NAME=VALUE`` for scans without a value of
+    that covariate in the TSVs (as ``age`` is for age); ``impute_covariates``: give a scan
+    without a value the training's typical one (mean, or most frequent class; recorded in the
+    sidecar) instead of failing it. ``counterfactual_pet``: where a scan has a measured FDG-PET,
+    also move it to each sweep value (:meth:`DualGlow.counterfactual`). ``output_res``: mm of
+    the MNI output grid (TemplateFlow ``res-XX``). ``work_dir`` defaults to
+    :func:`default_work_dir`.
 
     Example::
 
@@ -85,6 +93,10 @@ class ParticipantOptions:
     seed: int = 0
     age: float | None = None
     age_sweep: Sequence[float] = ()
+    sweeps: Sequence[str] = ()
+    covariates: Sequence[str] = ()
+    impute_covariates: bool = False
+    counterfactual_pet: bool = False
     output_spaces: Sequence[str] = (MNI,)
     output_res: int = 2
     skip_bids_validation: bool = False
@@ -101,7 +113,19 @@ class ParticipantOptions:
         self.session_labels = tuple(self.session_labels)
         self.age_sweep = tuple(sorted({float(a) for a in self.age_sweep}))
         self.output_spaces = tuple(dict.fromkeys(self.output_spaces))
+        self.sweeps = tuple(self.sweeps)
+        self.covariates = tuple(self.covariates)
         problems = []
+        try:
+            self.parsed_sweeps()
+        except ValueError as err:
+            problems.append(str(err))
+        try:
+            self.covariate_fallbacks()
+        except ValueError as err:
+            problems.append(str(err))
+        if self.counterfactual_pet and not self.all_sweeps_given:
+            problems.append("--counterfactual-pet moves a measured PET to each sweep value: pass --sweep NAME=VALUES too")
         if self.samples < 1:
             problems.append(f"--samples {self.samples}: draw at least 1 sample")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -133,6 +157,39 @@ class ParticipantOptions:
         """The work directory (``work_dir``, filled by :func:`default_work_dir` when not given)."""
         assert self.work_dir is not None
         return self.work_dir
+
+    @property
+    def all_sweeps_given(self) -> bool:
+        return bool(self.sweeps or self.age_sweep)
+
+    def parsed_sweeps(self) -> list[Sweep]:
+        """``sweeps`` parsed (``age_sweep`` as ``age=...``); a covariate swept twice, or a
+        malformed one, raises ``ValueError`` (the model's own check comes when it is loaded)."""
+        parsed = [Sweep.parse(text) for text in self.sweeps]
+        if self.age_sweep:
+            parsed.append(Sweep("age", tuple(f"{a:g}" for a in self.age_sweep)))
+        names = [sweep.name for sweep in parsed]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"--sweep: {', '.join(twice)} swept twice (with --age-sweep too?): give each covariate once")
+        return parsed
+
+    def covariate_fallbacks(self) -> dict[str, str]:
+        """``covariates`` (``NAME=VALUE``) by name, as typed; the model checks the values."""
+        fallbacks: dict[str, str] = {}
+        for text in self.covariates:
+            name, sep, value = str(text).partition("=")
+            name, value = name.strip(), value.strip()
+            if not sep or not name or not value:
+                raise ValueError(f"--covariate {text}: write NAME=VALUE, e.g. --covariate diagnosis=CN")
+            if name in fallbacks:
+                raise ValueError(f"--covariate {name} given twice")
+            if name == "age" and self.age is not None:
+                raise ValueError("--covariate age=... and --age: give the fallback age once")
+            fallbacks[name] = value
+        if self.age is not None:
+            fallbacks["age"] = f"{self.age:g}"
+        return fallbacks
 
     @property
     def threads(self) -> int:

@@ -1,11 +1,13 @@
 """The participant level's HTML report, one per subject: ``OUTPUT_DIR/sub-X.html``.
 
 Built from the files on disk (so a rerun that skips finished scans still reports them): per
-scan the inputs and settings from the sidecar, how far the T1w was from the training data,
-an orthogonal montage of the preprocessed T1w, the synthetic PET, its departure from the
-model's mean training PET and the uncertainty map,
-and the age sweep's regional curves. A failed report is logged and never fails the subject
-(as in fMRIPrep's reports).
+scan the inputs, settings and covariates used (value and source) from the sidecar, how far the
+T1w was from the training data, a registration check (the template's brain edge over the
+preprocessed T1w, as fMRIPrep shows it), an orthogonal montage of the preprocessed T1w, the
+synthetic PET, its departure from the model's mean training PET and the uncertainty map, and
+for each sweep its difference maps (e.g. age 85 minus age 65, AD minus CN; the measured PET's
+counterfactuals too) and its regional curves (continuous) or table (categorical). A failed
+report is logged and never fails the subject (as in fMRIPrep's reports).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dualglow_app.bids import Scan, sidecar_path
-from dualglow_app.derivatives import DEMONSTRATION_WARNING, SYNTHETIC_WARNING, planned_outputs
+from dualglow_app.derivatives import (
+    DEMONSTRATION_WARNING,
+    SYNTHETIC_WARNING,
+    SweepPlan,
+    planned_outputs,
+    sweep_plans,
+)
 from dualglow_app.grid import SPACE as MNI
 from dualglow_app.imaging import load_nifti
 from dualglow_app.inference import CLIPPED_WARNING, LATENT_WARNING
@@ -32,18 +40,21 @@ log = get_logger(__name__)
 
 
 def write_subject_report(
-    options: ParticipantOptions, model: LoadedModel, subject: str, scans: Sequence[Scan]
-) -> Path | None:
-    """``OUTPUT_DIR/sub-X.html`` from the files on disk; a failure is logged, never raised."""
+    options: ParticipantOptions, model: LoadedModel, subject: str, scans: Sequence[Scan],
+    plans: Sequence[SweepPlan] | None = None,
+) -> Path | None:  # fmt: skip
+    """``OUTPUT_DIR/sub-X.html`` from the files on disk; a failure is logged, never raised.
+    ``plans``: the run's sweeps (None: :func:`dualglow_app.derivatives.sweep_plans`)."""
     path = options.output_dir / f"sub-{subject}.html"
     try:
         from dualglow_app.report import HtmlReport
 
+        plans = sweep_plans(options, model) if plans is None else plans
         banner = SYNTHETIC_WARNING + (" " + DEMONSTRATION_WARNING if model.demonstration else "")
         report = HtmlReport(f"sub-{subject}: synthetic FDG-PET", banner=banner)
         shown = 0
         for scan in scans:
-            shown += _report_scan(report, scan, options, model)
+            shown += _report_scan(report, scan, options, model, plans)
         if not shown:
             return None
         return report.write(path)
@@ -94,20 +105,141 @@ def scan_montage(planned: dict[str, Path], model: LoadedModel | None = None) -> 
     return orthogonal_montage(montage)
 
 
-def _report_scan(report: Any, scan: Scan, options: ParticipantOptions, model: LoadedModel) -> int:
+def registration_check(planned: dict[str, Path], resolution: int) -> Any:
+    """The preprocessed T1w (MNI, ``res-XX``) with the MNI152NLin2009cAsym brain mask's edge
+    over it: where the two disagree, registration (or skull stripping) went wrong."""
+    import nibabel as nib
+
+    from dualglow_app.imaging import resample_to
+    from dualglow_app.report import outline_montage
+    from dualglow_app.templates import get_template
+
+    image = load_nifti(planned["t1w"])
+    t1w = np.asarray(image.dataobj, dtype=np.float32)
+    mask_image = nib.load(get_template(resolution).mask)
+    mask = np.asarray(mask_image.dataobj) > 0
+    if mask.shape != t1w.shape or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
+        mask = resample_to(nib.Nifti1Image(mask.astype(np.float32), mask_image.affine), image.affine, image.shape,
+                           order=0) > 0.5  # fmt: skip
+    return outline_montage(t1w, mask, "registration check: template brain edge (red) over the preprocessed T1w")
+
+
+def sweep_montage(planned: dict[str, Path], plan: SweepPlan) -> tuple[Any, list[str]] | None:
+    """Difference maps of one sweep from the files on disk: for a continuous covariate the
+    last value minus the first (e.g. age 85 minus age 65), for a categorical one each class
+    minus the first (AD minus CN, MCI minus CN); the measured PET's counterfactuals likewise.
+    None when the images are not there."""
+    from dualglow_app.report import MontageRow, orthogonal_montage
+
+    def image(role: str) -> np.ndarray | None:
+        path = planned.get(role)
+        return np.asarray(load_nifti(path).dataobj, dtype=np.float32) if path is not None and path.is_file() else None
+
+    spec = plan.spec
+    pairs = [(plan.values[-1], plan.labels[-1])] if not spec.is_categorical else list(zip(plan.values[1:], plan.labels[1:], strict=True))
+    rows, titles = [], []
+    for measured in (False, True):
+        role = (lambda label: plan.measured(label)) if measured else (lambda label: label)
+        base = image(role(plan.labels[0]))
+        if base is None:
+            continue
+        for value, label in pairs:
+            other = image(role(label))
+            if other is None:
+                continue
+            difference = np.where((base > 0) | (other > 0), other - base, 0.0).astype(np.float32)
+            title = (f"{'measured PET moved: ' if measured else ''}{plan.name} {spec.describe(value)} minus "
+                     f"{spec.describe(plan.values[0])}")  # fmt: skip
+            rows.append((title, difference))
+            titles.append(title)
+    if not rows or len(plan.values) < 2:
+        return None
+    brain = np.concatenate([np.abs(d[d != 0]) for _, d in rows]) if rows else np.zeros(1)
+    limit = max(float(np.percentile(brain, 99.5)) if brain.size else 0.0, 1e-3)
+    montage = [MontageRow(title, data, cmap="RdBu_r", vmin=-limit, vmax=limit, colorbar_label="SUVR")
+               for title, data in rows]  # fmt: skip
+    return orthogonal_montage(montage), titles
+
+
+FOCUS_REGIONS = ("whole_brain", "Precuneus", "Cingulate_Post", "Frontal_Sup_2", "Hippocampus")
+
+
+def _sweep_table(path: Path) -> dict[str, dict[str, list[float]]]:
+    """A sweep TSV as {region (L+R pooled): {value: [means]}} for :data:`FOCUS_REGIONS`."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines()[1:]:
+        value, region, mean = line.split("\t")
+        name = region.removesuffix("_L").removesuffix("_R")
+        if name in FOCUS_REGIONS:
+            series.setdefault(name, {}).setdefault(value, []).append(float(mean))
+    return series
+
+
+def _report_sweep(report: Any, planned: dict[str, Path], plan: SweepPlan, scan: Scan) -> None:
     from dualglow_app.report import line_figure
 
-    planned = planned_outputs(scan, options)
+    spec = plan.spec
+    for measured in (False, True):
+        desc = plan.measured(plan.table_desc) if measured else plan.table_desc
+        table = planned.get(desc)
+        if table is None or not table.is_file():
+            continue
+        series = _sweep_table(table)
+        texts = [f"{float(v):g}" if not spec.is_categorical else str(v) for v in plan.values]
+        what = "the measured PET moved to each value" if measured else "the synthetic PET at each value"
+        if not spec.is_categorical:
+            curves = {n: [float(np.mean(series[n][t])) for t in texts] for n in FOCUS_REGIONS if n in series}
+            xlabel = f"{plan.name} ({spec.units})" if spec.units else plan.name
+            if plan.name == "age":
+                xlabel = "age (years)"
+            title = ("Age sweep" if plan.name == "age" else f"{plan.name} sweep") + " (AAL2 regions, L+R)"
+            report.add_figure(
+                line_figure([float(v) for v in plan.values], curves, xlabel, "mean SUVR", title),
+                f"Regional means of {what}; " + (f"the same MRI and noise at every value, so only {plan.name} differs."
+                                                  if not measured else "the same measured PET and MRI at every value."),
+            )  # fmt: skip
+        else:
+            first = texts[0]
+            rows = []
+            for n in FOCUS_REGIONS:
+                if n not in series:
+                    continue
+                means = [float(np.mean(series[n][t])) for t in texts]
+                rows.append([n, *[f"{m:.3f}" + ("" if t == first else f" ({100 * (m / means[0] - 1):+.1f} %)")
+                                  for t, m in zip(texts, means, strict=True)]])  # fmt: skip
+            report.add_paragraph(f"{plan.name} sweep: regional mean SUVR of {what} (AAL2, L+R), change from {first}.")
+            report.add_table(["region", *texts], rows)
+    montage = sweep_montage(planned, plan)
+    if montage is not None:
+        figure, titles = montage
+        report.add_figure(figure, f"{scan.prefix}: {plan.name} sweep difference maps (SUVR; red higher, blue lower; "
+                                  f"the same MRI and noise in every image), top to bottom: {'; '.join(titles)}.")  # fmt: skip
+
+
+def _covariate_rows(sidecar: dict[str, Any], model: LoadedModel) -> list[list[str]]:
+    """The covariates the synthetic PET was conditioned on, with their sources."""
+    values = sidecar.get("Covariates")
+    if not values:
+        age = sidecar.get("Age")
+        return [["age", "not used" if age is None else f"{age:g} years (from {sidecar.get('AgeSource')})"]]
+    specs = model.covariates
+    sources = sidecar.get("CovariateSources") or {}
+    return [[name, f"{specs[name].describe(value) if name in specs else value} (from {sources.get(name, '?')})"]
+            for name, value in values.items()]  # fmt: skip
+
+
+def _report_scan(report: Any, scan: Scan, options: ParticipantOptions, model: LoadedModel,
+                 plans: Sequence[SweepPlan] = ()) -> int:  # fmt: skip
+    planned = planned_outputs(scan, options, plans)
     if not planned["mean"].is_file():
         return 0
     if scan.session:
         report.add_heading(f"Session {scan.session}")
     sidecar = json.loads(sidecar_path(planned["mean"]).read_text(encoding="utf-8"))
-    age = sidecar.get("Age")
     rows = [
         ["T1w", scan.t1w.name],
         ["model", f"{sidecar.get('ModelName')} (sha256 {str(sidecar.get('ModelSHA256'))[:12]})"],
-        ["age", "not used" if age is None else f"{age:g} years (from {sidecar.get('AgeSource')})"],
+        *_covariate_rows(sidecar, model),
         ["samples / temperature / seed", f"{sidecar.get('Samples')} / {sidecar.get('Temperature')} / {sidecar.get('Seed')}"],
     ]
     clipped = sidecar.get("ClippedFraction")
@@ -125,28 +257,25 @@ def _report_scan(report: Any, scan: Scan, options: ParticipantOptions, model: Lo
         flag = " (high: this T1w is unlike the training data)" if outside > LATENT_WARNING else ""
         rows.append(["MRI latents outside the training range", f"{100 * outside:.2f} %{flag}"])
     report.add_table(["", ""], rows)
+    try:
+        report.add_figure(
+            registration_check(planned, options.output_res),
+            f"Registration check, {scan.prefix}: the {MNI} brain mask's edge (red) over the preprocessed T1w "
+            f"(res-{options.output_res}). "
+            "The edge should follow the brain's outer surface; a shifted, rotated or cut brain means registration or "
+            "skull stripping failed, and the synthetic PET is then not to be trusted.",
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - a missing template must not lose the rest of the report
+        log.warning("%s: no registration check in the report (%s)", scan.prefix, err)
     report.add_figure(
         scan_montage(planned, model),
         f"{scan.prefix}: axial, coronal and sagittal slices in {MNI} (res-{options.output_res}). The row "
         "'synthetic minus the mean training PET' is how this subject's synthetic PET departs from the population the model learnt (its mean training PET): "
         "a model that ignored the MRI would show only noise there.",
     )
-    table = planned.get("sweep_table")
-    if table is not None and table.is_file():
-        series: dict[str, dict[float, list[float]]] = {}
-        focus = ("whole_brain", "Precuneus", "Cingulate_Post", "Frontal_Sup_2", "Hippocampus")
-        for line in table.read_text(encoding="utf-8").splitlines()[1:]:
-            age_text, region, value = line.split("\t")
-            name = region.removesuffix("_L").removesuffix("_R")
-            if name in focus:
-                series.setdefault(name, {}).setdefault(float(age_text), []).append(float(value))
-        ages = list(options.age_sweep)
-        curves = {n: [float(np.mean(series[n][a])) for a in ages] for n in focus if n in series}
-        report.add_figure(
-            line_figure(ages, curves, "age (years)", "mean synthetic SUVR", "Age sweep (AAL2 regions, L+R)"),
-            "Regional means of the age-sweep images; the same noise at every age, so only the age differs.",
-        )
+    for plan in plans:
+        _report_sweep(report, planned, plan, scan)
     return 1
 
 
-__all__ = ["population_mean_pet", "scan_montage", "write_subject_report"]
+__all__ = ["population_mean_pet", "registration_check", "scan_montage", "sweep_montage", "write_subject_report"]

@@ -97,6 +97,37 @@ def orthogonal_montage(rows: Sequence[MontageRow], slices_per_plane: int = 3) ->
     return figure
 
 
+def outline_montage(volume: np.ndarray, outline: np.ndarray, title: str, slices_per_plane: int = 3) -> Any:
+    """Axial, coronal and sagittal slices of ``volume`` (greyscale) with the edge of the mask
+    ``outline`` drawn over them in one colour: a registration check (as fMRIPrep draws the
+    template's brain edge over the subject's T1w). Both on the same grid, RAS voxels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    volume = np.asarray(volume, dtype=np.float32)
+    outline = np.asarray(outline) > 0
+    if volume.shape != outline.shape:
+        raise ValueError(f"outline_montage: volume {volume.shape} and outline {outline.shape} are not on one grid")
+    nonzero = volume[np.isfinite(volume) & (volume != 0)]
+    vmax = float(np.percentile(nonzero, 99.5)) if nonzero.size else 1.0
+    columns = 3 * slices_per_plane
+    figure, axes = plt.subplots(1, columns, figsize=(1.6 * columns, 2.1), squeeze=False)
+    for plane in range(3):
+        size = volume.shape[plane]
+        for k, position in enumerate(np.linspace(0.25 * size, 0.75 * size, slices_per_plane).astype(int)):
+            ax = axes[0, plane * slices_per_plane + k]
+            ax.imshow(np.rot90(np.take(volume, position, axis=plane)), cmap="gray", vmin=0.0, vmax=vmax)
+            edge = np.rot90(np.take(outline, position, axis=plane)).astype(np.float32)
+            if edge.any() and not edge.all():
+                ax.contour(edge, levels=[0.5], colors="#ff3030", linewidths=0.8)
+            ax.set_axis_off()
+    axes[0, 0].set_title(title, loc="left", fontsize=9)
+    figure.subplots_adjust(wspace=0.02)
+    return figure
+
+
 def line_figure(
     x: Sequence[float],
     series: Mapping[str, Sequence[float]],

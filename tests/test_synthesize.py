@@ -179,7 +179,10 @@ def test_age_sweep_table_and_report(main_run: tuple[Path, Result]) -> None:
     assert any(r[1] == "Precuneus_L" for r in rows)
     report = (out / "sub-003.html").read_text()
     assert "SYNTHETIC" in report and "Demonstration model trained on digital phantoms" in report
-    assert report.count("<img") == 4  # two sessions x (montage, age-sweep curve)
+    # two sessions x (registration check, montage, age-sweep curve, age difference map)
+    assert report.count("<img") == 8
+    assert "Registration check" in report and "age 80 years minus 60 years" in report
+    assert "age sweep difference maps" in report
     assert "Session a" in report and "Session b" in report
 
 
@@ -348,6 +351,147 @@ def test_interrupted_write_leaves_no_partial_file(session_env: None, cohort: Pat
     assert [o.status for o in summary.outcomes] == ["processed"]
     assert all(p.is_file() for p in planned.values())
     data_of(planned["mean"])  # readable
+
+
+# --------------------------------------------------------------------------- covariates beyond age
+
+
+@pytest.fixture(scope="session")
+def covariate_model(session_env: None, cohort: Path, work: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model conditioned on age, sex and diagnosis (its covariates learnt and stored as the
+    group level stores them), on the cohort's preprocessed T1w + PET pairs."""
+    from participant_data import make_covariate_model
+
+    from dualglow_app.preprocess import preprocess_pet, preprocess_t1w
+
+    torch.set_num_threads(2)
+    t1 = [preprocess_t1w(cohort / f"sub-00{i}" / "anat" / f"sub-00{i}_T1w.nii.gz", GRID, work, 2) for i in (1, 2)]
+    pets = [np.asarray(preprocess_pet(cohort / f"sub-00{i}" / "pet" / f"sub-00{i}_trc-FDG_pet.nii.gz", t, work, 2)
+                       .image.dataobj, np.float32) for i, t in zip((1, 2), t1, strict=True)]  # fmt: skip
+    images = [np.asarray(t.image.dataobj, np.float32) for t in t1]
+    values = {"age": [65.0, 75.0, 70.0, 80.0], "sex": ["M", "F", "F", "M"], "diagnosis": ["CN", "AD", "MCI", "CN"]}
+    folder = tmp_path_factory.mktemp("covariate-model")
+    return make_covariate_model(folder / "tiny-cov", GRID, images * 2, pets * 2, values)
+
+
+@pytest.fixture(scope="session")
+def covariate_run(session_env: None, cohort: Path, work: Path, covariate_model: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:  # fmt: skip
+    """sub-001 (diagnosis in participants.tsv, with an FDG-PET) and sub-003 (diagnosis n/a):
+    a diagnosis sweep and an age sweep, the measured PET moved along both."""
+    out = tmp_path_factory.mktemp("covariate-run") / "derivatives"
+    result = invoke(cohort, out, "participant", "--weights", covariate_model, "-w", work, "--nprocs", "2",
+                    "--participant-label", "001", "003", "--skip-bids-validation", "--counterfactual-pet",
+                    "--sweep", "diagnosis=CN,MCI,AD", "age=60:80:20")  # fmt: skip
+    return out, result
+
+
+def _brain_mean(path: Path) -> float:
+    data = data_of(path)
+    return float(data[data > 0].mean())
+
+
+def test_covariate_sweeps_write_counterfactuals_tables_and_report(covariate_run: tuple[Path, Result]) -> None:
+    out, result = covariate_run
+    assert result.exit_code == 1, result.output  # sub-003 has no diagnosis
+    assert "1 processed, 0 skipped (outputs exist), 2 failed" in result.output
+    assert ("FAILED sub-003 ses-a: no diagnosis for sub-003_ses-a: the model is conditioned on diagnosis; add a value "
+            "(one of CN, MCI, AD) to") in result.output and "--impute-covariates." in result.output  # fmt: skip
+    stem = out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2"
+    for desc in ("diagnosisCN", "diagnosisMCI", "diagnosisAD", "age60", "age80", "measuredDiagnosisCN",
+                 "measuredDiagnosisAD", "measuredAge60", "measuredAge80"):  # fmt: skip
+        assert Path(f"{stem}_desc-{desc}_pet.nii.gz").is_file(), desc
+    mean = json.loads(Path(f"{stem}_desc-synthetic_pet.json").read_text())
+    assert set(mean["Covariates"]) == {"age", "sex", "diagnosis"}
+    assert mean["CovariateSources"]["diagnosis"] == "bids:raw:participants.tsv"
+    assert "conditioned on the T1w and age" in mean["Description"] and "diagnosis" in mean["Description"]
+    swept = json.loads(Path(f"{stem}_desc-diagnosisAD_pet.json").read_text())
+    assert swept["Covariates"]["diagnosis"] == "AD" and swept["SweptCovariate"] == "diagnosis"
+    moved = json.loads(Path(f"{stem}_desc-measuredAge80_pet.json").read_text())
+    assert moved["Counterfactual"] is True and moved["Covariates"]["age"] == 80.0
+    assert moved["Sources"][-1] == "bids:raw:sub-001/pet/sub-001_trc-FDG_pet.nii.gz" and "Samples" not in moved
+    assert moved["Description"].startswith("COUNTERFACTUAL of the measured FDG-PET")
+    # The model learnt AD 25 % lower: the sweep of one MRI, and the measured PET moved, show it.
+    assert _brain_mean(Path(f"{stem}_desc-diagnosisAD_pet.nii.gz")) < 0.95 * _brain_mean(Path(f"{stem}_desc-diagnosisCN_pet.nii.gz"))
+    assert (_brain_mean(Path(f"{stem}_desc-measuredDiagnosisAD_pet.nii.gz"))
+            < 0.95 * _brain_mean(Path(f"{stem}_desc-measuredDiagnosisCN_pet.nii.gz")))  # fmt: skip
+    table = (out / "sub-001" / "pet" / f"sub-001_trc-FDG_space-{MNI}_res-2_atlas-AAL2_desc-diagnosissweep_stats.tsv")
+    rows = [line.split("\t") for line in table.read_text().splitlines()]
+    assert rows[0] == ["diagnosis", "region", "mean_suvr"] and {r[0] for r in rows[1:]} == {"CN", "MCI", "AD"}
+    assert json.loads(sidecar_path(table).read_text())["diagnosis"]["Levels"] == {"CN": "CN", "MCI": "MCI", "AD": "AD"}
+    assert Path(str(table).replace("desc-diagnosissweep", "desc-measuredDiagnosissweep")).is_file()
+    report = (out / "sub-001.html").read_text()
+    for text in ("Registration check", "diagnosis sweep: regional mean SUVR", "diagnosis AD minus CN",
+                 "measured PET moved: age 80 years minus 60 years", "sex", "(from bids:raw:participants.tsv)"):  # fmt: skip
+        assert text in report, text
+
+
+def test_imputation_only_when_asked_and_recorded(session_env: None, cohort: Path, work: Path, covariate_model: Path,
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    from dualglow_app.synthesize import resolve_covariates
+    from dualglow_app.weights import open_model
+
+    loaded = open_model(covariate_model)
+    scan = next(s for s in _scans(cohort, loaded) if s.subject == "003")
+    options = ParticipantOptions(cohort, tmp_path / "o", work_dir=work, covariates=["diagnosis=MCI"])
+    values, sources = resolve_covariates(scan, loaded, options)
+    assert (values["diagnosis"], sources["diagnosis"]) == ("MCI", "--covariate")
+    assert values["age"] == SESSION_AGES[scan.session] and sources["age"].endswith("sub-003_sessions.tsv")
+    options = ParticipantOptions(cohort, tmp_path / "o", work_dir=work, impute_covariates=True)
+    values, sources = resolve_covariates(scan, loaded, options)
+    assert (values["diagnosis"], sources["diagnosis"]) == ("CN", "imputed (most frequent training class)")
+
+
+def _scans(cohort: Path, loaded: object) -> list[Scan]:
+    from dualglow_app.bids import find_scans
+
+    return find_scans(cohort, covariates=[s for n, s in loaded.covariates.items() if n != "age"])  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sweep", "mmse=20:30:5"], "--sweep mmse=...: model tiny-cov is not conditioned on mmse (its covariates: age, "
+                                  "sex, diagnosis)"),
+    (["--sweep", "diagnosis=CN,XX"], "'XX' is not one of the categories the model was trained with (CN, MCI, AD)"),
+    (["--covariate", "diagnosis=XX"], "--covariate diagnosis=XX: 'XX' is not one of the categories"),
+    (["--covariate", "apoe4=1"], "--covariate apoe4=1: model tiny-cov is not conditioned on apoe4"),
+    (["--sweep", "age=90:50:10"], "use START <= STOP"),
+    (["--counterfactual-pet"], "--counterfactual-pet moves a measured PET to each sweep value: pass --sweep"),
+    (["--sweep", "age=60", "--age-sweep", "70"], "age swept twice"),
+])  # fmt: skip
+def test_bad_covariate_options_exit_2_with_one_line(session_env: None, cohort: Path, work: Path, covariate_model: Path,
+                                                    tmp_path: Path, args: list[str], message: str) -> None:  # fmt: skip
+    result = invoke(cohort, tmp_path / "out", "participant", "--weights", covariate_model, "-w", work,
+                    "--skip-bids-validation", *args)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def _one_subject_dataset(cohort: Path, root: Path, participants: str) -> Path:
+    (root / "sub-001" / "anat").mkdir(parents=True)
+    shutil.copyfile(cohort / "sub-001" / "anat" / "sub-001_T1w.nii.gz", root / "sub-001" / "anat" / "sub-001_T1w.nii.gz")
+    shutil.copyfile(cohort / "dataset_description.json", root / "dataset_description.json")
+    (root / "participants.tsv").write_text(participants)
+    return root
+
+
+def test_a_dataset_without_the_model_s_covariate_is_refused_before_any_scan(
+    session_env: None, cohort: Path, work: Path, covariate_model: Path, tmp_path: Path
+) -> None:
+    bids = _one_subject_dataset(cohort, tmp_path / "bids", "participant_id\tage\tsex\nsub-001\t70\tM\n")
+    result = invoke(bids, tmp_path / "out", "participant", "--weights", covariate_model, "-w", work, "--skip-bids-validation")
+    assert result.exit_code == 2, result.output
+    assert ("model tiny-cov is conditioned on diagnosis, but " in result.output
+            and "no column 'diagnosis' in participants.tsv or any sub-*_sessions.tsv; add the column to participants.tsv "
+                "(one of CN, MCI, AD), pass --covariate diagnosis=VALUE, or --impute-covariates." in result.output)  # fmt: skip
+
+
+def test_a_class_the_model_never_saw_fails_that_scan(session_env: None, cohort: Path, work: Path, covariate_model: Path,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+    bids = _one_subject_dataset(cohort, tmp_path / "bids", "participant_id\tage\tsex\tdiagnosis\nsub-001\t70\tM\tSMC\n")
+    result = invoke(bids, tmp_path / "out", "participant", "--weights", covariate_model, "-w", work, "--skip-bids-validation")
+    assert result.exit_code == 1, result.output
+    assert ("FAILED sub-001: " in result.output and "participants.tsv, row sub-001, column diagnosis: 'SMC' is not one of "
+            "the categories the model was trained with (CN, MCI, AD); correct it, or write n/a" in result.output)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- units

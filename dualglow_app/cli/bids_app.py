@@ -27,7 +27,8 @@ from dualglow_app.runtime import in_container
 
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
-MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label", "--age-sweep", "--output-spaces", "--side-info")
+MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label", "--age-sweep", "--output-spaces", "--side-info",
+                       "--sweep", "--covariate")
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
@@ -132,6 +133,19 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
                    "participants.tsv.")
 @click.option("--age-sweep", type=float, multiple=True, metavar="A1 A2 ...",
               help="Also synthesize each scan at these ages (years), with regional means per age.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=VALUES",
+              help="Also synthesize each scan with covariate NAME set to each value, the rest its own: "
+                   "age=50:100:10 (start:stop:step), age=60,70,80, diagnosis=CN,MCI,AD or diagnosis=all; "
+                   "images desc-<name><value>, AAL2 regional means, report curves and difference maps.")
+@click.option("--covariate", "covariates", multiple=True, metavar="NAME=VALUE",
+              help="Value of a covariate for scans with none (n/a) in sessions.tsv / participants.tsv, "
+                   "e.g. --covariate diagnosis=CN (for age, --age).")
+@click.option("--impute-covariates", is_flag=True,
+              help="Give a scan without a covariate value the training's typical one (mean, or most frequent "
+                   "class; recorded in the sidecar) instead of failing it.")
+@click.option("--counterfactual-pet", is_flag=True,
+              help="Where a scan has a measured FDG-PET, also move it to each --sweep value "
+                   "(this subject's PET at age 85): desc-measured<Name><value>.")
 @click.option("--output-spaces", type=click.Choice(["MNI152NLin2009cAsym", "T1w"]), multiple=True,
               default=("MNI152NLin2009cAsym",), show_default=True, help="Spaces of the synthetic PET.")
 @click.option("--output-res", type=click.IntRange(1, 8), default=2, show_default=True,
@@ -174,7 +188,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--grid", "grid", type=click.Choice(["tiny8mm", "cpu4mm", "paper2mm"]), default="cpu4mm", show_default=True,
               help="group: model grid preset (MNI152NLin2009cAsym).")
 @click.option("--grid-mm", type=click.FloatRange(1, 16), default=None, help="group: voxel size in mm instead of a preset.")
-@click.option("--side-info", type=click.Choice(["age"]), multiple=True, help="group: condition on these covariates (eq. 16-17).")
+@click.option("--side-info", multiple=True, metavar="COLUMN",
+              help="group: condition on these columns of participants.tsv / sessions.tsv (eq. 16-17), e.g. "
+                   "age sex diagnosis; categorical where participants.json declares Levels, else continuous.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="group: share of subjects held out for validation.")
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
