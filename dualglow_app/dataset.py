@@ -142,9 +142,14 @@ class PairedVolumes:
             return [None if np.isnan(a) else float(a) for a in np.asarray(self.age, dtype=np.float64)]
         raise KeyError(f"covariate {name!r} is not in this data (it has: {', '.join(['age', *self.covariates])})")
 
-    def covariate_specs(self, names: Sequence[str]) -> dict[str, CovariateSpec]:
+    def covariate_specs(self, names: Sequence[str], rows: Sequence[int] | np.ndarray | None = None) -> dict[str, CovariateSpec]:
         """The covariates ``names`` learnt from every row (:func:`~dualglow_app.covariates.learn_covariates`):
-        the encoding a model trained on these rows is built with (``DualGlowConfig``) and stores."""
+        the encoding a model trained on these rows is built with (``DualGlowConfig``) and stores.
+        ``rows``: learnt from those rows only (what a model trained on ``subset(rows)`` learnt)."""
+        if rows is not None:
+            picked = [int(r) for r in np.asarray(rows).tolist()]
+            declared = {n: self.covariate_declarations.get(n, AGE_SPEC) for n in names}
+            return learn_covariates({n: [self.covariate_values(n)[r] for r in picked] for n in names}, declared)
         key = tuple(names)
         if key not in self._learnt:
             declared = {name: self.covariate_declarations.get(name, AGE_SPEC if name == AGE_SPEC.name else None)

@@ -41,8 +41,12 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
                    "without a validation split.")
 @click.option("--inner-val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each fold's training subjects held out for early stopping.")
-@click.option("--side-info", type=click.Choice(["age"]), multiple=True,
-              help="Condition DUAL-GLOW on age (enables the age-trend experiment).")
+@click.option("--side-info", multiple=True, metavar="COLUMN",
+              help="Condition DUAL-GLOW on these participants.tsv columns (repeatable; age enables the age-trend "
+                   "experiment). A diagnosis covariate is withheld from Table 2's synthetic PETs (see --table2-withhold).")
+@click.option("--table2-withhold", multiple=True, metavar="COLUMN",
+              help="Covariates kept from the synthetic PETs Table 2 classifies (repeatable). Default: every "
+                   "categorical covariate whose classes are the diagnoses (CN, SMC, EMCI, MCI, LMCI, AD).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits; fold k trains with seed + k.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("-w", "--work-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -67,7 +71,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("-v", "--verbose", count=True)
 @click.version_option(__version__, "--version", prog_name="dualglow-evaluate")
 def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
-         inner_val_fraction: float, side_info: tuple[str, ...],
+         inner_val_fraction: float, side_info: tuple[str, ...], table2_withhold: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, lr: float, baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
@@ -90,6 +94,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir or default_work_dir(output_dir), folds=folds,
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
             inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
+            table2_withhold=table2_withhold or None,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,
             top_mri_side=top_mri_side, lr=lr, baseline_width=baseline_width,

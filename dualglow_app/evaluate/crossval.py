@@ -33,6 +33,8 @@ from dualglow_app.data import IntensityScaling
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
     DUALGLOW,
+    IMPAIRED,
+    NOT_IMPAIRED,
     DUALGLOW_REVISION,
     RUN_CACHE_VERSION,
     Cohort,
@@ -134,30 +136,90 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
     return result, record
 
 
+def table2_withheld(options: EvaluateOptions, specs: dict[str, Any]) -> list[str]:
+    """The covariates kept from the synthetic PETs that Table 2 classifies: ``table2_withhold``
+    when given, else every categorical covariate whose classes are Table 2's diagnoses (fed the
+    diagnosis, a generator would hand the classifier the answer)."""
+    if options.table2_withhold is not None:
+        return list(options.table2_withhold)
+    labels = set(IMPAIRED) | set(NOT_IMPAIRED)
+    return [name for name, spec in specs.items() if spec.is_categorical and set(spec.levels) & labels]
+
+
 def _dualglow_predictions(
-    trained: Any, cohort: Cohort, test_rows: np.ndarray, options: EvaluateOptions, atlases: EvaluationAtlases,
+    trained: Any, cohort: Cohort, train_rows: np.ndarray, test_rows: np.ndarray, options: EvaluateOptions,
+    atlases: EvaluationAtlases,
 ) -> tuple[np.ndarray, Run]:  # fmt: skip
-    """Every scan's conditional mode (T = 0) at its own age, and the regional means of each
+    """Every scan's conditional mode (T = 0) at its own covariates; with a covariate Table 2
+    must not see (:func:`table2_withheld`), every scan's mode with it withheld (averaged over
+    its classes, weighted by their share of the fold's training scans; a continuous one at
+    the training mean) as AAL2 means (``aal_table2``); and the regional means of each
     held-out scan synthesised at every sweep age (age-conditioned models only)."""
     from dualglow_app.inference import predict
 
     data, model, scaling = cohort.data, trained.model, trained.scaling
     age_conditioned = "age" in options.side_info
+    # The encoding the fold's model learnt: train() learnt it from exactly these rows.
+    specs = data.covariate_specs(options.side_info, train_rows) if options.side_info else {}
+    values = {name: data.covariate_values(name) for name in options.side_info}
 
-    def mode(row: int, age: float | None) -> np.ndarray:
-        side = None if age is None else {"age": age}
-        return predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), side).mean
+    def marginal_choices(name: str) -> list[tuple[float, float]]:
+        spec = specs[name]
+        if spec.is_categorical:
+            return [(spec.encode(level), spec.counts[level] / spec.n) for level in spec.levels]
+        return [(float(spec.centre), 1.0)]
 
-    every = np.stack([mode(i, float(data.age[i]) if age_conditioned else None) for i in range(len(data))])
+    def own(row: int) -> tuple[dict[str, float], list[str]]:
+        """The row's covariates as the fold's model takes them, and those it cannot take (a
+        class none of the fold's training scans had): those are averaged over, like withheld ones."""
+        side, unknown = {}, []
+        for name, spec in specs.items():
+            value = values[name][row]
+            if value is None:
+                raise EvaluationError(f"{data.labels[row]}: no {name}; add it to participants.tsv or drop it")
+            if spec.problem(value) is not None:
+                unknown.append(name)
+                continue
+            side[name] = spec.encode(value)
+        return side, unknown
+
+    def mode(row: int, side: dict[str, float], average_over: Sequence[str] = ()) -> np.ndarray:
+        """The conditional mode, averaged over the classes of ``average_over`` (weighted by the
+        fold's training shares; a continuous covariate at the training mean)."""
+        combinations: list[tuple[dict[str, float], float]] = [({}, 1.0)]
+        for name in average_over:
+            combinations = [({**c, name: v}, w * cw) for c, cw in combinations for v, w in marginal_choices(name)]
+        t1w, mask = np.asarray(data.mri[row]), np.asarray(data.mask[row])
+        return sum(weight * predict(model, scaling, t1w, mask, {**side, **fixed} or None).mean
+                   for fixed, weight in combinations)  # type: ignore[return-value]
+
+    def mode_own(row: int, **override: float) -> np.ndarray:
+        side, unknown = own(row)
+        if unknown:
+            log.warning("%s: %s of a class the fold's training scans never had; averaged over the classes they had",
+                        data.labels[row], ", ".join(f"{n} = {values[n][row]}" for n in unknown))  # fmt: skip
+        return mode(row, {**side, **override}, [n for n in unknown if n not in override])
+
+    every = np.stack([mode_own(i) for i in range(len(data))])
+    extra: Run = {}
+    withheld = table2_withheld(options, specs)
+    if withheld:
+        marginal = []
+        for i in range(len(data)):
+            side, unknown = own(i)
+            kept = {n: v for n, v in side.items() if n not in withheld}
+            marginal.append(mode(i, kept, [*withheld, *(n for n in unknown if n not in withheld)]))
+        masks = np.asarray(data.mask)
+        extra["aal_table2"] = atlases.aal.means(np.stack(marginal) * masks, masks)
     if not age_conditioned:
-        return every, {}
+        return every, extra
     maps = {f"sweep_{name}": m for name, m in (("aal", atlases.aal), ("phantom", atlases.phantom)) if m is not None}
     sweeps = {key: np.empty((len(test_rows), len(options.ages), len(m.regions))) for key, m in maps.items()}
     for k, row in enumerate(test_rows):
-        swept = np.stack([mode(int(row), age) for age in options.ages])  # (ages, X, Y, Z)
+        swept = np.stack([mode_own(int(row), age=age) for age in options.ages])  # (ages, X, Y, Z)
         for key, region_map in maps.items():
             sweeps[key][k] = region_map.means(swept, np.asarray(data.mask[row]))  # (ages, regions)
-    return every, sweeps
+    return every, {**sweeps, **extra}
 
 
 def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, fold: int,
@@ -203,7 +265,7 @@ def _run_method(
     if method == DUALGLOW:
         trained, record = _fit_dualglow(cohort, train_rows, fold, options, method_dir)
         fit_s = time.perf_counter() - start
-        all_pred, sweeps = _dualglow_predictions(trained, cohort, test_rows, options, atlases)
+        all_pred, sweeps = _dualglow_predictions(trained, cohort, train_rows, test_rows, options, atlases)
     else:
         all_pred, record = _baseline_predictions(method, cohort, train_rows, fold, options, device)
         fit_s = time.perf_counter() - start
@@ -230,7 +292,7 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 #: Settings only DUAL-GLOW's result depends on (with :data:`DUALGLOW_REVISION`); the baselines' own.
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
-               "top_prior", "top_mri_side"),
+               "top_prior", "top_mri_side", "table2_withhold"),
     "baselines": ("baseline_width",),
 }
 
@@ -246,7 +308,8 @@ def _method_key(method: str, options: EvaluateOptions) -> str:
     """What one method's cached result depends on beyond the run key: changing DUAL-GLOW's
     settings (or its code revision) retrains DUAL-GLOW only, and a baseline's width only the baselines."""
     names = _METHOD_SETTINGS[DUALGLOW if method == DUALGLOW else "baselines"]
-    settings = {k: v for k, v in options.to_dict().items() if k in names}
+    # table2_withhold left at its default keeps the keys of results cached before it existed.
+    settings = {k: v for k, v in options.to_dict().items() if k in names and not (k == "table2_withhold" and v is None)}
     parts = [method, settings, DUALGLOW_REVISION if method == DUALGLOW else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
@@ -325,8 +388,40 @@ def _table2(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.
     features = {"true PET": [true_aal] * len(splits), "MRI (T1w regional means) + age": [np.hstack([mri_aal, age])] * len(splits),
                 "age alone": [age] * len(splits)}  # fmt: skip
     for method in options.methods:
-        features[f"synthetic PET ({method})"] = [r["aal_all"] for r in results[method]]
-    return classification(features, cohort.diagnosis, splits, options.seed)
+        # DUAL-GLOW conditioned on the diagnosis: the PETs made with it withheld (aal_table2).
+        features[f"synthetic PET ({method})"] = [r["aal_table2"] if "aal_table2" in r else r["aal_all"]
+                                                  for r in results[method]]  # fmt: skip
+    table = classification(features, cohort.diagnosis, splits, options.seed)
+    table["dualglow_covariates"] = _table2_covariates(cohort, options)
+    return table
+
+
+def _table2_covariates(cohort: Cohort, options: EvaluateOptions) -> dict[str, Any]:
+    """What DUAL-GLOW's Table 2 PETs were conditioned on: the covariates fed, those withheld and
+    how, and any fed covariate that follows the impairment closely (|r| >= 0.5), which the
+    classifier may read through the synthetic PET (e.g. a cognitive score)."""
+    if not options.side_info:
+        return {"fed": [], "withheld": [], "how": "no covariates"}
+    data = cohort.data
+    specs = data.covariate_specs(options.side_info)
+    withheld = table2_withheld(options, specs)
+    fed = [name for name in options.side_info if name not in withheld]
+    classes = impairment_classes(cohort.diagnosis)
+    close: dict[str, float] = {}
+    for name in fed:
+        if specs[name].is_categorical:
+            continue
+        pairs = [(float(v), c) for v, c in zip(data.covariate_values(name), classes, strict=True) if v is not None and c >= 0]
+        if len(pairs) > 2 and len({c for _, c in pairs}) == 2 and len({v for v, _ in pairs}) > 1:
+            r = float(np.corrcoef(np.array(pairs).T)[0, 1])
+            if abs(r) >= 0.5:
+                close[name] = round(r, 3)
+                log.warning("Table 2: DUAL-GLOW's synthetic PETs were fed %s, which follows the impairment "
+                            "(r = %.2f); withhold it with --table2-withhold %s", name, r, name)  # fmt: skip
+    how = ("each scan's synthetic PET averaged over every class of the withheld covariate, weighted by its share "
+           "of the fold's training scans (a continuous one at the training mean): the diagnosis never reaches the "
+           "classifier through the generator") if withheld else "nothing withheld"  # fmt: skip
+    return {"fed": fed, "withheld": withheld, "how": how, "fed_following_impairment": close}
 
 
 def _training_record(run: Run) -> dict[str, Any]:
@@ -379,6 +474,9 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
     age_conditioned = "age" in options.side_info
     if age_conditioned and not np.all(np.isfinite(np.asarray(data.age))):
         raise EvaluationError("--side-info age: some scans have no age; add it to participants.tsv or drop --side-info")
+    for name in options.side_info:
+        if any(v is None for v in data.covariate_values(name)):
+            raise EvaluationError(f"--side-info {name}: some scans have no {name}; add it to participants.tsv or drop it")
     splits = make_splits(data.subjects, options.folds, options.seed, impairment_classes(cohort.diagnosis))
     device = resolve_device(options.device)
     assert options.work_dir is not None

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dualglow_app.covariates import name_problem
 from dualglow_app.options import default_work_dir
 
 if TYPE_CHECKING:
@@ -74,6 +75,9 @@ class EvaluateOptions:
     min_delta: float = 1e-3
     inner_val_fraction: float = 0.2
     side_info: Sequence[str] = ()
+    # Covariates withheld from the synthetic PETs Table 2 classifies (None: every categorical
+    # covariate whose classes are Table 2's diagnoses; see crossval.table2_withheld).
+    table2_withhold: Sequence[str] | None = None
     seed: int = 0
     device: str = "auto"
     grid: str = "cpu4mm"
@@ -113,8 +117,12 @@ class EvaluateOptions:
         for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "relation_layers", "baseline_width"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
-        if set(self.side_info) - {"age"}:
-            problems.append(f"side_info {list(self.side_info)}: only 'age' is supported")
+        problems += [f"side_info: {problem}" for name in self.side_info if (problem := name_problem(name))]
+        if self.table2_withhold is not None:
+            self.table2_withhold = tuple(self.table2_withhold)
+            stray = sorted(set(self.table2_withhold) - set(self.side_info))
+            if stray:
+                problems.append(f"table2_withhold {stray}: not among the covariates (side_info {list(self.side_info)})")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
         if problems:

@@ -225,6 +225,8 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         out += table(["features", "accuracy", "FNR", "FPR", "scans"],
                      [[src, v["accuracy"], v["fnr"], v["fpr"], v["n"]] for src, v in t2["sources"].items()])
         out += ["", f"{t2['regions_used']} regions non-empty in every scan; diagnoses {t2['counts']}."]
+        if t2.get("dualglow_covariates"):
+            out += ["", table2_covariates_sentence(t2["dualglow_covariates"])]
     trends = summary.get("age_trends") or {}
     comparison = trends.get("phantom_comparison")
     if comparison:
@@ -357,6 +359,23 @@ def _add_table2(report: Any, table2: dict[str, Any]) -> None:
         "The MRI row (the T1w's regional means plus the age) is the ceiling of anything computed from the MRI and "
         "age: a synthetic PET is useful for this task when it matches or beats it."
     )
+    covariates = table2.get("dualglow_covariates")
+    if covariates:
+        report.add_paragraph(table2_covariates_sentence(covariates))
+
+
+def table2_covariates_sentence(covariates: dict[str, Any]) -> str:
+    """What DUAL-GLOW's Table 2 PETs were conditioned on, in one paragraph."""
+    fed = ", ".join(covariates.get("fed") or []) or "none"
+    text = f"DUAL-GLOW's synthetic PETs for Table 2 were conditioned on the T1w and the covariates: {fed}."
+    if covariates.get("withheld"):
+        text += f" Withheld: {', '.join(covariates['withheld'])} ({covariates['how']})."
+    close = covariates.get("fed_following_impairment") or {}
+    if close:
+        text += (" Caution: " + ", ".join(f"{n} (r = {r:+.2f} with impairment)" for n, r in close.items())
+                 + " follow the diagnosis, so the classifier may read it through the synthetic PET; withhold them "
+                 "with --table2-withhold.")
+    return text
 
 
 def _add_montage(report: Any, cohort: Cohort, methods: Sequence[str],

@@ -281,3 +281,62 @@ def test_inner_split_is_dualglows_and_absent_without_early_stopping(tmp_path: Pa
     assert len(val) >= 1 and not set(val) & set(inner)
     none_inner, none_val = _inner_split(cohort, train_rows, 1, tiny_options(tmp_path, patience=None))
     assert none_val.size == 0 and none_inner.tolist() == train_rows.tolist()
+
+
+def _learnt_covariates_in_build_config(monkeypatch: pytest.MonkeyPatch, data: object) -> None:
+    """train.build_config with the learnt covariates (until train.py passes them itself)."""
+    import inspect
+    from dataclasses import replace
+
+    from dualglow_app import train as train_module
+    from dualglow_app.covariates import side_config
+
+    if "covariates" in inspect.signature(train_module.build_config).parameters:
+        return
+    original = train_module.build_config
+
+    def build_config(options: object, grid: object) -> object:
+        config = original(options, grid)  # type: ignore[arg-type]
+        side = options.side_info  # type: ignore[attr-defined]
+        fold = next(d for d in _folds if len(d.labels))  # the data train() was given (see below)
+        return replace(config, **side_config(side, fold.covariate_specs(side)))
+
+    _folds: list = []
+    original_train = train_module.train
+
+    def train(options: object, data: object = None, on_step: object = None) -> object:
+        _folds.insert(0, data)
+        return original_train(options, data, on_step)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "build_config", build_config)
+    monkeypatch.setattr(train_module, "train", train)
+
+
+def test_table2_withholds_the_diagnosis_it_predicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualglow_app.covariates import CovariateSpec
+    from dualglow_app.evaluate.report import table2_covariates_sentence
+
+    data = paired_volumes(6)
+    data.covariates = {"diagnosis": list(DIAGNOSES), "mmse": [29.0, 22.0, 26.0, 30.0, 28.0, 25.0]}
+    data.covariate_declarations = {"diagnosis": CovariateSpec("diagnosis", "categorical",
+                                                              levels=("CN", "EMCI", "MCI", "LMCI", "AD")),
+                                   "mmse": CovariateSpec("mmse", "continuous")}  # fmt: skip
+    _learnt_covariates_in_build_config(monkeypatch, data)
+    cohort = Cohort(data, DIAGNOSES)
+    options = tiny_options(tmp_path, side_info=("age", "diagnosis", "mmse"), baselines=(), report=False, folds=2)
+    result = evaluate_cohort(cohort, options)
+    covariates = result.table2["dualglow_covariates"]
+    assert covariates["withheld"] == ["diagnosis"] and covariates["fed"] == ["age", "mmse"]
+    assert covariates["fed_following_impairment"]["mmse"] < -0.5  # MMSE follows the diagnosis: flagged
+    assert "Withheld: diagnosis (each scan's synthetic PET averaged over every class" in table2_covariates_sentence(covariates)
+    runs = sorted((tmp_path / "work" / "evaluate").rglob("dualglow-*.npz"))
+    with np.load(runs[0]) as stored:
+        assert "aal_table2" in stored.files and stored["aal_table2"].shape == stored["aal_all"].shape
+        assert not np.allclose(stored["aal_table2"], stored["aal_all"])  # the diagnosis did move the PETs
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    assert "Withheld: diagnosis" in tables and "Caution: mmse (r = " in tables
+    explicit = tiny_options(tmp_path / "b", side_info=("age", "diagnosis", "mmse"), baselines=(), report=False,
+                            table2_withhold=("diagnosis", "mmse"))  # fmt: skip
+    assert evaluate_cohort(cohort, explicit).table2["dualglow_covariates"]["withheld"] == ["diagnosis", "mmse"]
+    with pytest.raises(ValueError, match="table2_withhold \\['sex'\\]: not among the covariates"):
+        tiny_options(tmp_path, table2_withhold=("sex",))
