@@ -106,3 +106,24 @@ def test_options_both_levels_use_are_accepted_by_both() -> None:
     shared = level_parameters("participant") & level_parameters("group")
     assert {"device", "seed", "nprocs", "work_dir", "participant_labels"} <= shared
     assert "epochs" not in level_parameters("participant") and "samples" not in level_parameters("group")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--side-info", "apoe4"], "participants.tsv: no column 'apoe4' (nor in any sub-*_sessions.tsv); the columns are "
+                               "age, sex, diagnosis: add apoe4 there, or drop it from --side-info."),
+    (["--side-info", "participant_id"], "participant_id identifies rows, it is not a covariate"),
+    (["--side-info", "age", "age"], "a covariate named twice"),
+])  # fmt: skip
+def test_group_side_info_errors_are_one_line(tiny_bids: Callable[..., Path], tmp_path: Path, args: list[str],
+                                             message: str) -> None:  # fmt: skip
+    root = tiny_bids(subjects=["01", "02"], with_pet=["01", "02"])
+    result = CliRunner().invoke(main, [str(root), str(tmp_path / "out"), "group", "--skip-bids-validation",
+                                       "-w", str(tmp_path / "work"), *args])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+
+
+def test_sweep_and_covariate_take_several_values() -> None:
+    args = ["--sweep", "age=50:90:20", "diagnosis=CN,AD", "--covariate", "sex=F", "--impute-covariates"]
+    assert expand_multi_value_options(args) == ["--sweep", "age=50:90:20", "--sweep", "diagnosis=CN,AD",
+                                                 "--covariate", "sex=F", "--impute-covariates"]  # fmt: skip

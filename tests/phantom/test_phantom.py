@@ -133,7 +133,43 @@ def test_ground_truth_files_and_sidecars(cohort: Path) -> None:
     assert description["DatasetType"] == "derivative"
     assert "SYNTHETIC" in (cohort / "README").read_text()
     header = (cohort / "participants.tsv").read_text().splitlines()[0].split("\t")
-    assert header[:4] == ["participant_id", "age", "sex", "diagnosis"]
+    assert header[:4] == ["participant_id", "age", "sex", "diagnosis"] and header[-1] == "mmse"
+    columns = json.loads((cohort / "participants.json").read_text())
+    assert columns["mmse"]["Units"] == "score" and columns["sex"]["Levels"] and columns["diagnosis"]["Levels"]
+
+
+def test_mmse_follows_diagnosis_and_age_as_adni_reports() -> None:
+    """The MMSE-like score: ADNI-1 baseline means by group (CN 29.1, MCI 27.0, AD 23.3; Petersen
+    2010), lower with age, 0-30 integers, declining between an AD subject's sessions."""
+    from dualglow_app.phantom.cohort import mmse_scores
+    from dualglow_app.phantom.subjects import Demographics
+
+    def scores(diagnosis: str, age: float) -> np.ndarray:
+        demo = Demographics(age, "F", diagnosis, diagnosis, 0.0, 0.0, 1.0)
+        return np.array([mmse_scores(SEED, i, demo, [age])[0] for i in range(400)])
+
+    means = {d: scores(d, 74.0).mean() for d in ("CN", "MCI", "AD")}
+    assert means["CN"] == pytest.approx(29.0, abs=0.4) and means["AD"] == pytest.approx(23.3, abs=0.4)
+    assert means["CN"] > means["MCI"] > means["AD"] and scores("CN", 90.0).mean() < means["CN"]
+    assert all(0 <= s <= 30 and float(s).is_integer() for s in scores("AD", 90.0))
+    ad = Demographics(75.0, "M", "AD", "AD", 3.0, 1.0, 1.0)
+    course = mmse_scores(SEED, 0, ad, [75.0, 76.5, 78.0])
+    assert course[0] > course[-1] and course == mmse_scores(SEED, 0, ad, [75.0, 76.5, 78.0])
+
+
+def test_version_1_participants_have_no_mmse(tmp_path: Path) -> None:
+    from dualglow_app.phantom.cohort import _write_dataset_files
+    from dualglow_app.phantom.subjects import Demographics, SubjectInfo
+
+    subjects = [SubjectInfo("sub-001", Demographics(70.0, "F", "CN", "CN", 0.0, 0.0, 1.0), [70.0, 71.5])]
+    _write_dataset_files(tmp_path / "v1", subjects, SEED, 2, 2.0, 1)
+    _write_dataset_files(tmp_path / "v2", subjects, SEED, 2, 2.0, 2)
+    assert (tmp_path / "v1" / "participants.tsv").read_text() == (
+        "participant_id\tage\tsex\tdiagnosis\tdiagnosis_detail\nsub-001\t70\tF\tCN\tCN\n")
+    assert "mmse" not in (tmp_path / "v1" / "participants.json").read_text()
+    assert "MMSE" not in (tmp_path / "v1" / "README").read_text()
+    sessions = (tmp_path / "v2" / "sub-001" / "sub-001_sessions.tsv").read_text().splitlines()
+    assert sessions[0] == "session_id\tage\tmmse" and len(sessions) == 3
 
 
 def test_true_transform_maps_native_t1w_onto_the_mni_ground_truth(cohort: Path) -> None:
