@@ -148,18 +148,23 @@ class PairedVolumes:
         ``rows``: learnt from those rows only (what a model trained on ``subset(rows)`` learnt)."""
         if rows is not None:
             picked = [int(r) for r in np.asarray(rows).tolist()]
-            declared = {n: self.covariate_declarations.get(n, AGE_SPEC) for n in names}
-            return learn_covariates({n: [self.covariate_values(n)[r] for r in picked] for n in names}, declared)
+            values = {n: [self.covariate_values(n)[r] for r in picked] for n in names}
+            return learn_covariates(values, self._declarations(names))
         key = tuple(names)
         if key not in self._learnt:
-            declared = {name: self.covariate_declarations.get(name, AGE_SPEC if name == AGE_SPEC.name else None)
-                        for name in names}  # fmt: skip
-            undeclared = [name for name, spec in declared.items() if spec is None]
-            if undeclared:
-                raise KeyError(f"covariates {undeclared} have no declaration in this data")
-            self._learnt[key] = learn_covariates({name: self.covariate_values(name) for name in names},
-                                                 declared)  # type: ignore[arg-type]  # fmt: skip
+            values = {name: self.covariate_values(name) for name in names}
+            self._learnt[key] = learn_covariates(values, self._declarations(names))
         return self._learnt[key]
+
+    def _declarations(self, names: Sequence[str]) -> dict[str, CovariateSpec]:
+        declared = {}
+        for name in names:
+            spec = self.covariate_declarations.get(name, AGE_SPEC if name == AGE_SPEC.name else None)
+            if spec is None:
+                raise KeyError(f"covariate {name!r} has no declaration in this data (it has: "
+                               f"{', '.join(['age', *self.covariate_declarations])})")  # fmt: skip
+            declared[name] = spec
+        return declared
 
 
 # --------------------------------------------------------------------------- finding and stacking

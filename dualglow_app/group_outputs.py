@@ -15,8 +15,8 @@ from __future__ import annotations
 import csv
 import io
 import platform
-from dataclasses import replace
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 

@@ -116,7 +116,7 @@ def registration_check(planned: dict[str, Path], resolution: int) -> Any:
 
     image = load_nifti(planned["t1w"])
     t1w = np.asarray(image.dataobj, dtype=np.float32)
-    mask_image = nib.load(get_template(resolution).mask)
+    mask_image = load_nifti(get_template(resolution).mask)
     mask = np.asarray(mask_image.dataobj) > 0
     if mask.shape != t1w.shape or not np.allclose(mask_image.affine, image.affine, atol=1e-3):
         mask = resample_to(nib.Nifti1Image(mask.astype(np.float32), mask_image.affine), image.affine, image.shape,

@@ -48,7 +48,14 @@ from dualglow_app import __version__
 from dualglow_app import derivatives as out
 from dualglow_app.bids import Scan, bids_uri, check_bids_dataset, find_scans, sidecar_path
 from dualglow_app.covariates import CovariateSpec, Value, dataset_mismatch
-from dualglow_app.inference import CLIPPED_WARNING, LATENT_WARNING, Prediction, counterfactual, predict, scan_seed
+from dualglow_app.inference import (
+    CLIPPED_WARNING,
+    LATENT_WARNING,
+    Prediction,
+    counterfactual,
+    predict,
+    scan_seed,
+)
 from dualglow_app.io import (
     remove_stale_temporaries,
     remove_stale_work_temporaries,
@@ -594,7 +601,7 @@ class _Sweep:
             first: dict[str, Any] = {"Description": "Age (years) the model was conditioned on", "Units": "year"}
         elif spec.is_categorical:
             first = {"Description": f"{name} the model was conditioned on",
-                     "Levels": {level: spec.level_descriptions.get(level, level) for level in self.plan.values}}  # fmt: skip
+                     "Levels": {str(v): spec.level_descriptions.get(str(v), str(v)) for v in self.plan.values}}  # fmt: skip
         else:
             first = {"Description": f"{name} the model was conditioned on", **({"Units": spec.units} if spec.units else {})}
         columns = {

@@ -33,9 +33,9 @@ from dualglow_app.data import IntensityScaling
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
     DUALGLOW,
+    DUALGLOW_REVISION,
     IMPAIRED,
     NOT_IMPAIRED,
-    DUALGLOW_REVISION,
     RUN_CACHE_VERSION,
     Cohort,
     EvaluateOptions,
@@ -167,7 +167,7 @@ def _dualglow_predictions(
         spec = specs[name]
         if spec.is_categorical:
             return [(spec.encode(level), spec.counts[level] / spec.n) for level in spec.levels]
-        return [(float(spec.centre), 1.0)]
+        return [(float(spec.centre or 0.0), 1.0)]
 
     def own(row: int) -> tuple[dict[str, float], list[str]]:
         """The row's covariates as the fold's model takes them, and those it cannot take (a
