@@ -115,6 +115,10 @@ def main() -> None:
     if set(test_rows) & set(train_rows):
         raise SystemExit("--test-rows overlap the training rows")
     start = time.perf_counter()
+    # The code that trains is the code at the start (another commit may land while it runs).
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "dualglow_app"], capture_output=True,
+                                text=True).stdout.strip())  # fmt: skip
     patched = False
     if args.model is None:
         data = stack.subset(train_rows)
@@ -176,11 +180,10 @@ def main() -> None:
             "phantom_AD_vs_CN": margin(truth_means, region), "designed_AD_vs_CN": DESIGNED.get(region),
             "model_age85_vs_65": float(age_m.mean()), "phantom_age85_vs_65": float(age_t.mean()),
         })  # fmt: skip
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {
         "command": "python benchmarks/bench_covariates.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"),
-        "commit": commit, "machine": platform.processor() or platform.machine(), "threads": args.threads,
+        "commit": commit + ("-dirty" if dirty else ""), "machine": platform.processor() or platform.machine(), "threads": args.threads,
         "train_subjects": int(len(train_rows)), "test_rows": args.test_rows, "test_subjects": int(len(test_rows)),
         "test_diagnoses": {d: int(sum(stack.diagnosis[r] == d for r in test_rows.tolist())) for d in levels},
         "covariates": {name: spec.summary() for name, spec in specs.items()}, "training": training,
