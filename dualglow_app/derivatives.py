@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-# Outputs the BIDS specification has no name for: reports, logs, regional tables.
-BIDSIGNORE = ("*.html", "logs/", "*_stats.tsv", "*_stats.json")
+# Outputs the BIDS specification has no name for: reports, logs, regional tables, and the
+# group level's model files when both levels share an output folder ("models/" leaves the
+# folder itself flagged by bids-validator-deno; "models" does not).
+BIDSIGNORE = ("*.html", "logs/", "*_stats.tsv", "*_stats.json", "models")
 ATLAS_ENTITY = "AAL2"
 SYNTHETIC_WARNING = (
     "SYNTHETIC FDG-PET generated from the T1w MRI by a model; it is not a measurement "
