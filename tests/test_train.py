@@ -386,7 +386,7 @@ def test_cli_group_errors(tiny_bids: Callable[..., Path], tmp_path: Path) -> Non
     too_few = _cli(*args)
     assert too_few.exit_code == 1
     assert (tmp_path / "out" / "logs").is_dir()
-    assert _cli(*args, "--side-info", "sex").exit_code == 2
+    assert _cli(*args, "--side-info", "participant_id").exit_code == 2  # any column but an id is a covariate
     unknown = _cli(*args, "--participant-label", "09")
     assert unknown.exit_code == 2 and "sub-09" in unknown.output
 
