@@ -27,12 +27,10 @@ Prints a table and writes JSON (``--out``). CPU, 1 thread::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,24 +44,6 @@ SIDE_INFO = ("age", "sex", "diagnosis")
 def _rows(text: str) -> np.ndarray:
     start, stop = (int(v) for v in text.split(":"))
     return np.arange(start, stop)
-
-
-def _patch_build_config(data: Any) -> bool:
-    """Until train.build_config takes the learnt covariates (issue 21's train.py change),
-    give it them here; returns whether a patch was needed."""
-    from dualglow_app import train as train_module
-    from dualglow_app.covariates import side_config
-
-    if "covariates" in inspect.signature(train_module.build_config).parameters:
-        return False
-    original = train_module.build_config
-
-    def build_config(options: Any, grid: Any) -> Any:
-        config = original(options, grid)
-        return replace(config, **side_config(options.side_info, data.covariate_specs(options.side_info)))
-
-    train_module.build_config = build_config  # type: ignore[assignment]
-    return True
 
 
 def _region_means(volumes: np.ndarray, atlas: Any, masks: np.ndarray) -> dict[str, np.ndarray]:
@@ -119,10 +99,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "dualglow_app"], capture_output=True,
                                 text=True).stdout.strip())  # fmt: skip
-    patched = False
     if args.model is None:
         data = stack.subset(train_rows)
-        patched = _patch_build_config(data)
         options = TrainOptions(
             bids_dir=args.stack, output_dir=args.work / "out", work_dir=args.work / "work", grid="cpu4mm",
             depth=args.depth, hidden=args.hidden, lr=args.lr, epochs=args.epochs, patience=args.patience,
@@ -187,7 +165,7 @@ def main() -> None:
         "train_subjects": int(len(train_rows)), "test_rows": args.test_rows, "test_subjects": int(len(test_rows)),
         "test_diagnoses": {d: int(sum(stack.diagnosis[r] == d for r in test_rows.tolist())) for d in levels},
         "covariates": {name: spec.summary() for name, spec in specs.items()}, "training": training,
-        "build_config_patched": patched, "model": str(model_path), "wall_s": round(time.perf_counter() - start),
+        "model": str(model_path), "wall_s": round(time.perf_counter() - start),
         "rows": rows,
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

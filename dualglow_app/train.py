@@ -93,9 +93,12 @@ class TrainResult:
     stopped_early: bool = False
 
 
-def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
-    """The :class:`DualGlowConfig` for these options on ``grid``."""
-    from dualglow_app.model import AGE_SCALING, DualGlowConfig
+def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, Any] | None = None) -> Any:
+    """The :class:`DualGlowConfig` for these options on ``grid``; ``covariates``: the learnt
+    :class:`~dualglow_app.covariates.CovariateSpec` of each of ``options.side_info`` (None: age
+    alone, scaled (70, 10) as dualglow <= 0.1 did)."""
+    from dualglow_app.covariates import side_config
+    from dualglow_app.model import DualGlowConfig
 
     return DualGlowConfig(
         ndim=3,
@@ -109,7 +112,7 @@ def build_config(options: TrainOptions, grid: ModelGrid) -> Any:
         side_loss_weight=options.side_loss_weight,
         side_levels=options.side_levels,
         side_template=options.side_template,
-        continuous={"age": AGE_SCALING} if "age" in options.side_info else {},
+        **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,
     )
 
@@ -224,7 +227,7 @@ class _Run:
                      ", ".join(data.labels[i] for i in val_rows) or "no validation")  # fmt: skip
             if options.patience is not None and len(val_rows) == 0:
                 log.warning("--patience %d: no validation scans, so no early stopping", options.patience)
-        config = build_config(options, data.grid)
+        config = build_config(options, data.grid, data.covariate_specs(options.side_info) if options.side_info else None)
         torch.manual_seed(options.seed)  # same initial weights on every rank
         model = DualGlow(config)
         if config.template_shape is not None:

@@ -194,12 +194,7 @@ def test_desc_labels_are_bids_safe() -> None:
 # --------------------------------------------------------------------------- the model file
 
 
-def test_group_level_stores_the_learnt_covariates_and_the_participant_level_reads_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import inspect
-    from dataclasses import replace
-
+def test_group_level_stores_the_learnt_covariates_and_the_participant_level_reads_them(tmp_path: Path) -> None:
     from synthetic_pairs import tiny_options
 
     from dualglow_app import train as train_module
@@ -208,10 +203,6 @@ def test_group_level_stores_the_learnt_covariates_and_the_participant_level_read
     data = paired_volumes(6)
     data.covariates = {"diagnosis": ["CN", "AD", "CN", "AD", "MCI", "CN"]}
     data.covariate_declarations = {"diagnosis": DIAGNOSIS}
-    if "covariates" not in inspect.signature(train_module.build_config).parameters:  # until train.py passes them
-        original = train_module.build_config
-        monkeypatch.setattr(train_module, "build_config", lambda options, grid: replace(
-            original(options, grid), **side_config(options.side_info, data.covariate_specs(options.side_info))))
     options = tiny_options(tmp_path / "out", tmp_path / "work", side_info=["age", "diagnosis"], epochs=1, report=True)
     result = train_module.train(options, data=data)
     info = read_model_info(result.model_path)

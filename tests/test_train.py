@@ -92,20 +92,23 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     assert len(meta["training"]["subjects"]) + len(meta["training"]["validation_subjects"]) == 6
     assert set(meta["training"]["validation"]) == {"bpd_pet_given_mri", "bpd_mri", "mae_suvr", "psnr_db", "ssim", "deviation_r"}
     assert -1.0 <= meta["training"]["validation"]["deviation_r"] <= 1.0
-    assert info["config"]["continuous"] == {"age": [70.0, 10.0]}
+    # Age is scaled by the dataset's own mean and SD (learnt at the group level).
+    ages = np.asarray(paired_volumes(6).age)
+    centre, scale = info["config"]["continuous"]["age"]
+    assert (centre, scale) == pytest.approx((ages.mean(), ages.std()), rel=1e-3) and scale > 0
     assert model.is_initialized
     for name, tensor in result.model.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     # Template centring (default): the MRI template is the training scans' mean image; with
-    # side information the PET template is the mean training PET at age 70: the mean minus
-    # the age map (per voxel, least squares of the PET on 1, (age - 70) / 10 and the MRI;
-    # the side template's start, its map then trains) times the mean (age - 70) / 10.
+    # side information the PET template is the mean training PET at the learnt centre age: the
+    # mean minus the age map (per voxel, least squares of the PET on 1, (age - centre) / scale
+    # and the MRI; the side template's start, its map then trains) times the mean scaled age.
     assert info["config"]["template_shape"] == [16, 16, 16] and info["config"]["side_template"] is True
     data = paired_volumes(6)
     train_rows = [data.labels.index(label) for label in meta["training"]["subjects"]]
     pets = IntensityScaling().pet_to_model(np.asarray(data.pet)[train_rows]).reshape(len(train_rows), -1)
     mris = IntensityScaling().mri_to_model(np.asarray(data.mri)[train_rows]).reshape(len(train_rows), -1)
-    decades = (np.asarray(data.age)[train_rows] - 70.0) / 10.0
+    decades = (np.asarray(data.age)[train_rows] - centre) / scale
     age_map = np.array([np.linalg.lstsq(np.column_stack([np.ones_like(decades), decades, mris[:, v]]), pets[:, v],
                                         rcond=None)[0][1] for v in range(pets.shape[1])])  # fmt: skip
     expected_template = (pets.mean(0) - age_map * decades.mean()).reshape(16, 16, 16)

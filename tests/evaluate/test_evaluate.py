@@ -283,36 +283,7 @@ def test_inner_split_is_dualglows_and_absent_without_early_stopping(tmp_path: Pa
     assert none_val.size == 0 and none_inner.tolist() == train_rows.tolist()
 
 
-def _learnt_covariates_in_build_config(monkeypatch: pytest.MonkeyPatch, data: object) -> None:
-    """train.build_config with the learnt covariates (until train.py passes them itself)."""
-    import inspect
-    from dataclasses import replace
-
-    from dualglow_app import train as train_module
-    from dualglow_app.covariates import side_config
-
-    if "covariates" in inspect.signature(train_module.build_config).parameters:
-        return
-    original = train_module.build_config
-
-    def build_config(options: object, grid: object) -> object:
-        config = original(options, grid)  # type: ignore[arg-type]
-        side = options.side_info  # type: ignore[attr-defined]
-        fold = next(d for d in _folds if len(d.labels))  # the data train() was given (see below)
-        return replace(config, **side_config(side, fold.covariate_specs(side)))
-
-    _folds: list = []
-    original_train = train_module.train
-
-    def train(options: object, data: object = None, on_step: object = None) -> object:
-        _folds.insert(0, data)
-        return original_train(options, data, on_step)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(train_module, "build_config", build_config)
-    monkeypatch.setattr(train_module, "train", train)
-
-
-def test_table2_withholds_the_diagnosis_it_predicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_table2_withholds_the_diagnosis_it_predicts(tmp_path: Path) -> None:
     from dualglow_app.covariates import CovariateSpec
     from dualglow_app.evaluate.report import table2_covariates_sentence
 
@@ -321,7 +292,6 @@ def test_table2_withholds_the_diagnosis_it_predicts(tmp_path: Path, monkeypatch:
     data.covariate_declarations = {"diagnosis": CovariateSpec("diagnosis", "categorical",
                                                               levels=("CN", "EMCI", "MCI", "LMCI", "AD")),
                                    "mmse": CovariateSpec("mmse", "continuous")}  # fmt: skip
-    _learnt_covariates_in_build_config(monkeypatch, data)
     cohort = Cohort(data, DIAGNOSES)
     options = tiny_options(tmp_path, side_info=("age", "diagnosis", "mmse"), baselines=(), report=False, folds=2)
     result = evaluate_cohort(cohort, options)
