@@ -228,8 +228,10 @@ class TrainOptions:
     hidden: int = 128
     relation_hidden: int = 64
     relation_layers: int = 2
-    # DualGlowConfig.top_prior: "side" (eq. 16) or "mri+side".
-    top_prior: str = "side"
+    # DualGlowConfig.top_prior: "side" (eq. 16) or "mri+side". The app's default is
+    # "mri+side": on phantom v2 it follows the subject far better (docs/MODEL_EXPERIMENTS.md,
+    # deviation r 0.59 vs 0.26-0.42); the library's DualGlowConfig keeps the paper's.
+    top_prior: str = "mri+side"
     # DualGlowConfig.top_mri_side: "keep" (eq. 17) or "remove".
     top_mri_side: str = "keep"
     # DualGlowConfig.side_loss_weight: the eq. 17 heads' weight in the objective.

@@ -172,9 +172,10 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: channels of the relation networks (eq. 10).")
 @click.option("--relation-layers", type=click.IntRange(min=1), default=2, show_default=True,
               help="group: hidden convolutions of each relation network.")
-@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
-              help="group: with --side-info, the top PET prior takes the covariates alone (side: eq. 16) "
-                   "or the top MRI latent too (mri+side: dualglow <= 0.1).")
+@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="mri+side", show_default=True,
+              help="group: with --side-info, the top PET prior takes the top MRI latent and the covariates "
+                   "(mri+side: follows the subject better, docs/MODEL_EXPERIMENTS.md) or the covariates alone "
+                   "(side: eq. 16 as the paper writes it).")
 @click.option("--side-loss-weight", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="group: weight of the eq. 17 side-information heads in the objective (the paper: 0.01).")
 @click.option("--side-levels", type=click.Choice(["top", "all"]), default="top", show_default=True,

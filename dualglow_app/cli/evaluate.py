@@ -58,8 +58,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--hidden", type=int, default=128, show_default=True, help="DUAL-GLOW coupling channels.")
 @click.option("--relation-hidden", type=int, default=64, show_default=True, help="DUAL-GLOW relation-network channels.")
 @click.option("--relation-layers", type=int, default=2, show_default=True, help="DUAL-GLOW relation-network depth.")
-@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="side", show_default=True,
-              help="DUAL-GLOW's top PET prior with --side-info: the covariates alone (eq. 16) or with the top MRI latent.")
+@click.option("--top-prior", type=click.Choice(["side", "mri+side"]), default="mri+side", show_default=True,
+              help="DUAL-GLOW's top PET prior with --side-info: with the top MRI latent, or the covariates alone (eq. 16).")
 @click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
               help="DUAL-GLOW's eq. 17 head on the top MRI latent: keep the covariates in it, or remove them (GRL).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,

@@ -40,8 +40,9 @@ FIGURE7_AAL = ("Frontal_Sup_2_L", "Cingulate_Ant_L", "Insula_L", "Precuneus_L", 
 RUN_CACHE_VERSION = 5
 #: Part of DUAL-GLOW's own cache key: bumped when a change to the model or its training makes
 #: cached DUAL-GLOW results stale (the baselines' stay valid). 2: the paper's top-level prior
-#: (eq. 16: p(zp_top | c), without the top MRI latent).
-DUALGLOW_REVISION = 2
+#: (eq. 16: p(zp_top | c), without the top MRI latent); 3: the side template (fitted with the
+#: anatomy held fixed), covariate scaling learnt from the data, the top prior on (zm_top, c) by default.
+DUALGLOW_REVISION = 3
 
 
 class EvaluationError(RuntimeError):
@@ -86,7 +87,7 @@ class EvaluateOptions:
     hidden: int = 128
     relation_hidden: int = 64
     relation_layers: int = 2
-    top_prior: str = "side"
+    top_prior: str = "mri+side"
     top_mri_side: str = "keep"
     lr: float = 1e-3
     warmup_steps: int = 100

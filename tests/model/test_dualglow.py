@@ -423,6 +423,10 @@ def test_old_top_prior_reads_the_top_mri_latent_and_old_files_keep_it() -> None:
     side_only_experiment = {**written_before_the_choice, "top_prior": "side"}
     assert DualGlowConfig.from_dict(side_only_experiment).side_prior_gain == 1.0
     assert (DualGlowConfig().top_prior, DualGlowConfig().side_prior_gain) == ("side", 10.0)
+    # The library keeps the paper's prior; the app trains with the one that measured better.
+    from dualglow_app.options import TrainOptions
+
+    assert TrainOptions("bids", "out").top_prior == "mri+side"
 
 
 def test_top_prior_extrapolates_the_age_trend_beyond_the_training_range() -> None:
