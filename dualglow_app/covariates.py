@@ -214,7 +214,8 @@ def _json_columns(path: Path) -> dict[str, dict[str, Any]]:
     return {key: value for key, value in data.items() if isinstance(value, dict)}
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number (a continuous value, or a negative number on a command line)."""
     try:
         float(text)
     except ValueError:
@@ -239,7 +240,7 @@ def declare_covariate(
         return CovariateSpec(name, CONTINUOUS, units=str(units or "year"), description=text,
                              declared_in=declared_in if units is not None else "values")  # fmt: skip
     present = sorted({v.strip() for v in values if v is not None and v.strip() not in _MISSING})
-    if present and all(_is_number(v) for v in present):
+    if present and all(is_number(v) for v in present):
         return CovariateSpec(name, CONTINUOUS, description=text)
     log.warning("%s: column %s has no Levels or Units in its JSON description; treated as categorical with the "
                 "levels found (%s). Declare its Levels so the order and the allowed values are yours.",

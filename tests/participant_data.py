@@ -58,6 +58,18 @@ def participant_ages(root: Path) -> dict[str, float]:
     return {r["participant_id"][4:]: float(r["age"]) for r in rows if r["age"] not in ("", "n/a")}
 
 
+def fit_briefly(model: object, mri: object, pet: object, side: object, steps: int) -> None:
+    """A few AdaMax steps on the model's objective: enough for the tests' toy signal."""
+    import torch
+
+    model.train()  # type: ignore[attr-defined]
+    optimizer = torch.optim.Adamax(model.parameters(), lr=2e-3)  # type: ignore[attr-defined]
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.nll(mri, pet, side)["loss"].backward()  # type: ignore[attr-defined]
+        optimizer.step()
+
+
 def make_model(
     path: Path,
     grid: ModelGrid,
@@ -87,12 +99,7 @@ def make_model(
     suvr = (0.6 * (mri > 0) + 1.2 * gm) * (1 - 0.008 * (age - 70))[:, None, None, None, None]
     pet = torch.from_numpy(scaling.pet_to_model(suvr.numpy()))
     side = {"age": age} if with_age else None
-    model.train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=2e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model.nll(mri, pet, side)["loss"].backward()
-        optimizer.step()
+    fit_briefly(model, mri, pet, side, steps)
     if conditioning_range:
         model.set_conditioning_range([(mri, side)])
     model.eval()
@@ -134,12 +141,7 @@ def make_covariate_model(path: Path, grid: ModelGrid, t1w_images: Sequence[np.nd
     side = {name: torch.tensor([spec.encode(v) for v in values[name]]) for name, spec in specs.items()}
     model.set_templates(mri.mean(0), pet.mean(0))
     model.fit_side_template([(mri, pet, side)])
-    model.train()
-    optimizer = torch.optim.Adamax(model.parameters(), lr=2e-3)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        model.nll(mri, pet, side)["loss"].backward()
-        optimizer.step()
+    fit_briefly(model, mri, pet, side, steps)
     model.set_conditioning_range([(mri, side)])
     model.eval()
     metadata = {

@@ -22,6 +22,7 @@ import click
 from dualglow_app import __version__
 from dualglow_app.bids import AGE
 from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
+from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.runtime import in_container
 
@@ -40,7 +41,7 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
     expanded: list[str] = []
     current: str | None = None
     for token in args:
-        if token.startswith("-") and not _is_number(token):
+        if token.startswith("-") and not is_number(token):
             current = token if token in MULTI_VALUE_OPTIONS else None
             if current is None:
                 expanded.append(token)
@@ -50,14 +51,6 @@ def expand_multi_value_options(args: list[str]) -> list[str]:
         else:
             expanded.append(token)
     return expanded
-
-
-def _is_number(token: str) -> bool:
-    try:
-        float(token)
-    except ValueError:
-        return False
-    return True
 
 
 def resume_hint(params: dict[str, Any]) -> str:
