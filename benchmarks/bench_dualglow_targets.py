@@ -28,6 +28,7 @@ one table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -83,8 +84,6 @@ def true_age_sweeps(stack: Path, data: Any, rows: np.ndarray, ages: tuple[float,
     index = json.loads((stack / "index.json").read_text())
     if "seed" not in index or "version" not in index:
         return None
-    import hashlib
-
     key = f"seed{index['seed']}-v{index['version']}-rows{'_'.join(map(str, rows))}-ages{'_'.join(f'{a:g}' for a in ages)}"
     path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
@@ -125,8 +124,8 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     trends = age_trends({"phantom": sweep}, {"phantom": names}, ages,
                         {"regions": names, "suvr_per_decade": truth.tolist()})["phantom_comparison"]  # fmt: skip
     synthetic = np.array(trends["synthetic_relative_per_decade"])
-    ok = np.isfinite(synthetic) & (np.abs(truth) > 1e-3)
-    ratio = synthetic[ok] / truth[ok]
+    # Pearson r and the signs as the evaluation computes them; the ratios as for the swept truth.
+    calibrated = slope_agreement(synthetic, truth)
     a = np.asarray(ages)
     inside = (a >= train_ages.min()) & (a <= train_ages.max())
     beyond = a >= train_ages.max()
@@ -135,7 +134,7 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     out = {
         "pearson_r": trends["pearson_r"], "sign_agreement": trends["sign_agreement"],
         "mean_true_per_decade": trends["mean_true"], "mean_synthetic_per_decade": trends["mean_synthetic"],
-        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
+        "median_ratio": calibrated["median_ratio"], "within_25_percent": calibrated["within_25_percent"],
         "regions": names, "true_per_decade": truth.tolist(), "synthetic_per_decade": synthetic.tolist(),
         "ages": list(ages), "training_ages": [float(train_ages.min()), float(train_ages.max())],
     }  # fmt: skip
