@@ -121,7 +121,7 @@ def main() -> None:
                                          "flop_per_s": peak_rate},
          "fraction_of_peak": total / per_subject / peak_rate,
          "per_level_step": [dict(zip(["level", "shape", "gflop", "median_s", "fraction"], r,
-                                     strict=True)) for r in rows]},
+                                     strict=True)) for r in rows]}, results=args.results_dir,
     )
     print(f"wrote {path}")
 

@@ -50,19 +50,20 @@ def _status_kib(field: str) -> int:
 
 
 def child(
-    depth: int, saving: bool, device_name: str, threads: int, hidden: int, batch: int
-) -> dict[str, float]:
+    depth: int, saving: bool, device_name: str, threads: int, hidden: int, batch: int,
+    grid: tuple[int, ...] = GRID, levels: int = LEVELS,
+) -> dict[str, float | None]:
     """One configuration, in this (fresh) process."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     device = torch.device(device_name)
     cfg = DualGlowConfig(
-        levels=LEVELS, depth=depth, hidden=hidden, continuous={"age": AGE_SCALING}
+        levels=levels, depth=depth, hidden=hidden, continuous={"age": AGE_SCALING}
     )
     model = DualGlow(cfg).to(device).train()
     model.set_memory_saving(saving)
-    mri = torch.rand(batch, 1, *GRID, device=device)
-    pet = torch.rand(batch, 1, *GRID, device=device)
+    mri = torch.rand(batch, 1, *grid, device=device)
+    pet = torch.rand(batch, 1, *grid, device=device)
     side = {"age": torch.linspace(60.0, 80.0, batch, device=device)}
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -96,14 +97,18 @@ def child(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         cuda_before = torch.cuda.memory_allocated(device)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        rss_measured = True
+    except OSError:  # sandboxed kernels (gVisor) refuse it: no RSS figure, CUDA's still holds
+        rss_measured = False
     rss_before = _status_kib("VmRSS")
     seconds = perfkit.train_step(step, optimizer, device, keep_grads=True)
     rss_peak = _status_kib("VmHWM")
-    out = {
+    out: dict[str, float | None] = {
         "depth": depth,
         "memory_saving": saving,
-        "rss_mib": (rss_peak - rss_before) / 1024,
+        "rss_mib": (rss_peak - rss_before) / 1024 if rss_measured else None,
         "saved_mib": sum(storages.values()) / MIB,
         "state_mib": state_mib,
         "step_s": seconds,
@@ -116,6 +121,8 @@ def child(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--grid", type=int, nargs=3, default=list(GRID))
+    parser.add_argument("--levels", type=int, default=LEVELS)
     perfkit.add_device_options(parser)
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--batch", type=int, default=BATCH)
@@ -123,7 +130,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         depth, saving = int(args.child[0]), args.child[1] == "1"
-        print(json.dumps(child(depth, saving, args.device, args.threads, args.hidden, args.batch)))
+        print(json.dumps(child(depth, saving, args.device, args.threads, args.hidden, args.batch,
+                               tuple(args.grid), args.levels)))
         return
     torch.set_num_threads(args.threads)  # the children's setting, so the JSON reports it
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -134,7 +142,8 @@ def main() -> None:
     for depth in args.depths:
         for saving in (False, True):
             cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-                   "--hidden", str(args.hidden), "--batch", str(args.batch)]
+                   "--hidden", str(args.hidden), "--batch", str(args.batch),
+                   "--levels", str(args.levels), "--grid", *map(str, args.grid)]
             cmd += ["--child", str(depth), "1" if saving else "0"]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -143,7 +152,8 @@ def main() -> None:
     def base(saving: bool, key: str) -> float:
         return next(r[key] for r in rows if r["memory_saving"] == saving and r["depth"] == args.depths[0])
 
-    key = "cuda_mib" if args.device == "cuda" else "rss_mib"
+    # Without a resettable RSS peak (gVisor), what autograd saves is the CPU figure left.
+    key = "cuda_mib" if args.device == "cuda" else "rss_mib" if rows[0]["rss_mib"] is not None else "saved_mib"
     headers = ["depth", "memory saving", "peak step MiB", f"x depth {args.depths[0]}",
                "autograd-saved MiB", "model state MiB", "step s"]
     table = []
@@ -151,13 +161,13 @@ def main() -> None:
         table.append([r["depth"], "on" if r["memory_saving"] else "off", r[key],
                       r[key] / base(r["memory_saving"], key), r["saved_mib"], r["state_mib"],
                       r["step_s"]])
-    print(f"peak memory of one training step ({key}; grid {GRID}, levels {LEVELS}, "
+    print(f"peak memory of one training step ({key}; grid {tuple(args.grid)}, levels {args.levels}, "
           f"hidden {args.hidden}, batch {args.batch}, {args.device}, {args.threads} threads)")
     perfkit.print_table(headers, table)
     path = perfkit.write_json(
         f"memory_{args.device}.json",
-        {"grid": GRID, "levels": LEVELS, "hidden": args.hidden, "batch": args.batch, "measure": key,
-         "rows": rows},
+        {"grid": args.grid, "levels": args.levels, "hidden": args.hidden, "batch": args.batch, "measure": key,
+         "rows": rows}, results=args.results_dir,
     )
     print(f"wrote {path}")
 

@@ -178,7 +178,7 @@ def main() -> None:
          "ratio_to_freia": {n: m / ref for n, m in medians.items()},
          "min_ratio_to_freia": {n: min(t) / ref_min for n, t in times.items()},
          "saving_overhead": medians["ours (memory saving)"] / medians["ours"],
-         "autograd_saved_mib": memory, "parameters": n_params},
+         "autograd_saved_mib": memory, "parameters": n_params}, results=args.results_dir,
     )
     print(f"wrote {path}")
 

@@ -80,9 +80,12 @@ def train_step(
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:
-    """``--device cpu|cuda`` and ``--threads``, shared by the model-level benchmarks."""
+    """``--device cpu|cuda``, ``--threads`` and ``--results-dir``, shared by the model-level
+    benchmarks (gpu_check.sh points ``--results-dir`` at the folder its figures go to)."""
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--results-dir", type=Path, default=RESULTS,
+                        help=f"where the JSON goes (default {RESULTS.relative_to(ROOT)})")
 
 
 def start(args: argparse.Namespace) -> torch.device:
@@ -96,9 +99,9 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def write_json(name: str, payload: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+def write_json(name: str, payload: dict[str, Any], results: Path = RESULTS) -> Path:
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / name
     payload = {"machine": machine(), "command": " ".join([sys.executable, *sys.argv]), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
