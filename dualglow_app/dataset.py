@@ -53,7 +53,8 @@ from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
 
-DATASET_CACHE_VERSION = 1
+# 2: every scan on the template brain mask (preprocess, templates.brain_mask_on_grid).
+DATASET_CACHE_VERSION = 2
 
 
 class DatasetError(RuntimeError):

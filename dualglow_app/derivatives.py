@@ -245,11 +245,12 @@ def t1w_sidecar(t1: T1wResult, source_t1w: str) -> dict[str, Any]:
     return {
         "Description": (
             "The T1w as the model saw it: skull-stripped (deepbet), N4 bias-corrected, registered to "
-            f"{MNI} (ANTs affine + SyN), resampled on the model grid and scaled to [0, 1] within the brain."
+            f"{MNI} (ANTs affine + SyN), resampled on the model grid, scaled to [0, 1] within the template brain mask and 0 outside it."
         ),
         "SkullStripped": True,
         "Sources": [source_t1w],
         "IntensityRange": list(t1.intensity_range),
+        "TemplateBrainCoverage": round(t1.template_coverage, 4),
         "SoftwareName": "dualglow",
         "SoftwareVersion": __version__,
     }

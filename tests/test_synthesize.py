@@ -553,7 +553,7 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
         affine = grid.affine  # type: ignore[attr-defined]
         mask = (t1w > 0.05).astype(np.uint8)
         return SimpleNamespace(image=nib.Nifti1Image(t1w, affine), brain_mask=nib.Nifti1Image(mask, affine),
-                               intensity_range=(100.0, 1000.0), grid=grid)  # fmt: skip
+                               intensity_range=(100.0, 1000.0), template_coverage=1.0, grid=grid)  # fmt: skip
 
     monkeypatch.setattr(preprocess, "preprocess_t1w", fixed_t1w)
     bids = tmp_path / "bids"

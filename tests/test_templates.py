@@ -84,3 +84,15 @@ def test_prefetch_resolves_everything():
     out = templates.prefetch((2,))
     assert [t.resolution for t in out] == [2]
     assert (templates.cache_dir() / "tpl-MNI152NLin2009cAsym" / templates.tf_name(2, "desc-pons_mask")).is_file()
+
+
+def test_brain_mask_on_grid_is_the_template_brain():
+    from dualglow_app.grid import preset
+
+    grid = preset("cpu4mm")
+    mask = templates.brain_mask_on_grid(grid)
+    assert mask.shape == grid.shape and mask.dtype == bool
+    volume_ml = mask.sum() * grid.voxel_size**3 / 1000
+    assert 1300 < volume_ml < 2100  # the MNI152 2009c brain is ~1.9 l; 4 mm edges lose some
+    mask[:] = False  # a caller's copy: the cached mask stays intact
+    assert templates.brain_mask_on_grid(grid).sum() * grid.voxel_size**3 / 1000 == volume_ml

@@ -30,6 +30,7 @@ import numpy as np
 
 from dualglow_app import __version__
 from dualglow_app.data import IntensityScaling
+from dualglow_app.dataset import DATASET_CACHE_VERSION
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
     DUALGLOW,
@@ -300,7 +301,8 @@ _METHOD_SETTINGS = {
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
     """Same cohort + same folds and budget -> same folder, so a re-run resumes."""
     shared = {k: v for k, v in options.to_dict().items() if k in _SHARED_SETTINGS}
-    parts = [RUN_CACHE_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
+    # The stacked arrays' version too: results on differently preprocessed data are not reused.
+    parts = [RUN_CACHE_VERSION, DATASET_CACHE_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
