@@ -58,19 +58,28 @@ class FreiaSqueeze3d(FreiaModule):
         return [(c * 8, *(s // 2 for s in spatial))]
 
 
-def subnet(hidden: int) -> Callable[[int, int], nn.Module]:
-    """The coupling network of our AffineCoupling: 3x3x3 conv, ReLU, 1x1x1, ReLU, zero 3x3x3."""
+def subnet(hidden: int, ours: bool = False) -> Callable[[int, int], nn.Module]:
+    """The coupling network of our AffineCoupling: 3x3x3 conv, ReLU, 1x1x1, ReLU, zero 3x3x3.
+
+    ``ours``: built from flows.conv/zero_conv (oneDNN for float32 on the CPU); else from stock
+    nn.Conv3d, as a FrEIA user writes it (the reference row).
+    """
+
+    def stock(c_in: int, c_out: int, k: int) -> nn.Module:
+        return nn.Conv3d(c_in, c_out, k, padding=k // 2)
 
     def make(c_in: int, c_out: int) -> nn.Module:
-        return nn.Sequential(
-            conv(3, c_in, hidden, 3), nn.ReLU(), conv(3, hidden, hidden, 1), nn.ReLU(),
-            zero_conv(3, hidden, c_out),
-        )
+        layer = (lambda a, b, k: conv(3, a, b, k)) if ours else stock
+        last = zero_conv(3, hidden, c_out) if ours else stock(hidden, c_out, 3)
+        if not ours:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        return nn.Sequential(layer(c_in, hidden, 3), nn.ReLU(), layer(hidden, hidden, 1), nn.ReLU(), last)
 
     return make
 
 
-def freia_glow(grid: tuple[int, ...], levels: int, depth: int, hidden: int) -> Ff.GraphINN:
+def freia_glow(grid: tuple[int, ...], levels: int, depth: int, hidden: int, our_conv: bool = False) -> Ff.GraphINN:
     nodes: list[Ff.Node] = [Ff.InputNode(1, *grid, name="x")]
     outputs: list[Ff.Node] = []
     current: Ff.Node | tuple[Ff.Node, int] = nodes[0]
@@ -82,7 +91,7 @@ def freia_glow(grid: tuple[int, ...], levels: int, depth: int, hidden: int) -> F
             step = Ff.Node(
                 current,
                 Fm.AllInOneBlock,
-                {"subnet_constructor": subnet(hidden), "affine_clamping": 2.0,
+                {"subnet_constructor": subnet(hidden, our_conv), "affine_clamping": 2.0,
                  "permute_soft": True},
                 name=f"step{level}.{d}",
             )
@@ -115,6 +124,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="also time both flows under bf16 autocast (auto: where the device supports it)")
     perfkit.add_device_options(parser)
     args = parser.parse_args()
     device = perfkit.start(args)
@@ -124,23 +135,36 @@ def main() -> None:
     ours = Glow(1, 3, args.levels, args.depth, args.hidden, memory_saving=False).to(device)
     ours_saving = Glow(1, 3, args.levels, args.depth, args.hidden, memory_saving=True).to(device)
     freia = freia_glow(grid, args.levels, args.depth, args.hidden).to(device)
+    freia_our_conv = freia_glow(grid, args.levels, args.depth, args.hidden, our_conv=True).to(device)
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and perfkit.bf16_supported(device))
     n_params = {
         "ours": sum(p.numel() for p in ours.parameters()),
         "FrEIA": sum(p.numel() for p in freia.parameters() if p.requires_grad),
     }
 
-    def ours_step(model: Glow) -> Callable[[], Tensor]:
-        return lambda: nll(*model(x))
+    def step(model: nn.Module, autocast: bool = False) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            # Under autocast our couplings run their networks in bf16 and the flow arithmetic,
+            # logdet and NLL in float32 (flows.py); FrEIA runs as autocast makes it.
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                zs, logdet = model(x)
+            return nll(zs, logdet)
 
-    def freia_step() -> Tensor:
-        zs, logdet = freia(x)
-        return nll(zs, logdet)
+        return run
 
     models: dict[str, tuple[nn.Module, Callable[[], Tensor]]] = {
-        "ours": (ours, ours_step(ours)),
-        "ours (memory saving)": (ours_saving, ours_step(ours_saving)),
-        "FrEIA AllInOneBlock": (freia, freia_step),
+        "ours": (ours, step(ours)),
+        "ours (memory saving)": (ours_saving, step(ours_saving)),
+        "FrEIA AllInOneBlock": (freia, step(freia)),
+        "FrEIA, our conv layers": (freia_our_conv, step(freia_our_conv)),
     }
+    if bf16:
+        ours_bf16 = Glow(1, 3, args.levels, args.depth, args.hidden, memory_saving=False).to(device)
+        ours_bf16.load_state_dict(ours.state_dict())
+        freia_bf16 = freia_glow(grid, args.levels, args.depth, args.hidden).to(device)
+        freia_bf16.load_state_dict(freia.state_dict())
+        models["ours (bf16 subnets)"] = (ours_bf16, step(ours_bf16, autocast=True))
+        models["FrEIA (bf16 autocast)"] = (freia_bf16, step(freia_bf16, autocast=True))
     optimizers = {
         name: torch.optim.Adamax([p for p in m.parameters() if p.requires_grad], lr=1e-4)
         for name, (m, _) in models.items()

@@ -52,6 +52,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16": bf16_supported(torch.device("cpu")),
     }
     return info
 
@@ -77,6 +79,14 @@ def train_step(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 convolutions run natively: CUDA's check, or oneDNN's on the CPU (AVX512-BF16
+    or AMX; without them oneDNN emulates bf16 and it is slower than float32)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

@@ -12,17 +12,114 @@ of those form the multi-scale :class:`Glow`.
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from dualglow_app.log import get_logger
 from dualglow_app.model.memory import DriftGuard, invertible_checkpoint, memory_saving_pays
 
 log = get_logger(__name__)
 
-_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: nn.Conv2d, 3: nn.Conv3d}
+
+# oneDNN's forward convolution is fast from this many output channels on; below it (an input
+# gradient of 4 channels, a weight gradient of 8 output channels at level 0) PyTorch's own
+# backward is the faster (measured at the default grid's shapes, docs/PERFORMANCE.md).
+_FORWARD_CONV_MIN_CHANNELS = 16
+
+
+class _SameConvFunction(torch.autograd.Function):
+    """A stride-1, "same"-padded convolution on oneDNN, with its gradients as convolutions.
+
+    Both gradients of such a convolution are themselves convolutions, which oneDNN's forward
+    kernel computes at about the forward's cost, where PyTorch's backward for batch 1 and few
+    voxels (its im2col fallback) took 2-5x that at levels 1 and 2:
+
+    - input: the output gradient convolved with the flipped, transposed kernel, same padding;
+    - weight: the input, batch and channel axes swapped, convolved with the output gradient
+      (batch and channel swapped) as the kernel; the output is the kernel's gradient.
+
+    Same mathematics as nn.Conv3d; results differ by float32 rounding only (tests compare
+    them). Where the forward kernel would have few output channels PyTorch's backward runs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        ones = [1] * len(padding)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, ones, ones, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        padding, nd = ctx.padding, len(ctx.padding)
+        ones, zeros, spatial = [1] * nd, [0] * nd, list(range(2, 2 + nd))
+        grad = grad.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_by_conv = need_x and weight.shape[1] >= _FORWARD_CONV_MIN_CHANNELS
+        w_by_conv = need_w and weight.shape[0] >= _FORWARD_CONV_MIN_CHANNELS
+        grad_x = grad_w = None
+        if need_x and not x_by_conv or need_w and not w_by_conv:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, ones, padding, ones, False, zeros, 1,
+                [need_x and not x_by_conv, need_w and not w_by_conv, False],
+            )
+        if x_by_conv:
+            flipped = weight.transpose(0, 1).flip(spatial)
+            grad_x = torch.ops.aten.mkldnn_convolution(grad, flipped, None, padding, ones, ones, 1)
+        if w_by_conv:
+            grad_w = torch.ops.aten.mkldnn_convolution(
+                x.transpose(0, 1).contiguous(), grad.transpose(0, 1).contiguous(), None, padding, ones, ones, 1
+            ).transpose(0, 1)
+        grad_b = grad.sum([0, *spatial]) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _OneDNNConv:
+    """Float32 CPU convolutions on oneDNN, forward and backward (:class:`_SameConvFunction`).
+
+    PyTorch's dispatcher sends a float32 CPU convolution with batch 1, a 3x3(x3) kernel and
+    fewer than 20,480 values in (N, C, first two spatial axes) to its im2col fallback
+    (``slow_conv3d``): every coupling convolution of levels 0 and 1 at batch 1 on the default
+    grid. oneDNN is faster there, and so is the input gradient taken as a forward
+    convolution. Other dtypes (bf16 under autocast already goes to oneDNN; float64 tests),
+    devices, strided or unpadded layers and an unavailable oneDNN keep the stock path. State
+    and parameters are nn.Conv2d/3d's, so model files do not change.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        layer = cast(nn.Conv3d, self)
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32
+            and _ONEDNN
+            and not torch.is_autocast_enabled("cpu")
+            and layer.groups == 1
+            and all(s == 1 for s in layer.stride)
+            and all(d == 1 for d in layer.dilation)
+            and layer.padding == tuple(k // 2 for k in layer.kernel_size)
+            and all(k % 2 == 1 for k in layer.kernel_size)
+        ):
+            return cast(Tensor, _SameConvFunction.apply(x, layer.weight, layer.bias, list(layer.padding)))
+        return cast(Tensor, super().forward(x))  # type: ignore[misc]
+
+
+class Conv2d(_OneDNNConv, nn.Conv2d):
+    """nn.Conv2d that takes oneDNN for float32 on the CPU (see :class:`_OneDNNConv`)."""
+
+
+class Conv3d(_OneDNNConv, nn.Conv3d):
+    """nn.Conv3d that takes oneDNN for float32 on the CPU (see :class:`_OneDNNConv`)."""
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+_CONV: dict[int, type[nn.Conv2d] | type[nn.Conv3d]] = {2: Conv2d, 3: Conv3d}
 
 # Smallest per-channel standard deviation ActNorm divides by: a constant channel (empty
 # background after a squeeze) would otherwise give 1/0 and NaN (a known Glow-port pitfall).
@@ -199,12 +296,16 @@ class InvConv(InvertibleModule):
         return torch.linalg.solve_triangular(upper, lower_inv_pt, upper=True)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y = torch.einsum("oc,bc...->bo...", self.weight(), x)
+        # Flow arithmetic stays in the parameters' precision under autocast: a bf16 W (or
+        # W^-1) would make inverse(forward(x)) drift by ~1e-2 (measured, memory saving).
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.einsum("oc,bc...->bo...", self.weight(), x.to(self.log_s.dtype))
         logdet = self.log_s.sum() * _voxels(x)
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y: Tensor) -> Tensor:
-        return torch.einsum("oc,bc...->bo...", self.inverse_weight(), y)
+        with torch.autocast(y.device.type, enabled=False):
+            return torch.einsum("oc,bc...->bo...", self.inverse_weight(), y.to(self.log_s.dtype))
 
 
 class AffineCoupling(InvertibleModule):
@@ -237,7 +338,10 @@ class AffineCoupling(InvertibleModule):
         )
 
     def _scale_shift(self, x_keep: Tensor) -> tuple[Tensor, Tensor]:
-        h_scale, shift = self.net(x_keep).chunk(2, dim=1)
+        # The network may run in bf16 under autocast; scale and shift are taken back to the
+        # input's precision first, so the affine map, its inverse and the logdet are exact
+        # float32 functions of the (deterministic) network output.
+        h_scale, shift = self.net(x_keep).to(x_keep.dtype).chunk(2, dim=1)
         return self.clamp * torch.tanh(h_scale / self.clamp), shift
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
