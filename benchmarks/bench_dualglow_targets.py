@@ -265,6 +265,7 @@ def main() -> None:
     parser.add_argument("--side-template", choices=("on", "off"), default="off",
                         help="the PET template moves with the covariates (DualGlowConfig.side_template)")
     parser.add_argument("--side-loss-weight", type=float, default=0.01)
+    parser.add_argument("--lambda-mri", type=float, default=1e-3, help="weight of log p(xm) in eq. 12")
     parser.add_argument("--side-levels", default="top")
     parser.add_argument("--side-info", default="age", help="'age' or '' (none)")
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -295,7 +296,7 @@ def main() -> None:
         depth=args.depth, hidden=args.hidden, relation_hidden=args.relation_hidden,
         relation_layers=args.relation_layers, top_prior=args.top_prior, top_mri_side=args.top_mri_side,
         side_template=args.side_template == "on",
-        side_loss_weight=args.side_loss_weight, side_levels=args.side_levels,
+        side_loss_weight=args.side_loss_weight, side_levels=args.side_levels, lambda_mri=args.lambda_mri,
         side_info=tuple(s for s in args.side_info.split(",") if s), epochs=args.epochs, max_steps=args.max_steps,
         patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
         val_fraction=args.val_fraction, seed=args.seed, device="cpu", resume=True, nprocs=args.threads,

@@ -112,6 +112,7 @@ def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, A
         side_loss_weight=options.side_loss_weight,
         side_levels=options.side_levels,
         side_template=options.side_template,
+        lambda_mri=options.lambda_mri,
         **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,
     )

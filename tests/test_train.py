@@ -104,6 +104,8 @@ def test_train_writes_a_model_the_participant_level_can_load(tmp_path: Path) -> 
     # mean minus the age map (per voxel, least squares of the PET on 1, (age - centre) / scale
     # and the MRI; the side template's start, its map then trains) times the mean scaled age.
     assert info["config"]["template_shape"] == [16, 16, 16] and info["config"]["side_template"] is True
+    # The app's weight of log p(MRI) (eq. 12), 10x the paper's: finding 14 of docs/MODEL_EXPERIMENTS.md.
+    assert info["config"]["lambda_mri"] == 0.01
     data = paired_volumes(6)
     train_rows = [data.labels.index(label) for label in meta["training"]["subjects"]]
     pets = IntensityScaling().pet_to_model(np.asarray(data.pet)[train_rows]).reshape(len(train_rows), -1)
@@ -363,10 +365,11 @@ def test_cli_group_trains_and_writes_the_model(
     result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                   "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
                   "--side-info", "age", "--model-name", "study", "--nprocs", "1", "--patience", "4",
-                  "--min-delta", "0.01")  # fmt: skip
+                  "--min-delta", "0.01", "--lambda-mri", "0.5")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "models/study.safetensors" in result.output
     info = json.loads((out / "models" / "study.json").read_text())
+    assert info["config"]["lambda_mri"] == 0.5
     assert info["metadata"]["training"]["options"]["patience"] == 4
     assert info["metadata"]["training"]["options"]["min_delta"] == 0.01
     assert info["metadata"]["side_info"] == ["age"] and info["metadata"]["grid"]["voxel_size"] == 8.0

@@ -176,6 +176,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--side-template/--no-side-template", default=True, show_default=True,
               help="group: with --side-info, the PET's centring template moves with the covariates "
                    "(a map per covariate, fitted by least squares, then trained).")
+@click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="group: weight of log p(MRI) in the objective (eq. 12; the paper: 1e-3, which let unseen "
+                   "anatomy reach extreme MRI latents: docs/MODEL_EXPERIMENTS.md).")
 @click.option("--top-mri-side", type=click.Choice(["keep", "remove"]), default="keep", show_default=True,
               help="group: with --side-info, the eq. 17 head on the top MRI latent keeps the covariates in it "
                    "(keep: the paper) or pushes them out through gradient reversal (remove).")

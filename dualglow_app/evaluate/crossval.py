@@ -119,8 +119,8 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         output_dir=method_dir, work_dir=method_dir, model_name=f"fold{fold}",
         grid=options.grid, depth=options.depth, hidden=options.hidden, relation_hidden=options.relation_hidden,
         relation_layers=options.relation_layers,
-        top_prior=options.top_prior, top_mri_side=options.top_mri_side, side_info=options.side_info,
-        epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
+        top_prior=options.top_prior, top_mri_side=options.top_mri_side, lambda_mri=options.lambda_mri,
+        side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
         seed=options.seed + fold, device=options.device, resume=True, nprocs=options.nprocs,
@@ -293,7 +293,7 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 #: Settings only DUAL-GLOW's result depends on (with :data:`DUALGLOW_REVISION`); the baselines' own.
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
-               "top_prior", "top_mri_side", "table2_withhold"),
+               "top_prior", "top_mri_side", "lambda_mri", "table2_withhold"),
     "baselines": ("baseline_width",),
 }
 

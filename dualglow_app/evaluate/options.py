@@ -89,6 +89,7 @@ class EvaluateOptions:
     relation_layers: int = 2
     top_prior: str = "mri+side"
     top_mri_side: str = "keep"
+    lambda_mri: float = 0.01
     lr: float = 1e-3
     warmup_steps: int = 100
     baseline_width: int = 16
