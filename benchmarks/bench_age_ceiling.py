@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dualglow_targets import SWEEP_AGES, slope_agreement, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, phantom_origin, slope_agreement, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
 
 #: Regressors besides the intercept and the age: the MRI at the voxel, the diagnosis (one-hot).
@@ -79,7 +79,7 @@ def main() -> None:
     labels, names = phantom_regions(data.grid)
     regions = list(range(1, len(names) + 1))
     calibrated = phantom_calibrated_slopes(names)
-    swept = true_age_sweeps(args.mni_stack, data, val_rows, tuple(ages), args.work / "age_truth")
+    swept = true_age_sweeps(phantom_origin(args.mni_stack), data, val_rows, tuple(ages), args.work / "age_truth")
     measured = np.nanmean(regional_slopes(swept, ages)[1], axis=0) if swept is not None else None
 
     results = {}

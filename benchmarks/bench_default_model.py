@@ -4,16 +4,21 @@ The reference "mean training PET in MNI space" ignores the MRI; a model that use
 must beat it. Both are scored with dualglow_app.metrics (SUVR, inside the brain mask).
 
     python benchmarks/bench_default_model.py BIDS_DIR --weights models/NAME.safetensors \
-        --train 001-048 --test 049-060 -w WORK_DIR [--json out.json]
+        --train 001-048 --test 049-060 -w WORK_DIR [--phantom-seed 0 --phantom-version 2] [--json out.json]
 
 Prints the mean of each metric per method and on how many held-out scans DUAL-GLOW is the
-better of the two (paired, with the two-sided Wilcoxon signed-rank p-value from SciPy).
+better of the two (paired, with the two-sided Wilcoxon signed-rank p-value from SciPy), and
+the model issue's targets as ``bench_dualglow_targets.py`` scores them (deviation r, input
+specificity, the age sweep); with ``--phantom-seed``/``--phantom-version`` (a phantom cohort
+made with them) the age sweep is also compared with the swept truth, the same subjects' true
+PETs at other ages with their anatomy fixed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +32,9 @@ from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import METRICS, image_metrics, mean_pairwise_correlation
 from dualglow_app.weights import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dualglow_targets import SWEEP_AGES, score, true_age_sweeps  # noqa: E402
 
 
 def labels(span: str) -> list[str]:
@@ -44,6 +52,8 @@ def main() -> None:
     parser.add_argument("-w", "--work-dir", type=Path, required=True)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--phantom-seed", type=int, default=None, help="the phantom cohort's seed (swept truth)")
+    parser.add_argument("--phantom-version", type=int, default=None, help="the phantom cohort's version (swept truth)")
     args = parser.parse_args()
     setup_logging(-1)
     torch.set_num_threads(args.threads)
@@ -57,6 +67,14 @@ def main() -> None:
                                            side_info=("age",)))  # fmt: skip
 
     train, test = data(labels(args.train)), data(labels(args.test))
+    # The issue's targets: one stack of both, scored on the held-out rows (T = 0 at own age).
+    both = data(labels(args.train) + labels(args.test))
+    test_rows = np.array([both.labels.index(label) for label in test.labels])
+    train_rows = np.array([both.labels.index(label) for label in train.labels])
+    origin = (args.phantom_seed, args.phantom_version) if args.phantom_seed is not None else None
+    indices = np.array([int(label.removeprefix("sub-")) - 1 for label in test.labels])
+    swept = true_age_sweeps(origin, both, test_rows, SWEEP_AGES, args.work_dir / "age_truth", indices=indices)
+    targets = score(model, scaling, both, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept)
     mean_pet = np.asarray(train.pet).mean(axis=0)
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
     predictions = [predict(model, scaling, np.asarray(mri), np.asarray(mask), {"age": float(age)})
@@ -96,9 +114,20 @@ def main() -> None:
     print(f"{'DUAL-GLOW better on':<22}{wins[0]:>12}  {wins[1]}  {wins[2]}  {wins[3]}")
     print(f"MRI latents outside the training range: mean {100 * np.mean(outside):.3f} %, "
           f"max {100 * np.max(outside):.3f} % of a scan's")
+    print(f"deviation r {targets['deviation_r']:.3f}; input specificity: synthetic {targets['specificity_synthetic']:.3f}, "
+          f"true {targets['specificity_true']:.3f}; clipped {100 * targets['clipped_fraction']:.2f} %")
+    age = targets.get("age")
+    if age:
+        for name, agreement in (("the calibration", age), ("the swept truth", age.get("measured"))):
+            if agreement:
+                print(f"age sweep {SWEEP_AGES[0]:g}-{SWEEP_AGES[-1]:g} vs {name}: r {agreement['pearson_r']:.2f}, sign "
+                      f"{agreement['sign_agreement']:.2f}, median ratio {agreement['median_ratio']:.2f}, within +-25 % "
+                      f"{agreement['within_25_percent']:.2f}")  # fmt: skip
+        if "beyond_over_inside" in age:
+            print(f"slope beyond the training ages / inside them: {age['beyond_over_inside']:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels, "summary": summary,
-                                         "paired": paired, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},
+                                         "paired": paired, "targets": targets, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},
                                         indent=1, default=float))  # fmt: skip
 
 

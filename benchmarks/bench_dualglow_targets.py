@@ -73,27 +73,39 @@ def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float
     }  # fmt: skip
 
 
-def true_age_sweeps(stack: Path, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path) -> np.ndarray | None:
-    """(rows, ages, regions): regional means of each validation subject's true PET at each age
-    with its own anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`), cached in ``cache``;
-    None for a stack whose index does not say how it was made."""
+def phantom_origin(stack: Path) -> tuple[int, int] | None:
+    """(seed, version) of the phantoms an MNI stack holds, from its index.json; None when the
+    index does not say how it was made (e.g. a group level's arrays)."""
+    index = json.loads((stack / "index.json").read_text())
+    return (int(index["seed"]), int(index["version"])) if "seed" in index and "version" in index else None
+
+
+def true_age_sweeps(origin: tuple[int, int] | None, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path,
+                    indices: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+    """(rows, ages, regions): regional means of each scan's true PET at each age with its own
+    anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`) over ``data.mask`` of the row,
+    cached in ``cache``. ``origin``: the phantoms' (seed, version), None -> None; ``indices``:
+    each row's phantom subject index (default: the row, as in an MNI stack)."""
     from dualglow_app.evaluate.atlases import phantom_regions
     from dualglow_app.phantom.mni import age_sweep_truth
     from dualglow_app.regions import regional_mean_matrix
 
-    index = json.loads((stack / "index.json").read_text())
-    if "seed" not in index or "version" not in index:
+    if origin is None:
         return None
-    key = f"seed{index['seed']}-v{index['version']}-rows{'_'.join(map(str, rows))}-ages{'_'.join(f'{a:g}' for a in ages)}"
+    seed, version = origin
+    indices = np.asarray(rows if indices is None else indices)
+    masks = np.asarray(data.mask[np.asarray(rows)]).reshape(len(rows), -1)
+    key = (f"seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-ages{'_'.join(f'{a:g}' for a in ages)}"
+           f"-mask{hashlib.sha256(np.packbits(masks > 0).tobytes()).hexdigest()[:8]}")
     path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
         return np.load(path)
     labels, names = phantom_regions(data.grid)
     regions = list(range(1, len(names) + 1))
     out = np.stack([
-        regional_mean_matrix(age_sweep_truth(index["seed"], int(row), data.grid, ages, index["version"]), labels, regions,
+        regional_mean_matrix(age_sweep_truth(seed, int(index), data.grid, ages, version), labels, regions,
                              masks=np.asarray(data.mask[row]))
-        for row in rows
+        for row, index in zip(rows, indices, strict=True)
     ])  # fmt: skip
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, out)
@@ -306,7 +318,7 @@ def main() -> None:
     result = train(options, data=data)
     train_seconds = time.perf_counter() - start
     train_rows, val_rows = split_subjects(data.subjects, args.val_fraction, args.seed)
-    truth_sweep = true_age_sweeps(args.mni_stack, data, val_rows, tuple(args.ages), args.work / "age_truth")
+    truth_sweep = true_age_sweeps(phantom_origin(args.mni_stack), data, val_rows, tuple(args.ages), args.work / "age_truth")
     scores = score(result.model, result.scaling, data, val_rows, train_rows, tuple(args.ages), explainable,
                    truth_sweep=truth_sweep)
     by_range = {name: score(with_range(result.model, kept), result.scaling, data, val_rows, train_rows,

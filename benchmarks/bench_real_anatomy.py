@@ -180,7 +180,7 @@ def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int) 
 
     digest = file_sha256(source)
     options = preprocess.T1wOptions()
-    key = _key(CACHE_VERSION, preprocess.CACHE_VERSION, digest, grid.to_dict(), asdict(options))
+    key = _key(CACHE_VERSION, preprocess.CACHE_VERSION, preprocess.GRID_VERSION, digest, grid.to_dict(), asdict(options))
     path = cache / "preprocessed" / f"{name}-{key}.npz"
     if path.is_file():
         with np.load(path) as stored:

@@ -53,8 +53,7 @@ from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
 
-# 2: every scan on the template brain mask (preprocess, templates.brain_mask_on_grid).
-DATASET_CACHE_VERSION = 2
+DATASET_CACHE_VERSION = 1
 
 
 class DatasetError(RuntimeError):
@@ -211,7 +210,7 @@ def _cache_key(scans: Sequence[Scan], grid: ModelGrid) -> str:
     """The stack's key: the inputs (path, size, mtime), the grid and the preprocessing settings."""
     from dualglow_app import preprocess
 
-    parts: list[Any] = [DATASET_CACHE_VERSION, preprocess.CACHE_VERSION, grid.to_dict()]
+    parts: list[Any] = [DATASET_CACHE_VERSION, preprocess.CACHE_VERSION, preprocess.GRID_VERSION, grid.to_dict()]
     parts.append([asdict(preprocess.T1wOptions()), asdict(preprocess.PETOptions())])
     for scan in scans:
         for path in (scan.t1w, scan.pet):

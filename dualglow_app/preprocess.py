@@ -55,13 +55,21 @@ from dualglow_app.grid import ModelGrid
 from dualglow_app.imaging import load_nifti, resample_to
 from dualglow_app.io import atomic_dir, entry_lock, file_sha256
 from dualglow_app.log import get_logger
-from dualglow_app.templates import REFERENCE_REGIONS, brain_mask_on_grid, get_template, reference_region
+from dualglow_app.templates import (
+    REFERENCE_REGIONS,
+    brain_mask_on_grid,
+    get_template,
+    reference_region,
+)
 
 if TYPE_CHECKING:
     import ants
 
 _LOG = get_logger(__name__)
 CACHE_VERSION = 1
+# What preprocess_t1w / preprocess_pet put on the model grid (the transforms' cache does not
+# depend on it): 2 = every scan on the template brain mask (templates.brain_mask_on_grid).
+GRID_VERSION = 2
 VOXEL_SIZE_RANGE_MM = (0.2, 12.0)
 MIN_SIDE_VOXELS = 8
 # Below this share of the template brain covered by the registered brain, a T1w is flagged.

@@ -1,8 +1,21 @@
-"""Comparing outputs with values pinned in tests/data: nested dicts and lists, floats to a tolerance."""
+"""Comparing outputs with values pinned in tests/data: nested dicts and lists, floats to a tolerance.
+
+A pin guards against outputs changing by accident (a refactor of the inference path). When
+they change on purpose (a new shipped model), re-pin: ``DUALGLOW_REPIN=1 python -m pytest
+tests/test_inference.py tests/test_synthesize.py -k pinned`` rewrites the files and skips, then
+review the diff of tests/data and commit it with the change that caused it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import pytest
+
+#: The version string the pins are written with (outputs name the running dualglow version).
+PINNED_VERSION = "0.1.0"
 
 
 def _number(text: str) -> float | None:
@@ -29,3 +42,21 @@ def assert_close(got: object, want: object, where: str, tol: float, numeric_stri
         assert _number(got) == pytest.approx(_number(want), rel=tol, abs=tol), where
     else:
         assert got == want, where
+
+
+def check_pinned(got: object, path: Path, tol: float, numeric_strings: bool = False, version: str | None = None) -> None:
+    """``got`` against the pin in ``path`` (:func:`assert_close`), or, with ``DUALGLOW_REPIN=1``,
+    write ``got`` as the new pin and skip. ``version``: the running dualglow version, which the
+    pin stores as :data:`PINNED_VERSION` so that a release does not change it."""
+    if os.environ.get("DUALGLOW_REPIN") == "1":
+        text = json.dumps(got, indent=1)
+        if version is not None:
+            text = text.replace(json.dumps(version), json.dumps(PINNED_VERSION)).replace(
+                f"dualglow {version}.", f"dualglow {PINNED_VERSION}.")
+        path.write_text(text + "\n")
+        pytest.skip(f"DUALGLOW_REPIN=1: wrote {path.name}; review and commit its diff")
+    text = path.read_text()
+    if version is not None:
+        text = text.replace(json.dumps(PINNED_VERSION), json.dumps(version)).replace(
+            f"dualglow {PINNED_VERSION}.", f"dualglow {version}.")
+    assert_close(got, json.loads(text), path.stem, tol=tol, numeric_strings=numeric_strings)

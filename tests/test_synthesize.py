@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
-from pinned import assert_close
+from pinned import check_pinned
 
 from dualglow_app.bids import (
     Scan,
@@ -564,8 +564,6 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
     options = ParticipantOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", samples=2, temperature=0.7,
                                  age_sweep=(60, 85), skip_bids_validation=True, report=False, nprocs=1)  # fmt: skip
     assert run_participant(options).exit_code == 0
-    pinned_text = (Path(__file__).parent / "data" / "participant_outputs_pinned.json").read_text()
-    pinned = json.loads(pinned_text.replace('"0.1.0"', json.dumps(__version__)).replace("dualglow 0.1.0.", f"dualglow {__version__}."))
     got: dict[str, object] = {}
     for path in sorted((tmp_path / "out").rglob("*")):
         name = path.relative_to(tmp_path / "out").as_posix()
@@ -583,4 +581,5 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
         else:
             got[name] = None
     # Floats to 1e-4 (relative) so another CPU's rounding passes, a changed output not.
-    assert_close(got, pinned, "outputs", tol=1e-4, numeric_strings=True)
+    check_pinned(got, Path(__file__).parent / "data" / "participant_outputs_pinned.json", tol=1e-4,
+                 numeric_strings=True, version=__version__)  # fmt: skip

@@ -30,7 +30,6 @@ import numpy as np
 
 from dualglow_app import __version__
 from dualglow_app.data import IntensityScaling
-from dualglow_app.dataset import DATASET_CACHE_VERSION
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
     DUALGLOW,
@@ -56,6 +55,7 @@ from dualglow_app.evaluate.statistics import (
 from dualglow_app.io import atomic_path
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import image_metrics
+from dualglow_app.preprocess import GRID_VERSION
 
 log = get_logger(__name__)
 
@@ -301,8 +301,8 @@ _METHOD_SETTINGS = {
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
     """Same cohort + same folds and budget -> same folder, so a re-run resumes."""
     shared = {k: v for k, v in options.to_dict().items() if k in _SHARED_SETTINGS}
-    # The stacked arrays' version too: results on differently preprocessed data are not reused.
-    parts = [RUN_CACHE_VERSION, DATASET_CACHE_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
+    # The preprocessing's grid output too: results on differently preprocessed data are not reused.
+    parts = [RUN_CACHE_VERSION, GRID_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
