@@ -66,7 +66,8 @@ if TYPE_CHECKING:
     import ants
 
 _LOG = get_logger(__name__)
-CACHE_VERSION = 1
+# 2: SyN on a 2 mm copy of the brain, N4 on its bounding box, the PET rigid against a 4 mm T1w.
+CACHE_VERSION = 2
 # What preprocess_t1w / preprocess_pet put on the model grid (the transforms' cache does not
 # depend on it): 2 = every scan on the template brain mask (templates.brain_mask_on_grid).
 GRID_VERSION = 2
