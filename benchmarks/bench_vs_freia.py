@@ -134,6 +134,7 @@ def main() -> None:
 
     ours = Glow(1, 3, args.levels, args.depth, args.hidden, memory_saving=False).to(device)
     ours_saving = Glow(1, 3, args.levels, args.depth, args.hidden, memory_saving=True).to(device)
+    ours_saving.load_state_dict(ours.state_dict())  # the overhead of the mode alone, same weights
     freia = freia_glow(grid, args.levels, args.depth, args.hidden).to(device)
     freia_our_conv = freia_glow(grid, args.levels, args.depth, args.hidden, our_conv=True).to(device)
     bf16 = args.bf16 == "on" or (args.bf16 == "auto" and perfkit.bf16_supported(device))

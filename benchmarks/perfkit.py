@@ -21,6 +21,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula  # noqa: E402
+
+
+# flows.Conv3d calls oneDNN's convolution directly (docs/PERFORMANCE.md, section 2), which
+# FlopCounterMode has no formula for: count it as the convolution it is.
+@register_flop_formula(torch.ops.aten.mkldnn_convolution)  # type: ignore[untyped-decorator]
+def _onednn_conv_flop(x_shape: Any, w_shape: Any, bias: Any, padding: Any, stride: Any, dilation: Any,
+                      groups: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return int(conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False))
 
 # The default CPU grid (dualglow_app.grid preset "cpu4mm": 4 mm, 40 x 48 x 40, levels 3) and
 # depth 8. Hidden 64 and batch 1 (the group level defaults to 128 and 2) keep a depth-32
