@@ -79,6 +79,11 @@ setup() {
     return 3
   }
   "$python" -m venv --system-site-packages "$venv" || return 4
+  # When $python is itself a venv's (the H200 image's python3 is /opt/torch/.venv/bin/python3),
+  # --system-site-packages reaches the base interpreter, not that venv where torch lives: a
+  # .pth file adds $python's own site-packages (and their .pth files) after the venv's own.
+  "$python" -c "import site; print('\n'.join(f'import site; site.addsitedir({d!r})' for d in site.getsitepackages()))" \
+    >"$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/_gpu_check_parent.pth" || return 4
   "$venv/bin/python" -c "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA device'" || return 5
   "$venv/bin/python" -m pip install --quiet --no-index --find-links "$wheels" -r "$wheels/requirements.txt" || {
     echo "a requirement is neither on this machine nor in $wheels (left out: $(cat "$wheels/LEFT_OUT.txt" 2>/dev/null))"
