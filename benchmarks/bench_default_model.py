@@ -43,6 +43,36 @@ def labels(span: str) -> list[str]:
     return [f"{i:0{width}d}" for i in range(int(first), int(last) + 1)]
 
 
+def age_slope_figure(age: dict, path: Path, model: str) -> None:
+    """Each region's age slope of the held-out scans' synthetic PETs (mean per decade, relative
+    to the scan's SUVR) against the truth's: the swept truth where there is one, else the
+    phantom's calibration; the identity line and the issue's +-25 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = age.get("measured")
+    truth = np.array(measured["true_per_decade"] if measured else age["true_per_decade"]) * 100
+    synthetic = np.array(age["synthetic_per_decade"]) * 100
+    agreement = measured or age
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    low, high = min(truth.min(), synthetic.min(), 0) * 1.15, max(truth.max(), synthetic.max(), 0) * 1.15 + 0.1
+    line = np.linspace(low, high, 2)
+    ax.fill_between(line, line * 0.75, line * 1.25, color="0.85", label="within +-25 %")
+    ax.plot(line, line, color="0.4", lw=1, label="identity")
+    ax.scatter(truth, synthetic, s=22, color="tab:blue", zorder=3, label="regions")
+    ax.set_xlabel(f"true slope, % per decade ({'swept truth' if measured else 'phantom calibration'})")
+    ax.set_ylabel("synthetic slope, % per decade (T = 0 mode)")
+    ax.set_title(f"age sweep {age['ages'][0]:g}-{age['ages'][-1]:g} y, held-out scans, model {model}\n"
+                 f"r {agreement['pearson_r']:.2f}, sign {agreement['sign_agreement']:.2f}, median ratio "
+                 f"{agreement['median_ratio']:.2f}, within +-25 % {agreement['within_25_percent']:.2f}", fontsize=8)  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path)
@@ -54,6 +84,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--phantom-seed", type=int, default=None, help="the phantom cohort's seed (swept truth)")
     parser.add_argument("--phantom-version", type=int, default=None, help="the phantom cohort's version (swept truth)")
+    parser.add_argument("--png", type=Path, default=None, help="figure: regional age slopes, synthetic vs the truth")
     args = parser.parse_args()
     setup_logging(-1)
     torch.set_num_threads(args.threads)
@@ -125,6 +156,8 @@ def main() -> None:
                       f"{agreement['within_25_percent']:.2f}")  # fmt: skip
         if "beyond_over_inside" in age:
             print(f"slope beyond the training ages / inside them: {age['beyond_over_inside']:.2f}")
+    if args.png and age:
+        age_slope_figure(age, args.png, info["sha256"][:12])
     if args.json:
         args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels, "summary": summary,
                                          "paired": paired, "targets": targets, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},

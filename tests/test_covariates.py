@@ -237,10 +237,20 @@ def replace_levels(levels: tuple[str, ...]) -> CovariateSpec:
     return replace(DIAGNOSIS, levels=levels, learnt=True)
 
 
-def test_an_old_model_file_reads_as_age_with_its_own_scaling() -> None:
-    from dualglow_app.weights import open_model
+def test_an_old_model_file_reads_as_age_with_its_own_scaling(tmp_path: Path) -> None:
+    import shutil
 
-    shipped = open_model("dualglow-phantom-demo")  # written before covariates were stored
+    from dualglow_app.weights import open_model, resolve_weights
+
+    # The shipped model's files as dualglow <= 0.1 wrote them: no covariates in the metadata,
+    # age scaled by the fixed (70, 10) of its config.
+    shipped = resolve_weights("dualglow-phantom-demo")
+    shutil.copyfile(shipped, tmp_path / shipped.name)
+    info = json.loads(shipped.with_suffix(".json").read_text())
+    info["metadata"].pop("covariates", None)
+    info["config"]["continuous"] = {"age": [70.0, 10.0]}
+    (tmp_path / shipped.with_suffix(".json").name).write_text(json.dumps(info))
+    shipped = open_model(tmp_path / shipped.name)
     assert not shipped.metadata.covariates
     age = shipped.covariates["age"]
     assert (age.kind, age.centre, age.scale, age.units) == ("continuous", 70.0, 10.0, "year")
