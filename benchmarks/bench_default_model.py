@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from scipy.stats import wilcoxon
 
-from dualglow_app.data import IntensityScaling
 from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset
-from dualglow_app.grid import ModelGrid
 from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import METRICS, image_metrics, mean_pairwise_correlation
-from dualglow_app.weights import load_model
+from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dualglow_targets import SWEEP_AGES, score, true_age_sweeps  # noqa: E402
@@ -89,13 +87,16 @@ def main() -> None:
     setup_logging(-1)
     torch.set_num_threads(args.threads)
 
-    model, info = load_model(args.weights)
-    grid = ModelGrid.from_dict(info["metadata"]["grid"])
-    scaling = IntensityScaling.from_dict(info["metadata"]["intensity"])
+    loaded = open_model(args.weights, "cpu")
+    model, scaling, grid, specs = loaded.model, loaded.scaling, loaded.grid, loaded.covariates
 
     def data(subjects: list[str]) -> PairedVolumes:
         return prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=tuple(subjects),
-                                           side_info=("age",)))  # fmt: skip
+                                           side_info=tuple(specs)))  # fmt: skip
+
+    def covariates(volumes: PairedVolumes, row: int) -> dict[str, float]:
+        """A scan's covariates as the model takes them, encoded by the model's own learnt specs."""
+        return {name: spec.encode(volumes.covariate_values(name)[row]) for name, spec in specs.items()}
 
     train, test = data(labels(args.train)), data(labels(args.test))
     # The issue's targets: one stack of both, scored on the held-out rows (T = 0 at own age).
@@ -105,11 +106,12 @@ def main() -> None:
     origin = (args.phantom_seed, args.phantom_version) if args.phantom_seed is not None else None
     indices = np.array([int(label.removeprefix("sub-")) - 1 for label in test.labels])
     swept = true_age_sweeps(origin, both, test_rows, SWEEP_AGES, args.work_dir / "age_truth", indices=indices)
-    targets = score(model, scaling, both, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept)
+    targets = score(model, scaling, both, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept,
+                    covariates_of=lambda row: covariates(both, row))  # fmt: skip
     mean_pet = np.asarray(train.pet).mean(axis=0)
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
-    predictions = [predict(model, scaling, np.asarray(mri), np.asarray(mask), {"age": float(age)})
-                   for mri, mask, age in zip(test.mri, test.mask, test.age, strict=True)]  # fmt: skip
+    predictions = [predict(model, scaling, np.asarray(test.mri[i]), np.asarray(test.mask[i]), covariates(test, i))
+                   for i in range(len(test))]  # fmt: skip
     synthetic = [p.mean for p in predictions]
     # How many of each held-out scan's MRI latents the conditioning range clamped (0 without one).
     outside = [p.latents_outside or 0.0 for p in predictions]
@@ -157,9 +159,9 @@ def main() -> None:
         if "beyond_over_inside" in age:
             print(f"slope beyond the training ages / inside them: {age['beyond_over_inside']:.2f}")
     if args.png and age:
-        age_slope_figure(age, args.png, info["sha256"][:12])
+        age_slope_figure(age, args.png, loaded.sha256[:12])
     if args.json:
-        args.json.write_text(json.dumps({"model_sha256": info["sha256"], "test": test.labels, "summary": summary,
+        args.json.write_text(json.dumps({"model_sha256": loaded.sha256, "test": test.labels, "summary": summary,
                                          "paired": paired, "targets": targets, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},
                                         indent=1, default=float))  # fmt: skip
 

@@ -113,9 +113,12 @@ def true_age_sweeps(origin: tuple[int, int] | None, data: Any, rows: np.ndarray,
 
 
 def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],
-                 train_ages: np.ndarray, truth_sweep: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+                 train_ages: np.ndarray, truth_sweep: np.ndarray | None = None,
+                 covariates_of: Any = None) -> dict[str, Any]:  # fmt: skip
     """Regional slopes of each scan's age sweep against the phantom's truth: its calibration's
-    activity slopes, and (``truth_sweep``) the same subjects' true PETs swept the same way."""
+    activity slopes, and (``truth_sweep``) the same subjects' true PETs swept the same way.
+    ``covariates_of(row)``: the scan's covariates as ``predict`` takes them (default: its age);
+    the sweep moves age and keeps the others."""
     from dualglow_app.evaluate.atlases import phantom_regions
     from dualglow_app.evaluate.statistics import (
         age_trends,
@@ -130,7 +133,8 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     sweep = np.empty((len(rows), len(ages), len(names)))
     for k, row in enumerate(rows):
         mask = np.asarray(data.mask[row])
-        volumes = np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {"age": a}).mean for a in ages])
+        own = covariates_of(row) if covariates_of is not None else {}
+        volumes = np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {**own, "age": a}).mean for a in ages])
         sweep[k] = regional_mean_matrix(volumes, labels, regions, masks=mask)
     truth = phantom_calibrated_slopes(names)
     trends = age_trends({"phantom": sweep}, {"phantom": names}, ages,
@@ -182,9 +186,12 @@ def with_range(model: Any, kept: tuple[str, ...]) -> Any:
 
 def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows: np.ndarray,
           ages: tuple[float, ...] | None, explainable: np.ndarray | None, samples: int = 1,
-          temperature: float = 0.0, truth_sweep: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+          temperature: float = 0.0, truth_sweep: np.ndarray | None = None,
+          covariates_of: Any = None) -> dict[str, Any]:  # fmt: skip
     """The targets on the validation scans (by default the T = 0 mode at each scan's own age;
-    else the mean of ``samples`` at ``temperature``); the age response unless ``ages`` is None."""
+    else the mean of ``samples`` at ``temperature``); the age response unless ``ages`` is None.
+    ``covariates_of(row)``: a scan's covariates as ``predict`` takes them, for a model with
+    more than age (default: its age alone)."""
     from dualglow_app.inference import predict
     from dualglow_app.metrics import deviation_correlation, image_metrics, mean_pairwise_correlation
     from dualglow_app.validation import reference_pet
@@ -195,8 +202,9 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
     for row in val_rows:
         mask = np.asarray(data.mask[row])
         truth = np.asarray(data.pet[row], dtype=np.float32)
-        out = predict(model, scaling, np.asarray(data.mri[row]), mask, {"age": float(data.age[row])} if side_info else None,
-                      samples=samples, temperature=temperature, seed=int(row))  # fmt: skip
+        own = covariates_of(row) if covariates_of is not None else ({"age": float(data.age[row])} if side_info else None)
+        out = predict(model, scaling, np.asarray(data.mri[row]), mask, own, samples=samples, temperature=temperature,
+                      seed=int(row))  # fmt: skip
         preds.append(out.mean)
         clipped.append(out.clipped_fraction)
         scores, mean_scores = image_metrics(truth, out.mean, mask), image_metrics(truth, reference * mask, mask)
@@ -216,7 +224,7 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
     }  # fmt: skip
     if side_info and ages is not None:
         scores_out["age"] = age_response(model, scaling, data, val_rows, ages, np.asarray(data.age[train_rows]),
-                                         truth_sweep)
+                                         truth_sweep, covariates_of)
     return scores_out
 
 

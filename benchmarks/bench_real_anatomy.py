@@ -371,14 +371,24 @@ def phantom_reference(grid: Any, age: float, regions: Regions, table: dict[str, 
 
 
 def evaluate_model(model: Any, brains: list[Brain], age: float, sweep_ages: tuple[float, ...],
-                   regions: Regions, table: dict[str, float]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+                   regions: Regions, table: dict[str, float],
+                   covariates: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
     """Every figure of one model (a :class:`dualglow_app.weights.LoadedModel`) on the brains
-    (see the module docstring), and its T = 0 PETs at ``age``."""
+    (see the module docstring), and its T = 0 PETs at ``age``; ``covariates``: the values of
+    the model's other covariates (e.g. ``{"diagnosis": "CN"}``), each given or refused."""
     from dualglow_app.evaluate.statistics import phantom_calibrated_slopes
     from dualglow_app.inference import predict
 
+    given = covariates or {}
+    specs = model.covariates
+    missing = [name for name in specs if name != "age" and name not in given]
+    if missing:
+        raise SystemExit(f"{model.path}: the model is also conditioned on {', '.join(missing)}; "
+                         f"give a value with --covariate NAME=VALUE (e.g. --covariate {missing[0]}=CN)")  # fmt: skip
+    fixed = {name: specs[name].encode(value) for name, value in given.items() if name in specs}
+
     def side(years: float) -> dict[str, float] | None:
-        return {"age": float(years)} if model.uses_age else None
+        return {**fixed, "age": float(years)} if model.uses_age else (fixed or None)
 
     truth = dict(zip(regions.names, phantom_calibrated_slopes(regions.names).tolist(), strict=True))
     out: dict[str, Any] = {
@@ -517,6 +527,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "real_anatomy.json", help="JSON written")
     parser.add_argument("--png", type=Path, default=None, help="montage (T1w + synthetic PET of both brains)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (preprocessing and torch)")
+    parser.add_argument("--covariate", action="append", default=[], metavar="NAME=VALUE",
+                        help="a value for a covariate the model takes besides age (repeatable), e.g. diagnosis=CN")
     args = parser.parse_args()
     missing = [str(w) for w in args.weights if not w.is_file()]
     if missing:
@@ -550,14 +562,16 @@ def main() -> None:
             t1w_r = t1w_pairwise_r(brains[0], brains[1], args.cache)
             preprocess_seconds += time.perf_counter() - t0
             regions = grid_regions(grid)
-            result, pets = evaluate_model(model, brains, args.age, tuple(args.sweep), regions, table)
+            result, pets = evaluate_model(model, brains, args.age, tuple(args.sweep), regions, table,
+                                          dict(item.split("=", 1) for item in args.covariate))  # fmt: skip
+            result["covariates"] = dict(item.split("=", 1) for item in args.covariate)
             result["t1w_pairwise_r"] = t1w_r
             result["phantom_reference"] = phantom_reference(grid, args.age, regions, table, args.cache)
             models.append(result)
             pair = {"t1w_pairwise_r_on_grid": t1w_r, "design_t1w_pairwise_r": DESIGN_T1W_PAIRWISE_R}
             brains_meta = {b.name: {**b.meta, "brain_voxels": int(b.mask.sum())} for b in brains}
             if args.png:
-                png = args.png if len(args.weights) == 1 else args.png.with_name(f"{args.png.stem}_{result['name']}.png")
+                png = args.png if len(args.weights) == 1 else args.png.with_name(f"{args.png.stem}_{result['name']}_{result['sha256'][:8]}.png")
                 save_montage(png, result, brains, pets)
                 result["png"] = str(png)
     text = table_text(models, pair["t1w_pairwise_r_on_grid"])

@@ -1,7 +1,7 @@
 """Sanity check of a model on real anatomy: Colin27 (one real adult T1w) -> synthetic FDG-PET.
 
     python benchmarks/model_card_colin27.py --weights models/dualglow-phantom-demo.safetensors \
-        --t1w /usr/share/mricron/templates/ch2.nii.gz --png models/colin27_montage.png
+        --t1w /usr/share/mricron/templates/ch2.nii.gz --png colin27_montage.png
 
 Colin27 ships in Debian's ``mricron-data`` (``ch2.nii.gz``, with skull). The script builds a
 one-subject BIDS dataset around it, runs the participant level (the real pipeline: skull strip,

@@ -49,7 +49,7 @@ def check_pinned(got: object, path: Path, tol: float, numeric_strings: bool = Fa
     write ``got`` as the new pin and skip. ``version``: the running dualglow version, which the
     pin stores as :data:`PINNED_VERSION` so that a release does not change it."""
     if os.environ.get("DUALGLOW_REPIN") == "1":
-        text = json.dumps(got, indent=1)
+        text = json.dumps(got, indent=1, sort_keys=True)
         if version is not None:
             text = text.replace(json.dumps(version), json.dumps(PINNED_VERSION)).replace(
                 f"dualglow {version}.", f"dualglow {PINNED_VERSION}.")

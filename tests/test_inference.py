@@ -73,15 +73,16 @@ def test_scan_seed_is_stable_and_distinct() -> None:
 
 
 def test_shipped_model_prediction_is_pinned() -> None:
-    """The shipped model on its own mean training T1w, age 70: the conditional mode and two
+    """The shipped model on its own mean training T1w, age 70 (CN): the conditional mode and two
     samples at T = 0.7 match, per axis profile, what the same model gave when it was shipped
     (tests/data/shipped_model_prediction.json; re-pinned with a new shipped model: tests/pinned.py)."""
     loaded = open_model("dualglow-phantom-demo", "cpu")
     t1w = loaded.model.mri_template[0, 0].numpy().astype(np.float32)
     mask = t1w > 0.05
+    side = {name: spec.encode({"age": 70.0, "diagnosis": "CN"}[name]) for name, spec in loaded.covariates.items()}
     got: dict[str, object] = {}
     for name, (samples, temperature) in {"mode": (1, 0.0), "samples": (2, 0.7)}.items():
-        out = predict(loaded.model, loaded.scaling, t1w, mask, {"age": 70.0}, samples, temperature,
+        out = predict(loaded.model, loaded.scaling, t1w, mask, side, samples, temperature,
                       scan_seed(0, "001", None))  # fmt: skip
         got[name] = {
             "profiles": [out.mean.sum(axis=tuple(a for a in range(3) if a != axis)).tolist() for axis in range(3)],

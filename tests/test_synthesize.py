@@ -540,8 +540,9 @@ def test_bidsignore_keeps_other_tools_patterns(tmp_path: Path) -> None:
 def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The participant level with the shipped model on a fixed preprocessed T1w (its own mean
     training T1w; registration is replaced because ANTs is not run-to-run reproducible): every
-    derivative, sidecar and table matches what dualglow 92b201d wrote before the architecture
-    change (images by their axis profiles; tests/data/participant_outputs_pinned.json)."""
+    derivative, sidecar and table matches what it wrote when this model was shipped (images by
+    their axis profiles; tests/data/participant_outputs_pinned.json; re-pinned with a new
+    shipped model: tests/pinned.py)."""
     from types import SimpleNamespace
 
     from dualglow_app import __version__, preprocess
@@ -562,7 +563,8 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
     (bids / "participants.tsv").write_text("participant_id\tage\nsub-01\t72\n")
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     options = ParticipantOptions(bids, tmp_path / "out", work_dir=tmp_path / "work", samples=2, temperature=0.7,
-                                 age_sweep=(60, 85), skip_bids_validation=True, report=False, nprocs=1)  # fmt: skip
+                                 age_sweep=(60, 85), covariates=("diagnosis=CN",), skip_bids_validation=True,
+                                 report=False, nprocs=1)  # fmt: skip
     assert run_participant(options).exit_code == 0
     got: dict[str, object] = {}
     for path in sorted((tmp_path / "out").rglob("*")):
