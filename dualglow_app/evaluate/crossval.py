@@ -55,7 +55,7 @@ from dualglow_app.evaluate.statistics import (
 from dualglow_app.io import atomic_path
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import image_metrics
-from dualglow_app.preprocess import GRID_VERSION
+from dualglow_app.preprocess import CACHE_VERSION, GRID_VERSION
 
 log = get_logger(__name__)
 
@@ -301,8 +301,8 @@ _METHOD_SETTINGS = {
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
     """Same cohort + same folds and budget -> same folder, so a re-run resumes."""
     shared = {k: v for k, v in options.to_dict().items() if k in _SHARED_SETTINGS}
-    # The preprocessing's grid output too: results on differently preprocessed data are not reused.
-    parts = [RUN_CACHE_VERSION, GRID_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
+    # The preprocessing's versions too: results on differently preprocessed data are not reused.
+    parts = [RUN_CACHE_VERSION, CACHE_VERSION, GRID_VERSION, __version__, shared, list(cohort.data.labels), cohort.data.grid.to_dict()]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
