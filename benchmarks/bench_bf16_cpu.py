@@ -7,9 +7,8 @@ The group level (``dualglow_app.train.train``) with the model issue's configurat
 levels 3, depth 4, hidden 32, top prior mri+side, side template, age), on an MNI-stack of
 phantoms (made on the grid directly, ~15 s), once in float32 and once under bf16 autocast,
 per seed. Under autocast the coupling and relation networks run in bf16 while the flow
-arithmetic, logdet and likelihood stay float32 (flows.py). The group level turns autocast on
-for CUDA only; this script turns it on for the CPU by handing ``use_amp=True`` to the run
-(the only change), so the comparison is the group level's own loop. The spread between seeds
+arithmetic, logdet and likelihood stay float32 (flows.py). bf16 is the group level's own
+``--cpu-bf16`` (``TrainOptions.cpu_bf16``, the only change), so the comparison is its loop. The spread between seeds
 in float32 is the noise the bf16 difference is judged against. Needs a CPU with native bf16
 (AVX512-BF16 or AMX); elsewhere oneDNN emulates bf16 and it is slower than float32.
 
@@ -37,24 +36,15 @@ from dualglow_app.phantom import make_mni_stack
 
 
 def run(data: Any, root: Path, seed: int, bf16: bool, epochs: int) -> dict[str, Any]:
-    """One group-level training; ``bf16`` turns autocast on for the CPU."""
-    start = train_module._Run.start.__func__  # type: ignore[attr-defined]
-
-    def start_with(cls: Any, options: Any, data: Any, dist: Any, device: Any, use_amp: bool) -> Any:
-        return start(cls, options, data, dist, device, bf16)
-
+    """One group-level training; ``bf16``: ``--cpu-bf16`` (TrainOptions.cpu_bf16)."""
     name = f"{'bf16' if bf16 else 'fp32'}-seed{seed}"
     options = TrainOptions(
         bids_dir=root / "bids", output_dir=root / name, work_dir=root / f"work-{name}", grid="cpu4mm",
         levels=3, depth=4, hidden=32, top_prior="mri+side", side_template=True, side_info=["age"],
-        epochs=epochs, batch_size=2, seed=seed, device="cpu", amp=False, report=False,
+        epochs=epochs, batch_size=2, seed=seed, device="cpu", cpu_bf16=bf16, report=False,
         skip_bids_validation=True, nprocs=1, keep="last",
     )
-    train_module._Run.start = classmethod(start_with)  # type: ignore[method-assign, assignment]
-    try:
-        result = train_module.train(options, data=data)
-    finally:
-        train_module._Run.start = classmethod(start)  # type: ignore[method-assign, assignment]
+    result = train_module.train(options, data=data)
     val = [row["val_bpd_pet_given_mri"] for row in result.history]
     return {"run": name, "seed": seed, "bf16": bf16, "device": result.device, "val_bpd": val,
             "final_val_bpd": val[-1], "best_val_bpd": min(val), "steps": result.steps,

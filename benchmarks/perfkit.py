@@ -91,11 +91,10 @@ def train_step(
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively: CUDA's check, or oneDNN's on the CPU (AVX512-BF16
-    or AMX; without them oneDNN emulates bf16 and it is slower than float32)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether bf16 convolutions run natively (:func:`dualglow_app.runtime.native_bf16`)."""
+    from dualglow_app.runtime import native_bf16
+
+    return native_bf16(device)
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

@@ -260,6 +260,10 @@ class TrainOptions:
     seed: int = 0
     device: str = "auto"
     amp: bool = True
+    # bf16 autocast on a CPU with native bf16 (AVX512-BF16 / AMX): the networks in bf16, the
+    # flow arithmetic in float32; 0.66x the step time at the same validation bpd
+    # (docs/PERFORMANCE.md, 2b). Off by default so that a run is the same on every CPU.
+    cpu_bf16: bool = False
     resume: bool = False
     max_steps: int | None = None
     model_name: str = "dualglow"

@@ -89,6 +89,16 @@ def in_container() -> str | None:
     return None
 
 
+def native_bf16(device: Any) -> bool:
+    """Whether bf16 runs natively on ``device`` (a torch.device): CUDA's check, or on the CPU
+    oneDNN's (AVX512-BF16 or AMX; without them oneDNN emulates bf16, slower than float32)."""
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def cpu_threads(nprocs: int | None = None) -> int:
     """CPU threads to use: ``nprocs``, else the cores this process may run on."""
     if nprocs:

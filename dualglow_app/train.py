@@ -51,7 +51,13 @@ from dualglow_app.dataset import (
 from dualglow_app.grid import ModelGrid
 from dualglow_app.log import get_logger, progress_enabled
 from dualglow_app.options import TrainOptions
-from dualglow_app.runtime import Distributed, cpu_threads, distributed_from_env, resolve_device
+from dualglow_app.runtime import (
+    Distributed,
+    cpu_threads,
+    distributed_from_env,
+    native_bf16,
+    resolve_device,
+)
 from dualglow_app.validation import reference_pet, validate
 
 log = get_logger(__name__)
@@ -177,7 +183,10 @@ def train(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    use_amp = options.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type == "cpu" and options.cpu_bf16 and not native_bf16(device):
+        raise TrainingError("--cpu-bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so oneDNN would emulate "
+                            "it, slower than float32; drop --cpu-bf16")  # fmt: skip
+    use_amp = options.cpu_bf16 if device.type == "cpu" else options.amp and device.type == "cuda" and native_bf16(device)
     try:
         run = _Run.start(options, data, dist, device, use_amp)
         run.fit(on_step)

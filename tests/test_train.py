@@ -140,6 +140,29 @@ def test_training_lowers_the_validation_bpd(tmp_path: Path) -> None:
     assert history[-1]["val_bpd_pet_given_mri"] < history[0]["val_bpd_pet_given_mri"]
 
 
+def test_cpu_bf16_trains_under_autocast_where_the_cpu_has_native_bf16(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualglow_app.model import DualGlow
+
+    autocast_states: list[bool] = []  # whether each DualGlow.nll call ran under CPU autocast
+    original = DualGlow.nll
+
+    def recording_nll(self: Any, *args: Any, **kwargs: Any) -> Any:
+        autocast_states.append(torch.is_autocast_enabled("cpu"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DualGlow, "nll", recording_nll)
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    with pytest.raises(TrainingError, match="no native bf16"):
+        train(tiny_options(tmp_path / "a", tmp_path / "wa", epochs=1, cpu_bf16=True), data=paired_volumes(4))
+    assert not autocast_states  # refused before any step
+    train(tiny_options(tmp_path / "b", tmp_path / "wb", epochs=1), data=paired_volumes(4))
+    assert autocast_states and not any(autocast_states)  # float32 unless asked
+    autocast_states.clear()
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    history = train(tiny_options(tmp_path / "c", tmp_path / "wc", epochs=1, cpu_bf16=True), data=paired_volumes(4)).history
+    assert any(autocast_states) and math.isfinite(history[-1]["val_bpd_pet_given_mri"])
+
+
 def _final_weights(result: Any) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in result.model.state_dict().items()}
 
