@@ -71,6 +71,41 @@ def age_slope_figure(age: dict, path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def learning_curves_figure(metrics: Path, path: Path, model: str) -> None:
+    """The group level's per-epoch figures of a model (its ``NAME_metrics.tsv``) in one figure:
+    training and validation bpd(PET | MRI), validation MAE, validation deviation r."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with metrics.open(newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    epoch = [int(r["epoch"]) for r in rows]
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) for r in rows]
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    axes[0].plot(epoch, column("train_bpd_pet_given_mri"), label="training")
+    axes[0].plot(epoch, column("val_bpd_pet_given_mri"), label="validation")
+    axes[0].set_ylabel("bpd(PET | MRI)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(epoch, column("val_mae_suvr"), color="tab:orange")
+    axes[1].set_ylabel("validation MAE (SUVR)")
+    axes[2].plot(epoch, column("val_deviation_r"), color="tab:green")
+    axes[2].set_ylabel("validation deviation r")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"learning curves of model {model} ({metrics.name})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path)
@@ -83,6 +118,8 @@ def main() -> None:
     parser.add_argument("--phantom-seed", type=int, default=None, help="the phantom cohort's seed (swept truth)")
     parser.add_argument("--phantom-version", type=int, default=None, help="the phantom cohort's version (swept truth)")
     parser.add_argument("--png", type=Path, default=None, help="figure: regional age slopes, synthetic vs the truth")
+    parser.add_argument("--curves", type=Path, default=None,
+                        help="figure: the model's learning curves (its NAME_metrics.tsv: bpd, validation MAE and deviation r)")
     args = parser.parse_args()
     setup_logging(-1)
     torch.set_num_threads(args.threads)
@@ -158,6 +195,9 @@ def main() -> None:
                       f"{agreement['within_25_percent']:.2f}")  # fmt: skip
         if "beyond_over_inside" in age:
             print(f"slope beyond the training ages / inside them: {age['beyond_over_inside']:.2f}")
+    if args.curves:
+        learning_curves_figure(args.weights.with_name(args.weights.name.removesuffix(".safetensors") + "_metrics.tsv"),
+                               args.curves, loaded.sha256[:12])  # fmt: skip
     if args.png and age:
         age_slope_figure(age, args.png, loaded.sha256[:12])
     if args.json:
