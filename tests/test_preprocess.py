@@ -185,7 +185,9 @@ def test_t1w_on_grid_matches_ground_truth(t1, subject):
     mask = t1.brain_mask.get_fdata() > 0
     assert data.min() >= 0 and data.max() <= 1 and np.all(data[~mask] == 0)
     truth = _smoothed_truth(subject["truth_t1w"], GRID)
-    assert np.corrcoef(data[mask], truth[mask])[0, 1] >= 0.95
+    # Measured 0.950-0.958 on phantom v2 in the template mask since the 2 mm SyN (ANTs runs
+    # unseeded: +-0.003 between runs); a failed registration scores below 0.8.
+    assert np.corrcoef(data[mask], truth[mask])[0, 1] >= 0.94
 
 
 def test_every_scan_shares_the_template_brain_support(t1):
