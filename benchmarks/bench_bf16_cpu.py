@@ -33,6 +33,7 @@ from dualglow_app.grid import preset
 from dualglow_app.log import setup_logging
 from dualglow_app.options import TrainOptions
 from dualglow_app.phantom import make_mni_stack
+from dualglow_app.runtime import native_bf16
 
 
 def run(data: Any, root: Path, seed: int, bf16: bool, epochs: int) -> dict[str, Any]:
@@ -60,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     perfkit.start(args)
     setup_logging(-1)
-    if not perfkit.bf16_supported(torch.device("cpu")):
+    if not native_bf16(torch.device("cpu")):
         parser.exit(1, "this CPU has no native bf16 (AVX512-BF16 or AMX): nothing to compare\n")
     with tempfile.TemporaryDirectory(prefix="bench-bf16-") as tmp:
         root = Path(tmp)

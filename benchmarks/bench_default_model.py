@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from scipy.stats import wilcoxon
 
-from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset
+from dualglow_app.dataset import DatasetSpec, prepare_dataset
 from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
-from dualglow_app.metrics import METRICS, image_metrics, mean_pairwise_correlation
+from dualglow_app.metrics import METRICS, image_metrics
 from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -127,50 +127,46 @@ def main() -> None:
     loaded = open_model(args.weights, "cpu")
     model, scaling, grid, specs = loaded.model, loaded.scaling, loaded.grid, loaded.covariates
 
-    def data(subjects: list[str]) -> PairedVolumes:
-        return prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=tuple(subjects),
-                                           side_info=tuple(specs)))  # fmt: skip
+    # One stack of the training and held-out scans; the scores are on the held-out rows.
+    data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid,
+                                       participant_labels=tuple(labels(args.train) + labels(args.test)),
+                                       side_info=tuple(specs)))  # fmt: skip
+    train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
+    test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
+    test_labels = [data.labels[row] for row in test_rows]
 
-    def covariates(volumes: PairedVolumes, row: int) -> dict[str, float]:
+    def covariates(row: int) -> dict[str, float]:
         """A scan's covariates as the model takes them, encoded by the model's own learnt specs."""
-        return {name: spec.encode(volumes.covariate_values(name)[row]) for name, spec in specs.items()}
+        return {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
 
-    train, test = data(labels(args.train)), data(labels(args.test))
-    # The issue's targets: one stack of both, scored on the held-out rows (T = 0 at own age).
-    both = data(labels(args.train) + labels(args.test))
-    test_rows = np.array([both.labels.index(label) for label in test.labels])
-    train_rows = np.array([both.labels.index(label) for label in train.labels])
+    # The issue's targets (T = 0 at each scan's own covariates; the age sweep vs the truth).
     origin = (args.phantom_seed, args.phantom_version) if args.phantom_seed is not None else None
-    indices = np.array([int(label.removeprefix("sub-")) - 1 for label in test.labels])
-    swept = true_age_sweeps(origin, both, test_rows, SWEEP_AGES, args.work_dir / "age_truth", indices=indices)
-    targets = score(model, scaling, both, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept,
-                    covariates_of=lambda row: covariates(both, row))  # fmt: skip
-    mean_pet = np.asarray(train.pet).mean(axis=0)
+    indices = np.array([int(label.removeprefix("sub-")) - 1 for label in test_labels])
+    swept = true_age_sweeps(origin, data, test_rows, SWEEP_AGES, args.work_dir / "age_truth", indices=indices)
+    targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept,
+                    covariates_of=covariates)  # fmt: skip
+    mean_pet = np.asarray(data.pet[train_rows]).mean(axis=0)
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
-    predictions = [predict(model, scaling, np.asarray(test.mri[i]), np.asarray(test.mask[i]), covariates(test, i))
-                   for i in range(len(test))]  # fmt: skip
-    synthetic = [p.mean for p in predictions]
+    predictions = [predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), covariates(row))
+                   for row in test_rows]  # fmt: skip
     # How many of each held-out scan's MRI latents the conditioning range clamped (0 without one).
     outside = [p.latents_outside or 0.0 for p in predictions]
     rows = []
-    for i, label in enumerate(test.labels):
-        mask = np.asarray(test.mask[i]) > 0
-        for method, prediction in (("DUAL-GLOW (T=0)", synthetic[i]), ("mean training PET", mean_pet)):
-            scores = image_metrics(np.asarray(test.pet[i]), prediction, mask, reference=mean_pet)
+    for row, label, prediction in zip(test_rows, test_labels, predictions, strict=True):
+        mask = np.asarray(data.mask[row]) > 0
+        for method, image in (("DUAL-GLOW (T=0)", prediction.mean), ("mean training PET", mean_pet)):
+            scores = image_metrics(np.asarray(data.pet[row]), image, mask, reference=mean_pet)
             rows.append({"subject": label, "method": method, **scores})
     methods = ["DUAL-GLOW (T=0)", "mean training PET"]
     summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m])) for k in METRICS} for m in methods}
-    summary["input specificity"] = {
-        "synthetic": mean_pairwise_correlation(np.stack(synthetic), np.asarray(test.mask)),
-        "true PET": mean_pairwise_correlation(np.asarray(test.pet), np.asarray(test.mask)),
-    }
+    summary["input specificity"] = {"synthetic": targets["specificity_synthetic"], "true PET": targets["specificity_true"]}
     paired = {}
     for key in ("mae_suvr", "pearson_r", "psnr_db", "ssim"):
         ours, ref = (np.array([r[key] for r in rows if r["method"] == m]) for m in methods)
         better = ours < ref if key == "mae_suvr" else ours > ref
         paired[key] = {"dualglow_better": int(better.sum()), "n": len(ours),
                        "wilcoxon_p": float(wilcoxon(ours, ref).pvalue)}  # fmt: skip
-    print(f"held-out subjects: {', '.join(test.labels)} (trained on {len(train)} scans)")
+    print(f"held-out subjects: {', '.join(test_labels)} (trained on {len(train_rows)} scans)")
     print(f"{'method':<22}{'MAE (SUVR)':>12}{'r':>8}{'PSNR (dB)':>11}{'SSIM':>8}{'deviation r':>13}")
     for method in methods:
         s = summary[method]
@@ -201,8 +197,8 @@ def main() -> None:
     if args.png and age:
         age_slope_figure(age, args.png, loaded.sha256[:12])
     if args.json:
-        args.json.write_text(json.dumps({"model_sha256": loaded.sha256, "test": test.labels, "summary": summary,
-                                         "paired": paired, "targets": targets, "rows": rows, "latents_outside": dict(zip(test.labels, outside, strict=True))},
+        args.json.write_text(json.dumps({"model_sha256": loaded.sha256, "test": test_labels, "summary": summary,
+                                         "paired": paired, "targets": targets, "rows": rows, "latents_outside": dict(zip(test_labels, outside, strict=True))},
                                         indent=1, default=float))  # fmt: skip
 
 

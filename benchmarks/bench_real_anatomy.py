@@ -547,8 +547,13 @@ def main() -> None:
         sys.exit(f"bench_real_anatomy: {err}")
     obtained = time.perf_counter() - started
 
+    from dualglow_app.options import covariate_assignments
     from dualglow_app.weights import open_model
 
+    try:
+        covariates = covariate_assignments(args.covariate)
+    except ValueError as err:
+        parser.error(str(err))
     table = design_table()
     models: list[dict[str, Any]] = []
     pair: dict[str, Any] = {}
@@ -562,9 +567,8 @@ def main() -> None:
             t1w_r = t1w_pairwise_r(brains[0], brains[1], args.cache)
             preprocess_seconds += time.perf_counter() - t0
             regions = grid_regions(grid)
-            result, pets = evaluate_model(model, brains, args.age, tuple(args.sweep), regions, table,
-                                          dict(item.split("=", 1) for item in args.covariate))  # fmt: skip
-            result["covariates"] = dict(item.split("=", 1) for item in args.covariate)
+            result, pets = evaluate_model(model, brains, args.age, tuple(args.sweep), regions, table, covariates)
+            result["covariates"] = covariates
             result["t1w_pairwise_r"] = t1w_r
             result["phantom_reference"] = phantom_reference(grid, args.age, regions, table, args.cache)
             models.append(result)

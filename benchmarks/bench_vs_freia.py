@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from dualglow_app.model.flows import Glow, Squeeze, conv, zero_conv
 from dualglow_app.model.memory import saved_tensor_bytes
+from dualglow_app.runtime import native_bf16
 
 
 class FreiaSqueeze3d(FreiaModule):
@@ -137,7 +138,7 @@ def main() -> None:
     ours_saving.load_state_dict(ours.state_dict())  # the overhead of the mode alone, same weights
     freia = freia_glow(grid, args.levels, args.depth, args.hidden).to(device)
     freia_our_conv = freia_glow(grid, args.levels, args.depth, args.hidden, our_conv=True).to(device)
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and perfkit.bf16_supported(device))
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and native_bf16(device))
     n_params = {
         "ours": sum(p.numel() for p in ours.parameters()),
         "FrEIA": sum(p.numel() for p in freia.parameters() if p.requires_grad),

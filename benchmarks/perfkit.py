@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula  # noqa: E402
 
+from dualglow_app.runtime import native_bf16  # noqa: E402
+
 
 # flows.Conv3d calls oneDNN's convolution directly (docs/PERFORMANCE.md, section 2), which
 # FlopCounterMode has no formula for: count it as the convolution it is.
@@ -62,7 +64,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_bf16": bf16_supported(torch.device("cpu")),
+        "cpu_bf16": native_bf16(torch.device("cpu")),
     }
     return info
 
@@ -88,13 +90,6 @@ def train_step(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 convolutions run natively (:func:`dualglow_app.runtime.native_bf16`)."""
-    from dualglow_app.runtime import native_bf16
-
-    return native_bf16(device)
 
 
 def add_device_options(parser: argparse.ArgumentParser) -> None:

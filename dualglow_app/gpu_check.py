@@ -260,7 +260,9 @@ def main(device: str, grid: str, depth: int, hidden: int, batch_size: int, steps
         click.echo(f"note     {info.name} has no bf16: timing float32 (the group level: --no-amp)")
         bf16 = False
     try:
-        saving = {"auto": None, "on": True, "off": False}[memory_saving]
+        from dualglow_app.model.memory import MEMORY_SAVING_MODES
+
+        saving = MEMORY_SAVING_MODES[memory_saving]
         timing = time_training_step(device, grid=grid, depth=depth, hidden=hidden, batch_size=batch_size,
                                     steps=steps, bf16=bf16, levels=levels, top_prior=top_prior,
                                     side_template=side_template, memory_saving=saving, lr=lr)

@@ -54,6 +54,24 @@ class ParticipantUsageError(ValueError):
     """Options or inputs that make the whole participant run impossible (the CLI exits with status 2)."""
 
 
+def covariate_assignments(texts: Sequence[str]) -> dict[str, str]:
+    """``--covariate NAME=VALUE`` texts by name, values as typed (the model checks them).
+
+    >>> covariate_assignments(["diagnosis=CN", " age = 70 "])
+    {'diagnosis': 'CN', 'age': '70'}
+    """
+    values: dict[str, str] = {}
+    for text in texts:
+        name, sep, value = str(text).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            raise ValueError(f"--covariate {text}: write NAME=VALUE, e.g. --covariate diagnosis=CN")
+        if name in values:
+            raise ValueError(f"--covariate {name} given twice")
+        values[name] = value
+    return values
+
+
 @dataclass
 class ParticipantOptions:
     """Everything the participant level needs; the CLI fills it from its arguments.
@@ -176,18 +194,10 @@ class ParticipantOptions:
 
     def covariate_fallbacks(self) -> dict[str, str]:
         """``covariates`` (``NAME=VALUE``) by name, as typed; the model checks the values."""
-        fallbacks: dict[str, str] = {}
-        for text in self.covariates:
-            name, sep, value = str(text).partition("=")
-            name, value = name.strip(), value.strip()
-            if not sep or not name or not value:
-                raise ValueError(f"--covariate {text}: write NAME=VALUE, e.g. --covariate diagnosis=CN")
-            if name in fallbacks:
-                raise ValueError(f"--covariate {name} given twice")
-            if name == "age" and self.age is not None:
-                raise ValueError("--covariate age=... and --age: give the fallback age once")
-            fallbacks[name] = value
+        fallbacks = covariate_assignments(self.covariates)
         if self.age is not None:
+            if "age" in fallbacks:
+                raise ValueError("--covariate age=... and --age: give the fallback age once")
             fallbacks["age"] = f"{self.age:g}"
         return fallbacks
 

@@ -230,6 +230,7 @@ class _Run:
         import torch
 
         from dualglow_app.model import DualGlow
+        from dualglow_app.model.memory import MEMORY_SAVING_MODES
 
         train_rows, val_rows = split_subjects(data.subjects, options.val_fraction, options.seed)
         if dist.is_main:
@@ -247,7 +248,7 @@ class _Run:
                 model.fit_side_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
                     data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
         model = model.to(device)
-        model.set_memory_saving({"auto": None, "on": True, "off": False}[options.memory_saving])
+        model.set_memory_saving(MEMORY_SAVING_MODES[options.memory_saving])
         log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")
         optimizer = torch.optim.Adamax(model.parameters(), lr=options.lr)
         # Linear warm-up: Glow's data-dependent actnorm init and small 3D batches make the

@@ -50,6 +50,8 @@ log = get_logger(__name__)
 # ~1.3x step time is not worth it; from 16 on (the paper's 4 x 16 x 512 size) plain autograd
 # does not fit common GPUs. See docs/PERFORMANCE.md for the measurements behind it.
 AUTO_MIN_DEPTH = 16
+#: The ``--memory-saving`` choices as :meth:`Glow.set_memory_saving` takes them (None: the rule above).
+MEMORY_SAVING_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 # Relative L2 error of a reconstructed block input above which the drift guard warns: float32
 # round trips over 32 steps sit around 1e-6; 1e-3 means gradients are off by ~0.1 % or more.
