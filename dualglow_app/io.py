@@ -130,12 +130,14 @@ def atomic_dir(path: os.PathLike[str] | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def entry_lock(path: os.PathLike[str] | str) -> Iterator[None]:
-    """Hold the lock of the cache entry ``path`` (``.NAME.lock`` beside it) inside the block.
+def entry_lock(path: os.PathLike[str] | str, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock of the cache entry ``path`` (``.NAME.lock`` beside it) inside the block;
+    the block receives whether it holds it.
 
     A second run that wants the same entry waits here until the first has finished it, then
-    finds it built; a killed run's lock is released by the kernel. While the lock is held,
-    the entry's leftover temporaries are removed (nobody else can be writing them). On a file
+    finds it built; with ``wait=False`` it does not wait: its block receives False and can turn
+    to other work. A killed run's lock is released by the kernel. While the lock is held, the
+    entry's leftover temporaries are removed (nobody else can be writing them). On a file
     system without ``flock`` the block runs unlocked (the entry is still written atomically).
     """
     import fcntl
@@ -148,6 +150,9 @@ def entry_lock(path: os.PathLike[str] | str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             log.info("waiting for another run that is building %s", final)
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as err:
@@ -160,7 +165,7 @@ def entry_lock(path: os.PathLike[str] | str) -> Iterator[None]:
             for leftover in final.parent.iterdir():
                 if leftover.name.startswith(prefixes) and _temporary_of(leftover.name) == final.name:
                     _remove(leftover)
-        yield
+        yield True
     finally:
         os.close(fd)  # releases the lock
 

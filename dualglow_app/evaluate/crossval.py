@@ -7,7 +7,9 @@
    the held-out ones) are saved under ``WORK_DIR/evaluate/<run key>/fold<k>/<method>-<method
    key>.npz`` as soon as they exist (:func:`_cached_run`), so a re-run of the same command
    resumes, and a re-run that changes one method's settings retrains that method only.
-   The baselines train first, DUAL-GLOW last.
+   The baselines train first, DUAL-GLOW last. Each entry is computed under a lock
+   (:func:`dualglow_app.io.entry_lock`), so several runs of one command on one work dir
+   (a SLURM array, two terminals) share the folds and methods instead of repeating them.
    DUAL-GLOW's prediction is :func:`dualglow_app.inference.predict` at temperature 0 (its
    conditional mode: one deterministic sample, clipped to the model's range, masked).
 3. :func:`evaluate_cohort` scores the held-out scans and hands the statistics
@@ -52,7 +54,7 @@ from dualglow_app.evaluate.statistics import (
     subject_level,
     summarise,
 )
-from dualglow_app.io import atomic_path
+from dualglow_app.io import atomic_path, entry_lock
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import image_metrics
 from dualglow_app.preprocess import CACHE_VERSION, GRID_VERSION
@@ -329,31 +331,53 @@ def _cached_run(path: Path, compute: Callable[[], Run]) -> Run:
     return result
 
 
+#: Seconds between looks at the (fold, method) results that other evaluations are computing.
+SHARED_WORK_POLL_S = 30.0
+
+
 def _run_folds(
     cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
     run_dir: Path, atlases: EvaluationAtlases, device: Any,
 ) -> dict[str, list[Run]]:  # fmt: skip
-    """Every (fold, method), from the cache where it is there: {method: [run of fold k]}."""
+    """Every (fold, method), from the cache where it is there: {method: [run of fold k]}.
+
+    Each (fold, method) is computed under its entry's lock, and one that another process holds
+    is passed over and collected once it is there: several evaluations of the same command on
+    one work dir (two terminals, a SLURM array) share the work instead of repeating it.
+    """
     data = cohort.data
-    results: dict[str, list[Run]] = {m: [] for m in options.methods}
-    total, done = len(splits) * len(options.methods), 0
     # The baselines first: they are cheap next to DUAL-GLOW, and their results stay valid
     # when only DUAL-GLOW changes (:func:`_method_key`).
-    for method in (*options.baselines, DUALGLOW):
-        key = _method_key(method, options)
-        for fold, (train_rows, test_rows) in enumerate(splits):
-            path = run_dir / f"fold{fold}" / f"{method}-{key}.npz"
-            cached = path.is_file()
-            result = _cached_run(path, functools.partial(
-                _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir / f"{method}-{key}", atlases,
-                device))  # fmt: skip
-            results[method].append(result)
-            done += 1
+    pending = [(method, fold) for method in (*options.baselines, DUALGLOW) for fold in range(len(splits))]
+    keys = {method: _method_key(method, options) for method in options.methods}
+    total, found = len(pending), {}
+    announced_wait = False
+    while pending:
+        elsewhere = []
+        for method, fold in pending:
+            path = run_dir / f"fold{fold}" / f"{method}-{keys[method]}.npz"
+            with entry_lock(path, wait=False) as held:
+                if not held:
+                    elsewhere.append((method, fold))
+                    continue
+                cached = path.is_file()
+                train_rows, test_rows = splits[fold]
+                result = _cached_run(path, functools.partial(
+                    _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir / f"{method}-{keys[method]}",
+                    atlases, device))  # fmt: skip
+            found[method, fold] = result
             mae = np.mean([image_metrics(data.pet[r], p, data.mask[r])["mae_suvr"]
                            for r, p in zip(result["test_rows"], result["test_pred"], strict=True)])  # fmt: skip
-            log.info("[%d/%d] fold %d/%d %-8s %s in %.0f s; held-out MAE %.4f SUVR", done, total, fold + 1,
+            log.info("[%d/%d] fold %d/%d %-8s %s in %.0f s; held-out MAE %.4f SUVR", len(found), total, fold + 1,
                      len(splits), method, "reused" if cached else "trained", float(result["seconds"]), mae)  # fmt: skip
-    return results
+        if elsewhere and not announced_wait:
+            log.info("waiting for %s, which another evaluation on this work dir is computing",
+                     ", ".join(f"{m} fold {k + 1}" for m, k in elsewhere))  # fmt: skip
+            announced_wait = True
+        if elsewhere and len(elsewhere) == len(pending):
+            time.sleep(SHARED_WORK_POLL_S)
+        pending = elsewhere
+    return {method: [found[method, fold] for fold in range(len(splits))] for method in options.methods}
 
 
 # --------------------------------------------------------------------------- the core

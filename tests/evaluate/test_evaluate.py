@@ -227,6 +227,54 @@ def test_changing_dualglow_settings_retrains_dualglow_only(tiny_run: tuple) -> N
     assert len(folds) == 2 * options.folds  # one result per fold for each DUAL-GLOW setting
 
 
+def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A (fold, method) whose entry another process has locked is passed over, then collected:
+    here the other process gives up (its lock goes), so this run computes that entry last."""
+    import logging
+    import threading
+
+    from dualglow_app.evaluate import crossval
+    from dualglow_app.io import entry_lock
+
+    monkeypatch.setattr(crossval, "SHARED_WORK_POLL_S", 0.05)
+    cohort = Cohort(paired_volumes(4), ["CN", "AD", "CN", "AD"])
+    options = tiny_options(tmp_path, side_info=(), baselines=("meanpet",), report=False)
+    run_dir = options.work_dir / "evaluate" / crossval._run_key(cohort, options)  # type: ignore[operator]
+    busy = run_dir / "fold0" / f"meanpet-{crossval._method_key('meanpet', options)}.npz"
+    held, release = threading.Event(), threading.Event()
+
+    def other_evaluation() -> None:
+        with entry_lock(busy):
+            held.set()
+            release.wait(60)
+
+    other = threading.Thread(target=other_evaluation)
+    other.start()
+    held.wait(10)
+    done: list[str] = []
+
+    class ReleaseOnceDualglowIsDone(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            done.append(record.getMessage())
+            if sum(" dualglow " in m for m in done) == 2:  # both folds of DUAL-GLOW, while meanpet fold 1 waited
+                release.set()
+
+    handler = ReleaseOnceDualglowIsDone()
+    caplog.set_level(logging.INFO, logger="dualglow")
+    logging.getLogger("dualglow").addHandler(handler)
+    try:
+        result = evaluate_cohort(cohort, options)
+    finally:
+        logging.getLogger("dualglow").removeHandler(handler)
+        release.set()
+        other.join()
+    finished = [m for m in done if m.startswith("[")]
+    assert any("waiting for meanpet fold 1" in m for m in done)
+    assert len(finished) == 4 and "fold 1/2 meanpet  trained" in finished[-1]
+    assert busy.is_file() and {r["method"] for r in result.rows} == {DUALGLOW, "meanpet"}
+
+
 def test_without_age_conditioning_there_are_no_age_trends(tmp_path: Path) -> None:
     cohort = Cohort(paired_volumes(4), ["CN", "AD", "CN", "AD"])
     result = evaluate_cohort(cohort, tiny_options(tmp_path, side_info=(), baselines=("unet",), report=False))
