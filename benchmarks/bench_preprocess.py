@@ -16,6 +16,7 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dualglow_app.grid import ModelGrid, preset  # noqa: E402
 from dualglow_app.imaging import resample_to  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
-from dualglow_app.preprocess import native_to_grid, preprocess_pet, preprocess_t1w  # noqa: E402
+from dualglow_app.preprocess import T1wOptions, native_to_grid, preprocess_pet, preprocess_t1w  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 
@@ -97,7 +98,11 @@ def main() -> None:
     parser.add_argument("--nprocs", type=int, default=2)
     parser.add_argument("--work", type=Path, help="work dir (default: a fresh temporary one)")
     parser.add_argument("--out", type=Path, default=Path("bench_preprocess.json"))
+    parser.add_argument("--t1w-option", action="append", default=[], metavar="NAME=JSON",
+                        help="a T1wOptions field, e.g. n4_iterations=[20,10] (repeatable)")
     args = parser.parse_args()
+    t1w_options = T1wOptions(**{name: tuple(v) if isinstance(v := json.loads(value), list) else v
+                                for name, value in (o.split("=", 1) for o in args.t1w_option)})  # fmt: skip
     setup_logging(-1)
     grid = preset(args.grid)
     tmp = Path(tempfile.mkdtemp(prefix="bench-preprocess-"))
@@ -107,7 +112,7 @@ def main() -> None:
     rows = []
     for item in subjects:
         start = time.perf_counter()
-        t1 = preprocess_t1w(item["t1w"], grid, work, nprocs=args.nprocs)
+        t1 = preprocess_t1w(item["t1w"], grid, work, nprocs=args.nprocs, options=t1w_options)
         t1_seconds = time.perf_counter() - start
         pet_seconds = float("nan")
         if item.get("pet") is not None:
@@ -155,6 +160,7 @@ def main() -> None:
     result = {
         "grid": grid.to_dict(),
         "nprocs": args.nprocs,
+        "t1w_options": dataclasses.asdict(t1w_options),
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
         "source": str(args.bids) if args.bids else "synthetic (tests/synthetic.py)",

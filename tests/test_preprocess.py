@@ -207,6 +207,15 @@ def test_t1w_path_is_fast(t1):
     assert t1.timings["total"] < 60
 
 
+def test_transforms_are_the_syn_stages_own(t1):
+    """The affine stage runs on its own (its levels set), and its file is gone: ANTsPy lists a
+    stage's transforms by globbing its prefix, so a stray affine would be applied twice."""
+    assert [p.name for p in t1.forward_transforms] == ["t1w2mni_1Warp.nii.gz", "t1w2mni_0GenericAffine.mat"]
+    assert t1.inverse_invert == [True, False]
+    assert not list(t1.cache_dir.glob("affine_*"))
+    assert 0 < t1.timings["affine"] < t1.timings["registration"]
+
+
 def test_second_run_reuses_transforms(t1, subject, work):
     again = preprocess_t1w(subject["t1w"], GRID, work)
     assert again.from_cache and not t1.from_cache
