@@ -149,6 +149,21 @@ def _voxels(x: Tensor) -> int:
     return math.prod(x.shape[2:])
 
 
+def _channel_mix(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight`` (O, C) applied at every voxel of ``x`` (B, C, *S); one matrix product at
+    batch 1, where einsum's reshuffling costs more than the product (channels 8-128)."""
+    if x.shape[0] == 1:
+        return (weight @ x.reshape(x.shape[1], -1)).view(1, -1, *x.shape[2:])
+    return torch.einsum("oc,bc...->bo...", weight, x)
+
+
+def _voxel_outer(a: Tensor, b: Tensor) -> Tensor:
+    """sum over batch and voxels of ``a b^T``: (C_a, C_b) from (B, C_a, *S) and (B, C_b, *S)."""
+    if a.shape[0] == 1:
+        return a.reshape(a.shape[1], -1) @ b.reshape(b.shape[1], -1).T
+    return torch.einsum("bc...,bo...->co", a, b)
+
+
 def _per_channel(v: Tensor, ndim: int) -> Tensor:
     """Reshape a (C,) vector so it broadcasts over (B, C, *spatial)."""
     return v.view(1, -1, *([1] * ndim))
@@ -170,8 +185,13 @@ class InvertibleModule(nn.Module):
     - ``recompute(y) -> (leaves, y_again, logdet)`` rebuilds the input from ``y`` as leaf
       tensors requiring grad (concatenated along channels they are the input) and redoes the
       forward from them with grad enabled: the hook of the memory-saving backward
-      (:mod:`dualglow_app.model.memory`). The default inverts then re-runs; a layer may fuse
-      the two (AffineCoupling evaluates its network once for both).
+      (:mod:`dualglow_app.model.memory`). The default inverts then re-runs.
+    - ``backprop(y, grad_y, grad_logdet, need_input_grad) -> (x, grad_x, param_grads)``,
+      optional and preferred by the memory-saving backward when present: the input rebuilt
+      from ``y``, the gradient pushed through the layer by hand (``grad_logdet`` is the
+      per-sample gradient of the logdet) and the gradients of the parameters that require
+      one, in ``parameters()`` order. Every layer here has one; tests compare each with
+      autograd.
 
     Example:
         >>> layer = ActNorm(4, ndim=2)
@@ -202,6 +222,10 @@ class InvertibleModule(nn.Module):
         x.requires_grad_(True)
         y_again, logdet = self(x)
         return [x], y_again, logdet
+
+    def _trainable_grads(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        """``grads`` (one per parameter) restricted to the parameters that require grad."""
+        return [g for p, g in zip(self.parameters(), grads, strict=True) if p.requires_grad]
 
 
 class ActNorm(InvertibleModule):
@@ -248,6 +272,18 @@ class ActNorm(InvertibleModule):
         return y * _per_channel((-self.log_scale).exp(), self.ndim) - _per_channel(
             self.loc, self.ndim
         )
+
+    def backprop(
+        self, y: Tensor, grad_y: Tensor, grad_logdet: Tensor, need_input_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        with torch.no_grad():
+            x = self.inverse(y)
+            dims = [0, *range(2, y.dim())]
+            # y = (x + loc) * e^s: dy/dx = e^s, dy/dloc = e^s, dy/ds = y; logdet = V * sum(s).
+            grad_x = grad_y * _per_channel(self.log_scale.exp(), self.ndim)
+            g_loc = grad_x.sum(dims)
+            g_log_scale = (grad_y * y).sum(dims) + grad_logdet.sum() * _voxels(y)
+        return x, grad_x if need_input_grad else None, self._trainable_grads([g_loc, g_log_scale])
 
 
 class InvConv(InvertibleModule):
@@ -310,6 +346,27 @@ class InvConv(InvertibleModule):
         with torch.autocast(y.device.type, enabled=False):
             return torch.einsum("oc,bc...->bo...", self.inverse_weight(), y.to(self.log_s.dtype))
 
+    def backprop(
+        self, y: Tensor, grad_y: Tensor, grad_logdet: Tensor, need_input_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        with torch.no_grad(), torch.autocast(y.device.type, enabled=False):
+            x = _channel_mix(self.inverse_weight(), y.to(self.log_s.dtype))
+            lower, upper = self._factors()
+            # P is a permutation matrix: P @ A = A[rows] and P^T @ A = A[cols], exactly.
+            rows, cols = self.perm.argmax(dim=1), self.perm.argmax(dim=0)
+            perm_lower = lower[rows]
+            # y = W x per voxel: dL/dx = W^T g, dL/dW = sum over batch and voxels of g x^T;
+            # W = (P L) U, so dL/dL = P^T dL/dW U^T and dL/dU = (P L)^T dL/dW = L^T P^T dL/dW.
+            perm_t_g = _voxel_outer(grad_y.to(x.dtype), x)[cols]
+            g_lower = torch.tril(perm_t_g @ upper.T, -1)
+            g_upper_full = lower.T @ perm_t_g
+            g_upper = torch.triu(g_upper_full, 1)
+            # U's diagonal is sign * exp(log_s); logdet = V * sum(log_s).
+            g_log_s = torch.diagonal(g_upper_full) * self.sign_s * self.log_s.exp()
+            g_log_s = g_log_s + grad_logdet.sum() * _voxels(y)
+            grad_x = _channel_mix((perm_lower @ upper).T, grad_y.to(x.dtype)) if need_input_grad else None
+        return x, grad_x, self._trainable_grads([g_lower, g_upper, g_log_s])
+
 
 class AffineCoupling(InvertibleModule):
     """Affine coupling: the first half of the channels sets scale and shift of the second.
@@ -358,17 +415,39 @@ class AffineCoupling(InvertibleModule):
         log_s, shift = self._scale_shift(y_keep)
         return torch.cat([y_keep, (y_change - shift) * (-log_s).exp()], dim=1)
 
-    def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+    def backprop(
+        self, y: Tensor, grad_y: Tensor, grad_logdet: Tensor, need_input_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
         # x_keep == y_keep, so one evaluation of the network serves both the inverse and the
-        # re-run: the memory-saving backward then costs ~one extra forward, not two.
-        y_keep, y_change = y.detach().split([self.n_keep, self.n_change], dim=1)
-        x_keep = y_keep.clone().requires_grad_(True)
-        log_s, shift = self._scale_shift(x_keep)
+        # gradient: the memory-saving backward then costs ~one extra forward, not two. The
+        # affine map's gradient is written out; autograd only runs through the network.
+        y_keep, y_change = y.split([self.n_keep, self.n_change], dim=1)
+        g_keep, g_change = grad_y.split([self.n_keep, self.n_change], dim=1)
+        params = [p for p in self.parameters() if p.requires_grad]
+        x_keep = y_keep.detach().requires_grad_(need_input_grad)
+        with torch.enable_grad():
+            out = self.net(x_keep).to(y.dtype)
         with torch.no_grad():
-            x_change = (y_change - shift) * (-log_s).exp()
-        x_change.requires_grad_(True)
-        y_again = torch.cat([x_keep, x_change * log_s.exp() + shift], dim=1)
-        return [x_keep, x_change], y_again, log_s.flatten(1).sum(1)
+            h_scale, shift = out.chunk(2, dim=1)
+            tanh = torch.tanh(h_scale / self.clamp)
+            log_s = self.clamp * tanh
+            moved = y_change - shift  # = x_change * exp(log_s)
+            x_change = moved * (-log_s).exp()
+            g_x_change = g_change * log_s.exp()
+            # d logdet / d log_s = 1 per voxel; d log_s / d h = 1 - tanh^2.
+            g_log_s = g_change * moved + grad_logdet.view(-1, *([1] * (y.dim() - 1)))
+            g_out = torch.cat([g_log_s * (1 - tanh * tanh), g_change], dim=1)
+        inputs = [x_keep, *params] if need_input_grad else params
+        grads: list[Tensor | None] = (
+            list(torch.autograd.grad(out, inputs, g_out, allow_unused=True)) if inputs else []
+        )
+        x = torch.cat([y_keep, x_change], dim=1)
+        if not need_input_grad:
+            return x, None, grads
+        g_keep_net = grads[0]
+        assert g_keep_net is not None  # the network reads x_keep
+        grad_x = torch.cat([g_keep + g_keep_net, g_x_change], dim=1)
+        return x, grad_x, grads[1:]
 
 
 class Squeeze(InvertibleModule):
@@ -395,6 +474,12 @@ class Squeeze(InvertibleModule):
         x = y.reshape(b, c // 2**nd, *([2] * nd), *spatial)
         order = [0, 1] + [n for i in range(nd) for n in (2 + nd + i, 2 + i)]
         return x.permute(order).reshape(b, c // 2**nd, *(s * 2 for s in spatial))
+
+    def backprop(
+        self, y: Tensor, grad_y: Tensor, grad_logdet: Tensor, need_input_grad: bool = True
+    ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
+        # A permutation of the voxels: its gradient is the same permutation undone.
+        return self.inverse(y), self.inverse(grad_y) if need_input_grad else None, []
 
 
 class Split(nn.Module):

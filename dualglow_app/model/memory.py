@@ -18,11 +18,14 @@ Rule for when it is on (``memory_saving_pays``): only while gradients are being 
 memory outgrows the ~1.3x step-time cost. Inference (``torch.no_grad``) always runs plain.
 
 The layers this module drives follow :class:`dualglow_app.model.flows.InvertibleModule`, plus
-one hook, ``recompute(y) -> (leaves, y_again, logdet)``: rebuild the input from ``y`` as
-leaf tensors that require grad (their concatenation along channels IS the input), and redo
-the forward from them with grad enabled. A coupling overrides it to evaluate its network
-once for both the inverse and the re-run, which is what keeps the overhead near one extra
-forward instead of two.
+one of two hooks. Preferred, ``backprop(y, grad_y, grad_logdet, need_input_grad) -> (x,
+grad_x, param_grads)``: the layer rebuilds its input and pushes the gradient through itself
+by hand (ActNorm, the 1x1x1 conv, squeeze), or through autograd for its network alone (the
+coupling, which evaluates that network once for both the inverse and the gradient: the
+overhead stays near one extra forward of the networks). Otherwise ``recompute(y) ->
+(leaves, y_again, logdet)``: rebuild the input from ``y`` as leaf tensors that require grad
+(their concatenation along channels IS the input), redo the forward from them with grad
+enabled, and let ``autograd.grad`` take the layer's gradients.
 
 Drift guard: reconstruction is exact only up to floating-point error, which compounds over
 depth (and badly under fp16 or with ill-conditioned weights). Each block keeps a strided
@@ -77,6 +80,9 @@ class Recomputable(Protocol):
     def inverse(self, y: Tensor) -> Tensor: ...
 
     def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]: ...
+
+    # Optional, used when present: backprop(y, grad_y, grad_logdet, need_input_grad) ->
+    # (x, grad_x, grads of the parameters that require grad, in parameters() order).
 
     def parameters(self, recurse: bool = True) -> Any: ...
 
@@ -192,7 +198,8 @@ class _Segment:
     def backward(
         self, y: Tensor, grad_y: Tensor, grad_logdet: Tensor, need_x_grad: bool
     ) -> tuple[Tensor, Tensor | None, list[Tensor | None]]:
-        """Walk the layers backwards: rebuild each input, re-run, backprop one layer at a time.
+        """Walk the layers backwards: rebuild each input and backprop one layer at a time
+        (the layer's ``backprop`` hook, or a re-run under autograd).
 
         Returns the reconstructed segment input, its gradient and the parameter gradients
         (in ``self.params`` order). Only one layer's graph is alive at any time.
@@ -201,6 +208,14 @@ class _Segment:
         grad: Tensor | None = grad_y
         for k in range(len(self.layers) - 1, -1, -1):
             layer, layer_params, first_layer = self.layers[k], self.layer_params[k], k == 0
+            backprop = getattr(layer, "backprop", None)
+            if backprop is not None:
+                assert grad is not None
+                y, grad, layer_grads = backprop(
+                    y, grad, grad_logdet, need_input_grad=need_x_grad or not first_layer
+                )
+                grads_by_layer.append(layer_grads)
+                continue
             with torch.enable_grad():
                 leaves, y_again, logdet = layer.recompute(y)
             outputs, grads_out = [y_again], [grad]
