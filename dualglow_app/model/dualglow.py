@@ -312,6 +312,10 @@ class DualGlow(nn.Module):
         torch.Size([3, 2, 1, 8, 8, 8])
     """
 
+    # Buffers (registered in __init__ when the config has a template shape).
+    mri_template: Tensor
+    pet_template: Tensor
+
     def __init__(self, config: DualGlowConfig) -> None:
         super().__init__()
         self.config = config
@@ -388,7 +392,7 @@ class DualGlow(nn.Module):
             target.copy_(value.reshape(target.shape))
 
     @torch.no_grad()
-    def fit_side_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput]]) -> None:
+    def fit_side_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]]) -> None:
         """Start the side template (``DualGlowConfig.side_template``) from the training pairs:
         per voxel, least squares of the PET on (1, c, the MRI at that voxel) over
         ``(mri, pet, side)`` batches (model scale, as :meth:`nll` takes them). The maps B_j are
@@ -409,7 +413,10 @@ class DualGlow(nn.Module):
         for mri, pet, side in batches:
             device = self.pet_template.device
             mri, pet = torch.as_tensor(mri).to(device).double(), torch.as_tensor(pet).to(device).double()
-            c = self._encode_side(side, pet.shape[0], pet)[0]  # type: ignore[index]
+            encoded = self._encode_side(side, pet.shape[0], pet)
+            if encoded is None:
+                raise ValueError("fit_side_template needs the covariates of every batch (side=None given).")
+            c = encoded[0]
             voxels = mri[0].numel()
             # (batch, voxels, 1 + n_side + 1): intercept, covariates, the MRI at each voxel.
             design = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)[:, None, :].expand(-1, voxels, -1)
