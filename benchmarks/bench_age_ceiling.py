@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dualglow_targets import SWEEP_AGES, phantom_origin, slope_agreement, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, phantom_origin, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
+
+from dualglow_app.evaluate.statistics import slope_agreement  # noqa: E402
 
 #: Regressors besides the intercept and the age: the MRI at the voxel, the diagnosis (one-hot).
 MODELS = {"age": (), "age + MRI": ("mri",), "age + diagnosis": ("diagnosis",), "age + MRI + diagnosis": ("mri", "diagnosis")}

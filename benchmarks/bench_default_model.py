@@ -35,10 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dualglow_targets import SWEEP_AGES, score, true_age_sweeps  # noqa: E402
 
 
-def labels(span: str) -> list[str]:
-    first, last = span.split("-")
-    width = len(first)
-    return [f"{i:0{width}d}" for i in range(int(first), int(last) + 1)]
+def labels(spans: str) -> list[str]:
+    """Subject labels of comma-separated ranges: ``001-048,061-200``."""
+    out = []
+    for span in spans.split(","):
+        first, _, last = span.partition("-")
+        width = len(first)
+        out += [f"{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
+    return out
 
 
 def age_slope_figure(age: dict, path: Path, model: str) -> None:
@@ -110,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--train", required=True, help="training subject range, e.g. 001-048")
+    parser.add_argument("--train", required=True, help="training subject ranges, e.g. 001-048 or 001-048,061-200")
     parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-053")
     parser.add_argument("-w", "--work-dir", type=Path, required=True)
     parser.add_argument("--json", type=Path, default=None)

@@ -28,7 +28,6 @@ one table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -42,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_learning_curves import cpu_description  # noqa: E402
+
+from dualglow_app.evaluate.statistics import slope_agreement, swept_truth  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "dualglow_targets"
 SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
@@ -62,17 +63,6 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Regional slopes against the truth's: Pearson r, sign agreement, median ratio, share within +-25 %."""
-    ok = np.isfinite(synthetic) & np.isfinite(truth) & (np.abs(truth) > 1e-3)
-    ratio = synthetic[ok] / truth[ok]
-    return {
-        "pearson_r": float(np.corrcoef(truth[ok], synthetic[ok])[0, 1]) if np.ptp(synthetic[ok]) > 0 else float("nan"),
-        "sign_agreement": float(np.mean(np.sign(synthetic[ok]) == np.sign(truth[ok]))),
-        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
-    }  # fmt: skip
-
-
 def phantom_origin(stack: Path) -> tuple[int, int] | None:
     """(seed, version) of the phantoms an MNI stack holds, from its index.json; None when the
     index does not say how it was made (e.g. a group level's arrays)."""
@@ -82,34 +72,14 @@ def phantom_origin(stack: Path) -> tuple[int, int] | None:
 
 def true_age_sweeps(origin: tuple[int, int] | None, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path,
                     indices: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
-    """(rows, ages, regions): regional means of each scan's true PET at each age with its own
-    anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`) over ``data.mask`` of the row,
-    cached in ``cache``. ``origin``: the phantoms' (seed, version), None -> None; ``indices``:
-    each row's phantom subject index (default: the row, as in an MNI stack)."""
-    from dualglow_app.evaluate.atlases import phantom_regions
-    from dualglow_app.phantom.mni import age_sweep_truth
-    from dualglow_app.regions import regional_mean_matrix
-
+    """(rows, ages, regions): :func:`dualglow_app.evaluate.statistics.swept_truth` of the rows
+    (over each row's mask, cached in ``cache``). ``origin``: the phantoms' (seed, version),
+    None -> None; ``indices``: each row's phantom subject index (default: the row, as in an MNI
+    stack)."""
     if origin is None:
         return None
-    seed, version = origin
     indices = np.asarray(rows if indices is None else indices)
-    masks = np.asarray(data.mask[np.asarray(rows)]).reshape(len(rows), -1)
-    key = (f"seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-ages{'_'.join(f'{a:g}' for a in ages)}"
-           f"-mask{hashlib.sha256(np.packbits(masks > 0).tobytes()).hexdigest()[:8]}")
-    path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if path.is_file():
-        return np.load(path)
-    labels, names = phantom_regions(data.grid)
-    regions = list(range(1, len(names) + 1))
-    out = np.stack([
-        regional_mean_matrix(age_sweep_truth(seed, int(index), data.grid, ages, version), labels, regions,
-                             masks=np.asarray(data.mask[row]))
-        for row, index in zip(rows, indices, strict=True)
-    ])  # fmt: skip
-    cache.mkdir(parents=True, exist_ok=True)
-    np.save(path, out)
-    return out
+    return swept_truth(origin, indices.tolist(), data.grid, np.asarray(data.mask[np.asarray(rows)]), ages, cache)
 
 
 def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],

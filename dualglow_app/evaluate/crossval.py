@@ -23,7 +23,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -51,8 +53,11 @@ from dualglow_app.evaluate.statistics import (
     impairment_classes,
     paired_tests,
     phantom_true_slopes,
+    regional_slopes,
+    slope_agreement,
     subject_level,
     summarise,
+    swept_truth,
 )
 from dualglow_app.io import atomic_path, entry_lock
 from dualglow_app.log import get_logger
@@ -483,7 +488,39 @@ def _age_experiment(cohort: Cohort, options: EvaluateOptions, atlases: Evaluatio
         truth = phantom_true_slopes(cohort.phantom_dir, atlases.phantom.names)
     trends = age_trends(sweeps, names, options.ages, truth)
     trends["scans"] = [cohort.data.labels[i] for i in order]
+    if "phantom_comparison" in trends:
+        synthetic = np.array(trends["phantom_comparison"]["synthetic_relative_per_decade"])
+        swept = _swept_truth_comparison(cohort, options, order, synthetic)
+        if swept is not None:
+            trends["phantom_comparison"]["swept_truth"] = swept
     return trends
+
+
+def _swept_truth_comparison(cohort: Cohort, options: EvaluateOptions, rows: np.ndarray,
+                            synthetic: np.ndarray) -> dict[str, Any] | None:  # fmt: skip
+    """The synthetic regional age slopes against the same subjects' true PETs swept over the
+    same ages with their own anatomy (:func:`statistics.swept_truth`): the issue's age targets.
+    The phantom calibration's slopes (``phantom_comparison`` itself) are the activity's before
+    the PET's blur mixes neighbouring regions; this truth went through the same blur, grid and
+    regions as the synthetic sweep. None unless every scan is its own single-session phantom."""
+    from dualglow_app.phantom import phantom_seed, phantom_version
+
+    assert cohort.phantom_dir is not None
+    data = cohort.data
+    seed, version = phantom_seed(cohort.phantom_dir), phantom_version(cohort.phantom_dir)
+    labels = [data.labels[i] for i in rows]
+    if seed is None or version is None or len(set(data.subjects)) != len(data) or \
+            not all(re.fullmatch(r"sub-\d+", label) for label in labels):  # fmt: skip
+        log.info("age trends: no swept truth (the phantom's seed is not recorded, or scans are not one per subject)")
+        return None
+    indices = [int(label.removeprefix("sub-")) - 1 for label in labels]
+    assert options.work_dir is not None
+    sweep = swept_truth((seed, version), indices, data.grid, np.asarray(data.mask[rows]), options.ages,
+                        cache=options.work_dir / "age_truth")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # regions outside every mask: NaN
+        measured = np.nanmean(regional_slopes(sweep, options.ages)[1], axis=0)
+    return {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist(), "seed": seed, "version": version}
 
 
 def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResult:

@@ -179,10 +179,18 @@ def subject_level_rows(table1: dict[str, Any], subject: dict[str, Any], methods:
 def age_check_sentence(comparison: dict[str, Any]) -> str:
     """One sentence comparing synthetic with true regional age slopes (``phantom_comparison``)."""
     c = comparison
-    return (f"Across {len(comparison['regions'])} phantom regions: Pearson r = {c['pearson_r']:.3f} between synthetic "
+    text = (f"Across {len(comparison['regions'])} phantom regions: Pearson r = {c['pearson_r']:.3f} between synthetic "
             f"and true SUVR slopes, mean absolute difference {c['mae_per_decade']:.4f} per decade, sign agreement "
             f"{c['sign_agreement']:.0%}; mean slope true {c['mean_true']:+.4f} vs synthetic {c['mean_synthetic']:+.4f} "
             "per decade.")  # fmt: skip
+    swept = c.get("swept_truth")
+    if swept:
+        text += (" Against the same subjects' true PETs swept over the same ages with their own anatomy (the "
+                 f"truth through the same blur, grid and regions): Pearson r = {swept['pearson_r']:.3f}, right sign in "
+                 f"{swept['sign_agreement']:.0%} of regions, median ratio synthetic / true {swept['median_ratio']:.2f}, "
+                 f"{swept['within_25_percent']:.0%} of regions within +-25 % (targets: r >= 0.8, sign >= 90 %, "
+                 "within +-25 %).")  # fmt: skip
+    return text
 
 
 def markdown_tables(summary: dict[str, Any]) -> str:
@@ -423,10 +431,12 @@ def _add_age_trends(report: Any, trends: dict[str, Any], line_figure: Any) -> No
             age_check_sentence(comparison) + " True SUVR slope = region's relative activity slope minus the "
             f"cerebellar reference's (first order, age {REFERENCE_AGE:.0f})."
         )
-        report.add_table(["phantom region", "true SUVR / decade", "synthetic SUVR / decade"], [
-            [n, t, s] for n, t, s in zip(comparison["regions"], comparison["suvr_per_decade"],
-                                         comparison["synthetic_relative_per_decade"], strict=True)
-        ])  # fmt: skip
+        columns = {"phantom region": comparison["regions"],
+                   "true SUVR / decade (calibration)": comparison["suvr_per_decade"]}
+        if comparison.get("swept_truth"):
+            columns["true SUVR / decade (swept)"] = comparison["swept_truth"]["true_per_decade"]
+        columns["synthetic SUVR / decade"] = comparison["synthetic_relative_per_decade"]
+        report.add_table(list(columns), [list(row) for row in zip(*columns.values(), strict=True)])
 
 
 __all__ = ["age_check_sentence", "build_summary", "markdown_tables", "table1_rows", "write_outputs", "write_report"]

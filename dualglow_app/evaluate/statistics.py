@@ -223,6 +223,57 @@ def phantom_true_slopes(bids_dir: Path, names: Sequence[str]) -> dict[str, Any] 
             "suvr_per_decade": (activity - reference).tolist(), "n_files": len(ages)}  # fmt: skip
 
 
+def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Regional slopes against the truth's (issue 17's age targets): Pearson r, the share of
+    regions with the truth's sign, the median ratio synthetic / true and the share of regions
+    within +-25 % of the truth (regions whose true slope is below 1e-3 per decade are left out
+    of all four: their ratio is noise)."""
+    ok = np.isfinite(synthetic) & np.isfinite(truth) & (np.abs(truth) > 1e-3)
+    if ok.sum() < 3:
+        return dict.fromkeys(("pearson_r", "sign_agreement", "median_ratio", "within_25_percent"), float("nan"))
+    ratio = synthetic[ok] / truth[ok]
+    return {
+        "pearson_r": float(np.corrcoef(truth[ok], synthetic[ok])[0, 1]) if np.ptp(synthetic[ok]) > 0 else float("nan"),
+        "sign_agreement": float(np.mean(np.sign(synthetic[ok]) == np.sign(truth[ok]))),
+        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
+    }  # fmt: skip
+
+
+def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, masks: np.ndarray,
+                ages: Sequence[float], cache: Path | None = None) -> np.ndarray:  # fmt: skip
+    """(scans, ages, phantom regions): each phantom subject's true PET at each age with its own
+    anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`: only the metabolism ages), as
+    regional means over the scan's mask; what a model's age sweep of that MRI should give.
+    ``origin``: the cohort's (seed, version); ``indices``: each scan's phantom subject index
+    (``sub-001`` is 0); ``masks``: (scans, *grid.shape). Cached in ``cache`` by all of these."""
+    import hashlib
+
+    from dualglow_app.evaluate.atlases import phantom_regions
+    from dualglow_app.log import progress
+    from dualglow_app.phantom.mni import age_sweep_truth
+    from dualglow_app.regions import regional_mean_matrix
+
+    seed, version = origin
+    masks = np.asarray(masks)
+    key = (f"seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-ages{'_'.join(f'{a:g}' for a in ages)}"
+           f"-mask{hashlib.sha256(np.packbits(masks.reshape(len(masks), -1) > 0).tobytes()).hexdigest()[:8]}")
+    path = None if cache is None else Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path is not None and path.is_file():
+        return np.load(path)
+    labels, names = phantom_regions(grid)
+    regions = list(range(1, len(names) + 1))
+    out = np.stack([
+        regional_mean_matrix(age_sweep_truth(seed, int(index), grid, tuple(ages), version), labels, regions, masks=mask)
+        for index, mask in progress(zip(indices, masks, strict=True), "swept truth", total=len(masks))
+    ])  # fmt: skip
+    if path is not None:
+        from dualglow_app.io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, out)
+    return out
+
+
 def phantom_calibrated_slopes(names: Sequence[str]) -> np.ndarray:
     """The phantom's true relative SUVR change per decade by region, from its calibration
     (:func:`dualglow_app.phantom.pet.calibrate`'s age slopes minus the cerebellar reference's):
@@ -277,5 +328,5 @@ def age_trends(
 
 __all__ = [
     "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_calibrated_slopes", "phantom_true_slopes",
-    "regional_slopes", "subject_level", "summarise",
+    "regional_slopes", "slope_agreement", "subject_level", "summarise", "swept_truth",
 ]  # fmt: skip

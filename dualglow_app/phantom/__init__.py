@@ -67,12 +67,18 @@ Ground truth under ``derivatives/phantom/sub-X[/ses-Y]/`` (``S = MNI152NLin2009c
   volume, phantom version).
 """
 
-from dualglow_app.phantom.cohort import CohortInfo, make_cohort, make_subject, phantom_version
+from dualglow_app.phantom.cohort import (
+    CohortInfo,
+    make_cohort,
+    make_subject,
+    phantom_seed,
+    phantom_version,
+)
 from dualglow_app.phantom.mni import make_mni_stack
 from dualglow_app.phantom.subjects import Demographics, SubjectInfo
 from dualglow_app.phantom.truth import TrueTransform, load_truth
 
 __all__ = [
     "CohortInfo", "Demographics", "SubjectInfo", "TrueTransform", "load_truth", "make_cohort",
-    "make_mni_stack", "make_subject", "phantom_version",
+    "make_mni_stack", "make_subject", "phantom_seed", "phantom_version",
 ]

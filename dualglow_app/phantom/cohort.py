@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import json
 import multiprocessing
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -697,6 +698,16 @@ def generated_by(version: int) -> list[dict]:
     """The cohort's ``GeneratedBy``; ``Description`` names the phantom version (:func:`phantom_version`)."""
     return [{"Name": GENERATOR, "Version": __version__, "Description": VERSION_NOTES[version],
              "CodeURL": "https://github.com/dualglow/dualglow"}]
+
+
+def phantom_seed(bids_dir: Path | str) -> int | None:
+    """The seed a dualglow-phantom cohort was generated with (its dataset_description.json's
+    name, as :func:`make_cohort` writes it), None for any other dataset."""
+    if phantom_version(bids_dir) is None:
+        return None
+    name = str(json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("Name", ""))
+    match = re.search(r"\(SYNTHETIC, seed (\d+)\)", name)
+    return int(match[1]) if match else None
 
 
 def phantom_version(bids_dir: Path | str) -> int | None:

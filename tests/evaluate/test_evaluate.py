@@ -148,6 +148,35 @@ def test_phantom_slopes_are_recovered_and_compared(tmp_path: Path) -> None:
     assert trends["atlases"]["phantom"]["n_scans"] == 2
 
 
+def test_slope_agreement_scores_the_age_targets() -> None:
+    from dualglow_app.evaluate.statistics import slope_agreement
+
+    truth = np.array([-0.04, -0.02, -0.03, 0.01, -0.0005])  # the last is too flat to take a ratio of
+    scores = slope_agreement(truth * np.array([1.0, 1.2, 0.5, -1.0, 9.0]), truth)
+    assert scores["sign_agreement"] == pytest.approx(0.75) and scores["within_25_percent"] == pytest.approx(0.5)
+    assert scores["median_ratio"] == pytest.approx(0.75)
+    assert slope_agreement(truth, truth)["pearson_r"] == pytest.approx(1.0)
+    assert np.isnan(slope_agreement(truth[:2], truth[:2])["pearson_r"])  # fewer than 3 regions: no verdict
+
+
+def test_swept_truth_falls_with_age_and_is_cached(tmp_path: Path) -> None:
+    """Two phantom subjects' true PETs at 50 and 90 with their own anatomy: the phantom's FDG
+    falls with age in most regions (the cerebellar SUVR reference ages less), and a second call
+    reads the cache."""
+    from dualglow_app.evaluate.atlases import phantom_regions
+    from dualglow_app.evaluate.statistics import swept_truth
+    from dualglow_app.templates import brain_mask_on_grid
+
+    grid = preset("tiny8mm")
+    masks = np.stack([np.asarray(brain_mask_on_grid(grid))] * 2)
+    sweep = swept_truth((0, 2), [0, 1], grid, masks, (50.0, 90.0), cache=tmp_path)
+    assert sweep.shape == (2, 2, len(phantom_regions(grid)[1]))
+    change = sweep[:, 1] - sweep[:, 0]
+    assert np.nanmean(change < 0) > 0.5
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    np.testing.assert_array_equal(swept_truth((0, 2), [0, 1], grid, masks, (50.0, 90.0), cache=tmp_path), sweep)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateOptions, Cohort, object, float]:
     import torch
@@ -314,6 +343,10 @@ def test_bids_front_end_on_a_phantom_cohort(tmp_path: Path) -> None:
     assert summary["cohort"]["phantom"] is True and summary["cohort"]["scans"] == 4
     comparison = summary["age_trends"]["phantom_comparison"]
     assert len(comparison["regions"]) == len(comparison["synthetic_relative_per_decade"]) == 30
+    # The same subjects' true PETs swept over the same ages (seed 3, version 2): the age targets.
+    swept = comparison["swept_truth"]
+    assert swept["seed"] == 3 and len(swept["true_per_decade"]) == 30 and 0 <= swept["sign_agreement"] <= 1
+    assert "swept over the same ages" in (out / "tables.md").read_text()
 
 
 def test_inner_split_is_dualglows_and_absent_without_early_stopping(tmp_path: Path) -> None:

@@ -258,18 +258,19 @@ def test_age_sweep_truth_ages_the_metabolism_of_the_same_brain() -> None:
 
 def test_cli_phantom_version_1_and_2(tmp_path: Path) -> None:
     from dualglow_app.cli.phantom import main
-    from dualglow_app.phantom.cohort import phantom_version
+    from dualglow_app.phantom.cohort import phantom_seed, phantom_version
 
     for version in ("1", "2"):
         out = tmp_path / f"v{version}"
-        result = CliRunner().invoke(main, [str(out), "--subjects", "1", "--voxel-mm", "2", "--phantom-version", version])
+        result = CliRunner().invoke(main, [str(out), "--subjects", "1", "--voxel-mm", "2", "--phantom-version", version,
+                                           "--seed", "3"])  # fmt: skip
         assert result.exit_code == 0, result.output
         assert f"phantom version {version}" in result.output
-        assert phantom_version(out) == int(version)
+        assert phantom_version(out) == int(version) and phantom_seed(out) == 3
         assert f"phantom version {version}" in (out / "README").read_text()
         explainable = list((out / "derivatives" / "phantom").rglob("*desc-explainable_pet.nii.gz"))
         assert len(explainable) == (1 if version == "2" else 0)
-    assert phantom_version(tmp_path) is None
+    assert phantom_version(tmp_path) is None and phantom_seed(tmp_path) is None
     result = CliRunner().invoke(main, [str(tmp_path / "x"), "--subjects", "1", "--phantom-version", "3"])
     assert result.exit_code == 2
 
