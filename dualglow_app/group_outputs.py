@@ -71,6 +71,7 @@ def model_metadata(
     """The model file's :class:`~dualglow_app.weights.ModelMetadata` for this run."""
     import torch
 
+    from dualglow_app.preprocess import preprocessing_versions
     from dualglow_app.weights import ModelMetadata
 
     training = {
@@ -95,6 +96,8 @@ def model_metadata(
         "epoch_seconds_total": round(sum(h.get("epoch_seconds", 0.0) for h in result.history), 1),  # all epochs
         "device": result.device,
         "versions": {"dualglow": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        # The participant level warns when it preprocesses differently from these scans.
+        "preprocessing": preprocessing_versions(),
         "options": options.to_dict(),
     }
     # How each covariate was learnt, so the participant level encodes a scan as training did;

@@ -42,7 +42,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,6 +76,22 @@ VOXEL_SIZE_RANGE_MM = (0.2, 12.0)
 MIN_SIDE_VOXELS = 8
 # Below this share of the template brain covered by the registered brain, a T1w is flagged.
 MIN_TEMPLATE_COVERAGE = 0.97
+
+
+def preprocessing_versions() -> dict[str, int]:
+    """What a model file records of the preprocessing its training scans went through."""
+    return {"cache_version": CACHE_VERSION, "grid_version": GRID_VERSION}
+
+
+def preprocessing_mismatch(recorded: Mapping[str, Any] | None) -> str | None:
+    """Why scans preprocessed now may differ from a model's training scans (``recorded``:
+    its :func:`preprocessing_versions`), or None when they match or the model did not record them."""
+    if not recorded:
+        return None
+    now = preprocessing_versions()
+    changed = [f"{name.replace('_', ' ')} {recorded.get(name)} -> {value}" for name, value in now.items()
+               if recorded.get(name) != value]  # fmt: skip
+    return ", ".join(changed) or None
 
 
 class PreprocessError(RuntimeError):

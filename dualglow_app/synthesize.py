@@ -209,6 +209,13 @@ def run_participant(options: ParticipantOptions) -> ParticipantSummary:
         raise ParticipantUsageError(f"{err}.") from None
     fallbacks = covariate_fallbacks(options, model)
     check_dataset_covariates(options, model, fallbacks)
+    from dualglow_app.preprocess import preprocessing_mismatch
+
+    changed = preprocessing_mismatch(model.metadata.training.get("preprocessing"))
+    if changed:
+        log.warning("model %s was trained on scans preprocessed by another dualglow version (%s): this run's "
+                    "inputs may differ slightly from what it learnt; retrain it, or run the version it was trained "
+                    "with (%s)", model.name, changed, model.metadata.training.get("versions", {}).get("dualglow", "?"))  # fmt: skip
     for spec in model.covariates.values():
         log.info("model covariate %s", spec.summary())
     for plan in plans:

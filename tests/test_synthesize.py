@@ -303,6 +303,29 @@ def test_a_t1w_unlike_the_training_data_is_flagged(session_env: None, cohort: Pa
     assert "20.00 % (high: this T1w is unlike the training data)" in (out / "sub-002.html").read_text()
 
 
+def test_a_model_trained_on_other_preprocessing_is_flagged(session_env: None, cohort: Path, work: Path,
+                                                          models: dict[str, Path], tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """A model file recording another preprocessing version than this dualglow's: a warning
+    naming what changed (the model still runs); one that records none (older files) or the
+    same version: no warning."""
+    from dualglow_app.preprocess import CACHE_VERSION, preprocessing_mismatch, preprocessing_versions
+
+    assert preprocessing_mismatch(None) is None and preprocessing_mismatch(preprocessing_versions()) is None
+    source = Path(models["age"])
+    copy = tmp_path / "older-preprocessing"
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(source.with_suffix(suffix), copy.with_suffix(suffix))
+    meta = json.loads(copy.with_suffix(".json").read_text())
+    meta["metadata"]["training"]["preprocessing"] = {**preprocessing_versions(), "cache_version": CACHE_VERSION - 1}
+    copy.with_suffix(".json").write_text(json.dumps(meta))
+    caplog.set_level("WARNING", logger="dualglow")
+    options = ParticipantOptions(cohort, tmp_path / "out", weights=copy.with_suffix(".safetensors"), work_dir=work,
+                                 participant_labels=["002"], skip_bids_validation=True, output_res=4)  # fmt: skip
+    assert run_participant(options).exit_code == 0
+    assert f"(cache version {CACHE_VERSION - 1} -> {CACHE_VERSION})" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

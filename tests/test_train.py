@@ -270,6 +270,9 @@ def test_patience_stops_early_and_a_resumed_run_stops_at_the_same_epoch(
     assert again.stopped_early and again.epochs == 4 and again.steps == 8
     _, info = load_model(again.model_path)
     assert info["metadata"]["training"]["stopped_early"] is True and info["metadata"]["training"]["patience"] == 2
+    from dualglow_app.preprocess import preprocessing_versions
+
+    assert info["metadata"]["training"]["preprocessing"] == preprocessing_versions()
 
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
