@@ -82,6 +82,7 @@ def main() -> None:
     from dualglow_app.log import setup_logging
     from dualglow_app.options import TrainOptions
     from dualglow_app.phantom import mni
+    from dualglow_app.phantom.cohort import subject_index
     from dualglow_app.regions import atlas_on_model_grid
     from dualglow_app.train import train
     from dualglow_app.weights import open_model
@@ -129,7 +130,7 @@ def main() -> None:
                          [specs["diagnosis"].encode(level) for level in levels])  # fmt: skip
         for level, prediction in zip(levels, by_level, strict=True):
             model_rows.setdefault(level, []).append(prediction.mean)
-        index_in_cohort = int(stack.labels[row].removeprefix("sub-")) - 1
+        index_in_cohort = subject_index(stack.labels[row])
         for level in ("CN", "AD"):
             subject = mni.simulate_subject(int(index["seed"]), index_in_cohort, stack.grid, int(index["version"]),
                                            diagnosis=level)  # fmt: skip

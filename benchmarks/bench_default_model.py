@@ -29,6 +29,7 @@ from dualglow_app.dataset import DatasetSpec, prepare_dataset
 from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import METRICS, image_metrics
+from dualglow_app.phantom.cohort import subject_index
 from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -145,7 +146,7 @@ def main() -> None:
 
     # The targets (T = 0 at each scan's own covariates; the age sweep vs the truth).
     origin = (args.phantom_seed, args.phantom_version) if args.phantom_seed is not None else None
-    indices = np.array([int(label.removeprefix("sub-")) - 1 for label in test_labels])
+    indices = np.array([subject_index(label) for label in test_labels])
     swept = true_age_sweeps(origin, data, test_rows, SWEEP_AGES, args.work_dir / "age_truth", indices=indices)
     targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, None, truth_sweep=swept,
                     covariates_of=covariates)  # fmt: skip

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_learning_curves import cpu_description  # noqa: E402
 
-from dualglow_app.evaluate.statistics import slope_agreement, swept_truth  # noqa: E402
+from dualglow_app.evaluate.statistics import slope_agreement, swept_slope_agreement, swept_truth  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "dualglow_targets"
 SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
@@ -128,8 +128,7 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
         keep = np.isfinite(slope_in) & (np.abs(slope_in) > 1e-4)
         out["beyond_over_inside"] = float(np.median(slope_beyond[keep] / slope_in[keep]))
     if truth_sweep is not None:
-        measured = np.nanmean(regional_slopes(truth_sweep, a)[1], axis=0)
-        out["measured"] = {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist()}
+        out["measured"] = swept_slope_agreement(synthetic, truth_sweep, a)
     return out
 
 

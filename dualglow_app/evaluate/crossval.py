@@ -25,7 +25,6 @@ import hashlib
 import json
 import re
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,10 +52,9 @@ from dualglow_app.evaluate.statistics import (
     impairment_classes,
     paired_tests,
     phantom_true_slopes,
-    regional_slopes,
-    slope_agreement,
     subject_level,
     summarise,
+    swept_slope_agreement,
     swept_truth,
 )
 from dualglow_app.io import atomic_path, entry_lock
@@ -504,6 +502,7 @@ def _swept_truth_comparison(cohort: Cohort, options: EvaluateOptions, rows: np.n
     the PET's blur mixes neighbouring regions; this truth went through the same blur, grid and
     regions as the synthetic sweep. None unless every scan is its own single-session phantom."""
     from dualglow_app.phantom import phantom_seed, phantom_version
+    from dualglow_app.phantom.cohort import subject_index
 
     assert cohort.phantom_dir is not None
     data = cohort.data
@@ -513,14 +512,11 @@ def _swept_truth_comparison(cohort: Cohort, options: EvaluateOptions, rows: np.n
             not all(re.fullmatch(r"sub-\d+", label) for label in labels):  # fmt: skip
         log.info("age trends: no swept truth (the phantom's seed is not recorded, or scans are not one per subject)")
         return None
-    indices = [int(label.removeprefix("sub-")) - 1 for label in labels]
+    indices = [subject_index(label) for label in labels]
     assert options.work_dir is not None
     sweep = swept_truth((seed, version), indices, data.grid, np.asarray(data.mask[rows]), options.ages,
                         cache=options.work_dir / "age_truth")  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # regions outside every mask: NaN
-        measured = np.nanmean(regional_slopes(sweep, options.ages)[1], axis=0)
-    return {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist(), "seed": seed, "version": version}
+    return {**swept_slope_agreement(synthetic, sweep, options.ages), "seed": seed, "version": version}
 
 
 def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResult:

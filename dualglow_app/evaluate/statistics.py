@@ -239,6 +239,16 @@ def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float
     }  # fmt: skip
 
 
+def swept_slope_agreement(synthetic: np.ndarray, sweep: np.ndarray, ages: Sequence[float]) -> dict[str, Any]:
+    """:func:`slope_agreement` of ``synthetic`` regional slopes (relative, per decade) against
+    those of a swept truth (:func:`swept_truth`'s (scans, ages, regions), averaged over scans),
+    with the true slopes (``true_per_decade``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # regions outside every mask: NaN
+        measured = np.nanmean(regional_slopes(sweep, ages)[1], axis=0)
+    return {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist()}
+
+
 def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, masks: np.ndarray,
                 ages: Sequence[float], cache: Path | None = None) -> np.ndarray:  # fmt: skip
     """(scans, ages, phantom regions): each phantom subject's true PET at each age with its own
@@ -328,5 +338,5 @@ def age_trends(
 
 __all__ = [
     "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_calibrated_slopes", "phantom_true_slopes",
-    "regional_slopes", "slope_agreement", "subject_level", "summarise", "swept_truth",
+    "regional_slopes", "slope_agreement", "subject_level", "summarise", "swept_slope_agreement", "swept_truth",
 ]  # fmt: skip

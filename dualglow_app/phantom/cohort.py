@@ -127,6 +127,11 @@ def participant_label(index: int) -> str:
     return f"{index + 1:03d}"
 
 
+def subject_index(participant_id: str) -> int:
+    """The phantom subject index of ``sub-<label>`` (the inverse of :func:`participant_label`)."""
+    return int(participant_id.removeprefix("sub-")) - 1
+
+
 def session_ages(rng: np.random.Generator, baseline: float, sessions: int) -> list[float]:
     gaps = rng.uniform(1.0, 2.0, sessions - 1)
     return [round(float(a), 1) for a in baseline + np.concatenate([[0.0], np.cumsum(gaps)])]
@@ -750,7 +755,7 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
     (out_dir / "README").write_text(_readme(len(subjects), seed, sessions, voxel_mm, version))
     (out_dir / ".bidsignore").write_text("derivatives/\n")
     with_mmse = version in MMSE_VERSIONS
-    mmse = {s.participant_id: mmse_scores(seed, int(s.participant_id.removeprefix("sub-")) - 1, s.demographics,
+    mmse = {s.participant_id: mmse_scores(seed, subject_index(s.participant_id), s.demographics,
                                           s.session_ages) for s in subjects} if with_mmse else {}  # fmt: skip
     rows = [{"participant_id": s.participant_id, "age": s.demographics.age, "sex": s.demographics.sex,
              "diagnosis": s.demographics.diagnosis, "diagnosis_detail": s.demographics.diagnosis_detail,

@@ -277,7 +277,7 @@ def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int)
         "sex": [s.demographics.sex for s in subjects],
         "diagnosis": [s.demographics.diagnosis for s in subjects],
         "diagnosis_detail": [s.demographics.diagnosis_detail for s in subjects],
-        **({"mmse": [cohort.mmse_scores(seed, int(s.label.removeprefix("sub-")) - 1, s.demographics,
+        **({"mmse": [cohort.mmse_scores(seed, cohort.subject_index(s.label), s.demographics,
                                         [s.demographics.age])[0] for s in subjects]}
            if version in cohort.MMSE_VERSIONS else {}),
         # The covariates above as participants.json declares them (dataset.load_mni_stack types them by it).
