@@ -18,7 +18,11 @@ Two ways to train (:meth:`Baseline.fit`):
 
 Either way ``baseline.history`` holds one JSON-able row per epoch (train losses, validation
 MAE, seconds) and :meth:`Baseline.summary` the epochs run, the best epoch, whether and why it
-stopped, and the wall time.
+stopped, and the wall time. With ``checkpoint=PATH`` the fit writes its whole state there after
+every epoch (atomically; tensors and plain values only, read back without unpickling code) and a
+fit interrupted at any point continues from its last finished epoch with the same result as an
+uninterrupted one: the networks, optimisers, best weights, patience count and every random
+generator are restored. A finished fit's checkpoint returns its result at once.
 
 - ``unet``: 3D U-Net trained with L1 (the paper's "U-Net").
 - ``pix2pix``: the same U-Net as generator + a 3D PatchGAN on (MRI, PET) pairs, loss
@@ -54,10 +58,14 @@ must be divisible by 4.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -193,6 +201,24 @@ class Encoder3d(nn.Module):
 # --------------------------------------------------------------------------- methods
 
 
+@dataclass
+class _FitState:
+    """The early-stopping bookkeeping of one fit: what a checkpoint stores beside the weights."""
+
+    SCALARS: ClassVar[tuple[str, ...]] = ("best", "best_epoch", "reference", "since", "elapsed", "reason")
+
+    best: float = math.inf
+    best_epoch: int = 0
+    reference: float = math.inf
+    since: int = 0
+    elapsed: float = 0.0
+    reason: str | None = None  # set once the fit has finished (why it stopped)
+    best_state: dict[str, dict[str, Tensor]] | None = None
+
+    def scalars(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.SCALARS}
+
+
 class Baseline:
     """fit / predict on stacked volumes; subclasses define ``_build``, ``_step`` and ``_generate``.
 
@@ -250,6 +276,7 @@ class Baseline:
         *,
         val_mask: np.ndarray | None = None,
         on_epoch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
+        checkpoint: os.PathLike[str] | str | None = None,
     ) -> list[float]:
         """Train on (N, X, Y, Z) arrays on [0, 1]; returns the mean training loss of each epoch.
 
@@ -258,7 +285,9 @@ class Baseline:
         ending with the best epoch's weights. ``val_mask`` (same shape as ``val_pet``) limits
         the MAE to the brain. ``on_epoch(row, val_pred)`` is called after each validated
         epoch with the history row (add JSON-able keys to it) and the model-scale validation
-        predictions. What was measured is in :attr:`history` and :meth:`summary`.
+        predictions. What was measured is in :attr:`history` and :meth:`summary`. ``checkpoint``:
+        resume from / save to this file after every epoch (module docstring); a checkpoint of
+        other options or arrays raises :class:`~dualglow_app.weights.ModelFileError`.
         """
         self._check_pair(mri, pet, "")
         if (val_mri is None) != (val_pet is None):
@@ -272,14 +301,16 @@ class Baseline:
                 raise ValueError(f"{self.name}.fit: val_mask {val_mask.shape} must match val_pet {val_pet.shape}")
         opts = self.options
         budget = opts.max_epochs if validating else opts.epochs
-        start = time.perf_counter()
         rng = np.random.default_rng(opts.seed)
         self.history, self.validated = [], validating
-        best_state: dict[str, dict[str, Tensor]] | None = None
-        best, reference, since = math.inf, math.inf, 0
-        self.best_epoch, self.best_val_mae = 0, None
-        reason = "max_epochs" if validating else "fixed_epochs"
-        for epoch in range(1, budget + 1):
+        fit = _FitState()
+        if checkpoint is not None:
+            fingerprint = self._fingerprint(mri, pet, val_mri, val_pet, val_mask)
+            resumed = self._resume(Path(checkpoint), fingerprint, rng)
+            fit = resumed or fit
+        start = time.perf_counter() - fit.elapsed
+        reason = fit.reason or ("max_epochs" if validating else "fixed_epochs")
+        for epoch in range(len(self.history) + 1, 0 if fit.reason else budget + 1):
             epoch_start = time.perf_counter()
             for module in self._modules().values():
                 module.train()
@@ -296,25 +327,30 @@ class Baseline:
                 pred = self.predict(val_mri)
                 mae = _mae(pred, val_pet, val_mask)
                 row["val_mae"] = mae
-                if mae < best:  # the weights kept: the lowest validation MAE
-                    best, self.best_epoch, best_state = mae, epoch, self._state()
+                if mae < fit.best:  # the weights kept: the lowest validation MAE
+                    fit.best, fit.best_epoch, fit.best_state = mae, epoch, self._state()
                 # Patience counts epochs since the last improvement by at least min_delta (relative).
-                row["improved"] = bool(mae < reference * (1.0 - opts.min_delta))
-                reference, since = (mae, 0) if row["improved"] else (reference, since + 1)
+                row["improved"] = bool(mae < fit.reference * (1.0 - opts.min_delta))
+                fit.reference, fit.since = (mae, 0) if row["improved"] else (fit.reference, fit.since + 1)
             row["seconds"] = time.perf_counter() - epoch_start
             if pred is not None and on_epoch is not None:
                 on_epoch(row, pred)
             self.history.append(row)
             log.debug("%s epoch %d: %s", self.name, epoch, {k: v for k, v in row.items() if k != "epoch"})
-            if validating and since >= opts.patience:
+            if validating and fit.since >= opts.patience:
                 reason = "patience"
-                break
-            if opts.budget_seconds is not None and epoch < budget and time.perf_counter() - start >= opts.budget_seconds:
+            elif opts.budget_seconds is not None and epoch < budget and time.perf_counter() - start >= opts.budget_seconds:
                 reason = "budget_seconds"
+            finished = reason in ("patience", "budget_seconds") or epoch == budget
+            if checkpoint is not None:
+                fit.elapsed, fit.reason = time.perf_counter() - start, reason if finished else None
+                self._save_checkpoint(Path(checkpoint), fingerprint, fit, rng)
+            if finished:
                 break
-        if best_state is not None:
-            self._load_state(best_state)
-            self.best_val_mae = best
+        self.best_epoch, self.best_val_mae = fit.best_epoch, None
+        if fit.best_state is not None:
+            self._load_state(fit.best_state)
+            self.best_val_mae = fit.best
         else:
             self.best_epoch = len(self.history)
         self.epochs_run = len(self.history)
@@ -344,6 +380,56 @@ class Baseline:
             "wall_s": self.wall_s,
             "history": [dict(row) for row in self.history],
         }
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {name: o for name, o in vars(self).items() if isinstance(o, torch.optim.Optimizer)}
+
+    def _fingerprint(self, *arrays: np.ndarray | None) -> str:
+        """What a checkpoint must match to be resumed: the method, its options and the arrays' bytes."""
+        digest = hashlib.sha256(json.dumps([self.name, self.options.to_dict()], sort_keys=True).encode())
+        for array in arrays:
+            digest.update(b"none" if array is None else np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
+    def _save_checkpoint(self, path: Path, fingerprint: str, fit: _FitState, rng: np.random.Generator) -> None:
+        from dualglow_app.weights import save_checkpoint
+
+        save_checkpoint(path, {
+            "model": {name: module.state_dict() for name, module in self._modules().items()},
+            "optimizers": {name: opt.state_dict() for name, opt in self._optimizers().items()},
+            "best_state": fit.best_state,
+            # JSON text (Python's, which writes inf): PCG64's state holds integers beyond 64 bits.
+            "fit": json.dumps({"fingerprint": fingerprint, "history": self.history, "rng": rng.bit_generator.state,
+                               **fit.scalars()}),
+            "noise_rng": self._noise.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        })  # fmt: skip
+
+    def _resume(self, path: Path, fingerprint: str, rng: np.random.Generator) -> _FitState | None:
+        """Restore the fit saved at ``path`` (networks, optimisers, history, generators); None if there is none."""
+        from dualglow_app.weights import ModelFileError, load_checkpoint
+
+        if not path.is_file():
+            return None
+        state = load_checkpoint(path, self.device)
+        fields = json.loads(state["fit"]) if isinstance(state.get("fit"), str) else {}
+        if fields.get("fingerprint") != fingerprint:
+            raise ModelFileError(
+                f"{path}: checkpoint of a different {self.name} fit (other options or training scans); "
+                "delete it to train afresh."
+            )
+        self._load_state(state["model"])
+        for name, opt in self._optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        self._noise.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = fields["rng"]
+        self.history = list(fields["history"])
+        fit = _FitState(**{name: fields[name] for name in _FitState.SCALARS})
+        fit.best_state = state["best_state"]
+        log.info("%s: resuming from %s after epoch %d%s", self.name, path, len(self.history),
+                 " (finished)" if fit.reason else "")  # fmt: skip
+        return fit
 
     def _check_pair(self, mri: np.ndarray, pet: np.ndarray, prefix: str) -> None:
         if mri.shape != pet.shape or mri.ndim != 4:
@@ -532,8 +618,10 @@ class MeanPET(Baseline):
         *,
         val_mask: np.ndarray | None = None,
         on_epoch: Callable[[dict[str, Any], np.ndarray], None] | None = None,
+        checkpoint: os.PathLike[str] | str | None = None,
     ) -> list[float]:
-        """The voxel-wise mean of ``pet``; returns its training L1 (one "epoch")."""
+        """The voxel-wise mean of ``pet``; returns its training L1 (one "epoch"). Nothing to
+        checkpoint: ``checkpoint`` is accepted and unused."""
         if mri.shape != pet.shape or mri.ndim != 4:
             raise ValueError(f"{self.name}.fit: mri {mri.shape} and pet {pet.shape} must both be (N, X, Y, Z)")
         if (val_mri is None) != (val_pet is None):

@@ -203,3 +203,53 @@ def test_gan_generators_leave_the_background_at_zero(name: str) -> None:
     assert np.all(out[:, :2] == 0) and np.all(out[:, 2:] > 0)
     fake = model._fake(model._tensor(mri))  # type: ignore[attr-defined]
     assert torch.all(fake[:, :, :2] == 0)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name", ["unet", "cgan", "cvae"])
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(name: str, tmp_path: Any) -> None:
+    """Killed after epoch 3's validation (before its checkpoint), the fit resumes from epoch 2
+    and ends where an uninterrupted fit ends: same history, kept epoch and weights. A finished
+    checkpoint returns the result without training."""
+    mri, pet = pairs(n=4)
+    options = BaselineOptions(max_epochs=5, patience=2, width=4, seed=5)
+    uninterrupted = make_baseline(name, options)
+    uninterrupted.fit(mri, pet, mri[:2], pet[:2])
+
+    def interrupt(row: dict[str, Any], _: np.ndarray) -> None:
+        if row["epoch"] == 3:
+            raise _Interrupted
+
+    checkpoint = tmp_path / "fit.pt"
+    with pytest.raises(_Interrupted):
+        make_baseline(name, options).fit(mri, pet, mri[:2], pet[:2], on_epoch=interrupt, checkpoint=checkpoint)
+    resumed_epochs: list[int] = []
+    resumed = make_baseline(name, options)
+    resumed.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint,
+                on_epoch=lambda row, _: resumed_epochs.append(row["epoch"]))  # fmt: skip
+    assert resumed_epochs[0] == 3
+    assert [r["val_mae"] for r in resumed.history] == [r["val_mae"] for r in uninterrupted.history]
+    assert (resumed.best_epoch, resumed.stop_reason) == (uninterrupted.best_epoch, uninterrupted.stop_reason)
+    _assert_same_weights(resumed, uninterrupted)
+
+    again: list[int] = []
+    finished = make_baseline(name, options)
+    finished.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint, on_epoch=lambda row, _: again.append(row["epoch"]))
+    assert again == [] and finished.epochs_run == uninterrupted.epochs_run
+    np.testing.assert_array_equal(finished.predict(mri[:1]), uninterrupted.predict(mri[:1]))
+
+
+def test_a_checkpoint_of_another_fit_is_refused(tmp_path: Any) -> None:
+    from dualglow_app.weights import ModelFileError
+
+    mri, pet = pairs(n=4)
+    checkpoint = tmp_path / "fit.pt"
+    make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, pet, checkpoint=checkpoint)
+    with pytest.raises(ModelFileError, match="different unet fit"):
+        make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, 0.5 * pet, checkpoint=checkpoint)
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelFileError, match="fit.pt"):
+        make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, pet, checkpoint=checkpoint)

@@ -228,10 +228,16 @@ def _dualglow_predictions(
     return every, {**sweeps, **extra}
 
 
+def _baseline_checkpoint(method_dir: Path, fold: int) -> Path:
+    """Where a baseline's fit of ``fold`` checkpoints every epoch (removed once the fold's result is stored)."""
+    return method_dir / f"fold{fold}-checkpoint.pt"
+
+
 def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, fold: int,
-                          options: EvaluateOptions, device: Any) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
+                          options: EvaluateOptions, device: Any, method_dir: Path) -> tuple[np.ndarray, dict[str, Any]]:  # fmt: skip
     """Every scan predicted by baseline ``method`` trained on ``train_rows`` (SUVR, unmasked),
-    early-stopped on the fold's inner validation scans, and what its training did."""
+    early-stopped on the fold's inner validation scans, and what its training did. The fit
+    checkpoints every epoch under ``method_dir``: an interrupted evaluation resumes it."""
     from dualglow_app.baselines import BaselineOptions, make_baseline
 
     data, scaling = cohort.data, IntensityScaling()
@@ -244,11 +250,13 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
         seed=options.seed + fold, device=str(device),
     ))  # fmt: skip
     model_scale = {name: scaling.mri_to_model(np.asarray(data.mri[rows])) for name, rows in (("train", inner), ("val", val))}
+    checkpoint = _baseline_checkpoint(method_dir, fold)
     if len(val):
         baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])), model_scale["val"],
-                     scaling.pet_to_model(np.asarray(data.pet[val])), val_mask=np.asarray(data.mask[val]) > 0)  # fmt: skip
+                     scaling.pet_to_model(np.asarray(data.pet[val])), val_mask=np.asarray(data.mask[val]) > 0,
+                     checkpoint=checkpoint)  # fmt: skip
     else:
-        baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])))
+        baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])), checkpoint=checkpoint)
     record = {
         "epochs_run": int(getattr(baseline, "epochs_run", options.epochs)), "best_epoch": int(getattr(baseline, "best_epoch", 0)),
         "stopped_early": bool(getattr(baseline, "stopped_early", False)),
@@ -263,7 +271,7 @@ def _run_method(
     method: str, cohort: Cohort, train_rows: np.ndarray, test_rows: np.ndarray, fold: int,
     options: EvaluateOptions, method_dir: Path, atlases: EvaluationAtlases, device: Any,
 ) -> Run:  # fmt: skip
-    """Train ``method`` on ``train_rows`` (DUAL-GLOW's checkpoints under ``method_dir``); predict: held-out volumes, AAL2 means of every scan,
+    """Train ``method`` on ``train_rows`` (checkpoints under ``method_dir``); predict: held-out volumes, AAL2 means of every scan,
     and (DUAL-GLOW with age) the age sweep's regional means of the held-out scans."""
     data = cohort.data
     start = time.perf_counter()
@@ -273,7 +281,7 @@ def _run_method(
         fit_s = time.perf_counter() - start
         all_pred, sweeps = _dualglow_predictions(trained, cohort, train_rows, test_rows, options, atlases)
     else:
-        all_pred, record = _baseline_predictions(method, cohort, train_rows, fold, options, device)
+        all_pred, record = _baseline_predictions(method, cohort, train_rows, fold, options, device, method_dir)
         fit_s = time.perf_counter() - start
     masks = np.asarray(data.mask)
     all_pred = all_pred * masks  # the brain is what is scored; background is set to 0 for every method
@@ -365,9 +373,10 @@ def _run_folds(
                     continue
                 cached = path.is_file()
                 train_rows, test_rows = splits[fold]
+                method_dir = run_dir / f"{method}-{keys[method]}"
                 result = _cached_run(path, functools.partial(
-                    _run_method, method, cohort, train_rows, test_rows, fold, options, run_dir / f"{method}-{keys[method]}",
-                    atlases, device))  # fmt: skip
+                    _run_method, method, cohort, train_rows, test_rows, fold, options, method_dir, atlases, device))  # fmt: skip
+                _baseline_checkpoint(method_dir, fold).unlink(missing_ok=True)  # the stored result replaces it
             found[method, fold] = result
             mae = np.mean([image_metrics(data.pet[r], p, data.mask[r])["mae_suvr"]
                            for r, p in zip(result["test_rows"], result["test_pred"], strict=True)])  # fmt: skip

@@ -304,6 +304,36 @@ def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pyte
     assert busy.is_file() and {r["method"] for r in result.rows} == {DUALGLOW, "meanpet"}
 
 
+def test_an_evaluation_killed_inside_a_baseline_fit_resumes_that_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """The U-Net's fit checkpoints every epoch: an evaluation stopped in its second epoch resumes
+    from the first, and the checkpoint goes once the fold's result is stored."""
+    import logging
+
+    from dualglow_app.baselines import UNetL1
+
+    cohort = Cohort(paired_volumes(4), ["CN", "AD", "CN", "AD"])
+    options = tiny_options(tmp_path, side_info=(), baselines=("unet",), epochs=2, report=False)
+    real_step, steps = UNetL1._step, []
+
+    def step_then_die(self: UNetL1, mri: object, pet: object) -> dict[str, float]:
+        steps.append(1)
+        if len(steps) > 1:  # one training scan per fold here: the second step is epoch 2's
+            raise KeyboardInterrupt
+        return real_step(self, mri, pet)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UNetL1, "_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_cohort(cohort, options)
+    checkpoints = list((options.work_dir / "evaluate").rglob("fold0-checkpoint.pt"))  # type: ignore[operator]
+    assert len(checkpoints) == 1
+    monkeypatch.setattr(UNetL1, "_step", real_step)
+    caplog.set_level(logging.INFO, logger="dualglow")
+    evaluate_cohort(cohort, options)
+    assert any("resuming from" in m and "after epoch 1" in m for m in caplog.messages)
+    assert not checkpoints[0].exists()
+
+
 def test_without_age_conditioning_there_are_no_age_trends(tmp_path: Path) -> None:
     cohort = Cohort(paired_volumes(4), ["CN", "AD", "CN", "AD"])
     result = evaluate_cohort(cohort, tiny_options(tmp_path, side_info=(), baselines=("unet",), report=False))
