@@ -29,6 +29,8 @@ from numpy.typing import DTypeLike
 
 #: Largest distance (in source voxels) from a whole voxel that still counts as one.
 WHOLE_VOXEL_ATOL = 1e-6
+#: A Gaussian's sigma per unit of its full width at half maximum, 1 / (2 sqrt(2 ln 2)).
+FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 
 
 def load_nifti(path: str | os.PathLike[str]) -> nib.Nifti1Image:

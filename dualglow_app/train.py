@@ -49,6 +49,7 @@ from dualglow_app.dataset import (
     split_subjects,
 )
 from dualglow_app.grid import ModelGrid
+from dualglow_app.imaging import FWHM_TO_SIGMA
 from dualglow_app.log import get_logger, progress_enabled
 from dualglow_app.options import TrainOptions
 from dualglow_app.runtime import (
@@ -245,8 +246,10 @@ class _Run:
             # Every rank sees the same training rows, so every rank sets the same templates.
             model.set_templates(*mean_images(data, train_rows, IntensityScaling(), options.mri_input))
             if model.pet_side_template is not None:
-                model.fit_side_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
+                pairs = ((batch.mri, batch.pet, batch.side) for batch in model_batches(
                     data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
+                model.fit_side_template(pairs, mri_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size
+                                                           for fwhm in options.side_template_mri_fwhm])  # fmt: skip
         model = model.to(device)
         model.set_memory_saving(MEMORY_SAVING_MODES[options.memory_saving])
         log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")

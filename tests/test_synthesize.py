@@ -309,7 +309,11 @@ def test_a_model_trained_on_other_preprocessing_is_flagged(session_env: None, co
     """A model file recording another preprocessing version than this dualglow's: a warning
     naming what changed (the model still runs); one that records none (older files) or the
     same version: no warning."""
-    from dualglow_app.preprocess import CACHE_VERSION, preprocessing_mismatch, preprocessing_versions
+    from dualglow_app.preprocess import (
+        CACHE_VERSION,
+        preprocessing_mismatch,
+        preprocessing_versions,
+    )
 
     assert preprocessing_mismatch(None) is None and preprocessing_mismatch(preprocessing_versions()) is None
     source = Path(models["age"])

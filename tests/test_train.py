@@ -391,13 +391,14 @@ def test_cli_group_trains_and_writes_the_model(
     result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                   "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
                   "--side-info", "age", "--model-name", "study", "--nprocs", "1", "--patience", "4",
-                  "--min-delta", "0.01", "--lambda-mri", "0.5")  # fmt: skip
+                  "--min-delta", "0.01", "--lambda-mri", "0.5", "--side-template-mri-fwhm", "0", "16")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "models/study.safetensors" in result.output
     info = json.loads((out / "models" / "study.json").read_text())
     assert info["config"]["lambda_mri"] == 0.5
     assert info["metadata"]["training"]["options"]["patience"] == 4
     assert info["metadata"]["training"]["options"]["min_delta"] == 0.01
+    assert info["metadata"]["training"]["options"]["side_template_mri_fwhm"] == [0.0, 16.0]
     assert info["metadata"]["side_info"] == ["age"] and info["metadata"]["grid"]["voxel_size"] == 8.0
     assert (out / "group.html").is_file() and (out / "models" / "study_metrics.tsv").is_file()
 

@@ -41,8 +41,9 @@ RUN_CACHE_VERSION = 5
 #: Part of DUAL-GLOW's own cache key: bumped when a change to the model or its training makes
 #: cached DUAL-GLOW results stale (the baselines' stay valid). 2: the paper's top-level prior
 #: (eq. 16: p(zp_top | c), without the top MRI latent); 3: the side template (fitted with the
-#: anatomy held fixed), covariate scaling learnt from the data, the top prior on (zm_top, c) by default.
-DUALGLOW_REVISION = 3
+#: anatomy held fixed), covariate scaling learnt from the data, the top prior on (zm_top, c) by default;
+#: 4: the side template's fit holds the MRI around each voxel fixed too (TrainOptions.side_template_mri_fwhm).
+DUALGLOW_REVISION = 4
 
 
 class EvaluationError(RuntimeError):

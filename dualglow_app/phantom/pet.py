@@ -49,6 +49,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.stats import spearmanr
 
+from dualglow_app.imaging import FWHM_TO_SIGMA
 from dualglow_app.log import get_logger
 from dualglow_app.phantom.anatomy import AtrophyParams, atrophied_tissues, upsample_linear
 from dualglow_app.phantom.template import CORTEX_MIN_LABEL, Template, dk_label_names, load_template
@@ -56,7 +57,6 @@ from dualglow_app.phantom.template import CORTEX_MIN_LABEL, Template, dk_label_n
 log = get_logger(__name__)
 
 PSF_FWHM_MM = 8.0
-FWHM_TO_SIGMA = 1.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
 REFERENCE_AGE = 73.0
 GREY_WHITE_RATIO = 4.0
 CALIBRATION_PASSES = 4

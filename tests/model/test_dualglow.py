@@ -550,6 +550,31 @@ def test_side_template_is_fitted_by_least_squares_and_moves_the_mode_by_its_map(
     assert torch.allclose(same, pet[:2], atol=1e-4)
 
 
+def test_side_template_adjusts_for_the_anatomy_around_each_voxel() -> None:
+    """A PET that follows the MRI of its neighbourhood (as a PET voxel sees it through the
+    scanner's resolution), with an MRI that falls with age: adjusting for the voxel's own MRI
+    leaves part of the anatomy's effect in the age map; adding the blurred MRI removes it."""
+    from dualglow_app.model.dualglow import _blurred
+
+    gen = torch.Generator().manual_seed(3)
+    n = 24
+    per_decade = 0.05 * torch.randn(1, 8, 8, generator=gen)
+    decades = ((torch.linspace(55.0, 90.0, n) - 70.0) / 10.0).view(-1, 1, 1, 1)
+    mri = 0.5 - 0.1 * decades * torch.rand(1, 1, 8, 8, generator=gen) + 0.1 * torch.rand(n, 1, 8, 8, generator=gen)
+    pet = 0.4 + per_decade * decades + 0.5 * _blurred(mri, 1.0)
+    side = {"age": torch.linspace(55.0, 90.0, n)}
+
+    def age_map(sigmas: tuple[float, ...]) -> torch.Tensor:
+        model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8]))
+        model.set_templates(mri.mean(0), pet.mean(0))
+        model.fit_side_template([(mri, pet, side)], mri_sigmas=sigmas)
+        assert model.pet_side_template is not None
+        return model.pet_side_template[0].detach()
+
+    assert torch.allclose(age_map((0.0, 1.0)), per_decade, atol=1e-4)
+    assert (age_map((0.0,)) - per_decade).abs().max() > 0.005
+
+
 def test_side_template_needs_templates_and_old_files_lack_it() -> None:
     assert DualGlowConfig().side_template is True
     without = {k: v for k, v in side_config().to_dict().items() if k != "side_template"}
