@@ -254,8 +254,11 @@ class TrainOptions:
     # voxel (0) and the MRI blurred to these FWHMs (mm): a PET's resolution (ADNI's PETs are
     # brought to 8 mm) and a region's scale (uptake follows the region's grey matter). With the
     # voxel's MRI alone the fit takes part of atrophy's effect as age (DualGlow.fit_side_template;
-    # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of models before 0.1.0's finding 17.
+    # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of the models trained before it.
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
+    # Covariates whose side-template maps keep their least-squares start (as the templates
+    # themselves do) instead of training with the flows.
+    side_template_fixed: Sequence[str] = ()
     # DualGlowConfig.lambda_mri: the weight of log p(xm) in eq. 12. The app's default is 10x the
     # paper's 1e-3: at 1e-3 the MRI flow is barely a density model, and an unseen MRI beyond
     # the training anatomy (larger ventricles) reached a top latent of 1340 (training <= 57)
@@ -307,6 +310,7 @@ class TrainOptions:
         self.session_labels = tuple(self.session_labels)
         self.side_info = tuple(self.side_info)
         self.side_template_mri_fwhm = tuple(float(v) for v in self.side_template_mri_fwhm)
+        self.side_template_fixed = tuple(self.side_template_fixed)
         problems = []
         problems += [f"side_info: {problem}" for name in self.side_info if (problem := name_problem(name))]
         if len(set(self.side_info)) != len(self.side_info):
@@ -329,6 +333,8 @@ class TrainOptions:
             problems.append(f"min_delta={self.min_delta} (a relative improvement, 0 <= d < 1)")
         if not self.lr > 0:
             problems.append(f"lr={self.lr} (must be > 0)")
+        if set(self.side_template_fixed) - set(self.side_info):
+            problems.append(f"side_template_fixed={list(self.side_template_fixed)} (covariates of side_info only)")
         if not self.side_template_mri_fwhm or any(not v >= 0 for v in self.side_template_mri_fwhm):
             problems.append(f"side_template_mri_fwhm={list(self.side_template_mri_fwhm)} (one or more FWHMs in mm, >= 0)")
         if self.device not in DEVICES:

@@ -440,3 +440,24 @@ def test_group_level_on_phantoms_through_real_preprocessing(tmp_path: Path) -> N
     info = json.loads((out / "models" / "dualglow.json").read_text())
     assert info["metadata"]["demonstration"] is True
     assert len(info["metadata"]["training"]["subjects"]) == 1
+
+
+def test_a_fixed_side_template_keeps_its_least_squares_start(tmp_path: Path) -> None:
+    """--side-template-fixed age: the age map stays what the fit made it (one epoch or two: the
+    same map) while the others train; without it, it trains from the same start."""
+    from dualglow_app.covariates import CovariateSpec
+
+    data = paired_volumes(6)
+    data.covariates = {"sex": ["F", "M", "F", "M", "F", "M"]}
+    data.covariate_declarations = {"sex": CovariateSpec("sex", "categorical", levels=("F", "M"))}
+    maps = {}
+    for fixed, epochs in ((("age",), 1), (("age",), 2), ((), 2)):
+        options = tiny_options(tmp_path / f"{fixed}{epochs}", tmp_path / f"w{fixed}{epochs}", epochs=epochs,
+                               side_info=("age", "sex"), side_template_fixed=fixed)  # fmt: skip
+        model = train(options, data=data).model
+        assert model.pet_side_template is not None
+        maps[fixed, epochs] = model.pet_side_template.detach().clone()
+    age, sex = model.config.side_channels("age"), model.config.side_channels("sex")
+    assert torch.equal(maps[("age",), 1][age], maps[("age",), 2][age]) and maps[("age",), 1][age].abs().max() > 0
+    assert not torch.allclose(maps[("age",), 1][sex], maps[("age",), 2][sex])  # the sex maps train
+    assert not torch.allclose(maps[("age",), 2][age], maps[(), 2][age])

@@ -29,7 +29,8 @@ from dualglow_app.runtime import in_container
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
 MULTI_VALUE_OPTIONS = ("--participant-label", "--session-label", "--age-sweep", "--output-spaces", "--side-info",
-                       "--sweep", "--covariate", "--side-template-mri-fwhm")
+                       "--sweep", "--covariate", "--side-template-mri-fwhm",
+                       "--side-template-fixed")
 
 
 def expand_multi_value_options(args: list[str]) -> list[str]:
@@ -180,6 +181,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               show_default=True, metavar="MM",
               help="group: with --side-template, the anatomy its least-squares start holds fixed: the MRI at each "
                    "voxel (0) and blurred to these FWHMs in mm (docs/MODEL_EXPERIMENTS.md, finding 17).")
+@click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
+              help="group: covariates of --side-info whose side-template maps keep their least-squares start "
+                   "instead of training with the flows.")
 @click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="group: weight of log p(MRI) in the objective (eq. 12; the paper: 1e-3, which let unseen "
                    "anatomy reach extreme MRI latents: docs/MODEL_EXPERIMENTS.md).")

@@ -167,6 +167,16 @@ class DualGlowConfig:
         """Width of the encoded side vector c (continuous values + one-hot categories)."""
         return len(self.continuous) + sum(self.categorical.values())
 
+    def side_channels(self, name: str) -> slice:
+        """The channels of c that encode covariate ``name`` (one, or one per category)."""
+        first = 0
+        for other in self.side_names:
+            width = 1 if other in self.continuous else self.categorical[other]
+            if other == name:
+                return slice(first, first + width)
+            first += width
+        raise KeyError(f"{name!r} is not a covariate of this model (it has {self.side_names})")
+
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-able dict (tuples become lists)."""
         d = asdict(self)
@@ -460,6 +470,16 @@ class DualGlow(nn.Module):
         self.pet_template.copy_(template.reshape(self.pet_template.shape).to(self.pet_template.dtype))
         self.pet_side_template.copy_(maps.reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
         log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(maps.abs().max()))
+
+    def fix_side_template(self, names: Sequence[str]) -> None:
+        """Keep the side template's maps of covariates ``names`` where they are (their least-squares
+        start) while the rest trains: their gradient is zeroed, so AdaMax never moves them."""
+        if self.pet_side_template is None or not names:
+            return
+        keep = torch.ones(self.config.n_side, *[1] * (self.pet_side_template.dim() - 1))
+        for name in names:
+            keep[self.config.side_channels(name)] = 0.0
+        self.pet_side_template.register_hook(lambda grad: grad * keep.to(grad))
 
     def _center(self, x: Tensor, modality: str, c: Tensor | None = None) -> Tensor | float:
         """What an image is centred on before its flow: its template (for the PET, moved by the
