@@ -257,8 +257,10 @@ class TrainOptions:
     # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of the models trained before it.
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     # Covariates whose side-template maps keep their least-squares start (as the templates
-    # themselves do) instead of training with the flows.
-    side_template_fixed: Sequence[str] = ()
+    # themselves do) instead of training with the flows. None: age's, when the model is
+    # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as
+    # age: docs/MODEL_EXPERIMENTS.md, finding 17); () trains every map.
+    side_template_fixed: Sequence[str] | None = None
     # DualGlowConfig.lambda_mri: the weight of log p(xm) in eq. 12. The app's default is 10x the
     # paper's 1e-3: at 1e-3 the MRI flow is barely a density model, and an unseen MRI beyond
     # the training anatomy (larger ventricles) reached a top latent of 1340 (training <= 57)
@@ -310,6 +312,8 @@ class TrainOptions:
         self.session_labels = tuple(self.session_labels)
         self.side_info = tuple(self.side_info)
         self.side_template_mri_fwhm = tuple(float(v) for v in self.side_template_mri_fwhm)
+        if self.side_template_fixed is None:
+            self.side_template_fixed = ("age",) if "age" in self.side_info else ()
         self.side_template_fixed = tuple(self.side_template_fixed)
         problems = []
         problems += [f"side_info: {problem}" for name in self.side_info if (problem := name_problem(name))]

@@ -250,7 +250,7 @@ class _Run:
                     data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
                 model.fit_side_template(pairs, mri_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size
                                                            for fwhm in options.side_template_mri_fwhm])  # fmt: skip
-                model.fix_side_template(options.side_template_fixed)
+                model.fix_side_template(options.side_template_fixed or ())
         model = model.to(device)
         model.set_memory_saving(MEMORY_SAVING_MODES[options.memory_saving])
         log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")

@@ -59,6 +59,16 @@ def test_options_refuse_bad_values() -> None:
         TrainOptions("b", "o", val_fraction=1.0)
     with pytest.raises(ValueError, match="memory_saving"):
         TrainOptions("b", "o", memory_saving="maybe")
+    with pytest.raises(ValueError, match="side_template_fixed"):
+        TrainOptions("b", "o", side_info=["age"], side_template_fixed=["sex"])
+    with pytest.raises(ValueError, match="side_template_mri_fwhm"):
+        TrainOptions("b", "o", side_template_mri_fwhm=[-8.0])
+
+
+def test_the_age_map_is_fixed_by_default_when_conditioned_on_age() -> None:
+    assert TrainOptions("b", "o", side_info=["age", "sex"]).side_template_fixed == ("age",)
+    assert TrainOptions("b", "o", side_info=["sex"]).side_template_fixed == ()
+    assert TrainOptions("b", "o", side_info=["age"], side_template_fixed=()).side_template_fixed == ()
 
 
 def test_group_level_trains_with_memory_saving(tmp_path: Path) -> None:
@@ -391,7 +401,8 @@ def test_cli_group_trains_and_writes_the_model(
     result = _cli(str(bids), str(out), "group", "-w", str(tmp_path / "work"), "--skip-bids-validation",
                   "--grid", "tiny8mm", "--epochs", "1", "--depth", "1", "--hidden", "8", "--batch-size", "2",
                   "--side-info", "age", "--model-name", "study", "--nprocs", "1", "--patience", "4",
-                  "--min-delta", "0.01", "--lambda-mri", "0.5", "--side-template-mri-fwhm", "0", "16")  # fmt: skip
+                  "--min-delta", "0.01", "--lambda-mri", "0.5", "--side-template-mri-fwhm", "0", "16",
+                  "--side-template-fixed", "none")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "models/study.safetensors" in result.output
     info = json.loads((out / "models" / "study.json").read_text())
@@ -399,6 +410,7 @@ def test_cli_group_trains_and_writes_the_model(
     assert info["metadata"]["training"]["options"]["patience"] == 4
     assert info["metadata"]["training"]["options"]["min_delta"] == 0.01
     assert info["metadata"]["training"]["options"]["side_template_mri_fwhm"] == [0.0, 16.0]
+    assert info["metadata"]["training"]["options"]["side_template_fixed"] == []  # "none": every map trained
     assert info["metadata"]["side_info"] == ["age"] and info["metadata"]["grid"]["voxel_size"] == 8.0
     assert (out / "group.html").is_file() and (out / "models" / "study_metrics.tsv").is_file()
 

@@ -182,8 +182,10 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: with --side-template, the anatomy its least-squares start holds fixed: the MRI at each "
                    "voxel (0) and blurred to these FWHMs in mm (docs/MODEL_EXPERIMENTS.md, finding 17).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
+              callback=lambda ctx, param, value: None if not value else () if value == ("none",) else value,
               help="group: covariates of --side-info whose side-template maps keep their least-squares start "
-                   "instead of training with the flows.")
+                   "instead of training with the flows; none: train them all. [default: age, when conditioned "
+                   "on age (docs/MODEL_EXPERIMENTS.md, finding 17)]")
 @click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="group: weight of log p(MRI) in the objective (eq. 12; the paper: 1e-3, which let unseen "
                    "anatomy reach extreme MRI latents: docs/MODEL_EXPERIMENTS.md).")

@@ -42,7 +42,8 @@ RUN_CACHE_VERSION = 5
 #: cached DUAL-GLOW results stale (the baselines' stay valid). 2: the paper's top-level prior
 #: (eq. 16: p(zp_top | c), without the top MRI latent); 3: the side template (fitted with the
 #: anatomy held fixed), covariate scaling learnt from the data, the top prior on (zm_top, c) by default;
-#: 4: the side template's fit holds the MRI around each voxel fixed too (TrainOptions.side_template_mri_fwhm).
+#: 4: the side template's fit holds the MRI around each voxel fixed too (TrainOptions.side_template_mri_fwhm)
+#: and its age map stays at that fit (TrainOptions.side_template_fixed).
 DUALGLOW_REVISION = 4
 
 
