@@ -421,8 +421,9 @@ class Baseline:
         self._load_state(state["model"])
         for name, opt in self._optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
-        self._noise.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        # Generator states are CPU byte tensors, whatever device the checkpoint was mapped to.
+        self._noise.set_state(state["noise_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
         rng.bit_generator.state = fields["rng"]
         self.history = list(fields["history"])
         fit = _FitState(**{name: fields[name] for name in _FitState.SCALARS})

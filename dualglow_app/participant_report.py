@@ -65,16 +65,15 @@ def write_subject_report(
 
 
 def population_mean_pet(model: LoadedModel, like: Any) -> np.ndarray | None:
-    """The model's mean training PET (SUVR; its PET template) on the grid of the image ``like``,
-    or None for a model without templates."""
+    """The model's mean training PET (SUVR; :meth:`LoadedModel.mean_training_pet`) on the grid
+    of the image ``like``, or None for a model without templates."""
     import nibabel as nib
 
     from dualglow_app.imaging import resample_to
 
-    template = getattr(model.model, "pet_template", None)
-    if template is None:
+    suvr = model.mean_training_pet()
+    if suvr is None:
         return None
-    suvr = model.scaling.pet_from_model(template[0, 0].detach().cpu().numpy().astype(np.float32))
     return resample_to(nib.Nifti1Image(suvr, model.grid.affine), like.affine, like.shape, order=1)
 
 

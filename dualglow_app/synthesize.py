@@ -492,10 +492,7 @@ def compare_with_measured_pet(scan: Scan, model: LoadedModel, t1: T1wResult, pre
         if truth is None:
             return {}
     mask = np.asarray(t1.brain_mask.dataobj) > 0
-    reference = None
-    if model.model.config.template_shape is not None:
-        reference = model.scaling.pet_from_model(model.model.get_buffer("pet_template")[0, 0].cpu().numpy())
-    scores = image_metrics(truth, prediction.mean, mask, model.scaling.pet_suvr_max, reference)
+    scores = image_metrics(truth, prediction.mean, mask, model.scaling.pet_suvr_max, model.mean_training_pet())
     return {"AgreementWithMeasuredPET": {
         "Source": bids_uri(options.bids_dir, scan.pet),
         **{key: round(float(value), 6) for key, value in scores.items() if np.isfinite(value)},
