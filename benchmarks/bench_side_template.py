@@ -6,13 +6,14 @@
 A trained model's age sweep is almost all its side template's (``DualGlowConfig.side_template``:
 the PET is centred on T + sum_j c_j B_j; for the default model of finding 16 the regional slopes
 of its sweep and of its template correlate 0.995), and the template starts from a voxelwise
-least-squares fit (:meth:`DualGlow.fit_side_template`) that training barely moves. This bench
+least-squares fit (:meth:`DualGlow.fit_side_template`), which training moves only so far (its
+age map not at all with ``--side-template-fixed age``, the default since). This bench
 refits that start on the model's own training scans (``metadata.training.subjects``), once per
 ``--fwhm`` set (the MRI at each voxel = 0 and blurred to these FWHMs in mm,
 ``--side-template-mri-fwhm`` of the group level), sweeps each held-out scan's template over the
 model benchmark's ages at its own other covariates, and scores the regional slopes against the
 swept truth (the same phantoms aged with their anatomy fixed) as ``bench_default_model.py`` does.
-The trained model's own template is the last row. No training: a minute on 2 cores.
+The trained model's own template is the last row. No training: a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -43,14 +44,15 @@ from bench_learning_curves import cpu_description  # noqa: E402
 
 
 def template_sweeps(model: DualGlow, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],
-                    side_info: list[str]) -> np.ndarray:  # fmt: skip
+                    specs: dict[str, Any]) -> np.ndarray:  # fmt: skip
     """(rows, ages, phantom regions): each row's PET template T + sum_j c_j B_j at every age (its
-    other covariates its own), in SUVR, as regional means over the row's mask."""
+    other covariates its own, encoded by the model's ``specs``), in SUVR, as regional means over
+    the row's mask."""
     region_labels, names = phantom_regions(data.grid)
     like = torch.zeros(1, 1, *data.grid.shape)
     out = np.empty((len(rows), len(ages), len(names)))
     for k, row in enumerate(rows):
-        own = {name: data.covariate_specs(side_info)[name].encode(data.covariate_values(name)[row]) for name in side_info}
+        own = {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
         images = []
         for age in ages:
             side = {name: torch.tensor([float(age if name == "age" else value)]) for name, value in own.items()}
@@ -105,10 +107,10 @@ def main() -> None:
         model.fit_side_template(((b.mri, b.pet, b.side) for b in model_batches(
             data, train_rows, loaded.scaling, torch.device("cpu"), 8, side_info)),
             mri_sigmas=[f * FWHM_TO_SIGMA / data.grid.voxel_size for f in fwhms])  # fmt: skip
-        rows[f"fit, MRI at FWHM {fwhm_set} mm"] = scored(template_sweeps(model, loaded.scaling, data, test_rows, SWEEP_AGES, side_info))
+        rows[f"fit, MRI at FWHM {fwhm_set} mm"] = scored(template_sweeps(model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))
     recorded = training.get("options", {}).get("side_template_mri_fwhm", [0.0])
     rows[f"the trained model's template (fitted at {','.join(f'{v:g}' for v in recorded)} mm)"] = scored(
-        template_sweeps(loaded.model, loaded.scaling, data, test_rows, SWEEP_AGES, side_info))
+        template_sweeps(loaded.model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))
 
     print(f"side template's age sweep vs the swept truth of {len(test_rows)} held-out scans; fitted on "
           f"{len(train_rows)} training scans; model {loaded.sha256[:12]}; {cpu_description()['model_name']}")
