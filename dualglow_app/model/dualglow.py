@@ -51,6 +51,8 @@ _T = TypeVar("_T")
 
 #: Choices of DualGlowConfig.top_prior (its comment).
 TOP_PRIORS = ("side", "mri+side")
+#: Which relation networks take the side information c (DualGlowConfig.side_levels).
+SIDE_LEVELS = ("top", "all", "none")
 
 
 @dataclass
@@ -106,7 +108,8 @@ class DualGlowConfig:
     side_prior_gain: float = 10.0
     # Which relation networks take c (eq. 16): "top" (the paper) or "all" levels (ours: a flow
     # spreads an age effect over every scale, measured ~3 % of each level's latent variance
-    # on phantom v2, so a prior that sees c at the top alone moves only part of it).
+    # on phantom v2, so a prior that sees c at the top alone moves only part of it), or "none":
+    # c moves the side template alone (docs/MODEL_EXPERIMENTS.md, finding 17).
     side_levels: str = "top"
     # The PET's centring template moves with the side information: it is T + sum_j c_j B_j,
     # not T alone (a volume-preserving shift before the PET flow, logdet 0). Ours, beyond
@@ -143,8 +146,8 @@ class DualGlowConfig:
             problems.append(f"top_prior={self.top_prior!r} (choose from {list(TOP_PRIORS)})")
         if not self.side_prior_gain > 0:
             problems.append(f"side_prior_gain={self.side_prior_gain} (must be > 0)")
-        if self.side_levels not in ("top", "all"):
-            problems.append(f"side_levels={self.side_levels!r} (top or all)")
+        if self.side_levels not in SIDE_LEVELS:
+            problems.append(f"side_levels={self.side_levels!r} (choose from {list(SIDE_LEVELS)})")
         if self.top_mri_side not in ("keep", "remove"):
             problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
         if self.template_shape is not None and (
@@ -356,7 +359,7 @@ class DualGlow(nn.Module):
             self.side_prior = SidePrior(cfg.n_side, channels[top], cfg.ndim, cfg.log_sigma_bound, top_shape,
                                         cfg.side_prior_gain)
         self.relations = nn.ModuleList(
-            RelationNet(c + (cfg.n_side if i == top or cfg.side_levels == "all" else 0), c, cfg.relation_hidden, cfg.ndim,
+            RelationNet(c + (cfg.n_side if self._relation_takes_side(i, top) else 0), c, cfg.relation_hidden, cfg.ndim,
                         cfg.log_sigma_bound, cfg.relation_layers)
             for i, c in enumerate(channels[:top] if self.side_prior is not None else channels)
         )
@@ -655,6 +658,10 @@ class DualGlow(nn.Module):
             return [mri[-1], pet_top], list(mri[:-1])
         return [pet_top], list(mri)
 
+    def _relation_takes_side(self, i: int, top: int) -> bool:
+        """Whether level ``i``'s relation network (of ``top + 1`` levels) takes c (``side_levels``)."""
+        return self.config.side_levels == "all" or (self.config.side_levels == "top" and i == top)
+
     def _from_side_prior(self, i: int) -> bool:
         """Whether level ``i``'s PET prior is the :class:`SidePrior` (of c alone)."""
         return self.side_prior is not None and i == len(self.conditioning_range) - 1
@@ -665,7 +672,7 @@ class DualGlow(nn.Module):
         if self._from_side_prior(i):
             assert c is not None and self.side_prior is not None
             return self.side_prior(c, zm)
-        if c is not None and (i == len(self.conditioning_range) - 1 or self.config.side_levels == "all"):
+        if c is not None and self._relation_takes_side(i, len(self.conditioning_range) - 1):
             side_map = c.view(*c.shape, *([1] * self.config.ndim)).expand(-1, -1, *zm.shape[2:])
             zm = torch.cat([zm, side_map], dim=1)
         return self.relations[i](zm)
@@ -851,6 +858,6 @@ class DualGlow(nn.Module):
 
 
 __all__ = [
-    "AGE_SCALING", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
+    "AGE_SCALING", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
     "grad_reverse",
 ]  # fmt: skip

@@ -575,6 +575,27 @@ def test_side_template_adjusts_for_the_anatomy_around_each_voxel() -> None:
     assert (age_map((0.0,)) - per_decade).abs().max() > 0.005
 
 
+def test_with_side_levels_none_the_covariates_move_the_side_template_alone() -> None:
+    """No relation network takes c: trained or not, the mode moves with age by exactly the age
+    map (the least-squares estimate), whatever the flows learnt."""
+    torch.manual_seed(1)
+    mri, pet, side, _, _ = side_template_data()
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, categorical={"sex": 2}, template_shape=[8, 8],
+                                 top_prior="mri+side", side_levels="none"))  # fmt: skip
+    assert all(r.net[0].in_channels == c for r, c in zip(model.relations, model.flow_mri.latent_channels, strict=True))
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_side_template([(mri, pet, side)])
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.nll(mri, pet, side)["loss"].backward()
+        optimizer.step()
+    assert model.pet_side_template is not None
+    young, old = (model.sample(mri[:2], {"age": a, "sex": 0}, temperature=0.0)[0] for a in (60.0, 90.0))
+    assert torch.allclose(old - young, 3.0 * model.pet_side_template[0].detach().expand_as(old), atol=1e-4)
+
+
 def test_side_template_needs_templates_and_old_files_lack_it() -> None:
     assert DualGlowConfig().side_template is True
     without = {k: v for k, v in side_config().to_dict().items() if k != "side_template"}
