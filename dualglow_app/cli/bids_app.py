@@ -172,9 +172,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
                    "(side: eq. 16 as the paper writes it).")
 @click.option("--side-loss-weight", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="group: weight of the eq. 17 side-information heads in the objective (the paper: 0.01).")
-@click.option("--side-levels", type=click.Choice(["top", "all", "none"]), default="top", show_default=True,
-              help="group: with --side-info, which relation networks take the covariates: the top one (eq. 16), all, or none "
-                   "(they move the side template alone).")
+@click.option("--side-levels", type=click.Choice(["top", "all", "none"]), default="none", show_default=True,
+              help="group: with --side-info, which relation networks take the covariates: none (they move the side "
+                   "template alone: docs/MODEL_EXPERIMENTS.md, finding 17), the top one (eq. 16) or all.")
 @click.option("--side-template/--no-side-template", default=True, show_default=True,
               help="group: with --side-info, the PET's centring template moves with the covariates "
                    "(a map per covariate, fitted by least squares, then trained).")
