@@ -255,7 +255,11 @@ def main() -> None:
                         help="the PET template moves with the covariates (DualGlowConfig.side_template)")
     parser.add_argument("--side-loss-weight", type=float, default=0.01)
     parser.add_argument("--lambda-mri", type=float, default=1e-3, help="weight of log p(xm) in eq. 12")
-    parser.add_argument("--side-levels", default="top")
+    parser.add_argument("--side-levels", choices=("top", "all", "none"), default="top")
+    # The lab book's rows before finding 17 fitted the side template's start with the voxel's MRI
+    # and trained every map: these defaults keep them reproducible (the group level's are 0,8,24 / age).
+    parser.add_argument("--side-template-mri-fwhm", default="0", help="comma-separated FWHMs in mm (0 = the voxel)")
+    parser.add_argument("--side-template-fixed", default="", help="comma-separated covariates whose maps stay fixed")
     parser.add_argument("--side-info", default="age", help="'age' or '' (none)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=2)
@@ -285,6 +289,8 @@ def main() -> None:
         depth=args.depth, hidden=args.hidden, relation_hidden=args.relation_hidden,
         relation_layers=args.relation_layers, top_prior=args.top_prior, top_mri_side=args.top_mri_side,
         side_template=args.side_template == "on",
+        side_template_mri_fwhm=[float(v) for v in args.side_template_mri_fwhm.split(",")],
+        side_template_fixed=[name for name in args.side_template_fixed.split(",") if name],
         side_loss_weight=args.side_loss_weight, side_levels=args.side_levels, lambda_mri=args.lambda_mri,
         side_info=tuple(s for s in args.side_info.split(",") if s), epochs=args.epochs, max_steps=args.max_steps,
         patience=args.patience, min_delta=args.min_delta, batch_size=args.batch_size, lr=args.lr,
