@@ -125,6 +125,8 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         grid=options.grid, depth=options.depth, hidden=options.hidden, relation_hidden=options.relation_hidden,
         relation_layers=options.relation_layers,
         top_prior=options.top_prior, top_mri_side=options.top_mri_side, lambda_mri=options.lambda_mri,
+        side_levels=options.side_levels, side_template_mri_fwhm=options.side_template_mri_fwhm,
+        side_template_fixed=options.side_template_fixed,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
@@ -306,7 +308,8 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 #: Settings only DUAL-GLOW's result depends on (with :data:`DUALGLOW_REVISION`); the baselines' own.
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
-               "top_prior", "top_mri_side", "lambda_mri", "table2_withhold"),
+               "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
+               "side_template_fixed"),
     "baselines": ("baseline_width",),
 }
 

@@ -92,6 +92,12 @@ class EvaluateOptions:
     top_prior: str = "mri+side"
     top_mri_side: str = "keep"
     lambda_mri: float = 0.01
+    # As the group level's (TrainOptions): which relation networks take c, the side template's
+    # MRI adjustment (FWHMs in mm) and the covariates whose maps stay at their start (None: age
+    # when conditioned on it).
+    side_levels: str = "none"
+    side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
+    side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100
     baseline_width: int = 16
@@ -109,6 +115,9 @@ class EvaluateOptions:
         self.side_info = tuple(self.side_info)
         self.ages = tuple(float(a) for a in self.ages)
         self.participant_labels = tuple(self.participant_labels)
+        self.side_template_mri_fwhm = tuple(float(v) for v in self.side_template_mri_fwhm)
+        if self.side_template_fixed is not None:
+            self.side_template_fixed = tuple(self.side_template_fixed)
         problems = []
         unknown = sorted(set(self.baselines) - set(BASELINE_NAMES))
         if unknown:

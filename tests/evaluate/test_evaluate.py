@@ -256,6 +256,16 @@ def test_changing_dualglow_settings_retrains_dualglow_only(tiny_run: tuple) -> N
     assert len(folds) == 2 * options.folds  # one result per fold for each DUAL-GLOW setting
 
 
+def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None:
+    from dualglow_app.evaluate.crossval import _method_key
+
+    base = tiny_options(tmp_path)
+    for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()}):
+        other = dataclasses.replace(base, **change)
+        assert _method_key(DUALGLOW, other) != _method_key(DUALGLOW, base), change
+        assert _method_key("unet", other) == _method_key("unet", base)
+
+
 def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """A (fold, method) whose entry another process has locked is passed over, then collected:
