@@ -54,6 +54,18 @@ class ParticipantUsageError(ValueError):
     """Options or inputs that make the whole participant run impossible (the CLI exits with status 2)."""
 
 
+def side_template_fixed_choice(values: Sequence[str]) -> tuple[str, ...] | None:
+    """``--side-template-fixed`` as typed -> the options' value: nothing given -> None (the
+    default: age when conditioned on it), ``none`` -> () (every map trains), else the names.
+
+    >>> side_template_fixed_choice([]), side_template_fixed_choice(["none"]), side_template_fixed_choice(["age"])
+    (None, (), ('age',))
+    """
+    if not values:
+        return None
+    return () if tuple(values) == ("none",) else tuple(values)
+
+
 def covariate_assignments(texts: Sequence[str]) -> dict[str, str]:
     """``--covariate NAME=VALUE`` texts by name, values as typed (the model checks them).
 

@@ -378,17 +378,19 @@ class LoadedModel:
         model = self.model
         if model.config.template_shape is None:
             return None
-        template = model.get_buffer("pet_template")[0].detach().cpu().double()
-        side = model.pet_side_template
-        if side is not None:
-            average = torch.zeros(model.config.n_side, dtype=torch.float64)
+        template = model.get_buffer("pet_template")
+        average = None
+        if model.pet_side_template is not None:
+            average = torch.zeros(1, model.config.n_side, dtype=template.dtype, device=template.device)
             for name, spec in self.covariates.items():
                 total = sum(spec.counts.values())
                 if spec.is_categorical and total:
                     shares = [spec.counts.get(level, 0) / total for level in spec.levels]
-                    average[model.config.side_channels(name)] = torch.tensor(shares, dtype=torch.float64)
-            template = template + torch.einsum("n,n...->...", average, side.detach().cpu().double())
-        return self.scaling.pet_from_model(template[0].numpy().astype(np.float32))
+                    average[0, model.config.side_channels(name)] = torch.tensor(shares, dtype=template.dtype)
+        with torch.no_grad():
+            centre = model._center(template, "pet", average)  # the model's own T + B c
+        assert isinstance(centre, torch.Tensor)
+        return self.scaling.pet_from_model(centre[0, 0].cpu().numpy().astype(np.float32))
 
 
 def open_model(weights: str | os.PathLike[str] | None, device: Any = "cpu") -> LoadedModel:

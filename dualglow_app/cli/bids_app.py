@@ -24,6 +24,7 @@ from dualglow_app.bids import AGE
 from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
 from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
+from dualglow_app.options import side_template_fixed_choice
 from dualglow_app.runtime import in_container
 
 LEVELS = ("participant", "group")
@@ -183,7 +184,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: with --side-template, the anatomy its least-squares start holds fixed: the MRI at each "
                    "voxel (0) and blurred to these FWHMs in mm (docs/MODEL_EXPERIMENTS.md, finding 17).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
-              callback=lambda ctx, param, value: None if not value else () if value == ("none",) else value,
+              callback=lambda ctx, param, value: side_template_fixed_choice(value),
               help="group: covariates of --side-info whose side-template maps keep their least-squares start "
                    "instead of training with the flows; none: train them all. [default: age, when conditioned "
                    "on age (docs/MODEL_EXPERIMENTS.md, finding 17)]")

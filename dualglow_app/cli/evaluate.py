@@ -91,7 +91,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
     from dualglow_app.evaluate import EvaluateOptions, EvaluationError, evaluate, table1_rows
     from dualglow_app.log import describe_error, setup_logging
     from dualglow_app.metrics import LABELS, METRICS
-    from dualglow_app.options import default_work_dir
+    from dualglow_app.options import default_work_dir, side_template_fixed_choice
     from dualglow_app.runtime import DeviceUnavailableError
     from dualglow_app.train import TrainingError
 
@@ -109,7 +109,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,
             top_mri_side=top_mri_side, lambda_mri=lambda_mri, lr=lr, baseline_width=baseline_width,
             side_levels=side_levels, side_template_mri_fwhm=side_template_mri_fwhm,
-            side_template_fixed=None if not side_template_fixed else () if side_template_fixed == ("none",) else side_template_fixed,
+            side_template_fixed=side_template_fixed_choice(side_template_fixed),
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip
     except ValueError as err:

@@ -467,7 +467,7 @@ class DualGlow(nn.Module):
             rows += pet.shape[0]
         if gram is None or moments is None or pet_sum is None or c_sum is None:
             raise ValueError("fit_side_template needs at least one (mri, pet, side) batch of training images.")
-        coef = (torch.linalg.pinv(gram) @ moments[..., None])[..., 0]  # (voxels, 1 + n_side + 1)
+        coef = (torch.linalg.pinv(gram) @ moments[..., None])[..., 0]  # (voxels, 1 + n_side + len(mri_sigmas))
         maps = coef[:, 1 : 1 + c_sum.numel()].T  # (n_side, voxels)
         template = pet_sum / rows - (c_sum / rows) @ maps
         self.pet_template.copy_(template.reshape(self.pet_template.shape).to(self.pet_template.dtype))
