@@ -28,6 +28,7 @@ import torch
 from scipy.stats import wilcoxon
 
 from dualglow_app.dataset import DatasetSpec, prepare_dataset
+from dualglow_app.evaluate.statistics import explainable_truth
 from dualglow_app.inference import predict
 from dualglow_app.log import setup_logging
 from dualglow_app.metrics import METRICS, image_metrics
@@ -154,11 +155,8 @@ def main() -> None:
     if origin is not None:
         # The explainable PET (no MRI-invisible factors, noise-free) of each held-out phantom on
         # the model grid, for the deviation-r target against it.
-        from dualglow_app.phantom.mni import simulate_subject
-
         explainable = np.zeros((len(data.labels), *grid.shape), dtype=np.float32)
-        for row, index in zip(test_rows, indices, strict=True):
-            explainable[row] = simulate_subject(origin[0], int(index), grid, origin[1]).explainable
+        explainable[test_rows] = explainable_truth(origin, indices, grid, cache=args.work_dir / "explainable_truth")
     targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, explainable, truth_sweep=swept,
                     covariates_of=covariates)  # fmt: skip
     mean_pet = np.asarray(data.pet[train_rows]).mean(axis=0)
@@ -190,7 +188,9 @@ def main() -> None:
               f"{s['deviation_r']:>13.3f}")  # fmt: skip
     specificity = summary["input specificity"]
     print(f"input specificity (mean pairwise r): synthetic {specificity['synthetic']:.3f}, "
-          f"true PET {specificity['true PET']:.3f}")
+          f"true PET {specificity['true PET']:.3f}"
+          + (f", explainable PET {targets['specificity_explainable']:.3f}" if explainable is not None else ""))
+    print(f"deviation amplitude (SD of synthetic - mean PET over the truth's): {targets['deviation_amplitude']:.2f}")
     wins = [f"{paired[k]['dualglow_better']}/{paired[k]['n']} (p {paired[k]['wilcoxon_p']:.2g})"
             for k in ("mae_suvr", "pearson_r", "psnr_db", "ssim")]  # fmt: skip
     print(f"{'DUAL-GLOW better on':<22}{wins[0]:>12}  {wins[1]}  {wins[2]}  {wins[3]}")

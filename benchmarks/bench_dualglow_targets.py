@@ -167,7 +167,7 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
 
     reference = reference_pet(data, train_rows, scaling)
     side_info = "age" in model.config.continuous
-    preds, dev, dev_expl, mae, r, mae_mean, r_mean, clipped = [], [], [], [], [], [], [], []
+    preds, dev, dev_expl, mae, r, mae_mean, r_mean, clipped, amplitude = [], [], [], [], [], [], [], [], []
     for row in val_rows:
         mask = np.asarray(data.mask[row])
         truth = np.asarray(data.pet[row], dtype=np.float32)
@@ -180,6 +180,10 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
         mae.append(scores["mae_suvr"]), r.append(scores["pearson_r"])
         mae_mean.append(mean_scores["mae_suvr"]), r_mean.append(mean_scores["pearson_r"])
         dev.append(deviation_correlation(out.mean, truth, reference, mask))
+        # How far the prediction departs from the mean PET, as a share of how far the truth does
+        # (SD in the brain): below 1, the subject's departures are shrunk towards the population.
+        inside = mask > 0
+        amplitude.append(float(np.std(out.mean[inside] - reference[inside]) / np.std(truth[inside] - reference[inside])))
         if explainable is not None:
             dev_expl.append(deviation_correlation(out.mean, explainable[row], reference, mask))
     masks = np.asarray(data.mask[val_rows])
@@ -187,6 +191,9 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
         "deviation_r": float(np.mean(dev)), "deviation_r_explainable": float(np.mean(dev_expl)) if dev_expl else None,
         "specificity_synthetic": mean_pairwise_correlation(np.stack(preds), masks),
         "specificity_true": mean_pairwise_correlation(np.asarray(data.pet[val_rows]), masks),
+        "specificity_explainable": (mean_pairwise_correlation(np.asarray(explainable[val_rows]), masks)
+                                    if explainable is not None else None),
+        "deviation_amplitude": float(np.mean(amplitude)),
         "mae_suvr": float(np.mean(mae)), "pearson_r": float(np.mean(r)),
         "meanpet_mae_suvr": float(np.mean(mae_mean)), "meanpet_pearson_r": float(np.mean(r_mean)),
         "clipped_fraction": float(np.mean(clipped)),
@@ -200,7 +207,7 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
 COLUMNS = (
     ("label", "variant"), ("epochs", "epochs"), ("best_epoch", "kept"), ("train_seconds", "train s"),
     ("deviation_r", "dev r"), ("deviation_r_last10", "val dev r, last 10 epochs"), ("deviation_r_explainable", "dev r expl."), ("specificity_synthetic", "pairwise r syn."),
-    ("specificity_true", "pairwise r true"), ("mae_suvr", "MAE"), ("meanpet_mae_suvr", "MAE mean PET"),
+    ("specificity_true", "pairwise r true"), ("specificity_explainable", "pairwise r expl."), ("deviation_amplitude", "dev amplitude"), ("mae_suvr", "MAE"), ("meanpet_mae_suvr", "MAE mean PET"),
     ("age.pearson_r", "age r"), ("age.sign_agreement", "age sign"), ("age.median_ratio", "age slope ratio"),
     ("age.within_25_percent", "within 25 %"), ("age.beyond_over_inside", "beyond/inside"),
     ("age.measured.pearson_r", "age r (swept truth)"), ("age.measured.sign_agreement", "sign (swept truth)"),

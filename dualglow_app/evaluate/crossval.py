@@ -49,6 +49,8 @@ from dualglow_app.evaluate.report import build_summary, write_outputs
 from dualglow_app.evaluate.statistics import (
     age_trends,
     classification,
+    explainable_scores,
+    explainable_truth,
     impairment_classes,
     paired_tests,
     phantom_true_slopes,
@@ -398,14 +400,19 @@ def _run_folds(
 # --------------------------------------------------------------------------- the core
 
 
+def _fold_references(cohort: Cohort, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Each fold's mean training PET (what ``meanpet`` predicts): the deviation correlation's reference."""
+    from dualglow_app.validation import reference_pet
+
+    return [reference_pet(cohort.data, train_rows, IntensityScaling()) for train_rows, _ in splits]
+
+
 def _scan_rows(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
                results: dict[str, list[Run]]) -> list[dict[str, Any]]:  # fmt: skip
     """Table 1's raw material: one row per held-out scan, fold and method, with its metrics;
     the deviation correlation against the fold's mean training PET (what ``meanpet`` predicts)."""
-    from dualglow_app.validation import reference_pet
-
     data = cohort.data
-    references = [reference_pet(data, train_rows, IntensityScaling()) for train_rows, _ in splits]
+    references = _fold_references(cohort, splits)
     rows: list[dict[str, Any]] = []
     for method in options.methods:
         for fold, result in enumerate(results[method]):
@@ -475,14 +482,44 @@ def _training_record(run: Run) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _subject_level(cohort: Cohort, atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:
-    """Input specificity and regional agreement of every method on its held-out scans."""
+def _subject_level(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                   atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:  # fmt: skip
+    """Input specificity and regional agreement of every method on its held-out scans; on a
+    phantom cohort also every method against the explainable truth."""
     data = cohort.data
     masks = np.asarray(data.mask)
     true_aal = atlases.aal.means(np.asarray(data.pet), masks)
     held_out = {method: [(r["test_rows"], r["test_pred"], r["aal_all"][r["test_rows"]]) for r in runs]
                 for method, runs in results.items()}  # fmt: skip
-    return subject_level(np.asarray(data.pet), masks, true_aal, held_out)
+    out = subject_level(np.asarray(data.pet), masks, true_aal, held_out)
+    origin = _phantom_origin(cohort, np.arange(len(data)))
+    if origin is not None:
+        assert options.work_dir is not None
+        explainable = explainable_truth(origin[:2], origin[2], data.grid, cache=options.work_dir / "explainable_truth")
+        out["explainable_truth"] = explainable_scores(
+            explainable, np.asarray(data.pet), masks, _fold_references(cohort, splits),
+            {method: [(rows, predictions) for rows, predictions, _ in folds] for method, folds in held_out.items()},
+        )  # fmt: skip
+    return out
+
+
+def _phantom_origin(cohort: Cohort, rows: np.ndarray) -> tuple[int, int, list[int]] | None:
+    """(seed, version, phantom subject index of each of ``rows``) when the cohort is a phantom
+    that records its seed and every scan is its own single-session subject; else None (no
+    regenerated truth: swept ages, explainable PET)."""
+    from dualglow_app.phantom import phantom_seed, phantom_version
+    from dualglow_app.phantom.cohort import subject_index
+
+    if cohort.phantom_dir is None:
+        return None
+    data = cohort.data
+    seed, version = phantom_seed(cohort.phantom_dir), phantom_version(cohort.phantom_dir)
+    labels = [data.labels[i] for i in rows]
+    if seed is None or version is None or len(set(data.subjects)) != len(data) or \
+            not all(re.fullmatch(r"sub-\d+", label) for label in labels):  # fmt: skip
+        log.info("no regenerated phantom truth (the phantom's seed is not recorded, or scans are not one per subject)")
+        return None
+    return seed, version, [subject_index(label) for label in labels]
 
 
 def _age_experiment(cohort: Cohort, options: EvaluateOptions, atlases: EvaluationAtlases,
@@ -513,20 +550,12 @@ def _swept_truth_comparison(cohort: Cohort, options: EvaluateOptions, rows: np.n
     The phantom calibration's slopes (``phantom_comparison`` itself) are the activity's before
     the PET's blur mixes neighbouring regions; this truth went through the same blur, grid and
     regions as the synthetic sweep. None unless every scan is its own single-session phantom."""
-    from dualglow_app.phantom import phantom_seed, phantom_version
-    from dualglow_app.phantom.cohort import subject_index
-
-    assert cohort.phantom_dir is not None
-    data = cohort.data
-    seed, version = phantom_seed(cohort.phantom_dir), phantom_version(cohort.phantom_dir)
-    labels = [data.labels[i] for i in rows]
-    if seed is None or version is None or len(set(data.subjects)) != len(data) or \
-            not all(re.fullmatch(r"sub-\d+", label) for label in labels):  # fmt: skip
-        log.info("age trends: no swept truth (the phantom's seed is not recorded, or scans are not one per subject)")
+    origin = _phantom_origin(cohort, rows)
+    if origin is None:
         return None
-    indices = [subject_index(label) for label in labels]
+    seed, version, indices = origin
     assert options.work_dir is not None
-    sweep = swept_truth((seed, version), indices, data.grid, np.asarray(data.mask[rows]), options.ages,
+    sweep = swept_truth((seed, version), indices, cohort.data.grid, np.asarray(cohort.data.mask[rows]), options.ages,
                         cache=options.work_dir / "age_truth")  # fmt: skip
     return {**swept_slope_agreement(synthetic, sweep, options.ages), "seed": seed, "version": version}
 
@@ -566,7 +595,7 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
                 for k, (tr, te) in enumerate(splits)],
         timing={m: [float(r["seconds"]) for r in results[m]] for m in options.methods},
         training={m: [_training_record(r) for r in results[m]] for m in options.methods},
-        subject_level=_subject_level(cohort, atlases, results),
+        subject_level=_subject_level(cohort, options, splits, atlases, results),
     )  # fmt: skip
     evaluation.summary = build_summary(cohort, options, evaluation, str(device), run_dir)
     write_outputs(cohort, options, evaluation, results)

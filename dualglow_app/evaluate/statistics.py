@@ -8,7 +8,9 @@
   false-positive rate FP / (FP + TN), pooled over the folds.
 - Subject-level metrics (docs/DESIGN.md, "What works means"): :func:`subject_level` - input
   specificity of each method next to the true PETs' and regional agreement (ICC(2,1),
-  Bland-Altman) of held-out scans; the per-scan deviation correlation is a Table 1 column.
+  Bland-Altman) of held-out scans; the per-scan deviation correlation is a Table 1 column. On
+  a phantom cohort: :func:`explainable_scores` against each subject's explainable PET
+  (:func:`explainable_truth`).
 - Fig. 7: :func:`age_trends` - regional means vs age with 95 % confidence bands of the mean
   over scans, per-region slopes (:func:`regional_slopes`), and on a phantom cohort the
   comparison with its true slopes (:func:`phantom_true_slopes`).
@@ -249,6 +251,22 @@ def swept_slope_agreement(synthetic: np.ndarray, sweep: np.ndarray, ages: Sequen
     return {**slope_agreement(synthetic, measured), "true_per_decade": measured.tolist()}
 
 
+def _cached_array(cache: Path | None, key: str, compute: Any) -> np.ndarray:
+    """``compute()``, stored once in ``cache`` under a hash of ``key`` (None: not stored)."""
+    import hashlib
+
+    path = None if cache is None else Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path is not None and path.is_file():
+        return np.load(path)
+    out = compute()
+    if path is not None:
+        from dualglow_app.io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, out)
+    return out
+
+
 def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, masks: np.ndarray,
                 ages: Sequence[float], cache: Path | None = None) -> np.ndarray:  # fmt: skip
     """(scans, ages, phantom regions): each phantom subject's true PET at each age with its own
@@ -267,21 +285,66 @@ def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, mask
     masks = np.asarray(masks)
     key = (f"seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-ages{'_'.join(f'{a:g}' for a in ages)}"
            f"-mask{hashlib.sha256(np.packbits(masks.reshape(len(masks), -1) > 0).tobytes()).hexdigest()[:8]}")
-    path = None if cache is None else Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if path is not None and path.is_file():
-        return np.load(path)
-    labels, names = phantom_regions(grid)
-    regions = list(range(1, len(names) + 1))
-    out = np.stack([
-        regional_mean_matrix(age_sweep_truth(seed, int(index), grid, tuple(ages), version), labels, regions, masks=mask)
-        for index, mask in progress(zip(indices, masks, strict=True), "swept truth", total=len(masks))
-    ])  # fmt: skip
-    if path is not None:
-        from dualglow_app.io import atomic_path
 
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, out)
-    return out
+    def compute() -> np.ndarray:
+        labels, names = phantom_regions(grid)
+        regions = list(range(1, len(names) + 1))
+        return np.stack([
+            regional_mean_matrix(age_sweep_truth(seed, int(index), grid, tuple(ages), version), labels, regions, masks=mask)
+            for index, mask in progress(zip(indices, masks, strict=True), "swept truth", total=len(masks))
+        ])  # fmt: skip
+
+    return _cached_array(cache, key, compute)
+
+
+def explainable_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any,
+                      cache: Path | None = None) -> np.ndarray:  # fmt: skip
+    """(scans, *grid.shape): each phantom subject's explainable PET on ``grid`` in SUVR (its PET
+    without the factors its MRI cannot show, noise-free: :func:`dualglow_app.phantom.mni.simulate_subject`),
+    the ceiling of anything computed from the MRI. ``origin``: the cohort's (seed, version);
+    ``indices``: each scan's phantom subject index. Cached in ``cache`` by these and the grid."""
+    import hashlib
+
+    from dualglow_app.log import progress
+    from dualglow_app.phantom.mni import simulate_subject
+
+    seed, version = origin
+    grid_id = hashlib.sha256(np.asarray(grid.affine, np.float64).tobytes() + str(grid.shape).encode()).hexdigest()[:8]
+    key = f"explainable-seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-grid{grid_id}"
+    return _cached_array(cache, key, lambda: np.stack([
+        simulate_subject(seed, int(index), grid, version).explainable
+        for index in progress(indices, "explainable truth", total=len(indices))
+    ]).astype(np.float32))  # fmt: skip
+
+
+def explainable_scores(explainable: np.ndarray, true_pet: np.ndarray, masks: np.ndarray,
+                       references: Sequence[np.ndarray],
+                       held_out: dict[str, list[tuple[np.ndarray, np.ndarray]]]) -> dict[str, Any]:  # fmt: skip
+    """Each method's held-out predictions scored against the explainable truth instead of the
+    measured PET: the deviation r (against fold k's mean training PET, ``references[k]``) and
+    the MAE, mean over scans. ``held_out[method]`` lists per fold (test rows, predictions);
+    ``explainable``, ``true_pet`` and ``masks`` are indexed by row. For scale, the measured PET
+    is scored too (how far the MRI-invisible factors and the noise take it from its
+    explainable part), and the explainable PETs' input specificity is given:
+    the lowest a synthesis that is exactly right about everything the MRI shows can reach
+    (the true PETs' is lower by the MRI-invisible factors and the noise)."""
+    from dualglow_app.metrics import deviation_correlation, mean_pairwise_correlation
+
+    def scores(folds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        dev, mae = [], []
+        for fold, (rows, predictions) in enumerate(folds):
+            for row, pred in zip(rows, predictions, strict=True):
+                inside = np.asarray(masks[row]) > 0
+                dev.append(deviation_correlation(pred, explainable[row], references[fold], inside))
+                mae.append(float(np.abs(np.asarray(pred, np.float64) - explainable[row])[inside].mean()))
+        return {"deviation_r": float(np.nanmean(dev)), "mae_suvr": float(np.mean(mae)), "n": len(dev)}
+
+    methods = {m: scores(folds) for m, folds in held_out.items()}
+    folds = next(iter(held_out.values()))
+    order = np.concatenate([rows for rows, _ in folds])
+    methods = {"true PET": scores([(rows, true_pet[rows]) for rows, _ in folds]), **methods}
+    return {"methods": methods,
+            "input_specificity": {"explainable PET": mean_pairwise_correlation(explainable[order], masks[order])}}
 
 
 def phantom_calibrated_slopes(names: Sequence[str]) -> np.ndarray:
@@ -337,6 +400,7 @@ def age_trends(
 
 
 __all__ = [
-    "age_trends", "classification", "impairment_classes", "paired_tests", "phantom_calibrated_slopes", "phantom_true_slopes",
-    "regional_slopes", "slope_agreement", "subject_level", "summarise", "swept_slope_agreement", "swept_truth",
+    "age_trends", "classification", "explainable_scores", "explainable_truth", "impairment_classes", "paired_tests",
+    "phantom_calibrated_slopes", "phantom_true_slopes", "regional_slopes", "slope_agreement", "subject_level", "summarise",
+    "swept_slope_agreement", "swept_truth",
 ]  # fmt: skip

@@ -177,6 +177,59 @@ def test_swept_truth_falls_with_age_and_is_cached(tmp_path: Path) -> None:
     np.testing.assert_array_equal(swept_truth((0, 2), [0, 1], grid, masks, (50.0, 90.0), cache=tmp_path), sweep)
 
 
+def test_explainable_truth_is_the_phantoms_and_is_cached(tmp_path: Path) -> None:
+    """Each phantom subject's explainable PET on the grid, as the fast path makes it; a second
+    call reads the cache."""
+    from dualglow_app.evaluate.statistics import explainable_truth
+    from dualglow_app.phantom.mni import simulate_subject
+
+    grid = preset("tiny8mm")
+    truth = explainable_truth((0, 2), [3, 1], grid, cache=tmp_path)
+    assert truth.shape == (2, *grid.shape) and truth.dtype == np.float32
+    np.testing.assert_allclose(truth[0], simulate_subject(0, 3, grid, 2).explainable, rtol=1e-6)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+    np.testing.assert_array_equal(explainable_truth((0, 2), [3, 1], grid, cache=tmp_path), truth)
+
+
+def test_explainable_scores_rank_a_method_by_what_the_mri_shows() -> None:
+    """A method that predicts the explainable PET scores deviation r 1 and MAE 0 against it, the
+    mean PET 0; the measured PET (explainable + invisible factors) in between; the explainable
+    PETs' pairwise r is reported for the input specificity."""
+    from dualglow_app.evaluate.statistics import explainable_scores
+
+    rng = np.random.default_rng(0)
+    mean = 1.0 + rng.random((6, 6, 6))
+    explainable = mean + 0.2 * rng.standard_normal((4, 6, 6, 6))
+    measured = explainable + 0.2 * rng.standard_normal((4, 6, 6, 6))
+    masks = np.ones((4, 6, 6, 6), bool)
+    folds = [np.array([0, 1]), np.array([2, 3])]
+    held_out = {"oracle": [(rows, explainable[rows]) for rows in folds],
+                "meanpet": [(rows, np.stack([mean] * 2)) for rows in folds]}  # fmt: skip
+    scores = explainable_scores(explainable, measured, masks, [mean, mean], held_out)
+    methods = scores["methods"]
+    assert methods["oracle"]["deviation_r"] == pytest.approx(1.0) and methods["oracle"]["mae_suvr"] == pytest.approx(0.0)
+    assert methods["meanpet"]["deviation_r"] == 0.0 and methods["meanpet"]["n"] == 4
+    assert 0.4 < methods["true PET"]["deviation_r"] < 0.9
+    assert -1 < scores["input_specificity"]["explainable PET"] < 1
+
+
+def test_subject_level_rows_show_the_explainable_truth_when_there_is_one() -> None:
+    """The true PET's row gains its deviation r against the explainable PET, a row for the
+    explainable PET's own input specificity follows, each method's column is filled."""
+    from dualglow_app.evaluate.report import SUBJECT_LEVEL_COLUMNS, subject_level_rows
+
+    table1 = {"unet": {"deviation_r": {"mean": 0.7}}}
+    subject = {"input_specificity": {"true PET": 0.68, "unet": 0.78}, "regional_agreement": {}}
+    plain = subject_level_rows(table1, subject, ["unet"])
+    assert [r[0] for r in plain] == ["true PET", "unet"] and np.isnan(plain[1][2])
+    subject["explainable_truth"] = {"methods": {"true PET": {"deviation_r": 0.87}, "unet": {"deviation_r": 0.71}},
+                                    "input_specificity": {"explainable PET": 0.71}}  # fmt: skip
+    rows = subject_level_rows(table1, subject, ["unet"])
+    assert all(len(r) == len(SUBJECT_LEVEL_COLUMNS) for r in rows)
+    assert rows[0][2] == 0.87 and rows[1][:4] == ["explainable PET (phantom truth)", 0.87, rows[1][2], 0.71]
+    assert rows[2][:4] == ["unet", 0.7, 0.71, 0.78]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateOptions, Cohort, object, float]:
     import torch
@@ -215,6 +268,7 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     specificity = summary["subject_level"]["input_specificity"]
     assert set(specificity) == {"true PET", *methods} and specificity["meanpet"] > specificity["true PET"]
     assert set(summary["subject_level"]["regional_agreement"]) == set(methods)
+    assert "explainable_truth" not in summary["subject_level"]  # not a phantom: no explainable truth
     # Every method trained on the fold's inner split within the same budget (1 epoch here) and
     # recorded its validation curve (the mean PET needs no training).
     assert summary["budget"]["patience"] == 10 and summary["budget"]["inner_val_fraction"] == 0.2
@@ -387,6 +441,12 @@ def test_bids_front_end_on_a_phantom_cohort(tmp_path: Path) -> None:
     swept = comparison["swept_truth"]
     assert swept["seed"] == 3 and len(swept["true_per_decade"]) == 30 and 0 <= swept["sign_agreement"] <= 1
     assert "swept over the same ages" in (out / "tables.md").read_text()
+    # Every method scored against the phantoms' explainable PETs too; the measured PET departs
+    # from its explainable part in the same direction.
+    explainable = summary["subject_level"]["explainable_truth"]
+    assert set(explainable["methods"]) == {"true PET", "dualglow", "unet"}
+    assert explainable["methods"]["true PET"]["deviation_r"] > 0.3 and explainable["methods"]["unet"]["n"] == 4
+    assert "| explainable PET (phantom truth) |" in (out / "tables.md").read_text()
 
 
 def test_inner_split_is_dualglows_and_absent_without_early_stopping(tmp_path: Path) -> None:
