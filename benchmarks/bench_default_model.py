@@ -125,6 +125,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--phantom-seed", type=int, default=None, help="the phantom cohort's seed (swept truth)")
     parser.add_argument("--phantom-version", type=int, default=None, help="the phantom cohort's version (swept truth)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="score the mean of this many samples at --temperature instead of the T = 0 mode "
+                             "(the age sweep stays the mode's)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="with --samples > 1")
     parser.add_argument("--png", type=Path, default=None, help="figure: regional age slopes, synthetic vs the truth")
     parser.add_argument("--curves", type=Path, default=None,
                         help="figure: the model's learning curves (its NAME_metrics.tsv: bpd, validation MAE and deviation r)")
@@ -157,21 +161,25 @@ def main() -> None:
         # the model grid, for the deviation-r target against it.
         explainable = np.zeros((len(data.labels), *grid.shape), dtype=np.float32)
         explainable[test_rows] = explainable_truth(origin, indices, grid, cache=args.work_dir / "explainable_truth")
-    targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, explainable, truth_sweep=swept,
-                    covariates_of=covariates)  # fmt: skip
+    samples, temperature = (args.samples, args.temperature) if args.samples > 1 else (1, 0.0)
+    synthetic_label = "DUAL-GLOW (T=0)" if samples == 1 else f"DUAL-GLOW (mean of {samples}, T={temperature:g})"
+    targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, explainable, samples, temperature,
+                    truth_sweep=swept, covariates_of=covariates)  # fmt: skip
     mean_pet = np.asarray(data.pet[train_rows]).mean(axis=0)
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
-    predictions = [predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), covariates(row))
+    # (With --samples, the mean of samples, seeded by row as score() seeds them.)
+    predictions = [predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), covariates(row),
+                           samples, temperature, seed=int(row))
                    for row in test_rows]  # fmt: skip
     # How many of each held-out scan's MRI latents the conditioning range clamped (0 without one).
     outside = [p.latents_outside or 0.0 for p in predictions]
     rows = []
     for row, label, prediction in zip(test_rows, test_labels, predictions, strict=True):
         mask = np.asarray(data.mask[row]) > 0
-        for method, image in (("DUAL-GLOW (T=0)", prediction.mean), ("mean training PET", mean_pet)):
+        for method, image in ((synthetic_label, prediction.mean), ("mean training PET", mean_pet)):
             scores = image_metrics(np.asarray(data.pet[row]), image, mask, reference=mean_pet)
             rows.append({"subject": label, "method": method, **scores})
-    methods = ["DUAL-GLOW (T=0)", "mean training PET"]
+    methods = [synthetic_label, "mean training PET"]
     summary = {m: {k: float(np.mean([r[k] for r in rows if r["method"] == m])) for k in METRICS} for m in methods}
     summary["input specificity"] = {"synthetic": targets["specificity_synthetic"], "true PET": targets["specificity_true"]}
     paired = {}
