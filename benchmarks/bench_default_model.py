@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +48,27 @@ def labels(spans: str) -> list[str]:
         width = len(first)
         out += [f"{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
     return out
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """The cohort, the model and its training / held-out subjects (for :func:`split_data`)."""
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--train", required=True, help="training subject ranges, e.g. 001-048 or 001-048,061-200")
+    parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-053")
+    parser.add_argument("-w", "--work-dir", type=Path, required=True)
+
+
+def split_data(args: argparse.Namespace, loaded: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """One stack of the training and held-out scans on the model's grid, with the model's
+    covariates (the preprocessing is the group level's, cached in the work dir), and the rows
+    of each."""
+    data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, loaded.grid,
+                                       participant_labels=tuple(labels(args.train) + labels(args.test)),
+                                       side_info=tuple(loaded.covariates)))  # fmt: skip
+    train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
+    test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
+    return data, train_rows, test_rows
 
 
 def age_slope_figure(age: dict, path: Path, model: str) -> None:
@@ -116,11 +138,7 @@ def learning_curves_figure(metrics: Path, path: Path, model: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bids_dir", type=Path)
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--train", required=True, help="training subject ranges, e.g. 001-048 or 001-048,061-200")
-    parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-053")
-    parser.add_argument("-w", "--work-dir", type=Path, required=True)
+    add_split_arguments(parser)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--phantom-seed", type=int, default=None, help="the phantom cohort's seed (swept truth)")
@@ -139,12 +157,7 @@ def main() -> None:
     loaded = open_model(args.weights, "cpu")
     model, scaling, grid, specs = loaded.model, loaded.scaling, loaded.grid, loaded.covariates
 
-    # One stack of the training and held-out scans; the scores are on the held-out rows.
-    data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid,
-                                       participant_labels=tuple(labels(args.train) + labels(args.test)),
-                                       side_info=tuple(specs)))  # fmt: skip
-    train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
-    test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
+    data, train_rows, test_rows = split_data(args, loaded)
     test_labels = [data.labels[row] for row in test_rows]
 
     def covariates(row: int) -> dict[str, float]:

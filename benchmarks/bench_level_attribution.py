@@ -33,9 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_default_model import labels  # noqa: E402
+from bench_default_model import add_split_arguments, labels, split_data  # noqa: E402
 
-from dualglow_app.dataset import DatasetSpec, prepare_dataset  # noqa: E402
 from dualglow_app.log import setup_logging  # noqa: E402
 from dualglow_app.metrics import deviation_correlation  # noqa: E402
 from dualglow_app.weights import open_model  # noqa: E402
@@ -113,11 +112,7 @@ def ridge_r2(loaded, data, train_rows, test_rows, alpha: float) -> dict[str, lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bids_dir", type=Path)
-    parser.add_argument("--weights", type=Path, required=True)
-    parser.add_argument("--train", required=True, help="training subject ranges, e.g. 001-048,061-200")
-    parser.add_argument("--test", required=True, help="held-out subject range, e.g. 049-060")
-    parser.add_argument("-w", "--work-dir", type=Path, required=True)
+    add_split_arguments(parser)
     parser.add_argument("--train-scans", type=int, default=24, help="training scans scored for comparison")
     parser.add_argument("--ridge", action="store_true", help="also the ridge regressions from the MRI latents")
     parser.add_argument("--ridge-alpha", type=float, default=1.0)
@@ -127,11 +122,7 @@ def main() -> None:
     setup_logging(-1)
     torch.set_num_threads(args.threads)
     loaded = open_model(args.weights, "cpu")
-    data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, loaded.grid,
-                                       participant_labels=tuple(labels(args.train) + labels(args.test)),
-                                       side_info=tuple(loaded.covariates)))  # fmt: skip
-    train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
-    test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
+    data, train_rows, test_rows = split_data(args, loaded)
     mean_pet = np.asarray(data.pet[train_rows]).mean(axis=0)
     held_out = level_statistics(loaded, data, test_rows, mean_pet, swap=True)
     training = level_statistics(loaded, data, train_rows[: args.train_scans], mean_pet, swap=False)

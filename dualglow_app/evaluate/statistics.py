@@ -339,10 +339,10 @@ def explainable_scores(explainable: np.ndarray, true_pet: np.ndarray, masks: np.
                 mae.append(float(np.abs(np.asarray(pred, np.float64) - explainable[row])[inside].mean()))
         return {"deviation_r": float(np.nanmean(dev)), "mae_suvr": float(np.mean(mae)), "n": len(dev)}
 
-    methods = {m: scores(folds) for m, folds in held_out.items()}
-    folds = next(iter(held_out.values()))
+    folds = next(iter(held_out.values()))  # every method has the same held-out rows
     order = np.concatenate([rows for rows, _ in folds])
-    methods = {"true PET": scores([(rows, true_pet[rows]) for rows, _ in folds]), **methods}
+    methods = {"true PET": scores([(rows, true_pet[rows]) for rows, _ in folds]),
+               **{method: scores(method_folds) for method, method_folds in held_out.items()}}  # fmt: skip
     return {"methods": methods,
             "input_specificity": {"explainable PET": mean_pairwise_correlation(explainable[order], masks[order])}}
 
