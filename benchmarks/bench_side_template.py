@@ -10,7 +10,8 @@ least-squares fit (:meth:`DualGlow.fit_side_template`), which training moves onl
 age map not at all with ``--side-template-fixed age``, the default since). This bench
 refits that start on the model's own training scans (``metadata.training.subjects``), once per
 ``--fwhm`` set (the MRI at each voxel = 0 and blurred to these FWHMs in mm,
-``--side-template-mri-fwhm`` of the group level), sweeps each held-out scan's template over the
+``--side-template-mri-fwhm`` of the group level; with ``--anatomy gm`` its grey-matter
+probability, ``--side-template-anatomy``), sweeps each held-out scan's template over the
 model benchmark's ages at its own other covariates, and scores the regional slopes against the
 swept truth (the same phantoms aged with their anatomy fixed) as ``bench_default_model.py`` does.
 The trained model's own template is the last row. No training: a few minutes on 2 cores.
@@ -35,6 +36,7 @@ from dualglow_app.log import setup_logging
 from dualglow_app.model.dualglow import DualGlow
 from dualglow_app.phantom.cohort import subject_index
 from dualglow_app.regions import regional_mean_matrix
+from dualglow_app.train import side_template_anatomy
 from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--fwhm", action="append", default=None,
                         help="a set of FWHMs in mm, comma-separated (0 = the voxel's own MRI); repeat for more rows "
                              "(default: 0 | 0,8 | 0,24 | 0,8,24)")  # fmt: skip
+    parser.add_argument("--anatomy", action="append", choices=["t1w", "gm"], default=None,
+                        help="what the MRI held fixed is: the T1w, or its grey-matter probability (repeat for both; "
+                             "default t1w)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -100,25 +105,29 @@ def main() -> None:
         return {**swept_slope_agreement(slopes, truth, SWEEP_AGES), "per_decade": dict(zip(names, slopes.tolist(), strict=True))}
 
     rows: dict[str, dict[str, Any]] = {}
-    for fwhm_set in args.fwhm or ["0", "0,8", "0,24", "0,8,24"]:
-        fwhms = [float(v) for v in fwhm_set.split(",")]
-        model = DualGlow(loaded.model.config)
-        model.set_templates(*mean_images(data, train_rows, loaded.scaling))
-        model.fit_side_template(((b.mri, b.pet, b.side) for b in model_batches(
-            data, train_rows, loaded.scaling, torch.device("cpu"), 8, side_info)),
-            mri_sigmas=[f * FWHM_TO_SIGMA / data.grid.voxel_size for f in fwhms])  # fmt: skip
-        rows[f"fit, MRI at FWHM {fwhm_set} mm"] = scored(template_sweeps(model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))
+    for anatomy_name in args.anatomy or ["t1w"]:
+        anatomy = side_template_anatomy(data, train_rows, anatomy_name)
+        for fwhm_set in args.fwhm or ["0", "0,8", "0,24", "0,8,24"]:
+            fwhms = [float(v) for v in fwhm_set.split(",")]
+            model = DualGlow(loaded.model.config)
+            model.set_templates(*mean_images(data, train_rows, loaded.scaling))
+            model.fit_side_template(((anatomy(b.mri), b.pet, b.side) for b in model_batches(
+                data, train_rows, loaded.scaling, torch.device("cpu"), 8, side_info)),
+                mri_sigmas=[f * FWHM_TO_SIGMA / data.grid.voxel_size for f in fwhms])  # fmt: skip
+            label = "MRI" if anatomy_name == "t1w" else "grey-matter probability"
+            rows[f"fit, {label} at FWHM {fwhm_set} mm"] = scored(
+                template_sweeps(model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))
     recorded = training.get("options", {}).get("side_template_mri_fwhm", [0.0])
     rows[f"the trained model's template (fitted at {','.join(f'{v:g}' for v in recorded)} mm)"] = scored(
         template_sweeps(loaded.model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))
 
     print(f"side template's age sweep vs the swept truth of {len(test_rows)} held-out scans; fitted on "
           f"{len(train_rows)} training scans; model {loaded.sha256[:12]}; {cpu_description()['model_name']}")
-    print(f"{'template':<58}{'r':>6}{'sign':>6}{'ratio':>7}{'+-25 %':>8}{'caudate':>9}{'thalamus':>9}")
+    print(f"{'template':<64}{'r':>6}{'sign':>6}{'ratio':>7}{'+-25 %':>8}{'caudate':>9}{'thalamus':>9}")
     true = dict(zip(names, next(iter(rows.values()))["true_per_decade"], strict=True))
     for name, row in [*rows.items(), ("swept truth", {"pearson_r": 1, "sign_agreement": 1, "median_ratio": 1,
                                                       "within_25_percent": 1, "per_decade": true})]:  # fmt: skip
-        print(f"{name:<58}{row['pearson_r']:>6.2f}{row['sign_agreement']:>6.2f}{row['median_ratio']:>7.2f}"
+        print(f"{name:<64}{row['pearson_r']:>6.2f}{row['sign_agreement']:>6.2f}{row['median_ratio']:>7.2f}"
               f"{row['within_25_percent']:>8.2f}{100 * row['per_decade']['caudate']:>8.1f}%"
               f"{100 * row['per_decade']['thalamus']:>8.1f}%")  # fmt: skip
     if args.json:

@@ -27,6 +27,7 @@ from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
 from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
 log = get_logger(__name__)
 
@@ -273,6 +274,10 @@ class TrainOptions:
     # voxel's MRI alone the fit takes part of atrophy's effect as age (DualGlow.fit_side_template;
     # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of the models trained before it.
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
+    # What that MRI is: the T1w intensity ("t1w") or its grey-matter probability ("gm", a
+    # 3-class intensity mixture fitted on the training brains: dualglow_app.tissue), which
+    # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21).
+    side_template_anatomy: str = "t1w"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as
@@ -356,6 +361,8 @@ class TrainOptions:
             problems.append(f"lr={self.lr} (must be > 0)")
         if set(self.side_template_fixed) - set(self.side_info):
             problems.append(f"side_template_fixed={list(self.side_template_fixed)} (covariates of side_info only)")
+        if self.side_template_anatomy not in SIDE_TEMPLATE_ANATOMY:
+            problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if not self.side_template_mri_fwhm or any(not v >= 0 for v in self.side_template_mri_fwhm):
             problems.append(f"side_template_mri_fwhm={list(self.side_template_mri_fwhm)} (one or more FWHMs in mm, >= 0)")
         if self.device not in DEVICES:

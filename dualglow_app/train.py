@@ -150,6 +150,22 @@ def epochs_without_improvement(history: list[dict[str, Any]], min_delta: float =
 # --------------------------------------------------------------------------- training
 
 
+def side_template_anatomy(data: PairedVolumes, train_rows: np.ndarray, anatomy: str, seed: int = 0) -> Callable[[Any], Any]:
+    """What the side template's start holds fixed, as a map of a batch's model-scale MRI
+    tensor: ``"t1w"`` the MRI itself, ``"gm"`` its grey-matter probability under a mixture
+    fitted on the training brains (:mod:`dualglow_app.tissue`; ``TrainOptions.side_template_anatomy``)."""
+    if anatomy == "t1w":
+        return lambda mri: mri
+    import torch
+
+    from dualglow_app.tissue import GreyMatterModel
+
+    scaling = IntensityScaling()
+    grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
+                                      (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
+    return lambda mri: torch.from_numpy(grey_matter.probability(mri.cpu().numpy()))
+
+
 def train(
     options: TrainOptions,
     data: PairedVolumes | None = None,
@@ -246,7 +262,9 @@ class _Run:
             # Every rank sees the same training rows, so every rank sets the same templates.
             model.set_templates(*mean_images(data, train_rows, IntensityScaling(), options.mri_input))
             if model.pet_side_template is not None:
-                pairs = ((batch.mri, batch.pet, batch.side) for batch in model_batches(
+                anatomy = side_template_anatomy(data, train_rows, options.side_template_anatomy if options.mri_input
+                                                else "t1w", options.seed)  # fmt: skip
+                pairs = ((anatomy(batch.mri), batch.pet, batch.side) for batch in model_batches(
                     data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
                 model.fit_side_template(pairs, mri_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size
                                                            for fwhm in options.side_template_mri_fwhm])  # fmt: skip

@@ -63,6 +63,8 @@ def test_options_refuse_bad_values() -> None:
         TrainOptions("b", "o", side_info=["age"], side_template_fixed=["sex"])
     with pytest.raises(ValueError, match="side_template_mri_fwhm"):
         TrainOptions("b", "o", side_template_mri_fwhm=[-8.0])
+    with pytest.raises(ValueError, match="side_template_anatomy"):
+        TrainOptions("b", "o", side_template_anatomy="csf")
 
 
 def test_the_age_map_is_fixed_by_default_when_conditioned_on_age() -> None:
@@ -473,3 +475,28 @@ def test_a_fixed_side_template_keeps_its_least_squares_start(tmp_path: Path) -> 
     assert torch.equal(maps[("age",), 1][age], maps[("age",), 2][age]) and maps[("age",), 1][age].abs().max() > 0
     assert not torch.allclose(maps[("age",), 1][sex], maps[("age",), 2][sex])  # the sex maps train
     assert not torch.allclose(maps[("age",), 2][age], maps[(), 2][age])
+
+
+def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_path: Path) -> None:
+    """--side-template-anatomy gm: the least-squares start adjusts for the MRI's grey-matter
+    probability, so the age map it starts from differs from the T1w-adjusted one; the
+    anatomy map is a probability of the batch's MRI."""
+    from dualglow_app.train import side_template_anatomy
+
+    data = paired_volumes(6)
+    rows = np.arange(6)
+    gm = side_template_anatomy(data, rows, "gm")
+    mri = torch.from_numpy(IntensityScaling().mri_to_model(np.asarray(data.mri[:2])))[:, None]
+    probability = gm(mri)
+    assert probability.shape == mri.shape and float(probability.min()) >= 0 and float(probability.max()) <= 1
+    assert not torch.allclose(probability, mri)
+    t1w = side_template_anatomy(data, rows, "t1w")
+    assert t1w(mri) is mri
+    maps = {}
+    for anatomy in ("t1w", "gm"):
+        options = tiny_options(tmp_path / anatomy, tmp_path / f"w{anatomy}", epochs=1, side_info=("age",),
+                               side_template_anatomy=anatomy)  # fmt: skip
+        model = train(options, data=data).model
+        assert model.pet_side_template is not None
+        maps[anatomy] = model.pet_side_template.detach().clone()
+    assert not torch.allclose(maps["t1w"], maps["gm"])

@@ -128,7 +128,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         relation_layers=options.relation_layers,
         top_prior=options.top_prior, top_mri_side=options.top_mri_side, lambda_mri=options.lambda_mri,
         side_levels=options.side_levels, side_template_mri_fwhm=options.side_template_mri_fwhm,
-        side_template_fixed=options.side_template_fixed,
+        side_template_anatomy=options.side_template_anatomy, side_template_fixed=options.side_template_fixed,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
@@ -311,9 +311,13 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
                "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
-               "side_template_fixed"),
+               "side_template_fixed", "side_template_anatomy"),
     "baselines": ("baseline_width",),
 }
+
+
+#: Settings added after results were cached: at these values they stay out of the method key.
+_KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w"}
 
 
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
@@ -328,8 +332,8 @@ def _method_key(method: str, options: EvaluateOptions) -> str:
     """What one method's cached result depends on beyond the run key: changing DUAL-GLOW's
     settings (or its code revision) retrains DUAL-GLOW only, and a baseline's width only the baselines."""
     names = _METHOD_SETTINGS[DUALGLOW if method == DUALGLOW else "baselines"]
-    # table2_withhold left at its default keeps the keys of results cached before it existed.
-    settings = {k: v for k, v in options.to_dict().items() if k in names and not (k == "table2_withhold" and v is None)}
+    # Settings left at the default they had before they existed keep the keys of results cached then.
+    settings = {k: v for k, v in options.to_dict().items() if k in names and _KEY_DEFAULTS.get(k, object()) != v}
     parts = [method, settings, DUALGLOW_REVISION if method == DUALGLOW else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 

@@ -93,10 +93,11 @@ class EvaluateOptions:
     top_mri_side: str = "keep"
     lambda_mri: float = 0.01
     # As the group level's (TrainOptions): which relation networks take c, the side template's
-    # MRI adjustment (FWHMs in mm) and the covariates whose maps stay at their start (None: age
+    # MRI adjustment (FWHMs in mm, T1w or grey-matter probability) and the covariates whose maps stay at their start (None: age
     # when conditioned on it).
     side_levels: str = "none"
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
+    side_template_anatomy: str = "t1w"
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100

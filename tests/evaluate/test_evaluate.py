@@ -314,10 +314,19 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
     from dualglow_app.evaluate.crossval import _method_key
 
     base = tiny_options(tmp_path)
-    for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()}):
+    for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()},
+                   {"side_template_anatomy": "gm"}):  # fmt: skip
         other = dataclasses.replace(base, **change)
         assert _method_key(DUALGLOW, other) != _method_key(DUALGLOW, base), change
         assert _method_key("unet", other) == _method_key("unet", base)
+    # A setting added later, at its default, leaves the keys of what was cached before it: the
+    # same key as options that do not know the setting at all.
+    class Before(type(base)):  # type: ignore[misc]
+        def to_dict(self) -> dict:
+            return {k: v for k, v in super().to_dict().items() if k != "side_template_anatomy"}
+
+    before = Before(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    assert _method_key(DUALGLOW, before) == _method_key(DUALGLOW, base)
 
 
 def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
