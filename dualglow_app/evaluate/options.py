@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dualglow_app.covariates import name_problem
 from dualglow_app.options import default_work_dir
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
 if TYPE_CHECKING:
     from dualglow_app.dataset import PairedVolumes
@@ -93,8 +94,8 @@ class EvaluateOptions:
     top_mri_side: str = "keep"
     lambda_mri: float = 0.01
     # As the group level's (TrainOptions): which relation networks take c, the side template's
-    # MRI adjustment (FWHMs in mm, T1w or grey-matter probability) and the covariates whose maps stay at their start (None: age
-    # when conditioned on it).
+    # MRI adjustment (FWHMs in mm; T1w or grey-matter probability) and the covariates whose
+    # maps stay at their start (None: age when conditioned on it).
     side_levels: str = "none"
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     side_template_anatomy: str = "t1w"
@@ -139,6 +140,8 @@ class EvaluateOptions:
                 problems.append(f"table2_withhold {stray}: not among the covariates (side_info {list(self.side_info)})")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
+        if self.side_template_anatomy not in SIDE_TEMPLATE_ANATOMY:
+            problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if problems:
             raise ValueError("invalid evaluation options: " + "; ".join(problems) + ".")
 

@@ -327,6 +327,8 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
 
     before = Before(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
     assert _method_key(DUALGLOW, before) == _method_key(DUALGLOW, base)
+    with pytest.raises(ValueError, match="side_template_anatomy='csf'"):
+        dataclasses.replace(base, side_template_anatomy="csf")
 
 
 def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
