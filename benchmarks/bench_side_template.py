@@ -36,6 +36,7 @@ from dualglow_app.log import setup_logging
 from dualglow_app.model.dualglow import DualGlow
 from dualglow_app.phantom.cohort import subject_index
 from dualglow_app.regions import regional_mean_matrix
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 from dualglow_app.train import side_template_anatomy
 from dualglow_app.weights import open_model
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--fwhm", action="append", default=None,
                         help="a set of FWHMs in mm, comma-separated (0 = the voxel's own MRI); repeat for more rows "
                              "(default: 0 | 0,8 | 0,24 | 0,8,24)")  # fmt: skip
-    parser.add_argument("--anatomy", action="append", choices=["t1w", "gm"], default=None,
+    parser.add_argument("--anatomy", action="append", choices=SIDE_TEMPLATE_ANATOMY, default=None,
                         help="what the MRI held fixed is: the T1w, or its grey-matter probability (repeat for both; "
                              "default t1w)")
     parser.add_argument("--json", type=Path, default=None)

@@ -26,6 +26,7 @@ from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import side_template_fixed_choice
 from dualglow_app.runtime import in_container
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
@@ -183,7 +184,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               show_default=True, metavar="MM",
               help="group: with --side-template, the anatomy its least-squares start holds fixed: the MRI at each "
                    "voxel (0) and blurred to these FWHMs in mm (docs/MODEL_EXPERIMENTS.md, finding 17).")
-@click.option("--side-template-anatomy", type=click.Choice(["t1w", "gm"]), default="t1w", show_default=True,
+@click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="t1w", show_default=True,
               help="group: what that MRI is: the T1w intensity, or its grey-matter probability (a 3-class intensity "
                    "mixture fitted on the training brains), which separates atrophy from age better "
                    "(docs/MODEL_EXPERIMENTS.md, finding 21).")

@@ -411,12 +411,12 @@ def _fold_references(cohort: Cohort, splits: Sequence[tuple[np.ndarray, np.ndarr
     return [reference_pet(cohort.data, train_rows, IntensityScaling()) for train_rows, _ in splits]
 
 
-def _scan_rows(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+def _scan_rows(cohort: Cohort, options: EvaluateOptions, references: Sequence[np.ndarray],
                results: dict[str, list[Run]]) -> list[dict[str, Any]]:  # fmt: skip
     """Table 1's raw material: one row per held-out scan, fold and method, with its metrics;
-    the deviation correlation against the fold's mean training PET (what ``meanpet`` predicts)."""
+    the deviation correlation against the fold's mean training PET (``references[fold]``,
+    :func:`_fold_references`: what ``meanpet`` predicts)."""
     data = cohort.data
-    references = _fold_references(cohort, splits)
     rows: list[dict[str, Any]] = []
     for method in options.methods:
         for fold, result in enumerate(results[method]):
@@ -486,7 +486,7 @@ def _training_record(run: Run) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _subject_level(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+def _subject_level(cohort: Cohort, options: EvaluateOptions, references: Sequence[np.ndarray],
                    atlases: EvaluationAtlases, results: dict[str, list[Run]]) -> dict[str, Any]:  # fmt: skip
     """Input specificity and regional agreement of every method on its held-out scans; on a
     phantom cohort also every method against the explainable truth."""
@@ -501,7 +501,7 @@ def _subject_level(cohort: Cohort, options: EvaluateOptions, splits: Sequence[tu
         assert options.work_dir is not None
         explainable = explainable_truth(origin[:2], origin[2], data.grid, cache=options.work_dir / "explainable_truth")
         out["explainable_truth"] = explainable_scores(
-            explainable, np.asarray(data.pet), masks, _fold_references(cohort, splits),
+            explainable, np.asarray(data.pet), masks, references,
             {method: [(rows, predictions) for rows, predictions, _ in folds] for method, folds in held_out.items()},
         )  # fmt: skip
     return out
@@ -590,7 +590,9 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
     atlases = evaluation_atlases(data.grid, phantom=cohort.phantom_dir is not None and age_conditioned)
     results = _run_folds(cohort, options, splits, run_dir, atlases, device)
 
-    rows = _scan_rows(cohort, options, splits, results)
+    # Each fold's mean training PET, the reference of every deviation correlation below.
+    references = _fold_references(cohort, splits)
+    rows = _scan_rows(cohort, options, references, results)
     evaluation = EvaluationResult(
         rows=rows, table1=summarise(rows, options.methods), wilcoxon=paired_tests(rows, options.methods),
         table2=_table2(cohort, options, splits, atlases, results),
@@ -599,7 +601,7 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
                 for k, (tr, te) in enumerate(splits)],
         timing={m: [float(r["seconds"]) for r in results[m]] for m in options.methods},
         training={m: [_training_record(r) for r in results[m]] for m in options.methods},
-        subject_level=_subject_level(cohort, options, splits, atlases, results),
+        subject_level=_subject_level(cohort, options, references, atlases, results),
     )  # fmt: skip
     evaluation.summary = build_summary(cohort, options, evaluation, str(device), run_dir)
     write_outputs(cohort, options, evaluation, results)
