@@ -36,6 +36,9 @@ OUTPUT_SPACES = (MNI, T1W)
 #: Model files written with torch.save / pickle: never loaded (unpickling runs code).
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin")
 WORK_DIR_NAME = "dualglow-work"
+#: What TrainOptions.select_on can name: the validation history's key and how the log names it.
+VALIDATION_SELECTION = {"bpd": ("val_bpd_pet_given_mri", "validation bpd(PET|MRI)"),
+                        "mae": ("val_mae_suvr", "validation MAE (SUVR)")}
 
 
 def default_work_dir(output_dir: Path | str) -> Path:
@@ -234,8 +237,8 @@ class TrainOptions:
     PET model, the baseline that shows the MRI carries information. ``max_steps`` ends the
     run after the epoch in which that many batches were processed (smoke tests, benchmarks).
     ``patience`` (needs a validation split) ends the run once that many epochs in a row have
-    not lowered the validation bpd(PET | MRI) below ``best - min_delta * |best|`` (``min_delta``
-    is relative); ``epochs`` is then the budget.
+    not lowered the validation figure ``select_on`` names (the bpd(PET | MRI) or the MAE) below
+    ``best - min_delta * |best|`` (``min_delta`` is relative); ``epochs`` is then the budget.
     """
 
     bids_dir: Path
@@ -291,10 +294,15 @@ class TrainOptions:
     lambda_mri: float = 0.01
     side_info: Sequence[str] = ()
     epochs: int = 100
-    # Early stopping on the validation bpd(PET | MRI): stop after `patience` epochs without a
-    # relative improvement of at least `min_delta`. None: train all `epochs`.
+    # Early stopping: stop after `patience` epochs without a relative improvement of at least
+    # `min_delta` in the validation figure `select_on` names. None: train all `epochs`.
     patience: int | None = None
     min_delta: float = 0.0
+    # The validation figure that early stopping and keep="best" follow (VALIDATION_SELECTION):
+    # "bpd", the flow's own objective, or "mae", the mode's error in SUVR, which the
+    # evaluation's baselines stop on; the bpd bottoms out before the subject is followed
+    # (docs/MODEL_EXPERIMENTS.md, finding 15).
+    select_on: str = "bpd"
     batch_size: int = 2
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -318,8 +326,8 @@ class TrainOptions:
     # Centre both images on the mean training image (DualGlowConfig.template_shape): the
     # model starts from the population mean PET and learns departures from it.
     template_centring: bool = True
-    # Which weights become the model: "best" = the epoch with the lowest validation
-    # bpd(PET | MRI) (small cohorts overfit), "last" = the final epoch. Without a validation
+    # Which weights become the model: "best" = the epoch with the lowest validation figure
+    # `select_on` names (small cohorts overfit), "last" = the final epoch. Without a validation
     # split, always the last.
     keep: str = "best"
     # Invertible backprop (dualglow_app.model.memory): "auto" turns it on for deep flows
@@ -369,6 +377,8 @@ class TrainOptions:
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
         if self.keep not in ("best", "last"):
             problems.append(f"keep={self.keep!r} (best or last)")
+        if self.select_on not in VALIDATION_SELECTION:
+            problems.append(f"select_on={self.select_on!r} (choose from {list(VALIDATION_SELECTION)})")
         if self.memory_saving not in ("auto", "on", "off"):
             problems.append(f"memory_saving={self.memory_saving!r} (auto, on or off)")
         if not self.model_name or any(c in self.model_name for c in "/\\ "):

@@ -10,7 +10,8 @@ Reads top to bottom, like nanoGPT's train.py:
    and the evaluation make), an atomic checkpoint every epoch, and at the end the model file,
    ``group.html`` and the metrics TSV (:mod:`dualglow_app.group_outputs`). One process, or
    one per GPU under ``torchrun`` (PyTorch DDP). With ``patience`` the run stops early once
-   the validation bpd(PET | MRI) has stopped improving (:func:`epochs_without_improvement`).
+   the validation figure ``select_on`` names (the bpd(PET | MRI) or the MAE) has stopped
+   improving (:func:`epochs_without_improvement`).
 
 Distributed training is launched by torchrun, which sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; then each process trains on its shard of the subjects (DistributedSampler), DDP
@@ -51,7 +52,7 @@ from dualglow_app.dataset import (
 from dualglow_app.grid import ModelGrid
 from dualglow_app.imaging import FWHM_TO_SIGMA
 from dualglow_app.log import get_logger, progress_enabled
-from dualglow_app.options import TrainOptions
+from dualglow_app.options import VALIDATION_SELECTION, TrainOptions
 from dualglow_app.runtime import (
     Distributed,
     cpu_threads,
@@ -147,6 +148,21 @@ def epochs_without_improvement(history: list[dict[str, Any]], min_delta: float =
     return since
 
 
+def _stored_best(best: dict[str, Any] | None, select_on: str) -> dict[str, Any] | None:
+    """A checkpoint's best epoch, if it was chosen on ``select_on``. Checkpoints written before
+    ``select_on`` existed chose on the bpd and stored it as "val_bpd"."""
+    if best is None:
+        return None
+    if "val_bpd" in best:
+        best = {"epoch": best["epoch"], "select_on": "bpd", "value": best["val_bpd"], "model": best["model"]}
+    if best["select_on"] != select_on:
+        log.warning("the checkpoint's best epoch (%d) was chosen on the %s, this run selects on the %s: "
+                    "the kept weights come from the epochs after the resume", best["epoch"],
+                    VALIDATION_SELECTION[best["select_on"]][1], VALIDATION_SELECTION[select_on][1])  # fmt: skip
+        return None
+    return best
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -237,7 +253,7 @@ class _Run:
     consecutive_bad: int = 0
     # The mean training PET (SUVR): validation's deviation correlation is measured against it.
     reference: np.ndarray | None = None
-    # The best validation epoch so far: {"epoch", "val_bpd", "model" (its state dict)}.
+    # The best validation epoch so far: {"epoch", "select_on", "value", "model" (its state dict)}.
     best: dict[str, Any] | None = None
     stopped_early: bool = False
 
@@ -316,7 +332,7 @@ class _Run:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.start_epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         self.history, self.skipped_total = list(checkpoint["history"]), int(checkpoint["skipped_steps"])
-        self.best = checkpoint.get("best")
+        self.best = _stored_best(checkpoint.get("best"), self.options.select_on)
         if self.dist.is_main:
             log.info("resuming from %s after epoch %d (step %d)", path, self.start_epoch, self.step)
 
@@ -352,10 +368,11 @@ class _Run:
                 if self.should_stop():
                     self.stopped_early = True
                     if dist.is_main:
-                        best = self.best or {"epoch": 0, "val_bpd": float("nan")}
-                        log.info("early stopping after epoch %d of %d: validation bpd(PET|MRI) has not improved "
-                                 "by %g (relative) for %d epochs; best %.4f at epoch %d", epoch, options.epochs,
-                                 options.min_delta, options.patience, best["val_bpd"], best["epoch"])  # fmt: skip
+                        best = self.best or {"epoch": 0, "value": float("nan")}
+                        log.info("early stopping after epoch %d of %d: %s has not improved by %g (relative) "
+                                 "for %d epochs; best %.4f at epoch %d", epoch, options.epochs,
+                                 VALIDATION_SELECTION[options.select_on][1], options.min_delta, options.patience,
+                                 best["value"], best["epoch"])  # fmt: skip
                     break
                 torch.manual_seed(options.seed + 1000 * (epoch + 1) + dist.rank)
                 sampler.set_epoch(epoch)
@@ -373,7 +390,12 @@ class _Run:
         patience = self.options.patience
         if patience is None or len(self.val_rows) == 0:
             return False
-        return epochs_without_improvement(self.history, self.options.min_delta) >= patience
+        return epochs_without_improvement(self.history, self.options.min_delta, self.selection_key) >= patience
+
+    @property
+    def selection_key(self) -> str:
+        """The history's key that early stopping and ``keep="best"`` follow (``select_on``)."""
+        return VALIDATION_SELECTION[self.options.select_on][0]
 
     def initialise_actnorm(self) -> None:
         """ActNorm's data-dependent init (Glow) needs one forward in train mode; DDP then
@@ -454,9 +476,9 @@ class _Run:
             "epoch_seconds": seconds,
         }  # fmt: skip
         self.history.append(row)
-        val_bpd = val.get("bpd_pet_given_mri")
-        if val_bpd is not None and math.isfinite(val_bpd) and (self.best is None or val_bpd < self.best["val_bpd"]):
-            self.best = {"epoch": epoch + 1, "val_bpd": val_bpd,
+        value = row.get(self.selection_key)
+        if value is not None and math.isfinite(value) and (self.best is None or value < self.best["value"]):
+            self.best = {"epoch": epoch + 1, "select_on": options.select_on, "value": value,
                          "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}  # fmt: skip
         if not self.dist.is_main:
             return
@@ -470,8 +492,9 @@ class _Run:
             "history": self.history, "skipped_steps": self.skipped_total, "fingerprint": self.fingerprint,
             "best": self.best, "options": options.to_dict(), "rng_seed_rule": "seed + 1000 * (epoch + 1) + rank",
             # Early stopping is decided from "history" alone (epochs_without_improvement); this is a record.
-            "early_stopping": {"patience": options.patience, "min_delta": options.min_delta,
-                               "epochs_without_improvement": epochs_without_improvement(self.history, options.min_delta)},
+            "early_stopping": {"patience": options.patience, "min_delta": options.min_delta, "select_on": options.select_on,
+                               "epochs_without_improvement": epochs_without_improvement(
+                                   self.history, options.min_delta, self.selection_key)},
         })  # fmt: skip
 
     def finish(self, start_time: float) -> TrainResult:
@@ -485,8 +508,8 @@ class _Run:
             selected = int(self.best["epoch"])
             model.load_state_dict(self.best["model"])
             if self.dist.is_main:
-                log.info("keeping the weights of epoch %d (lowest validation bpd %.4f; --keep last for the final epoch's)",
-                         selected, self.best["val_bpd"])  # fmt: skip
+                log.info("keeping the weights of epoch %d (lowest %s %.4f; --keep last for the final epoch's)",
+                         selected, VALIDATION_SELECTION[options.select_on][1], self.best["value"])  # fmt: skip
         # Bound what conditions the PET flow at synthesis to what the training scans produced
         # (dualglow_app.model.conditioning): a no-op on them, a guard elsewhere.
         model.set_conditioning_range(

@@ -287,6 +287,36 @@ def test_patience_stops_early_and_a_resumed_run_stops_at_the_same_epoch(
     assert info["metadata"]["training"]["preprocessing"] == preprocessing_versions()
 
 
+def test_select_on_mae_stops_and_keeps_on_the_validation_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Scripted validation MAE 0.30, 0.20, 0.25, 0.24 with a bpd that keeps falling: with
+    select_on="mae", patience 2 ends the run after epoch 4 holding epoch 2's weights (on the bpd
+    it would have run all 6 epochs and kept the last); the checkpoint records the rule."""
+    real_validate = train_module.validate
+    mae, bpd = iter([0.30, 0.20, 0.25, 0.24, 0.10, 0.10]), iter([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    monkeypatch.setattr(train_module, "validate", lambda *a, **k: {
+        **real_validate(*a, **k), "mae_suvr": next(mae), "bpd_pet_given_mri": next(bpd)})  # fmt: skip
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=6, patience=2, select_on="mae")
+    with caplog.at_level(logging.INFO, logger="dualglow"):
+        result = train(options, data=paired_volumes(6))
+    assert result.stopped_early and result.epochs == 4 and result.selected_epoch == 2
+    assert result.final_metrics["mae_suvr"] == 0.20 and result.final_metrics["bpd_pet_given_mri"] == 5.0
+    assert "validation MAE (SUVR) has not improved" in caplog.text
+    checkpoint = torch.load(options.checkpoint_path, weights_only=True)
+    assert checkpoint["best"]["select_on"] == "mae" and checkpoint["best"]["epoch"] == 2
+    assert checkpoint["early_stopping"]["select_on"] == "mae"
+    with pytest.raises(ValueError, match="select_on='ssim'"):
+        TrainOptions("b", "o", select_on="ssim")
+
+
+def test_a_checkpoints_best_epoch_is_kept_only_when_chosen_on_the_same_figure() -> None:
+    """A checkpoint written before select_on existed stored its bpd-best epoch as "val_bpd"."""
+    old = {"epoch": 3, "val_bpd": 1.5, "model": {}}
+    assert train_module._stored_best(old, "bpd") == {"epoch": 3, "select_on": "bpd", "value": 1.5, "model": {}}
+    assert train_module._stored_best(old, "mae") is None  # its weights are not the MAE's best
+    assert train_module._stored_best(None, "mae") is None
+
+
 def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path: Path) -> None:
     train(tiny_options(tmp_path / "out", tmp_path / "work", epochs=1), data=paired_volumes(4))
     with pytest.raises(TrainingError, match="changed: config"):

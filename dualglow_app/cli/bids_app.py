@@ -24,7 +24,7 @@ from dualglow_app.bids import AGE
 from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
 from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
-from dualglow_app.options import side_template_fixed_choice
+from dualglow_app.options import VALIDATION_SELECTION, side_template_fixed_choice
 from dualglow_app.runtime import in_container
 from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
@@ -153,9 +153,12 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True,
               help="group: training epochs (with --patience: the most epochs).")
 @click.option("--patience", type=click.IntRange(min=1), default=None,
-              help="group: stop once the validation bpd(PET|MRI) has not improved for N epochs. Default: never.")
+              help="group: stop once the validation figure of --select-on has not improved for N epochs. Default: never.")
 @click.option("--min-delta", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="group: with --patience, the relative fall in validation bpd that counts as an improvement.")
+              help="group: with --patience, the relative fall in that figure that counts as an improvement.")
+@click.option("--select-on", type=click.Choice(list(VALIDATION_SELECTION)), default="bpd", show_default=True,
+              help="group: the validation figure --patience and --keep best follow: the bpd(PET|MRI) (the flow's "
+                   "objective) or the synthetic PET's MAE in SUVR (what the evaluation's baselines stop on).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="group: scans per step and per process (under torchrun the global batch is this x processes).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
@@ -208,7 +211,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="group: share of subjects held out for validation.")
 @click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="group: the model's weights: the epoch with the lowest validation bpd, or the last epoch.")
+              help="group: the model's weights: the epoch with the best validation figure (--select-on), or the last.")
 @click.option("--memory-saving", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="group: recompute activations by inversion in backward (auto: on from depth 16).")
 @click.option("--template-centring/--no-template-centring", default=True, show_default=True,

@@ -17,6 +17,7 @@ from dualglow_app import __version__
 from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
 from dualglow_app.evaluate.options import BASELINE_NAMES
 from dualglow_app.io import remove_stale_temporaries
+from dualglow_app.options import VALIDATION_SELECTION
 from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
 
@@ -40,6 +41,9 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--patience", type=int, default=10, show_default=True,
               help="Stop a method after this many epochs without a validation improvement; 0 = train all --epochs "
                    "without a validation split.")
+@click.option("--dualglow-select-on", type=click.Choice(list(VALIDATION_SELECTION)), default="mae", show_default=True,
+              help="The validation figure DUAL-GLOW stops on and keeps its best epoch by: the synthetic PET's MAE "
+                   "(what the baselines follow) or its bpd(PET|MRI) (the group level's default).")
 @click.option("--inner-val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each fold's training subjects held out for early stopping.")
 @click.option("--side-info", multiple=True, metavar="COLUMN",
@@ -82,7 +86,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("-v", "--verbose", count=True)
 @click.version_option(__version__, "--version", prog_name="dualglow-evaluate")
 def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
-         inner_val_fraction: float, side_info: tuple[str, ...], table2_withhold: tuple[str, ...],
+         dualglow_select_on: str, inner_val_fraction: float, side_info: tuple[str, ...], table2_withhold: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, side_levels: str,
          side_template_mri_fwhm: tuple[float, ...], side_template_anatomy: str, side_template_fixed: tuple[str, ...],
@@ -107,7 +111,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
         options = EvaluateOptions(
             bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir or default_work_dir(output_dir), folds=folds,
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
-            inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
+            dualglow_select_on=dualglow_select_on, inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
             table2_withhold=table2_withhold or None,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,

@@ -315,20 +315,25 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
 
     base = tiny_options(tmp_path)
     for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()},
-                   {"side_template_anatomy": "gm"}):  # fmt: skip
+                   {"side_template_anatomy": "gm"}, {"dualglow_select_on": "bpd"}):  # fmt: skip
         other = dataclasses.replace(base, **change)
         assert _method_key(DUALGLOW, other) != _method_key(DUALGLOW, base), change
         assert _method_key("unet", other) == _method_key("unet", base)
-    # A setting added later, at its default, leaves the keys of what was cached before it: the
-    # same key as options that do not know the setting at all.
+    # A setting added later, at the value it had before it existed, leaves the keys of what was
+    # cached then: the same key as options that do not know the setting at all.
+    later = {"side_template_anatomy": "t1w", "dualglow_select_on": "bpd"}
+
     class Before(type(base)):  # type: ignore[misc]
         def to_dict(self) -> dict:
-            return {k: v for k, v in super().to_dict().items() if k != "side_template_anatomy"}
+            return {k: v for k, v in super().to_dict().items() if k not in later}
 
-    before = Before(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
-    assert _method_key(DUALGLOW, before) == _method_key(DUALGLOW, base)
+    old = dataclasses.replace(base, **later)
+    before = Before(**{f.name: getattr(old, f.name) for f in dataclasses.fields(old)})
+    assert _method_key(DUALGLOW, before) == _method_key(DUALGLOW, old)
     with pytest.raises(ValueError, match="side_template_anatomy='csf'"):
         dataclasses.replace(base, side_template_anatomy="csf")
+    with pytest.raises(ValueError, match="dualglow_select_on='ssim'"):
+        dataclasses.replace(base, dualglow_select_on="ssim")
 
 
 def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
