@@ -280,7 +280,7 @@ class TrainOptions:
     # What that MRI is: the T1w intensity ("t1w") or its grey-matter probability ("gm", a
     # 3-class intensity mixture fitted on the training brains: dualglow_app.tissue), which
     # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21).
-    side_template_anatomy: str = "t1w"
+    side_template_anatomy: str = "gm"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as
