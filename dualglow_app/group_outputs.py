@@ -82,6 +82,8 @@ def model_metadata(
         "selected_epoch": result.selected_epoch,
         "keep": options.keep,
         "patience": options.patience,
+        "min_epochs": options.min_epochs,
+        "select_on": options.select_on,
         "stopped_early": result.stopped_early,
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,

@@ -238,7 +238,8 @@ class TrainOptions:
     run after the epoch in which that many batches were processed (smoke tests, benchmarks).
     ``patience`` (needs a validation split) ends the run once that many epochs in a row have
     not lowered the validation figure ``select_on`` names (the bpd(PET | MRI) or the MAE) below
-    ``best - min_delta * |best|`` (``min_delta`` is relative); ``epochs`` is then the budget.
+    ``best - min_delta * |best|`` (``min_delta`` is relative), once ``min_epochs`` have run;
+    ``epochs`` is then the budget.
     """
 
     bids_dir: Path
@@ -298,6 +299,9 @@ class TrainOptions:
     # `min_delta` in the validation figure `select_on` names. None: train all `epochs`.
     patience: int | None = None
     min_delta: float = 0.0
+    # Early stopping cannot end the run before this many epochs: the mode's MAE can sit on a
+    # plateau for the first epochs while the flows learn the density (finding 15).
+    min_epochs: int = 0
     # The validation figure that early stopping and keep="best" follow (VALIDATION_SELECTION):
     # "bpd", the flow's own objective, or "mae", the mode's error in SUVR, which the
     # evaluation's baselines stop on; the bpd bottoms out before the subject is followed
@@ -365,6 +369,8 @@ class TrainOptions:
                 problems.append(f"patience={self.patience} needs a validation split (val_fraction > 0)")
         if not 0.0 <= self.min_delta < 1.0:
             problems.append(f"min_delta={self.min_delta} (a relative improvement, 0 <= d < 1)")
+        if not 0 <= self.min_epochs <= self.epochs:
+            problems.append(f"min_epochs={self.min_epochs} (0 <= min_epochs <= epochs={self.epochs})")
         if not self.lr > 0:
             problems.append(f"lr={self.lr} (must be > 0)")
         if set(self.side_template_fixed) - set(self.side_info):

@@ -388,7 +388,7 @@ class _Run:
     def should_stop(self) -> bool:
         """Whether ``patience`` epochs have passed without improvement (never without validation)."""
         patience = self.options.patience
-        if patience is None or len(self.val_rows) == 0:
+        if patience is None or len(self.val_rows) == 0 or len(self.history) < self.options.min_epochs:
             return False
         return epochs_without_improvement(self.history, self.options.min_delta, self.selection_key) >= patience
 
@@ -493,6 +493,7 @@ class _Run:
             "best": self.best, "options": options.to_dict(), "rng_seed_rule": "seed + 1000 * (epoch + 1) + rank",
             # Early stopping is decided from "history" alone (epochs_without_improvement); this is a record.
             "early_stopping": {"patience": options.patience, "min_delta": options.min_delta, "select_on": options.select_on,
+                               "min_epochs": options.min_epochs,
                                "epochs_without_improvement": epochs_without_improvement(
                                    self.history, options.min_delta, self.selection_key)},
         })  # fmt: skip

@@ -309,6 +309,21 @@ def test_select_on_mae_stops_and_keeps_on_the_validation_mae(tmp_path: Path, mon
         TrainOptions("b", "o", select_on="ssim")
 
 
+def test_min_epochs_holds_early_stopping_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The validation MAE of the test above: patience 2 would stop after epoch 4, but with
+    min_epochs 5 the run trains epoch 5 first and then stops, still keeping epoch 2."""
+    real_validate = train_module.validate
+    mae = iter([0.30, 0.20, 0.25, 0.24, 0.26, 0.27])
+    monkeypatch.setattr(train_module, "validate", lambda *a, **k: {**real_validate(*a, **k), "mae_suvr": next(mae)})
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=6, patience=2, select_on="mae", min_epochs=5)
+    result = train(options, data=paired_volumes(6))
+    assert result.stopped_early and result.epochs == 5 and result.selected_epoch == 2
+    _, info = load_model(result.model_path)
+    assert info["metadata"]["training"]["min_epochs"] == 5 and info["metadata"]["training"]["select_on"] == "mae"
+    with pytest.raises(ValueError, match="min_epochs=7"):
+        TrainOptions("b", "o", epochs=6, min_epochs=7)
+
+
 def test_a_checkpoints_best_epoch_is_kept_only_when_chosen_on_the_same_figure() -> None:
     """A checkpoint written before select_on existed stored its bpd-best epoch as "val_bpd"."""
     old = {"epoch": 3, "val_bpd": 1.5, "model": {}}

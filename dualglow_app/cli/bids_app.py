@@ -156,6 +156,8 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: stop once the validation figure of --select-on has not improved for N epochs. Default: never.")
 @click.option("--min-delta", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="group: with --patience, the relative fall in that figure that counts as an improvement.")
+@click.option("--min-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="group: with --patience, the fewest epochs before early stopping may end the run.")
 @click.option("--select-on", type=click.Choice(list(VALIDATION_SELECTION)), default="bpd", show_default=True,
               help="group: the validation figure --patience and --keep best follow: the bpd(PET|MRI) (the flow's "
                    "objective) or the synthetic PET's MAE in SUVR (what the evaluation's baselines stop on).")

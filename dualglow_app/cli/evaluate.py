@@ -44,6 +44,9 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--dualglow-select-on", type=click.Choice(list(VALIDATION_SELECTION)), default="mae", show_default=True,
               help="The validation figure DUAL-GLOW stops on and keeps its best epoch by: the synthetic PET's MAE "
                    "(what the baselines follow) or its bpd(PET|MRI) (the group level's default).")
+@click.option("--dualglow-min-epochs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DUAL-GLOW's fewest epochs before early stopping may end it (its MAE can sit on a plateau "
+                   "while the flows learn the density).")
 @click.option("--inner-val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2,
               show_default=True, help="Share of each fold's training subjects held out for early stopping.")
 @click.option("--side-info", multiple=True, metavar="COLUMN",
@@ -86,7 +89,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("-v", "--verbose", count=True)
 @click.version_option(__version__, "--version", prog_name="dualglow-evaluate")
 def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: int, patience: int,
-         dualglow_select_on: str, inner_val_fraction: float, side_info: tuple[str, ...], table2_withhold: tuple[str, ...],
+         dualglow_select_on: str, dualglow_min_epochs: int, inner_val_fraction: float, side_info: tuple[str, ...], table2_withhold: tuple[str, ...],
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, side_levels: str,
          side_template_mri_fwhm: tuple[float, ...], side_template_anatomy: str, side_template_fixed: tuple[str, ...],
@@ -111,7 +114,8 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
         options = EvaluateOptions(
             bids_dir=bids_dir, output_dir=output_dir, work_dir=work_dir or default_work_dir(output_dir), folds=folds,
             baselines=_parse_baselines(baselines), epochs=epochs, patience=patience or None,
-            dualglow_select_on=dualglow_select_on, inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
+            dualglow_select_on=dualglow_select_on, dualglow_min_epochs=dualglow_min_epochs,
+            inner_val_fraction=inner_val_fraction, side_info=side_info, seed=seed, device=device,
             table2_withhold=table2_withhold or None,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,

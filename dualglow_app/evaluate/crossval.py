@@ -132,7 +132,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
-        select_on=options.dualglow_select_on,
+        select_on=options.dualglow_select_on, min_epochs=options.dualglow_min_epochs if validating else 0,
         seed=options.seed + fold, device=options.device, resume=True, nprocs=options.nprocs,
         skip_bids_validation=True, report=False,
     )  # fmt: skip
@@ -312,13 +312,14 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
                "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
-               "side_template_fixed", "side_template_anatomy", "dualglow_select_on"),
+               "side_template_fixed", "side_template_anatomy", "dualglow_select_on", "dualglow_min_epochs"),
     "baselines": ("baseline_width",),
 }
 
 
 #: Settings added after results were cached: at these values they stay out of the method key.
-_KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w", "dualglow_select_on": "bpd"}
+_KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w", "dualglow_select_on": "bpd",
+                                  "dualglow_min_epochs": 0}
 
 
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
