@@ -204,7 +204,13 @@ class HtmlReport:
         return write_text(path, self.render())
 
 
+#: Table cells smaller than this are float round-off of a zero (a mean PET's bias against itself).
+_ROUND_OFF = 1e-6
+
+
 def _format_cell(value: Any) -> str:
     if isinstance(value, float | np.floating):
-        return f"{value:.4g}"
+        if not np.isfinite(value):
+            return "n/a"
+        return "0" if abs(value) < _ROUND_OFF else f"{value:.4g}"
     return str(value)

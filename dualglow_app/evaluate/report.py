@@ -265,8 +265,9 @@ def markdown_tables(summary: dict[str, Any]) -> str:
                       "best validation MAE (SUVR)"], training_rows(summary["training"]))  # fmt: skip
         budget = summary["budget"]
         out += ["", f"Budget: at most {budget['epochs']} epochs per method; "
-                + (f"early stopping after {budget['patience']} epochs without a relative improvement of "
-                   f"{budget['min_delta']:g} on {budget['inner_val_fraction']:.0%} of each fold's training subjects."
+                + (f"early stopping after {budget['patience']} epochs without a relative improvement of the "
+                   f"validation MAE by {budget['min_delta']:g} on {budget['inner_val_fraction']:.0%} of each fold's "
+                   f"training subjects (DUAL-GLOW: {dualglow_stopping_rule(summary['options'])})."
                    if budget.get("patience") else "no early stopping (fixed epochs).")]
     timing = summary["budget"]["seconds_per_fold"]
     out += ["", "Wall time per fold (s): " + "; ".join(f"{m} {np.mean(v):.0f}" for m, v in timing.items()) + "."]
@@ -290,8 +291,9 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         banner="DEMONSTRATION: evaluated on the synthetic dualglow phantom cohort, not on people"
         if cohort.phantom_dir is not None else None,
     )
-    budget = (f"at most {options.epochs} epochs, stopped after {options.patience} epochs without improvement on "
-              f"{options.inner_val_fraction:.0%} of the fold's training subjects (best epoch kept)"
+    budget = (f"at most {options.epochs} epochs, stopped after {options.patience} epochs without improvement of the "
+              f"validation MAE on {options.inner_val_fraction:.0%} of the fold's training subjects (best epoch kept; "
+              f"DUAL-GLOW: {dualglow_stopping_rule(options.to_dict())})"
               if options.patience is not None else f"{options.epochs} epochs")
     report.add_paragraph(
         f"{len(data)} scans of {len(set(data.subjects))} subjects, {options.folds}-fold cross-validation grouped by "
@@ -299,7 +301,7 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         f"{budget}, batch size {options.batch_size}, the same preprocessing; nothing tuned on test folds. "
         "DUAL-GLOW predicts its conditional mode (temperature 0)."
     )
-    _add_training(report, result, line_figure)
+    _add_training(report, result, line_figure, options)
     _add_table1(report, options.methods, result)
     _add_subject_level(report, options.methods, result)
     _add_table2(report, result.table2)
@@ -337,7 +339,15 @@ def _add_table1(report: Any, methods: Sequence[str], result: EvaluationResult) -
     report.add_figure(figure, "Mean absolute error per method (the paper's Fig. 4)")
 
 
-def _add_training(report: Any, result: EvaluationResult, line_figure: Any) -> None:
+def dualglow_stopping_rule(options: dict[str, Any]) -> str:
+    """What DUAL-GLOW's early stopping follows (``options``: EvaluateOptions.to_dict(); the
+    baselines follow the validation MAE). Summaries written before the settings existed: bpd."""
+    select_on, min_epochs = options.get("dualglow_select_on", "bpd"), options.get("dualglow_min_epochs", 0)
+    rule = "its validation MAE too" if select_on == "mae" else "its validation bpd(PET | MRI)"
+    return rule + (f", not before epoch {min_epochs}" if min_epochs else "")
+
+
+def _add_training(report: Any, result: EvaluationResult, line_figure: Any, options: EvaluateOptions) -> None:
     """How long each method trained and its validation curves (did it reach its plateau?)."""
     if not result.training:
         return
@@ -352,7 +362,9 @@ def _add_training(report: Any, result: EvaluationResult, line_figure: Any) -> No
         padded = {name: c + [float("nan")] * (length - len(c)) for name, c in curves.items()}
         report.add_figure(line_figure([float(e) for e in range(1, length + 1)], padded, "epoch",
                                       "validation MAE (SUVR)", f"{method}: inner validation MAE per epoch"),
-                          f"{method}: the curve each fold's early stopping watched (its best epoch is kept)")  # fmt: skip
+                          f"{method}: " + ("the curve each fold's early stopping watched (its best epoch is kept)"
+                                           if method != DUALGLOW or options.dualglow_select_on == "mae"
+                                           else "its early stopping watched the validation bpd instead"))  # fmt: skip
 
 
 def _add_subject_level(report: Any, methods: Sequence[str], result: EvaluationResult) -> None:

@@ -284,10 +284,11 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     assert "### Table 1" in tables and "| meanpet |" in tables and "### Table 2" in tables
     assert "Does the synthesis follow the subject?" in tables and "deviation r" in tables
     assert "### Training (per method, over folds)" in tables and "early stopping after 10 epochs" in tables
+    assert "(DUAL-GLOW: its validation MAE too)" in tables  # the default rule, the baselines' own
     assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with
     html = (options.output_dir / "evaluation.html").read_text()
     for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7", "follow the subject", "input specificity",
-                 "Training: epochs, early stopping", "early stopping watched"):
+                 "Training: epochs, early stopping", "early stopping watched", "DUAL-GLOW: its validation MAE too"):
         assert text in html
 
 
@@ -510,3 +511,11 @@ def test_table2_withholds_the_diagnosis_it_predicts(tmp_path: Path) -> None:
     assert evaluate_cohort(cohort, explicit).table2["dualglow_covariates"]["withheld"] == ["diagnosis", "mmse"]
     with pytest.raises(ValueError, match="table2_withhold \\['sex'\\]: not among the covariates"):
         tiny_options(tmp_path, table2_withhold=("sex",))
+
+
+def test_the_report_says_which_rule_stopped_dualglow() -> None:
+    from dualglow_app.evaluate.report import dualglow_stopping_rule
+
+    assert dualglow_stopping_rule({}) == "its validation bpd(PET | MRI)"  # a summary from before the setting
+    assert dualglow_stopping_rule({"dualglow_select_on": "mae", "dualglow_min_epochs": 100}) == \
+        "its validation MAE too, not before epoch 100"  # fmt: skip
