@@ -57,7 +57,7 @@ def level_statistics(loaded, data, rows, mean_pet: np.ndarray, swap: bool) -> di
         mri, pet, side = scan_tensors(loaded, data, int(row))
         with torch.no_grad():
             prior = model.conditional_prior(mri, side)
-            truth_latents, _ = model.flow_pet(model._dequantize(pet, noise=False, modality="pet", c=prior.side))
+            truth_latents, _ = model.flow_pet(model._dequantize(pet, noise=False, modality="pet", c=prior.side, x_mri=mri))
         r2, slope, swapped = [], [], []
         for i, (z, mu) in enumerate(zip(truth_latents, prior.mu, strict=True)):
             z, mu = z.double(), mu.double()
@@ -66,7 +66,7 @@ def level_statistics(loaded, data, rows, mean_pet: np.ndarray, swap: bool) -> di
             if swap:
                 mixed = [truth_latents[j] if j == i else prior.mu[j] for j in range(len(prior.mu))]
                 with torch.no_grad():
-                    image = model._quantize_back(model.flow_pet.inverse(mixed), "pet", prior.side)
+                    image = model._quantize_back(model.flow_pet.inverse(mixed), "pet", prior.side, mri)
                 suvr, _ = scaling.synthetic_pet(image[0, 0].float().numpy()[None])
                 mask = np.asarray(data.mask[row])
                 swapped.append(deviation_correlation(suvr[0] * (mask > 0), np.asarray(data.pet[row]), mean_pet, mask))
@@ -83,7 +83,7 @@ def encode(loaded, data, row: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
     mri, pet, side = scan_tensors(loaded, data, row)
     with torch.no_grad():
         zm, c = model._mri_latents(mri, side)
-        zp, _ = model.flow_pet(model._dequantize(pet, noise=False, modality="pet", c=c))
+        zp, _ = model.flow_pet(model._dequantize(pet, noise=False, modality="pet", c=c, x_mri=mri))
     return [z.flatten().double().numpy() for z in zm], [z.flatten().double().numpy() for z in zp]
 
 

@@ -20,6 +20,7 @@ The trained model's own template is the last row. No training: a few minutes on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dualglow_app.dataset import DatasetSpec, mean_images, model_batches, prepare_dataset
+from dualglow_app.dataset import DatasetSpec, mean_images, prepare_dataset
 from dualglow_app.evaluate.atlases import phantom_regions
 from dualglow_app.evaluate.statistics import regional_slopes, swept_slope_agreement
 from dualglow_app.imaging import FWHM_TO_SIGMA
@@ -37,7 +38,7 @@ from dualglow_app.model.dualglow import DualGlow
 from dualglow_app.phantom.cohort import subject_index
 from dualglow_app.regions import regional_mean_matrix
 from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
-from dualglow_app.train import side_template_anatomy
+from dualglow_app.train import fit_pet_template
 from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -107,14 +108,13 @@ def main() -> None:
 
     rows: dict[str, dict[str, Any]] = {}
     for anatomy_name in args.anatomy or ["t1w"]:
-        anatomy = side_template_anatomy(data, train_rows, anatomy_name)
         for fwhm_set in args.fwhm or ["0", "0,8", "0,24", "0,8,24"]:
             fwhms = [float(v) for v in fwhm_set.split(",")]
-            model = DualGlow(loaded.model.config)
+            config = dataclasses.replace(loaded.model.config, anatomy_tissue=anatomy_name, anatomy_template=False,
+                                         anatomy_sigmas=[f * FWHM_TO_SIGMA / data.grid.voxel_size for f in fwhms])
+            model = DualGlow(config)
             model.set_templates(*mean_images(data, train_rows, loaded.scaling))
-            model.fit_side_template(((anatomy(b.mri), b.pet, b.side) for b in model_batches(
-                data, train_rows, loaded.scaling, torch.device("cpu"), 8, side_info)),
-                mri_sigmas=[f * FWHM_TO_SIGMA / data.grid.voxel_size for f in fwhms])  # fmt: skip
+            fit_pet_template(model, data, train_rows, side_info)
             label = "MRI" if anatomy_name == "t1w" else "grey-matter probability"
             rows[f"fit, {label} at FWHM {fwhm_set} mm"] = scored(
                 template_sweeps(model, loaded.scaling, data, test_rows, SWEEP_AGES, loaded.covariates))

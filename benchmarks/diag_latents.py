@@ -37,7 +37,7 @@ def scan_statistics(model: DualGlow, batch: object) -> tuple[list[list[float]], 
         encoded = model._encode_side(side, 1, mri)
         c = encoded[0] if encoded is not None else None
         zm, _ = model.flow_mri(model._dequantize(mri, False, "mri"))
-        zp, _ = model.flow_pet(model._dequantize(pet, False, "pet", c))
+        zp, _ = model.flow_pet(model._dequantize(pet, False, "pet", c, mri))
         levels = []
         for i, (z_m, z_p) in enumerate(zip(zm, zp, strict=True)):
             mu, log_sigma = model._relation(i, z_m, c)

@@ -15,6 +15,7 @@ held-out subjects, r 0.81 -> 0.91, median ratio 1.23 -> 1.16.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -48,6 +49,13 @@ class GreyMatterModel:
             raise ValueError("GreyMatterModel.fit: fewer than 3 brain voxels to fit a 3-class mixture on.")
         mixture = GaussianMixture(3, random_state=seed).fit(sample[:, None])
         return cls(mixture, int(np.argsort(mixture.means_[:, 0])[1]))
+
+    def mixture_parameters(self) -> tuple[list[float], list[float], list[float]]:
+        """(weights, means, variances) of the three classes, as
+        :meth:`dualglow_app.model.DualGlow.set_tissue_mixture` takes them."""
+        mixture: Any = self._mixture
+        return ([float(v) for v in mixture.weights_], [float(v) for v in mixture.means_[:, 0]],
+                [float(v) for v in mixture.covariances_.reshape(-1)])  # fmt: skip
 
     def probability(self, image: np.ndarray) -> np.ndarray:
         """The grey-matter posterior of each voxel of ``image`` (any shape), float32."""

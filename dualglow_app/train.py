@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,10 @@ def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, A
         side_loss_weight=options.side_loss_weight,
         side_levels=options.side_levels,
         side_template=options.side_template,
+        anatomy_template=options.anatomy_template,
+        anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / grid.voxel_size for fwhm in options.side_template_mri_fwhm],
+        # An ablated MRI (zeros) has no tissue to classify.
+        anatomy_tissue=options.side_template_anatomy if options.mri_input else "t1w",
         lambda_mri=options.lambda_mri,
         **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,
@@ -166,20 +170,26 @@ def _stored_best(best: dict[str, Any] | None, select_on: str) -> dict[str, Any] 
 # --------------------------------------------------------------------------- training
 
 
-def side_template_anatomy(data: PairedVolumes, train_rows: np.ndarray, anatomy: str, seed: int = 0) -> Callable[[Any], Any]:
-    """What the side template's start holds fixed, as a map of a batch's model-scale MRI
-    tensor: ``"t1w"`` the MRI itself, ``"gm"`` its grey-matter probability under a mixture
-    fitted on the training brains (:mod:`dualglow_app.tissue`; ``TrainOptions.side_template_anatomy``)."""
-    if anatomy == "t1w":
-        return lambda mri: mri
+def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, side_info: Sequence[str],
+                     mri_input: bool = True, seed: int = 0, fixed: Sequence[str] = ()) -> None:  # fmt: skip
+    """Start a template-centred model's side and anatomy templates from the training pairs
+    (:meth:`DualGlow.fit_pet_template`), after fitting the grey-matter mixture its MRI terms
+    need (``anatomy_tissue="gm"``: :mod:`dualglow_app.tissue`, on the training brains), and fix
+    the side-template maps of the covariates ``fixed`` names (``TrainOptions.side_template_fixed``)."""
     import torch
 
     from dualglow_app.tissue import GreyMatterModel
 
+    if model.pet_side_template is None and not model.config.anatomy_template:
+        return
     scaling = IntensityScaling()
-    grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
-                                      (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
-    return lambda mri: torch.from_numpy(grey_matter.probability(mri.cpu().numpy()))
+    if model.config.anatomy_tissue == "gm":
+        grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
+                                          (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
+        model.set_tissue_mixture(*grey_matter.mixture_parameters())
+    model.fit_pet_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
+        data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))  # fmt: skip
+    model.fix_side_template(fixed)
 
 
 def train(
@@ -277,14 +287,8 @@ class _Run:
         if config.template_shape is not None:
             # Every rank sees the same training rows, so every rank sets the same templates.
             model.set_templates(*mean_images(data, train_rows, IntensityScaling(), options.mri_input))
-            if model.pet_side_template is not None:
-                anatomy = side_template_anatomy(data, train_rows, options.side_template_anatomy if options.mri_input
-                                                else "t1w", options.seed)  # fmt: skip
-                pairs = ((anatomy(batch.mri), batch.pet, batch.side) for batch in model_batches(
-                    data, train_rows, IntensityScaling(), torch.device("cpu"), 8, options.side_info, options.mri_input))
-                model.fit_side_template(pairs, mri_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size
-                                                           for fwhm in options.side_template_mri_fwhm])  # fmt: skip
-                model.fix_side_template(options.side_template_fixed or ())
+            fit_pet_template(model, data, train_rows, options.side_info, options.mri_input, options.seed,
+                             options.side_template_fixed or ())
         model = model.to(device)
         model.set_memory_saving(MEMORY_SAVING_MODES[options.memory_saving])
         log.info("memory-saving invertible backprop: %s", "on" if model.memory_saving else "off")

@@ -140,7 +140,7 @@ def make_covariate_model(path: Path, grid: ModelGrid, t1w_images: Sequence[np.nd
     pet = torch.from_numpy(scaling.pet_to_model(suvr.astype(np.float32)))[:, None]
     side = {name: torch.tensor([spec.encode(v) for v in values[name]]) for name, spec in specs.items()}
     model.set_templates(mri.mean(0), pet.mean(0))
-    model.fit_side_template([(mri, pet, side)])
+    model.fit_pet_template([(mri, pet, side)])
     fit_briefly(model, mri, pet, side, steps)
     model.set_conditioning_range([(mri, side)])
     model.eval()

@@ -524,24 +524,38 @@ def test_a_fixed_side_template_keeps_its_least_squares_start(tmp_path: Path) -> 
 
 def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_path: Path) -> None:
     """--side-template-anatomy gm: the least-squares start adjusts for the MRI's grey-matter
-    probability, so the age map it starts from differs from the T1w-adjusted one; the
-    anatomy map is a probability of the batch's MRI."""
-    from dualglow_app.train import side_template_anatomy
+    probability (the model's mixture, fitted on the training brains, as tissue.GreyMatterModel
+    gives it), so the age map it starts from differs from the T1w-adjusted one."""
+    from dualglow_app.tissue import GreyMatterModel
 
     data = paired_volumes(6)
-    rows = np.arange(6)
-    gm = side_template_anatomy(data, rows, "gm")
-    mri = torch.from_numpy(IntensityScaling().mri_to_model(np.asarray(data.mri[:2])))[:, None]
-    probability = gm(mri)
-    assert probability.shape == mri.shape and float(probability.min()) >= 0 and float(probability.max()) <= 1
-    assert not torch.allclose(probability, mri)
-    t1w = side_template_anatomy(data, rows, "t1w")
-    assert t1w(mri) is mri
-    maps = {}
+    maps, models = {}, {}
     for anatomy in ("t1w", "gm"):
         options = tiny_options(tmp_path / anatomy, tmp_path / f"w{anatomy}", epochs=1, side_info=("age",),
                                side_template_anatomy=anatomy)  # fmt: skip
-        model = train(options, data=data).model
-        assert model.pet_side_template is not None
+        models[anatomy] = model = train(options, data=data).model
+        assert model.pet_side_template is not None and model.config.anatomy_tissue == anatomy
         maps[anatomy] = model.pet_side_template.detach().clone()
     assert not torch.allclose(maps["t1w"], maps["gm"])
+    # The model's grey matter is the training brains' mixture posterior (numpy / sklearn there, torch here).
+    scaling = IntensityScaling()
+    rows = train_module.split_subjects(data.subjects, 0.34, 0)[0]
+    grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[r])) for r in rows),
+                                      (np.asarray(data.mask[r]) for r in rows), seed=0)  # fmt: skip
+    mri = torch.from_numpy(scaling.mri_to_model(np.asarray(data.mri[:2])))[:, None]
+    features = models["gm"].anatomy_features(mri.double())
+    assert np.allclose(features[:, 0].numpy(), grey_matter.probability(mri.numpy()), atol=1e-5)
+    assert torch.equal(models["t1w"].anatomy_features(mri)[:, 0], mri)
+
+
+def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path) -> None:
+    """--anatomy-template: the fitted anatomy maps and the grey-matter mixture travel in the
+    model file, and the participant level's prediction of a scan uses its own MRI's template."""
+    data = paired_volumes(6)
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), anatomy_template=True)
+    result = train(options, data=data)
+    model, _ = load_model(result.model_path)
+    assert model.config.anatomy_template and model.config.anatomy_tissue == "gm"
+    assert len(model.config.anatomy_sigmas) == 3 and float(model.get_buffer("pet_anatomy_maps").abs().max()) > 0
+    assert float(model.get_buffer("tissue_mixture")[1, 1]) != 0.5  # fitted, not the placeholder
+    assert math.isfinite(result.final_metrics["mae_suvr"])

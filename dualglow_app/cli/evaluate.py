@@ -76,6 +76,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               show_default=True, metavar="MM", help="DUAL-GLOW, as the group level's (repeatable).")
 @click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm", show_default=True,
               help="DUAL-GLOW, as the group level's: the T1w or its grey-matter probability.")
+@click.option("--anatomy-template/--no-anatomy-template", default=False, show_default=True,
+              help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")
 @click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,
@@ -93,6 +95,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, side_levels: str,
          side_template_mri_fwhm: tuple[float, ...], side_template_anatomy: str, side_template_fixed: tuple[str, ...],
+         anatomy_template: bool,
          lambda_mri: float, lr: float,
          baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
@@ -121,7 +124,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,
             top_mri_side=top_mri_side, lambda_mri=lambda_mri, lr=lr, baseline_width=baseline_width,
             side_levels=side_levels, side_template_mri_fwhm=side_template_mri_fwhm,
-            side_template_anatomy=side_template_anatomy,
+            side_template_anatomy=side_template_anatomy, anatomy_template=anatomy_template,
             side_template_fixed=side_template_fixed_choice(side_template_fixed),
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip

@@ -129,6 +129,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         top_prior=options.top_prior, top_mri_side=options.top_mri_side, lambda_mri=options.lambda_mri,
         side_levels=options.side_levels, side_template_mri_fwhm=options.side_template_mri_fwhm,
         side_template_anatomy=options.side_template_anatomy, side_template_fixed=options.side_template_fixed,
+        anatomy_template=options.anatomy_template,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
@@ -312,14 +313,15 @@ _SHARED_SETTINGS = ("folds", "seed", "epochs", "patience", "min_delta", "inner_v
 _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
                "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
-               "side_template_fixed", "side_template_anatomy", "dualglow_select_on", "dualglow_min_epochs"),
+               "side_template_fixed", "side_template_anatomy", "dualglow_select_on", "dualglow_min_epochs",
+               "anatomy_template"),
     "baselines": ("baseline_width",),
 }
 
 
 #: Settings added after results were cached: at these values they stay out of the method key.
 _KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w", "dualglow_select_on": "bpd",
-                                  "dualglow_min_epochs": 0}
+                                  "dualglow_min_epochs": 0, "anatomy_template": False}
 
 
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:

@@ -53,6 +53,8 @@ _T = TypeVar("_T")
 TOP_PRIORS = ("side", "mri+side")
 #: Which relation networks take the side information c (DualGlowConfig.side_levels).
 SIDE_LEVELS = ("top", "all", "none")
+#: What the template's MRI terms are made of (DualGlowConfig.anatomy_tissue).
+ANATOMY_TISSUES = ("t1w", "gm")
 
 
 @dataclass
@@ -119,6 +121,24 @@ class DualGlowConfig:
     # least-squares fit of the training PETs on c (:meth:`DualGlow.fit_side_template`, the
     # data-dependent start ActNorm also uses) and trains with the rest. Needs templates.
     side_template: bool = True
+    # The PET's centring template also moves with the subject's anatomy: + sum_s A_s (f_s - mean
+    # f_s), f_s the MRI's tissue map (anatomy_tissue) blurred by anatomy_sigmas[s]. Ours: the
+    # maps A_s are the anatomy coefficients of the same voxelwise least-squares fit that starts
+    # the side template (:meth:`DualGlow.fit_pet_template`), kept instead of discarded, and
+    # fixed. A voxelwise linear model of the PET on the grey matter around each voxel followed
+    # the held-out subjects of phantom v2 (deviation r 0.77 from 150 training subjects, 0.75
+    # from 40) better than the flows had learnt to (0.65; docs/MODEL_EXPERIMENTS.md, finding
+    # 23); the flows then model what that linear start leaves. A shift by a function of the
+    # conditioning input: logdet 0, a density of the PET given the MRI as before. Needs templates.
+    anatomy_template: bool = False
+    # The MRI terms of the template's least-squares fit: the tissue map at each voxel (sigma 0)
+    # and blurred by these Gaussian sigmas (in voxels). They hold the anatomy fixed when the
+    # side template's maps are fitted, and are the anatomy template's features.
+    anatomy_sigmas: list[float] = field(default_factory=lambda: [0.0])
+    # What those terms are made of: "t1w", the model-scale MRI itself, or "gm", its grey-matter
+    # posterior under a three-class intensity mixture fitted on the training brains
+    # (:meth:`DualGlow.set_tissue_mixture`; dualglow_app.tissue).
+    anatomy_tissue: str = "t1w"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
     template_shape: list[int] | None = None
@@ -126,6 +146,7 @@ class DualGlowConfig:
     def __post_init__(self) -> None:
         if self.template_shape is not None:
             self.template_shape = [int(n) for n in self.template_shape]
+        self.anatomy_sigmas = [float(v) for v in self.anatomy_sigmas]
         self.continuous = {k: (float(v[0]), float(v[1])) for k, v in self.continuous.items()}
         self.categorical = {k: int(v) for k, v in self.categorical.items()}
         problems = []
@@ -150,6 +171,12 @@ class DualGlowConfig:
             problems.append(f"side_levels={self.side_levels!r} (choose from {list(SIDE_LEVELS)})")
         if self.top_mri_side not in ("keep", "remove"):
             problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
+        if not self.anatomy_sigmas or any(not v >= 0 for v in self.anatomy_sigmas):
+            problems.append(f"anatomy_sigmas={self.anatomy_sigmas} (one or more Gaussian sigmas in voxels, >= 0)")
+        if self.anatomy_tissue not in ANATOMY_TISSUES:
+            problems.append(f"anatomy_tissue={self.anatomy_tissue!r} (choose from {list(ANATOMY_TISSUES)})")
+        if self.anatomy_template and self.template_shape is None:
+            problems.append("anatomy_template=True needs template_shape (the template it moves)")
         if self.template_shape is not None and (
             len(self.template_shape) != self.ndim or min(self.template_shape) < 1
         ):
@@ -207,14 +234,34 @@ class DualGlowConfig:
 
 
 def _blurred(images: Tensor, sigma: float) -> Tensor:
-    """``images`` (N, C, X, Y, Z) under an isotropic Gaussian of ``sigma`` voxels (0: unchanged),
-    zero beyond the volume (the brain never reaches the grid's edge)."""
+    """``images`` (N, C, *spatial) under an isotropic Gaussian of ``sigma`` voxels (0: unchanged),
+    zero beyond the volume (the brain never reaches the grid's edge): scipy's gaussian_filter
+    with mode="constant" (the kernel cut at 4 sigma), as separable convolutions on the images'
+    device, since the anatomy template blurs every batch."""
     if sigma <= 0:
         return images
-    from scipy.ndimage import gaussian_filter
+    radius = int(4.0 * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    ndim = images.dim() - 2
+    out = images.reshape(-1, 1, *images.shape[2:])
+    convolve = F.conv3d if ndim == 3 else F.conv2d
+    for axis in range(ndim):
+        shape = [1] * ndim
+        shape[axis] = kernel.numel()
+        padding = [0] * ndim
+        padding[axis] = radius
+        out = convolve(out, kernel.view(1, 1, *shape), padding=tuple(padding))
+    return out.reshape(images.shape)
 
-    blurred = gaussian_filter(images.detach().cpu().numpy(), sigma=(0, 0, *[sigma] * (images.dim() - 2)), mode="constant")
-    return torch.from_numpy(blurred).to(images)
+
+def _tissue_posterior(images: Tensor, mixture: Tensor) -> Tensor:
+    """The posterior of the middle class (grey matter) of a 1D Gaussian ``mixture`` (rows:
+    weight, mean, variance; columns: classes by mean intensity) at every voxel of ``images``."""
+    weight, mean, variance = (row.to(images).view(-1, *[1] * images.dim()) for row in mixture)
+    log_joint = weight.log() - 0.5 * (2 * math.pi * variance).log() - 0.5 * (images[None] - mean) ** 2 / variance
+    return torch.softmax(log_joint, dim=0)[1]
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -315,6 +362,8 @@ class ConditionalPrior(NamedTuple):
     outside_fraction: Tensor
     # The encoded side information c (None without): the PET template it moves is part of the prior.
     side: Tensor | None = None
+    # The model-scale MRI, where the PET template moves with its anatomy (anatomy_template).
+    mri: Tensor | None = None
 
 
 class DualGlow(nn.Module):
@@ -379,6 +428,15 @@ class DualGlow(nn.Module):
         if cfg.n_side and cfg.side_template and cfg.template_shape is not None:
             # One map per encoded covariate (B_j, see DualGlowConfig.side_template); zero = off.
             self.pet_side_template = nn.Parameter(torch.zeros(cfg.n_side, cfg.in_channels, *cfg.template_shape))
+        if cfg.anatomy_tissue == "gm":
+            # Rows weight, mean, variance of the intensity mixture; columns CSF, GM, WM. Until
+            # set_tissue_mixture: a placeholder that makes every voxel half grey matter.
+            self.register_buffer("tissue_mixture", torch.tensor([[0.25, 0.5, 0.25], [0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]))
+        if cfg.anatomy_template and cfg.template_shape is not None:
+            # A_s and mean f_s (DualGlowConfig.anatomy_template); zero maps = off.
+            shape = (len(cfg.anatomy_sigmas), cfg.in_channels, *cfg.template_shape)
+            self.register_buffer("pet_anatomy_maps", torch.zeros(shape))
+            self.register_buffer("anatomy_mean", torch.zeros(shape))
         # The conditioning range (module docstring): unbounded until set_conditioning_range. Level
         # i's latents are 2^(i+1) times coarser than the image; a model of one fixed size
         # (template-centred) bounds its prior per position, any other per channel.
@@ -416,10 +474,29 @@ class DualGlow(nn.Module):
             target.copy_(value.reshape(target.shape))
 
     @torch.no_grad()
-    def fit_side_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]],
-                          mri_sigmas: Sequence[float] = (0.0,)) -> None:  # fmt: skip
-        """Start the side template (``DualGlowConfig.side_template``) from the training pairs:
-        per voxel, least squares of the PET on (1, c, the MRI around that voxel) over
+    def set_tissue_mixture(self, weights: Sequence[float], means: Sequence[float], variances: Sequence[float]) -> None:
+        """The three-class intensity mixture (CSF, GM, WM in any order; sorted here by mean) that
+        ``anatomy_tissue="gm"`` takes the grey-matter posterior from: fitted on the training
+        brains (:class:`dualglow_app.tissue.GreyMatterModel`), before :meth:`fit_pet_template`."""
+        if self.config.anatomy_tissue != "gm":
+            raise ValueError(f"this model's anatomy terms are {self.config.anatomy_tissue!r}, not 'gm': it has no mixture.")
+        rows = torch.tensor([list(weights), list(means), list(variances)], dtype=torch.float64)
+        if rows.shape != (3, 3) or not bool((rows[0] > 0).all() and (rows[2] > 0).all()):
+            raise ValueError(f"a tissue mixture is 3 positive weights, 3 means and 3 positive variances; got {rows.tolist()}")
+        order = torch.argsort(rows[1])
+        self.get_buffer("tissue_mixture").copy_(rows[:, order])
+
+    def anatomy_features(self, x_mri: Tensor) -> Tensor:
+        """The template's MRI terms of each model-scale MRI: (batch, scales, in_channels, *spatial),
+        its tissue map (``anatomy_tissue``) at each of ``anatomy_sigmas``."""
+        tissue = x_mri if self.config.anatomy_tissue == "t1w" else _tissue_posterior(x_mri, self.get_buffer("tissue_mixture"))
+        return torch.stack([_blurred(tissue, sigma) for sigma in self.config.anatomy_sigmas], dim=1)
+
+    @torch.no_grad()
+    def fit_pet_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]]) -> None:
+        """Start the side template (``DualGlowConfig.side_template``) and the anatomy template
+        (``anatomy_template``) from the training pairs: per voxel, least squares of the PET on
+        (1, c, the MRI's tissue map around that voxel, :meth:`anatomy_features`) over
         ``(mri, pet, side)`` batches (model scale, as :meth:`nll` takes them). The maps B_j are
         the coefficients of c: the covariates' effect with the anatomy held fixed, which is
         what a sweep of one MRI should show. Without the MRI terms they would also take what
@@ -427,8 +504,8 @@ class DualGlow(nn.Module):
         fit's slopes are 1.56x those of the same brains aged with their anatomy fixed, the
         MRI-adjusted fit's 1.22x (docs/MODEL_EXPERIMENTS.md).
 
-        ``mri_sigmas``: the MRI enters once per Gaussian sigma (in voxels; 0 = the voxel's own
-        value). A PET voxel sees its neighbourhood through the scanner's resolution, and its
+        The MRI enters once per ``anatomy_sigmas`` (Gaussian sigmas in voxels; 0 = the voxel's
+        own value). A PET voxel sees its neighbourhood through the scanner's resolution, and its
         uptake follows its region's grey matter, so the voxel's own MRI leaves part of what
         atrophy does to the PET to be taken as age: with the MRI at the voxel only, a
         150-subject fit's caudate fell 8.9 %/decade against the swept truth's 2.7 %; adding it
@@ -436,27 +513,30 @@ class DualGlow(nn.Module):
         correlation with the truth from 0.60 to 0.82 (docs/MODEL_EXPERIMENTS.md, finding 17).
 
         The PET template becomes the mean training PET minus B times the mean c (the PET at
-        c = 0 for the mean anatomy). Rank-deficient designs (one-hot categories next to the
-        intercept, a covariate that never varies, no MRI signal outside the brain) get the
-        minimum-norm solution."""
-        if self.pet_side_template is None:
+        c = 0 for the mean anatomy); the anatomy maps A_s are the coefficients of the MRI terms,
+        taken around their training means (so T + B c is still the PET of the mean anatomy).
+        Rank-deficient designs (one-hot categories next to the intercept, a covariate that never
+        varies, no MRI signal outside the brain) get the minimum-norm solution."""
+        anatomy_maps = self.get_buffer("pet_anatomy_maps") if self.config.anatomy_template else None
+        if self.pet_side_template is None and anatomy_maps is None:
             raise ValueError(
-                "this model has no side template: build it with side information, template_shape=[...] "
-                "and DualGlowConfig(side_template=True)."
+                "this model has no side or anatomy template: build it with template_shape=[...] and side "
+                "information with DualGlowConfig(side_template=True), or anatomy_template=True."
             )
-        gram, moments, pet_sum, c_sum, rows = None, None, None, None, 0
+        n_side = self.config.n_side if self.pet_side_template is not None else 0
+        gram, moments, pet_sum, c_sum, feature_sum, rows = None, None, None, None, None, 0
         for mri, pet, side in batches:
             device = self.pet_template.device
             mri, pet = torch.as_tensor(mri).to(device).double(), torch.as_tensor(pet).to(device).double()
             encoded = self._encode_side(side, pet.shape[0], pet)
-            if encoded is None:
-                raise ValueError("fit_side_template needs the covariates of every batch (side=None given).")
-            c = encoded[0]
+            if n_side and encoded is None:
+                raise ValueError("fit_pet_template needs the covariates of every batch (side=None given).")
+            c = encoded[0] if n_side and encoded is not None else pet.new_zeros(pet.shape[0], 0)
             voxels = mri[0].numel()
-            # (batch, voxels, 1 + n_side + len(mri_sigmas)): intercept, covariates, the MRI around each voxel.
-            design = torch.cat([torch.ones_like(c[:, :1]), c], dim=1)[:, None, :].expand(-1, voxels, -1)
-            anatomy = [_blurred(mri, sigma).flatten(1)[..., None] for sigma in mri_sigmas]
-            design = torch.cat([design, *anatomy], dim=2)
+            features = self.anatomy_features(mri).flatten(2).transpose(1, 2)  # (batch, voxels, scales)
+            # (batch, voxels, 1 + n_side + scales): intercept, covariates, the MRI around each voxel.
+            design = torch.cat([pet.new_ones(pet.shape[0], 1), c], dim=1)[:, None, :].expand(-1, voxels, -1)
+            design = torch.cat([design, features], dim=2)
             values = pet.flatten(1)
             batch_gram = torch.einsum("nvp,nvq->vpq", design, design)
             batch_moments = torch.einsum("nvp,nv->vp", design, values)
@@ -464,15 +544,22 @@ class DualGlow(nn.Module):
             moments = batch_moments if moments is None else moments + batch_moments
             pet_sum = values.sum(0) if pet_sum is None else pet_sum + values.sum(0)
             c_sum = c.sum(0) if c_sum is None else c_sum + c.sum(0)
+            feature_sum = features.sum(0) if feature_sum is None else feature_sum + features.sum(0)
             rows += pet.shape[0]
-        if gram is None or moments is None or pet_sum is None or c_sum is None:
-            raise ValueError("fit_side_template needs at least one (mri, pet, side) batch of training images.")
-        coef = (torch.linalg.pinv(gram) @ moments[..., None])[..., 0]  # (voxels, 1 + n_side + len(mri_sigmas))
-        maps = coef[:, 1 : 1 + c_sum.numel()].T  # (n_side, voxels)
+        if gram is None or moments is None or pet_sum is None or c_sum is None or feature_sum is None:
+            raise ValueError("fit_pet_template needs at least one (mri, pet, side) batch of training images.")
+        coef = (torch.linalg.pinv(gram) @ moments[..., None])[..., 0]  # (voxels, 1 + n_side + scales)
+        maps = coef[:, 1 : 1 + n_side].T  # (n_side, voxels)
         template = pet_sum / rows - (c_sum / rows) @ maps
         self.pet_template.copy_(template.reshape(self.pet_template.shape).to(self.pet_template.dtype))
-        self.pet_side_template.copy_(maps.reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
-        log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(maps.abs().max()))
+        if self.pet_side_template is not None:
+            self.pet_side_template.copy_(maps.reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
+            log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(maps.abs().max()))
+        if anatomy_maps is not None:
+            anatomy_maps.copy_(coef[:, 1 + n_side :].T.reshape(anatomy_maps.shape).to(anatomy_maps.dtype))
+            mean = self.get_buffer("anatomy_mean")
+            mean.copy_((feature_sum / rows).T.reshape(mean.shape).to(mean.dtype))
+            log.debug("anatomy template fitted on %d pairs: |A| max %.4f", rows, float(anatomy_maps.abs().max()))
 
     def fix_side_template(self, names: Sequence[str]) -> None:
         """Keep the side template's maps of covariates ``names`` where they are (their least-squares
@@ -484,15 +571,22 @@ class DualGlow(nn.Module):
             keep[self.config.side_channels(name)] = 0.0
         self.pet_side_template.register_hook(lambda grad: grad * keep.to(grad))
 
-    def _center(self, x: Tensor, modality: str, c: Tensor | None = None) -> Tensor | float:
+    def _center(self, x: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor | float:
         """What an image is centred on before its flow: its template (for the PET, moved by the
-        side information ``c`` where the model has a side template), or 0.5."""
+        side information ``c`` where the model has a side template, and by the anatomy of the
+        model-scale MRI ``x_mri`` where it has an anatomy template; without ``x_mri``, the
+        training scans' mean anatomy), or 0.5."""
         if self.config.template_shape is None:
             return 0.5
-        template = self.get_buffer(f"{modality}_template").to(x.dtype)
-        if modality == "pet" and self.pet_side_template is not None and c is not None:
-            return template + torch.einsum("bn,n...->b...", c.to(x.dtype), self.pet_side_template.to(x.dtype))
-        return template
+        centre = self.get_buffer(f"{modality}_template").to(x.dtype)
+        if modality != "pet":
+            return centre
+        if self.pet_side_template is not None and c is not None:
+            centre = centre + torch.einsum("bn,n...->b...", c.to(x.dtype), self.pet_side_template.to(x.dtype))
+        if self.config.anatomy_template and x_mri is not None:
+            departure = self.anatomy_features(x_mri.to(x.dtype)) - self.get_buffer("anatomy_mean").to(x.dtype)
+            centre = centre + (departure * self.get_buffer("pet_anatomy_maps").to(x.dtype)).sum(1)
+        return centre
 
     @torch.no_grad()
     def set_conditioning_range(self, batches: Iterable[tuple[Tensor, SideInput | None]]) -> None:
@@ -640,14 +734,15 @@ class DualGlow(nn.Module):
 
     # -- likelihood ------------------------------------------------------------------------
 
-    def _dequantize(self, x: Tensor, noise: bool, modality: str, c: Tensor | None = None) -> Tensor:
+    def _dequantize(self, x: Tensor, noise: bool, modality: str, c: Tensor | None = None,
+                    x_mri: Tensor | None = None) -> Tensor:  # fmt: skip
         """[0, 1] intensities -> continuous values centred on 0 (or on the template), plus up
         to one bin of noise."""
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return x + u / self.config.n_bins - self._center(x, modality, c)
+        return x + u / self.config.n_bins - self._center(x, modality, c, x_mri)
 
-    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None) -> Tensor:
-        return y + self._center(y, modality, c) - 0.5 / self.config.n_bins
+    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor:
+        return y + self._center(y, modality, c, x_mri) - 0.5 / self.config.n_bins
 
     def _side_head_inputs(self, mri: Sequence[_T], pet_top: _T) -> tuple[list[_T], list[_T]]:
         """What the eq. 17 heads see, given the MRI's per-level items (latents, or their channel
@@ -709,7 +804,7 @@ class DualGlow(nn.Module):
         c = encoded[0] if encoded is not None else None
 
         zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training, "mri"))
-        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet", c))
+        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet", c, x_mri))
 
         # log p(zm) under the standard normal prior of the MRI flow.
         log_p_zm = sum(gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) for z in zm)
@@ -783,7 +878,8 @@ class DualGlow(nn.Module):
             mus.append(mu)
             log_sigmas.append(log_sigma)
         fraction = outside / sum(z[0].numel() for z in zm)
-        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c)
+        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c,
+                                x_mri if self.config.anatomy_template else None)
 
     @torch.no_grad()
     def sample(
@@ -814,13 +910,13 @@ class DualGlow(nn.Module):
         """
         self._check_image(x_pet, "x_pet")
         old, new = self.conditional_prior(x_mri, side), self.conditional_prior(x_mri, new_side)
-        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side))
+        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side, x_mri=x_mri))
         moved = [
             mu_new + (z - mu_old) * (log_sigma_new - log_sigma_old).exp()
             for z, mu_old, log_sigma_old, mu_new, log_sigma_new in zip(
                 zp, old.mu, old.log_sigma, new.mu, new.log_sigma, strict=True)
         ]  # fmt: skip
-        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side)
+        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side, x_mri)
 
     @torch.no_grad()
     def sample_prior(
@@ -853,11 +949,11 @@ class DualGlow(nn.Module):
                         mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
                     )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
-            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side))
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side, prior.mri))
         return torch.stack(samples)
 
 
 __all__ = [
-    "AGE_SCALING", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
+    "AGE_SCALING", "ANATOMY_TISSUES", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
     "grad_reverse",
 ]  # fmt: skip

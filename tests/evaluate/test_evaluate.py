@@ -317,13 +317,13 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
     base = tiny_options(tmp_path)
     for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()},
                    {"side_template_anatomy": "t1w"}, {"dualglow_select_on": "bpd"},
-                   {"dualglow_min_epochs": 1}):  # fmt: skip
+                   {"dualglow_min_epochs": 1}, {"anatomy_template": True}):  # fmt: skip
         other = dataclasses.replace(base, **change)
         assert _method_key(DUALGLOW, other) != _method_key(DUALGLOW, base), change
         assert _method_key("unet", other) == _method_key("unet", base)
     # A setting added later, at the value it had before it existed, leaves the keys of what was
     # cached then: the same key as options that do not know the setting at all.
-    later = {"side_template_anatomy": "t1w", "dualglow_select_on": "bpd", "dualglow_min_epochs": 0}
+    later = {"side_template_anatomy": "t1w", "dualglow_select_on": "bpd", "dualglow_min_epochs": 0, "anatomy_template": False}
 
     class Before(type(base)):  # type: ignore[misc]
         def to_dict(self) -> dict:

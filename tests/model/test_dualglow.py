@@ -5,8 +5,10 @@ from __future__ import annotations
 import doctest
 import json
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -530,8 +532,8 @@ def test_side_template_is_fitted_by_least_squares_and_moves_the_mode_by_its_map(
     model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, categorical={"sex": 2}, template_shape=[8, 8]))
     assert model.pet_side_template is not None and model.pet_side_template.requires_grad
     model.set_templates(mri.mean(0), pet.mean(0))
-    model.fit_side_template([(mri[:8], pet[:8], {k: v[:8] for k, v in side.items()}),
-                             (mri[8:], pet[8:], {k: v[8:] for k, v in side.items()})])
+    model.fit_pet_template([(mri[:8], pet[:8], {k: v[:8] for k, v in side.items()}),
+                            (mri[8:], pet[8:], {k: v[8:] for k, v in side.items()})])
     # The age map is the slope per (age - 70) / 10 with the MRI held fixed, not the age-only
     # slope (which also takes the 0.3 * -0.1 per decade that goes through the MRI).
     assert torch.allclose(model.pet_side_template[0], per_decade, atol=1e-4)
@@ -565,9 +567,9 @@ def test_side_template_adjusts_for_the_anatomy_around_each_voxel() -> None:
     side = {"age": torch.linspace(55.0, 90.0, n)}
 
     def age_map(sigmas: tuple[float, ...]) -> torch.Tensor:
-        model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8]))
+        model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_sigmas=list(sigmas)))
         model.set_templates(mri.mean(0), pet.mean(0))
-        model.fit_side_template([(mri, pet, side)], mri_sigmas=sigmas)
+        model.fit_pet_template([(mri, pet, side)])
         assert model.pet_side_template is not None
         return model.pet_side_template[0].detach()
 
@@ -584,7 +586,7 @@ def test_with_side_levels_none_the_covariates_move_the_side_template_alone() -> 
                                  top_prior="mri+side", side_levels="none"))  # fmt: skip
     assert all(r.net[0].in_channels == c for r, c in zip(model.relations, model.flow_mri.latent_channels, strict=True))
     model.set_templates(mri.mean(0), pet.mean(0))
-    model.fit_side_template([(mri, pet, side)])
+    model.fit_pet_template([(mri, pet, side)])
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(3):
@@ -603,10 +605,10 @@ def test_side_template_needs_templates_and_old_files_lack_it() -> None:
     assert DualGlow(side_config()).pet_side_template is None  # no templates to move
     model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], side_template=False))
     assert model.pet_side_template is None and "pet_side_template" not in model.state_dict()
-    with pytest.raises(ValueError, match="no side template"):
-        model.fit_side_template([])
+    with pytest.raises(ValueError, match="no side or anatomy template"):
+        model.fit_pet_template([])
     with pytest.raises(ValueError, match="at least one"):
-        DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8])).fit_side_template([])
+        DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8])).fit_pet_template([])
 
 
 # -- boundary errors -----------------------------------------------------------------------
@@ -658,3 +660,100 @@ def test_side_heads_are_bounded_so_gradient_reversal_cannot_diverge() -> None:
     head = SideHead(c_in=4, n_out=3, hidden=8, ndim=3)
     huge = torch.full((2, 4, 4, 4, 4), 1e6)
     assert head(huge).abs().max() <= head.bound
+
+
+# -- the anatomy template --------------------------------------------------------------------
+
+
+def test_blur_is_scipys_gaussian_filter_with_zeros_beyond_the_volume() -> None:
+    from scipy.ndimage import gaussian_filter
+
+    from dualglow_app.model.dualglow import _blurred
+
+    images = torch.rand(2, 1, 9, 10, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.85, 2.5):
+        expected = gaussian_filter(images.numpy(), sigma=(0, 0, sigma, sigma, sigma), mode="constant")
+        assert np.allclose(_blurred(images, sigma).numpy(), expected, atol=1e-12)
+    assert _blurred(images, 0.0) is images
+
+
+def test_grey_matter_posterior_is_the_mixtures() -> None:
+    """The model's torch posterior equals scikit-learn's for the same three-class mixture."""
+    from dualglow_app.tissue import GreyMatterModel
+
+    rng = np.random.default_rng(1)
+    brain = np.concatenate([rng.normal(m, 0.05, 800) for m in (0.25, 0.55, 0.85)])
+    tissue = GreyMatterModel.fit([brain], [np.ones_like(brain, bool)])
+    model = DualGlow(tiny_config(template_shape=[8, 8], anatomy_tissue="gm"))
+    weights, means, variances = tissue.mixture_parameters()
+    model.set_tissue_mixture(weights[::-1], means[::-1], variances[::-1])  # any order: sorted by mean
+    values = np.linspace(0.0, 1.0, 64).reshape(1, 1, 8, 8)
+    got = model.anatomy_features(torch.from_numpy(values))[:, 0].numpy()
+    assert np.allclose(got, tissue.probability(values), atol=1e-6)
+    with pytest.raises(ValueError, match="not 'gm'"):
+        DualGlow(tiny_config(template_shape=[8, 8])).set_tissue_mixture(weights, means, variances)
+
+
+def anatomy_data(n: int = 24) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """PETs that are, per voxel, a linear function of age and of the MRI at that voxel and blurred."""
+    from dualglow_app.model.dualglow import _blurred
+
+    gen = torch.Generator().manual_seed(7)
+    mri = 0.3 + 0.4 * torch.rand(n, 1, 8, 8, generator=gen, dtype=torch.float64)
+    age = torch.linspace(55.0, 90.0, n, dtype=torch.float64)
+    per_decade = 0.03 * torch.randn(1, 8, 8, generator=gen, dtype=torch.float64)
+    gain = 0.2 + 0.1 * torch.rand(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    pet = 0.2 + per_decade * ((age - 70.0) / 10.0).view(-1, 1, 1, 1) + gain[0] * mri + gain[1] * _blurred(mri, 1.0)
+    return mri.float(), pet.float(), {"age": age.float()}, gain
+
+
+def test_anatomy_template_keeps_the_fits_anatomy_maps_and_an_untrained_mode_is_that_linear_model() -> None:
+    """With the anatomy template the least-squares maps of the MRI terms move the PET's centre
+    with each subject's MRI: a fresh model's mode (zero priors) is then the voxelwise linear
+    model, exact on PETs that are linear in it; T + B c is still the mean anatomy's PET."""
+    mri, pet, side, gain = anatomy_data()
+    config = tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
+                         anatomy_sigmas=[0.0, 1.0], side_levels="none")  # fmt: skip
+    model = DualGlow(config)
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_pet_template([(mri[:12], pet[:12], {"age": side["age"][:12]}), (mri[12:], pet[12:], {"age": side["age"][12:]})])
+    assert torch.allclose(model.get_buffer("pet_anatomy_maps")[:, 0], gain[:, 0].float(), atol=1e-3)
+    model.eval()
+    # An untrained flow maps the zero latents to zero; the mode sits mid-bin below its centre.
+    mode = model.sample(mri, side, temperature=0.0)[0] + 0.5 / model.config.n_bins
+    assert torch.allclose(mode, pet, atol=1e-4)
+    c = model._encode_side(side, len(pet), pet)[0]
+    assert torch.allclose(model._center(pet, "pet", c).mean(0), pet.mean(0), atol=1e-4)  # no MRI: the mean anatomy
+    # The likelihood centres each PET on its own MRI's template: the same as the mode's.
+    latents, _ = model.flow_pet(model._dequantize(pet, noise=False, modality="pet", c=c, x_mri=mri))
+    again = model._quantize_back(model.flow_pet.inverse(latents), "pet", c, mri)
+    assert torch.allclose(again, pet, atol=1e-4)
+    # Without covariates the anatomy template stands alone.
+    alone = DualGlow(tiny_config(template_shape=[8, 8], anatomy_template=True, anatomy_sigmas=[0.0, 1.0]))
+    alone.set_templates(mri.mean(0), pet.mean(0))
+    alone.fit_pet_template([(mri, pet, None)])
+    assert float(alone.get_buffer("pet_anatomy_maps").abs().max()) > 0.1
+
+
+def test_anatomy_template_needs_templates_and_survives_a_model_file(tmp_path: Path) -> None:
+    from dualglow_app.weights import load_model, save_model
+
+    with pytest.raises(ValueError, match="anatomy_template=True needs template_shape"):
+        tiny_config(anatomy_template=True)
+    with pytest.raises(ValueError, match="anatomy_tissue='csf'"):
+        tiny_config(anatomy_tissue="csf")
+    assert DualGlowConfig.from_dict({k: v for k, v in tiny_config().to_dict().items()
+                                     if not k.startswith("anatomy")}).anatomy_template is False  # fmt: skip
+    mri, pet, side, _ = anatomy_data()
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
+                                 anatomy_tissue="gm", anatomy_sigmas=[0.0, 1.0]))  # fmt: skip
+    model.set_tissue_mixture([0.3, 0.4, 0.3], [0.3, 0.5, 0.7], [0.01, 0.01, 0.01])
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_pet_template([(mri, pet, side)])
+    model.eval()
+    path = save_model(model, tmp_path / "m.safetensors", metadata={})
+    loaded, _ = load_model(path)
+    for name in ("pet_anatomy_maps", "anatomy_mean", "tissue_mixture"):
+        assert torch.equal(loaded.get_buffer(name), model.get_buffer(name)), name
+    assert torch.equal(loaded.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0),
+                       model.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0))
