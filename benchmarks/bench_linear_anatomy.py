@@ -1,0 +1,150 @@
+"""How far the PET template's least-squares start goes alone: a voxelwise linear model, no flow.
+
+    python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --train 001-048,061-200 --test 049-060 \
+        [--side-info age diagnosis] [--anatomy gm --anatomy t1w --anatomy none] [--fwhm 0,8,24] \
+        [--phantom-seed 0 --phantom-version 2] [--json OUT]     (--train-of MODEL.json: a model's own training subjects)
+    python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --folds 3 --seed 0 --side-info age ...
+
+Per voxel, least squares of the training PETs on (1, the covariates, the MRI's tissue map at
+the voxel and blurred to each FWHM): :meth:`DualGlow.fit_pet_template`, the start of the group
+level's side and anatomy templates (``--anatomy-template``). The prediction of a held-out scan
+is that template on its own MRI and covariates (:meth:`DualGlow._center`), which is also the
+conditional mode of an anatomy-templated model before its flows have learnt anything. ``none``
+keeps the covariates alone (the side template without the anatomy's terms).
+
+With ``--folds`` the splits are the evaluation's (``dualglow-evaluate --folds K --seed S``:
+grouped by subject, stratified by impairment), every scan held out once; otherwise the
+``--train`` / ``--test`` subject ranges. Scores (SUVR, inside the brain): MAE, deviation r
+against the split's mean training PET, and with ``--phantom-seed`` / ``--phantom-version``
+also against each subject's explainable PET; input specificity (mean pairwise r) of the
+predictions next to the true PETs'. No training: seconds per split on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dualglow_app.covariates import side_config
+from dualglow_app.data import IntensityScaling
+from dualglow_app.dataset import DatasetSpec, mean_images, model_batch, prepare_dataset
+from dualglow_app.evaluate.crossval import make_splits
+from dualglow_app.evaluate.statistics import explainable_truth, impairment_classes
+from dualglow_app.grid import resolve_grid
+from dualglow_app.imaging import FWHM_TO_SIGMA
+from dualglow_app.log import setup_logging
+from dualglow_app.metrics import deviation_correlation, mean_pairwise_correlation
+from dualglow_app.model import DualGlow, DualGlowConfig
+from dualglow_app.phantom.cohort import subject_index
+from dualglow_app.train import fit_pet_template
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_default_model import labels  # noqa: E402
+
+
+def linear_predictions(data: Any, train_rows: np.ndarray, test_rows: np.ndarray, side_info: list[str],
+                       anatomy: str, fwhms: list[float]) -> np.ndarray:  # fmt: skip
+    """The held-out scans' templates in SUVR (masked, clipped to the model's range)."""
+    scaling = IntensityScaling()
+    config = DualGlowConfig(
+        ndim=3, levels=1, depth=1, hidden=4, relation_hidden=4, template_shape=list(data.grid.shape),
+        **side_config(side_info, data.covariate_specs(side_info) if side_info else {}),
+        anatomy_template=anatomy != "none", anatomy_tissue="t1w" if anatomy == "none" else anatomy,
+        anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in fwhms],
+    )  # fmt: skip
+    model = DualGlow(config).double()
+    model.set_templates(*mean_images(data, train_rows, scaling))
+    fit_pet_template(model, data, train_rows, side_info)
+    out = []
+    for row in test_rows:
+        batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), side_info)
+        encoded = model._encode_side(batch.side, 1, batch.pet.double())
+        with torch.no_grad():
+            centre = model._center(batch.pet.double(), "pet", None if encoded is None else encoded[0], batch.mri.double())
+        suvr = scaling.pet_from_model(np.clip(np.asarray(centre)[0, 0], 0.0, 1.0))
+        out.append(suvr * (np.asarray(data.mask[row]) > 0))
+    return np.stack(out).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bids_dir", type=Path)
+    parser.add_argument("-w", "--work-dir", type=Path, required=True)
+    parser.add_argument("--train", help="training subject ranges, e.g. 001-048,061-200")
+    parser.add_argument("--train-of", type=Path, metavar="MODEL_JSON",
+                        help="train on the subjects a model trained on (its JSON's metadata.training.subjects)")
+    parser.add_argument("--test", help="held-out subject range, e.g. 049-060")
+    parser.add_argument("--folds", type=int, help="the evaluation's K folds over every subject instead")
+    parser.add_argument("--seed", type=int, default=0, help="the folds' seed (dualglow-evaluate --seed)")
+    parser.add_argument("--side-info", nargs="*", default=["age"])
+    parser.add_argument("--anatomy", action="append", choices=("gm", "t1w", "none"), default=None)
+    parser.add_argument("--fwhm", default="0,8,24", help="FWHMs in mm of the MRI terms (0: the voxel's own)")
+    parser.add_argument("--grid", default="cpu4mm")
+    parser.add_argument("--phantom-seed", type=int)
+    parser.add_argument("--phantom-version", type=int)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.train_of is not None:
+        trained = json.loads(args.train_of.read_text())["metadata"]["training"]["subjects"]
+        args.train = ",".join(label.removeprefix("sub-") for label in trained)
+    if (args.folds is None) == (args.train is None or args.test is None):
+        parser.error("give either --folds K or both --train (or --train-of) and --test")
+    setup_logging(0)
+
+    grid = resolve_grid(args.grid)
+    chosen = None if args.folds else tuple(labels(args.train) + labels(args.test))
+    data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=chosen or (),
+                                       side_info=tuple(args.side_info)))  # fmt: skip
+    if args.folds:
+        splits = make_splits(data.subjects, args.folds, args.seed, impairment_classes(list(data.diagnosis)))
+    else:
+        rows = {label: data.labels.index(f"sub-{label}") for label in chosen or ()}
+        splits = [(np.array([rows[x] for x in labels(args.train)]), np.array([rows[x] for x in labels(args.test)]))]
+    fwhms = [float(v) for v in args.fwhm.split(",")]
+    held_out = np.concatenate([test for _, test in splits])
+    masks = np.stack([np.asarray(data.mask[r]) for r in held_out])
+    truths = np.stack([np.asarray(data.pet[r]) for r in held_out])
+    explainable = None
+    if args.phantom_seed is not None and args.phantom_version is not None:
+        explainable = explainable_truth((args.phantom_seed, args.phantom_version),
+                                        [subject_index(data.labels[r]) for r in held_out], grid,
+                                        cache=args.work_dir / "explainable_truth")  # fmt: skip
+
+    results: dict[str, Any] = {
+        "splits": "folds" if args.folds else "train/test", "folds": args.folds, "seed": args.seed,
+        "side_info": args.side_info, "fwhm_mm": fwhms, "held_out": [data.labels[r] for r in held_out],
+        "true_pet_pairwise_r": mean_pairwise_correlation(truths, masks), "rows": {},
+    }  # fmt: skip
+    print(f"{len(held_out)} held-out scans over {len(splits)} split(s); MRI terms at FWHM {args.fwhm} mm; "
+          f"covariates {args.side_info or 'none'}; true PETs' pairwise r {results['true_pet_pairwise_r']:.3f}")
+    print(f"{'anatomy':8s} {'MAE (SUVR)':>10s} {'deviation r':>12s} {'vs explainable':>15s} {'pairwise r':>11s}")
+    for anatomy in args.anatomy or ["gm", "t1w", "none"]:
+        predictions, scores = [], []
+        for train_rows, test_rows in splits:
+            reference = np.mean([np.asarray(data.pet[r]) for r in train_rows], axis=0)
+            fold = linear_predictions(data, train_rows, test_rows, list(args.side_info), anatomy, fwhms)
+            for row, pred in zip(test_rows, fold, strict=True):
+                truth, mask = np.asarray(data.pet[row]), np.asarray(data.mask[row])
+                j = int(np.flatnonzero(held_out == row)[0])
+                scores.append([float(np.abs(pred - truth)[mask > 0].mean()), deviation_correlation(pred, truth, reference, mask),
+                               deviation_correlation(pred, explainable[j], reference, mask) if explainable is not None
+                               else float("nan")])  # fmt: skip
+            predictions.append(fold)
+        mae, dev_r, dev_explainable = np.mean(scores, axis=0)
+        pairwise = mean_pairwise_correlation(np.concatenate(predictions), masks)
+        results["rows"][anatomy] = {"mae_suvr": mae, "deviation_r": dev_r, "deviation_r_explainable": dev_explainable,
+                                    "pairwise_r": pairwise}  # fmt: skip
+        print(f"{anatomy:8s} {mae:10.4f} {dev_r:12.3f} {dev_explainable:15.3f} {pairwise:11.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"written {args.json}")
+
+
+if __name__ == "__main__":
+    main()
