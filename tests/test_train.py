@@ -548,11 +548,15 @@ def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_pat
     assert torch.equal(models["t1w"].anatomy_features(mri)[:, 0], mri)
 
 
-def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path) -> None:
-    """--anatomy-template: the fitted anatomy maps and the grey-matter mixture travel in the
-    model file, and the participant level's prediction of a scan uses its own MRI's template."""
-    data = paired_volumes(6)
-    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), anatomy_template=True)
+def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--anatomy-template (the default): the fitted anatomy maps and the grey-matter mixture
+    travel in the model file. With fewer than 4 training subjects per parameter of its
+    least-squares fit (intercept, age, 3 MRI terms: 20) it is off, and the log says so."""
+    with caplog.at_level(logging.WARNING, logger="dualglow"):
+        few = train(tiny_options(tmp_path / "few", tmp_path / "wf", epochs=1, side_info=("age",)), data=paired_volumes(6))
+    assert not few.model.config.anatomy_template and "--anatomy-template is off for this run: 4 training subjects" in caplog.text
+    data = paired_volumes(32)
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
     result = train(options, data=data)
     model, _ = load_model(result.model_path)
     assert model.config.anatomy_template and model.config.anatomy_tissue == "gm"

@@ -182,7 +182,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
 @click.option("--side-levels", type=click.Choice(["top", "all", "none"]), default="none", show_default=True,
               help="group: with --side-info, which relation networks take the covariates: none (they move the side "
                    "template alone: docs/MODEL_EXPERIMENTS.md, finding 17), the top one (eq. 16) or all.")
-@click.option("--anatomy-template/--no-anatomy-template", default=False, show_default=True,
+@click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="group: the PET's centring template also moves with the subject's anatomy (the grey matter "
                    "around each voxel, --side-template-anatomy and --side-template-mri-fwhm), by the maps of a "
                    "voxelwise least-squares fit on the training pairs; the flows model the rest.")

@@ -76,7 +76,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               show_default=True, metavar="MM", help="DUAL-GLOW, as the group level's (repeatable).")
 @click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm", show_default=True,
               help="DUAL-GLOW, as the group level's: the T1w or its grey-matter probability.")
-@click.option("--anatomy-template/--no-anatomy-template", default=False, show_default=True,
+@click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")

@@ -105,7 +105,7 @@ class EvaluateOptions:
     # maps stay at their start (None: age when conditioned on it).
     side_levels: str = "none"
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
-    anatomy_template: bool = False
+    anatomy_template: bool = True
     side_template_anatomy: str = "gm"
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3

@@ -317,7 +317,7 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
     base = tiny_options(tmp_path)
     for change in ({"side_levels": "top"}, {"side_template_mri_fwhm": (0.0,)}, {"side_template_fixed": ()},
                    {"side_template_anatomy": "t1w"}, {"dualglow_select_on": "bpd"},
-                   {"dualglow_min_epochs": 1}, {"anatomy_template": True}):  # fmt: skip
+                   {"dualglow_min_epochs": 1}, {"anatomy_template": False}):  # fmt: skip
         other = dataclasses.replace(base, **change)
         assert _method_key(DUALGLOW, other) != _method_key(DUALGLOW, base), change
         assert _method_key("unet", other) == _method_key("unet", base)

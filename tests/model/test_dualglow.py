@@ -757,3 +757,29 @@ def test_anatomy_template_needs_templates_and_survives_a_model_file(tmp_path: Pa
         assert torch.equal(loaded.get_buffer(name), model.get_buffer(name)), name
     assert torch.equal(loaded.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0),
                        model.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0))
+
+
+def test_the_anatomy_term_stays_in_its_training_range_at_synthesis_only() -> None:
+    """After set_conditioning_range a T1w unlike the training scans cannot push a voxel's
+    anatomy term beyond what they gave (a real brain through a phantom-trained model put
+    1 % of its voxels at the 3 SUVR ceiling); the likelihood keeps the unbounded term."""
+    mri, pet, side, _ = anatomy_data()
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
+                                 anatomy_sigmas=[0.0, 1.0], side_levels="none"))  # fmt: skip
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_pet_template([(mri, pet, side)])
+    model.eval()
+    wild = mri[:1] * 3.0
+    before = model.sample(wild, {"age": 70.0}, temperature=0.0)
+    nll_before = model.nll(wild, pet[:1], {"age": side["age"][:1]})["bpd_pet_given_mri"]
+    model.set_conditioning_range([(mri, side)])
+    assert torch.equal(model.nll(wild, pet[:1], {"age": side["age"][:1]})["bpd_pet_given_mri"], nll_before)
+    low, high = model.get_buffer("anatomy_term_range")
+    trained = model.anatomy_term(mri)
+    assert torch.all(trained >= low - 1e-6) and torch.all(trained <= high + 1e-6)
+    assert torch.allclose(model.anatomy_term(mri, bounded=True), trained)  # a no-op on the training scans
+    after = model.sample(wild, {"age": 70.0}, temperature=0.0)
+    bounded = model.anatomy_term(wild, bounded=True)
+    assert torch.all(bounded <= high + 1e-6) and (before - after).abs().max() > 0.01
+    c = model._encode_side({"age": 70.0}, 1, wild)[0]
+    assert not torch.allclose(model._center(wild, "pet", c, wild), model._center(wild, "pet", c, wild, bounded=True))
