@@ -44,8 +44,10 @@ RUN_CACHE_VERSION = 5
 #: (eq. 16: p(zp_top | c), without the top MRI latent); 3: the side template (fitted with the
 #: anatomy held fixed), covariate scaling learnt from the data, the top prior on (zm_top, c) by default;
 #: 4: the side template's fit holds the MRI around each voxel fixed too (TrainOptions.side_template_mri_fwhm)
-#: and its age map stays at that fit (TrainOptions.side_template_fixed).
-DUALGLOW_REVISION = 4
+#: and its age map stays at that fit (TrainOptions.side_template_fixed); 5: the anatomy template's
+#: term held to its training range at synthesis (DualGlow.anatomy_term; the reference run's
+#: anatomy-template row of docs/RESULTS.md was computed before it).
+DUALGLOW_REVISION = 5
 
 
 class EvaluationError(RuntimeError):
