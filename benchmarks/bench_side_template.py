@@ -6,7 +6,7 @@
 A trained model's age sweep is almost all its side template's (``DualGlowConfig.side_template``:
 the PET is centred on T + sum_j c_j B_j; for the default model of finding 16 the regional slopes
 of its sweep and of its template correlate 0.995), and the template starts from a voxelwise
-least-squares fit (:meth:`DualGlow.fit_side_template`), which training moves only so far (its
+least-squares fit (:meth:`DualGlow.fit_pet_template`), which training moves only so far (its
 age map not at all with ``--side-template-fixed age``, the default since). This bench
 refits that start on the model's own training scans (``metadata.training.subjects``), once per
 ``--fwhm`` set (the MRI at each voxel = 0 and blurred to these FWHMs in mm,

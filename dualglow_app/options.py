@@ -281,7 +281,7 @@ class TrainOptions:
     # The side template's least-squares start holds the anatomy fixed through the MRI at each
     # voxel (0) and the MRI blurred to these FWHMs (mm): a PET's resolution (ADNI's PETs are
     # brought to 8 mm) and a region's scale (uptake follows the region's grey matter). With the
-    # voxel's MRI alone the fit takes part of atrophy's effect as age (DualGlow.fit_side_template;
+    # voxel's MRI alone the fit takes part of atrophy's effect as age (DualGlow.fit_pet_template;
     # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of the models trained before it.
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     # (With anatomy_template these terms are also what the template moves with.)

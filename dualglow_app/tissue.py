@@ -3,7 +3,7 @@
 A three-class Gaussian mixture (CSF, grey matter, white matter, ordered by their mean
 intensity) fitted to the brain voxels of the training MRIs: the intensity model of FSL FAST
 and ANTs Atropos, without their spatial (Markov random field) prior. The side template's
-least-squares start (:meth:`dualglow_app.model.DualGlow.fit_side_template`) holds the anatomy
+least-squares start (:meth:`dualglow_app.model.DualGlow.fit_pet_template`) holds the anatomy
 fixed to separate what age does to the PET from what atrophy does; grey matter is what FDG
 uptake follows, and a T1w intensity is not linear in it (a voxel darkens whether it loses
 grey matter to CSF or gains it from white matter), so a linear adjustment on intensities
@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-#: What the side template's start holds fixed: the T1w intensity or its grey-matter probability.
+#: What the PET template's MRI terms are made of (the side template's start holds them fixed,
+#: the anatomy template moves with them; DualGlowConfig.anatomy_tissue): the T1w intensity or
+#: its grey-matter probability.
 SIDE_TEMPLATE_ANATOMY = ("t1w", "gm")
 
 

@@ -33,7 +33,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -108,24 +108,19 @@ class TrainResult:
 MIN_SUBJECTS_PER_TEMPLATE_PARAMETER = 4
 
 
-def anatomy_template_parameters(options: TrainOptions, n_side: int) -> int:
-    """Parameters per voxel of the anatomy template's least-squares fit."""
-    return 1 + (n_side if options.side_template else 0) + len(options.side_template_mri_fwhm)
+def template_fit_parameters(config: Any) -> int:
+    """Parameters per voxel of the PET template's least-squares fit (:meth:`DualGlow.fit_pet_template`):
+    the intercept, the encoded covariates of the side template, the MRI terms."""
+    return 1 + (config.n_side if config.side_template else 0) + len(config.anatomy_sigmas)
 
 
-def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, Any] | None = None,
-                 n_train: int | None = None) -> Any:  # fmt: skip
+def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, Any] | None = None) -> Any:
     """The :class:`DualGlowConfig` for these options on ``grid``; ``covariates``: the learnt
     :class:`~dualglow_app.covariates.CovariateSpec` of each of ``options.side_info`` (None: age
-    alone, scaled (70, 10) as dualglow <= 0.1 did). With ``n_train`` training subjects fewer
-    than :data:`MIN_SUBJECTS_PER_TEMPLATE_PARAMETER` per parameter of its fit, no anatomy
-    template (:func:`train` says so)."""
+    alone, scaled (70, 10) as dualglow <= 0.1 did)."""
     from dualglow_app.covariates import side_config
     from dualglow_app.model import DualGlowConfig
 
-    sides = side_config(options.side_info, covariates)
-    n_side = len(sides["continuous"]) + sum(sides["categorical"].values())
-    needed = MIN_SUBJECTS_PER_TEMPLATE_PARAMETER * anatomy_template_parameters(options, n_side)
     return DualGlowConfig(
         ndim=3,
         levels=options.levels or grid.levels,
@@ -138,12 +133,12 @@ def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, A
         side_loss_weight=options.side_loss_weight,
         side_levels=options.side_levels,
         side_template=options.side_template,
-        anatomy_template=options.anatomy_template and options.template_centring and (n_train is None or n_train >= needed),
+        anatomy_template=options.anatomy_template and options.template_centring,
         anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / grid.voxel_size for fwhm in options.side_template_mri_fwhm],
         # An ablated MRI (zeros) has no tissue to classify.
         anatomy_tissue=options.side_template_anatomy if options.mri_input else "t1w",
         lambda_mri=options.lambda_mri,
-        **sides,
+        **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,
     )
 
@@ -299,13 +294,14 @@ class _Run:
                      ", ".join(data.labels[i] for i in val_rows) or "no validation")  # fmt: skip
             if options.patience is not None and len(val_rows) == 0:
                 log.warning("--patience %d: no validation scans, so no early stopping", options.patience)
-        config = build_config(options, data.grid, data.covariate_specs(options.side_info) if options.side_info else None,
-                              n_train=len(set(data.subjects[i] for i in train_rows)))  # fmt: skip
-        if options.anatomy_template and options.template_centring and not config.anatomy_template and dist.is_main:
-            log.warning("--anatomy-template is off for this run: %d training subjects, fewer than %d per parameter of "
-                        "its voxelwise least squares (%d); the PET template moves with the covariates alone",
-                        len(set(data.subjects[i] for i in train_rows)), MIN_SUBJECTS_PER_TEMPLATE_PARAMETER,
-                        anatomy_template_parameters(options, config.n_side))  # fmt: skip
+        config = build_config(options, data.grid, data.covariate_specs(options.side_info) if options.side_info else None)
+        n_train = len({data.subjects[i] for i in train_rows})
+        if config.anatomy_template and n_train < MIN_SUBJECTS_PER_TEMPLATE_PARAMETER * template_fit_parameters(config):
+            if dist.is_main:
+                log.warning("--anatomy-template is off for this run: %d training subjects, fewer than %d per parameter of "
+                            "its voxelwise least squares (%d); the PET template moves with the covariates alone",
+                            n_train, MIN_SUBJECTS_PER_TEMPLATE_PARAMETER, template_fit_parameters(config))  # fmt: skip
+            config = replace(config, anatomy_template=False)
         torch.manual_seed(options.seed)  # same initial weights on every rank
         model = DualGlow(config)
         if config.template_shape is not None:

@@ -372,7 +372,7 @@ class LoadedModel:
         average covariates: a continuous covariate at its centre (the training mean, c = 0),
         a categorical one at its classes' training shares. T alone is the PET at c = 0, which
         for a one-hot covariate is no class at all: how the least-squares fit splits a class's
-        level between T and its map is arbitrary (DualGlow.fit_side_template's minimum-norm
+        level between T and its map is arbitrary (DualGlow.fit_pet_template's minimum-norm
         solution), and with the MRI terms of finding 17 T fell to a median of 0.72 SUVR.
         """
         model = self.model

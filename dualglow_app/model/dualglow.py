@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from dualglow_app.log import get_logger
 from dualglow_app.model.conditioning import ConditioningRange, RangeFinder
 from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 
 log = get_logger(__name__)
 
@@ -53,8 +54,6 @@ _T = TypeVar("_T")
 TOP_PRIORS = ("side", "mri+side")
 #: Which relation networks take the side information c (DualGlowConfig.side_levels).
 SIDE_LEVELS = ("top", "all", "none")
-#: What the template's MRI terms are made of (DualGlowConfig.anatomy_tissue).
-ANATOMY_TISSUES = ("t1w", "gm")
 
 
 @dataclass
@@ -118,7 +117,7 @@ class DualGlowConfig:
     # eq. 16: the flow spreads an age effect over every scale and, with c at the top only, the
     # mode's age sweep moved 2-8 % of the phantom's truth (docs/MODEL_EXPERIMENTS.md); a map
     # per covariate in image space carries it at every scale at once. B starts from a voxelwise
-    # least-squares fit of the training PETs on c (:meth:`DualGlow.fit_side_template`, the
+    # least-squares fit of the training PETs on c (:meth:`DualGlow.fit_pet_template`, the
     # data-dependent start ActNorm also uses) and trains with the rest. Needs templates.
     side_template: bool = True
     # The PET's centring template also moves with the subject's anatomy: + sum_s A_s (f_s - mean
@@ -173,8 +172,8 @@ class DualGlowConfig:
             problems.append(f"top_mri_side={self.top_mri_side!r} (keep or remove)")
         if not self.anatomy_sigmas or any(not v >= 0 for v in self.anatomy_sigmas):
             problems.append(f"anatomy_sigmas={self.anatomy_sigmas} (one or more Gaussian sigmas in voxels, >= 0)")
-        if self.anatomy_tissue not in ANATOMY_TISSUES:
-            problems.append(f"anatomy_tissue={self.anatomy_tissue!r} (choose from {list(ANATOMY_TISSUES)})")
+        if self.anatomy_tissue not in SIDE_TEMPLATE_ANATOMY:
+            problems.append(f"anatomy_tissue={self.anatomy_tissue!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if self.anatomy_template and self.template_shape is None:
             problems.append("anatomy_template=True needs template_shape (the template it moves)")
         if self.template_shape is not None and (
@@ -978,6 +977,6 @@ class DualGlow(nn.Module):
 
 
 __all__ = [
-    "AGE_SCALING", "ANATOMY_TISSUES", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
+    "AGE_SCALING", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
     "grad_reverse",
 ]  # fmt: skip
