@@ -38,16 +38,7 @@ from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dualglow_targets import SWEEP_AGES, score, true_age_sweeps  # noqa: E402
-
-
-def labels(spans: str) -> list[str]:
-    """Subject labels of comma-separated ranges: ``001-048,061-200``."""
-    out = []
-    for span in spans.split(","):
-        first, _, last = span.partition("-")
-        width = len(first)
-        out += [f"{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
-    return out
+from perfkit import labels  # noqa: E402
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:

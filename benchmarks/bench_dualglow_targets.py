@@ -89,23 +89,34 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     activity slopes, and (``truth_sweep``) the same subjects' true PETs swept the same way.
     ``covariates_of(row)``: the scan's covariates as ``predict`` takes them (default: its age);
     the sweep moves age and keeps the others."""
+    from dualglow_app.inference import predict
+
+    def swept(row: int) -> np.ndarray:
+        mask = np.asarray(data.mask[row])
+        own = covariates_of(row) if covariates_of is not None else {}
+        return np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {**own, "age": a}).mean for a in ages])
+
+    return sweep_agreement(swept, data, rows, ages, train_ages, truth_sweep)
+
+
+def sweep_agreement(swept: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...], train_ages: np.ndarray,
+                    truth_sweep: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+    """The age targets of any predictor: ``swept(row)`` -> (ages, *grid) synthetic PETs (SUVR) of
+    a scan at each age; their regional slopes against the phantom's calibration and, with
+    ``truth_sweep``, against the swept truth (:func:`age_response`)."""
     from dualglow_app.evaluate.atlases import phantom_regions
     from dualglow_app.evaluate.statistics import (
         age_trends,
         phantom_calibrated_slopes,
         regional_slopes,
     )
-    from dualglow_app.inference import predict
     from dualglow_app.regions import regional_mean_matrix
 
     labels, names = phantom_regions(data.grid)
     regions = list(range(1, len(names) + 1))
     sweep = np.empty((len(rows), len(ages), len(names)))
     for k, row in enumerate(rows):
-        mask = np.asarray(data.mask[row])
-        own = covariates_of(row) if covariates_of is not None else {}
-        volumes = np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {**own, "age": a}).mean for a in ages])
-        sweep[k] = regional_mean_matrix(volumes, labels, regions, masks=mask)
+        sweep[k] = regional_mean_matrix(swept(row), labels, regions, masks=np.asarray(data.mask[row]))
     truth = phantom_calibrated_slopes(names)
     trends = age_trends({"phantom": sweep}, {"phantom": names}, ages,
                         {"regions": names, "suvr_per_decade": truth.tolist()})["phantom_comparison"]  # fmt: skip

@@ -2,6 +2,9 @@
 
     python benchmarks/bench_learning_curves.py --bids phantom24/ --work WORK [--methods unet,cgan]
     python benchmarks/bench_learning_curves.py --mni-stack STACK_DIR
+    python benchmarks/bench_learning_curves.py --bids phantom200_v2/ --work WORK \
+        --train-of models/dualglow-phantom-demo.json --test 049-060 [--phantom-seed 0 --phantom-version 2] \
+        [--paired-with DEFAULT_MODEL_BENCH.json] [--checkpoint-dir DIR]
 
 The evaluation compares DUAL-GLOW with the paper's baselines, which only means something when
 every method has converged. This script takes a stacked paired dataset (a BIDS dataset
@@ -19,6 +22,14 @@ is the same MAE on the model's [0, 1] scale, SUVR / 3), the voxel correlation an
 true departures from the mean training PET (0 for the mean PET itself). The mean training
 PET's scores are printed as the line a method must beat. The plateau epoch is the first
 epoch within ``--plateau-tolerance`` (relative) of the best validation MAE.
+
+With ``--train-of`` a model's own training and validation subjects (its JSON's
+``training.subjects`` / ``validation_subjects``) replace the split, so a baseline is the oracle
+of that model on the same scans; ``--test`` then scores each method's kept weights on held-out
+subjects (MAE, PSNR, SSIM, deviation r, against each phantom's explainable PET with
+``--phantom-seed``/``--phantom-version``, input specificity), and ``--paired-with`` (the JSON of
+``bench_default_model.py``) adds a paired Wilcoxon test against that model's rows.
+``--checkpoint-dir`` makes each fit resumable.
 
 Output: a table per method, a summary table, and JSON (default
 ``benchmarks/results/learning_curves_<grid>.json``) with the machine (``lscpu`` model name,
@@ -49,10 +60,15 @@ from dualglow_app import metrics as metrics_module  # noqa: E402
 from dualglow_app.baselines import BASELINES, VAL_METRIC, BaselineOptions, make_baseline  # noqa: E402
 from dualglow_app.data import IntensityScaling  # noqa: E402
 from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset, split_subjects  # noqa: E402
+from dualglow_app.evaluate.statistics import explainable_truth  # noqa: E402
 from dualglow_app.grid import resolve_grid  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
 from dualglow_app.metrics import image_metrics  # noqa: E402
+from dualglow_app.phantom.cohort import subject_index  # noqa: E402
 from dualglow_app.runtime import cpu_threads  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from perfkit import labels  # noqa: E402
 
 LOG = get_logger("dualglow.bench")
 RESULTS = ROOT / "benchmarks" / "results"
@@ -87,12 +103,51 @@ def load_data(args: argparse.Namespace) -> tuple[PairedVolumes, str]:
             sys.exit("--mni-stack: this version of dualglow_app.dataset has no load_mni_stack(); use --bids")
         return loader(args.mni_stack), f"mni-stack {args.mni_stack}"
     work = args.work or args.bids.resolve().parent / "dualglow-work"
-    spec = DatasetSpec(args.bids, work, resolve_grid(args.grid), nprocs=args.threads)
+    chosen: tuple[str, ...] = ()
+    if args.train_of is not None:
+        chosen = tuple(label.removeprefix("sub-") for label in sum(model_split(args.train_of), []))
+        chosen += tuple(labels(args.test)) if args.test else ()
+    spec = DatasetSpec(args.bids, work, resolve_grid(args.grid), nprocs=args.threads, participant_labels=chosen)
     try:  # which cohort (a phantom cohort names its generator and seed)
         name = json.loads((args.bids / "dataset_description.json").read_text()).get("Name", "?")
     except (OSError, ValueError):
         name = "?"
     return prepare_dataset(spec), f"bids {args.bids} ({name}; work {work})"
+
+
+def model_split(model_json: Path) -> tuple[list[str], list[str]]:
+    """A trained model's training and validation subjects, from its JSON's metadata."""
+    training = json.loads(model_json.read_text())["metadata"]["training"]
+    return list(training["subjects"]), list(training["validation_subjects"])
+
+
+def test_scores(pet_suvr: np.ndarray, pred_suvr: np.ndarray, mask: np.ndarray, mean_pet: np.ndarray,
+                explainable: np.ndarray | None) -> dict[str, float]:  # fmt: skip
+    """One held-out scan's image metrics (with the deviation r against the mean training PET)
+    and, with its explainable PET, the deviation r against that."""
+    out = image_metrics(pet_suvr, pred_suvr, mask, reference=mean_pet)
+    if explainable is not None:
+        out["deviation_r_explainable"] = float(metrics_module.deviation_correlation(pred_suvr, explainable, mean_pet, mask))
+    return out
+
+
+def paired_tests(ours: list[dict[str, Any]], bench_json: Path) -> dict[str, Any]:
+    """Paired two-sided Wilcoxon of this method's held-out rows against the DUAL-GLOW rows of a
+    ``bench_default_model.py`` JSON, on the subjects both scored."""
+    from scipy.stats import wilcoxon
+
+    theirs = {r["subject"]: r for r in json.loads(bench_json.read_text())["rows"] if r["method"].startswith("DUAL-GLOW")}
+    shared = [r for r in ours if r["subject"] in theirs]
+    if len(shared) < 2:
+        sys.exit(f"--paired-with {bench_json}: fewer than 2 held-out subjects in common; score the same --test")
+    out: dict[str, Any] = {"subjects": len(shared)}
+    for key in ("mae_suvr", "psnr_db", "ssim", "deviation_r"):
+        a = np.array([r[key] for r in shared])
+        b = np.array([theirs[r["subject"]][key] for r in shared])
+        out[key] = {"this": float(a.mean()), "dualglow": float(b.mean()),
+                    "dualglow_better": int((b < a).sum() if key == "mae_suvr" else (b > a).sum()),
+                    "wilcoxon_p": float(wilcoxon(a, b).pvalue)}  # fmt: skip
+    return out
 
 
 def plateau_epoch(values: list[float], tolerance: float) -> int:
@@ -127,6 +182,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads. Default: all usable")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--train-of", type=Path, metavar="MODEL_JSON",
+                        help="train and validate on this model's own subjects (--bids)")
+    parser.add_argument("--test", help="held-out subject ranges scored after training, e.g. 049-060 (--bids)")
+    parser.add_argument("--phantom-seed", type=int, help="the phantom cohort's seed (explainable PET, with --test)")
+    parser.add_argument("--phantom-version", type=int, help="the phantom cohort's version (with --test)")
+    parser.add_argument("--paired-with", type=Path, metavar="BENCH_JSON",
+                        help="bench_default_model.py --json of the same --test: paired Wilcoxon against its rows")
+    parser.add_argument("--checkpoint-dir", type=Path, help="resume each fit from / save it to METHOD.safetensors here")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path. Default: benchmarks/results/learning_curves_<grid>.json")
     args = parser.parse_args()
@@ -135,11 +198,23 @@ def main() -> None:
     unknown = sorted(set(methods) - set(BASELINES))
     if unknown:
         parser.error(f"--methods {unknown}: choose from {sorted(BASELINES)}")
+    if (args.train_of or args.test) and args.bids is None:
+        parser.error("--train-of and --test need --bids")
+    if args.paired_with and not args.test:
+        parser.error("--paired-with needs --test")
     torch.set_num_threads(cpu_threads(args.threads))
 
     data, origin = load_data(args)
     scaling = IntensityScaling()
-    train_rows, val_rows = split_subjects(data.subjects, args.val_fraction, args.seed)
+    test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)] if args.test else [], int)
+    if args.train_of is not None:
+        trained, validating = model_split(args.train_of)
+        train_rows = np.array([data.labels.index(label) for label in trained])
+        val_rows = np.array([data.labels.index(label) for label in validating])
+    else:
+        pool = np.setdiff1d(np.arange(len(data)), test_rows)
+        inner_train, inner_val = split_subjects([data.subjects[i] for i in pool], args.val_fraction, args.seed)
+        train_rows, val_rows = pool[inner_train], pool[inner_val]
     if len(val_rows) == 0:
         sys.exit("no validation scans: raise --val-fraction or add subjects")
     mri = scaling.mri_to_model(np.asarray(data.mri))
@@ -161,6 +236,17 @@ def main() -> None:
         return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
 
     reference = scores(np.broadcast_to(mean_pet, (len(val_rows), *mean_pet.shape)))
+    # Held-out scans are scored as bench_default_model.py scores a model: against the mean PET
+    # of every scan it saw (training and validation).
+    test_reference = pet_suvr[np.concatenate([train_rows, val_rows])].mean(0)
+    explainable = None
+    if len(test_rows) and args.phantom_seed is not None and args.phantom_version is not None:
+        explainable = explainable_truth((args.phantom_seed, args.phantom_version),
+                                        [subject_index(data.labels[row]) for row in test_rows], data.grid,
+                                        cache=(args.work or args.bids.resolve().parent / "dualglow-work") / "explainable_truth")  # fmt: skip
+
+    def explainable_of(k: int) -> np.ndarray | None:
+        return None if explainable is None else explainable[k]
     machine = cpu_description()
     print(f"data: {origin}: {len(data)} scans on grid {data.grid.shape} ({data.grid.voxel_size} mm); "
           f"{len(train_rows)} training, {len(val_rows)} validation scans")  # fmt: skip
@@ -188,8 +274,12 @@ def main() -> None:
                   f"{row['val_pearson_r']:6.4f}  {fmt(row.get('val_deviation_r'), 3):>11}  {row['seconds']:7.1f}"
                   + ("" if row["improved"] else "  (no improvement)"), flush=True)  # fmt: skip
 
+        checkpoint = None
+        if args.checkpoint_dir is not None:
+            args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint = args.checkpoint_dir / f"{method}.safetensors"
         model.fit(mri[train_rows], pet[train_rows], mri[val_rows], pet[val_rows], val_mask=mask[val_rows],
-                  on_epoch=on_epoch)  # fmt: skip
+                  on_epoch=on_epoch, checkpoint=checkpoint)  # fmt: skip
         summary = model.summary()
         if summary["history"]:
             curve = [row["val_mae_suvr"] for row in summary["history"]]
@@ -202,6 +292,16 @@ def main() -> None:
             summary["plateau_epoch"] = 0
             summary["best"] = reference
             summary["seconds_per_epoch"] = summary["train_seconds_per_epoch"] = None
+        if len(test_rows):
+            predicted = scaling.pet_from_model(model.predict(mri[test_rows]))
+            summary["test"] = [{"subject": data.labels[row], **test_scores(pet_suvr[row], predicted[k] * (mask[row] > 0),
+                                                                          mask[row], test_reference, explainable_of(k))}
+                               for k, row in enumerate(test_rows)]  # fmt: skip
+            summary["test_mean"] = {key: float(np.mean([r[key] for r in summary["test"]]))
+                                    for key in summary["test"][0] if key != "subject"}  # fmt: skip
+            summary["test_mean"]["pairwise_r"] = metrics_module.mean_pairwise_correlation(predicted, mask[test_rows])
+            if args.paired_with:
+                summary["paired_with"] = {"file": str(args.paired_with), **paired_tests(summary["test"], args.paired_with)}
         results[method] = summary
 
     print("\nmethod   epochs  stop          best  plateau  val MAE (SUVR)  val r   deviation r  s/epoch  wall s")
@@ -213,6 +313,21 @@ def main() -> None:
               f"{best['val_mae_suvr']:14.4f}  {best['val_pearson_r']:6.4f}  {fmt(best.get('val_deviation_r'), 3):>11}  "
               f"{fmt(s['seconds_per_epoch'], 1):>7}  {s['wall_s']:6.0f}")  # fmt: skip
 
+    tested = {method: s for method, s in results.items() if "test_mean" in s}
+    if tested:
+        print(f"\nheld-out subjects {args.test} ({len(test_rows)} scans), the kept weights:")
+        print("method   MAE (SUVR)  PSNR (dB)  SSIM    deviation r  vs explainable  pairwise r")
+        for method, s in tested.items():
+            t = s["test_mean"]
+            print(f"{method:8} {t['mae_suvr']:10.4f}  {t['psnr_db']:9.2f}  {t['ssim']:6.4f}  {t['deviation_r']:11.3f}  "
+                  f"{fmt(t.get('deviation_r_explainable'), 3):>14}  {t['pairwise_r']:10.3f}")  # fmt: skip
+            paired = s.get("paired_with")
+            if paired:
+                print(f"  vs DUAL-GLOW ({paired['file']}, {paired['subjects']} subjects): "
+                      + "; ".join(f"{key} {paired[key]['this']:.4f} vs {paired[key]['dualglow']:.4f}, DUAL-GLOW better "
+                                  f"{paired[key]['dualglow_better']}/{paired['subjects']}, p {paired[key]['wilcoxon_p']:.2g}"
+                                  for key in ("mae_suvr", "psnr_db", "ssim", "deviation_r")))  # fmt: skip
+
     out = args.out or RESULTS / f"learning_curves_{args.grid if args.bids else 'mni_stack'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -223,6 +338,7 @@ def main() -> None:
         "data": {
             "source": origin, "scans": len(data), "grid": data.grid.to_dict(),
             "train": [data.labels[i] for i in train_rows], "validation": [data.labels[i] for i in val_rows],
+            "test": [data.labels[i] for i in test_rows], "train_of": str(args.train_of) if args.train_of else None,
             "val_fraction": args.val_fraction, "seed": args.seed,
         },  # fmt: skip
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "min_delta": args.min_delta,

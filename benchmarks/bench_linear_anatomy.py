@@ -17,7 +17,10 @@ grouped by subject, stratified by impairment), every scan held out once; otherwi
 ``--train`` / ``--test`` subject ranges. Scores (SUVR, inside the brain): MAE, deviation r
 against the split's mean training PET, and with ``--phantom-seed`` / ``--phantom-version``
 also against each subject's explainable PET; input specificity (mean pairwise r) of the
-predictions next to the true PETs'. No training: seconds per split on a CPU.
+predictions next to the true PETs'. With age among the covariates, each held-out scan's
+template is swept over age (the others its own) and its regional slopes are scored as
+``bench_dualglow_targets.py`` scores a model's (against the swept truth with the phantom's
+seed and version). No training: seconds per split on a CPU.
 """
 
 from __future__ import annotations
@@ -42,15 +45,16 @@ from dualglow_app.log import setup_logging
 from dualglow_app.metrics import deviation_correlation, mean_pairwise_correlation
 from dualglow_app.model import DualGlow, DualGlowConfig
 from dualglow_app.phantom.cohort import subject_index
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
 from dualglow_app.train import fit_pet_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default_model import labels  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, sweep_agreement, true_age_sweeps  # noqa: E402
+from perfkit import labels  # noqa: E402
 
 
-def linear_predictions(data: Any, train_rows: np.ndarray, test_rows: np.ndarray, side_info: list[str],
-                       anatomy: str, fwhms: list[float]) -> np.ndarray:  # fmt: skip
-    """The held-out scans' templates in SUVR (masked, clipped to the model's range)."""
+def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float]) -> DualGlow:
+    """The PET template's least-squares start on ``train_rows`` (no flow worth the name)."""
     scaling = IntensityScaling()
     config = DualGlowConfig(
         ndim=3, levels=1, depth=1, hidden=4, relation_hidden=4, template_shape=list(data.grid.shape),
@@ -61,15 +65,22 @@ def linear_predictions(data: Any, train_rows: np.ndarray, test_rows: np.ndarray,
     model = DualGlow(config).double()
     model.set_templates(*mean_images(data, train_rows, scaling))
     fit_pet_template(model, data, train_rows, side_info)
-    out = []
-    for row in test_rows:
-        batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), side_info)
-        encoded = model._encode_side(batch.side, 1, batch.pet.double())
-        with torch.no_grad():
-            centre = model._center(batch.pet.double(), "pet", None if encoded is None else encoded[0], batch.mri.double())
-        suvr = scaling.pet_from_model(np.clip(np.asarray(centre)[0, 0], 0.0, 1.0))
-        out.append(suvr * (np.asarray(data.mask[row]) > 0))
-    return np.stack(out).astype(np.float32)
+    return model
+
+
+def linear_prediction(model: DualGlow, data: Any, row: int, side_info: list[str], age: float | None = None) -> np.ndarray:
+    """A scan's template in SUVR (masked, clipped to the model's range), at its own covariates
+    or at ``age`` with the others its own."""
+    scaling = IntensityScaling()
+    batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), side_info)
+    side = batch.side
+    if age is not None and side is not None:
+        side = {**side, "age": torch.full_like(side["age"], age)}
+    encoded = model._encode_side(side, 1, batch.pet.double())
+    with torch.no_grad():
+        centre = model._center(batch.pet.double(), "pet", None if encoded is None else encoded[0], batch.mri.double())
+    suvr = scaling.pet_from_model(np.clip(np.asarray(centre)[0, 0], 0.0, 1.0))
+    return (suvr * (np.asarray(data.mask[row]) > 0)).astype(np.float32)
 
 
 def main() -> None:
@@ -83,7 +94,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, help="the evaluation's K folds over every subject instead")
     parser.add_argument("--seed", type=int, default=0, help="the folds' seed (dualglow-evaluate --seed)")
     parser.add_argument("--side-info", nargs="*", default=["age"])
-    parser.add_argument("--anatomy", action="append", choices=("gm", "t1w", "none"), default=None)
+    parser.add_argument("--anatomy", action="append", choices=(*SIDE_TEMPLATE_ANATOMY, "none"), default=None)
     parser.add_argument("--fwhm", default="0,8,24", help="FWHMs in mm of the MRI terms (0: the voxel's own)")
     parser.add_argument("--grid", default="cpu4mm")
     parser.add_argument("--phantom-seed", type=int)
@@ -124,11 +135,18 @@ def main() -> None:
     print(f"{len(held_out)} held-out scans over {len(splits)} split(s); MRI terms at FWHM {args.fwhm} mm; "
           f"covariates {args.side_info or 'none'}; true PETs' pairwise r {results['true_pet_pairwise_r']:.3f}")
     print(f"{'anatomy':8s} {'MAE (SUVR)':>10s} {'deviation r':>12s} {'vs explainable':>15s} {'pairwise r':>11s}")
+    sweeping = "age" in args.side_info
+    swept_truth = None
+    if sweeping and explainable is not None:
+        swept_truth = true_age_sweeps((args.phantom_seed, args.phantom_version), data, held_out, SWEEP_AGES,
+                                      args.work_dir / "age_truth", indices=np.array([subject_index(data.labels[r]) for r in held_out]))  # fmt: skip
     for anatomy in args.anatomy or ["gm", "t1w", "none"]:
-        predictions, scores = [], []
+        predictions, scores, model_of = [], [], {}
         for train_rows, test_rows in splits:
             reference = np.mean([np.asarray(data.pet[r]) for r in train_rows], axis=0)
-            fold = linear_predictions(data, train_rows, test_rows, list(args.side_info), anatomy, fwhms)
+            model = linear_model(data, train_rows, list(args.side_info), anatomy, fwhms)
+            model_of.update(dict.fromkeys(test_rows.tolist(), model))
+            fold = np.stack([linear_prediction(model, data, row, list(args.side_info)) for row in test_rows])
             for row, pred in zip(test_rows, fold, strict=True):
                 truth, mask = np.asarray(data.pet[row]), np.asarray(data.mask[row])
                 j = int(np.flatnonzero(held_out == row)[0])
@@ -138,9 +156,22 @@ def main() -> None:
             predictions.append(fold)
         mae, dev_r, dev_explainable = np.mean(scores, axis=0)
         pairwise = mean_pairwise_correlation(np.concatenate(predictions), masks)
-        results["rows"][anatomy] = {"mae_suvr": mae, "deviation_r": dev_r, "deviation_r_explainable": dev_explainable,
-                                    "pairwise_r": pairwise}  # fmt: skip
-        print(f"{anatomy:8s} {mae:10.4f} {dev_r:12.3f} {dev_explainable:15.3f} {pairwise:11.3f}")
+        row_scores: dict[str, Any] = {"mae_suvr": mae, "deviation_r": dev_r, "deviation_r_explainable": dev_explainable,
+                                      "pairwise_r": pairwise}  # fmt: skip
+        line = f"{anatomy:8s} {mae:10.4f} {dev_r:12.3f} {dev_explainable:15.3f} {pairwise:11.3f}"
+        if sweeping:
+            # The sweep of each held-out scan through its own split's fit, age alone moving.
+            def swept(row: int, model_of: dict[int, DualGlow] = model_of) -> np.ndarray:
+                return np.stack([linear_prediction(model_of[row], data, row, list(args.side_info), age) for age in SWEEP_AGES])
+
+            train_ages = np.asarray(data.age)[np.unique(np.concatenate([train for train, _ in splits]))]
+            age = sweep_agreement(swept, data, held_out, SWEEP_AGES, train_ages, swept_truth)
+            row_scores["age"] = age
+            agreement = age.get("measured", age)
+            line += (f"   age {'(swept truth)' if 'measured' in age else '(calibration)'}: r {agreement['pearson_r']:.2f} / sign "
+                     f"{agreement['sign_agreement']:.2f} / ratio {agreement['median_ratio']:.2f} / within {agreement['within_25_percent']:.2f}")  # fmt: skip
+        results["rows"][anatomy] = row_scores
+        print(line)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
         print(f"written {args.json}")

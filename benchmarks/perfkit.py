@@ -1,6 +1,7 @@
-"""Shared helpers of the performance benchmarks (bench_memory, bench_vs_freia, bench_inference).
+"""Shared helpers of the benchmarks (bench_memory, bench_vs_freia, bench_inference; ``labels`` for
+the model benches).
 
-Machine description, a training step, JSON output, and a plain-text table printer.
+Machine description, a training step, JSON output, a plain-text table printer, subject ranges.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula  # noqa: E402
 
 from dualglow_app.runtime import native_bf16  # noqa: E402
+
+
+def labels(spans: str) -> list[str]:
+    """Subject labels of comma-separated ranges: ``001-048,061-200``."""
+    out = []
+    for span in spans.split(","):
+        first, _, last = span.partition("-")
+        width = len(first)
+        out += [f"{i:0{width}d}" for i in range(int(first), int(last or first) + 1)]
+    return out
 
 
 # flows.Conv3d calls oneDNN's convolution directly (docs/PERFORMANCE.md, section 2), which

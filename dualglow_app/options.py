@@ -285,9 +285,10 @@ class TrainOptions:
     # docs/MODEL_EXPERIMENTS.md, finding 17). (0,) is the fit of the models trained before it.
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     # (With anatomy_template these terms are also what the template moves with.)
-    # What that MRI is: the T1w intensity ("t1w") or its grey-matter probability ("gm", a
+    # What that MRI is: the T1w intensity ("t1w"), its grey-matter probability ("gm", a
     # 3-class intensity mixture fitted on the training brains: dualglow_app.tissue), which
-    # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21).
+    # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21), or the grey
+    # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
     side_template_anatomy: str = "gm"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is

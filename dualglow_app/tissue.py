@@ -9,7 +9,8 @@ uptake follows, and a T1w intensity is not linear in it (a voxel darkens whether
 grey matter to CSF or gains it from white matter), so a linear adjustment on intensities
 leaves part of atrophy's effect to be taken as age. Measured on phantom v2
 (docs/MODEL_EXPERIMENTS.md, finding 21): the template's age slopes against the swept truth,
-held-out subjects, r 0.81 -> 0.91, median ratio 1.23 -> 1.16.
+held-out subjects, r 0.81 -> 0.91, median ratio 1.23 -> 1.16. The CSF posterior beside it
+("gm+csf") says where lost grey matter went (finding 24).
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from typing import Any
 import numpy as np
 
 #: What the PET template's MRI terms are made of (the side template's start holds them fixed,
-#: the anatomy template moves with them; DualGlowConfig.anatomy_tissue): the T1w intensity or
-#: its grey-matter probability.
-SIDE_TEMPLATE_ANATOMY = ("t1w", "gm")
+#: the anatomy template moves with them; DualGlowConfig.anatomy_tissue): the T1w intensity, its
+#: grey-matter probability, or the grey-matter and the CSF probabilities.
+SIDE_TEMPLATE_ANATOMY = ("t1w", "gm", "gm+csf")
+
+#: The mixture's classes (columns by mean intensity: CSF 0, GM 1, WM 2) each tissue map of
+#: SIDE_TEMPLATE_ANATOMY takes its posteriors from; the T1w needs no mixture.
+TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
 
 
 class GreyMatterModel:
@@ -59,11 +64,15 @@ class GreyMatterModel:
         return ([float(v) for v in mixture.weights_], [float(v) for v in mixture.means_[:, 0]],
                 [float(v) for v in mixture.covariances_.reshape(-1)])  # fmt: skip
 
-    def probability(self, image: np.ndarray) -> np.ndarray:
-        """The grey-matter posterior of each voxel of ``image`` (any shape), float32."""
+    def probability(self, image: np.ndarray, tissue: str = "gm") -> np.ndarray:
+        """The posterior of ``tissue`` ("csf", "gm" or "wm") at each voxel of ``image`` (any
+        shape), float32."""
+        mixture: Any = self._mixture
+        by_mean = np.argsort(mixture.means_[:, 0])
+        column = {"csf": by_mean[0], "gm": self._grey_matter, "wm": by_mean[2]}[tissue]
         values = np.asarray(image, np.float64)
-        posterior = self._mixture.predict_proba(values.reshape(-1, 1))[:, self._grey_matter]  # type: ignore[attr-defined]
+        posterior = mixture.predict_proba(values.reshape(-1, 1))[:, column]
         return posterior.reshape(values.shape).astype(np.float32)
 
 
-__all__ = ["SIDE_TEMPLATE_ANATOMY", "GreyMatterModel"]
+__all__ = ["SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]

@@ -111,7 +111,7 @@ MIN_SUBJECTS_PER_TEMPLATE_PARAMETER = 4
 def template_fit_parameters(config: Any) -> int:
     """Parameters per voxel of the PET template's least-squares fit (:meth:`DualGlow.fit_pet_template`):
     the intercept, the encoded covariates of the side template, the MRI terms."""
-    return 1 + (config.n_side if config.side_template else 0) + len(config.anatomy_sigmas)
+    return 1 + (config.n_side if config.side_template else 0) + config.anatomy_terms
 
 
 def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, Any] | None = None) -> Any:
@@ -187,7 +187,7 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
                      mri_input: bool = True, seed: int = 0, fixed: Sequence[str] = ()) -> None:  # fmt: skip
     """Start a template-centred model's side and anatomy templates from the training pairs
     (:meth:`DualGlow.fit_pet_template`), after fitting the grey-matter mixture its MRI terms
-    need (``anatomy_tissue="gm"``: :mod:`dualglow_app.tissue`, on the training brains), and fix
+    need (``anatomy_tissue`` "gm" or "gm+csf": :mod:`dualglow_app.tissue`, on the training brains), and fix
     the side-template maps of the covariates ``fixed`` names (``TrainOptions.side_template_fixed``)."""
     import torch
 
@@ -196,7 +196,7 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
     if model.pet_side_template is None and not model.config.anatomy_template:
         return
     scaling = IntensityScaling()
-    if model.config.anatomy_tissue == "gm":
+    if model.uses_tissue_mixture:
         grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
                                           (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
         model.set_tissue_mixture(*grey_matter.mixture_parameters())

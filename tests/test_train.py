@@ -525,18 +525,19 @@ def test_a_fixed_side_template_keeps_its_least_squares_start(tmp_path: Path) -> 
 def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_path: Path) -> None:
     """--side-template-anatomy gm: the least-squares start adjusts for the MRI's grey-matter
     probability (the model's mixture, fitted on the training brains, as tissue.GreyMatterModel
-    gives it), so the age map it starts from differs from the T1w-adjusted one."""
+    gives it), so the age map it starts from differs from the T1w-adjusted one; gm+csf adds the
+    CSF probability's terms after the grey matter's."""
     from dualglow_app.tissue import GreyMatterModel
 
     data = paired_volumes(6)
     maps, models = {}, {}
-    for anatomy in ("t1w", "gm"):
+    for anatomy in ("t1w", "gm", "gm+csf"):
         options = tiny_options(tmp_path / anatomy, tmp_path / f"w{anatomy}", epochs=1, side_info=("age",),
                                side_template_anatomy=anatomy)  # fmt: skip
         models[anatomy] = model = train(options, data=data).model
         assert model.pet_side_template is not None and model.config.anatomy_tissue == anatomy
         maps[anatomy] = model.pet_side_template.detach().clone()
-    assert not torch.allclose(maps["t1w"], maps["gm"])
+    assert not torch.allclose(maps["t1w"], maps["gm"]) and not torch.allclose(maps["gm"], maps["gm+csf"])
     # The model's grey matter is the training brains' mixture posterior (numpy / sklearn there, torch here).
     scaling = IntensityScaling()
     rows = train_module.split_subjects(data.subjects, 0.34, 0)[0]
@@ -545,6 +546,9 @@ def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_pat
     mri = torch.from_numpy(scaling.mri_to_model(np.asarray(data.mri[:2])))[:, None]
     features = models["gm"].anatomy_features(mri.double())
     assert np.allclose(features[:, 0].numpy(), grey_matter.probability(mri.numpy()), atol=1e-5)
+    both = models["gm+csf"].anatomy_features(mri.double())  # the grey matter's terms, then the CSF's
+    assert torch.equal(both[:, :3], features)
+    assert np.allclose(both[:, 3].numpy(), grey_matter.probability(mri.numpy(), "csf"), atol=1e-5)
     assert torch.equal(models["t1w"].anatomy_features(mri)[:, 0], mri)
 
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from dualglow_app.log import get_logger
 from dualglow_app.model.conditioning import ConditioningRange, RangeFinder
 from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY, TISSUE_CLASSES
 
 log = get_logger(__name__)
 
@@ -134,9 +134,12 @@ class DualGlowConfig:
     # and blurred by these Gaussian sigmas (in voxels). They hold the anatomy fixed when the
     # side template's maps are fitted, and are the anatomy template's features.
     anatomy_sigmas: list[float] = field(default_factory=lambda: [0.0])
-    # What those terms are made of: "t1w", the model-scale MRI itself, or "gm", its grey-matter
+    # What those terms are made of: "t1w", the model-scale MRI itself, "gm", its grey-matter
     # posterior under a three-class intensity mixture fitted on the training brains
-    # (:meth:`DualGlow.set_tissue_mixture`; dualglow_app.tissue).
+    # (:meth:`DualGlow.set_tissue_mixture`; dualglow_app.tissue), or "gm+csf", the grey-matter
+    # and the CSF posteriors (each at every sigma). The CSF map adds where the grey matter went
+    # (sulci and ventricles widen as it is lost): the linear start's held-out deviation r rose
+    # from 0.772 to 0.798 (docs/MODEL_EXPERIMENTS.md, finding 24).
     anatomy_tissue: str = "t1w"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
@@ -195,6 +198,12 @@ class DualGlowConfig:
     def n_side(self) -> int:
         """Width of the encoded side vector c (continuous values + one-hot categories)."""
         return len(self.continuous) + sum(self.categorical.values())
+
+    @property
+    def anatomy_terms(self) -> int:
+        """How many MRI terms the PET template's fit has: each tissue map of ``anatomy_tissue``
+        (the T1w counts as one) at each of ``anatomy_sigmas``."""
+        return max(len(TISSUE_CLASSES.get(self.anatomy_tissue, ())), 1) * len(self.anatomy_sigmas)
 
     def side_channels(self, name: str) -> slice:
         """The channels of c that encode covariate ``name`` (one, or one per category)."""
@@ -255,12 +264,12 @@ def _blurred(images: Tensor, sigma: float) -> Tensor:
     return out.reshape(images.shape)
 
 
-def _tissue_posterior(images: Tensor, mixture: Tensor) -> Tensor:
-    """The posterior of the middle class (grey matter) of a 1D Gaussian ``mixture`` (rows:
-    weight, mean, variance; columns: classes by mean intensity) at every voxel of ``images``."""
+def _tissue_posteriors(images: Tensor, mixture: Tensor) -> Tensor:
+    """(classes, *images.shape): each class's posterior under a 1D Gaussian ``mixture`` (rows:
+    weight, mean, variance; columns: classes by mean intensity, CSF, GM, WM) at every voxel."""
     weight, mean, variance = (row.to(images).view(-1, *[1] * images.dim()) for row in mixture)
     log_joint = weight.log() - 0.5 * (2 * math.pi * variance).log() - 0.5 * (images[None] - mean) ** 2 / variance
-    return torch.softmax(log_joint, dim=0)[1]
+    return torch.softmax(log_joint, dim=0)
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -427,13 +436,13 @@ class DualGlow(nn.Module):
         if cfg.n_side and cfg.side_template and cfg.template_shape is not None:
             # One map per encoded covariate (B_j, see DualGlowConfig.side_template); zero = off.
             self.pet_side_template = nn.Parameter(torch.zeros(cfg.n_side, cfg.in_channels, *cfg.template_shape))
-        if cfg.anatomy_tissue == "gm":
+        if self.uses_tissue_mixture:
             # Rows weight, mean, variance of the intensity mixture; columns CSF, GM, WM. Until
             # set_tissue_mixture: a placeholder that makes every voxel half grey matter.
             self.register_buffer("tissue_mixture", torch.tensor([[0.25, 0.5, 0.25], [0.0, 0.5, 1.0], [1.0, 1.0, 1.0]]))
         if cfg.anatomy_template and cfg.template_shape is not None:
             # A_s and mean f_s (DualGlowConfig.anatomy_template); zero maps = off.
-            shape = (len(cfg.anatomy_sigmas), cfg.in_channels, *cfg.template_shape)
+            shape = (cfg.anatomy_terms, cfg.in_channels, *cfg.template_shape)
             self.register_buffer("pet_anatomy_maps", torch.zeros(shape))
             self.register_buffer("anatomy_mean", torch.zeros(shape))
             # Per voxel, the range of the anatomy term over the training scans: part of the
@@ -479,21 +488,32 @@ class DualGlow(nn.Module):
     @torch.no_grad()
     def set_tissue_mixture(self, weights: Sequence[float], means: Sequence[float], variances: Sequence[float]) -> None:
         """The three-class intensity mixture (CSF, GM, WM in any order; sorted here by mean) that
-        ``anatomy_tissue="gm"`` takes the grey-matter posterior from: fitted on the training
+        ``anatomy_tissue="gm"`` (and ``"gm+csf"``) takes its posteriors from: fitted on the training
         brains (:class:`dualglow_app.tissue.GreyMatterModel`), before :meth:`fit_pet_template`."""
-        if self.config.anatomy_tissue != "gm":
-            raise ValueError(f"this model's anatomy terms are {self.config.anatomy_tissue!r}, not 'gm': it has no mixture.")
+        if not self.uses_tissue_mixture:
+            raise ValueError(f"this model's anatomy terms are {self.config.anatomy_tissue!r}, not tissue "
+                             "probabilities ('gm', 'gm+csf'): it has no mixture.")  # fmt: skip
         rows = torch.tensor([list(weights), list(means), list(variances)], dtype=torch.float64)
         if rows.shape != (3, 3) or not bool((rows[0] > 0).all() and (rows[2] > 0).all()):
             raise ValueError(f"a tissue mixture is 3 positive weights, 3 means and 3 positive variances; got {rows.tolist()}")
         order = torch.argsort(rows[1])
         self.get_buffer("tissue_mixture").copy_(rows[:, order])
 
+    @property
+    def uses_tissue_mixture(self) -> bool:
+        """Whether the anatomy terms are tissue posteriors (``anatomy_tissue`` "gm", "gm+csf")."""
+        return bool(TISSUE_CLASSES[self.config.anatomy_tissue])
+
     def anatomy_features(self, x_mri: Tensor) -> Tensor:
-        """The template's MRI terms of each model-scale MRI: (batch, scales, in_channels, *spatial),
-        its tissue map (``anatomy_tissue``) at each of ``anatomy_sigmas``."""
-        tissue = x_mri if self.config.anatomy_tissue == "t1w" else _tissue_posterior(x_mri, self.get_buffer("tissue_mixture"))
-        return torch.stack([_blurred(tissue, sigma) for sigma in self.config.anatomy_sigmas], dim=1)
+        """The template's MRI terms of each model-scale MRI: (batch, terms, in_channels, *spatial),
+        each tissue map of ``anatomy_tissue`` at each of ``anatomy_sigmas`` (tissue-major)."""
+        classes = TISSUE_CLASSES[self.config.anatomy_tissue]
+        if classes:
+            posterior = _tissue_posteriors(x_mri, self.get_buffer("tissue_mixture"))
+            tissues = [posterior[k] for k in classes]
+        else:
+            tissues = [x_mri]
+        return torch.stack([_blurred(tissue, sigma) for tissue in tissues for sigma in self.config.anatomy_sigmas], dim=1)
 
     @torch.no_grad()
     def fit_pet_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]]) -> None:

@@ -677,20 +677,28 @@ def test_blur_is_scipys_gaussian_filter_with_zeros_beyond_the_volume() -> None:
     assert _blurred(images, 0.0) is images
 
 
-def test_grey_matter_posterior_is_the_mixtures() -> None:
-    """The model's torch posterior equals scikit-learn's for the same three-class mixture."""
+def test_tissue_posteriors_are_the_mixtures() -> None:
+    """The model's torch posteriors equal scikit-learn's for the same three-class mixture: the
+    grey matter's ("gm"), and the grey matter's then the CSF's, each at every sigma ("gm+csf")."""
+    from dualglow_app.model.dualglow import _blurred
     from dualglow_app.tissue import GreyMatterModel
 
     rng = np.random.default_rng(1)
     brain = np.concatenate([rng.normal(m, 0.05, 800) for m in (0.25, 0.55, 0.85)])
     tissue = GreyMatterModel.fit([brain], [np.ones_like(brain, bool)])
-    model = DualGlow(tiny_config(template_shape=[8, 8], anatomy_tissue="gm"))
     weights, means, variances = tissue.mixture_parameters()
-    model.set_tissue_mixture(weights[::-1], means[::-1], variances[::-1])  # any order: sorted by mean
     values = np.linspace(0.0, 1.0, 64).reshape(1, 1, 8, 8)
-    got = model.anatomy_features(torch.from_numpy(values))[:, 0].numpy()
-    assert np.allclose(got, tissue.probability(values), atol=1e-6)
-    with pytest.raises(ValueError, match="not 'gm'"):
+    for anatomy, tissues in (("gm", ["gm"]), ("gm+csf", ["gm", "csf"])):
+        model = DualGlow(tiny_config(template_shape=[8, 8], anatomy_tissue=anatomy, anatomy_sigmas=[0.0, 1.0]))
+        model.set_tissue_mixture(weights[::-1], means[::-1], variances[::-1])  # any order: sorted by mean
+        got = model.anatomy_features(torch.from_numpy(values))
+        assert got.shape[1] == model.config.anatomy_terms == 2 * len(tissues)
+        for k, name in enumerate(tissues):
+            expected = torch.from_numpy(tissue.probability(values, name)).double()
+            assert torch.allclose(got[:, 2 * k], expected, atol=1e-6), name
+            assert torch.allclose(got[:, 2 * k + 1], _blurred(expected, 1.0), atol=1e-6), name
+    assert not np.allclose(tissue.probability(values, "csf"), tissue.probability(values, "gm"))
+    with pytest.raises(ValueError, match="it has no mixture"):
         DualGlow(tiny_config(template_shape=[8, 8])).set_tissue_mixture(weights, means, variances)
 
 
@@ -745,18 +753,21 @@ def test_anatomy_template_needs_templates_and_survives_a_model_file(tmp_path: Pa
     assert DualGlowConfig.from_dict({k: v for k, v in tiny_config().to_dict().items()
                                      if not k.startswith("anatomy")}).anatomy_template is False  # fmt: skip
     mri, pet, side, _ = anatomy_data()
-    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
-                                 anatomy_tissue="gm", anatomy_sigmas=[0.0, 1.0]))  # fmt: skip
-    model.set_tissue_mixture([0.3, 0.4, 0.3], [0.3, 0.5, 0.7], [0.01, 0.01, 0.01])
-    model.set_templates(mri.mean(0), pet.mean(0))
-    model.fit_pet_template([(mri, pet, side)])
-    model.eval()
-    path = save_model(model, tmp_path / "m.safetensors", metadata={})
-    loaded, _ = load_model(path)
-    for name in ("pet_anatomy_maps", "anatomy_mean", "tissue_mixture"):
-        assert torch.equal(loaded.get_buffer(name), model.get_buffer(name)), name
-    assert torch.equal(loaded.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0),
-                       model.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0))
+    for anatomy in ("gm", "gm+csf"):
+        model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
+                                     anatomy_tissue=anatomy, anatomy_sigmas=[0.0, 1.0]))  # fmt: skip
+        model.set_tissue_mixture([0.3, 0.4, 0.3], [0.3, 0.5, 0.7], [0.01, 0.01, 0.01])
+        model.set_templates(mri.mean(0), pet.mean(0))
+        model.fit_pet_template([(mri, pet, side)])
+        model.eval()
+        assert model.get_buffer("pet_anatomy_maps").shape[0] == (2 if anatomy == "gm" else 4)
+        path = save_model(model, tmp_path / f"{anatomy}.safetensors", metadata={})
+        loaded, _ = load_model(path)
+        assert loaded.config.anatomy_tissue == anatomy
+        for name in ("pet_anatomy_maps", "anatomy_mean", "tissue_mixture"):
+            assert torch.equal(loaded.get_buffer(name), model.get_buffer(name)), name
+        assert torch.equal(loaded.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0),
+                           model.sample(mri[:2], {"age": side["age"][:2]}, temperature=0.0))
 
 
 def test_the_anatomy_term_stays_in_its_training_range_at_synthesis_only() -> None:
