@@ -289,7 +289,7 @@ class TrainOptions:
     # 3-class intensity mixture fitted on the training brains: dualglow_app.tissue), which
     # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21), or the grey
     # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
-    side_template_anatomy: str = "gm"
+    side_template_anatomy: str = "gm+csf"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as

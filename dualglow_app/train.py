@@ -202,7 +202,18 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
         model.set_tissue_mixture(*grey_matter.mixture_parameters())
     model.fit_pet_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
         data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))  # fmt: skip
+    set_anatomy_term_range(model, data, train_rows, mri_input)
     model.fix_side_template(fixed)
+
+
+def set_anatomy_term_range(model: Any, data: PairedVolumes, train_rows: np.ndarray, mri_input: bool = True) -> None:
+    """Hold an anatomy-templated model's term to the range the training MRIs give it
+    (:meth:`DualGlow.set_anatomy_term_range`); nothing for a model without one."""
+    import torch
+
+    if model.config.anatomy_template:
+        model.set_anatomy_term_range(batch.mri for batch in model_batches(
+            data, train_rows, IntensityScaling(), torch.device("cpu"), 8, mri_input=mri_input))  # fmt: skip
 
 
 def train(
@@ -351,12 +362,14 @@ class _Run:
                 f"{path}: checkpoint of a different run (changed: {', '.join(changed)}); "
                 "use the same options and subjects, or drop --resume (or the file) to start afresh."
             )
-        # The conditioning range is set after training (finish), so a checkpoint written before
-        # one of its buffers existed lacks nothing that training needs: it starts unbounded.
+        # A checkpoint written before the anatomy term's range existed (a buffer of fixed maps,
+        # not a weight) gets it from the training MRIs, as a fresh fit would.
         missing, unexpected = self.model.load_state_dict(checkpoint["model"], strict=False)
         if unexpected or set(missing) - {"anatomy_term_range"}:
             raise TrainingError(f"{path}: checkpoint weights do not fit this model (missing {sorted(missing)}, "
                                 f"unexpected {sorted(unexpected)}); drop --resume (or the file) to start afresh.")
+        if missing:
+            set_anatomy_term_range(self.model, self.data, self.train_rows, self.options.mri_input)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.start_epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])

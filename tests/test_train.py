@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +351,23 @@ def test_resume_accepts_a_checkpoint_written_before_a_config_field_existed(tmp_p
     assert [row["epoch"] for row in resumed.history] == [1, 2]
 
 
+def test_resume_gives_a_checkpoint_without_the_anatomy_terms_range_the_training_range(tmp_path: Path) -> None:
+    """A checkpoint written before the anatomy term's range existed resumes, and the range is
+    then what a fresh fit sets (the training MRIs'), not left unbounded."""
+    from dualglow_app.weights import load_checkpoint, save_checkpoint
+
+    data = paired_volumes(42)
+    options = tiny_options(tmp_path / "out", tmp_path / "work", epochs=1, side_info=("age",), val_fraction=0.2)
+    first = train(options, data=data).model
+    assert first.config.anatomy_template
+    checkpoint = load_checkpoint(options.checkpoint_path, "cpu")
+    del checkpoint["model"]["anatomy_term_range"]  # as the code before it wrote checkpoints
+    save_checkpoint(options.checkpoint_path, checkpoint)
+    resumed = train(replace(options, epochs=2, resume=True), data=data)
+    assert [row["epoch"] for row in resumed.history] == [1, 2]
+    assert torch.equal(resumed.model.get_buffer("anatomy_term_range"), first.get_buffer("anatomy_term_range"))
+
+
 def test_non_finite_step_is_skipped_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -555,15 +573,17 @@ def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_pat
 def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """--anatomy-template (the default): the fitted anatomy maps and the grey-matter mixture
     travel in the model file. With fewer than 4 training subjects per parameter of its
-    least-squares fit (intercept, age, 3 MRI terms: 20) it is off, and the log says so."""
+    least-squares fit (intercept, age, the grey matter's and the CSF's 3 terms each: 32) it is
+    off, and the log says so."""
     with caplog.at_level(logging.WARNING, logger="dualglow"):
         few = train(tiny_options(tmp_path / "few", tmp_path / "wf", epochs=1, side_info=("age",)), data=paired_volumes(6))
     assert not few.model.config.anatomy_template and "--anatomy-template is off for this run: 4 training subjects" in caplog.text
-    data = paired_volumes(32)
+    data = paired_volumes(42)  # 34 training subjects
     options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
     result = train(options, data=data)
     model, _ = load_model(result.model_path)
-    assert model.config.anatomy_template and model.config.anatomy_tissue == "gm"
-    assert len(model.config.anatomy_sigmas) == 3 and float(model.get_buffer("pet_anatomy_maps").abs().max()) > 0
+    assert model.config.anatomy_template and model.config.anatomy_tissue == "gm+csf"
+    assert model.config.anatomy_terms == 6 and float(model.get_buffer("pet_anatomy_maps").abs().max()) > 0
     assert float(model.get_buffer("tissue_mixture")[1, 1]) != 0.5  # fitted, not the placeholder
+    assert bool(torch.isfinite(model.get_buffer("anatomy_term_range")).all())  # set with the fit
     assert math.isfinite(result.final_metrics["mae_suvr"])

@@ -193,7 +193,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               show_default=True, metavar="MM",
               help="group: with --side-template, the anatomy its least-squares start holds fixed: the MRI at each "
                    "voxel (0) and blurred to these FWHMs in mm (docs/MODEL_EXPERIMENTS.md, finding 17).")
-@click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm", show_default=True,
+@click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm+csf", show_default=True,
               help="group: what that MRI is: the T1w intensity, its grey-matter probability (a 3-class intensity "
                    "mixture fitted on the training brains), which separates atrophy from age better "
                    "(docs/MODEL_EXPERIMENTS.md, finding 21), or the grey-matter and CSF probabilities (finding 24).")

@@ -74,7 +74,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               help="DUAL-GLOW, as the group level's: which relation networks take the covariates.")
 @click.option("--side-template-mri-fwhm", type=click.FloatRange(min=0), multiple=True, default=(0.0, 8.0, 24.0),
               show_default=True, metavar="MM", help="DUAL-GLOW, as the group level's (repeatable).")
-@click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm", show_default=True,
+@click.option("--side-template-anatomy", type=click.Choice(SIDE_TEMPLATE_ANATOMY), default="gm+csf", show_default=True,
               help="DUAL-GLOW, as the group level's: the T1w, its grey-matter probability, or its grey-matter and CSF probabilities.")
 @click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")

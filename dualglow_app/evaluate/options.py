@@ -46,8 +46,9 @@ RUN_CACHE_VERSION = 5
 #: 4: the side template's fit holds the MRI around each voxel fixed too (TrainOptions.side_template_mri_fwhm)
 #: and its age map stays at that fit (TrainOptions.side_template_fixed); 5: the anatomy template's
 #: term held to its training range at synthesis (DualGlow.anatomy_term; the reference run's
-#: anatomy-template row of docs/RESULTS.md was computed before it).
-DUALGLOW_REVISION = 5
+#: anatomy-template row of docs/RESULTS.md was computed before it); 6: that range is set with the
+#: template's fit and holds the term in the likelihood too (DualGlow.set_anatomy_term_range).
+DUALGLOW_REVISION = 6
 
 
 class EvaluationError(RuntimeError):
@@ -108,7 +109,7 @@ class EvaluateOptions:
     side_levels: str = "none"
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     anatomy_template: bool = True
-    side_template_anatomy: str = "gm"
+    side_template_anatomy: str = "gm+csf"
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -21,7 +21,8 @@ the relation networks' inputs (MRI latents) and outputs (the prior) are bounded 
 training scans produced, for synthesis only (:meth:`DualGlow.conditional_prior`); the
 likelihood (:meth:`DualGlow.nll`) never uses it. It keeps a T1w unlike the training data from
 driving the PET flow's inverse into nonsense, and the share of MRI latents outside it measures
-how unlike the training data a T1w is.
+how unlike the training data a T1w is. The anatomy template's term has a range of its own, set
+with its fit, which holds it in the likelihood as well (:meth:`DualGlow.anatomy_term`).
 """
 
 from __future__ import annotations
@@ -445,8 +446,9 @@ class DualGlow(nn.Module):
             shape = (cfg.anatomy_terms, cfg.in_channels, *cfg.template_shape)
             self.register_buffer("pet_anatomy_maps", torch.zeros(shape))
             self.register_buffer("anatomy_mean", torch.zeros(shape))
-            # Per voxel, the range of the anatomy term over the training scans: part of the
-            # conditioning range (set with it, synthesis only). Unbounded until set.
+            # Per voxel, the range of the anatomy term over the training scans, which holds the
+            # term in the likelihood and at synthesis alike (set_anatomy_term_range, right after
+            # the fit; again with the conditioning range). Unbounded until set.
             bound = torch.full((2, cfg.in_channels, *cfg.template_shape), math.inf)
             self.register_buffer("anatomy_term_range", bound * torch.tensor([-1.0, 1.0]).view(2, *[1] * (bound.dim() - 1)))
         # The conditioning range (module docstring): unbounded until set_conditioning_range. Level
@@ -594,10 +596,18 @@ class DualGlow(nn.Module):
             keep[self.config.side_channels(name)] = 0.0
         self.pet_side_template.register_hook(lambda grad: grad * keep.to(grad))
 
-    def anatomy_term(self, x_mri: Tensor, bounded: bool = False) -> Tensor:
+    def anatomy_term(self, x_mri: Tensor, bounded: bool = True) -> Tensor:
         """sum_s A_s (f_s - mean f_s) of each model-scale MRI (``anatomy_template``): how far its
-        anatomy moves the PET's centre; ``bounded``: clamped per voxel to the range the training
-        scans gave (synthesis: a T1w unlike them cannot push a voxel beyond what they did)."""
+        anatomy moves the PET's centre, clamped per voxel to the range the training scans gave
+        (:meth:`set_anatomy_term_range`; ``bounded=False``: the raw term, to measure that range).
+
+        A brain unlike the training ones cannot push a voxel beyond what they did: a voxel's
+        least-squares maps extrapolate where its features never varied in training (a real T1w
+        put 1 % of its voxels at the 3 SUVR ceiling; a phantom with larger ventricles than any
+        training one got a term of 8 on the [0, 1] scale from the CSF maps). In the likelihood
+        too: there the unclamped term made that validation subject's bpd grow without bound as
+        the flows sharpened (docs/MODEL_EXPERIMENTS.md, finding 24). A clamp of a function of
+        the MRI is still a shift by a function of the conditioning input (logdet 0)."""
         departure = self.anatomy_features(x_mri) - self.get_buffer("anatomy_mean").to(x_mri.dtype)
         term = (departure * self.get_buffer("pet_anatomy_maps").to(x_mri.dtype)).sum(1)
         if bounded:
@@ -605,12 +615,25 @@ class DualGlow(nn.Module):
             term = torch.minimum(torch.maximum(term, low), high)
         return term
 
-    def _center(self, x: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None,
-                bounded: bool = False) -> Tensor | float:  # fmt: skip
+    @torch.no_grad()
+    def set_anatomy_term_range(self, mri_batches: Iterable[Tensor]) -> None:
+        """Per voxel, the minimum and maximum of the raw anatomy term over these model-scale MRIs
+        (the training scans): the range :meth:`anatomy_term` holds it to. Right after
+        :meth:`fit_pet_template` (the maps are fixed from then on, so the range is final)."""
+        low = high = None
+        for x_mri in mri_batches:
+            term = self.anatomy_term(torch.as_tensor(x_mri).to(self.pet_template), bounded=False)
+            low = term.amin(0) if low is None else torch.minimum(low, term.amin(0))
+            high = term.amax(0) if high is None else torch.maximum(high, term.amax(0))
+        if low is None or high is None:
+            raise ValueError("set_anatomy_term_range needs at least one batch of training MRIs.")
+        self.get_buffer("anatomy_term_range").copy_(torch.stack([low, high]))
+
+    def _center(self, x: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor | float:
         """What an image is centred on before its flow: its template (for the PET, moved by the
         side information ``c`` where the model has a side template, and by the anatomy of the
-        model-scale MRI ``x_mri`` where it has an anatomy template, inside the conditioning range
-        when ``bounded``; without ``x_mri``, the training scans' mean anatomy), or 0.5."""
+        model-scale MRI ``x_mri`` where it has an anatomy template, held to its training range;
+        without ``x_mri``, the training scans' mean anatomy), or 0.5."""
         if self.config.template_shape is None:
             return 0.5
         centre = self.get_buffer(f"{modality}_template").to(x.dtype)
@@ -619,7 +642,7 @@ class DualGlow(nn.Module):
         if self.pet_side_template is not None and c is not None:
             centre = centre + torch.einsum("bn,n...->b...", c.to(x.dtype), self.pet_side_template.to(x.dtype))
         if self.config.anatomy_template and x_mri is not None:
-            centre = centre + self.anatomy_term(x_mri.to(x.dtype), bounded)
+            centre = centre + self.anatomy_term(x_mri.to(x.dtype))
         return centre
 
     @torch.no_grad()
@@ -627,8 +650,9 @@ class DualGlow(nn.Module):
         """Set the conditioning range (:mod:`dualglow_app.model.conditioning`) from ``batches``
         of training scans, each ``(x_mri, side)`` as for :meth:`nll`: per level, the minimum and
         maximum of the MRI latents per channel and of the prior's mean and log-scale per position
-        (per channel for a model without a fixed size); with an anatomy template, per voxel, of
-        the anatomy term (:meth:`anatomy_term`). After training; replaces any earlier range.
+        (per channel for a model without a fixed size). After training; replaces any earlier
+        range. (The anatomy template's term has its own range, set with its fit:
+        :meth:`set_anatomy_term_range`.)
 
         Example:
             >>> model = DualGlow(DualGlowConfig(ndim=2, levels=1, depth=1, hidden=8))
@@ -639,21 +663,14 @@ class DualGlow(nn.Module):
         was_training = self.training
         self.eval()
         finder = RangeFinder(self.ranges)
-        low = high = None
         for x_mri, side in batches:
             zm, c = self._mri_latents(x_mri, side)
             for i, z in enumerate(zm):
                 mu, log_sigma = self._relation(i, z, c)
                 for name, value in (("latent", z), ("mu", mu), ("log_sigma", log_sigma)):
                     finder.observe(i, name, value)
-            if self.config.anatomy_template:
-                term = self.anatomy_term(x_mri)
-                low = term.amin(0) if low is None else torch.minimum(low, term.amin(0))
-                high = term.amax(0) if high is None else torch.maximum(high, term.amax(0))
         self.train(was_training)
         finder.apply()
-        if low is not None and high is not None:
-            self.get_buffer("anatomy_term_range").copy_(torch.stack([low, high]))
 
     @property
     def has_conditioning_range(self) -> bool:
@@ -777,15 +794,14 @@ class DualGlow(nn.Module):
     # -- likelihood ------------------------------------------------------------------------
 
     def _dequantize(self, x: Tensor, noise: bool, modality: str, c: Tensor | None = None,
-                    x_mri: Tensor | None = None, bounded: bool = False) -> Tensor:  # fmt: skip
+                    x_mri: Tensor | None = None) -> Tensor:  # fmt: skip
         """[0, 1] intensities -> continuous values centred on 0 (or on the template), plus up
         to one bin of noise."""
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return x + u / self.config.n_bins - self._center(x, modality, c, x_mri, bounded)
+        return x + u / self.config.n_bins - self._center(x, modality, c, x_mri)
 
-    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None,
-                       bounded: bool = False) -> Tensor:  # fmt: skip
-        return y + self._center(y, modality, c, x_mri, bounded) - 0.5 / self.config.n_bins
+    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor:
+        return y + self._center(y, modality, c, x_mri) - 0.5 / self.config.n_bins
 
     def _side_head_inputs(self, mri: Sequence[_T], pet_top: _T) -> tuple[list[_T], list[_T]]:
         """What the eq. 17 heads see, given the MRI's per-level items (latents, or their channel
@@ -953,13 +969,13 @@ class DualGlow(nn.Module):
         """
         self._check_image(x_pet, "x_pet")
         old, new = self.conditional_prior(x_mri, side), self.conditional_prior(x_mri, new_side)
-        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side, x_mri=x_mri, bounded=True))
+        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side, x_mri=x_mri))
         moved = [
             mu_new + (z - mu_old) * (log_sigma_new - log_sigma_old).exp()
             for z, mu_old, log_sigma_old, mu_new, log_sigma_new in zip(
                 zp, old.mu, old.log_sigma, new.mu, new.log_sigma, strict=True)
         ]  # fmt: skip
-        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side, x_mri, bounded=True)
+        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side, x_mri)
 
     @torch.no_grad()
     def sample_prior(
@@ -992,7 +1008,7 @@ class DualGlow(nn.Module):
                         mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
                     )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
-            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side, prior.mri, bounded=True))
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side, prior.mri))
         return torch.stack(samples)
 
 
