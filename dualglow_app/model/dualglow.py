@@ -448,7 +448,7 @@ class DualGlow(nn.Module):
             self.register_buffer("anatomy_mean", torch.zeros(shape))
             # Per voxel, the range of the anatomy term over the training scans, which holds the
             # term in the likelihood and at synthesis alike (set_anatomy_term_range, right after
-            # the fit; again with the conditioning range). Unbounded until set.
+            # the fit). Unbounded until set.
             bound = torch.full((2, cfg.in_channels, *cfg.template_shape), math.inf)
             self.register_buffer("anatomy_term_range", bound * torch.tensor([-1.0, 1.0]).view(2, *[1] * (bound.dim() - 1)))
         # The conditioning range (module docstring): unbounded until set_conditioning_range. Level
