@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--phantom-version", type=int, help="the phantom cohort's version (with --test)")
     parser.add_argument("--paired-with", type=Path, metavar="BENCH_JSON",
                         help="bench_default_model.py --json of the same --test: paired Wilcoxon against its rows")
-    parser.add_argument("--checkpoint-dir", type=Path, help="resume each fit from / save it to METHOD.safetensors here")
+    parser.add_argument("--checkpoint-dir", type=Path, help="resume each fit from / save it to METHOD.pt here")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path. Default: benchmarks/results/learning_curves_<grid>.json")
     args = parser.parse_args()
@@ -277,7 +277,7 @@ def main() -> None:
         checkpoint = None
         if args.checkpoint_dir is not None:
             args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint = args.checkpoint_dir / f"{method}.safetensors"
+            checkpoint = args.checkpoint_dir / f"{method}.pt"
         model.fit(mri[train_rows], pet[train_rows], mri[val_rows], pet[val_rows], val_mask=mask[val_rows],
                   on_epoch=on_epoch, checkpoint=checkpoint)  # fmt: skip
         summary = model.summary()
