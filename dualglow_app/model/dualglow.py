@@ -541,7 +541,9 @@ class DualGlow(nn.Module):
         c = 0 for the mean anatomy); the anatomy maps A_s are the coefficients of the MRI terms,
         taken around their training means (so T + B c is still the PET of the mean anatomy).
         Rank-deficient designs (one-hot categories next to the intercept, a covariate that never
-        varies, no MRI signal outside the brain) get the minimum-norm solution."""
+        varies, no MRI signal outside the brain) get the minimum-norm solution, and each
+        categorical covariate's maps are then centred over its classes
+        (:meth:`centre_categorical_maps`)."""
         anatomy_maps = self.get_buffer("pet_anatomy_maps") if self.config.anatomy_template else None
         if self.pet_side_template is None and anatomy_maps is None:
             raise ValueError(
@@ -579,12 +581,34 @@ class DualGlow(nn.Module):
         self.pet_template.copy_(template.reshape(self.pet_template.shape).to(self.pet_template.dtype))
         if self.pet_side_template is not None:
             self.pet_side_template.copy_(maps.reshape(self.pet_side_template.shape).to(self.pet_side_template.dtype))
-            log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(maps.abs().max()))
+            self.centre_categorical_maps(template.reshape(self.pet_template.shape), maps.reshape(self.pet_side_template.shape))
+            log.debug("side template fitted on %d pairs: |B| max %.4f", rows, float(self.pet_side_template.detach().abs().max()))
         if anatomy_maps is not None:
             anatomy_maps.copy_(coef[:, 1 + n_side :].T.reshape(anatomy_maps.shape).to(anatomy_maps.dtype))
             mean = self.get_buffer("anatomy_mean")
             mean.copy_((feature_sum / rows).T.reshape(mean.shape).to(mean.dtype))
             log.debug("anatomy template fitted on %d pairs: |A| max %.4f", rows, float(anatomy_maps.abs().max()))
+
+    @torch.no_grad()
+    def centre_categorical_maps(self, template: Tensor | None = None, maps: Tensor | None = None) -> None:
+        """Centre each categorical covariate's side-template maps over its classes and move their
+        mean into the PET template (from ``template`` / ``maps`` in float64 where given, else the
+        model's own). Every prediction with one-hot covariates (or class shares summing to 1) is
+        unchanged: the split of a class's level between T and its map is arbitrary (the one-hot
+        columns sum to the intercept), and the least-squares start's minimum-norm solution put
+        +-8564 into both at some voxels of a 150-subject fit, which float32 storage rounds to
+        0.002 SUVR (docs/MODEL_EXPERIMENTS.md, finding 24)."""
+        if self.pet_side_template is None or not self.config.categorical:
+            return
+        template = (self.pet_template if template is None else template).double().clone()
+        maps = (self.pet_side_template if maps is None else maps).double().clone()
+        for name in self.config.categorical:
+            block = self.config.side_channels(name)
+            mean = maps[block].mean(0)
+            maps[block] -= mean
+            template += mean
+        self.pet_template.copy_(template.to(self.pet_template.dtype))
+        self.pet_side_template.copy_(maps.to(self.pet_side_template.dtype))
 
     def fix_side_template(self, names: Sequence[str]) -> None:
         """Keep the side template's maps of covariates ``names`` where they are (their least-squares

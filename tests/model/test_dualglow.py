@@ -743,6 +743,29 @@ def test_anatomy_template_keeps_the_fits_anatomy_maps_and_an_untrained_mode_is_t
     assert float(alone.get_buffer("pet_anatomy_maps").abs().max()) > 0.1
 
 
+def test_categorical_maps_are_centred_over_their_classes_and_predictions_unchanged() -> None:
+    """One-hot classes next to the intercept leave the split between T and the class maps to the
+    solver; centre_categorical_maps puts it where every class's map sums to zero, moving the mean
+    into T, and T + B c of each class (and of class shares) stays what it was."""
+    mri, pet, side, _ = anatomy_data()
+    side = {**side, "dx": torch.arange(len(pet)) % 3}
+    model = DualGlow(tiny_config(continuous={"age": AGE_SCALING}, categorical={"dx": 3}, template_shape=[8, 8],
+                                 anatomy_template=True, anatomy_sigmas=[0.0, 1.0], side_levels="none"))  # fmt: skip
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_pet_template([(mri, pet, side)])
+    block = model.config.side_channels("dx")
+    assert model.pet_side_template is not None
+    assert float(model.pet_side_template.detach()[block].sum(0).abs().max()) < 1e-5
+    before = [model._center(pet[:1], "pet", model._encode_side({"age": 70.0, "dx": k}, 1, pet)[0]) for k in range(3)]
+    with torch.no_grad():
+        model.pet_side_template[block] += 5.0  # an arbitrary split, as the solver may leave it
+        model.pet_template -= 5.0
+    model.centre_categorical_maps()
+    after = [model._center(pet[:1], "pet", model._encode_side({"age": 70.0, "dx": k}, 1, pet)[0]) for k in range(3)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(after, before, strict=True))
+    assert float(model.pet_side_template.detach()[block].sum(0).abs().max()) < 1e-4
+
+
 def test_anatomy_template_needs_templates_and_survives_a_model_file(tmp_path: Path) -> None:
     from dualglow_app.weights import load_model, save_model
 
