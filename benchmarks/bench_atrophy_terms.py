@@ -46,7 +46,7 @@ from dualglow_app.tissue import GreyMatterModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dualglow_targets import SWEEP_AGES, sweep_agreement, true_age_sweeps  # noqa: E402
-from bench_linear_anatomy import linear_model  # noqa: E402
+from bench_linear_anatomy import encoded_covariates, linear_model  # noqa: E402
 from perfkit import labels  # noqa: E402
 
 #: The variants scored, each a set of extra terms beside the grey matter's.
@@ -58,7 +58,7 @@ def log_jacobians(data: Any, bids_dir: Path, work_dir: Path, grid: Any) -> np.nd
     (the deformable part), anti-aliased and resampled onto the model grid, 0 outside the brain."""
     import ants
 
-    from dualglow_app.preprocess import grid_reference
+    from dualglow_app.preprocess import _anti_alias, grid_reference
 
     by_source = {json.loads(meta.read_text())["source"]: meta.parent for meta in work_dir.glob("cache/t1w-*/meta.json")}
     target = grid_reference(grid.affine, grid.shape)
@@ -70,10 +70,7 @@ def log_jacobians(data: Any, bids_dir: Path, work_dir: Path, grid: Any) -> np.nd
         warp = str(by_source[source] / "t1w2mni_1Warp.nii.gz")
         domain = ants.split_channels(ants.image_read(warp))[0]
         logjac = ants.create_jacobian_determinant_image(domain, warp, do_log=True)
-        source_mm = float(np.mean(logjac.spacing))
-        fwhm = float(np.sqrt(max(grid.voxel_size**2 - source_mm**2, 0.0)))  # the preprocessing's anti-alias
-        smooth = ants.smooth_image(logjac, fwhm / 2.3548, sigma_in_physical_coordinates=True)
-        out[row] = ants.resample_image_to_target(smooth, target, interp_type="linear").numpy()
+        out[row] = ants.resample_image_to_target(_anti_alias(logjac, grid.voxel_size), target, interp_type="linear").numpy()
     return out * (np.asarray(data.mask) > 0)
 
 
@@ -120,9 +117,9 @@ def main() -> None:
     tissues = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[r])) for r in train_rows),
                                   (masks[r] for r in train_rows), seed=0)  # fmt: skip
     jacobian = log_jacobians(data, args.bids_dir, args.work_dir, grid)
-    encoded, terms = {}, {}
+    batches, encoded, terms = {}, {}, {}
     for row in rows:
-        batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), args.side_info)
+        batches[row] = batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), args.side_info)
         with torch.no_grad():
             grey = base.anatomy_features(batch.mri.double()).numpy().reshape(-1, *grid.shape)
         mri = scaling.mri_to_model(np.asarray(data.mri[row]))
@@ -135,9 +132,9 @@ def main() -> None:
         """The scan's encoded covariates as the model encodes them, at ``age`` if given."""
         key = (row, age)
         if key not in encoded:
-            batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), args.side_info)
-            side = batch.side if age is None else {**batch.side, "age": torch.full_like(batch.side["age"], age)}
-            encoded[key] = base._encode_side(side, 1, batch.pet.double())[0][0].numpy()
+            c = encoded_covariates(base, batches[row], age)
+            assert c is not None  # --side-info includes age
+            encoded[key] = c[0].numpy()
         return encoded[key]
 
     def design(row: int, extra: tuple[str, ...], age: float | None = None) -> np.ndarray:

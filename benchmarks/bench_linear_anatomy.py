@@ -68,17 +68,23 @@ def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatom
     return model
 
 
+def encoded_covariates(model: DualGlow, batch: Any, age: float | None = None) -> torch.Tensor | None:
+    """A one-scan batch's covariates as ``model`` encodes them (c), at ``age`` if given with the
+    others its own; None for a model without covariates."""
+    side = batch.side
+    if age is not None and side is not None:
+        side = {**side, "age": torch.full_like(side["age"], age)}
+    encoded = model._encode_side(side, 1, batch.pet.double())
+    return None if encoded is None else encoded[0]
+
+
 def linear_prediction(model: DualGlow, data: Any, row: int, side_info: list[str], age: float | None = None) -> np.ndarray:
     """A scan's template in SUVR (masked, clipped to the model's range), at its own covariates
     or at ``age`` with the others its own."""
     scaling = IntensityScaling()
     batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), side_info)
-    side = batch.side
-    if age is not None and side is not None:
-        side = {**side, "age": torch.full_like(side["age"], age)}
-    encoded = model._encode_side(side, 1, batch.pet.double())
     with torch.no_grad():
-        centre = model._center(batch.pet.double(), "pet", None if encoded is None else encoded[0], batch.mri.double())
+        centre = model._center(batch.pet.double(), "pet", encoded_covariates(model, batch, age), batch.mri.double())
     suvr = scaling.pet_from_model(np.clip(np.asarray(centre)[0, 0], 0.0, 1.0))
     return (suvr * (np.asarray(data.mask[row]) > 0)).astype(np.float32)
 

@@ -25,8 +25,11 @@ import numpy as np
 #: grey-matter probability, or the grey-matter and the CSF probabilities.
 SIDE_TEMPLATE_ANATOMY = ("t1w", "gm", "gm+csf")
 
-#: The mixture's classes (columns by mean intensity: CSF 0, GM 1, WM 2) each tissue map of
-#: SIDE_TEMPLATE_ANATOMY takes its posteriors from; the T1w needs no mixture.
+#: The mixture's three classes in order of their mean T1w intensity.
+MIXTURE_CLASSES = ("csf", "gm", "wm")
+
+#: The mixture classes (indices into MIXTURE_CLASSES) each tissue map of SIDE_TEMPLATE_ANATOMY
+#: takes its posteriors from; the T1w needs no mixture.
 TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
 
 
@@ -40,9 +43,8 @@ class GreyMatterModel:
     [0.0, 1.0, 0.0]
     """
 
-    def __init__(self, mixture: object, grey_matter: int) -> None:
+    def __init__(self, mixture: object) -> None:
         self._mixture = mixture
-        self._grey_matter = grey_matter
 
     @classmethod
     def fit(cls, images: Iterable[np.ndarray], masks: Iterable[np.ndarray], stride: int = 7,
@@ -55,7 +57,7 @@ class GreyMatterModel:
         if sample.size < 3:
             raise ValueError("GreyMatterModel.fit: fewer than 3 brain voxels to fit a 3-class mixture on.")
         mixture = GaussianMixture(3, random_state=seed).fit(sample[:, None])
-        return cls(mixture, int(np.argsort(mixture.means_[:, 0])[1]))
+        return cls(mixture)
 
     def mixture_parameters(self) -> tuple[list[float], list[float], list[float]]:
         """(weights, means, variances) of the three classes, as
@@ -65,14 +67,13 @@ class GreyMatterModel:
                 [float(v) for v in mixture.covariances_.reshape(-1)])  # fmt: skip
 
     def probability(self, image: np.ndarray, tissue: str = "gm") -> np.ndarray:
-        """The posterior of ``tissue`` ("csf", "gm" or "wm") at each voxel of ``image`` (any
+        """The posterior of ``tissue`` (one of MIXTURE_CLASSES) at each voxel of ``image`` (any
         shape), float32."""
         mixture: Any = self._mixture
-        by_mean = np.argsort(mixture.means_[:, 0])
-        column = {"csf": by_mean[0], "gm": self._grey_matter, "wm": by_mean[2]}[tissue]
+        column = np.argsort(mixture.means_[:, 0])[MIXTURE_CLASSES.index(tissue)]
         values = np.asarray(image, np.float64)
         posterior = mixture.predict_proba(values.reshape(-1, 1))[:, column]
         return posterior.reshape(values.shape).astype(np.float32)
 
 
-__all__ = ["SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]
+__all__ = ["MIXTURE_CLASSES", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]

@@ -371,9 +371,11 @@ class LoadedModel:
         With a side template that is T + B c-bar, the template at the training population's
         average covariates: a continuous covariate at its centre (the training mean, c = 0),
         a categorical one at its classes' training shares. T alone is the PET at c = 0, which
-        for a one-hot covariate is no class at all: how the least-squares fit splits a class's
-        level between T and its map is arbitrary (DualGlow.fit_pet_template's minimum-norm
-        solution), and with the MRI terms of finding 17 T fell to a median of 0.72 SUVR.
+        for a one-hot covariate is no class at all: the fit centres each categorical
+        covariate's maps over its classes (DualGlow.centre_categorical_maps), so T is then
+        their unweighted average, not the training population's mix (and models fitted
+        before that had whatever split the least-squares solution chose: with the MRI terms
+        of finding 17 T fell to a median of 0.72 SUVR).
         """
         model = self.model
         if model.config.template_shape is None:
