@@ -11,28 +11,42 @@
 #           hidden 32, top prior mri+side, side template): throughput, peak memory, bpd
 #   paper   the paper-size network (4 levels x 16 steps x 512 channels, 2 mm) with memory
 #           saving, a few steps
+#   capacity  (with --capacity NPZ, first) the model issue's capacity runs: the shipped model's
+#           recipe and larger variants trained side by side on the GPU on a packed MNI stack
+#           (benchmarks/bench_capacity.py pack), each under --capacity-seconds of training;
+#           histories, logs and the best models that fit come back under $OUT/capacity
 # each stage under its own timeout, so one failure or hang leaves time for the others.
 # Every figure is JSON under $OUT when it is set, else benchmarks/results/gpu/; summary.json
 # lists each stage's exit status and seconds (124: its timeout ran out).
 #
 #   benchmarks/gpu_check.sh                      # on the GPU machine, .gpu_wheels/ carried along
 #   benchmarks/gpu_check.sh --cpu-dry-run        # the same stages on the CPU at tiny sizes (CI)
+#   benchmarks/gpu_check.sh --capacity .gpu_carry/stack240.npz --capacity-seconds 250
 #
 # Options: --wheels DIR (default .gpu_wheels), --python PY (default python3; the dry run uses
-# it as it is, without a venv), --budget SECONDS (default 470: all stages together).
+# it as it is, without a venv), --budget SECONDS (default 470: all stages together),
+# --capacity NPZ, --capacity-seconds S (default 250), --capacity-variants "LABEL[:NAME=VALUE,...] ..."
+# (default: the recipe in bf16 and in float32, relation networks of 8 layers, 64 coupling
+# channels, the group level's default size of 8 steps x 128 channels).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry_run=0
 wheels=.gpu_wheels
 python=${PYTHON:-python3}
 budget=470
+capacity=""
+capacity_seconds=250
+capacity_variants="recipe recipe-fp32:amp=false rel8:relation_layers=8 wide:hidden=64 big:depth=8,hidden=128"
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) dry_run=1; shift ;;
     --wheels) wheels=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
     --budget) budget=$2; shift 2 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --capacity) capacity=$2; shift 2 ;;
+    --capacity-seconds) capacity_seconds=$2; shift 2 ;;
+    --capacity-variants) capacity_variants=$2; shift 2 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,7 +79,13 @@ stage() {
   fi
   echo "== $name (timeout ${limit} s): $*" | tee -a "$log"
   local start=$SECONDS rc
-  timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  if declare -F "$1" >/dev/null; then
+    # timeout runs programs, not shell functions: hand it a bash holding the function (the
+    # variables it reads are exported below).
+    timeout --kill-after=10 "$limit" bash -c "$(declare -f "$1"); \"\$@\"" _ "$@" >>"$log" 2>&1
+  else
+    timeout --kill-after=10 "$limit" "$@" >>"$log" 2>&1
+  fi
   rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
   printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$limit" >>"$stages"
@@ -93,12 +113,39 @@ setup() {
   "$venv/bin/python" -c "import dualglow_app, torch; print('dualglow', dualglow_app.__version__, 'torch', torch.__version__, torch.cuda.get_device_name(0))"
 }
 
+export python wheels device out capacity capacity_seconds capacity_variants
 if [ "$dry_run" = 0 ]; then
   if stage setup 150 setup; then
     python=${TMPDIR:-/tmp}/dualglow-gpu-venv/bin/python
   else
     echo "set-up failed: the stages run with $python as it is" | tee -a "$log"
   fi
+fi
+
+# The capacity runs, side by side on one device; each resumes its checkpoint if run again.
+capacity_runs() {
+  local stack=${TMPDIR:-/tmp}/dualglow-capacity-stack work=${TMPDIR:-/tmp}/dualglow-capacity-work
+  local pids=() variant label sets rc=0
+  "$python" benchmarks/bench_capacity.py unpack "$capacity" "$stack" || return 8
+  mkdir -p "$work"
+  for variant in $capacity_variants; do
+    label=${variant%%:*}
+    sets=()
+    if [ "$variant" != "$label" ]; then
+      IFS=, read -ra pairs <<<"${variant#*:}"
+      for pair in "${pairs[@]}"; do sets+=(--set "$pair"); done
+    fi
+    # Three CPU threads each (the template fit, the tissue model, the batches): 16 cores, 5 runs.
+    OMP_NUM_THREADS=3 "$python" benchmarks/bench_capacity.py train "$stack" --label "$label" "${sets[@]}" \
+      --device "$device" --threads 3 --time-limit "$capacity_seconds" --work "$work" >"$work/$label.log" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || rc=9; done
+  "$python" benchmarks/bench_capacity.py collect "$work" "$out/capacity" --max-mib "${CAPACITY_MAX_MIB:-50}" || rc=10
+  return $rc
+}
+if [ -n "$capacity" ]; then
+  stage capacity $((capacity_seconds + 150)) capacity_runs
 fi
 
 gpu_tests=$(grep -l "pytest.mark.gpu" tests/*.py tests/*/*.py 2>/dev/null | tr '\n' ' ')
@@ -118,8 +165,11 @@ else
   stage freia 60 "$python" benchmarks/bench_vs_freia.py "${bench[@]}" --repeats 9
   stage train 60 "$python" "${train[@]}" --grid cpu4mm --levels 3 --depth 4 --hidden 32 --steps 50 \
     --json "$out/train_bf16.json"
+  # lr 1e-4 (the later --lr wins): the group level warms up over 100 steps, the check does not, and
+  # at lr 1e-3 a 16-step flow's first steps diverged (the H200, 2026-11-30; also on a CPU at
+  # cpu4mm, with or without bf16 and memory saving), which is no measure of speed or memory.
   stage paper 120 "$python" "${train[@]}" --grid paper2mm --levels 4 --depth 16 --hidden 512 --batch-size 1 \
-    --memory-saving on --steps 3 --json "$out/paper_size.json"
+    --memory-saving on --steps 3 --lr 1e-4 --json "$out/paper_size.json"
 fi
 
 "$python" - "$stages" "$out/summary.json" "$dry_run" "$budget" <<'PY'

@@ -268,8 +268,13 @@ def main(device: str, grid: str, depth: int, hidden: int, batch_size: int, steps
                                     side_template=side_template, memory_saving=saving, lr=lr)
     except Exception as err:  # out of memory, a driver/toolkit mismatch: one line, the cause
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        click.echo(f"Error: the timed step failed on {device}: {type(err).__name__}: {reason} "
-                   "(out of memory: try --batch-size 1 or a smaller --grid)", err=True)
+        if "out of memory" in reason.lower():
+            hint = "try --batch-size 1, a smaller --grid or --memory-saving on"
+        elif "non-finite" in reason:
+            hint = "the step diverged: try --no-bf16, a lower --lr, or --memory-saving off"
+        else:
+            hint = "see the error above"
+        click.echo(f"Error: the timed step failed on {device}: {type(err).__name__}: {reason} ({hint})", err=True)
         sys.exit(1)
     click.echo(timing.line())
     if json_path is not None:

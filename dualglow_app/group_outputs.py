@@ -85,6 +85,7 @@ def model_metadata(
         "min_epochs": options.min_epochs,
         "select_on": options.select_on,
         "stopped_early": result.stopped_early,
+        "time_limited": result.time_limited,
         "steps": result.steps,
         "skipped_steps": result.skipped_steps,
         "seed": options.seed,

@@ -329,6 +329,10 @@ class TrainOptions:
     cpu_bf16: bool = False
     resume: bool = False
     max_steps: int | None = None
+    # Wall-clock budget of the epochs in seconds (a cluster job's limit, a leased GPU): no epoch
+    # starts that would not end within it, judged by the longest epoch so far; the checkpoint
+    # is written, so a later run with resume=True continues. None: no limit.
+    time_limit: float | None = None
     model_name: str = "dualglow"
     nprocs: int | None = None
     preprocess_only: bool = False
@@ -361,6 +365,8 @@ class TrainOptions:
         problems += [f"side_info: {problem}" for name in self.side_info if (problem := name_problem(name))]
         if len(set(self.side_info)) != len(self.side_info):
             problems.append(f"side_info {list(self.side_info)}: a covariate named twice")
+        if self.time_limit is not None and not self.time_limit > 0:
+            problems.append(f"time_limit={self.time_limit} (seconds, above 0)")
         for name in ("epochs", "batch_size", "depth", "hidden", "relation_hidden", "relation_layers"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")

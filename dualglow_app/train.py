@@ -99,6 +99,8 @@ class TrainResult:
     scaling: IntensityScaling = field(default_factory=IntensityScaling)
     # True when ``patience`` ended the run before its budget (``epochs`` / ``max_steps``).
     stopped_early: bool = False
+    # True when ``time_limit`` ended the run before its budget (resume to continue).
+    time_limited: bool = False
 
 
 #: The anatomy template's voxelwise least squares needs this many training subjects per
@@ -290,6 +292,7 @@ class _Run:
     # The best validation epoch so far: {"epoch", "select_on", "value", "model" (its state dict)}.
     best: dict[str, Any] | None = None
     stopped_early: bool = False
+    time_limited: bool = False
 
     @classmethod
     def start(cls, options: TrainOptions, data: PairedVolumes, dist: Distributed, device: Any, use_amp: bool) -> _Run:
@@ -403,6 +406,7 @@ class _Run:
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         steps_per_epoch = math.ceil(len(sampler) / options.batch_size)
         bar = ProgressBar(dist.is_main and progress_enabled(), options.epochs * steps_per_epoch, self.step)
+        fit_start, longest_epoch = time.perf_counter(), 0.0
         try:
             for epoch in range(self.start_epoch, options.epochs):
                 if options.max_steps is not None and self.step >= options.max_steps:
@@ -416,16 +420,38 @@ class _Run:
                                  VALIDATION_SELECTION[options.select_on][1], options.min_delta, options.patience,
                                  best["value"], best["epoch"])  # fmt: skip
                     break
+                if self.out_of_time(fit_start, longest_epoch):
+                    self.time_limited = True
+                    if dist.is_main:
+                        log.info("time limit: %d of %d epochs done in %.0f s; the next would pass --time-limit %g s. "
+                                 "Run again with --resume to continue", epoch, options.epochs,
+                                 time.perf_counter() - fit_start, options.time_limit)  # fmt: skip
+                    break
                 torch.manual_seed(options.seed + 1000 * (epoch + 1) + dist.rank)
                 sampler.set_epoch(epoch)
                 order = self.train_rows[np.fromiter(iter(sampler), dtype=np.int64)]
                 epoch_start = time.perf_counter()
                 means, skipped = self.train_epoch(net, order, epoch, bar, on_step)
                 self.end_epoch(epoch, means, skipped, len(order), time.perf_counter() - epoch_start)
+                longest_epoch = max(longest_epoch, time.perf_counter() - epoch_start)
                 if dist.enabled:
                     tdist.barrier()
         finally:
             bar.close()
+
+    def out_of_time(self, fit_start: float, longest_epoch: float) -> bool:
+        """Whether the next epoch, as long as the longest so far, would end past ``time_limit``
+        (the ranks agree: the slowest rank's clock decides)."""
+        import torch
+        import torch.distributed as tdist
+
+        if self.options.time_limit is None:
+            return False
+        late = torch.tensor(float(time.perf_counter() - fit_start + longest_epoch > self.options.time_limit),
+                            device=self.device)  # fmt: skip
+        if self.dist.enabled:
+            tdist.all_reduce(late, op=tdist.ReduceOp.MAX)
+        return bool(late.item() > 0)
 
     def should_stop(self) -> bool:
         """Whether ``patience`` epochs have passed without improvement (never without validation)."""
@@ -568,7 +594,7 @@ class _Run:
             wall_time_s=wall, device=str(self.device) + (" (bf16 autocast)" if self.use_amp else ""),
             world_size=self.dist.world_size, train_labels=[self.data.labels[i] for i in self.train_rows],
             val_labels=[self.data.labels[i] for i in self.val_rows], model=model.eval(), scaling=self.scaling,
-            stopped_early=self.stopped_early,
+            stopped_early=self.stopped_early, time_limited=self.time_limited,
         )  # fmt: skip
         if self.dist.is_main:
             write_group_outputs(options, self.data, result, self.train_rows, self.val_rows, self.scaling)

@@ -45,3 +45,27 @@ def test_the_cpu_dry_run_runs_every_stage(tmp_path: Path) -> None:
     paper = json.loads((tmp_path / "paper_size.json").read_text())["timing"]
     assert paper["memory_saving"] and set(paper["reconstruction_errors"]) == {"mri", "pet"}
     assert (tmp_path / "memory_cpu.json").is_file() and (tmp_path / "vs_freia_cpu_h8_b1.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_cpu_dry_run_trains_the_capacity_variants_side_by_side(tmp_path: Path) -> None:
+    # The capacity stage as it travels to a GPU machine: a packed stack, variants in parallel,
+    # what comes back collected (tiny models, a few steps each).
+    from dualglow_app.phantom.mni import make_mni_stack
+
+    make_mni_stack(tmp_path / "stack", 30, seed=0, jobs=1)
+    packed = tmp_path / "stack.npz"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_capacity.py"), "pack", str(tmp_path / "stack"),
+                    str(packed)], check=True, capture_output=True)  # fmt: skip
+    tiny = "depth=1,hidden=8,relation_hidden=8,max_steps=2"
+    env = dict(os.environ, OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path))
+    done = subprocess.run(["bash", str(SCRIPTS[0]), "--cpu-dry-run", "--python", sys.executable, "--capacity",
+                           str(packed), "--capacity-seconds", "60", "--capacity-variants", f"a:{tiny} b:{tiny},amp=false"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"][0] == {**summary["stages"][0], "stage": "capacity", "exit": 0}
+    manifest = json.loads((tmp_path / "out" / "capacity" / "manifest.json").read_text())
+    assert sorted(manifest["models"]) == ["a", "b"]
+    history = json.loads((tmp_path / "out" / "capacity" / "b.history.json").read_text())
+    assert history["settings"]["amp"] is False and history["steps"] == 2

@@ -288,6 +288,34 @@ def test_patience_stops_early_and_a_resumed_run_stops_at_the_same_epoch(
     assert info["metadata"]["training"]["preprocessing"] == preprocessing_versions()
 
 
+def test_time_limit_ends_the_run_between_epochs_and_resume_continues(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A clock that advances 10 s a step (2 steps an epoch): with a 50 s limit a run stops
+    before an epoch that would end past it (after epoch 2: 40 s + 20 s > 50 s), writes its
+    model and checkpoint, and three such runs with resume reach the weights of one unlimited
+    run of 5 epochs."""
+    import types
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+
+    def tick(step: int) -> None:
+        clock["now"] += 10.0
+
+    straight = train(tiny_options(tmp_path / "a", tmp_path / "wa", epochs=5), data=paired_volumes(6), on_step=tick)
+    assert not straight.time_limited and straight.epochs == 5
+    options = tiny_options(tmp_path / "b", tmp_path / "wb", epochs=5, time_limit=50.0, resume=True)
+    runs = [train(options, data=paired_volumes(6), on_step=tick)]
+    assert load_model(runs[0].model_path)[1]["metadata"]["training"]["time_limited"] is True
+    runs += [train(options, data=paired_volumes(6), on_step=tick) for _ in range(2)]
+    assert [(r.epochs, r.time_limited) for r in runs] == [(2, True), (4, True), (5, False)]
+    expected = _final_weights(straight)
+    for name, tensor in _final_weights(runs[-1]).items():
+        assert torch.equal(tensor, expected[name]), name
+    with pytest.raises(ValueError, match="time_limit"):
+        tiny_options(tmp_path / "c", tmp_path / "wc", time_limit=0.0)
+
+
 def test_select_on_mae_stops_and_keeps_on_the_validation_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     """Scripted validation MAE 0.30, 0.20, 0.25, 0.24 with a bpd that keeps falling: with

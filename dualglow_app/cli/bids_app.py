@@ -229,6 +229,10 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
                    "flow arithmetic in float32; 0.66x the step time at the same validation bpd (docs/PERFORMANCE.md).")
 @click.option("--resume", is_flag=True, help="group: continue from the last checkpoint in the work dir.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="group: stop after this many steps.")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="group: start no epoch that would not end within SECONDS of training (judged by the longest "
+                   "epoch so far); the checkpoint is written: run again with --resume to continue (a job's wall "
+                   "time, a leased GPU).")
 @click.option("--model-name", default="dualglow", show_default=True, help="group: writes OUTPUT_DIR/models/NAME.*")
 @click.option("--tracer", default="FDG", show_default=True, help="group: PET tracer label (trc-<label>).")
 @click.option("--preprocess-only", is_flag=True, help="group: preprocess and stack the pairs, then stop.")

@@ -663,10 +663,18 @@ class DualGlow(nn.Module):
         centre = self.get_buffer(f"{modality}_template").to(x.dtype)
         if modality != "pet":
             return centre
-        if self.pet_side_template is not None and c is not None:
-            centre = centre + torch.einsum("bn,n...->b...", c.to(x.dtype), self.pet_side_template.to(x.dtype))
-        if self.config.anatomy_template and x_mri is not None:
-            centre = centre + self.anatomy_term(x_mri.to(x.dtype))
+        # In float32 whatever autocast says: the anatomy maps of the blurred tissue maps are
+        # large and of opposite signs (the scales are collinear), so the blur and the einsum in
+        # bf16 moved a trained model's centre by up to 0.4 SUVR, 30 dequantisation bins; on a
+        # GPU its bf16 training then drifted away from the least-squares start that fp32 keeps
+        # (docs/MODEL_EXPERIMENTS.md, finding 25).
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            centre = centre.to(dtype)
+            if self.pet_side_template is not None and c is not None:
+                centre = centre + torch.einsum("bn,n...->b...", c.to(dtype), self.pet_side_template.to(dtype))
+            if self.config.anatomy_template and x_mri is not None:
+                centre = centre + self.anatomy_term(x_mri.to(dtype))
         return centre
 
     @torch.no_grad()
