@@ -152,15 +152,7 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=True,
                                  metabolic_age=metabolic_age)
     assert truth.explainable is not None
-
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1, NOISE_STREAM)))
-    sigma = np.float32(rng.uniform(*MRI_NOISE_SD) / np.sqrt(WORK_VOXEL_MM**3))  # 8 1 mm voxels in one
-    t1 = truth.brain_t1 * (truth.brain > 0.05)
-    n1 = rng.standard_normal(t1.shape, dtype=np.float32)
-    n2 = rng.standard_normal(t1.shape, dtype=np.float32)
-    t1 = np.sqrt((t1 + sigma * n1) ** 2 + (sigma * n2) ** 2) * (truth.brain > 0.05)
-    t1 *= an.bias_field(t1.shape, rng, RESIDUAL_BIAS)
-
+    t1 = work_t1(truth, seed, index)
     mask = _to_grid(truth.brain, tpl.affine, grid, anti_alias=False) > 0.5
     mri = _to_grid(t1, tpl.affine, grid)
     low, high = (float(v) for v in np.percentile(mri[mask], refs.percentiles))
@@ -173,6 +165,18 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     label = f"sub-{cohort.participant_label(index)}"
     return MNISubject(label, traits.demographics, mri.astype(np.float32), suvr(truth.pet).astype(np.float32),
                       suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8))
+
+
+def work_t1(truth: cohort.SessionTruth, seed: int, index: int) -> np.ndarray:
+    """Subject ``index``'s brain T1w on the work grid as the stack sees it before the model grid:
+    Rician noise of a 1 mm scan averaged into the work voxel, and a residual bias field."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1, NOISE_STREAM)))
+    sigma = np.float32(rng.uniform(*MRI_NOISE_SD) / np.sqrt(WORK_VOXEL_MM**3))  # 8 1 mm voxels in one
+    t1 = truth.brain_t1 * (truth.brain > 0.05)
+    n1 = rng.standard_normal(t1.shape, dtype=np.float32)
+    n2 = rng.standard_normal(t1.shape, dtype=np.float32)
+    t1 = np.sqrt((t1 + sigma * n1) ** 2 + (sigma * n2) ** 2) * (truth.brain > 0.05)
+    return t1 * an.bias_field(t1.shape, rng, RESIDUAL_BIAS)
 
 
 def age_sweep_truth(seed: int, index: int, grid: ModelGrid, ages: Sequence[float],

@@ -1,0 +1,220 @@
+"""Does the age effect need the subject's anatomy? An oracle of the anatomy template's form.
+
+    python benchmarks/bench_interaction.py STACK --weights MODEL.safetensors [--true-tissues] [--json OUT]
+
+The anatomy template is additive: PET(v) = T(v) + B(v) c + sum_s A_s(v) f_s(v), with f_s the
+MRI's tissue maps around voxel v. FDG uptake is grey matter times its metabolism, and the
+metabolism falls with age, so a voxel with more grey matter should lose more uptake per decade:
+a product of age and anatomy, which the additive form cannot express. This fits the voxelwise
+least squares of the template's start with and without the products (age x f_s) on an MNI stack
+(``dualglow-phantom --mni-stack``; the training / validation split of
+``bench_capacity.py``'s recipe), with ``MODEL``'s tissue model and covariate encoding, and
+scores each fit's prediction on the validation scans as ``bench_capacity.py score`` scores a
+model's mode: MAE, SSIM, deviation r (against the truth and the explainable PET), input
+specificity, and the age sweep against the phantom's swept truth. ``--true-tissues`` fits the
+same forms on the phantom's own grey matter and CSF instead of the tissue model's reading of
+the T1w (what a perfect segmentation would give: the measurement's share of the misses), and
+on a Gaussian mixture's posteriors of each phantom's noisy 2 mm T1w averaged down to the grid
+(what segmenting before the downsampling would give). No
+flows: a measurement of the template's form alone (the flows leave the mode where this start puts it: lab book,
+finding 25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_capacity import RECIPE  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, phantom_origin, sweep_agreement, true_age_sweeps  # noqa: E402
+from bench_learning_curves import cpu_description  # noqa: E402
+
+#: Each variant: its tissue maps ("mri": the model's, from the T1w on the grid; "true": the
+#: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid)
+#: and which covariates multiply them.
+VARIANTS = {"additive (the template's form)": ("mri", ()), "+ age x tissue maps": ("mri", ("age",)),
+            "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis")),
+            "additive, the phantom's true GM and CSF": ("true", ()),
+            "+ age x true tissue maps": ("true", ("age",)),
+            "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", ())}  # fmt: skip
+
+
+def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
+    """(2, *grid): one phantom's grey matter and CSF on ``grid``, "true" (its own fractions) or
+    "fine" (a 3-class Gaussian mixture's posteriors of its noisy 2 mm T1w, averaged down)."""
+    from dualglow_app.phantom import anatomy as an
+    from dualglow_app.phantom import cohort
+    from dualglow_app.phantom import pet as pt
+    from dualglow_app.phantom.mni import WORK_VOXEL_MM, _to_grid, work_t1
+    from dualglow_app.phantom.template import load_template
+    from dualglow_app.tissue import GreyMatterModel
+
+    seed, i, version, grid, source = task
+    tpl, cal = load_template(WORK_VOXEL_MM), pt.calibrate(WORK_VOXEL_MM)
+    traits = cohort.subject_traits(seed, i, 1, tpl, None, None, version, native=False)
+    _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
+    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=False)
+    gm, _, csf = truth.tissues
+    if source == "fine":
+        t1, brain = work_t1(truth, seed, i), truth.brain > 0.5
+        tissue = GreyMatterModel.fit([t1], [brain], stride=5)
+        gm, csf = (tissue.probability(t1, name) * brain for name in ("gm", "csf"))
+    return np.stack([_to_grid(gm, tpl.affine, grid), _to_grid(csf, tpl.affine, grid)])
+
+
+def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
+    """(rows, 2, *grid): each phantom's grey matter and CSF on ``grid`` (:func:`_subject_tissues`;
+    the stack's seed and version; cached beside the stack)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cache = stack / f"{source}_gm_csf.npy"
+    if cache.is_file():
+        return np.load(cache)
+    index = json.loads((stack / "index.json").read_text())
+    tasks = [(int(index["seed"]), i, int(index["version"]), grid, source) for i in range(rows)]
+    # spawn: a forked child of this torch process deadlocked in its BLAS threads.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        out = np.stack(list(pool.map(_subject_tissues, tasks))).astype(np.float32)
+    np.save(cache, out)
+    return out
+
+
+def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None) -> Any:
+    """(scans, maps, 1, *grid): the model's anatomy features of the MRIs, or the same blurs of
+    the given grey-matter and CSF maps (scans, 2, *grid) in the same order (tissue-major)."""
+    from dualglow_app.model.dualglow import _blurred
+
+    if tissues is None:
+        return model.anatomy_features(torch.as_tensor(np.asarray(mri, np.float64))[:, None])
+    maps = torch.as_tensor(np.asarray(tissues, np.float64))
+    return torch.stack([_blurred(maps[:, k : k + 1], sigma) for k in range(maps.shape[1])
+                        for sigma in model.config.anatomy_sigmas], dim=1)  # fmt: skip
+
+
+def design(model: Any, mri: np.ndarray, side: dict[str, np.ndarray], products: tuple[str, ...],
+           tissues: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """(scans, voxels, terms): 1, the encoded covariates, the tissue maps (the model's of the MRI,
+    or ``tissues``'), and the named covariates' encoded columns times each tissue map."""
+    x = torch.as_tensor(np.asarray(mri, np.float64))[:, None]
+    c = model._encode_side({k: torch.as_tensor(v) for k, v in side.items()}, len(x), x)[0].double()
+    features = tissue_features(model, mri, tissues).flatten(2).transpose(1, 2)  # (scans, voxels, tissue maps)
+    voxels = features.shape[1]
+    columns = [x.new_ones(len(x), voxels, 1), c[:, None, :].expand(-1, voxels, -1), features]
+    for name in products:
+        block = model.config.side_channels(name)
+        for j in range(block.start, block.stop):
+            columns.append(c[:, j, None, None] * features)
+    return torch.cat(columns, dim=2).numpy()
+
+
+def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per voxel, the minimum-norm least squares of y (scans, voxels) on x (scans, voxels, terms)."""
+    gram = np.einsum("nvp,nvq->vpq", x, x)
+    moments = np.einsum("nvp,nv->vp", x, y)
+    return np.einsum("vpq,vq->vp", np.linalg.pinv(gram), moments)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stack", type=Path)
+    parser.add_argument("--weights", type=Path, required=True, help="a model with the anatomy template (gm+csf)")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--true-tissues", action="store_true",
+                        help="also fit on the phantom's true GM and CSF, and on posteriors of its 2 mm T1w "
+                             "(regenerated once, cached in the stack)")
+    args = parser.parse_args()
+
+    from dualglow_app.dataset import load_mni_stack, split_subjects
+    from dualglow_app.log import setup_logging
+    from dualglow_app.metrics import deviation_correlation, image_metrics, mean_pairwise_correlation
+    from dualglow_app.weights import open_model
+
+    setup_logging(-1)
+    loaded = open_model(args.weights, "cpu")
+    model = loaded.model.double()
+    data = load_mni_stack(args.stack)
+    train_rows, val_rows = split_subjects(data.subjects, RECIPE["val_fraction"], RECIPE["seed"])
+    inside = np.asarray(data.mask[0]).reshape(-1) > 0
+    side_names = list(loaded.covariates)
+
+    def side_of(rows: np.ndarray, age: float | None = None) -> dict[str, np.ndarray]:
+        out = {name: np.array([spec.encode(data.covariate_values(name)[r]) for r in rows], np.float64)
+               for name, spec in loaded.covariates.items()}  # fmt: skip
+        if age is not None:
+            out["age"] = np.full(len(rows), age)
+        return out
+
+    mri, pet = np.asarray(data.mri), np.asarray(data.pet, np.float64)
+    reference = pet[train_rows].mean(0)
+    explainable = getattr(data, "explainable", None)
+    sweep_truth = true_age_sweeps(phantom_origin(args.stack), data, val_rows, SWEEP_AGES, args.stack / "age_truth")
+    results: dict[str, Any] = {}
+    sources = {"mri": None}
+    if args.true_tissues:
+        sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
+    for label, (source, products) in VARIANTS.items():
+        if any(name not in side_names for name in products) or source not in sources:
+            continue
+        tissues = sources[source]
+
+        def of(rows: np.ndarray) -> np.ndarray | None:
+            return None if tissues is None else tissues[rows]
+
+        coef = fit(design(model, mri[train_rows], side_of(train_rows), products, of(train_rows))[:, inside],
+                   pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
+
+        def predict(rows: np.ndarray, age: float | None = None) -> np.ndarray:
+            x = design(model, mri[rows], side_of(rows, age), products, of(rows))[:, inside]
+            out = np.zeros((len(rows), inside.size))
+            out[:, inside] = np.einsum("nvp,vp->nv", x, coef)
+            return out.reshape(len(rows), *data.grid.shape)
+
+        own = predict(val_rows)
+        masks = np.asarray(data.mask[val_rows])
+        scores = [image_metrics(pet[r], p, masks[k]) for k, (r, p) in enumerate(zip(val_rows, own, strict=True))]
+        entry = {
+            "terms": int(coef.shape[1]),
+            "mae_suvr": float(np.mean([s["mae_suvr"] for s in scores])),
+            "ssim": float(np.mean([s["ssim"] for s in scores])),
+            "psnr_db": float(np.mean([s["psnr_db"] for s in scores])),
+            "deviation_r": float(np.mean([deviation_correlation(p, pet[r], reference, masks[k])
+                                          for k, (r, p) in enumerate(zip(val_rows, own, strict=True))])),
+            "specificity_synthetic": mean_pairwise_correlation(own, masks),
+            "specificity_true": mean_pairwise_correlation(pet[val_rows], masks),
+        }  # fmt: skip
+        if explainable is not None:
+            entry["deviation_r_explainable"] = float(np.mean([
+                deviation_correlation(p, np.asarray(explainable[r]), reference, masks[k])
+                for k, (r, p) in enumerate(zip(val_rows, own, strict=True))]))  # fmt: skip
+
+        def swept(row: int) -> np.ndarray:
+            return np.concatenate([predict(np.array([row]), a) for a in SWEEP_AGES])
+
+        entry["age"] = sweep_agreement(swept, data, val_rows, SWEEP_AGES, np.asarray(data.age[train_rows]), sweep_truth)
+        results[label] = entry
+        measured = entry["age"].get("measured", {})
+        print(f"{label:36s} terms {entry['terms']:2d}  MAE {entry['mae_suvr']:.4f}  SSIM {entry['ssim']:.4f}  "
+              f"dev r {entry['deviation_r']:.3f}  pairwise {entry['specificity_synthetic']:.3f} "
+              f"(true {entry['specificity_true']:.3f})  age r {measured.get('pearson_r', float('nan')):.3f}  "
+              f"ratio {measured.get('median_ratio', float('nan')):.3f}  "
+              f"within 25 % {measured.get('within_25_percent', float('nan')):.3f}", flush=True)  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"stack": str(args.stack), "weights": str(args.weights),
+                                         "machine": cpu_description(), "split": {"train": len(train_rows),
+                                         "val": len(val_rows)}, "variants": results}, indent=1, default=str))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
