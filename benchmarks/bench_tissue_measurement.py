@@ -9,6 +9,8 @@ subject). Two measurements of them through the real preprocessing (skull strip, 
 
 - *grid*: what the anatomy template reads today, the model's tissue mixture's posteriors of the
   T1w on the grid (:meth:`DualGlow.anatomy_features` at the voxel);
+- *grid, partial volume*: the fractions read linearly from the grid T1w's intensity between
+  the same mixture's means (``bench_interaction.partial_volume_fractions``);
 - *native*: a 3-class Gaussian mixture fitted to each subject's N4-corrected native brain
   (:class:`dualglow_app.tissue.GreyMatterModel`), its posteriors warped to the grid as the
   T1w is (anti-aliased, the same transforms): fractions of the 1 mm voxels in each grid voxel.
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_interaction import _subject_tissues  # noqa: E402
+from bench_interaction import _subject_tissues, partial_volume_fractions  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
 
 TISSUES = ("gm", "csf")
@@ -97,21 +99,23 @@ def main() -> None:
     scans = find_pairs(DatasetSpec(args.bids_dir, args.work_dir, grid,
                                    participant_labels=tuple(args.participant_label or ())))  # fmt: skip
     mask = brain_mask_on_grid(grid).astype(np.uint8)
-    truth, grid_reading, native_reading, labels = [], [], [], []
+    truth, grid_reading, pv_reading, native_reading, labels = [], [], [], [], []
     for scan in scans:
         t1w = preprocess_t1w(scan.t1w, grid, args.work_dir, args.nprocs)
         x = torch.as_tensor(np.asarray(t1w.image.dataobj, np.float32))[None, None]
         features = loaded.model.anatomy_features(x)[0, :, 0].numpy()  # tissue-major, sigma 0 first
         per_tissue = len(loaded.model.config.anatomy_sigmas)
         grid_reading.append(np.stack([features[k * per_tissue] for k in range(len(TISSUES))]) * mask)
+        pv_reading.append(partial_volume_fractions(loaded.model, x[:, 0].numpy())[0] * mask)
         native_reading.append(native_tissues_on_grid(t1w, grid) * mask)
         truth.append(_subject_tissues((seed, subject_index(f"sub-{scan.subject}"), version, grid, "true")) * mask)
         labels.append(f"sub-{scan.subject}")
-    truth_a, grid_a, native_a = (np.stack(v) for v in (truth, grid_reading, native_reading))
-    result = {name: {tissue: agreement(reading[:, k], truth_a[:, k], mask) for k, tissue in enumerate(TISSUES)}
-              for name, reading in (("grid", grid_a), ("native", native_a))}  # fmt: skip
+    truth_a = np.stack(truth)
+    readings = {"grid": grid_reading, "grid, partial volume": pv_reading, "native": native_reading}
+    result = {name: {tissue: agreement(np.stack(reading)[:, k], truth_a[:, k], mask) for k, tissue in enumerate(TISSUES)}
+              for name, reading in readings.items()}  # fmt: skip
     for name, by_tissue in result.items():
-        print(f"{name:7s} " + "  ".join(f"{t}: r {v['r']:.3f}, departure r {v['departure_r']:.3f}"
+        print(f"{name:21s} " + "  ".join(f"{t}: r {v['r']:.3f}, departure r {v['departure_r']:.3f}"
                                         for t, v in by_tissue.items()))  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -53,9 +53,11 @@ from dualglow_app.model.dualglow import DualGlow, DualGlowConfig
 log = get_logger(__name__)
 
 FORMAT = "dualglow-model"
-FORMAT_VERSION = 2
+#: 3: eq. 17's side-information heads are left out (DualGlow.TRAINING_ONLY; 1.9 MB of the
+#: shipped model's 21 MB), so a file holds what synthesis uses.
+FORMAT_VERSION = 3
 #: Versions this release reads (older ones are migrated on load).
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 _SUFFIXES = (".safetensors", ".json")
 
 
@@ -97,7 +99,8 @@ def save_model(
             f"metadata for {json_path} is not JSON-serialisable ({err}): pass plain dicts, lists, numbers and strings."
         ) from err
     tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if not k.startswith(DualGlow.TRAINING_ONLY)}  # fmt: skip
     _write_atomically(
         tensors_path, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
     )
@@ -182,8 +185,11 @@ def load_model(
         if info["format_version"] == 1:
             state = _migrate_v1(state, model)
         missing, unexpected = model.load_state_dict(state, strict=False)
+        heads = [k for k in missing if k.startswith(DualGlow.TRAINING_ONLY)]
+        missing = [k for k in missing if k not in heads]
         if missing or unexpected:
             raise RuntimeError(f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.has_side_heads = model.has_side_heads and not heads
     except (SafetensorError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0]
         raise ModelFileError(

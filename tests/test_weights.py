@@ -50,7 +50,7 @@ def test_save_writes_a_self_describing_pair(model: DualGlow, tmp_path: Path) -> 
     path = save_model(model, tmp_path / "m", {"epochs": 3, "grid": [4, 4, 4]})
     assert path == tmp_path / "m.safetensors"
     info = json.loads((tmp_path / "m.json").read_text())
-    assert info["format"] == "dualglow-model" and info["format_version"] == 2
+    assert info["format"] == "dualglow-model" and info["format_version"] == 3
     assert info["sha256"] == file_sha256(path)
     assert info["config"] == model.config.to_dict()
     assert info["metadata"] == {"epochs": 3, "grid": [4, 4, 4]}
@@ -67,10 +67,32 @@ def test_loaded_model_gives_identical_outputs(model: DualGlow, tmp_path: Path) -
     assert not loaded.training
     assert loaded.config == model.config
     mri, pet = images(seed=1)
-    assert torch.equal(loaded.nll(mri, pet, SIDE)["loss"], model.nll(mri, pet, SIDE)["loss"])
+    mine, theirs = model.nll(mri, pet, SIDE), loaded.nll(mri, pet, SIDE)
+    for key in ("bpd_pet_given_mri", "bpd_mri"):
+        assert torch.equal(theirs[key], mine[key]), key
     assert torch.equal(
         loaded.sample(mri, SIDE, temperature=0.0), model.sample(mri, SIDE, temperature=0.0)
     )
+
+
+def test_model_files_leave_out_the_training_only_heads(model: DualGlow, tmp_path: Path) -> None:
+    """Eq. 17's heads shape the latents in training and take no part in synthesis: a model file
+    leaves them out (the shipped model's 1.9 MB of 21), its nll is eq. 12's likelihood alone,
+    and a format 2 file that holds them still loads them."""
+    from safetensors.torch import load_file
+
+    full = model.state_dict()
+    assert any(k.startswith(DualGlow.TRAINING_ONLY) for k in full)
+    loaded, _ = load_model(save_model(model, tmp_path / "m"))
+    assert not any(k.startswith(DualGlow.TRAINING_ONLY) for k in load_file(str(tmp_path / "m.safetensors")))
+    mri, pet = images(seed=1)
+    out = loaded.nll(mri, pet, SIDE)
+    assert not loaded.has_side_heads and "side_keep" not in out
+    assert torch.allclose(out["loss"], out["bpd_pet_given_mri"] + model.config.lambda_mri * out["bpd_mri"])
+    _rewrite(tmp_path, {k: v.contiguous() for k, v in full.items()}, format_version=2)
+    older, _ = load_model(tmp_path / "m")
+    assert older.has_side_heads
+    assert torch.equal(older.nll(mri, pet, SIDE)["loss"], model.nll(mri, pet, SIDE)["loss"])
 
 
 def _rewrite(tmp_path: Path, tensors: dict[str, torch.Tensor], format_version: int) -> None:
@@ -113,9 +135,9 @@ def test_conditioning_range_is_saved_and_format_1_files_are_migrated(model: Dual
 def test_unknown_format_versions_are_refused(model: DualGlow, tmp_path: Path) -> None:
     save_model(model, tmp_path / "m")
     info = json.loads((tmp_path / "m.json").read_text())
-    info["format_version"] = 3
+    info["format_version"] = 4
     (tmp_path / "m.json").write_text(json.dumps(info))
-    with pytest.raises(ModelFileError, match="format_version 3.*reads 1, 2"):
+    with pytest.raises(ModelFileError, match="format_version 4.*reads 1, 2, 3"):
         load_model(tmp_path / "m")
 
 

@@ -397,6 +397,10 @@ class DualGlow(nn.Module):
     # Buffers (registered in __init__ when the config has a template shape).
     mri_template: Tensor
     pet_template: Tensor
+    #: State-dict prefixes that only training uses: eq. 17's heads, which shape the latents
+    #: while the flows learn and take no part in synthesis. Model files leave them out
+    #: (dualglow_app.weights.save_model); checkpoints keep them.
+    TRAINING_ONLY = ("side_keep.", "side_remove.")
 
     def __init__(self, config: DualGlowConfig) -> None:
         super().__init__()
@@ -428,6 +432,9 @@ class DualGlow(nn.Module):
             kept, removed = self._side_head_inputs(channels, channels[top])
             self.side_keep = nn.ModuleList(SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in kept)
             self.side_remove = nn.ModuleList(SideHead(c, cfg.n_side, cfg.relation_hidden, cfg.ndim) for c in removed)
+        # False once loaded from a model file, which leaves the heads out (TRAINING_ONLY): nll
+        # is then eq. 12's likelihood alone.
+        self.has_side_heads = bool(cfg.n_side)
         if cfg.template_shape is not None:
             shape = (1, cfg.in_channels, *cfg.template_shape)
             # Buffers: saved with the weights, moved with .to(), never trained.
@@ -916,7 +923,7 @@ class DualGlow(nn.Module):
         loss = (bpd_pet + cfg.lambda_mri * bpd_mri).mean()
         out = {"bpd_pet_given_mri": bpd_pet.mean(), "bpd_mri": bpd_mri.mean()}
 
-        if encoded is not None:
+        if encoded is not None and self.has_side_heads:
             _, cont, cats = encoded
             keep = x_mri.new_zeros(())
             kept, removed = self._side_head_inputs(zm, zp[-1])
