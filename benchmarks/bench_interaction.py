@@ -50,22 +50,15 @@ VARIANTS = {"additive (the template's form)": ("mri", ()), "+ age x tissue maps"
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", ())}  # fmt: skip
 
 
-def partial_volume_fractions(model: Any, mri: np.ndarray) -> np.ndarray:
-    """(scans, 2, *grid): GM and CSF fractions of each grid voxel read linearly from its
-    intensity between the model's tissue means (CSF < GM < WM), a voxel mixing two neighbouring
-    classes: between the CSF and GM means the GM fraction rises from 0 to 1 and CSF is the
-    rest, between the GM and WM means it falls to 0 and WM is the rest. Unlike the mixture's
-    posteriors, which saturate at 0 or 1 a little way from each mean, the fractions keep every
-    step of intensity that a 4 mm voxel's mixing makes."""
-    means = np.sort(model.get_buffer("tissue_mixture")[1].detach().numpy())
-    csf_mean, gm_mean, wm_mean = (float(v) for v in means)
-    x = np.asarray(mri, np.float64)
-    rising = np.clip((x - csf_mean) / (gm_mean - csf_mean), 0.0, 1.0)
-    falling = np.clip((wm_mean - x) / (wm_mean - gm_mean), 0.0, 1.0)
-    gm = np.where(x <= gm_mean, rising, falling)
-    csf = np.where(x <= gm_mean, 1.0 - rising, 0.0)
-    inside = x > 0
-    return np.stack([gm * inside, csf * inside], axis=1).astype(np.float32)
+def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """(scans, 2, *grid): the GM and CSF fractions of ``anatomy_reading="fractions"``
+    (:func:`dualglow_app.model.dualglow._tissue_fractions`) of each grid MRI, inside ``support``."""
+    from dualglow_app.model.dualglow import _tissue_fractions
+    from dualglow_app.tissue import MIXTURE_CLASSES
+
+    fractions = _tissue_fractions(torch.as_tensor(np.asarray(mri, np.float64)), model.get_buffer("tissue_mixture").double(),
+                                  torch.as_tensor(np.asarray(support) > 0))  # fmt: skip
+    return fractions[[MIXTURE_CLASSES.index("gm"), MIXTURE_CLASSES.index("csf")]].transpose(0, 1).numpy().astype(np.float32)
 
 
 def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
@@ -182,7 +175,7 @@ def main() -> None:
     sources = {"mri": None}
     if args.true_tissues:
         sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
-    sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri))
+    sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
     for label, (source, products) in VARIANTS.items():
         if any(name not in side_names for name in products) or source not in sources:
             continue

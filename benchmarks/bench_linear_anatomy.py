@@ -2,6 +2,7 @@
 
     python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --train 001-048,061-200 --test 049-060 \
         [--side-info age diagnosis] [--anatomy gm --anatomy t1w --anatomy none] [--fwhm 0,8,24] \
+        [--anatomy-reading fractions] \
         [--phantom-seed 0 --phantom-version 2] [--json OUT]     (--train-of MODEL.json: a model's own training subjects)
     python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --folds 3 --seed 0 --side-info age ...
 
@@ -53,14 +54,16 @@ from bench_dualglow_targets import SWEEP_AGES, sweep_agreement, true_age_sweeps 
 from perfkit import labels  # noqa: E402
 
 
-def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float]) -> DualGlow:
-    """The PET template's least-squares start on ``train_rows`` (no flow worth the name)."""
+def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float],
+                 reading: str = "posterior") -> DualGlow:  # fmt: skip
+    """The PET template's least-squares start on ``train_rows`` (no flow worth the name); the
+    tissue maps read as ``reading`` (DualGlowConfig.anatomy_reading)."""
     scaling = IntensityScaling()
     config = DualGlowConfig(
         ndim=3, levels=1, depth=1, hidden=4, relation_hidden=4, template_shape=list(data.grid.shape),
         **side_config(side_info, data.covariate_specs(side_info) if side_info else {}),
         anatomy_template=anatomy != "none", anatomy_tissue="t1w" if anatomy == "none" else anatomy,
-        anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in fwhms],
+        anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in fwhms], anatomy_reading=reading,
     )  # fmt: skip
     model = DualGlow(config).double()
     model.set_templates(*mean_images(data, train_rows, scaling))
@@ -102,6 +105,8 @@ def main() -> None:
     parser.add_argument("--side-info", nargs="*", default=["age"])
     parser.add_argument("--anatomy", action="append", choices=(*SIDE_TEMPLATE_ANATOMY, "none"), default=None)
     parser.add_argument("--fwhm", default="0,8,24", help="FWHMs in mm of the MRI terms (0: the voxel's own)")
+    parser.add_argument("--anatomy-reading", choices=("posterior", "fractions"), default="posterior",
+                        help="the tissue maps as mixture posteriors or as fractions (DualGlowConfig.anatomy_reading)")
     parser.add_argument("--grid", default="cpu4mm")
     parser.add_argument("--phantom-seed", type=int)
     parser.add_argument("--phantom-version", type=int)
@@ -135,7 +140,8 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "splits": "folds" if args.folds else "train/test", "folds": args.folds, "seed": args.seed,
-        "side_info": args.side_info, "fwhm_mm": fwhms, "held_out": [data.labels[r] for r in held_out],
+        "side_info": args.side_info, "fwhm_mm": fwhms, "anatomy_reading": args.anatomy_reading,
+        "held_out": [data.labels[r] for r in held_out],
         "true_pet_pairwise_r": mean_pairwise_correlation(truths, masks), "rows": {},
     }  # fmt: skip
     print(f"{len(held_out)} held-out scans over {len(splits)} split(s); MRI terms at FWHM {args.fwhm} mm; "
@@ -150,7 +156,7 @@ def main() -> None:
         predictions, scores, model_of = [], [], {}
         for train_rows, test_rows in splits:
             reference = np.mean([np.asarray(data.pet[r]) for r in train_rows], axis=0)
-            model = linear_model(data, train_rows, list(args.side_info), anatomy, fwhms)
+            model = linear_model(data, train_rows, list(args.side_info), anatomy, fwhms, args.anatomy_reading)
             model_of.update(dict.fromkeys(test_rows.tolist(), model))
             fold = np.stack([linear_prediction(model, data, row, list(args.side_info)) for row in test_rows])
             for row, pred in zip(test_rows, fold, strict=True):

@@ -106,7 +106,7 @@ def main() -> None:
         features = loaded.model.anatomy_features(x)[0, :, 0].numpy()  # tissue-major, sigma 0 first
         per_tissue = len(loaded.model.config.anatomy_sigmas)
         grid_reading.append(np.stack([features[k * per_tissue] for k in range(len(TISSUES))]) * mask)
-        pv_reading.append(partial_volume_fractions(loaded.model, x[:, 0].numpy())[0] * mask)
+        pv_reading.append(partial_volume_fractions(loaded.model, x[:, 0].numpy(), mask)[0])
         native_reading.append(native_tissues_on_grid(t1w, grid) * mask)
         truth.append(_subject_tissues((seed, subject_index(f"sub-{scan.subject}"), version, grid, "true")) * mask)
         labels.append(f"sub-{scan.subject}")

@@ -27,7 +27,7 @@ from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
 from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
 
 log = get_logger(__name__)
 
@@ -290,6 +290,8 @@ class TrainOptions:
     # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21), or the grey
     # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
     side_template_anatomy: str = "gm+csf"
+    # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions.
+    anatomy_reading: str = "posterior"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as
@@ -391,6 +393,8 @@ class TrainOptions:
             problems.append(f"side_template_fixed={list(self.side_template_fixed)} (covariates of side_info only)")
         if self.side_template_anatomy not in SIDE_TEMPLATE_ANATOMY:
             problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
+        if self.anatomy_reading not in ANATOMY_READINGS:
+            problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
         if not self.side_template_mri_fwhm or any(not v >= 0 for v in self.side_template_mri_fwhm):
             problems.append(f"side_template_mri_fwhm={list(self.side_template_mri_fwhm)} (one or more FWHMs in mm, >= 0)")
         if self.device not in DEVICES:

@@ -28,6 +28,11 @@ SIDE_TEMPLATE_ANATOMY = ("t1w", "gm", "gm+csf")
 #: The mixture's three classes in order of their mean T1w intensity.
 MIXTURE_CLASSES = ("csf", "gm", "wm")
 
+#: How the tissue maps are read from a T1w with the mixture (DualGlowConfig.anatomy_reading):
+#: each class's posterior, or each voxel's fractions of its two neighbouring classes, linearly
+#: between their means.
+ANATOMY_READINGS = ("posterior", "fractions")
+
 #: The mixture classes (indices into MIXTURE_CLASSES) each tissue map of SIDE_TEMPLATE_ANATOMY
 #: takes its posteriors from; the T1w needs no mixture.
 TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
@@ -76,4 +81,4 @@ class GreyMatterModel:
         return posterior.reshape(values.shape).astype(np.float32)
 
 
-__all__ = ["MIXTURE_CLASSES", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]
+__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]

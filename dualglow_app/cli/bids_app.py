@@ -26,7 +26,7 @@ from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import VALIDATION_SELECTION, side_template_fixed_choice
 from dualglow_app.runtime import in_container
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
 
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
@@ -197,6 +197,9 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: what that MRI is: the T1w intensity, its grey-matter probability (a 3-class intensity "
                    "mixture fitted on the training brains), which separates atrophy from age better "
                    "(docs/MODEL_EXPERIMENTS.md, finding 21), or the grey-matter and CSF probabilities (finding 24).")
+@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="posterior", show_default=True,
+              help="group: read those tissue maps as the mixture's posteriors or as each voxel's fractions of "
+                   "its two neighbouring tissues (docs/MODEL_EXPERIMENTS.md, finding 25).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               callback=lambda ctx, param, value: side_template_fixed_choice(value),
               help="group: covariates of --side-info whose side-template maps keep their least-squares start "

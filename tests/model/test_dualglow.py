@@ -847,3 +847,30 @@ def test_the_anatomy_term_stays_in_its_training_range_in_the_likelihood_and_at_s
     assert not torch.allclose(model.nll(wild, pet[:1], {"age": side["age"][:1]})["bpd_pet_given_mri"], nll_before)
     with pytest.raises(ValueError, match="at least one batch"):
         model.set_anatomy_term_range([])
+
+
+def test_tissue_fractions_read_a_voxel_as_a_mix_of_its_two_neighbouring_tissues() -> None:
+    """Means CSF 0.2, GM 0.5, WM 0.8: halfway between CSF and GM is half of each, the GM mean is
+    all grey matter, beyond the WM mean all white matter; every voxel's fractions sum to 1 inside
+    the support and are 0 outside. A model reading fractions keeps that in its file."""
+    from dualglow_app.model.dualglow import _tissue_fractions
+
+    mixture = torch.tensor([[0.3, 0.4, 0.3], [0.2, 0.5, 0.8], [0.01, 0.01, 0.01]])
+    x = torch.tensor([0.0, 0.35, 0.5, 0.65, 0.9, 0.5])
+    inside = torch.tensor([True, True, True, True, True, False])
+    csf, gm, wm = _tissue_fractions(x, mixture, inside)
+    assert torch.allclose(gm, torch.tensor([0.0, 0.5, 1.0, 0.5, 0.0, 0.0]))
+    assert torch.allclose(csf, torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(wm, torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0, 0.0]))
+    mri, pet, side, _ = anatomy_data()
+    config = tiny_config(continuous={"age": AGE_SCALING}, template_shape=[8, 8], anatomy_template=True,
+                         anatomy_tissue="gm+csf", anatomy_reading="fractions", anatomy_sigmas=[0.0, 1.0])  # fmt: skip
+    model = DualGlow(config)
+    model.set_tissue_mixture([0.3, 0.4, 0.3], [0.3, 0.5, 0.7], [0.01, 0.01, 0.01])
+    model.set_templates(mri.mean(0), pet.mean(0))
+    features = model.anatomy_features(mri)
+    assert torch.allclose(features[:, 0, 0], _tissue_fractions(mri[:, 0], model.get_buffer("tissue_mixture"),
+                                                               model.mri_template[0, 0] > 0)[1])  # fmt: skip
+    assert DualGlowConfig.from_dict(config.to_dict()).anatomy_reading == "fractions"
+    with pytest.raises(ValueError, match="anatomy_reading"):
+        tiny_config(anatomy_reading="votes")
