@@ -9,8 +9,8 @@ kept model on the validation scans as ``bench_dualglow_targets.py`` does: deviat
 the truth and the explainable PET), input specificity, MAE, and the age sweep against the
 phantom's swept truth.
 
-    python benchmarks/bench_capacity.py pack STACK carry/stack.npz          # float16, for a GPU machine
-    python benchmarks/bench_capacity.py unpack carry/stack.npz STACK16      # the stack every run uses
+    python benchmarks/bench_capacity.py pack STACK .gpu_carry/stack.npz     # float16, for a GPU machine
+    python benchmarks/bench_capacity.py unpack .gpu_carry/stack.npz STACK16 # the stack every run uses
     python benchmarks/bench_capacity.py train STACK16 --label rel8 --set relation_layers=8 --device cuda \\
         --time-limit 300 --work WORK
     python benchmarks/bench_capacity.py score STACK16 --weights WORK/rel8/out/models/rel8.safetensors \\

@@ -32,3 +32,21 @@ def test_a_reading_of_the_population_mean_follows_no_subject() -> None:
     assert exact["r"] > 0.999 and exact["departure_r"] > 0.999
     population = agreement(np.broadcast_to(common, truth.shape) + 0.01 * rng.standard_normal(truth.shape), truth, mask)
     assert population["r"] > 0.9 and abs(population["departure_r"]) < 0.2
+
+
+def test_native_tissue_bench_predicts_with_the_fitted_maps_inside_the_brain_only() -> None:
+    from bench_native_tissues import design, predict
+
+    rng = np.random.default_rng(2)
+    mask = np.zeros((4, 4, 4), bool)
+    mask[1:3, 1:3, 1:3] = True
+    inside = mask.reshape(-1)
+    features = rng.random((12, 3, 4, 4, 4))
+    covariates = rng.standard_normal((12, 1))
+    x = design(features, covariates, inside)
+    assert x.shape == (12, 8, 5) and np.all(x[..., 0] == 1.0)
+    coef = rng.standard_normal((8, 5))
+    pet = np.einsum("nvp,vp->nv", x, coef)
+    fitted = fit(x, pet)
+    out = predict(fitted, features[3], covariates[3], inside, mask)
+    assert np.allclose(out[mask], pet[3]) and np.all(out[~mask] == 0)

@@ -148,8 +148,10 @@ class DualGlowConfig:
     # brain support, the mean training MRI's). A 4 mm voxel mixes its tissues, and its
     # posterior saturates a little way from a class mean where its fraction keeps changing: on
     # a 240-phantom MNI stack the anatomy template's start followed the subject better with
-    # fractions (deviation r 0.874 -> 0.888, MAE 0.0520 -> 0.0488; docs/MODEL_EXPERIMENTS.md,
-    # finding 25). Not yet measured through the real preprocessing, so not the default.
+    # fractions (deviation r 0.875 -> 0.893, MAE 0.052 -> 0.049), and through the preprocessing
+    # in the reference folds too (0.782 -> 0.798, 0.0704 -> 0.0681), but there the age slopes
+    # agreed less with the truth (within +-25 % 0.53 -> 0.37; docs/MODEL_EXPERIMENTS.md,
+    # finding 25): a trade, not the default.
     anatomy_reading: str = "posterior"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
