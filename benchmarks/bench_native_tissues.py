@@ -17,8 +17,8 @@ CSF maps at 0, 8 and 24 mm FWHM), as ``DualGlow.fit_pet_template`` fits it, with
 
 Scores of the held-out scans (every scan once), as ``bench_linear_anatomy.py`` scores them: MAE,
 deviation r against the fold's mean training PET and against the explainable PET, the mean
-pairwise r, and the age sweep against the swept truth. The anatomy term is not held to a range
-here (a measurement of the reading, not of the guard).
+pairwise r, and the age sweep against the swept truth. As in the model, the anatomy term is held
+per voxel to the range the fold's training scans give it, and the prediction to [0, 3] SUVR.
 """
 
 from __future__ import annotations
@@ -96,8 +96,13 @@ def main() -> None:
     mask = np.asarray(data.mask[0]) > 0
     inside = mask.reshape(-1)
     mri, pet = np.asarray(data.mri, np.float64), np.asarray(data.pet, np.float64)
-    native = np.stack([native_tissues_on_grid(preprocess_t1w(by_label[label].t1w, grid, args.work_dir, args.nprocs), grid)
-                       for label in data.labels]) * mask  # fmt: skip
+    cache = args.work_dir / "native_tissues.npz"
+    if cache.is_file() and list(np.load(cache)["labels"]) == list(data.labels):
+        native = np.load(cache)["maps"]
+    else:
+        native = np.stack([native_tissues_on_grid(preprocess_t1w(by_label[label].t1w, grid, args.work_dir, args.nprocs),
+                                                  grid) for label in data.labels]) * mask  # fmt: skip
+        np.savez(cache, maps=native, labels=np.array(data.labels))
     decades = (np.asarray(data.age, np.float64) - 70.0) / 10.0 if args.side_info else np.zeros(n)
     covariates = decades[:, None] if args.side_info else np.zeros((n, 0))
     splits = make_splits(data.subjects, args.folds, args.seed, impairment_classes(list(data.diagnosis)))
@@ -113,21 +118,26 @@ def main() -> None:
                                "machine": cpu_description(), "readings": {}}  # fmt: skip
     for reading in ("grid", "native"):
         predictions: dict[int, np.ndarray] = {}
-        coefficients: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        coefficients: dict[int, tuple[Any, np.ndarray]] = {}
         scores = []
         for train_rows, test_rows in splits:
             if reading == "grid":
+                # As the model reads them: posteriors on the whole grid (the blur sees outside too).
                 mixture = GreyMatterModel.fit([mri[r] for r in train_rows], [mask] * len(train_rows))
-                maps = np.stack([[mixture.probability(mri[r], t) * mask for t in ("gm", "csf")] for r in range(n)])
+                maps = np.stack([[mixture.probability(mri[r], t) for t in ("gm", "csf")] for r in range(n)])
             else:
                 maps = native
             features = blurred_maps(maps, grid.voxel_size)
             coef = fit(design(features[train_rows], covariates[train_rows], inside),
                        pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
+            # The model's guard (DualGlow.set_anatomy_term_range): the anatomy term held per voxel
+            # to the range the training scans give it.
+            terms = np.stack([anatomy_term(coef, features[r], covariates.shape[1], inside) for r in train_rows])
+            guard = (coef, terms.min(0), terms.max(0))
             reference = pet[train_rows].mean(0)
             for row in test_rows:
-                coefficients[int(row)] = (coef, features[row])
-                predictions[int(row)] = predict(coef, features[row], covariates[row], inside, mask)
+                coefficients[int(row)] = (guard, features[row])
+                predictions[int(row)] = predict(guard, features[row], covariates[row], inside, mask)
                 j = int(np.flatnonzero(held_out == row)[0])
                 scores.append([float(np.abs(predictions[row] - pet[row])[mask].mean()),
                                deviation_correlation(predictions[row], pet[row], reference, mask.astype(np.uint8)),
@@ -138,8 +148,9 @@ def main() -> None:
                                  "pairwise_r": mean_pairwise_correlation(np.stack([predictions[int(r)] for r in held_out]), masks)}  # fmt: skip
         if args.side_info:
             def swept(row: int, coefficients: dict = coefficients) -> np.ndarray:
-                coef, features = coefficients[int(row)]
-                return np.stack([predict(coef, features, np.array([(age - 70.0) / 10.0]), inside, mask) for age in SWEEP_AGES])
+                guard, features = coefficients[int(row)]
+                return np.stack([predict(guard, features, np.array([(age - 70.0) / 10.0]), inside, mask)
+                                 for age in SWEEP_AGES])  # fmt: skip
 
             train_ages = np.asarray(data.age)[np.unique(np.concatenate([train for train, _ in splits]))]
             entry["age"] = sweep_agreement(swept, data, held_out, SWEEP_AGES, train_ages, swept_truth)
@@ -155,12 +166,22 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
-def predict(coef: np.ndarray, features: np.ndarray, covariates: np.ndarray, inside: np.ndarray,
-            mask: np.ndarray) -> np.ndarray:  # fmt: skip
-    """One scan's fitted template (SUVR on the grid, 0 outside the brain)."""
-    x = design(features[None], covariates[None], inside)[0]
+def anatomy_term(coef: np.ndarray, features: np.ndarray, n_covariates: int, inside: np.ndarray) -> np.ndarray:
+    """One scan's sum over its features of coefficient x feature at each brain voxel."""
+    flat = features.reshape(features.shape[0], -1)[:, inside].T
+    return np.einsum("vp,vp->v", flat, coef[:, 1 + n_covariates :])
+
+
+def predict(guard: tuple[np.ndarray, np.ndarray, np.ndarray], features: np.ndarray, covariates: np.ndarray,
+            inside: np.ndarray, mask: np.ndarray) -> np.ndarray:  # fmt: skip
+    """One scan's fitted template (SUVR on the grid, 0 outside the brain): the intercept and the
+    covariates' terms plus the anatomy term held to the training range ``guard`` gives, clipped
+    to the model's SUVR range [0, 3]."""
+    coef, low, high = guard
+    k = 1 + len(covariates)
+    term = np.clip(anatomy_term(coef, features, len(covariates), inside), low, high)
     out = np.zeros(inside.size)
-    out[inside] = np.einsum("vp,vp->v", x, coef)
+    out[inside] = np.clip(coef[:, 0] + coef[:, 1:k] @ covariates + term, 0.0, 3.0)
     return out.reshape(mask.shape) * mask
 
 

@@ -35,7 +35,7 @@ def test_a_reading_of_the_population_mean_follows_no_subject() -> None:
 
 
 def test_native_tissue_bench_predicts_with_the_fitted_maps_inside_the_brain_only() -> None:
-    from bench_native_tissues import design, predict
+    from bench_native_tissues import anatomy_term, design, predict
 
     rng = np.random.default_rng(2)
     mask = np.zeros((4, 4, 4), bool)
@@ -47,6 +47,11 @@ def test_native_tissue_bench_predicts_with_the_fitted_maps_inside_the_brain_only
     assert x.shape == (12, 8, 5) and np.all(x[..., 0] == 1.0)
     coef = rng.standard_normal((8, 5))
     pet = np.einsum("nvp,vp->nv", x, coef)
+    pet = 1.5 + 0.1 * pet / np.abs(pet).max()  # inside the [0, 3] SUVR the bench clips to
     fitted = fit(x, pet)
-    out = predict(fitted, features[3], covariates[3], inside, mask)
+    terms = np.stack([anatomy_term(fitted, features[r], 1, inside) for r in range(12)])
+    out = predict((fitted, terms.min(0), terms.max(0)), features[3], covariates[3], inside, mask)
     assert np.allclose(out[mask], pet[3]) and np.all(out[~mask] == 0)
+    # A scan beyond the training anatomy is held to the training range of the term.
+    far = predict((fitted, terms.min(0), terms.max(0)), 10 * features[3], covariates[3], inside, mask)
+    assert np.all(far[mask] <= 3.0) and np.all(np.abs(far[mask] - pet[3]) <= np.ptp(terms, axis=0) + 1e-9)
