@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_dualglow_targets import SWEEP_AGES, phantom_origin, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
+from perfkit import voxelwise_least_squares  # noqa: E402
 
 from dualglow_app.evaluate.statistics import slope_agreement  # noqa: E402
 
@@ -50,10 +51,7 @@ def fit(pet: np.ndarray, decades: np.ndarray, extra: list[np.ndarray]) -> np.nda
     """Voxelwise least squares: coefficients (1 + 1 + len(extra), voxels)."""
     rows, voxels = pet.shape
     design = [np.ones((rows, voxels)), np.repeat(decades[:, None], voxels, 1)] + [np.broadcast_to(e, (rows, voxels)) for e in extra]
-    x = np.stack(design, axis=2)  # (rows, voxels, p)
-    gram = np.einsum("nvp,nvq->vpq", x, x)
-    moments = np.einsum("nvp,nv->vp", x, pet)
-    return np.einsum("vpq,vq->pv", np.linalg.pinv(gram), moments)
+    return voxelwise_least_squares(np.stack(design, axis=2), pet).T
 
 
 def main() -> None:

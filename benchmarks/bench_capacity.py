@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dualglow_targets import SWEEP_AGES, git_commit, phantom_origin, score, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, git_commit, phantom_origin, scan_covariates, score, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
 
 #: The shipped model's group command (models/MODEL_CARD.md) beyond the group level's defaults.
@@ -86,7 +86,9 @@ def unpack(packed: Path, stack: Path, explainable_from: Path | None) -> None:
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """``NAME=VALUE`` pairs as TrainOptions fields, VALUE read as JSON when it parses (numbers,
     lists, true/false), else as a string."""
-    fields = {f.name for f in dataclasses.fields(__import__("dualglow_app.options", fromlist=["x"]).TrainOptions)}
+    from dualglow_app.options import TrainOptions
+
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
     settings: dict[str, Any] = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
@@ -149,13 +151,11 @@ def score_model(args: argparse.Namespace) -> None:
     if [data.labels[i] for i in val_rows] != list(training.get("validation_subjects", [data.labels[i] for i in val_rows])):
         raise SystemExit(f"{args.weights}: its validation subjects are not this stack's split")
 
-    def covariates(row: int) -> dict[str, float]:
-        return {name: spec.encode(data.covariate_values(name)[row]) for name, spec in loaded.covariates.items()}
-
     sweep = true_age_sweeps(phantom_origin(args.stack), data, val_rows, SWEEP_AGES, args.stack / "age_truth")
     start = time.perf_counter()
     scores = score(loaded.model, loaded.scaling, data, val_rows, train_rows, SWEEP_AGES,
-                   getattr(data, "explainable", None), truth_sweep=sweep, covariates_of=covariates)  # fmt: skip
+                   getattr(data, "explainable", None), truth_sweep=sweep,
+                   covariates_of=lambda row: scan_covariates(data, loaded.covariates, row))  # fmt: skip
     weights = Path(args.weights)
     # The history beside the model (as `collect` sends it back) or in its run's work folder.
     histories = [weights.with_name(f"{weights.stem}.history.json"), weights.parents[2] / "history.json"]

@@ -37,7 +37,7 @@ from dualglow_app.phantom.cohort import subject_index
 from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dualglow_targets import SWEEP_AGES, score, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, scan_covariates, score, true_age_sweeps  # noqa: E402
 from perfkit import labels  # noqa: E402
 
 
@@ -152,8 +152,7 @@ def main() -> None:
     test_labels = [data.labels[row] for row in test_rows]
 
     def covariates(row: int) -> dict[str, float]:
-        """A scan's covariates as the model takes them, encoded by the model's own learnt specs."""
-        return {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
+        return scan_covariates(data, specs, row)
 
     # The issue's targets (T = 0 at each scan's own covariates; the age sweep vs the truth).
     origin = (args.phantom_seed, args.phantom_version) if args.phantom_seed is not None else None

@@ -63,6 +63,12 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def scan_covariates(data: Any, specs: dict[str, Any], row: int) -> dict[str, float]:
+    """A scan's covariates as ``predict`` takes them, encoded by a model's own learnt ``specs``
+    (``LoadedModel.covariates``)."""
+    return {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
+
+
 def phantom_origin(stack: Path) -> tuple[int, int] | None:
     """(seed, version) of the phantoms an MNI stack holds, from its index.json; None when the
     index does not say how it was made (e.g. a group level's arrays)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_capacity import RECIPE  # noqa: E402
 from bench_dualglow_targets import SWEEP_AGES, phantom_origin, sweep_agreement, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
+from perfkit import voxelwise_least_squares  # noqa: E402
 
 #: Each variant: its tissue maps ("mri": the model's, from the T1w on the grid; "true": the
 #: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid)
@@ -102,39 +104,40 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
     return out
 
 
-def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None) -> Any:
-    """(scans, maps, 1, *grid): the model's anatomy features of the MRIs, or the same blurs of
-    the given grey-matter and CSF maps (scans, 2, *grid) in the same order (tissue-major)."""
-    from dualglow_app.model.dualglow import _blurred
+def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None) -> np.ndarray:
+    """(scans, maps, *grid): the model's anatomy features of the MRIs, or the same blurs of the
+    given grey-matter and CSF maps (scans, 2, *grid) in the same order (tissue-major)."""
+    from dualglow_app.model.dualglow import blurred_tissue_maps
 
     if tissues is None:
-        return model.anatomy_features(torch.as_tensor(np.asarray(mri, np.float64))[:, None])
-    maps = torch.as_tensor(np.asarray(tissues, np.float64))
-    return torch.stack([_blurred(maps[:, k : k + 1], sigma) for k in range(maps.shape[1])
-                        for sigma in model.config.anatomy_sigmas], dim=1)  # fmt: skip
+        features = model.anatomy_features(torch.as_tensor(np.asarray(mri, np.float64))[:, None])
+    else:
+        maps = torch.as_tensor(np.asarray(tissues, np.float64))
+        features = blurred_tissue_maps([maps[:, k : k + 1] for k in range(maps.shape[1])], model.config.anatomy_sigmas)
+    return features[:, :, 0].numpy()
+
+
+def design_matrix(features: np.ndarray, covariates: np.ndarray, inside: np.ndarray,
+                  products: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+    """(scans, brain voxels, terms): 1, the covariates, the features (scans, maps, *grid) at
+    each brain voxel, and the covariate columns ``products`` names times each feature."""
+    n, voxels = len(features), int(inside.sum())
+    flat = features.reshape(n, features.shape[1], -1)[:, :, inside].transpose(0, 2, 1)
+    columns = [np.ones((n, voxels, 1)), np.broadcast_to(covariates[:, None, :], (n, voxels, covariates.shape[1])), flat]
+    columns += [covariates[:, j, None, None] * flat for j in products]
+    return np.concatenate(columns, axis=2)
 
 
 def design(model: Any, mri: np.ndarray, side: dict[str, np.ndarray], products: tuple[str, ...],
-           tissues: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """(scans, voxels, terms): 1, the encoded covariates, the tissue maps (the model's of the MRI,
-    or ``tissues``'), and the named covariates' encoded columns times each tissue map."""
+           inside: np.ndarray, tissues: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """:func:`design_matrix` of the MRIs at the brain voxels ``inside``: the covariates as the
+    model encodes them, its tissue features (of the MRI, or of ``tissues``), and the named
+    covariates' encoded columns times each feature."""
     x = torch.as_tensor(np.asarray(mri, np.float64))[:, None]
-    c = model._encode_side({k: torch.as_tensor(v) for k, v in side.items()}, len(x), x)[0].double()
-    features = tissue_features(model, mri, tissues).flatten(2).transpose(1, 2)  # (scans, voxels, tissue maps)
-    voxels = features.shape[1]
-    columns = [x.new_ones(len(x), voxels, 1), c[:, None, :].expand(-1, voxels, -1), features]
-    for name in products:
-        block = model.config.side_channels(name)
-        for j in range(block.start, block.stop):
-            columns.append(c[:, j, None, None] * features)
-    return torch.cat(columns, dim=2).numpy()
-
-
-def fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per voxel, the minimum-norm least squares of y (scans, voxels) on x (scans, voxels, terms)."""
-    gram = np.einsum("nvp,nvq->vpq", x, x)
-    moments = np.einsum("nvp,nv->vp", x, y)
-    return np.einsum("vpq,vq->vp", np.linalg.pinv(gram), moments)
+    c = model._encode_side({k: torch.as_tensor(v) for k, v in side.items()}, len(x), x)[0].double().numpy()
+    columns = [j for name in products for j in range(model.config.side_channels(name).start,
+                                                     model.config.side_channels(name).stop)]  # fmt: skip
+    return design_matrix(tissue_features(model, mri, tissues), c, inside, columns)
 
 
 def main() -> None:
@@ -184,11 +187,11 @@ def main() -> None:
         def of(rows: np.ndarray) -> np.ndarray | None:
             return None if tissues is None else tissues[rows]
 
-        coef = fit(design(model, mri[train_rows], side_of(train_rows), products, of(train_rows))[:, inside],
-                   pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
+        coef = voxelwise_least_squares(design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows)),
+                                       pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
 
         def predict(rows: np.ndarray, age: float | None = None) -> np.ndarray:
-            x = design(model, mri[rows], side_of(rows, age), products, of(rows))[:, inside]
+            x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows))
             out = np.zeros((len(rows), inside.size))
             out[:, inside] = np.einsum("nvp,vp->nv", x, coef)
             return out.reshape(len(rows), *data.grid.shape)

@@ -46,7 +46,7 @@ from dualglow_app.log import setup_logging
 from dualglow_app.metrics import deviation_correlation, mean_pairwise_correlation
 from dualglow_app.model import DualGlow, DualGlowConfig
 from dualglow_app.phantom.cohort import subject_index
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
 from dualglow_app.train import fit_pet_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--side-info", nargs="*", default=["age"])
     parser.add_argument("--anatomy", action="append", choices=(*SIDE_TEMPLATE_ANATOMY, "none"), default=None)
     parser.add_argument("--fwhm", default="0,8,24", help="FWHMs in mm of the MRI terms (0: the voxel's own)")
-    parser.add_argument("--anatomy-reading", choices=("posterior", "fractions"), default="posterior",
+    parser.add_argument("--anatomy-reading", choices=ANATOMY_READINGS, default="posterior",
                         help="the tissue maps as mixture posteriors or as fractions (DualGlowConfig.anatomy_reading)")
     parser.add_argument("--grid", default="cpu4mm")
     parser.add_argument("--phantom-seed", type=int)

@@ -37,29 +37,23 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_dualglow_targets import SWEEP_AGES, sweep_agreement, true_age_sweeps  # noqa: E402
-from bench_interaction import fit  # noqa: E402
+from bench_interaction import design_matrix  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
 from bench_tissue_measurement import native_tissues_on_grid  # noqa: E402
+from perfkit import voxelwise_least_squares  # noqa: E402
 
 FWHMS_MM = (0.0, 8.0, 24.0)
 
 
 def blurred_maps(maps: np.ndarray, voxel_mm: float) -> np.ndarray:
-    """(scans, 2 x len(FWHMS_MM), *grid): each tissue map at each FWHM (tissue-major)."""
+    """(scans, 2 x len(FWHMS_MM), *grid): each tissue map at each FWHM (tissue-major), as the
+    model blurs its own (:func:`dualglow_app.model.dualglow.blurred_tissue_maps`)."""
     from dualglow_app.imaging import FWHM_TO_SIGMA
-    from dualglow_app.model.dualglow import _blurred
+    from dualglow_app.model.dualglow import blurred_tissue_maps
 
     x = torch.as_tensor(np.asarray(maps, np.float64))
-    return torch.stack([_blurred(x[:, k : k + 1], fwhm * FWHM_TO_SIGMA / voxel_mm)[:, 0]
-                        for k in range(x.shape[1]) for fwhm in FWHMS_MM], dim=1).numpy()  # fmt: skip
-
-
-def design(features: np.ndarray, covariates: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """(scans, brain voxels, terms): 1, the covariates, the features at each brain voxel."""
-    n, voxels = len(features), int(inside.sum())
-    flat = features.reshape(n, features.shape[1], -1)[:, :, inside].transpose(0, 2, 1)
-    return np.concatenate([np.ones((n, voxels, 1)), np.broadcast_to(covariates[:, None, :], (n, voxels, covariates.shape[1])),
-                           flat], axis=2)  # fmt: skip
+    tissues = [x[:, k : k + 1] for k in range(x.shape[1])]
+    return blurred_tissue_maps(tissues, [fwhm * FWHM_TO_SIGMA / voxel_mm for fwhm in FWHMS_MM])[:, :, 0].numpy()
 
 
 def main() -> None:
@@ -128,7 +122,7 @@ def main() -> None:
             else:
                 maps = native
             features = blurred_maps(maps, grid.voxel_size)
-            coef = fit(design(features[train_rows], covariates[train_rows], inside),
+            coef = voxelwise_least_squares(design_matrix(features[train_rows], covariates[train_rows], inside),
                        pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
             # The model's guard (DualGlow.set_anatomy_term_range): the anatomy term held per voxel
             # to the range the training scans give it.

@@ -43,7 +43,7 @@ from dualglow_app.weights import open_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_default_model import labels  # noqa: E402
-from bench_dualglow_targets import SWEEP_AGES, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import SWEEP_AGES, scan_covariates, true_age_sweeps  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def template_sweeps(model: DualGlow, scaling: Any, data: Any, rows: np.ndarray, 
     like = torch.zeros(1, 1, *data.grid.shape)
     out = np.empty((len(rows), len(ages), len(names)))
     for k, row in enumerate(rows):
-        own = {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
+        own = scan_covariates(data, specs, row)
         images = []
         for age in ages:
             side = {name: torch.tensor([float(age if name == "age" else value)]) for name, value in own.items()}

@@ -1,7 +1,8 @@
 """Shared helpers of the benchmarks (bench_memory, bench_vs_freia, bench_inference; ``labels`` for
 the model benches).
 
-Machine description, a training step, JSON output, a plain-text table printer, subject ranges.
+Machine description, a training step, JSON output, a plain-text table printer, subject ranges,
+the voxelwise least squares of the linear benches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula  # noqa: E402
 
 from dualglow_app.runtime import native_bf16  # noqa: E402
+
+
+def voxelwise_least_squares(x: Any, y: Any) -> Any:
+    """Per voxel, the minimum-norm least squares of ``y`` (scans, voxels) on ``x`` (scans,
+    voxels, terms): coefficients (voxels, terms), numpy, as DualGlow.fit_pet_template solves it."""
+    import numpy as np
+
+    gram = np.einsum("nvp,nvq->vpq", x, x)
+    moments = np.einsum("nvp,nv->vp", x, y)
+    return np.einsum("vpq,vq->vp", np.linalg.pinv(gram), moments)
 
 
 def labels(spans: str) -> list[str]:

@@ -10,8 +10,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_interaction import fit  # noqa: E402
 from bench_tissue_measurement import agreement  # noqa: E402
+from perfkit import voxelwise_least_squares as fit  # noqa: E402
 
 
 def test_fit_recovers_each_voxels_coefficients() -> None:
@@ -35,7 +35,8 @@ def test_a_reading_of_the_population_mean_follows_no_subject() -> None:
 
 
 def test_native_tissue_bench_predicts_with_the_fitted_maps_inside_the_brain_only() -> None:
-    from bench_native_tissues import anatomy_term, design, predict
+    from bench_interaction import design_matrix as design
+    from bench_native_tissues import anatomy_term, predict
 
     rng = np.random.default_rng(2)
     mask = np.zeros((4, 4, 4), bool)

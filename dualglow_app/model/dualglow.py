@@ -286,6 +286,13 @@ def _tissue_posteriors(images: Tensor, mixture: Tensor) -> Tensor:
     return torch.softmax(log_joint, dim=0)
 
 
+def blurred_tissue_maps(tissues: Sequence[Tensor], sigmas: Sequence[float]) -> Tensor:
+    """(batch, len(tissues) x len(sigmas), *tissues[0].shape[1:]): each tissue map blurred by
+    each Gaussian sigma in voxels (tissue-major): the anatomy template's MRI terms
+    (:meth:`DualGlow.anatomy_features`) from whatever reading of the tissues."""
+    return torch.stack([_blurred(tissue, sigma) for tissue in tissues for sigma in sigmas], dim=1)
+
+
 def _tissue_fractions(images: Tensor, mixture: Tensor, inside: Tensor) -> Tensor:
     """(classes, *images.shape): CSF, GM and WM fractions of each voxel, read as a mix of the two
     classes whose means (``mixture``'s, CSF < GM < WM) its intensity lies between: from the CSF
@@ -554,7 +561,7 @@ class DualGlow(nn.Module):
             else:
                 maps = _tissue_posteriors(x_mri, mixture)
             tissues = [maps[k] for k in classes]
-        return torch.stack([_blurred(tissue, sigma) for tissue in tissues for sigma in self.config.anatomy_sigmas], dim=1)
+        return blurred_tissue_maps(tissues, self.config.anatomy_sigmas)
 
     @torch.no_grad()
     def fit_pet_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]]) -> None:
@@ -699,9 +706,9 @@ class DualGlow(nn.Module):
         without ``x_mri``, the training scans' mean anatomy), or 0.5."""
         if self.config.template_shape is None:
             return 0.5
-        centre = self.get_buffer(f"{modality}_template").to(x.dtype)
+        template = self.get_buffer(f"{modality}_template")
         if modality != "pet":
-            return centre
+            return template.to(x.dtype)
         # In float32 whatever autocast says: the anatomy maps of the blurred tissue maps are
         # large and of opposite signs (the scales are collinear), so the blur and the einsum in
         # bf16 moved a trained model's centre by up to 0.4 SUVR, 30 dequantisation bins; on a
@@ -709,7 +716,7 @@ class DualGlow(nn.Module):
         # (docs/MODEL_EXPERIMENTS.md, finding 25).
         with torch.autocast(x.device.type, enabled=False):
             dtype = torch.promote_types(x.dtype, torch.float32)
-            centre = centre.to(dtype)
+            centre = template.to(dtype)
             if self.pet_side_template is not None and c is not None:
                 centre = centre + torch.einsum("bn,n...->b...", c.to(dtype), self.pet_side_template.to(dtype))
             if self.config.anatomy_template and x_mri is not None:
