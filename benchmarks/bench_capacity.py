@@ -52,16 +52,20 @@ RECIPE: dict[str, Any] = {"depth": 4, "hidden": 32, "side_info": ("age", "diagno
 
 
 def pack(stack: Path, out: Path, subjects: int | None) -> None:
-    """The stack's MRI and PET as float16 (one mask when all are equal) and its index, in one npz."""
+    """The stack's MRI and PET (and tissue maps) as float16 (one mask when all are equal) and its
+    index, in one npz."""
     index = json.loads((stack / "index.json").read_text())
     n = min(subjects or len(index["labels"]), len(index["labels"]))
     mask = np.load(stack / "mask.npy", mmap_mode="r")[:n]
     same = bool(np.all(mask == mask[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
+    # The tissue maps (--anatomy-reading native) where the stack has them, float16 like the images.
+    extra = {name: np.asarray(np.load(stack / f"{name}.npy", mmap_mode="r")[:n], np.float16)
+             for name in ("tissue_maps",) if (stack / f"{name}.npy").is_file()}  # fmt: skip
     np.savez_compressed(out, mri=np.asarray(np.load(stack / "mri.npy", mmap_mode="r")[:n], np.float16),
                         pet=np.asarray(np.load(stack / "pet.npy", mmap_mode="r")[:n], np.float16),
                         mask=np.asarray(mask[:1] if same else mask), index=np.array(json.dumps(index)),
-                        subjects=np.array(n))  # fmt: skip
+                        subjects=np.array(n), **extra)  # fmt: skip
     print(f"packed {n} subjects of {stack} into {out}: {out.stat().st_size / 2**20:.1f} MiB")
 
 
@@ -75,6 +79,8 @@ def unpack(packed: Path, stack: Path, explainable_from: Path | None) -> None:
         np.save(stack / "pet.npy", archive["pet"].astype(np.float32))
         mask = archive["mask"]
         np.save(stack / "mask.npy", np.broadcast_to(mask, (n, *mask.shape[1:])) if len(mask) == 1 else mask)
+        if "tissue_maps" in archive.files:
+            np.save(stack / "tissue_maps.npy", archive["tissue_maps"].astype(np.float32))
     total = len(index["labels"])
     index = {k: (v[:n] if isinstance(v, list) and len(v) == total else v) for k, v in index.items()}
     (stack / "index.json").write_text(json.dumps(index))

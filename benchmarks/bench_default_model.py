@@ -56,7 +56,8 @@ def split_data(args: argparse.Namespace, loaded: Any) -> tuple[Any, np.ndarray, 
     of each."""
     data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, loaded.grid,
                                        participant_labels=tuple(labels(args.train) + labels(args.test)),
-                                       side_info=tuple(loaded.covariates)))  # fmt: skip
+                                       side_info=tuple(loaded.covariates),
+                                       tissue_maps=loaded.model.reads_tissue_maps))  # fmt: skip
     train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
     test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
     return data, train_rows, test_rows
@@ -172,7 +173,7 @@ def main() -> None:
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
     # (With --samples, the mean of samples, seeded by row as score() seeds them.)
     predictions = [predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), covariates(row),
-                           samples, temperature, seed=int(row))
+                           samples, temperature, seed=int(row), tissue_maps=data.row_tissue_maps(row))
                    for row in test_rows]  # fmt: skip
     # How many of each held-out scan's MRI latents the conditioning range clamped (0 without one).
     outside = [p.latents_outside or 0.0 for p in predictions]

@@ -100,7 +100,9 @@ def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tu
     def swept(row: int) -> np.ndarray:
         mask = np.asarray(data.mask[row])
         own = covariates_of(row) if covariates_of is not None else {}
-        return np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {**own, "age": a}).mean for a in ages])
+        maps = data.row_tissue_maps(row)
+        return np.stack([predict(model, scaling, np.asarray(data.mri[row]), mask, {**own, "age": a}, tissue_maps=maps).mean
+                         for a in ages])  # fmt: skip
 
     return sweep_agreement(swept, data, rows, ages, train_ages, truth_sweep)
 
@@ -190,7 +192,7 @@ def score(model: Any, scaling: Any, data: Any, val_rows: np.ndarray, train_rows:
         truth = np.asarray(data.pet[row], dtype=np.float32)
         own = covariates_of(row) if covariates_of is not None else ({"age": float(data.age[row])} if side_info else None)
         out = predict(model, scaling, np.asarray(data.mri[row]), mask, own, samples=samples, temperature=temperature,
-                      seed=int(row))  # fmt: skip
+                      seed=int(row), tissue_maps=data.row_tissue_maps(row))  # fmt: skip
         preds.append(out.mean)
         clipped.append(out.clipped_fraction)
         scores, mean_scores = image_metrics(truth, out.mean, mask), image_metrics(truth, reference * mask, mask)

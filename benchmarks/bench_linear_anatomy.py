@@ -86,8 +86,9 @@ def linear_prediction(model: DualGlow, data: Any, row: int, side_info: list[str]
     or at ``age`` with the others its own."""
     scaling = IntensityScaling()
     batch = model_batch(data, np.array([row]), scaling, torch.device("cpu"), side_info)
+    maps = None if batch.tissue_maps is None else batch.tissue_maps.double()
     with torch.no_grad():
-        centre = model._center(batch.pet.double(), "pet", encoded_covariates(model, batch, age), batch.mri.double())
+        centre = model._center(batch.pet.double(), "pet", encoded_covariates(model, batch, age), batch.mri.double(), maps)
     suvr = scaling.pet_from_model(np.clip(np.asarray(centre)[0, 0], 0.0, 1.0))
     return (suvr * (np.asarray(data.mask[row]) > 0)).astype(np.float32)
 
@@ -106,7 +107,8 @@ def main() -> None:
     parser.add_argument("--anatomy", action="append", choices=(*SIDE_TEMPLATE_ANATOMY, "none"), default=None)
     parser.add_argument("--fwhm", default="0,8,24", help="FWHMs in mm of the MRI terms (0: the voxel's own)")
     parser.add_argument("--anatomy-reading", choices=ANATOMY_READINGS, default="posterior",
-                        help="the tissue maps as mixture posteriors or as fractions (DualGlowConfig.anatomy_reading)")
+                        help="the tissue maps as mixture posteriors or fractions of the grid T1w, or the native "
+                             "ones (DualGlowConfig.anatomy_reading)")
     parser.add_argument("--grid", default="cpu4mm")
     parser.add_argument("--phantom-seed", type=int)
     parser.add_argument("--phantom-version", type=int)
@@ -122,7 +124,7 @@ def main() -> None:
     grid = resolve_grid(args.grid)
     chosen = None if args.folds else tuple(labels(args.train) + labels(args.test))
     data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=chosen or (),
-                                       side_info=tuple(args.side_info)))  # fmt: skip
+                                       side_info=tuple(args.side_info), tissue_maps=args.anatomy_reading == "native"))  # fmt: skip
     if args.folds:
         splits = make_splits(data.subjects, args.folds, args.seed, impairment_classes(list(data.diagnosis)))
     else:

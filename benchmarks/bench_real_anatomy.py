@@ -79,8 +79,8 @@ DESIGN_T1W_PAIRWISE_R = 0.874
 #: The model issue's targets.
 CLIPPED_TARGET = 0.01
 PAIRWISE_TARGET = 0.98
-#: The cache's own layout version (bump when what an npz holds changes).
-CACHE_VERSION = 1
+#: The cache's own layout version (bump when what an npz holds changes; 2: the native tissue maps).
+CACHE_VERSION = 2
 
 COLIN27_PACKAGE = "mricron-data"
 COLIN27_MEMBER = "usr/share/mricron/templates/ch2.nii.gz"
@@ -160,13 +160,15 @@ BRAIN_SOURCES = {
 
 @dataclass
 class Brain:
-    """One real T1w on a model grid: the preprocessed image ([0, 1]) and brain mask, and where
-    they came from (``meta``: source, sha256, the preprocessing's timings when it ran)."""
+    """One real T1w on a model grid: the preprocessed image ([0, 1]), brain mask and native
+    tissue maps (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, for a model that reads
+    them), and where they came from (``meta``: source, sha256, the preprocessing's timings when it ran)."""
 
     name: str
     t1w: np.ndarray
     mask: np.ndarray
     meta: dict[str, Any]
+    tissue_maps: np.ndarray | None = None
 
 
 def _key(*parts: Any) -> str:
@@ -185,7 +187,7 @@ def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int) 
     if path.is_file():
         with np.load(path) as stored:
             meta = json.loads(str(stored["meta"]))
-            return Brain(name, stored["t1w"], stored["mask"].astype(bool), {**meta, "from_cache": True})
+            return Brain(name, stored["t1w"], stored["mask"].astype(bool), {**meta, "from_cache": True}, stored["tissue_maps"])
     start = time.perf_counter()
     result = preprocess.preprocess_t1w(source, grid, cache / "work", nprocs=threads, options=options)
     meta = {
@@ -197,11 +199,12 @@ def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int) 
     }  # fmt: skip
     t1w = np.asarray(result.image.dataobj, dtype=np.float32)
     mask = np.asarray(result.brain_mask.dataobj) > 0
+    tissue_maps = preprocess.tissue_maps_on_grid(result, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
-    np.savez_compressed(partial, t1w=t1w, mask=mask.astype(np.uint8), meta=json.dumps(meta))
+    np.savez_compressed(partial, t1w=t1w, mask=mask.astype(np.uint8), tissue_maps=tissue_maps, meta=json.dumps(meta))
     partial.replace(path)
-    return Brain(name, t1w, mask, {**meta, "from_cache": False})
+    return Brain(name, t1w, mask, {**meta, "from_cache": False}, tissue_maps)
 
 
 def t1w_pairwise_r(a: Brain, b: Brain, cache: Path) -> float:
@@ -400,7 +403,7 @@ def evaluate_model(model: Any, brains: list[Brain], age: float, sweep_ages: tupl
     sweeps: dict[str, list[np.ndarray]] = {}
     start = time.perf_counter()
     for brain in brains:
-        prediction = predict(model.model, model.scaling, brain.t1w, brain.mask, side(age))
+        prediction = predict(model.model, model.scaling, brain.t1w, brain.mask, side(age), tissue_maps=brain.tissue_maps)
         pets[brain.name] = prediction.mean
         values = prediction.mean[brain.mask]
         row: dict[str, Any] = {
@@ -413,7 +416,7 @@ def evaluate_model(model: Any, brains: list[Brain], age: float, sweep_ages: tupl
         if model.uses_age:
             sweep, clipped, outside = [], [], []
             for sweep_age in sweep_ages:
-                p = predict(model.model, model.scaling, brain.t1w, brain.mask, side(sweep_age))
+                p = predict(model.model, model.scaling, brain.t1w, brain.mask, side(sweep_age), tissue_maps=brain.tissue_maps)
                 sweep.append(p.mean)
                 clipped.append(p.clipped_fraction)
                 outside.append(p.latents_outside)

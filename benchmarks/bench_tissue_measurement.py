@@ -13,7 +13,8 @@ subject). Two measurements of them through the real preprocessing (skull strip, 
   the same mixture's means (``bench_interaction.partial_volume_fractions``);
 - *native*: a 3-class Gaussian mixture fitted to each subject's N4-corrected native brain
   (:class:`dualglow_app.tissue.GreyMatterModel`), its posteriors warped to the grid as the
-  T1w is (anti-aliased, the same transforms): fractions of the 1 mm voxels in each grid voxel.
+  T1w is (anti-aliased, the same transforms): fractions of the 1 mm voxels in each grid voxel
+  (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, ``--anatomy-reading native``).
 
 For each, inside the template brain mask: the voxelwise Pearson r with the truth, and the r of
 the subject's departure from the cohort's mean (measurement minus the mean measurement against
@@ -39,27 +40,6 @@ from bench_interaction import _subject_tissues, partial_volume_fractions  # noqa
 from bench_learning_curves import cpu_description  # noqa: E402
 
 TISSUES = ("gm", "csf")
-
-
-def native_tissues_on_grid(t1w: object, grid: object) -> np.ndarray:
-    """(2, *grid): the native brain's mixture posteriors of GM and CSF, warped to the grid."""
-    import ants
-
-    from dualglow_app.preprocess import _anti_alias, from_ants, grid_reference, to_ants
-    from dualglow_app.tissue import GreyMatterModel
-
-    brain_image = ants.image_read(str(t1w.native_brain))
-    mask = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
-    values = brain_image.numpy()
-    tissue = GreyMatterModel.fit([values], [mask], stride=5)
-    target = grid_reference(grid.affine, grid.shape)
-    out = []
-    for name in TISSUES:
-        posterior = to_ants(tissue.probability(values, name) * mask, from_ants(brain_image).affine)
-        warped = ants.apply_transforms(target, _anti_alias(posterior, grid.voxel_size),
-                                       [str(p) for p in t1w.forward_transforms], interpolator="linear")  # fmt: skip
-        out.append(warped.numpy())
-    return np.stack(out).astype(np.float32)
 
 
 def agreement(measured: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -88,7 +68,7 @@ def main() -> None:
     from dualglow_app.dataset import DatasetSpec, find_pairs
     from dualglow_app.log import setup_logging
     from dualglow_app.phantom.cohort import subject_index
-    from dualglow_app.preprocess import preprocess_t1w
+    from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
     from dualglow_app.templates import brain_mask_on_grid
     from dualglow_app.weights import open_model
 
@@ -107,7 +87,7 @@ def main() -> None:
         per_tissue = len(loaded.model.config.anatomy_sigmas)
         grid_reading.append(np.stack([features[k * per_tissue] for k in range(len(TISSUES))]) * mask)
         pv_reading.append(partial_volume_fractions(loaded.model, x[:, 0].numpy(), mask)[0])
-        native_reading.append(native_tissues_on_grid(t1w, grid) * mask)
+        native_reading.append(tissue_maps_on_grid(t1w, args.nprocs))
         truth.append(_subject_tissues((seed, subject_index(f"sub-{scan.subject}"), version, grid, "true")) * mask)
         labels.append(f"sub-{scan.subject}")
     truth_a = np.stack(truth)

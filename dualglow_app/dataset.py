@@ -47,13 +47,15 @@ from dualglow_app.covariates import (
 )
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
-from dualglow_app.io import atomic_dir, entry_lock, remove_stale_work_temporaries, write_json
+from dualglow_app.io import atomic_dir, atomic_path, entry_lock, remove_stale_work_temporaries, write_json
 from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.runtime import cpu_threads
 
 log = get_logger(__name__)
 
 DATASET_CACHE_VERSION = 1
+#: The stack's native tissue maps (DatasetSpec.tissue_maps), added beside it when first asked for.
+TISSUE_MAPS_FILE = "tissue_maps.npy"
 
 
 class DatasetError(RuntimeError):
@@ -66,7 +68,9 @@ class DatasetSpec:
 
     ``side_info`` lists the covariates (columns of ``participants.tsv`` / ``sessions.tsv``)
     every usable scan must have (a scan without one is left out, with a warning). ``nprocs``
-    only sets preprocessing threads (not part of the key).
+    only sets preprocessing threads (not part of the key). ``tissue_maps`` also stacks each
+    T1w's native tissue maps (:func:`dualglow_app.preprocess.tissue_maps_on_grid`; for a model
+    with ``--anatomy-reading native``), beside a stack that may already exist.
     """
 
     bids_dir: Path
@@ -77,6 +81,7 @@ class DatasetSpec:
     tracer: str = "FDG"
     side_info: tuple[str, ...] = ()
     nprocs: int | None = None
+    tissue_maps: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bids_dir", Path(self.bids_dir))
@@ -99,7 +104,8 @@ class PairedVolumes:
     unknown. ``covariates`` holds other covariates by name, one value per row (a number, a
     level, or None where unknown), ``covariate_declarations`` their kinds as the dataset
     declares them (:func:`dualglow_app.covariates.declare_covariates`); age needs neither.
-    :meth:`covariate_specs` learns the encoding the model is built with.
+    :meth:`covariate_specs` learns the encoding the model is built with. ``tissue_maps``, where
+    stacked, (N, 2, X, Y, Z): each T1w's grey-matter and CSF maps read at its native resolution.
     """
 
     labels: list[str]
@@ -113,6 +119,7 @@ class PairedVolumes:
     diagnosis: list[str | None] = field(default_factory=list)
     covariates: dict[str, list[Value | None]] = field(default_factory=dict)
     covariate_declarations: dict[str, CovariateSpec] = field(default_factory=dict)
+    tissue_maps: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not self.diagnosis:
@@ -121,6 +128,10 @@ class PairedVolumes:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def row_tissue_maps(self, row: int) -> np.ndarray | None:
+        """Row ``row``'s native tissue maps, (2, X, Y, Z), or None where none are stacked."""
+        return None if self.tissue_maps is None else np.asarray(self.tissue_maps[row])
 
     def subset(self, rows: Sequence[int] | np.ndarray) -> PairedVolumes:
         """These rows only, read into memory (a fold's training scans)."""
@@ -131,6 +142,7 @@ class PairedVolumes:
             age=np.asarray(self.age[rows]), grid=self.grid, diagnosis=[self.diagnosis[i] for i in rows],
             covariates={name: [values[i] for i in rows] for name, values in self.covariates.items()},
             covariate_declarations=dict(self.covariate_declarations),
+            tissue_maps=None if self.tissue_maps is None else np.asarray(self.tissue_maps[rows]),
         )  # fmt: skip
 
     def covariate_values(self, name: str) -> list[Value | None]:
@@ -224,6 +236,7 @@ def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     n = len(index["labels"])
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:n] for name in ("mri", "pet", "mask")}
+    tissue_maps = folder / TISSUE_MAPS_FILE
     by_label = {s.prefix: s for s in scans}
     rows = [by_label[k] for k in index["labels"]]
     # Covariates are read from the TSVs on every run, so editing participants.tsv needs no
@@ -235,12 +248,39 @@ def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
         skipped=dict(index["skipped"]), diagnosis=[s.diagnosis for s in rows],
         covariates={name: [s.covariates.get(name) for s in rows] for name in declared},
         covariate_declarations=dict(declared), **arrays,
+        tissue_maps=np.load(tissue_maps, mmap_mode="r")[:n] if tissue_maps.is_file() else None,
     )  # fmt: skip
 
 
+def _stack_tissue_maps(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
+    """Add the stacked T1ws' native tissue maps to the stack ``folder`` (written whole under a
+    temporary name, then renamed; the T1ws' transforms come from the preprocessing cache, the
+    maps from theirs)."""
+    from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
+    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS
+
+    labels = json.loads((folder / "index.json").read_text(encoding="utf-8"))["labels"]
+    by_label = {s.prefix: s for s in scans}
+    nprocs = cpu_threads(spec.nprocs)
+    with atomic_path(folder / TISSUE_MAPS_FILE) as partial:
+        shape = (len(labels), len(NATIVE_TISSUE_CHANNELS), *spec.grid.shape)
+        maps = np.lib.format.open_memmap(partial, "w+", np.float32, shape)
+        for row, label in enumerate(progress(labels, "native tissue maps", total=len(labels))):
+            try:
+                t1w = preprocess_t1w(by_label[label].t1w, spec.grid, spec.work_dir, nprocs)
+                maps[row] = tissue_maps_on_grid(t1w, nprocs)
+            except KeyboardInterrupt as interrupt:
+                add_note(interrupt, f"while reading the native tissue maps of {label} ({row} of {len(labels)} done)")
+                raise
+        maps.flush()
+        del maps
+
+
 def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
-    """Preprocess every pair into ``folder`` (built under a temporary name, then renamed)."""
-    from dualglow_app.preprocess import preprocess_pet, preprocess_t1w
+    """Preprocess every pair into ``folder`` (built under a temporary name, then renamed), with
+    the T1ws' native tissue maps when ``spec`` asks for them."""
+    from dualglow_app.preprocess import preprocess_pet, preprocess_t1w, tissue_maps_on_grid
+    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS
 
     nprocs = cpu_threads(spec.nprocs)
     with atomic_dir(folder) as tmp:
@@ -248,12 +288,15 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
         mri = np.lib.format.open_memmap(tmp / "mri.npy", "w+", np.float32, shape)
         pet = np.lib.format.open_memmap(tmp / "pet.npy", "w+", np.float32, shape)
         mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.uint8, shape)
+        maps = np.lib.format.open_memmap(tmp / TISSUE_MAPS_FILE, "w+", np.float32,
+                                         (len(scans), len(NATIVE_TISSUE_CHANNELS), *spec.grid.shape)) if spec.tissue_maps else None  # fmt: skip
         labels: list[str] = []
         skipped: dict[str, str] = {}
         for scan in progress(scans, "preprocessing T1w + PET pairs", total=len(scans)):
             try:
                 t1 = preprocess_t1w(scan.t1w, spec.grid, spec.work_dir, nprocs)
                 suvr = preprocess_pet(scan.pet, t1, spec.work_dir, nprocs)  # type: ignore[arg-type]
+                tissue_maps = tissue_maps_on_grid(t1, nprocs) if maps is not None else None
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM through the CLI
                 add_note(interrupt, f"while preprocessing {scan.prefix} ({len(labels) + len(skipped)} of {len(scans)} "
                                    "pairs done)")  # fmt: skip
@@ -267,10 +310,13 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
             mri[row] = np.asarray(t1.image.dataobj, dtype=np.float32)
             pet[row] = np.asarray(suvr.image.dataobj, dtype=np.float32)
             mask[row] = np.asarray(t1.brain_mask.dataobj, dtype=np.uint8)
+            if maps is not None:
+                maps[row] = tissue_maps
             labels.append(scan.prefix)
-        for array in (mri, pet, mask):
-            array.flush()
-        del mri, pet, mask
+        for array in (mri, pet, mask, maps):
+            if array is not None:
+                array.flush()
+        del mri, pet, mask, maps
         if len(labels) < 2:
             raise _too_few(spec, labels, skipped)
         write_json(tmp / "index.json", {"labels": labels, "skipped": skipped, "grid": spec.grid.to_dict(),
@@ -308,6 +354,14 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
         with entry_lock(folder):  # a concurrent run stacking the same data: wait, then reuse it
             if not (folder / "index.json").is_file():
                 _stack(spec, scans, folder)
+    if spec.tissue_maps and not (folder / TISSUE_MAPS_FILE).is_file():
+        if rank != 0:
+            while not (folder / TISSUE_MAPS_FILE).is_file():
+                time.sleep(5.0)
+        else:
+            with entry_lock(folder / TISSUE_MAPS_FILE):
+                if not (folder / TISSUE_MAPS_FILE).is_file():
+                    _stack_tissue_maps(spec, scans, folder)
     data = _load_stack(folder, scans, spec.grid, declared)
     for label, reason in data.skipped.items():
         log.warning("%s: not used for training (%s)", label, reason)
@@ -359,6 +413,8 @@ def load_mni_stack(folder: str | os.PathLike[str]) -> PairedVolumes:
         covariates={name: [None if v is None else declared[name].value(v) for v in index[name]] for name in names},
         covariate_declarations=declared, **arrays,
     )  # fmt: skip
+    if (folder / TISSUE_MAPS_FILE).is_file():
+        data.tissue_maps = np.load(folder / TISSUE_MAPS_FILE, mmap_mode="r")
     explainable = folder / "explainable.npy"
     if explainable.is_file():
         setattr(data, "explainable", np.load(explainable, mmap_mode="r"))  # noqa: B010 - not a field
@@ -387,12 +443,14 @@ def split_subjects(subjects: Sequence[str], val_fraction: float, seed: int) -> t
 
 
 class ModelBatch(NamedTuple):
-    """Rows of the stack as model inputs: MRI and PET ``(B, 1, X, Y, Z)`` on [0, 1] and the
-    side information (None without)."""
+    """Rows of the stack as model inputs: MRI and PET ``(B, 1, X, Y, Z)`` on [0, 1], the side
+    information (None without) and the native tissue maps ``(B, 2, X, Y, Z)`` (None where the
+    stack has none): in the order :meth:`DualGlow.nll` takes them."""
 
     mri: Any
     pet: Any
     side: dict[str, Any] | None
+    tissue_maps: Any = None
 
 
 def side_information(data: PairedVolumes, rows: np.ndarray, side_info: Sequence[str]) -> dict[str, np.ndarray] | None:
@@ -432,7 +490,9 @@ def model_batch(
     if not mri_input:
         mri = torch.zeros_like(mri)
     side = side_information(data, rows, side_info)
-    return ModelBatch(mri, pet, None if side is None else {k: torch.from_numpy(v).to(device) for k, v in side.items()})
+    tissue_maps = None if data.tissue_maps is None else torch.from_numpy(np.asarray(data.tissue_maps[rows])).to(device)
+    return ModelBatch(mri, pet, None if side is None else {k: torch.from_numpy(v).to(device) for k, v in side.items()},
+                      tissue_maps)  # fmt: skip
 
 
 def model_batches(
@@ -449,7 +509,7 @@ def mean_images(data: PairedVolumes, rows: np.ndarray, scaling: IntensityScaling
     import torch
 
     sums = None
-    for mri, pet, _ in model_batches(data, rows, scaling, torch.device("cpu"), 8, mri_input=mri_input):
+    for mri, pet, *_ in model_batches(data, rows, scaling, torch.device("cpu"), 8, mri_input=mri_input):
         batch_sums = (mri.double().sum(0), pet.double().sum(0))
         sums = batch_sums if sums is None else (sums[0] + batch_sums[0], sums[1] + batch_sums[1])
     assert sums is not None, "mean_images needs at least one row"

@@ -183,7 +183,8 @@ def _montage_rows(model: Any, data: PairedVolumes, row: int, scaling: IntensityS
     side = side_information(data, np.array([row]), options.side_info)
     t1w = np.asarray(data.mri[row]) if options.mri_input else np.zeros(data.grid.shape, np.float32)
     synth = predict(model, scaling, t1w, np.asarray(data.mask[row]),
-                    None if side is None else {k: float(v[0]) for k, v in side.items()}).mean  # fmt: skip
+                    None if side is None else {k: float(v[0]) for k, v in side.items()},
+                    tissue_maps=data.row_tissue_maps(row)).mean  # fmt: skip
     top = float(np.percentile(data.pet[row][data.mask[row] > 0], 99.5)) if data.mask[row].any() else 2.0
     label = data.labels[row]
     return [

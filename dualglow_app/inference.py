@@ -67,13 +67,16 @@ def predict(
     samples: int = 1,
     temperature: float = 0.0,
     seed: int | None = None,
+    tissue_maps: np.ndarray | None = None,
 ) -> Prediction:
     """Synthetic PET of one preprocessed T1w (see the module docstring).
 
     ``model`` is a :class:`~dualglow_app.model.DualGlow` in eval mode; ``t1w`` and ``mask``
     are arrays on its grid; ``side`` maps each covariate it was trained with to one value in
     natural units (age in years). ``seed`` seeds the sampling noise (None: torch's global
-    generator; irrelevant at T = 0).
+    generator; irrelevant at T = 0). ``tissue_maps``: the T1w's native tissue maps on the grid,
+    (2, *grid), for a model that reads them (:attr:`DualGlow.reads_tissue_maps`;
+    :func:`dualglow_app.preprocess.tissue_maps_on_grid`), else ignored.
     """
     import torch
 
@@ -82,7 +85,7 @@ def predict(
     side_tensors = None if side is None else {k: torch.tensor([float(v)], device=device) for k, v in side.items()}
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        prior = model.conditional_prior(x, side_tensors)
+        prior = model.conditional_prior(x, side_tensors, _tissue_tensor(model, tissue_maps, device))
         drawn = model.sample_prior(prior, temperature=temperature, n=samples, generator=generator)
     latents_outside = float(prior.outside_fraction[0]) if model.has_conditioning_range else None
     brain = np.asarray(mask) > 0
@@ -92,6 +95,15 @@ def predict(
     mean = suvr.mean(axis=0, dtype=np.float64).astype(np.float32)
     sd = suvr.std(axis=0, ddof=1, dtype=np.float64).astype(np.float32) if samples > 1 else None
     return Prediction(mean, sd, clipped, latents_outside)
+
+
+def _tissue_tensor(model: Any, tissue_maps: np.ndarray | None, device: Any) -> Any:
+    """One scan's tissue maps as the model takes them (a batch of one), where it reads them."""
+    import torch
+
+    if tissue_maps is None or not model.reads_tissue_maps:
+        return None
+    return torch.from_numpy(np.array(tissue_maps, np.float32))[None].to(device)  # a copy: memmap rows are read-only
 
 
 def sweep(
@@ -105,6 +117,7 @@ def sweep(
     samples: int = 1,
     temperature: float = 0.0,
     seed: int | None = None,
+    tissue_maps: np.ndarray | None = None,
 ) -> list[Prediction]:
     """:func:`predict` of the same T1w with covariate ``name`` set to each of ``values`` (as
     the model takes them: natural units, or class indices) and the other covariates as in
@@ -112,7 +125,8 @@ def sweep(
     the images differ by the covariate alone, not by the sampling noise."""
     if name not in side:
         raise ValueError(f"sweep over {name!r}: the side information has no such covariate ({', '.join(side)})")
-    return [predict(model, scaling, t1w, mask, {**side, name: value}, samples, temperature, seed) for value in values]
+    return [predict(model, scaling, t1w, mask, {**side, name: value}, samples, temperature, seed, tissue_maps)
+            for value in values]  # fmt: skip
 
 
 def counterfactual(
@@ -123,11 +137,13 @@ def counterfactual(
     mask: np.ndarray,
     side: Mapping[str, float],
     new_side: Mapping[str, float],
+    tissue_maps: np.ndarray | None = None,
 ) -> Prediction:
     """A measured PET (SUVR on the model grid) moved from the covariates ``side`` to ``new_side``
     (:meth:`DualGlow.counterfactual`: the subject's residual from the prior is kept, the prior
     moves): "this subject's PET at age 85". Clipped to the model's range and masked like
-    :func:`predict`; ``sd`` is None, ``clipped_fraction`` the share of brain values clipped."""
+    :func:`predict`; ``sd`` is None, ``clipped_fraction`` the share of brain values clipped
+    (``tissue_maps`` as for :func:`predict`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -137,9 +153,10 @@ def counterfactual(
     def tensors(values: Mapping[str, float]) -> dict[str, Any]:
         return {k: torch.tensor([float(v)], device=device) for k, v in values.items()}
 
+    maps = _tissue_tensor(model, tissue_maps, device)
     with torch.no_grad():
-        moved = model.counterfactual(x_mri, x_pet, tensors(side), tensors(new_side))
-    prior = model.conditional_prior(x_mri, tensors(side)) if model.has_conditioning_range else None
+        moved = model.counterfactual(x_mri, x_pet, tensors(side), tensors(new_side), maps)
+    prior = model.conditional_prior(x_mri, tensors(side), maps) if model.has_conditioning_range else None
     brain = np.asarray(mask) > 0
     suvr, outside = scaling.synthetic_pet(moved[0, 0].float().cpu().numpy())
     clipped = float(outside[brain].mean()) if brain.any() else 0.0

@@ -290,7 +290,9 @@ class TrainOptions:
     # separates atrophy from age better (docs/MODEL_EXPERIMENTS.md, finding 21), or the grey
     # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
     side_template_anatomy: str = "gm+csf"
-    # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions.
+    # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions of
+    # the grid T1w, or "native": each subject's own, read at the T1w's native resolution
+    # (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the training data).
     anatomy_reading: str = "posterior"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
@@ -395,6 +397,8 @@ class TrainOptions:
             problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if self.anatomy_reading not in ANATOMY_READINGS:
             problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
+        if self.anatomy_reading == "native" and self.side_template_anatomy == "t1w":
+            problems.append("anatomy_reading='native' reads tissue maps: side_template_anatomy 'gm' or 'gm+csf'")
         if not self.side_template_mri_fwhm or any(not v >= 0 for v in self.side_template_mri_fwhm):
             problems.append(f"side_template_mri_fwhm={list(self.side_template_mri_fwhm)} (one or more FWHMs in mm, >= 0)")
         if self.device not in DEVICES:
@@ -416,12 +420,18 @@ class TrainOptions:
         return resolve_grid(self.grid, self.grid_mm, self.levels)
 
     @property
+    def reads_tissue_maps(self) -> bool:
+        """Whether the model these options build reads native tissue maps beside the MRI
+        (``anatomy_reading="native"``, templates of the real MRI)."""
+        return self.anatomy_reading == "native" and self.template_centring and self.mri_input
+
+    @property
     def dataset_spec(self) -> DatasetSpec:
         """The paired data these options train on."""
         assert self.work_dir is not None
         return DatasetSpec(
             self.bids_dir, self.work_dir, self.model_grid, tuple(self.participant_labels),
-            tuple(self.session_labels), self.tracer, tuple(self.side_info), self.nprocs,
+            tuple(self.session_labels), self.tracer, tuple(self.side_info), self.nprocs, self.reads_tissue_maps,
         )  # fmt: skip
 
     @property

@@ -19,6 +19,10 @@ FDG-PET path (:func:`preprocess_pet`): load and check -> mean of frames -> rigid
 template brain mask -> SUVR: divide by the mean uptake in a reference region
 (:data:`~dualglow_app.templates.REFERENCE_REGIONS`, default cerebellar hemispheres).
 
+Native tissue maps (:func:`tissue_maps_on_grid`, for a model with ``--anatomy-reading native``):
+a three-class intensity mixture of the subject's own N4-corrected native brain, its grey-matter
+and CSF posteriors warped onto the grid with the T1w's transforms, cached beside them.
+
 Inverse (:func:`grid_to_mni`, :func:`grid_to_native`): a model-grid image onto the template
 grid at any resolution, or through the inverse ANTs transforms onto the subject's original T1w
 voxel grid.
@@ -72,6 +76,11 @@ CACHE_VERSION = 3
 # What preprocess_t1w / preprocess_pet put on the model grid (the transforms' cache does not
 # depend on it): 2 = every scan on the template brain mask (templates.brain_mask_on_grid).
 GRID_VERSION = 2
+# What tissue_maps_on_grid computes (its cache key): 1 = a mixture of the native brain, warped.
+TISSUE_MAPS_VERSION = 1
+# Every how-many-th native brain voxel the subject's tissue mixture is fitted on (a 1 mm brain
+# has ~1.5 million; a 3-class mixture of one intensity needs far fewer).
+TISSUE_MIXTURE_STRIDE = 5
 VOXEL_SIZE_RANGE_MM = (0.2, 12.0)
 MIN_SIDE_VOXELS = 8
 # Below this share of the template brain covered by the registered brain, a T1w is flagged.
@@ -572,6 +581,51 @@ def preprocess_t1w(
         from_cache=from_cache,
         timings=timings,
     )
+
+
+def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2) -> np.ndarray:
+    """(2, *grid.shape) float32: each grid voxel's grey-matter and CSF probability
+    (:data:`~dualglow_app.tissue.NATIVE_TISSUE_CHANNELS`) read at the T1w's native resolution,
+    0 outside the template brain mask: the anatomy template's input with
+    ``--anatomy-reading native``.
+
+    A three-class mixture (:class:`~dualglow_app.tissue.GreyMatterModel`) is fitted to this
+    subject's own N4-corrected native brain, and its posteriors are warped to the grid the way
+    the T1w is (anti-aliased, the same transforms). On the grid a 4 mm voxel mixes its tissues,
+    and one T1w intensity can be several mixes: through the preprocessing of 8 phantoms, each
+    subject's departure from the mean grey matter was read with r 0.55 from the grid T1w and
+    0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25). Cached beside the T1w's transforms
+    (its own entry per grid), so a second call reads one file.
+    """
+    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, GreyMatterModel
+
+    grid = t1w.grid
+    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, TISSUE_MIXTURE_STRIDE)
+    folder = t1w.cache_dir.parent / f"{t1w.cache_dir.name}-tissues-{key}"
+
+    def build(tmp: Path) -> dict[str, Any]:
+        import ants
+
+        _LOG.info("%s: tissue mixture of the native brain, its posteriors onto the grid", t1w.source.name)
+        with _itk_threads(nprocs):
+            brain = ants.image_read(str(t1w.native_brain))
+            inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
+            values = brain.numpy()
+            mixture = GreyMatterModel.fit([values], [inside], stride=TISSUE_MIXTURE_STRIDE)
+            posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *values.shape), np.float32)
+            posteriors[:, inside] = mixture.probabilities(values[inside], NATIVE_TISSUE_CHANNELS)
+            target = grid_reference(grid.affine, grid.shape)
+            forward = [str(p) for p in t1w.forward_transforms]
+            maps = np.stack([ants.apply_transforms(target, _anti_alias(brain.new_image_like(posterior), grid.voxel_size),
+                                                   forward, interpolator="linear").numpy()
+                             for posterior in posteriors])  # fmt: skip
+        np.save(tmp / "tissue_maps.npy", (maps * brain_mask_on_grid(grid)).astype(np.float32))
+        weights, means, variances = mixture.mixture_parameters()
+        return {"source": str(t1w.source), "sha256": t1w.sha256, "channels": list(NATIVE_TISSUE_CHANNELS),
+                "grid": grid.to_dict(), "mixture": {"weights": weights, "means": means, "variances": variances}}  # fmt: skip
+
+    _cached_entry(folder, build)
+    return np.load(folder / "tissue_maps.npy")
 
 
 # --------------------------------------------------------------------------- PET path

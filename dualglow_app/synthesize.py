@@ -362,11 +362,12 @@ def _missing_covariate_message(scan: Scan, bids_dir: Path, spec: CovariateSpec) 
 
 
 def synthesize(model: LoadedModel, t1w: np.ndarray, mask: np.ndarray, covariates: Mapping[str, Value] | float | None,
-               options: ParticipantOptions, seed: int) -> Prediction:  # fmt: skip
+               options: ParticipantOptions, seed: int, tissue_maps: np.ndarray | None = None) -> Prediction:  # fmt: skip
     """:func:`dualglow_app.inference.predict` with the run's samples and temperature.
 
     ``covariates``: every covariate of the model by name (natural units, or class names;
-    :func:`resolve_covariates`), or for a model of age alone the age (years, or None)."""
+    :func:`resolve_covariates`), or for a model of age alone the age (years, or None).
+    ``tissue_maps``: the T1w's native tissue maps, for a model that reads them."""
     if covariates is None or isinstance(covariates, int | float):
         age = covariates
         if model.uses_age and (age is None or not math.isfinite(age)):
@@ -379,7 +380,7 @@ def synthesize(model: LoadedModel, t1w: np.ndarray, mask: np.ndarray, covariates
         raise ScanError(f"model {model.name} is conditioned on {', '.join(missing)}: pass a value for each")
     specs = model.covariates
     side = {name: specs[name].encode(covariates[name]) for name in model.side_names} or None
-    return predict(model.model, model.scaling, t1w, mask, side, options.samples, options.temperature, seed)
+    return predict(model.model, model.scaling, t1w, mask, side, options.samples, options.temperature, seed, tissue_maps)
 
 
 def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions,
@@ -391,7 +392,7 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions,
     ``options.overwrite`` is false, else ``processed`` with the files written and the time
     spent preprocessing and synthesizing.
     """
-    from dualglow_app.preprocess import preprocess_t1w
+    from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
 
     plans = out.sweep_plans(options, model) if plans is None else plans
     planned = out.planned_outputs(scan, options, plans)
@@ -408,12 +409,14 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions,
     timings: dict[str, float] = {}
     start = time.perf_counter()
     t1 = preprocess_t1w(scan.t1w, model.grid, options.resolved_work_dir, nprocs=options.threads)
+    # A model whose anatomy template reads the native tissue maps (--anatomy-reading native).
+    tissue_maps = tissue_maps_on_grid(t1, options.threads) if model.model.reads_tissue_maps else None
     timings["preprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     t1_data = np.asarray(t1.image.dataobj, dtype=np.float32)
     mask = np.asarray(t1.brain_mask.dataobj) > 0
     seed = scan_seed(options.seed, scan.subject, scan.session)
-    prediction = synthesize(model, t1_data, mask, covariates, options, seed)
+    prediction = synthesize(model, t1_data, mask, covariates, options, seed, tissue_maps)
     timings["sample"] = time.perf_counter() - start
     _warn_if_unfamiliar(scan, model, prediction)
 
@@ -449,7 +452,8 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions,
 
     for plan in plans:
         start = time.perf_counter()
-        sweep = _Sweep(scan, model, options, plan, t1_data, mask, seed, covariates, sources, common, writer.mni)
+        sweep = _Sweep(scan, model, options, plan, t1_data, mask, seed, covariates, sources, common, writer.mni,
+                       tissue_maps)  # fmt: skip
         writer.written += sweep.synthetic()
         if plan.counterfactual and measured_pet is not None:
             writer.written += sweep.measured(measured_pet, bids_uri(options.bids_dir, scan.pet))  # type: ignore[arg-type]
@@ -547,9 +551,11 @@ class _Sweep:
     def __init__(self, scan: Scan, model: LoadedModel, options: ParticipantOptions, plan: out.SweepPlan,
                  t1_data: np.ndarray, mask: np.ndarray, seed: int, covariates: dict[str, Value],
                  sources: dict[str, str], common: dict[str, Any],
-                 write_mni: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray]) -> None:  # fmt: skip
+                 write_mni: Callable[[str, np.ndarray, dict[str, Any]], np.ndarray],
+                 tissue_maps: np.ndarray | None = None) -> None:  # fmt: skip
         self.scan, self.model, self.options, self.plan = scan, model, options, plan
         self.t1_data, self.mask, self.seed, self.covariates = t1_data, mask, seed, covariates
+        self.tissue_maps = tissue_maps
         self.sources, self.common, self.write_mni = sources, common, write_mni
         # A model of age alone writes what dualglow 0.1 wrote (its outputs are pinned).
         self.more_than_age = bool(set(model.side_names) - {"age"})
@@ -572,7 +578,7 @@ class _Sweep:
         for value, label in zip(self.plan.values, self.plan.labels, strict=True):
             values = {**self.covariates, self.plan.name: value}
             # The same seed at every value: the images then differ only by the covariate, not the noise.
-            mean = synthesize(self.model, self.t1_data, self.mask, values, self.options, self.seed).mean
+            mean = synthesize(self.model, self.t1_data, self.mask, values, self.options, self.seed, self.tissue_maps).mean
             age = float(values["age"]) if "age" in values else None
             description = out.describe(self.model, self.options, age, "sweep",
                                        values if self.more_than_age else None, self.plan.name)  # fmt: skip
@@ -586,7 +592,8 @@ class _Sweep:
         rows = []
         for value, label in zip(self.plan.values, self.plan.labels, strict=True):
             new = {**own, self.plan.name: specs[self.plan.name].encode(value)}
-            moved = counterfactual(self.model.model, self.model.scaling, self.t1_data, measured_pet, self.mask, own, new)
+            moved = counterfactual(self.model.model, self.model.scaling, self.t1_data, measured_pet, self.mask, own, new,
+                                   self.tissue_maps)  # fmt: skip
             description = (
                 f"COUNTERFACTUAL of the measured FDG-PET (SUVR), not a measurement: this subject's PET with "
                 f"{self.plan.name} {specs[self.plan.name].describe(value)} instead of "

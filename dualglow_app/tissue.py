@@ -28,10 +28,16 @@ SIDE_TEMPLATE_ANATOMY = ("t1w", "gm", "gm+csf")
 #: The mixture's three classes in order of their mean T1w intensity.
 MIXTURE_CLASSES = ("csf", "gm", "wm")
 
-#: How the tissue maps are read from a T1w with the mixture (DualGlowConfig.anatomy_reading):
-#: each class's posterior, or each voxel's fractions of its two neighbouring classes, linearly
-#: between their means.
-ANATOMY_READINGS = ("posterior", "fractions")
+#: How the tissue maps are read (DualGlowConfig.anatomy_reading): from the grid T1w with the
+#: training brains' mixture, each class's posterior, or each voxel's fractions of its two
+#: neighbouring classes, linearly between their means; or "native": each subject's own mixture
+#: fitted to its native-resolution brain, the posteriors warped to the grid with the T1w
+#: (dualglow_app.preprocess.tissue_maps_on_grid), an input beside the MRI.
+ANATOMY_READINGS = ("posterior", "fractions", "native")
+
+#: The channels of the native tissue maps (dualglow_app.preprocess.tissue_maps_on_grid), in
+#: MIXTURE_CLASSES names.
+NATIVE_TISSUE_CHANNELS = ("gm", "csf")
 
 #: The mixture classes (indices into MIXTURE_CLASSES) each tissue map of SIDE_TEMPLATE_ANATOMY
 #: takes its posteriors from; the T1w needs no mixture.
@@ -74,11 +80,17 @@ class GreyMatterModel:
     def probability(self, image: np.ndarray, tissue: str = "gm") -> np.ndarray:
         """The posterior of ``tissue`` (one of MIXTURE_CLASSES) at each voxel of ``image`` (any
         shape), float32."""
+        return self.probabilities(image, (tissue,))[0]
+
+    def probabilities(self, values: np.ndarray, tissues: Iterable[str]) -> np.ndarray:
+        """(len(tissues), *values.shape): the posterior of each of ``tissues`` (MIXTURE_CLASSES
+        names) at each value, float32; one pass of the mixture for all of them."""
         mixture: Any = self._mixture
-        column = np.argsort(mixture.means_[:, 0])[MIXTURE_CLASSES.index(tissue)]
-        values = np.asarray(image, np.float64)
-        posterior = mixture.predict_proba(values.reshape(-1, 1))[:, column]
-        return posterior.reshape(values.shape).astype(np.float32)
+        order = np.argsort(mixture.means_[:, 0])
+        values = np.asarray(values, np.float64)
+        posterior = mixture.predict_proba(values.reshape(-1, 1))
+        columns = [order[MIXTURE_CLASSES.index(tissue)] for tissue in tissues]
+        return posterior[:, columns].T.reshape(len(columns), *values.shape).astype(np.float32)
 
 
-__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]
+__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]

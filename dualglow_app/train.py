@@ -139,7 +139,7 @@ def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, A
         anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / grid.voxel_size for fwhm in options.side_template_mri_fwhm],
         # An ablated MRI (zeros) has no tissue to classify.
         anatomy_tissue=options.side_template_anatomy if options.mri_input else "t1w",
-        anatomy_reading=options.anatomy_reading,
+        anatomy_reading=options.anatomy_reading if options.mri_input else "posterior",
         lambda_mri=options.lambda_mri,
         **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,
@@ -203,8 +203,10 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
         grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
                                           (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
         model.set_tissue_mixture(*grey_matter.mixture_parameters())
-    model.fit_pet_template((batch.mri, batch.pet, batch.side) for batch in model_batches(
-        data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))  # fmt: skip
+    if model.reads_tissue_maps and data.tissue_maps is None:
+        raise ValueError("--anatomy-reading native needs the scans' native tissue maps, and these data have none "
+                         "(an MNI stack, or a stack prepared without DatasetSpec(tissue_maps=True))")  # fmt: skip
+    model.fit_pet_template(model_batches(data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))
     set_anatomy_term_range(model, data, train_rows, mri_input)
     model.fix_side_template(fixed)
 
@@ -215,7 +217,7 @@ def set_anatomy_term_range(model: Any, data: PairedVolumes, train_rows: np.ndarr
     import torch
 
     if model.config.anatomy_template:
-        model.set_anatomy_term_range(batch.mri for batch in model_batches(
+        model.set_anatomy_term_range((batch.mri, batch.tissue_maps) for batch in model_batches(
             data, train_rows, IntensityScaling(), torch.device("cpu"), 8, mri_input=mri_input))  # fmt: skip
 
 
@@ -488,9 +490,10 @@ class _Run:
         sums = {"loss": 0.0, "bpd_pet_given_mri": 0.0, "bpd_mri": 0.0, "n": 0}
         epoch_start, skipped = time.perf_counter(), 0
         for first in range(0, len(order), options.batch_size):
-            mri, pet, side = self.batch(order[first : first + options.batch_size])
+            batch = self.batch(order[first : first + options.batch_size])
+            mri = batch.mri
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.use_amp):
-                out = net(mri, pet, side)
+                out = net(*batch)
             loss = out["loss"]
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

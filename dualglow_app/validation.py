@@ -84,7 +84,7 @@ def score_scan(
     side = None if batch.side is None else {k: float(v[0]) for k, v in batch.side.items()}
     t1w = np.asarray(data.mri[row], dtype=np.float32) if mri_input else np.zeros(data.grid.shape, np.float32)
     mask = np.asarray(data.mask[row])
-    prediction = predict(model, scaling, t1w, mask, side)
+    prediction = predict(model, scaling, t1w, mask, side, tissue_maps=data.row_tissue_maps(row))
     scores = image_metrics(np.asarray(data.pet[row], dtype=np.float32), prediction.mean, mask, scaling.pet_suvr_max,
                            reference)  # fmt: skip
     if "deviation_r" in scores and not np.isfinite(scores["deviation_r"]):

@@ -58,7 +58,7 @@ def participant_ages(root: Path) -> dict[str, float]:
     return {r["participant_id"][4:]: float(r["age"]) for r in rows if r["age"] not in ("", "n/a")}
 
 
-def fit_briefly(model: object, mri: object, pet: object, side: object, steps: int) -> None:
+def fit_briefly(model: object, mri: object, pet: object, side: object, steps: int, tissue_maps: object = None) -> None:
     """A few AdaMax steps on the model's objective: enough for the tests' toy signal."""
     import torch
 
@@ -66,7 +66,7 @@ def fit_briefly(model: object, mri: object, pet: object, side: object, steps: in
     optimizer = torch.optim.Adamax(model.parameters(), lr=2e-3)  # type: ignore[attr-defined]
     for _ in range(steps):
         optimizer.zero_grad()
-        model.nll(mri, pet, side)["loss"].backward()  # type: ignore[attr-defined]
+        model.nll(mri, pet, side, tissue_maps)["loss"].backward()  # type: ignore[attr-defined]
         optimizer.step()
 
 
@@ -114,11 +114,13 @@ def make_model(
 
 
 def make_covariate_model(path: Path, grid: ModelGrid, t1w_images: Sequence[np.ndarray],
-                         pet_images: Sequence[np.ndarray], values: dict[str, list], steps: int = 6) -> Path:
+                         pet_images: Sequence[np.ndarray], values: dict[str, list], steps: int = 6,
+                         tissue_maps: Sequence[np.ndarray] | None = None) -> Path:  # fmt: skip
     """A small DualGlow conditioned on age, sex and diagnosis (learnt by the group level's
     :func:`dualglow_app.covariates.learn_covariates` from ``values``), trained a few steps on
     (T1w, PET) pairs whose PET is 25 % lower in AD (so a diagnosis sweep moves it), and saved
-    with the covariates in its metadata, as the group level writes it."""
+    with the covariates in its metadata, as the group level writes it. With ``tissue_maps``
+    (each T1w's native tissue maps) its anatomy template reads them (``--anatomy-reading native``)."""
     from dataclasses import replace
 
     import torch
@@ -131,17 +133,22 @@ def make_covariate_model(path: Path, grid: ModelGrid, t1w_images: Sequence[np.nd
                 "diagnosis": CovariateSpec("diagnosis", "categorical", levels=("CN", "MCI", "AD"))}
     specs = learn_covariates(values, declared)
     torch.manual_seed(0)
+    native = {} if tissue_maps is None else {"anatomy_template": True, "anatomy_tissue": "gm+csf",
+                                             "anatomy_reading": "native", "anatomy_sigmas": [0.0, 1.0]}
     cfg = DualGlowConfig(ndim=3, levels=grid.levels, depth=2, hidden=16, relation_hidden=16,
-                         template_shape=list(grid.shape), **side_config(list(specs), specs))
+                         template_shape=list(grid.shape), **side_config(list(specs), specs), **native)
     model = DualGlow(cfg)
     scaling = IntensityScaling()
     mri = torch.from_numpy(np.stack([scaling.mri_to_model(t) for t in t1w_images]))[:, None]
     suvr = np.stack(pet_images) * np.array([0.75 if d == "AD" else 1.0 for d in values["diagnosis"]])[:, None, None, None]
     pet = torch.from_numpy(scaling.pet_to_model(suvr.astype(np.float32)))[:, None]
     side = {name: torch.tensor([spec.encode(v) for v in values[name]]) for name, spec in specs.items()}
+    maps = None if tissue_maps is None else torch.from_numpy(np.stack(tissue_maps))
     model.set_templates(mri.mean(0), pet.mean(0))
-    model.fit_pet_template([(mri, pet, side)])
-    fit_briefly(model, mri, pet, side, steps)
+    model.fit_pet_template([(mri, pet, side, maps)])
+    if maps is not None:
+        model.set_anatomy_term_range([(mri, maps)])
+    fit_briefly(model, mri, pet, side, steps, maps)
     model.set_conditioning_range([(mri, side)])
     model.eval()
     metadata = {

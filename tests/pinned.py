@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 #: The version string the pins are written with (outputs name the running dualglow version).
@@ -60,3 +61,16 @@ def check_pinned(got: object, path: Path, tol: float, numeric_strings: bool = Fa
         text = text.replace(json.dumps(PINNED_VERSION), json.dumps(version)).replace(
             f"dualglow {PINNED_VERSION}.", f"dualglow {version}.")
     assert_close(got, json.loads(text), path.stem, tol=tol, numeric_strings=numeric_strings)
+
+
+def mean_tissue_maps(model: object) -> np.ndarray | None:
+    """A model's own mean training tissue maps, (2, *grid) grey matter and CSF (its anatomy
+    template's mean features at sigma 0), for the pins of a model that reads native tissue
+    maps: the fixed input beside its mean training T1w; None for a model that does not."""
+    if not model.reads_tissue_maps:  # type: ignore[attr-defined]
+        return None
+    config = model.config  # type: ignore[attr-defined]
+    assert config.anatomy_sigmas[0] == 0.0 and config.anatomy_tissue == "gm+csf"
+    mean = model.get_buffer("anatomy_mean")[:, 0].numpy()  # type: ignore[attr-defined]
+    per_tissue = len(config.anatomy_sigmas)
+    return np.stack([mean[0], mean[per_tissue]]).astype(np.float32)

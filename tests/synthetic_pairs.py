@@ -83,9 +83,23 @@ def fake_preprocessing(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozens
     def pet(path: Path, t1: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
         return SimpleNamespace(image=nib.Nifti1Image(t1.pet, t1.grid.affine))
 
+    def tissue_maps(t1: Any, nprocs: int = 2) -> np.ndarray:
+        calls["tissue_maps"] += 1
+        return tissue_maps_of(np.asarray(t1.image.dataobj), np.asarray(t1.brain_mask.dataobj))
+
+    calls["tissue_maps"] = 0
     monkeypatch.setattr(preprocess, "preprocess_t1w", t1w)
     monkeypatch.setattr(preprocess, "preprocess_pet", pet)
+    monkeypatch.setattr(preprocess, "tissue_maps_on_grid", tissue_maps)
     return calls
+
+
+def tissue_maps_of(mri: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(2, *mri.shape) stand-ins for native tissue maps, a function of the MRI: "grey matter"
+    highest at mid intensities, "CSF" at low ones, 0 outside the mask."""
+    grey = np.clip(1.0 - np.abs(mri - 0.5) / 0.3, 0.0, 1.0)
+    csf = np.clip((0.45 - mri) / 0.15, 0.0, 1.0)
+    return (np.stack([grey, csf]) * (mask > 0)).astype(np.float32)
 
 
 def ddp_worker(rank: int, world_size: int, port: int, folder: str) -> None:

@@ -22,6 +22,7 @@ def fake_stack(folder: Path, n: int = 5) -> None:
     np.save(folder / "pet.npy", 3 * rng.random((n, 4, 4, 4), dtype=np.float32))
     np.save(folder / "mask.npy", np.broadcast_to((rng.random((4, 4, 4)) > 0.5).astype(np.uint8), (n, 4, 4, 4)))
     np.save(folder / "explainable.npy", rng.random((n, 4, 4, 4), dtype=np.float32))
+    np.save(folder / "tissue_maps.npy", rng.random((n, 2, 4, 4, 4), dtype=np.float32))
     (folder / "index.json").write_text(json.dumps({"Kind": "mni-stack", "labels": [f"sub-{i}" for i in range(n)],
                                                    "age": list(range(60, 60 + n)), "seed": 0}))  # fmt: skip
 
@@ -30,7 +31,7 @@ def test_pack_and_unpack_keep_the_first_subjects_rounded_to_float16(tmp_path: Pa
     fake_stack(tmp_path / "stack")
     pack(tmp_path / "stack", tmp_path / "carry" / "s.npz", subjects=3)
     unpack(tmp_path / "carry" / "s.npz", tmp_path / "back", explainable_from=tmp_path / "stack")
-    for name in ("mri", "pet"):
+    for name in ("mri", "pet", "tissue_maps"):
         original = np.load(tmp_path / "stack" / f"{name}.npy")[:3]
         back = np.load(tmp_path / "back" / f"{name}.npy")
         assert back.dtype == np.float32 and np.array_equal(back, original.astype(np.float16).astype(np.float32))

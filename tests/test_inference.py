@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from participant_data import make_model
-from pinned import check_pinned
+from pinned import check_pinned, mean_tissue_maps
 
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import preset
@@ -73,7 +73,8 @@ def test_scan_seed_is_stable_and_distinct() -> None:
 
 
 def test_shipped_model_prediction_is_pinned() -> None:
-    """The shipped model on its own mean training T1w, age 70 (CN): the conditional mode and two
+    """The shipped model on its own mean training T1w (and mean tissue maps, where it reads
+    them), age 70 (CN): the conditional mode and two
     samples at T = 0.7 match, per axis profile, what the same model gave when it was shipped
     (tests/data/shipped_model_prediction.json; re-pinned with a new shipped model: tests/pinned.py)."""
     loaded = open_model("dualglow-phantom-demo", "cpu")
@@ -83,7 +84,7 @@ def test_shipped_model_prediction_is_pinned() -> None:
     got: dict[str, object] = {}
     for name, (samples, temperature) in {"mode": (1, 0.0), "samples": (2, 0.7)}.items():
         out = predict(loaded.model, loaded.scaling, t1w, mask, side, samples, temperature,
-                      scan_seed(0, "001", None))  # fmt: skip
+                      scan_seed(0, "001", None), mean_tissue_maps(loaded.model))  # fmt: skip
         got[name] = {
             "profiles": [out.mean.sum(axis=tuple(a for a in range(3) if a != axis)).tolist() for axis in range(3)],
             "sd_profile": out.sd.sum(axis=(1, 2)).tolist() if out.sd is not None else None,

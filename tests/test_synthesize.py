@@ -19,7 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from participant_data import SESSION_AGES, build_cohort, make_model, participant_ages
-from pinned import check_pinned
+from pinned import check_pinned, mean_tissue_maps
 
 from dualglow_app.bids import (
     Scan,
@@ -521,6 +521,44 @@ def test_a_class_the_model_never_saw_fails_that_scan(session_env: None, cohort: 
             "the categories the model was trained with (CN, MCI, AD); correct it, or write n/a" in result.output)  # fmt: skip
 
 
+def test_a_model_that_reads_native_tissue_maps_gets_them_from_the_preprocessing(
+        session_env: None, cohort: Path, work: Path, tmp_path: Path) -> None:  # fmt: skip
+    """--anatomy-reading native at the participant level: each T1w's native tissue maps are read
+    (and cached beside its transforms) and passed to the model, for the image, the sweep and
+    the measured PET moved along it: the written PET is the one predict() makes from them."""
+    from participant_data import make_covariate_model
+
+    from dualglow_app.inference import predict
+    from dualglow_app.preprocess import grid_to_mni, image_on_grid, preprocess_pet, preprocess_t1w, tissue_maps_on_grid
+    from dualglow_app.weights import open_model
+
+    torch.set_num_threads(2)
+    t1 = [preprocess_t1w(cohort / f"sub-00{i}" / "anat" / f"sub-00{i}_T1w.nii.gz", GRID, work, 2) for i in (1, 2)]
+    pets = [np.asarray(preprocess_pet(cohort / f"sub-00{i}" / "pet" / f"sub-00{i}_trc-FDG_pet.nii.gz", t, work, 2)
+                       .image.dataobj, np.float32) for i, t in zip((1, 2), t1, strict=True)]  # fmt: skip
+    images = [np.asarray(t.image.dataobj, np.float32) for t in t1]
+    maps = [tissue_maps_on_grid(t, 2) for t in t1]
+    values = {"age": [65.0, 75.0, 70.0, 80.0], "sex": ["M", "F", "F", "M"], "diagnosis": ["CN", "AD", "MCI", "CN"]}
+    weights = make_covariate_model(tmp_path / "tiny-native", GRID, images * 2, pets * 2, values, tissue_maps=maps * 2)
+    out = tmp_path / "out"
+    result = invoke(cohort, out, "participant", "--weights", weights, "-w", work, "--nprocs", "2",
+                    "--participant-label", "001", "--skip-bids-validation", "--counterfactual-pet", "--sweep", "age=60:80:20")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    loaded = open_model(weights, "cpu")
+    assert loaded.model.reads_tissue_maps
+    row = next(r for r in (cohort / "participants.tsv").read_text().splitlines()[1:] if r.startswith("sub-001\t"))
+    columns = (cohort / "participants.tsv").read_text().splitlines()[0].split("\t")
+    own = dict(zip(columns, row.split("\t"), strict=True))
+    side = {name: spec.encode(float(own[name]) if name == "age" else own[name]) for name, spec in loaded.covariates.items()}
+    mask = np.asarray(t1[0].brain_mask.dataobj)
+    expected = predict(loaded.model, loaded.scaling, images[0], mask, side, tissue_maps=maps[0]).mean
+    other = predict(loaded.model, loaded.scaling, images[0], mask, side, tissue_maps=maps[1]).mean
+    assert np.abs(expected - other).max() > 0.01  # the maps matter to this model
+    written = data_of(next(out.rglob("sub-001_*desc-synthetic_pet.nii.gz")))
+    assert np.allclose(written, np.asarray(grid_to_mni(image_on_grid(expected, GRID), GRID, 2).dataobj), atol=1e-4)
+    assert len(list(out.rglob("sub-001_*_pet.nii.gz"))) >= 5  # mean, two sweep images, two moved PETs
+
+
 # --------------------------------------------------------------------------- units
 
 
@@ -575,7 +613,8 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
     from dualglow_app import __version__, preprocess
     from dualglow_app.weights import open_model
 
-    t1w = open_model("dualglow-phantom-demo").model.mri_template[0, 0].numpy().astype(np.float32)
+    shipped = open_model("dualglow-phantom-demo")
+    t1w = shipped.model.mri_template[0, 0].numpy().astype(np.float32)
 
     def fixed_t1w(path: Path, grid: object, work_dir: object, nprocs: int = 2, options: object = None) -> object:
         affine = grid.affine  # type: ignore[attr-defined]
@@ -584,6 +623,8 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
                                intensity_range=(100.0, 1000.0), template_coverage=1.0, grid=grid)  # fmt: skip
 
     monkeypatch.setattr(preprocess, "preprocess_t1w", fixed_t1w)
+    # A model that reads native tissue maps gets its own mean training maps (fixed, like the T1w).
+    monkeypatch.setattr(preprocess, "tissue_maps_on_grid", lambda t1, nprocs=2: mean_tissue_maps(shipped.model))
     bids = tmp_path / "bids"
     (bids / "sub-01" / "anat").mkdir(parents=True)
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "pin", "BIDSVersion": "1.10.0"}))

@@ -618,3 +618,31 @@ def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, c
     assert float(model.get_buffer("tissue_mixture")[1, 1]) != 0.5  # fitted, not the placeholder
     assert bool(torch.isfinite(model.get_buffer("anatomy_term_range")).all())  # set with the fit
     assert math.isfinite(result.final_metrics["mae_suvr"])
+
+
+def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_from_them(tmp_path: Path) -> None:
+    """--anatomy-reading native: the anatomy template is fitted on the tissue maps stacked beside
+    the MRIs, the model file says so, and its predictions move with the maps they are given (the
+    same T1w with another subject's maps gives another PET); data without maps are refused."""
+    from synthetic_pairs import tissue_maps_of
+
+    from dualglow_app.inference import predict
+
+    data = paired_volumes(42)
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2,
+                           anatomy_reading="native")  # fmt: skip
+    assert options.reads_tissue_maps and options.dataset_spec.tissue_maps
+    with pytest.raises(ValueError, match="needs the scans' native tissue maps"):
+        train(options, data=data)
+    data.tissue_maps = np.stack([tissue_maps_of(np.roll(m, 2, axis=0), k) for m, k in zip(data.mri, data.mask, strict=True)])
+    result = train(options, data=data)
+    model, _ = load_model(result.model_path)
+    assert model.reads_tissue_maps and not model.uses_tissue_mixture and "tissue_mixture" not in model.state_dict()
+    assert float(model.get_buffer("pet_anatomy_maps").abs().max()) > 0
+    assert math.isfinite(result.final_metrics["mae_suvr"])
+    model.eval()
+    own = predict(model, IntensityScaling(), data.mri[0], data.mask[0], {"age": 70.0}, tissue_maps=data.tissue_maps[0]).mean
+    other = predict(model, IntensityScaling(), data.mri[0], data.mask[0], {"age": 70.0}, tissue_maps=data.tissue_maps[5]).mean
+    assert np.abs(own - other).max() > 0.01
+    with pytest.raises(ValueError, match="pass tissue_maps"):
+        predict(model, IntensityScaling(), data.mri[0], data.mask[0], {"age": 70.0})

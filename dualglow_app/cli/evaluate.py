@@ -18,7 +18,7 @@ from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_fol
 from dualglow_app.evaluate.options import BASELINE_NAMES
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import VALIDATION_SELECTION
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
 
 
 def _parse_baselines(value: str) -> tuple[str, ...]:
@@ -78,6 +78,8 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               help="DUAL-GLOW, as the group level's: the T1w, its grey-matter probability, or its grey-matter and CSF probabilities.")
 @click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
+@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="posterior", show_default=True,
+              help="DUAL-GLOW, as the group level's: how the tissue maps are read (grid posteriors, fractions, native).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")
 @click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,
@@ -95,7 +97,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
          seed: int, device: str, work_dir: Path | None, grid: str, batch_size: int, depth: int, hidden: int,
          relation_hidden: int, relation_layers: int, top_prior: str, top_mri_side: str, side_levels: str,
          side_template_mri_fwhm: tuple[float, ...], side_template_anatomy: str, side_template_fixed: tuple[str, ...],
-         anatomy_template: bool,
+         anatomy_template: bool, anatomy_reading: str,
          lambda_mri: float, lr: float,
          baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
@@ -125,7 +127,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             top_mri_side=top_mri_side, lambda_mri=lambda_mri, lr=lr, baseline_width=baseline_width,
             side_levels=side_levels, side_template_mri_fwhm=side_template_mri_fwhm,
             side_template_anatomy=side_template_anatomy, anatomy_template=anatomy_template,
-            side_template_fixed=side_template_fixed_choice(side_template_fixed),
+            anatomy_reading=anatomy_reading, side_template_fixed=side_template_fixed_choice(side_template_fixed),
             participant_labels=participant_label, nprocs=nprocs, skip_bids_validation=skip_bids_validation,
         )  # fmt: skip
     except ValueError as err:

@@ -129,7 +129,7 @@ def _fit_dualglow(cohort: Cohort, train_rows: np.ndarray, fold: int, options: Ev
         top_prior=options.top_prior, top_mri_side=options.top_mri_side, lambda_mri=options.lambda_mri,
         side_levels=options.side_levels, side_template_mri_fwhm=options.side_template_mri_fwhm,
         side_template_anatomy=options.side_template_anatomy, side_template_fixed=options.side_template_fixed,
-        anatomy_template=options.anatomy_template,
+        anatomy_template=options.anatomy_template, anatomy_reading=options.anatomy_reading,
         side_info=options.side_info, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
         warmup_steps=options.warmup_steps, val_fraction=options.inner_val_fraction if validating else 0.0,
         patience=options.patience, min_delta=options.min_delta if validating else 0.0, keep="best",
@@ -202,7 +202,8 @@ def _dualglow_predictions(
         for name in average_over:
             combinations = [({**c, name: v}, w * cw) for c, cw in combinations for v, w in marginal_choices(name)]
         t1w, mask = np.asarray(data.mri[row]), np.asarray(data.mask[row])
-        return sum(weight * predict(model, scaling, t1w, mask, {**side, **fixed} or None).mean
+        tissue_maps = data.row_tissue_maps(row)
+        return sum(weight * predict(model, scaling, t1w, mask, {**side, **fixed} or None, tissue_maps=tissue_maps).mean
                    for fixed, weight in combinations)  # type: ignore[return-value]
 
     def mode_own(row: int, **override: float) -> np.ndarray:
@@ -314,14 +315,14 @@ _METHOD_SETTINGS = {
     DUALGLOW: ("depth", "hidden", "relation_hidden", "relation_layers", "lr", "warmup_steps", "side_info", "ages",
                "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
                "side_template_fixed", "side_template_anatomy", "dualglow_select_on", "dualglow_min_epochs",
-               "anatomy_template"),
+               "anatomy_template", "anatomy_reading"),
     "baselines": ("baseline_width",),
 }
 
 
 #: Settings added after results were cached: at these values they stay out of the method key.
 _KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w", "dualglow_select_on": "bpd",
-                                  "dualglow_min_epochs": 0, "anatomy_template": False}
+                                  "dualglow_min_epochs": 0, "anatomy_template": False, "anatomy_reading": "posterior"}
 
 
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
@@ -628,6 +629,7 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
     spec = DatasetSpec(
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
+        tissue_maps=options.anatomy_reading == "native",
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None

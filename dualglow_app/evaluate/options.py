@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dualglow_app.covariates import name_problem
 from dualglow_app.options import VALIDATION_SELECTION, default_work_dir
-from dualglow_app.tissue import SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
 
 if TYPE_CHECKING:
     from dualglow_app.dataset import PairedVolumes
@@ -110,6 +110,7 @@ class EvaluateOptions:
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     anatomy_template: bool = True
     side_template_anatomy: str = "gm+csf"
+    anatomy_reading: str = "posterior"
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -157,6 +158,8 @@ class EvaluateOptions:
             problems.append(f"device={self.device!r} (auto, cpu or cuda)")
         if self.side_template_anatomy not in SIDE_TEMPLATE_ANATOMY:
             problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
+        if self.anatomy_reading not in ANATOMY_READINGS:
+            problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
         if problems:
             raise ValueError("invalid evaluation options: " + "; ".join(problems) + ".")
 

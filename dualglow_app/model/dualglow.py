@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from dualglow_app.log import get_logger
 from dualglow_app.model.conditioning import ConditioningRange, RangeFinder
 from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY, TISSUE_CLASSES
+from dualglow_app.tissue import ANATOMY_READINGS, MIXTURE_CLASSES, NATIVE_TISSUE_CHANNELS, SIDE_TEMPLATE_ANATOMY, TISSUE_CLASSES
 
 log = get_logger(__name__)
 
@@ -151,7 +151,11 @@ class DualGlowConfig:
     # fractions (deviation r 0.875 -> 0.893, MAE 0.052 -> 0.049), and through the preprocessing
     # in the reference folds too (0.782 -> 0.798, 0.0704 -> 0.0681), but there the age slopes
     # agreed less with the truth (within +-25 % 0.53 -> 0.37; docs/MODEL_EXPERIMENTS.md,
-    # finding 25): a trade, not the default.
+    # finding 25): a trade, not the default. Or "native": not read from the grid T1w at all but
+    # given beside it, each subject's own mixture posteriors of its native-resolution brain
+    # warped to the grid (``tissue_maps`` of nll / conditional_prior / sample;
+    # dualglow_app.preprocess.tissue_maps_on_grid): in the reference folds the linear start's
+    # deviation r rose from 0.782 to 0.869 (finding 25). Needs anatomy_tissue "gm" or "gm+csf".
     anatomy_reading: str = "posterior"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
@@ -193,6 +197,8 @@ class DualGlowConfig:
             problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
         if self.anatomy_template and self.template_shape is None:
             problems.append("anatomy_template=True needs template_shape (the template it moves)")
+        if self.anatomy_reading == "native" and not TISSUE_CLASSES.get(self.anatomy_tissue):
+            problems.append(f"anatomy_reading='native' reads tissue maps: anatomy_tissue='gm' or 'gm+csf', not {self.anatomy_tissue!r}")
         if self.template_shape is not None and (
             len(self.template_shape) != self.ndim or min(self.template_shape) < 1
         ):
@@ -407,6 +413,8 @@ class ConditionalPrior(NamedTuple):
     side: Tensor | None = None
     # The model-scale MRI, where the PET template moves with its anatomy (anatomy_template).
     mri: Tensor | None = None
+    # Its native tissue maps, where the anatomy template reads them (DualGlow.reads_tissue_maps).
+    tissue_maps: Tensor | None = None
 
 
 class DualGlow(nn.Module):
@@ -544,15 +552,40 @@ class DualGlow(nn.Module):
 
     @property
     def uses_tissue_mixture(self) -> bool:
-        """Whether the anatomy terms are tissue posteriors (``anatomy_tissue`` "gm", "gm+csf")."""
-        return bool(TISSUE_CLASSES[self.config.anatomy_tissue])
+        """Whether the anatomy terms are tissue posteriors read from the grid T1w with the
+        training brains' mixture (``anatomy_tissue`` "gm", "gm+csf", not read natively)."""
+        return bool(TISSUE_CLASSES[self.config.anatomy_tissue]) and not self.reads_tissue_maps
 
-    def anatomy_features(self, x_mri: Tensor) -> Tensor:
+    @property
+    def reads_tissue_maps(self) -> bool:
+        """Whether the template's MRI terms are tissue maps given beside the MRI
+        (``anatomy_reading="native"``): then :meth:`fit_pet_template` needs them, and with the
+        anatomy template so do :meth:`nll`, :meth:`conditional_prior` and the rest:
+        ``tissue_maps``, (batch, 2, *spatial) in NATIVE_TISSUE_CHANNELS order."""
+        return self.config.anatomy_reading == "native"
+
+    @staticmethod
+    def _checked_tissue_maps(x_mri: Tensor, tissue_maps: Tensor | None) -> Tensor:
+        """``tissue_maps``, after checking a native-reading model got them, shaped for ``x_mri``."""
+        if tissue_maps is None:
+            raise ValueError("this model reads the anatomy from native tissue maps: pass tissue_maps, (batch, 2, "
+                             "*spatial) grey matter and CSF (dualglow_app.preprocess.tissue_maps_on_grid)")  # fmt: skip
+        expected = (x_mri.shape[0], len(NATIVE_TISSUE_CHANNELS), *x_mri.shape[2:])
+        if tuple(tissue_maps.shape) != expected:
+            raise ValueError(f"tissue_maps has shape {tuple(tissue_maps.shape)}; expected {expected} for these MRIs")
+        return tissue_maps
+
+    def anatomy_features(self, x_mri: Tensor, tissue_maps: Tensor | None = None) -> Tensor:
         """The template's MRI terms of each model-scale MRI: (batch, terms, in_channels, *spatial),
-        each tissue map of ``anatomy_tissue`` at each of ``anatomy_sigmas`` (tissue-major)."""
+        each tissue map of ``anatomy_tissue`` at each of ``anatomy_sigmas`` (tissue-major); with
+        ``anatomy_reading="native"`` the maps are ``tissue_maps``, not read from ``x_mri``."""
         classes = TISSUE_CLASSES[self.config.anatomy_tissue]
         if not classes:
             tissues = [x_mri]
+        elif self.config.anatomy_reading == "native":
+            maps = self._checked_tissue_maps(x_mri, tissue_maps).to(x_mri.dtype)
+            channels = [NATIVE_TISSUE_CHANNELS.index(MIXTURE_CLASSES[k]) for k in classes]
+            tissues = [maps[:, i : i + 1] for i in channels]
         else:
             mixture = self.get_buffer("tissue_mixture")
             if self.config.anatomy_reading == "fractions":
@@ -564,11 +597,12 @@ class DualGlow(nn.Module):
         return blurred_tissue_maps(tissues, self.config.anatomy_sigmas)
 
     @torch.no_grad()
-    def fit_pet_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]]) -> None:
+    def fit_pet_template(self, batches: Iterable[tuple[Tensor, Tensor, SideInput | None]
+                                                 | tuple[Tensor, Tensor, SideInput | None, Tensor | None]]) -> None:
         """Start the side template (``DualGlowConfig.side_template``) and the anatomy template
         (``anatomy_template``) from the training pairs: per voxel, least squares of the PET on
         (1, c, the MRI's tissue map around that voxel, :meth:`anatomy_features`) over
-        ``(mri, pet, side)`` batches (model scale, as :meth:`nll` takes them). The maps B_j are
+        ``(mri, pet, side[, tissue_maps])`` batches (model scale, as :meth:`nll` takes them). The maps B_j are
         the coefficients of c: the covariates' effect with the anatomy held fixed, which is
         what a sweep of one MRI should show. Without the MRI terms they would also take what
         the anatomy says about c (atrophy goes with age): measured on phantom v2, the age-only
@@ -598,15 +632,17 @@ class DualGlow(nn.Module):
             )
         n_side = self.config.n_side if self.pet_side_template is not None else 0
         gram, moments, pet_sum, c_sum, feature_sum, rows = None, None, None, None, None, 0
-        for mri, pet, side in batches:
+        for batch in batches:
+            mri, pet, side, tissue_maps = (*batch, None)[:4]
             device = self.pet_template.device
             mri, pet = torch.as_tensor(mri).to(device).double(), torch.as_tensor(pet).to(device).double()
+            tissue_maps = None if tissue_maps is None else torch.as_tensor(tissue_maps).to(device).double()
             encoded = self._encode_side(side, pet.shape[0], pet)
             if n_side and encoded is None:
                 raise ValueError("fit_pet_template needs the covariates of every batch (side=None given).")
             c = encoded[0] if n_side and encoded is not None else pet.new_zeros(pet.shape[0], 0)
             voxels = mri[0].numel()
-            features = self.anatomy_features(mri).flatten(2).transpose(1, 2)  # (batch, voxels, scales)
+            features = self.anatomy_features(mri, tissue_maps).flatten(2).transpose(1, 2)  # (batch, voxels, scales)
             # (batch, voxels, 1 + n_side + scales): intercept, covariates, the MRI around each voxel.
             design = torch.cat([pet.new_ones(pet.shape[0], 1), c], dim=1)[:, None, :].expand(-1, voxels, -1)
             design = torch.cat([design, features], dim=2)
@@ -666,7 +702,7 @@ class DualGlow(nn.Module):
             keep[self.config.side_channels(name)] = 0.0
         self.pet_side_template.register_hook(lambda grad: grad * keep.to(grad))
 
-    def anatomy_term(self, x_mri: Tensor, bounded: bool = True) -> Tensor:
+    def anatomy_term(self, x_mri: Tensor, bounded: bool = True, tissue_maps: Tensor | None = None) -> Tensor:
         """sum_s A_s (f_s - mean f_s) of each model-scale MRI (``anatomy_template``): how far its
         anatomy moves the PET's centre, clamped per voxel to the range the training scans gave
         (:meth:`set_anatomy_term_range`; ``bounded=False``: the raw term, to measure that range).
@@ -678,7 +714,7 @@ class DualGlow(nn.Module):
         too: there the unclamped term made that validation subject's bpd grow without bound as
         the flows sharpened (docs/MODEL_EXPERIMENTS.md, finding 24). A clamp of a function of
         the MRI is still a shift by a function of the conditioning input (logdet 0)."""
-        departure = self.anatomy_features(x_mri) - self.get_buffer("anatomy_mean").to(x_mri.dtype)
+        departure = self.anatomy_features(x_mri, tissue_maps) - self.get_buffer("anatomy_mean").to(x_mri.dtype)
         term = (departure * self.get_buffer("pet_anatomy_maps").to(x_mri.dtype)).sum(1)
         if bounded:
             low, high = self.get_buffer("anatomy_term_range").to(x_mri.dtype)
@@ -686,24 +722,30 @@ class DualGlow(nn.Module):
         return term
 
     @torch.no_grad()
-    def set_anatomy_term_range(self, mri_batches: Iterable[Tensor]) -> None:
+    def set_anatomy_term_range(self, mri_batches: Iterable[Tensor | tuple[Tensor, Tensor | None]]) -> None:
         """Per voxel, the minimum and maximum of the raw anatomy term over these model-scale MRIs
-        (the training scans): the range :meth:`anatomy_term` holds it to. Right after
-        :meth:`fit_pet_template` (the maps are fixed from then on, so the range is final)."""
+        (the training scans; ``(mri, tissue_maps)`` pairs for a model that reads them): the range
+        :meth:`anatomy_term` holds it to. Right after :meth:`fit_pet_template` (the maps are
+        fixed from then on, so the range is final)."""
         low = high = None
-        for x_mri in mri_batches:
-            term = self.anatomy_term(torch.as_tensor(x_mri).to(self.pet_template), bounded=False)
+        for batch in mri_batches:
+            x_mri, tissue_maps = batch if isinstance(batch, tuple) else (batch, None)
+            like = self.get_buffer("pet_template")
+            term = self.anatomy_term(torch.as_tensor(x_mri).to(like), bounded=False,
+                                     tissue_maps=None if tissue_maps is None else torch.as_tensor(tissue_maps).to(like))  # fmt: skip
             low = term.amin(0) if low is None else torch.minimum(low, term.amin(0))
             high = term.amax(0) if high is None else torch.maximum(high, term.amax(0))
         if low is None or high is None:
             raise ValueError("set_anatomy_term_range needs at least one batch of training MRIs.")
         self.get_buffer("anatomy_term_range").copy_(torch.stack([low, high]))
 
-    def _center(self, x: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor | float:
+    def _center(self, x: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None,
+                tissue_maps: Tensor | None = None) -> Tensor | float:  # fmt: skip
         """What an image is centred on before its flow: its template (for the PET, moved by the
         side information ``c`` where the model has a side template, and by the anatomy of the
-        model-scale MRI ``x_mri`` where it has an anatomy template, held to its training range;
-        without ``x_mri``, the training scans' mean anatomy), or 0.5."""
+        model-scale MRI ``x_mri`` (or its ``tissue_maps``, :attr:`reads_tissue_maps`) where it
+        has an anatomy template, held to its training range; without ``x_mri``, the training
+        scans' mean anatomy), or 0.5."""
         if self.config.template_shape is None:
             return 0.5
         template = self.get_buffer(f"{modality}_template")
@@ -720,7 +762,7 @@ class DualGlow(nn.Module):
             if self.pet_side_template is not None and c is not None:
                 centre = centre + torch.einsum("bn,n...->b...", c.to(dtype), self.pet_side_template.to(dtype))
             if self.config.anatomy_template and x_mri is not None:
-                centre = centre + self.anatomy_term(x_mri.to(dtype))
+                centre = centre + self.anatomy_term(x_mri.to(dtype), tissue_maps=tissue_maps)
         return centre
 
     @torch.no_grad()
@@ -872,14 +914,15 @@ class DualGlow(nn.Module):
     # -- likelihood ------------------------------------------------------------------------
 
     def _dequantize(self, x: Tensor, noise: bool, modality: str, c: Tensor | None = None,
-                    x_mri: Tensor | None = None) -> Tensor:  # fmt: skip
+                    x_mri: Tensor | None = None, tissue_maps: Tensor | None = None) -> Tensor:  # fmt: skip
         """[0, 1] intensities -> continuous values centred on 0 (or on the template), plus up
         to one bin of noise."""
         u = torch.rand_like(x) if noise else torch.full_like(x, 0.5)
-        return x + u / self.config.n_bins - self._center(x, modality, c, x_mri)
+        return x + u / self.config.n_bins - self._center(x, modality, c, x_mri, tissue_maps)
 
-    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None) -> Tensor:
-        return y + self._center(y, modality, c, x_mri) - 0.5 / self.config.n_bins
+    def _quantize_back(self, y: Tensor, modality: str, c: Tensor | None = None, x_mri: Tensor | None = None,
+                       tissue_maps: Tensor | None = None) -> Tensor:  # fmt: skip
+        return y + self._center(y, modality, c, x_mri, tissue_maps) - 0.5 / self.config.n_bins
 
     def _side_head_inputs(self, mri: Sequence[_T], pet_top: _T) -> tuple[list[_T], list[_T]]:
         """What the eq. 17 heads see, given the MRI's per-level items (latents, or their channel
@@ -920,8 +963,10 @@ class DualGlow(nn.Module):
             start += k
         return loss
 
-    def nll(self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None) -> dict[str, Tensor]:
-        """The training objective (eq. 12) and its parts, averaged over the batch.
+    def nll(self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None,
+            tissue_maps: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
+        """The training objective (eq. 12) and its parts, averaged over the batch (``tissue_maps``:
+        the MRIs' native tissue maps, for a model that reads them, :attr:`reads_tissue_maps`).
 
         Returns ``loss`` (what to minimise), ``bpd_pet_given_mri`` (-log p(xp | xm) in bits
         per voxel), ``bpd_mri`` (-log p(xm) in bits per voxel) and, with side information,
@@ -941,7 +986,7 @@ class DualGlow(nn.Module):
         c = encoded[0] if encoded is not None else None
 
         zm, logdet_m = self.flow_mri(self._dequantize(x_mri, self.training, "mri"))
-        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet", c, x_mri))
+        zp, logdet_p = self.flow_pet(self._dequantize(x_pet, self.training, "pet", c, x_mri, tissue_maps))
 
         # log p(zm) under the standard normal prior of the MRI flow.
         log_p_zm = sum(gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z)) for z in zm)
@@ -979,10 +1024,10 @@ class DualGlow(nn.Module):
         return out
 
     def forward(
-        self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None
+        self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None, tissue_maps: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Same as :meth:`nll` (so DataParallel/DDP wrappers call the objective)."""
-        return self.nll(x_mri, x_pet, side)
+        return self.nll(x_mri, x_pet, side, tissue_maps)
 
     # -- synthesis -------------------------------------------------------------------------
 
@@ -999,7 +1044,8 @@ class DualGlow(nn.Module):
         return zm, encoded[0] if encoded is not None else None
 
     @torch.no_grad()
-    def conditional_prior(self, x_mri: Tensor, side: SideInput | None = None) -> ConditionalPrior:
+    def conditional_prior(self, x_mri: Tensor, side: SideInput | None = None,
+                          tissue_maps: Tensor | None = None) -> ConditionalPrior:  # fmt: skip
         """p(zp | zm, c) for synthesis (eq. 10-11, 16), inside the conditioning range, and per
         MRI the share of its latents that fell outside that range (0 for a model without one)."""
         zm, c = self._mri_latents(x_mri, side)
@@ -1015,8 +1061,11 @@ class DualGlow(nn.Module):
             mus.append(mu)
             log_sigmas.append(log_sigma)
         fraction = outside / sum(z[0].numel() for z in zm)
-        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c,
-                                x_mri if self.config.anatomy_template else None)
+        if self.reads_tissue_maps and self.config.anatomy_template:
+            self._checked_tissue_maps(x_mri, tissue_maps)  # fail here, not at sampling
+        anatomy = self.config.anatomy_template
+        return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c, x_mri if anatomy else None,
+                                tissue_maps if anatomy else None)  # fmt: skip
 
     @torch.no_grad()
     def sample(
@@ -1026,16 +1075,18 @@ class DualGlow(nn.Module):
         temperature: float = 1.0,
         n: int = 1,
         generator: torch.Generator | None = None,
+        tissue_maps: Tensor | None = None,
     ) -> Tensor:
         """Synthetic PET for each MRI: ``(n, batch, in_channels, *spatial)``, on the [0, 1] scale.
 
         zp_i = mu_i(zm_i) + temperature * sigma_i(zm_i) * eps, eps ~ N(0, I); temperature 0
         gives the conditional mode of the latents, deterministically (then all n are equal).
         """
-        return self.sample_prior(self.conditional_prior(x_mri, side), temperature, n, generator)
+        return self.sample_prior(self.conditional_prior(x_mri, side, tissue_maps), temperature, n, generator)
 
     @torch.no_grad()
-    def counterfactual(self, x_mri: Tensor, x_pet: Tensor, side: SideInput, new_side: SideInput) -> Tensor:
+    def counterfactual(self, x_mri: Tensor, x_pet: Tensor, side: SideInput, new_side: SideInput,
+                       tissue_maps: Tensor | None = None) -> Tensor:  # fmt: skip
         """A measured PET as it would look with other side information (the authors' released
         code does this): encode the PET, keep each latent's standardised residual from its prior
         under ``side``, (zp - mu) / sigma, and put it on the prior under ``new_side``. Where the
@@ -1046,14 +1097,15 @@ class DualGlow(nn.Module):
         gives back the measured PET (up to the flow's numerical inverse).
         """
         self._check_image(x_pet, "x_pet")
-        old, new = self.conditional_prior(x_mri, side), self.conditional_prior(x_mri, new_side)
-        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side, x_mri=x_mri))
+        old, new = self.conditional_prior(x_mri, side, tissue_maps), self.conditional_prior(x_mri, new_side, tissue_maps)
+        zp, _ = self.flow_pet(self._dequantize(x_pet, noise=False, modality="pet", c=old.side, x_mri=x_mri,
+                                               tissue_maps=tissue_maps))  # fmt: skip
         moved = [
             mu_new + (z - mu_old) * (log_sigma_new - log_sigma_old).exp()
             for z, mu_old, log_sigma_old, mu_new, log_sigma_new in zip(
                 zp, old.mu, old.log_sigma, new.mu, new.log_sigma, strict=True)
         ]  # fmt: skip
-        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side, x_mri)
+        return self._quantize_back(self.flow_pet.inverse(moved), "pet", new.side, x_mri, tissue_maps)
 
     @torch.no_grad()
     def sample_prior(
@@ -1086,7 +1138,7 @@ class DualGlow(nn.Module):
                         mu.shape, generator=generator, dtype=mu.dtype, device=mu.device
                     )
                     zp.append(mu + temperature * log_sigma.exp() * eps)
-            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side, prior.mri))
+            samples.append(self._quantize_back(self.flow_pet.inverse(zp), "pet", prior.side, prior.mri, prior.tissue_maps))
         return torch.stack(samples)
 
 

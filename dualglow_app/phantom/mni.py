@@ -26,6 +26,10 @@ grid and put onto the model grid the way the preprocessing leaves a perfectly re
   :func:`dualglow_app.templates.reference_region`), 0 outside the brain (SUVR);
 - ``explainable.npy``: the explainable PET (cohort.py, ``desc-explainable``), scaled the same
   way by its own reference-region mean;
+- ``tissue_maps.npy``: (N, 2, X, Y, Z) the grey matter's and the CSF's posteriors of a
+  3-class mixture fitted to each subject's own 2 mm T1w, averaged down to the grid as the
+  T1w is: the stack's counterpart of the native tissue maps
+  (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, ``--anatomy-reading native``);
 - ``mask.npy``: the brain (> 0.5 on the grid); ``index.json``: labels, subjects, ages, sexes, diagnoses, (version 2)
   MMSE-like scores, their BIDS column descriptions (``columns``), the grid, the phantom
   version, the seed and a note saying all this.
@@ -63,6 +67,7 @@ from dualglow_app.phantom import pet as pt
 from dualglow_app.phantom.subjects import Demographics
 from dualglow_app.phantom.template import load_template
 from dualglow_app.runtime import cpu_threads
+from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, GreyMatterModel
 
 log = get_logger(__name__)
 
@@ -74,7 +79,7 @@ MRI_NOISE_SD = (0.015, 0.035)
 RESIDUAL_BIAS = (0.01, 0.04)
 #: Stream of the fast path's own noise and bias: ``SeedSequence(seed, spawn_key=(i, 1, 99))``.
 NOISE_STREAM = 99
-STACK_FILES = ("mri", "pet", "explainable", "mask")
+STACK_FILES = ("mri", "pet", "explainable", "mask", "tissue_maps")
 NOTE = (
     "SYNTHETIC phantom subjects written directly on the model grid in MNI space by dualglow-phantom "
     "--mni-stack. This SKIPS the native-space simulation (head, pose, scanner matrix, native noise) AND "
@@ -85,7 +90,8 @@ NOTE = (
 
 @dataclass(frozen=True)
 class MNISubject:
-    """One subject on the model grid: MRI [0, 1], PET and explainable PET in SUVR, brain mask."""
+    """One subject on the model grid: MRI [0, 1], PET and explainable PET in SUVR, brain mask,
+    and (where asked for) its tissue maps (2, X, Y, Z), grey matter and CSF."""
 
     label: str
     demographics: Demographics
@@ -93,6 +99,7 @@ class MNISubject:
     pet: np.ndarray
     explainable: np.ndarray
     mask: np.ndarray
+    tissue_maps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,9 +148,10 @@ def _to_grid(volume: np.ndarray, affine: np.ndarray, grid: ModelGrid, anti_alias
 
 def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = cohort.DEFAULT_VERSION,
                      age: float | None = None, diagnosis: str | None = None,
-                     metabolic_age: float | None = None) -> MNISubject:
+                     metabolic_age: float | None = None, tissue_maps: bool = False) -> MNISubject:
     """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring.
-    ``metabolic_age`` ages its metabolism alone (:func:`~dualglow_app.phantom.cohort.session_truth`)."""
+    ``metabolic_age`` ages its metabolism alone (:func:`~dualglow_app.phantom.cohort.session_truth`);
+    ``tissue_maps`` also reads its tissue maps (``tissue_maps.npy`` of the module docstring)."""
     tpl = load_template(WORK_VOXEL_MM)
     cal = pt.calibrate(WORK_VOXEL_MM)
     refs = _grid_refs(grid)
@@ -162,9 +170,18 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
         on_grid = _to_grid(pet, tpl.affine, grid)
         return on_grid / float(on_grid[refs.reference].mean()) * mask
 
+    maps = None
+    if tissue_maps:
+        from dualglow_app.preprocess import TISSUE_MIXTURE_STRIDE
+
+        brain = truth.brain > 0.5
+        posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *t1.shape), np.float32)
+        mixture = GreyMatterModel.fit([t1], [brain], stride=TISSUE_MIXTURE_STRIDE)
+        posteriors[:, brain] = mixture.probabilities(t1[brain], NATIVE_TISSUE_CHANNELS)
+        maps = np.stack([_to_grid(p, tpl.affine, grid) * mask for p in posteriors]).astype(np.float32)
     label = f"sub-{cohort.participant_label(index)}"
     return MNISubject(label, traits.demographics, mri.astype(np.float32), suvr(truth.pet).astype(np.float32),
-                      suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8))
+                      suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8), maps)
 
 
 def work_t1(truth: cohort.SessionTruth, seed: int, index: int) -> np.ndarray:
@@ -191,7 +208,7 @@ def age_sweep_truth(seed: int, index: int, grid: ModelGrid, ages: Sequence[float
 
 def _worker(args: tuple[int, int, ModelGrid, int]) -> MNISubject:
     seed, index, grid, version = args
-    return simulate_subject(seed, index, grid, version)
+    return simulate_subject(seed, index, grid, version, tissue_maps=True)
 
 
 def make_mni_stack(out_dir: Path | str, n_subjects: int, seed: int = 0, grid: ModelGrid | None = None,
@@ -226,9 +243,10 @@ def make_mni_stack(out_dir: Path | str, n_subjects: int, seed: int = 0, grid: Mo
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        shape = (n_subjects, *grid.shape)
+        shapes: dict[str, tuple[int, ...]] = {name: (n_subjects, *grid.shape) for name in STACK_FILES}
+        shapes["tissue_maps"] = (n_subjects, len(NATIVE_TISSUE_CHANNELS), *grid.shape)
         arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.uint8 if name == "mask" else np.float32,
-                                                  shape) for name in STACK_FILES}
+                                                  shapes[name]) for name in STACK_FILES}
         jobs = max(1, min(cpu_threads(jobs), n_subjects))
         tasks = [(seed, i, grid, version) for i in range(n_subjects)]
         subjects: list[MNISubject] = []
@@ -265,7 +283,7 @@ def _store(arrays: dict[str, np.ndarray], row: int, subject: MNISubject) -> None
 
 def _meta_only(subject: MNISubject) -> MNISubject:
     empty = np.empty(0, dtype=np.float32)
-    return MNISubject(subject.label, subject.demographics, empty, empty, empty, empty)
+    return MNISubject(subject.label, subject.demographics, empty, empty, empty, empty, empty)
 
 
 def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int) -> dict:
@@ -297,6 +315,8 @@ def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int)
                        "0 outside the brain",
             "explainable.npy": "explainable PET (no MRI-invisible factors), SUVR by its own reference mean",
             "mask.npy": "brain mask, uint8",
+            "tissue_maps.npy": "grey-matter and CSF posteriors of a 3-class mixture of each subject's 2 mm T1w, "
+                               "averaged down to the grid, float32 (N, 2, X, Y, Z), 0 outside the brain",
         },
         "reference_region": PETOptions().reference_region,
         "work_voxel_mm": WORK_VOXEL_MM,

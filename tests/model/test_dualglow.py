@@ -874,3 +874,38 @@ def test_tissue_fractions_read_a_voxel_as_a_mix_of_its_two_neighbouring_tissues(
     assert DualGlowConfig.from_dict(config.to_dict()).anatomy_reading == "fractions"
     with pytest.raises(ValueError, match="anatomy_reading"):
         tiny_config(anatomy_reading="votes")
+
+
+def test_a_native_reading_model_moves_its_template_with_the_tissue_maps_it_is_given() -> None:
+    """anatomy_reading="native": the anatomy template's terms are the grey-matter and CSF maps
+    passed beside the MRI (read at the native resolution by the preprocessing), not read from
+    the MRI. PETs linear in those maps are then fitted exactly, an untrained mode is that linear
+    model, the same MRI with other maps gives another PET, and a call without them says what to pass."""
+    gen = torch.Generator().manual_seed(3)
+    n = 24
+    mri = 0.3 + 0.4 * torch.rand(n, 1, 8, 8, generator=gen)
+    maps = torch.rand(n, 2, 8, 8, generator=gen)  # grey matter, CSF: unrelated to the MRI's intensities
+    gain = torch.tensor([0.4, -0.2]).view(1, 2, 1, 1)
+    pet = 0.3 + (gain * maps).sum(1, keepdim=True)
+    config = tiny_config(template_shape=[8, 8], anatomy_template=True, anatomy_tissue="gm+csf",
+                         anatomy_reading="native", anatomy_sigmas=[0.0])  # fmt: skip
+    model = DualGlow(config)
+    assert model.reads_tissue_maps and not model.uses_tissue_mixture
+    model.set_templates(mri.mean(0), pet.mean(0))
+    model.fit_pet_template([(mri[:12], pet[:12], None, maps[:12]), (mri[12:], pet[12:], None, maps[12:])])
+    model.set_anatomy_term_range([(mri, maps)])
+    fitted = model.get_buffer("pet_anatomy_maps")[:, 0]
+    assert torch.allclose(fitted, gain[0].expand(2, 8, 8), atol=1e-4)
+    model.eval()
+    mode = model.sample(mri[:2], temperature=0.0, tissue_maps=maps[:2])[0] + 0.5 / model.config.n_bins
+    assert torch.allclose(mode, pet[:2], atol=1e-4)
+    swapped = model.sample(mri[:2], temperature=0.0, tissue_maps=maps[2:4])[0] + 0.5 / model.config.n_bins
+    assert torch.allclose(swapped, pet[2:4], atol=1e-4)
+    assert torch.isfinite(model.nll(mri[:2], pet[:2], None, maps[:2])["loss"])
+    with pytest.raises(ValueError, match="pass tissue_maps"):
+        model.sample(mri[:2], temperature=0.0)
+    with pytest.raises(ValueError, match="tissue_maps has shape"):
+        model.nll(mri[:2], pet[:2], None, maps[:3])
+    assert DualGlowConfig.from_dict(config.to_dict()).anatomy_reading == "native"
+    with pytest.raises(ValueError, match="reads tissue maps"):
+        tiny_config(template_shape=[8, 8], anatomy_template=True, anatomy_tissue="t1w", anatomy_reading="native")
