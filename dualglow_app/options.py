@@ -292,8 +292,9 @@ class TrainOptions:
     side_template_anatomy: str = "gm+csf"
     # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions of
     # the grid T1w, or "native": each subject's own, read at the T1w's native resolution
-    # (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the training data).
-    anatomy_reading: str = "posterior"
+    # (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the training data; the
+    # default: docs/MODEL_EXPERIMENTS.md, finding 26). Irrelevant to side_template_anatomy "t1w".
+    anatomy_reading: str = "native"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as
@@ -397,8 +398,6 @@ class TrainOptions:
             problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if self.anatomy_reading not in ANATOMY_READINGS:
             problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
-        if self.anatomy_reading == "native" and self.side_template_anatomy == "t1w":
-            problems.append("anatomy_reading='native' reads tissue maps: side_template_anatomy 'gm' or 'gm+csf'")
         if not self.side_template_mri_fwhm or any(not v >= 0 for v in self.side_template_mri_fwhm):
             problems.append(f"side_template_mri_fwhm={list(self.side_template_mri_fwhm)} (one or more FWHMs in mm, >= 0)")
         if self.device not in DEVICES:
@@ -422,8 +421,15 @@ class TrainOptions:
     @property
     def reads_tissue_maps(self) -> bool:
         """Whether the model these options build reads native tissue maps beside the MRI
-        (``anatomy_reading="native"``, templates of the real MRI)."""
-        return self.anatomy_reading == "native" and self.template_centring and self.mri_input
+        (``anatomy_reading="native"`` of tissue terms, templates of the real MRI)."""
+        return self.tissue_reading == "native" and self.template_centring
+
+    @property
+    def tissue_reading(self) -> str:
+        """The DualGlowConfig.anatomy_reading these options build: ``anatomy_reading`` where the
+        MRI terms are tissue maps of the real MRI, else "posterior" (a T1w-intensity term, or an
+        ablated MRI, reads no tissue)."""
+        return self.anatomy_reading if self.mri_input and self.side_template_anatomy != "t1w" else "posterior"
 
     @property
     def dataset_spec(self) -> DatasetSpec:

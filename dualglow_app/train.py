@@ -139,7 +139,7 @@ def build_config(options: TrainOptions, grid: ModelGrid, covariates: dict[str, A
         anatomy_sigmas=[fwhm * FWHM_TO_SIGMA / grid.voxel_size for fwhm in options.side_template_mri_fwhm],
         # An ablated MRI (zeros) has no tissue to classify.
         anatomy_tissue=options.side_template_anatomy if options.mri_input else "t1w",
-        anatomy_reading=options.anatomy_reading if options.mri_input else "posterior",
+        anatomy_reading=options.tissue_reading,
         lambda_mri=options.lambda_mri,
         **side_config(options.side_info, covariates),
         template_shape=list(grid.shape) if options.template_centring else None,

@@ -30,7 +30,8 @@ SHAPE = (16, 16, 16)
 
 
 def paired_volumes(n: int = 6, seed: int = 0, shape: tuple[int, int, int] = SHAPE) -> PairedVolumes:
-    """``n`` subjects (one session each) with MRI in [0, 1], PET in SUVR, a spherical mask."""
+    """``n`` subjects (one session each) with MRI in [0, 1], PET in SUVR, a spherical mask and
+    stand-ins for native tissue maps (:func:`tissue_maps_of`: the group level reads them by default)."""
     rng = np.random.default_rng(seed)
     axes = [np.linspace(-1, 1, s) for s in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
@@ -41,14 +42,16 @@ def paired_volumes(n: int = 6, seed: int = 0, shape: tuple[int, int, int] = SHAP
         blob = np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / 0.1)
         mri.append((0.3 + 0.6 * blob) * mask)
         pet.append((0.5 + 1.5 * blob) * mask)
+    mri_array = np.asarray(mri, dtype=np.float32)
     return PairedVolumes(
         labels=[f"sub-{i:02d}" for i in range(n)],
         subjects=[f"{i:02d}" for i in range(n)],
-        mri=np.asarray(mri, dtype=np.float32),
+        mri=mri_array,
         pet=np.asarray(pet, dtype=np.float32),
         mask=np.stack([mask] * n),
         age=np.linspace(60, 85, n).astype(np.float32),
         grid=ModelGrid.centred(8.0, shape, levels=2),
+        tissue_maps=np.stack([tissue_maps_of(m, mask) for m in mri_array]),
     )
 
 

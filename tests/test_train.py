@@ -572,17 +572,17 @@ def test_a_fixed_side_template_keeps_its_least_squares_start(tmp_path: Path) -> 
 
 
 def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_path: Path) -> None:
-    """--side-template-anatomy gm: the least-squares start adjusts for the MRI's grey-matter
-    probability (the model's mixture, fitted on the training brains, as tissue.GreyMatterModel
-    gives it), so the age map it starts from differs from the T1w-adjusted one; gm+csf adds the
-    CSF probability's terms after the grey matter's."""
+    """--side-template-anatomy gm with --anatomy-reading posterior: the least-squares start
+    adjusts for the MRI's grey-matter probability (the model's mixture, fitted on the training
+    brains, as tissue.GreyMatterModel gives it), so the age map it starts from differs from the
+    T1w-adjusted one; gm+csf adds the CSF probability's terms after the grey matter's."""
     from dualglow_app.tissue import GreyMatterModel
 
     data = paired_volumes(6)
     maps, models = {}, {}
     for anatomy in ("t1w", "gm", "gm+csf"):
         options = tiny_options(tmp_path / anatomy, tmp_path / f"w{anatomy}", epochs=1, side_info=("age",),
-                               side_template_anatomy=anatomy)  # fmt: skip
+                               side_template_anatomy=anatomy, anatomy_reading="posterior")  # fmt: skip
         models[anatomy] = model = train(options, data=data).model
         assert model.pet_side_template is not None and model.config.anatomy_tissue == anatomy
         maps[anatomy] = model.pet_side_template.detach().clone()
@@ -602,15 +602,16 @@ def test_the_side_template_can_hold_grey_matter_fixed_instead_of_the_t1w(tmp_pat
 
 
 def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """--anatomy-template (the default): the fitted anatomy maps and the grey-matter mixture
-    travel in the model file. With fewer than 4 training subjects per parameter of its
-    least-squares fit (intercept, age, the grey matter's and the CSF's 3 terms each: 32) it is
-    off, and the log says so."""
+    """--anatomy-template (the default): the fitted anatomy maps (and, reading the grid T1w, the
+    grey-matter mixture) travel in the model file. With fewer than 4 training subjects per
+    parameter of its least-squares fit (intercept, age, the grey matter's and the CSF's 3 terms
+    each: 32) it is off, and the log says so."""
     with caplog.at_level(logging.WARNING, logger="dualglow"):
         few = train(tiny_options(tmp_path / "few", tmp_path / "wf", epochs=1, side_info=("age",)), data=paired_volumes(6))
     assert not few.model.config.anatomy_template and "--anatomy-template is off for this run: 4 training subjects" in caplog.text
     data = paired_volumes(42)  # 34 training subjects
-    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2,
+                           anatomy_reading="posterior")  # fmt: skip
     result = train(options, data=data)
     model, _ = load_model(result.model_path)
     assert model.config.anatomy_template and model.config.anatomy_tissue == "gm+csf"
@@ -621,17 +622,20 @@ def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, c
 
 
 def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_from_them(tmp_path: Path) -> None:
-    """--anatomy-reading native: the anatomy template is fitted on the tissue maps stacked beside
-    the MRIs, the model file says so, and its predictions move with the maps they are given (the
-    same T1w with another subject's maps gives another PET); data without maps are refused."""
+    """--anatomy-reading native (the default): the anatomy template is fitted on the tissue maps
+    stacked beside the MRIs, the model file says so, and its predictions move with the maps they
+    are given (the same T1w with another subject's maps gives another PET); data without maps
+    are refused. The T1w-intensity terms read no tissue, whatever the reading."""
     from synthetic_pairs import tissue_maps_of
 
     from dualglow_app.inference import predict
 
     data = paired_volumes(42)
-    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2,
-                           anatomy_reading="native")  # fmt: skip
-    assert options.reads_tissue_maps and options.dataset_spec.tissue_maps
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
+    assert options.anatomy_reading == "native" and options.reads_tissue_maps and options.dataset_spec.tissue_maps
+    intensity = tiny_options(tmp_path / "o", tmp_path / "w", side_template_anatomy="t1w")
+    assert not intensity.reads_tissue_maps and intensity.tissue_reading == "posterior"
+    data.tissue_maps = None
     with pytest.raises(ValueError, match="needs the scans' native tissue maps"):
         train(options, data=data)
     data.tissue_maps = np.stack([tissue_maps_of(np.roll(m, 2, axis=0), k) for m, k in zip(data.mri, data.mask, strict=True)])

@@ -78,7 +78,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               help="DUAL-GLOW, as the group level's: the T1w, its grey-matter probability, or its grey-matter and CSF probabilities.")
 @click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
-@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="posterior", show_default=True,
+@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="native", show_default=True,
               help="DUAL-GLOW, as the group level's: how the tissue maps are read (grid posteriors, fractions, native).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")

@@ -629,7 +629,7 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
     spec = DatasetSpec(
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
-        tissue_maps=options.anatomy_reading == "native",
+        tissue_maps=options.anatomy_reading == "native" and options.side_template_anatomy != "t1w",
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None

@@ -110,7 +110,7 @@ class EvaluateOptions:
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     anatomy_template: bool = True
     side_template_anatomy: str = "gm+csf"
-    anatomy_reading: str = "posterior"
+    anatomy_reading: str = "native"
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100
