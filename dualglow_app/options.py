@@ -27,7 +27,7 @@ from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
 from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY, tissue_reading
 
 log = get_logger(__name__)
 
@@ -429,7 +429,7 @@ class TrainOptions:
         """The DualGlowConfig.anatomy_reading these options build: ``anatomy_reading`` where the
         MRI terms are tissue maps of the real MRI, else "posterior" (a T1w-intensity term, or an
         ablated MRI, reads no tissue)."""
-        return self.anatomy_reading if self.mri_input and self.side_template_anatomy != "t1w" else "posterior"
+        return tissue_reading(self.anatomy_reading, self.side_template_anatomy, self.mri_input)
 
     @property
     def dataset_spec(self) -> DatasetSpec:

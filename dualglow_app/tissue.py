@@ -44,6 +44,17 @@ NATIVE_TISSUE_CHANNELS = ("gm", "csf")
 TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
 
 
+def tissue_reading(reading: str, anatomy: str, mri_input: bool = True) -> str:
+    """The reading (ANATOMY_READINGS) the MRI terms ``anatomy`` (SIDE_TEMPLATE_ANATOMY) of a model
+    get: ``reading`` where they are tissue maps of a real MRI, else "posterior" (the T1w
+    intensity, or an ablated MRI, reads no tissue).
+
+    >>> tissue_reading("native", "gm+csf"), tissue_reading("native", "t1w")
+    ('native', 'posterior')
+    """
+    return reading if mri_input and TISSUE_CLASSES[anatomy] else "posterior"
+
+
 class GreyMatterModel:
     """A fitted intensity mixture; :meth:`probability` maps MRIs to grey-matter probabilities.
 
@@ -93,4 +104,4 @@ class GreyMatterModel:
         return posterior[:, columns].T.reshape(len(columns), *values.shape).astype(np.float32)
 
 
-__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel"]
+__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel", "tissue_reading"]

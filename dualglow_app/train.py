@@ -205,7 +205,7 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
         model.set_tissue_mixture(*grey_matter.mixture_parameters())
     if model.reads_tissue_maps and data.tissue_maps is None:
         raise ValueError("--anatomy-reading native needs the scans' native tissue maps, and these data have none "
-                         "(an MNI stack, or a stack prepared without DatasetSpec(tissue_maps=True))")  # fmt: skip
+                         "(an MNI stack written before it held them, or data prepared without DatasetSpec(tissue_maps=True))")  # fmt: skip
     model.fit_pet_template(model_batches(data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))
     set_anatomy_term_range(model, data, train_rows, mri_input)
     model.fix_side_template(fixed)

@@ -63,6 +63,7 @@ from dualglow_app.io import atomic_path, entry_lock
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import image_metrics
 from dualglow_app.preprocess import CACHE_VERSION, GRID_VERSION
+from dualglow_app.tissue import tissue_reading
 
 log = get_logger(__name__)
 
@@ -629,7 +630,7 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
     spec = DatasetSpec(
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
-        tissue_maps=options.anatomy_reading == "native" and options.side_template_anatomy != "t1w",
+        tissue_maps=tissue_reading(options.anatomy_reading, options.side_template_anatomy) == "native",
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None
