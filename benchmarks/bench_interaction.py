@@ -66,23 +66,14 @@ def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -
 def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
     """(2, *grid): one phantom's grey matter and CSF on ``grid``, "true" (its own fractions) or
     "fine" (a 3-class Gaussian mixture's posteriors of its noisy 2 mm T1w, averaged down)."""
-    from dualglow_app.phantom import anatomy as an
-    from dualglow_app.phantom import cohort
-    from dualglow_app.phantom import pet as pt
-    from dualglow_app.phantom.mni import WORK_VOXEL_MM, _to_grid, work_t1
-    from dualglow_app.phantom.template import load_template
-    from dualglow_app.tissue import GreyMatterModel
+    from dualglow_app.phantom.mni import _to_grid, work_t1, work_truth
+    from dualglow_app.tissue import own_tissue_posteriors
 
     seed, i, version, grid, source = task
-    tpl, cal = load_template(WORK_VOXEL_MM), pt.calibrate(WORK_VOXEL_MM)
-    traits = cohort.subject_traits(seed, i, 1, tpl, None, None, version, native=False)
-    _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
-    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=False)
+    tpl, _, truth = work_truth(seed, i, version, explainable=False)
     gm, _, csf = truth.tissues
     if source == "fine":
-        t1, brain = work_t1(truth, seed, i), truth.brain > 0.5
-        tissue = GreyMatterModel.fit([t1], [brain], stride=5)
-        gm, csf = (tissue.probability(t1, name) * brain for name in ("gm", "csf"))
+        gm, csf = own_tissue_posteriors(work_t1(truth, seed, i), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
     return np.stack([_to_grid(gm, tpl.affine, grid), _to_grid(csf, tpl.affine, grid)])
 
 

@@ -75,7 +75,7 @@ def predict(
     are arrays on its grid; ``side`` maps each covariate it was trained with to one value in
     natural units (age in years). ``seed`` seeds the sampling noise (None: torch's global
     generator; irrelevant at T = 0). ``tissue_maps``: the T1w's native tissue maps on the grid,
-    (2, *grid), for a model that reads them (:attr:`DualGlow.reads_tissue_maps`;
+    (2, *grid), for a model that reads them (:attr:`DualGlow.synthesis_reads_tissue_maps`;
     :func:`dualglow_app.preprocess.tissue_maps_on_grid`), else ignored.
     """
     import torch
@@ -101,7 +101,7 @@ def _tissue_tensor(model: Any, tissue_maps: np.ndarray | None, device: Any) -> A
     """One scan's tissue maps as the model takes them (a batch of one), where it reads them."""
     import torch
 
-    if tissue_maps is None or not model.reads_tissue_maps:
+    if tissue_maps is None or not model.synthesis_reads_tissue_maps:
         return None
     return torch.from_numpy(np.array(tissue_maps, np.float32))[None].to(device)  # a copy: memmap rows are read-only
 

@@ -78,9 +78,6 @@ CACHE_VERSION = 3
 GRID_VERSION = 2
 # What tissue_maps_on_grid computes (its cache key): 1 = a mixture of the native brain, warped.
 TISSUE_MAPS_VERSION = 1
-# Every how-many-th native brain voxel the subject's tissue mixture is fitted on (a 1 mm brain
-# has ~1.5 million; a 3-class mixture of one intensity needs far fewer).
-TISSUE_MIXTURE_STRIDE = 5
 VOXEL_SIZE_RANGE_MM = (0.2, 12.0)
 MIN_SIDE_VOXELS = 8
 # Below this share of the template brain covered by the registered brain, a T1w is flagged.
@@ -597,10 +594,10 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2) -> np.ndarray:
     0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25). Cached beside the T1w's transforms
     (its own entry per grid), so a second call reads one file.
     """
-    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, GreyMatterModel
+    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, own_tissue_posteriors
 
     grid = t1w.grid
-    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, TISSUE_MIXTURE_STRIDE)
+    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, NATIVE_MIXTURE_STRIDE)
     folder = t1w.cache_dir.parent / f"{t1w.cache_dir.name}-tissues-{key}"
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -610,10 +607,7 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2) -> np.ndarray:
         with _itk_threads(nprocs):
             brain = ants.image_read(str(t1w.native_brain))
             inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
-            values = brain.numpy()
-            mixture = GreyMatterModel.fit([values], [inside], stride=TISSUE_MIXTURE_STRIDE)
-            posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *values.shape), np.float32)
-            posteriors[:, inside] = mixture.probabilities(values[inside], NATIVE_TISSUE_CHANNELS)
+            posteriors, mixture = own_tissue_posteriors(brain.numpy(), inside)
             target = grid_reference(grid.affine, grid.shape)
             forward = [str(p) for p in t1w.forward_transforms]
             maps = np.stack([ants.apply_transforms(target, _anti_alias(brain.new_image_like(posterior), grid.voxel_size),

@@ -39,6 +39,10 @@ ANATOMY_READINGS = ("posterior", "fractions", "native")
 #: MIXTURE_CLASSES names.
 NATIVE_TISSUE_CHANNELS = ("gm", "csf")
 
+#: Every how-many-th brain voxel a subject's own mixture is fitted on (a 1 mm brain has ~1.5
+#: million; a 3-class mixture of one intensity needs far fewer).
+NATIVE_MIXTURE_STRIDE = 5
+
 #: The mixture classes (indices into MIXTURE_CLASSES) each tissue map of SIDE_TEMPLATE_ANATOMY
 #: takes its posteriors from; the T1w needs no mixture.
 TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
@@ -53,6 +57,17 @@ def tissue_reading(reading: str, anatomy: str, mri_input: bool = True) -> str:
     ('native', 'posterior')
     """
     return reading if mri_input and TISSUE_CLASSES[anatomy] else "posterior"
+
+
+def own_tissue_posteriors(image: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, GreyMatterModel]:
+    """(len(NATIVE_TISSUE_CHANNELS), *image.shape) float32: the posteriors of a mixture fitted to
+    this one image's brain ``inside`` (every NATIVE_MIXTURE_STRIDE-th voxel), 0 outside it, and
+    that mixture: the native tissue maps before they are put on a grid."""
+    inside = np.asarray(inside, bool)
+    mixture = GreyMatterModel.fit([image], [inside], stride=NATIVE_MIXTURE_STRIDE)
+    posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *np.shape(image)), np.float32)
+    posteriors[:, inside] = mixture.probabilities(np.asarray(image)[inside], NATIVE_TISSUE_CHANNELS)
+    return posteriors, mixture
 
 
 class GreyMatterModel:
@@ -104,4 +119,5 @@ class GreyMatterModel:
         return posterior[:, columns].T.reshape(len(columns), *values.shape).astype(np.float32)
 
 
-__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel", "tissue_reading"]
+__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel",
+           "NATIVE_MIXTURE_STRIDE", "own_tissue_posteriors", "tissue_reading"]

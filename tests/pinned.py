@@ -67,7 +67,7 @@ def mean_tissue_maps(model: object) -> np.ndarray | None:
     """A model's own mean training tissue maps, (2, *grid) grey matter and CSF (its anatomy
     template's mean features at sigma 0), for the pins of a model that reads native tissue
     maps: the fixed input beside its mean training T1w; None for a model that does not."""
-    if not model.reads_tissue_maps:  # type: ignore[attr-defined]
+    if not model.synthesis_reads_tissue_maps:  # type: ignore[attr-defined]
         return None
     config = model.config  # type: ignore[attr-defined]
     assert config.anatomy_sigmas[0] == 0.0 and config.anatomy_tissue == "gm+csf"

@@ -413,7 +413,7 @@ class ConditionalPrior(NamedTuple):
     side: Tensor | None = None
     # The model-scale MRI, where the PET template moves with its anatomy (anatomy_template).
     mri: Tensor | None = None
-    # Its native tissue maps, where the anatomy template reads them (DualGlow.reads_tissue_maps).
+    # Its native tissue maps, where the anatomy template reads them (DualGlow.synthesis_reads_tissue_maps).
     tissue_maps: Tensor | None = None
 
 
@@ -563,6 +563,13 @@ class DualGlow(nn.Module):
         anatomy template so do :meth:`nll`, :meth:`conditional_prior` and the rest:
         ``tissue_maps``, (batch, 2, *spatial) in NATIVE_TISSUE_CHANNELS order."""
         return self.config.anatomy_reading == "native"
+
+    @property
+    def synthesis_reads_tissue_maps(self) -> bool:
+        """Whether :meth:`nll`, :meth:`conditional_prior` and what builds on them need
+        ``tissue_maps``: a native reading moving the PET's centre (the anatomy template); the
+        side template's start alone reads them only in :meth:`fit_pet_template`."""
+        return self.reads_tissue_maps and self.config.anatomy_template
 
     @staticmethod
     def _checked_tissue_maps(x_mri: Tensor, tissue_maps: Tensor | None) -> Tensor:
@@ -728,9 +735,9 @@ class DualGlow(nn.Module):
         :meth:`anatomy_term` holds it to. Right after :meth:`fit_pet_template` (the maps are
         fixed from then on, so the range is final)."""
         low = high = None
+        like = self.get_buffer("pet_template")
         for batch in mri_batches:
             x_mri, tissue_maps = batch if isinstance(batch, tuple) else (batch, None)
-            like = self.get_buffer("pet_template")
             term = self.anatomy_term(torch.as_tensor(x_mri).to(like), bounded=False,
                                      tissue_maps=None if tissue_maps is None else torch.as_tensor(tissue_maps).to(like))  # fmt: skip
             low = term.amin(0) if low is None else torch.minimum(low, term.amin(0))
@@ -743,7 +750,7 @@ class DualGlow(nn.Module):
                 tissue_maps: Tensor | None = None) -> Tensor | float:  # fmt: skip
         """What an image is centred on before its flow: its template (for the PET, moved by the
         side information ``c`` where the model has a side template, and by the anatomy of the
-        model-scale MRI ``x_mri`` (or its ``tissue_maps``, :attr:`reads_tissue_maps`) where it
+        model-scale MRI ``x_mri`` (or its ``tissue_maps``, :attr:`synthesis_reads_tissue_maps`) where it
         has an anatomy template, held to its training range; without ``x_mri``, the training
         scans' mean anatomy), or 0.5."""
         if self.config.template_shape is None:
@@ -966,7 +973,7 @@ class DualGlow(nn.Module):
     def nll(self, x_mri: Tensor, x_pet: Tensor, side: SideInput | None = None,
             tissue_maps: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
         """The training objective (eq. 12) and its parts, averaged over the batch (``tissue_maps``:
-        the MRIs' native tissue maps, for a model that reads them, :attr:`reads_tissue_maps`).
+        the MRIs' native tissue maps, for a model that reads them, :attr:`synthesis_reads_tissue_maps`).
 
         Returns ``loss`` (what to minimise), ``bpd_pet_given_mri`` (-log p(xp | xm) in bits
         per voxel), ``bpd_mri`` (-log p(xm) in bits per voxel) and, with side information,
@@ -1061,7 +1068,7 @@ class DualGlow(nn.Module):
             mus.append(mu)
             log_sigmas.append(log_sigma)
         fraction = outside / sum(z[0].numel() for z in zm)
-        if self.reads_tissue_maps and self.config.anatomy_template:
+        if self.synthesis_reads_tissue_maps:
             self._checked_tissue_maps(x_mri, tissue_maps)  # fail here, not at sampling
         anatomy = self.config.anatomy_template
         return ConditionalPrior(mus, log_sigmas, fraction.to(x_mri.dtype), c, x_mri if anatomy else None,

@@ -65,9 +65,9 @@ from dualglow_app.phantom import anatomy as an
 from dualglow_app.phantom import cohort
 from dualglow_app.phantom import pet as pt
 from dualglow_app.phantom.subjects import Demographics
-from dualglow_app.phantom.template import load_template
+from dualglow_app.phantom.template import Template, load_template
 from dualglow_app.runtime import cpu_threads
-from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, GreyMatterModel
+from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, own_tissue_posteriors
 
 log = get_logger(__name__)
 
@@ -152,13 +152,8 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring.
     ``metabolic_age`` ages its metabolism alone (:func:`~dualglow_app.phantom.cohort.session_truth`);
     ``tissue_maps`` also reads its tissue maps (``tissue_maps.npy`` of the module docstring)."""
-    tpl = load_template(WORK_VOXEL_MM)
-    cal = pt.calibrate(WORK_VOXEL_MM)
     refs = _grid_refs(grid)
-    traits = cohort.subject_traits(seed, index, 1, tpl, age, diagnosis, version, native=False)
-    _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
-    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=True,
-                                 metabolic_age=metabolic_age)
+    tpl, traits, truth = work_truth(seed, index, version, age, diagnosis, metabolic_age)
     assert truth.explainable is not None
     t1 = work_t1(truth, seed, index)
     mask = _to_grid(truth.brain, tpl.affine, grid, anti_alias=False) > 0.5
@@ -172,16 +167,25 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
 
     maps = None
     if tissue_maps:
-        from dualglow_app.preprocess import TISSUE_MIXTURE_STRIDE
-
-        brain = truth.brain > 0.5
-        posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *t1.shape), np.float32)
-        mixture = GreyMatterModel.fit([t1], [brain], stride=TISSUE_MIXTURE_STRIDE)
-        posteriors[:, brain] = mixture.probabilities(t1[brain], NATIVE_TISSUE_CHANNELS)
+        posteriors, _ = own_tissue_posteriors(t1, truth.brain > 0.5)
         maps = np.stack([_to_grid(p, tpl.affine, grid) * mask for p in posteriors]).astype(np.float32)
     label = f"sub-{cohort.participant_label(index)}"
     return MNISubject(label, traits.demographics, mri.astype(np.float32), suvr(truth.pet).astype(np.float32),
                       suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8), maps)
+
+
+def work_truth(seed: int, index: int, version: int = cohort.DEFAULT_VERSION, age: float | None = None,
+               diagnosis: str | None = None, metabolic_age: float | None = None,
+               explainable: bool = True) -> tuple[Template, cohort.SubjectTraits, cohort.SessionTruth]:
+    """Subject ``index``'s template, traits and first-session MNI truth on the 2 mm work grid (the
+    BIDS cohort's subject ``index`` for the same seed and version), as :func:`simulate_subject`
+    puts them on a model grid."""
+    tpl = load_template(WORK_VOXEL_MM)
+    traits = cohort.subject_traits(seed, index, 1, tpl, age, diagnosis, version, native=False)
+    _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
+    truth = cohort.session_truth(tpl, pt.calibrate(WORK_VOXEL_MM), traits, 0, head_pet, cohort.subject_maps(tpl, traits),
+                                 explainable=explainable, metabolic_age=metabolic_age)  # fmt: skip
+    return tpl, traits, truth
 
 
 def work_t1(truth: cohort.SessionTruth, seed: int, index: int) -> np.ndarray:

@@ -182,7 +182,7 @@ def test_mni_stack_loads_with_shapes_labels_and_suvr(tmp_path: Path) -> None:
     from dualglow_app.dataset import PairedVolumes, load_mni_stack
     from dualglow_app.grid import preset
     from dualglow_app.phantom import cohort
-    from dualglow_app.phantom.mni import _grid_refs, make_mni_stack
+    from dualglow_app.phantom.mni import _grid_refs, _to_grid, make_mni_stack, work_truth
     from dualglow_app.phantom.template import load_template
 
     grid = preset("tiny8mm")
@@ -214,24 +214,10 @@ def test_mni_stack_loads_with_shapes_labels_and_suvr(tmp_path: Path) -> None:
     maps = data.tissue_maps
     assert maps is not None and maps.shape == (3, 2, *grid.shape) and isinstance(maps, np.memmap)
     assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-5 and not (maps * (data.mask[:, None] == 0)).any()
-    truth = _subject_grey_matter(SEED, 0, grid)
+    tpl, _, subject = work_truth(SEED, 0)
+    truth = _to_grid(subject.tissues[0], tpl.affine, grid)
     brain = data.mask[0] > 0
     assert np.corrcoef(maps[0, 0][brain], truth[brain])[0, 1] > 0.8
-
-
-def _subject_grey_matter(seed: int, index: int, grid: object) -> np.ndarray:
-    """Subject ``index``'s true grey-matter fraction on ``grid``."""
-    from dualglow_app.phantom import anatomy as an
-    from dualglow_app.phantom import cohort
-    from dualglow_app.phantom import pet as pt
-    from dualglow_app.phantom.mni import WORK_VOXEL_MM, _to_grid
-    from dualglow_app.phantom.template import load_template
-
-    tpl, cal = load_template(WORK_VOXEL_MM), pt.calibrate(WORK_VOXEL_MM)
-    traits = cohort.subject_traits(seed, index, 1, tpl, None, None, 2, native=False)
-    _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
-    truth = cohort.session_truth(tpl, cal, traits, 0, head_pet, cohort.subject_maps(tpl, traits), explainable=False)
-    return _to_grid(truth.tissues[0], tpl.affine, grid)
 
 
 def test_mni_stack_matches_the_bids_cohort_s_truth(tmp_path: Path) -> None:
