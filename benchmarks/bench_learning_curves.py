@@ -60,6 +60,8 @@ from dualglow_app import metrics as metrics_module  # noqa: E402
 from dualglow_app.baselines import BASELINES, VAL_METRIC, BaselineOptions, make_baseline  # noqa: E402
 from dualglow_app.data import IntensityScaling  # noqa: E402
 from dualglow_app.dataset import DatasetSpec, PairedVolumes, prepare_dataset, split_subjects  # noqa: E402
+from dualglow_app.evaluate.crossval import baseline_inputs  # noqa: E402
+from dualglow_app.evaluate.options import BASELINE_INPUTS  # noqa: E402
 from dualglow_app.evaluate.statistics import explainable_truth  # noqa: E402
 from dualglow_app.grid import resolve_grid  # noqa: E402
 from dualglow_app.log import get_logger, setup_logging  # noqa: E402
@@ -107,7 +109,8 @@ def load_data(args: argparse.Namespace) -> tuple[PairedVolumes, str]:
     if args.train_of is not None:
         chosen = tuple(label.removeprefix("sub-") for label in sum(model_split(args.train_of), []))
         chosen += tuple(labels(args.test)) if args.test else ()
-    spec = DatasetSpec(args.bids, work, resolve_grid(args.grid), nprocs=args.threads, participant_labels=chosen)
+    spec = DatasetSpec(args.bids, work, resolve_grid(args.grid), nprocs=args.threads, participant_labels=chosen,
+                       tissue_maps=args.baseline_inputs != "t1w")
     try:  # which cohort (a phantom cohort names its generator and seed)
         name = json.loads((args.bids / "dataset_description.json").read_text()).get("Name", "?")
     except (OSError, ValueError):
@@ -178,6 +181,8 @@ def main() -> None:
     parser.add_argument("--plateau-tolerance", type=float, default=0.01,
                         help="plateau epoch: first epoch within this relative distance of the best val MAE")
     parser.add_argument("--width", type=int, default=BaselineOptions.width)
+    parser.add_argument("--baseline-inputs", choices=list(BASELINE_INPUTS), default="t1w",
+                        help="what the methods read: the T1w, or the T1w and its native tissue maps (--bids reads them)")
     parser.add_argument("--batch-size", type=int, default=BaselineOptions.batch_size)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads. Default: all usable")
@@ -217,7 +222,7 @@ def main() -> None:
         train_rows, val_rows = pool[inner_train], pool[inner_val]
     if len(val_rows) == 0:
         sys.exit("no validation scans: raise --val-fraction or add subjects")
-    mri = scaling.mri_to_model(np.asarray(data.mri))
+    mri = baseline_inputs(data, np.arange(len(data)), args.baseline_inputs)
     pet_suvr = np.asarray(data.pet, dtype=np.float32)
     pet = scaling.pet_to_model(pet_suvr)
     mask = np.asarray(data.mask)
@@ -262,7 +267,7 @@ def main() -> None:
         options = BaselineOptions(
             max_epochs=args.max_epochs, patience=args.patience, min_delta=args.min_delta,
             budget_seconds=args.budget_seconds, width=args.width, batch_size=args.batch_size,
-            seed=args.seed, device=args.device,
+            seed=args.seed, device=args.device, input_channels=BASELINE_INPUTS[args.baseline_inputs],
         )  # fmt: skip
         model = make_baseline(method, options)
         if method != "meanpet":  # closed form: no epochs
@@ -339,7 +344,7 @@ def main() -> None:
             "source": origin, "scans": len(data), "grid": data.grid.to_dict(),
             "train": [data.labels[i] for i in train_rows], "validation": [data.labels[i] for i in val_rows],
             "test": [data.labels[i] for i in test_rows], "train_of": str(args.train_of) if args.train_of else None,
-            "val_fraction": args.val_fraction, "seed": args.seed,
+            "val_fraction": args.val_fraction, "seed": args.seed, "baseline_inputs": args.baseline_inputs,
         },  # fmt: skip
         "budget": {"max_epochs": args.max_epochs, "patience": args.patience, "min_delta": args.min_delta,
                    "budget_seconds": args.budget_seconds, "plateau_tolerance": args.plateau_tolerance},  # fmt: skip

@@ -2,7 +2,11 @@
 
 Four MRI -> PET translators behind one interface, :class:`Baseline`: ``fit(mri, pet)`` on
 stacked model-grid volumes (N, X, Y, Z) on the model's [0, 1] scale, ``predict(mri)``
-returning the same shape and scale. Every method sees the same arrays and batch size as
+returning the same shape and scale. The input may carry more channels than the T1w
+(``BaselineOptions.input_channels``; ``mri`` then (N, C, X, Y, Z), the T1w first): the
+evaluation's ``--baseline-inputs t1w+tissue-maps`` gives each method the T1w's native tissue
+maps beside it, what DUAL-GLOW's anatomy template reads with ``--anatomy-reading native``, so
+the comparison can also be made on the same information. Every method sees the same arrays and batch size as
 DUAL-GLOW in the evaluation; nothing is tuned per fold.
 
 Two ways to train (:meth:`Baseline.fit`):
@@ -86,6 +90,9 @@ class BaselineOptions:
     (pix2pix's settings). ``l1_weight`` is pix2pix's lambda; ``kl_weight`` scales the cVAE's
     KL term (summed over latent dims) against the per-voxel mean L1.
 
+    ``input_channels``: the T1w alone (1), or the T1w and maps of it stacked after it on a
+    channel axis (the inputs are then (N, C, X, Y, Z)).
+
     ``epochs`` is the fixed length of a fit without validation data. With validation data
     the fit runs up to ``max_epochs`` (the budget) and stops after ``patience`` epochs in
     which the validation MAE did not fall below ``best * (1 - min_delta)`` (``min_delta`` is
@@ -104,12 +111,13 @@ class BaselineOptions:
     l1_weight: float = 100.0
     kl_weight: float = 1e-3
     latent: int = 16
+    input_channels: int = 1
     seed: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         problems = [f"{name}={getattr(self, name)} (must be >= 1)"
-                    for name in ("epochs", "max_epochs", "patience", "batch_size", "width", "latent")
+                    for name in ("epochs", "max_epochs", "patience", "batch_size", "width", "latent", "input_channels")
                     if getattr(self, name) < 1]  # fmt: skip
         if not 0.0 <= self.min_delta < 1.0:
             problems.append(f"min_delta={self.min_delta} (a relative improvement, 0 <= d < 1)")
@@ -163,13 +171,14 @@ class UNet3d(nn.Module):
 
 
 class Critic3d(nn.Module):
-    """Discriminator on (MRI, PET): a PatchGAN map of logits, or one logit (``patch=False``)."""
+    """Discriminator on (MRI, PET): a PatchGAN map of logits, or one logit (``patch=False``);
+    ``input_channels`` those of the MRI side."""
 
-    def __init__(self, width: int = 16, patch: bool = True) -> None:
+    def __init__(self, width: int = 16, patch: bool = True, input_channels: int = 1) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv3d(2, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv3d(input_channels + 1, w, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
             nn.Conv3d(w, 2 * w, 4, stride=2, padding=1), nn.InstanceNorm3d(2 * w, affine=True), nn.LeakyReLU(0.2),
             nn.Conv3d(2 * w, 1, 3, padding=1),
         )  # fmt: skip
@@ -183,11 +192,11 @@ class Critic3d(nn.Module):
 class Encoder3d(nn.Module):
     """q(z | MRI, PET) of the cVAE: two strided convolutions, global pooling, mean and log-variance."""
 
-    def __init__(self, width: int, latent: int) -> None:
+    def __init__(self, width: int, latent: int, input_channels: int = 1) -> None:
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv3d(2, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv3d(input_channels + 1, w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
             nn.Conv3d(w, 2 * w, 3, stride=2, padding=1), nn.LeakyReLU(0.2),
         )  # fmt: skip
         self.head = nn.Linear(2 * w, 2 * latent)
@@ -228,6 +237,8 @@ class Baseline:
     """
 
     name: ClassVar[str] = ""
+    #: Whether the network pools twice (the grid sides must then be divisible by 4).
+    pools: ClassVar[bool] = True
 
     def __init__(self, options: BaselineOptions | None = None) -> None:
         self.options = options or BaselineOptions()
@@ -318,7 +329,7 @@ class Baseline:
             sums: dict[str, float] = {}
             for first in range(0, len(order), opts.batch_size):
                 rows = np.sort(order[first : first + opts.batch_size])
-                for key, value in self._step(self._tensor(mri[rows]), self._tensor(pet[rows])).items():
+                for key, value in self._step(self._inputs(mri[rows]), self._tensor(pet[rows])).items():
                     sums[key] = sums.get(key, 0.0) + value * len(rows)
             row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v / len(mri) for k, v in sums.items()}}
             row["train_seconds"] = time.perf_counter() - epoch_start
@@ -433,12 +444,15 @@ class Baseline:
         return fit
 
     def _check_pair(self, mri: np.ndarray, pet: np.ndarray, prefix: str) -> None:
-        if mri.shape != pet.shape or mri.ndim != 4:
-            raise ValueError(
-                f"{self.name}.fit: {prefix}mri {mri.shape} and {prefix}pet {pet.shape} must both be (N, X, Y, Z)"
-            )
-        if any(s % 4 for s in mri.shape[1:]):
-            raise ValueError(f"{self.name}: grid sides {mri.shape[1:]} must be divisible by 4 (two poolings)")
+        channels = self.options.input_channels
+        expected = "(N, X, Y, Z)" if channels == 1 else f"(N, {channels}, X, Y, Z)"
+        spatial = mri.shape[:1] + mri.shape[2:] if channels > 1 else mri.shape
+        if pet.ndim != 4 or spatial != pet.shape or mri.ndim != (4 if channels == 1 else 5) or (
+                channels > 1 and mri.shape[1] != channels):  # fmt: skip
+            raise ValueError(f"{self.name}.fit: {prefix}mri {mri.shape} must be {expected} and {prefix}pet "
+                             f"{pet.shape} (N, X, Y, Z) on the same grid")  # fmt: skip
+        if self.pools and any(s % 4 for s in pet.shape[1:]):
+            raise ValueError(f"{self.name}: grid sides {pet.shape[1:]} must be divisible by 4 (two poolings)")
 
     @torch.no_grad()
     def predict(self, mri: np.ndarray) -> np.ndarray:
@@ -448,11 +462,18 @@ class Baseline:
         """
         for module in self._modules().values():
             module.eval()
-        out = [self._generate(self._tensor(mri[i : i + 1]))[0, 0].cpu().numpy() for i in range(len(mri))]
+        out = [self._generate(self._inputs(mri[i : i + 1]))[0, 0].cpu().numpy() for i in range(len(mri))]
         return np.asarray(out, dtype=np.float32)
 
     def _tensor(self, array: np.ndarray) -> Tensor:
+        """(N, X, Y, Z) volumes as an (N, 1, X, Y, Z) tensor on the device."""
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[:, None].to(self.device)
+
+    def _inputs(self, array: np.ndarray) -> Tensor:
+        """The inputs as (N, input_channels, X, Y, Z): one channel comes without its axis."""
+        if self.options.input_channels == 1:
+            return self._tensor(array)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
 
     def _adam(self, module: nn.Module, gan: bool = False) -> torch.optim.Optimizer:
         if gan:
@@ -470,10 +491,10 @@ def _mae(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:
 
 
 def in_brain(pet: Tensor, mri: Tensor) -> Tensor:
-    """A generator's PET, 0 where the (skull-stripped) MRI is 0, as the real PET is: every
-    baseline's output, so none spends its training learning the background (the GANs' critic
-    told real from fake by it alone) and all start from the same place."""
-    return pet * (mri > 0).to(mri.dtype)
+    """A generator's PET, 0 where the (skull-stripped) MRI (its first channel) is 0, as the
+    real PET is: every baseline's output, so none spends its training learning the background
+    (the GANs' critic told real from fake by it alone) and all start from the same place."""
+    return pet * (mri[:, :1] > 0).to(mri.dtype)
 
 
 class UNetL1(Baseline):
@@ -482,7 +503,7 @@ class UNetL1(Baseline):
     name = "unet"
 
     def _build(self) -> None:
-        self.net = UNet3d(1, self.options.width).to(self.device)
+        self.net = UNet3d(self.options.input_channels, self.options.width).to(self.device)
         self.opt = self._adam(self.net)
 
     def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
@@ -504,12 +525,12 @@ class _GAN(Baseline):
 
     def _build(self) -> None:
         self.gen = UNet3d(self._gen_channels(), self.options.width).to(self.device)
-        self.critic = Critic3d(self.options.width, patch=self.patch).to(self.device)
+        self.critic = Critic3d(self.options.width, patch=self.patch, input_channels=self.options.input_channels).to(self.device)
         self.opt_g = self._adam(self.gen, gan=True)
         self.opt_d = self._adam(self.critic, gan=True)
 
     def _gen_channels(self) -> int:
-        return 1
+        return self.options.input_channels
 
     def _gen_input(self, mri: Tensor, sample: bool = True) -> Tensor:
         return mri
@@ -559,15 +580,15 @@ class CGAN(_GAN):
     l1 = False
 
     def _gen_channels(self) -> int:
-        return 2
+        return self.options.input_channels + 1
 
     def _gen_input(self, mri: Tensor, sample: bool = True) -> Tensor:
         # Training: noise from the method's own seeded generator. Prediction: noise 0, the
         # noise's mean and mode (a deterministic prediction, like the cVAE's z = 0).
         if sample:
-            noise = torch.randn(mri.shape, generator=self._noise).to(mri.device)
+            noise = torch.randn(mri[:, :1].shape, generator=self._noise).to(mri.device)
         else:
-            noise = torch.zeros_like(mri)
+            noise = torch.zeros_like(mri[:, :1])
         return torch.cat([mri, noise], dim=1)
 
 
@@ -577,8 +598,8 @@ class CVAE(Baseline):
     name = "cvae"
 
     def _build(self) -> None:
-        self.encoder = Encoder3d(self.options.width, self.options.latent).to(self.device)
-        self.decoder = UNet3d(1, self.options.width, extra=self.options.latent).to(self.device)
+        self.encoder = Encoder3d(self.options.width, self.options.latent, self.options.input_channels).to(self.device)
+        self.decoder = UNet3d(self.options.input_channels, self.options.width, extra=self.options.latent).to(self.device)
         self.opt = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=self.options.lr)
 
     def _step(self, mri: Tensor, pet: Tensor) -> dict[str, float]:
@@ -606,6 +627,7 @@ class MeanPET(Baseline):
     """
 
     name = "meanpet"
+    pools = False
 
     def _build(self) -> None:
         self.mean: np.ndarray | None = None
@@ -623,8 +645,7 @@ class MeanPET(Baseline):
     ) -> list[float]:
         """The voxel-wise mean of ``pet``; returns its training L1 (one "epoch"). Nothing to
         checkpoint: ``checkpoint`` is accepted and unused."""
-        if mri.shape != pet.shape or mri.ndim != 4:
-            raise ValueError(f"{self.name}.fit: mri {mri.shape} and pet {pet.shape} must both be (N, X, Y, Z)")
+        self._check_pair(mri, pet, "")
         if (val_mri is None) != (val_pet is None):
             raise ValueError(f"{self.name}.fit: pass both val_mri and val_pet, or neither")
         start = time.perf_counter()
@@ -641,7 +662,7 @@ class MeanPET(Baseline):
     def predict(self, mri: np.ndarray) -> np.ndarray:
         if self.mean is None:
             raise RuntimeError("meanpet.predict before fit")
-        return np.broadcast_to(self.mean, mri.shape).copy()
+        return np.broadcast_to(self.mean, (len(mri), *self.mean.shape)).copy()
 
 
 BASELINES: dict[str, type[Baseline]] = {cls.name: cls for cls in (UNetL1, Pix2Pix, CGAN, CVAE, MeanPET)}

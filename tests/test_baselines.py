@@ -75,8 +75,31 @@ def test_bad_names_and_shapes_are_refused() -> None:
     model = make_baseline("unet", BaselineOptions(epochs=1, width=4))
     with pytest.raises(ValueError, match="divisible by 4"):
         model.fit(np.zeros((2, 6, 8, 8), np.float32), np.zeros((2, 6, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="must both be"):
+    with pytest.raises(ValueError, match=r"must be \(N, X, Y, Z\)"):
         model.fit(np.zeros((2, 8, 8, 8), np.float32), np.zeros((2, 8, 8), np.float32))
+    with_maps = make_baseline("unet", BaselineOptions(epochs=1, width=4, input_channels=3))
+    with pytest.raises(ValueError, match=r"must be \(N, 3, X, Y, Z\)"):
+        with_maps.fit(np.zeros((2, 2, 8, 8, 8), np.float32), np.zeros((2, 8, 8, 8), np.float32))
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_every_method_reads_maps_beside_the_t1w(name: str) -> None:
+    """With input_channels = 3 (the T1w and two tissue maps) each method trains on and predicts
+    from (N, 3, X, Y, Z) inputs, PETs come back (N, X, Y, Z), and the networks read the maps:
+    other maps give another prediction (the mean PET reads nothing, by design)."""
+    rng = np.random.default_rng(0)
+    t1w = rng.random((3, 8, 8, 8), dtype=np.float32) + 0.1
+    maps = rng.random((3, 2, 8, 8, 8), dtype=np.float32)
+    inputs = np.concatenate([t1w[:, None], maps], axis=1)
+    model = make_baseline(name, BaselineOptions(epochs=2, width=4, input_channels=3))
+    model.fit(inputs, 0.4 * t1w + 0.3 * maps[:, 0])
+    pred = model.predict(inputs)
+    assert pred.shape == t1w.shape and np.isfinite(pred).all()
+    other = model.predict(np.concatenate([t1w[:, None], maps[::-1]], axis=1))
+    if name == "meanpet":
+        np.testing.assert_array_equal(other, pred)
+    else:
+        assert np.abs(other - pred).max() > 1e-4
 
 
 # --------------------------------------------------------------------------- early stopping

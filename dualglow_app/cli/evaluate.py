@@ -15,7 +15,7 @@ import click
 
 from dualglow_app import __version__
 from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_folders
-from dualglow_app.evaluate.options import BASELINE_NAMES
+from dualglow_app.evaluate.options import BASELINE_INPUTS, BASELINE_NAMES
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import VALIDATION_SELECTION
 from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
@@ -87,6 +87,9 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="DUAL-GLOW's AdaMax learning rate (the baselines keep their own: Adam 1e-3, GANs 2e-4).")
 @click.option("--baseline-width", type=int, default=16, show_default=True, help="Baselines' first-layer channels.")
+@click.option("--baseline-inputs", type=click.Choice(list(BASELINE_INPUTS)), default="t1w", show_default=True,
+              help="What the baselines read: the T1w (the paper's), or the T1w and its native tissue maps, "
+                   "what DUAL-GLOW's anatomy template reads with --anatomy-reading native.")
 @click.option("--participant-label", multiple=True, help="Only these subjects (repeatable).")
 @click.option("--nprocs", type=int, default=None, help="CPU threads (default: all).")
 @click.option("--skip-bids-validation", is_flag=True)
@@ -99,7 +102,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
          side_template_mri_fwhm: tuple[float, ...], side_template_anatomy: str, side_template_fixed: tuple[str, ...],
          anatomy_template: bool, anatomy_reading: str,
          lambda_mri: float, lr: float,
-         baseline_width: int, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
+         baseline_width: int, baseline_inputs: str, participant_label: tuple[str, ...], nprocs: int | None, skip_bids_validation: bool,
          verbose: int) -> None:  # fmt: skip
     """Cross-validate DUAL-GLOW against baselines on the paired T1w + FDG-PET of BIDS_DIR (the paper's Tables 1-2, Figs. 4 and 7)."""
     from dualglow_app.bids import BIDSInputError
@@ -124,7 +127,7 @@ def main(bids_dir: Path, output_dir: Path, folds: int, baselines: str, epochs: i
             table2_withhold=table2_withhold or None,
             grid=grid, batch_size=batch_size, depth=depth, hidden=hidden,
             relation_hidden=relation_hidden, relation_layers=relation_layers, top_prior=top_prior,
-            top_mri_side=top_mri_side, lambda_mri=lambda_mri, lr=lr, baseline_width=baseline_width,
+            top_mri_side=top_mri_side, lambda_mri=lambda_mri, lr=lr, baseline_width=baseline_width, baseline_inputs=baseline_inputs,
             side_levels=side_levels, side_template_mri_fwhm=side_template_mri_fwhm,
             side_template_anatomy=side_template_anatomy, anatomy_template=anatomy_template,
             anatomy_reading=anatomy_reading, side_template_fixed=side_template_fixed_choice(side_template_fixed),

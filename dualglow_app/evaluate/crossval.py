@@ -35,6 +35,7 @@ from dualglow_app import __version__
 from dualglow_app.data import IntensityScaling
 from dualglow_app.evaluate.atlases import EvaluationAtlases, evaluation_atlases
 from dualglow_app.evaluate.options import (
+    BASELINE_INPUTS,
     DUALGLOW,
     DUALGLOW_REVISION,
     IMPAIRED,
@@ -255,9 +256,9 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
     baseline = make_baseline(method, BaselineOptions(
         epochs=options.epochs, max_epochs=options.epochs, patience=options.patience or 1,
         min_delta=options.min_delta, batch_size=options.batch_size, width=options.baseline_width,
-        seed=options.seed + fold, device=str(device),
+        seed=options.seed + fold, device=str(device), input_channels=BASELINE_INPUTS[options.baseline_inputs],
     ))  # fmt: skip
-    model_scale = {name: scaling.mri_to_model(np.asarray(data.mri[rows])) for name, rows in (("train", inner), ("val", val))}
+    model_scale = {name: baseline_inputs(data, rows, options.baseline_inputs) for name, rows in (("train", inner), ("val", val))}
     checkpoint = _baseline_checkpoint(method_dir, fold)
     if len(val):
         baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])), model_scale["val"],
@@ -272,7 +273,20 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
         "val_curve": [float(h["val_mae"]) * scaling.pet_suvr_max for h in baseline.history if "val_mae" in h],
         "val_deviation_curve": [],
     }  # fmt: skip
-    return scaling.pet_from_model(baseline.predict(scaling.mri_to_model(np.asarray(data.mri)))), record
+    every = np.arange(len(data.mri))
+    return scaling.pet_from_model(baseline.predict(baseline_inputs(data, every, options.baseline_inputs))), record
+
+
+def baseline_inputs(data: Any, rows: np.ndarray, inputs: str) -> np.ndarray:
+    """What the baselines read of ``rows`` of ``data`` (:class:`~dualglow_app.dataset.PairedVolumes`)
+    on the model scale, for ``inputs`` of :data:`BASELINE_INPUTS`: the T1w, (N, X, Y, Z), or
+    the T1w and its tissue maps, (N, 3, X, Y, Z)."""
+    t1w = IntensityScaling().mri_to_model(np.asarray(data.mri[rows]))
+    if BASELINE_INPUTS[inputs] == 1:
+        return t1w
+    if data.tissue_maps is None:
+        raise EvaluationError("--baseline-inputs t1w+tissue-maps: the stacked data hold no tissue maps")
+    return np.concatenate([t1w[:, None], np.asarray(data.tissue_maps[rows], np.float32)], axis=1)
 
 
 def _run_method(
@@ -317,13 +331,14 @@ _METHOD_SETTINGS = {
                "top_prior", "top_mri_side", "lambda_mri", "table2_withhold", "side_levels", "side_template_mri_fwhm",
                "side_template_fixed", "side_template_anatomy", "dualglow_select_on", "dualglow_min_epochs",
                "anatomy_template", "anatomy_reading"),
-    "baselines": ("baseline_width",),
+    "baselines": ("baseline_width", "baseline_inputs"),
 }
 
 
 #: Settings added after results were cached: at these values they stay out of the method key.
 _KEY_DEFAULTS: dict[str, Any] = {"table2_withhold": None, "side_template_anatomy": "t1w", "dualglow_select_on": "bpd",
-                                  "dualglow_min_epochs": 0, "anatomy_template": False, "anatomy_reading": "posterior"}
+                                  "dualglow_min_epochs": 0, "anatomy_template": False, "anatomy_reading": "posterior",
+                                  "baseline_inputs": "t1w"}
 
 
 def _run_key(cohort: Cohort, options: EvaluateOptions) -> str:
@@ -630,7 +645,8 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
     spec = DatasetSpec(
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
-        tissue_maps=tissue_reading(options.anatomy_reading, options.side_template_anatomy) == "native",
+        tissue_maps=(tissue_reading(options.anatomy_reading, options.side_template_anatomy) == "native"
+                     or options.baseline_inputs == "t1w+tissue-maps"),
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None

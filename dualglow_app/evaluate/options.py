@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
 DUALGLOW = "dualglow"
 BASELINE_NAMES = ("unet", "pix2pix", "cgan", "cvae", "meanpet")
+#: What the baselines read, and how many input channels that is: the T1w alone (the paper's),
+#: or the T1w and its native tissue maps (grey matter, CSF), the information DUAL-GLOW's
+#: anatomy template has with ``--anatomy-reading native``.
+BASELINE_INPUTS = {"t1w": 1, "t1w+tissue-maps": 3}
 #: Table 2's classes (sec. 4): impaired vs not.
 IMPAIRED = ("MCI", "LMCI", "AD")
 NOT_IMPAIRED = ("CN", "SMC", "EMCI")
@@ -61,7 +65,9 @@ class EvaluateOptions:
 
     DUAL-GLOW's architecture (``depth``, ``hidden``, ``relation_hidden``) and optimiser
     (``lr``, ``warmup_steps``) default to the group level's; ``baseline_width`` is the first
-    layer's channel count of every baseline network. ``batch_size`` is shared.
+    layer's channel count of every baseline network and ``baseline_inputs`` what they read
+    (:data:`BASELINE_INPUTS`: the T1w, as the paper's baselines, or the T1w and its native
+    tissue maps, what DUAL-GLOW's anatomy template reads by default). ``batch_size`` is shared.
 
     Training budget, the same for every method: each fold's training scans are split by
     subject into an inner training and validation part (``inner_val_fraction``); every method
@@ -115,6 +121,7 @@ class EvaluateOptions:
     lr: float = 1e-3
     warmup_steps: int = 100
     baseline_width: int = 16
+    baseline_inputs: str = "t1w"
     ages: Sequence[float] = SWEEP_AGES
     participant_labels: Sequence[str] = ()
     nprocs: int | None = None
@@ -160,6 +167,8 @@ class EvaluateOptions:
             problems.append(f"side_template_anatomy={self.side_template_anatomy!r} (choose from {list(SIDE_TEMPLATE_ANATOMY)})")
         if self.anatomy_reading not in ANATOMY_READINGS:
             problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
+        if self.baseline_inputs not in BASELINE_INPUTS:
+            problems.append(f"baseline_inputs={self.baseline_inputs!r} (choose from {list(BASELINE_INPUTS)})")
         if problems:
             raise ValueError("invalid evaluation options: " + "; ".join(problems) + ".")
 

@@ -232,7 +232,7 @@ def markdown_tables(summary: dict[str, Any]) -> str:
         return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
 
     methods = [DUALGLOW, *summary["options"]["baselines"]]
-    out = ["### Table 1 (held-out scans, mean ± SD; * best)", ""]
+    out = ["### Table 1 (held-out scans, mean ± SD; * best)", "", baseline_inputs_text(summary["options"]), ""]
     out += table(["method", *[LABELS[m] for m in METRICS]], table1_rows(summary["table1"], methods))
     if summary.get("wilcoxon"):
         out += ["", "Paired Wilcoxon signed-rank tests, DUAL-GLOW minus each baseline (p; the better method by the median difference):", ""]
@@ -299,7 +299,7 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         f"{len(data)} scans of {len(set(data.subjects))} subjects, {options.folds}-fold cross-validation grouped by "
         f"subject (seed {options.seed}), grid {data.grid.voxel_size} mm {data.grid.shape}. Every method: the same folds, "
         f"{budget}, batch size {options.batch_size}, the same preprocessing; nothing tuned on test folds. "
-        "DUAL-GLOW predicts its conditional mode (temperature 0)."
+        "DUAL-GLOW predicts its conditional mode (temperature 0). " + baseline_inputs_text(options.to_dict())
     )
     _add_training(report, result, line_figure, options)
     _add_table1(report, options.methods, result)
@@ -312,6 +312,14 @@ def write_report(cohort: Cohort, options: EvaluateOptions, result: EvaluationRes
         _add_age_trends(report, result.age_trends, line_figure)
     _add_montage(report, cohort, options.methods, runs)
     return report.write(options.output_dir / "evaluation.html")
+
+
+def baseline_inputs_text(options: dict[str, Any]) -> str:
+    """What the baselines read, in a sentence (summaries written before the setting: the T1w)."""
+    if options.get("baseline_inputs", "t1w") == "t1w":
+        return "The baselines read the T1w alone, as the paper's."
+    return ("The baselines read the T1w and its native tissue maps (grey matter, CSF; --baseline-inputs "
+            "t1w+tissue-maps), what DUAL-GLOW's anatomy template reads.")
 
 
 def _add_table1(report: Any, methods: Sequence[str], result: EvaluationResult) -> None:

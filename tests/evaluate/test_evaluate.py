@@ -30,6 +30,7 @@ from dualglow_app.evaluate import (
     regional_slopes,
 )
 from dualglow_app.evaluate.atlases import RegionMap
+from dualglow_app.evaluate.report import markdown_tables
 from dualglow_app.grid import preset
 from dualglow_app.metrics import METRICS
 
@@ -285,6 +286,7 @@ def test_small_run_writes_every_output(tiny_run: tuple) -> None:
     assert "Does the synthesis follow the subject?" in tables and "deviation r" in tables
     assert "### Training (per method, over folds)" in tables and "early stopping after 10 epochs" in tables
     assert "(DUAL-GLOW: its validation MAE too)" in tables  # the default rule, the baselines' own
+    assert "The baselines read the T1w alone" in tables
     assert "Age trends vs the phantom" not in tables  # not a phantom cohort: no truth to compare with
     html = (options.output_dir / "evaluation.html").read_text()
     for text in ("Table 1", "Table 2", "Wilcoxon", "Fig. 4", "Fig. 7", "follow the subject", "input specificity",
@@ -323,7 +325,8 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
         assert _method_key("unet", other) == _method_key("unet", base)
     # A setting added later, at the value it had before it existed, leaves the keys of what was
     # cached then: the same key as options that do not know the setting at all.
-    later = {"side_template_anatomy": "t1w", "dualglow_select_on": "bpd", "dualglow_min_epochs": 0, "anatomy_template": False}
+    later = {"side_template_anatomy": "t1w", "dualglow_select_on": "bpd", "dualglow_min_epochs": 0, "anatomy_template": False,
+             "baseline_inputs": "t1w"}
 
     class Before(type(base)):  # type: ignore[misc]
         def to_dict(self) -> dict:
@@ -332,12 +335,43 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
     old = dataclasses.replace(base, **later)
     before = Before(**{f.name: getattr(old, f.name) for f in dataclasses.fields(old)})
     assert _method_key(DUALGLOW, before) == _method_key(DUALGLOW, old)
+    assert _method_key("unet", before) == _method_key("unet", old)
+    # What the baselines read keys the baselines only.
+    with_maps = dataclasses.replace(base, baseline_inputs="t1w+tissue-maps")
+    assert _method_key("unet", with_maps) != _method_key("unet", base)
+    assert _method_key(DUALGLOW, with_maps) == _method_key(DUALGLOW, base)
+    with pytest.raises(ValueError, match="baseline_inputs='maps'"):
+        dataclasses.replace(base, baseline_inputs="maps")
     with pytest.raises(ValueError, match="side_template_anatomy='csf'"):
         dataclasses.replace(base, side_template_anatomy="csf")
     with pytest.raises(ValueError, match="dualglow_select_on='ssim'"):
         dataclasses.replace(base, dualglow_select_on="ssim")
     with pytest.raises(ValueError, match="dualglow_min_epochs"):
         dataclasses.replace(base, dualglow_min_epochs=base.epochs + 1)
+
+
+def test_baselines_can_read_the_tissue_maps_beside_the_t1w(tiny_run: tuple) -> None:
+    """--baseline-inputs t1w+tissue-maps trains the baselines on the T1w and its tissue maps:
+    another result under its own key, beside the T1w-only one (which it leaves alone), from
+    networks that read the maps (a model trained on the T1w alone predicts otherwise)."""
+    from dualglow_app.evaluate.crossval import baseline_inputs
+
+    options, cohort, result, _ = tiny_run
+    with_maps = dataclasses.replace(options, baselines=("unet",), baseline_inputs="t1w+tissue-maps", report=False)
+    inputs = baseline_inputs(cohort.data, np.arange(2), with_maps.baseline_inputs)
+    assert inputs.shape == (2, 3, *cohort.data.grid.shape)
+    np.testing.assert_array_equal(inputs[:, 1:], cohort.data.tissue_maps[:2])
+    again = evaluate_cohort(cohort, with_maps)
+    mae = {r["label"]: r["mae_suvr"] for r in again.rows if r["method"] == "unet"}  # type: ignore[attr-defined]
+    before = {r["label"]: r["mae_suvr"] for r in result.rows if r["method"] == "unet"}  # type: ignore[attr-defined]
+    assert set(mae) == set(before) and all(np.isfinite(list(mae.values())))
+    assert mae != before
+    assert len(list(Path(again.summary["run_cache"]).glob("fold0/unet-*.npz"))) == 2  # type: ignore[attr-defined]
+    assert again.summary["options"]["baseline_inputs"] == "t1w+tissue-maps"  # type: ignore[attr-defined]
+    assert "native tissue maps" in markdown_tables(again.summary)  # type: ignore[attr-defined]
+    without_maps = dataclasses.replace(cohort.data, tissue_maps=None)
+    with pytest.raises(EvaluationError, match="hold no tissue maps"):
+        baseline_inputs(without_maps, np.arange(2), with_maps.baseline_inputs)
 
 
 def test_concurrent_evaluations_share_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -436,6 +470,8 @@ def test_cli_refuses_bad_arguments(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "resnet" in bad.output
     folds = runner.invoke(main, [str(bids), str(tmp_path / "out"), "--folds", "1"])
     assert folds.exit_code == 2 and "folds=1" in folds.output
+    inputs = runner.invoke(main, [str(bids), str(tmp_path / "out"), "--baseline-inputs", "t1w+pet"])
+    assert inputs.exit_code == 2 and "t1w+tissue-maps" in inputs.output
     assert runner.invoke(main, ["--help"]).exit_code == 0
 
 
