@@ -445,10 +445,8 @@ class Baseline:
 
     def _check_pair(self, mri: np.ndarray, pet: np.ndarray, prefix: str) -> None:
         channels = self.options.input_channels
-        expected = "(N, X, Y, Z)" if channels == 1 else f"(N, {channels}, X, Y, Z)"
-        spatial = mri.shape[:1] + mri.shape[2:] if channels > 1 else mri.shape
-        if pet.ndim != 4 or spatial != pet.shape or mri.ndim != (4 if channels == 1 else 5) or (
-                channels > 1 and mri.shape[1] != channels):  # fmt: skip
+        if pet.ndim != 4 or mri.shape != (pet.shape if channels == 1 else (len(pet), channels, *pet.shape[1:])):
+            expected = "(N, X, Y, Z)" if channels == 1 else f"(N, {channels}, X, Y, Z)"
             raise ValueError(f"{self.name}.fit: {prefix}mri {mri.shape} must be {expected} and {prefix}pet "
                              f"{pet.shape} (N, X, Y, Z) on the same grid")  # fmt: skip
         if self.pools and any(s % 4 for s in pet.shape[1:]):
@@ -467,18 +465,21 @@ class Baseline:
 
     def _tensor(self, array: np.ndarray) -> Tensor:
         """(N, X, Y, Z) volumes as an (N, 1, X, Y, Z) tensor on the device."""
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[:, None].to(self.device)
+        return _on(array, self.device)[:, None]
 
     def _inputs(self, array: np.ndarray) -> Tensor:
         """The inputs as (N, input_channels, X, Y, Z): one channel comes without its axis."""
-        if self.options.input_channels == 1:
-            return self._tensor(array)
-        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device)
+        tensor = _on(array, self.device)
+        return tensor[:, None] if self.options.input_channels == 1 else tensor
 
     def _adam(self, module: nn.Module, gan: bool = False) -> torch.optim.Optimizer:
         if gan:
             return torch.optim.Adam(module.parameters(), lr=self.options.gan_lr, betas=(0.5, 0.999))
         return torch.optim.Adam(module.parameters(), lr=self.options.lr)
+
+
+def _on(array: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(device)
 
 
 def _mae(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray | None) -> float:

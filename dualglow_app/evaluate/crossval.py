@@ -646,7 +646,7 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
         tissue_maps=(tissue_reading(options.anatomy_reading, options.side_template_anatomy) == "native"
-                     or options.baseline_inputs == "t1w+tissue-maps"),
+                     or BASELINE_INPUTS[options.baseline_inputs] > 1),
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None
