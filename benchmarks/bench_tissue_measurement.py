@@ -7,8 +7,8 @@ BIDS_DIR is a phantom cohort (``dualglow-phantom`` with that seed and version), 
 are known (``bench_interaction.py``'s :func:`subject_tissues`, the MNI-space truth of the same
 subject). Two measurements of them through the real preprocessing (skull strip, N4, SyN):
 
-- *grid*: what the anatomy template reads today, the model's tissue mixture's posteriors of the
-  T1w on the grid (:meth:`DualGlow.anatomy_features` at the voxel);
+- *grid*: what the anatomy template read before the native reading (``--anatomy-reading
+  posterior``), the model's tissue mixture's posteriors of the T1w on the grid;
 - *grid, partial volume*: the fractions read linearly from the grid T1w's intensity between
   the same mixture's means (``bench_interaction.partial_volume_fractions``);
 - *native*: a 3-class Gaussian mixture fitted to each subject's N4-corrected native brain
@@ -18,7 +18,10 @@ subject). Two measurements of them through the real preprocessing (skull strip, 
 
 For each, inside the template brain mask: the voxelwise Pearson r with the truth, and the r of
 the subject's departure from the cohort's mean (measurement minus the mean measurement against
-truth minus the mean truth), which is what following the subject needs. ``bench_interaction.py
+truth minus the mean truth), which is what following the subject needs. Per region (the
+phantom's regions on the grid): the r across subjects of the measured and the true regional
+mean grey matter, and the true grey matter's age slope (% of its mean per decade), to see
+where atrophy the reading misses could leak into a model's age map. ``bench_interaction.py
 --true-tissues`` showed on the MNI stack that the truth itself would take the anatomy
 template's deviation r from 0.874 to 0.979 (lab book, finding 25).
 """
@@ -29,6 +32,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,11 +55,40 @@ def agreement(measured: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict
     return {"r": float(np.mean(plain)), "departure_r": float(np.mean(departure))}
 
 
+def participant_ages(bids_dir: Path, labels: list[str]) -> np.ndarray:
+    """The ages of ``labels`` (sub-XXX) from the cohort's participants.tsv."""
+    import csv
+
+    with open(bids_dir / "participants.tsv", encoding="utf-8") as handle:
+        ages = {row["participant_id"]: float(row["age"]) for row in csv.DictReader(handle, delimiter="\t")}
+    return np.array([ages[label] for label in labels])
+
+
+def regional_grey_matter(measured: np.ndarray, truth: np.ndarray, ages: np.ndarray, grid: Any,
+                         mask: np.ndarray) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per phantom region: r across subjects of the measured and true regional mean grey matter
+    (inside ``mask``), and the true grey matter's age slope in % of its mean per decade."""
+    from bench_real_anatomy import grid_regions
+
+    regions = grid_regions(grid)
+    inside = np.broadcast_to(mask > 0, measured.shape)
+    measured_means, true_means = regions.means(measured, inside), regions.means(truth, inside)
+    out = {}
+    for k, name in enumerate(regions.names):
+        m, t = measured_means[:, k], true_means[:, k]
+        if not (np.isfinite(m).all() and np.isfinite(t).all()) or m.std() == 0 or t.std() == 0:
+            continue
+        out[name] = {"r": float(np.corrcoef(m, t)[0, 1]),
+                     "true_gm_percent_per_decade": float(1000.0 * np.polyfit(ages, t, 1)[0] / t.mean())}  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bids_dir", type=Path)
     parser.add_argument("-w", "--work-dir", type=Path, required=True)
-    parser.add_argument("--weights", type=Path, required=True, help="a model with the anatomy template (its tissue mixture)")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="a model (its grid; the grid readings need one with a tissue mixture, i.e. not a native-reading one)")
     parser.add_argument("--phantom-seed", type=int, required=True)
     parser.add_argument("--phantom-version", type=int, required=True)
     parser.add_argument("--participant-label", nargs="*", default=None)
@@ -67,6 +100,8 @@ def main() -> None:
 
     from dualglow_app.dataset import DatasetSpec, find_pairs
     from dualglow_app.log import setup_logging
+    from dualglow_app.model.dualglow import _tissue_posteriors
+    from dualglow_app.tissue import MIXTURE_CLASSES
     from dualglow_app.phantom.cohort import subject_index
     from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
     from dualglow_app.templates import brain_mask_on_grid
@@ -79,28 +114,38 @@ def main() -> None:
     scans = find_pairs(DatasetSpec(args.bids_dir, args.work_dir, grid,
                                    participant_labels=tuple(args.participant_label or ())))  # fmt: skip
     mask = brain_mask_on_grid(grid).astype(np.uint8)
-    truth, grid_reading, pv_reading, native_reading, labels = [], [], [], [], []
+    # The grid readings need the model's own tissue mixture, which a native-reading model has no use for.
+    with_mixture = "tissue_mixture" in dict(loaded.model.named_buffers())
+    truth, labels = [], []
+    readings: dict[str, list[np.ndarray]] = {name: [] for name in (*(("grid", "grid, partial volume") if with_mixture
+                                                                     else ()), "native")}  # fmt: skip
     for scan in scans:
         t1w = preprocess_t1w(scan.t1w, grid, args.work_dir, args.nprocs)
-        x = torch.as_tensor(np.asarray(t1w.image.dataobj, np.float32))[None, None]
-        features = loaded.model.anatomy_features(x)[0, :, 0].numpy()  # tissue-major, sigma 0 first
-        per_tissue = len(loaded.model.config.anatomy_sigmas)
-        grid_reading.append(np.stack([features[k * per_tissue] for k in range(len(TISSUES))]) * mask)
-        pv_reading.append(partial_volume_fractions(loaded.model, x[:, 0].numpy(), mask)[0])
-        native_reading.append(tissue_maps_on_grid(t1w, args.nprocs))
+        if with_mixture:
+            x = torch.as_tensor(np.asarray(t1w.image.dataobj, np.float32))
+            posteriors = _tissue_posteriors(x, loaded.model.get_buffer("tissue_mixture")).numpy()
+            readings["grid"].append(np.stack([posteriors[MIXTURE_CLASSES.index(t)] for t in TISSUES]) * mask)
+            readings["grid, partial volume"].append(partial_volume_fractions(loaded.model, x[None].numpy(), mask)[0])
+        readings["native"].append(tissue_maps_on_grid(t1w, args.nprocs))
         truth.append(_subject_tissues((seed, subject_index(f"sub-{scan.subject}"), version, grid, "true")) * mask)
         labels.append(f"sub-{scan.subject}")
     truth_a = np.stack(truth)
-    readings = {"grid": grid_reading, "grid, partial volume": pv_reading, "native": native_reading}
     result = {name: {tissue: agreement(np.stack(reading)[:, k], truth_a[:, k], mask) for k, tissue in enumerate(TISSUES)}
               for name, reading in readings.items()}  # fmt: skip
+    ages = participant_ages(args.bids_dir, labels)
+    per_region = {name: regional_grey_matter(np.stack(reading)[:, 0], truth_a[:, 0], ages, grid, mask)
+                  for name, reading in readings.items()}  # fmt: skip
+    print("native reading by region (r of regional GM across subjects; true GM %/decade):")
+    for region, row in sorted(per_region["native"].items(), key=lambda item: item[1]["r"]):
+        print(f"  {region:22s} r {row['r']:6.3f}   {row['true_gm_percent_per_decade']:7.2f}")
     for name, by_tissue in result.items():
         print(f"{name:21s} " + "  ".join(f"{t}: r {v['r']:.3f}, departure r {v['departure_r']:.3f}"
                                         for t, v in by_tissue.items()))  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"bids_dir": str(args.bids_dir), "subjects": labels, "weights": str(args.weights),
-                                         "machine": cpu_description(), "agreement": result}, indent=1))  # fmt: skip
+                                         "machine": cpu_description(), "agreement": result,
+                                         "regional_grey_matter": per_region}, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
