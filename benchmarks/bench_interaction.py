@@ -42,14 +42,20 @@ from bench_learning_curves import cpu_description  # noqa: E402
 from perfkit import voxelwise_least_squares  # noqa: E402
 
 #: Each variant: its tissue maps ("mri": the model's, from the T1w on the grid; "true": the
-#: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid)
-#: and which covariates multiply them.
-VARIANTS = {"additive (the template's form)": ("mri", ()), "+ age x tissue maps": ("mri", ("age",)),
-            "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis")),
-            "additive, the phantom's true GM and CSF": ("true", ()),
-            "+ age x true tissue maps": ("true", ("age",)),
-            "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", ()),
-            "additive, partial-volume fractions of the 4 mm T1w": ("pv", ())}  # fmt: skip
+#: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid),
+#: which covariates multiply them, and whether the least squares is fitted to the PET or to its
+#: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
+#: uptake = grey matter x age factor x ..., so the log is additive in age).
+VARIANTS = {"additive (the template's form)": ("mri", (), "pet"), "+ age x tissue maps": ("mri", ("age",), "pet"),
+            "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis"), "pet"),
+            "log-linear (the template's terms, fitted to log PET)": ("mri", (), "log"),
+            "additive, the phantom's true GM and CSF": ("true", (), "pet"),
+            "+ age x true tissue maps": ("true", ("age",), "pet"),
+            "log-linear, the phantom's true GM and CSF": ("true", (), "log"),
+            "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet"),
+            "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet")}  # fmt: skip
+#: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
+LOG_FLOOR_SUVR = 1e-3
 
 
 def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -170,7 +176,7 @@ def main() -> None:
     if args.true_tissues:
         sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
     sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
-    for label, (source, products) in VARIANTS.items():
+    for label, (source, products, space) in VARIANTS.items():
         if any(name not in side_names for name in products) or source not in sources:
             continue
         tissues = sources[source]
@@ -178,13 +184,17 @@ def main() -> None:
         def of(rows: np.ndarray) -> np.ndarray | None:
             return None if tissues is None else tissues[rows]
 
+        target = pet[train_rows].reshape(len(train_rows), -1)[:, inside]
+        if space == "log":
+            target = np.log(np.maximum(target, LOG_FLOOR_SUVR))
         coef = voxelwise_least_squares(design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows)),
-                                       pet[train_rows].reshape(len(train_rows), -1)[:, inside])  # fmt: skip
+                                       target)  # fmt: skip
 
-        def predict(rows: np.ndarray, age: float | None = None) -> np.ndarray:
+        def predict(rows: np.ndarray, age: float | None = None, space: str = space) -> np.ndarray:
             x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows))
             out = np.zeros((len(rows), inside.size))
-            out[:, inside] = np.einsum("nvp,vp->nv", x, coef)
+            fitted = np.einsum("nvp,vp->nv", x, coef)
+            out[:, inside] = np.exp(fitted) if space == "log" else fitted
             return out.reshape(len(rows), *data.grid.shape)
 
         own = predict(val_rows)
