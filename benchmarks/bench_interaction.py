@@ -43,15 +43,19 @@ from perfkit import voxelwise_least_squares  # noqa: E402
 
 #: Each variant: its tissue maps ("mri": the model's, from the T1w on the grid; "true": the
 #: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid),
-#: which covariates multiply them, and whether the least squares is fitted to the PET or to its
+#: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
-#: uptake = grey matter x age factor x ..., so the log is additive in age).
+#: uptake = grey matter x age factor x ..., so the log is additive in age), and optionally
+#: which of the model's scales (FWHM in mm) the tissue maps enter at (default: all of them).
 VARIANTS = {"additive (the template's form)": ("mri", (), "pet"), "+ age x tissue maps": ("mri", ("age",), "pet"),
             "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis"), "pet"),
             "log-linear (the template's terms, fitted to log PET)": ("mri", (), "log"),
             "additive, the phantom's true GM and CSF": ("true", (), "pet"),
             "+ age x true tissue maps": ("true", ("age",), "pet"),
             "log-linear, the phantom's true GM and CSF": ("true", (), "log"),
+            "additive, the true GM and CSF at the voxel only": ("true", (), "pet", (0.0,)),
+            "additive, the true GM and CSF at 0 and 8 mm": ("true", (), "pet", (0.0, 8.0)),
+            "additive, the true GM and CSF at 0 and 24 mm": ("true", (), "pet", (0.0, 24.0)),
             "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet"),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet")}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
@@ -101,16 +105,19 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
     return out
 
 
-def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None) -> np.ndarray:
+def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None,
+                    sigmas: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
     """(scans, maps, *grid): the model's anatomy features of the MRIs, or the same blurs of the
-    given grey-matter and CSF maps (scans, 2, *grid) in the same order (tissue-major)."""
+    given grey-matter and CSF maps (scans, 2, *grid) in the same order (tissue-major), at the
+    model's scales or at ``sigmas`` (in voxels; given maps only)."""
     from dualglow_app.model.dualglow import blurred_tissue_maps
 
     if tissues is None:
         features = model.anatomy_features(torch.as_tensor(np.asarray(mri, np.float64))[:, None])
     else:
         maps = torch.as_tensor(np.asarray(tissues, np.float64))
-        features = blurred_tissue_maps([maps[:, k : k + 1] for k in range(maps.shape[1])], model.config.anatomy_sigmas)
+        features = blurred_tissue_maps([maps[:, k : k + 1] for k in range(maps.shape[1])],
+                                       model.config.anatomy_sigmas if sigmas is None else sigmas)
     return features[:, :, 0].numpy()
 
 
@@ -126,7 +133,7 @@ def design_matrix(features: np.ndarray, covariates: np.ndarray, inside: np.ndarr
 
 
 def design(model: Any, mri: np.ndarray, side: dict[str, np.ndarray], products: tuple[str, ...],
-           inside: np.ndarray, tissues: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+           inside: np.ndarray, tissues: np.ndarray | None = None, sigmas: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
     """:func:`design_matrix` of the MRIs at the brain voxels ``inside``: the covariates as the
     model encodes them, its tissue features (of the MRI, or of ``tissues``), and the named
     covariates' encoded columns times each feature."""
@@ -134,7 +141,7 @@ def design(model: Any, mri: np.ndarray, side: dict[str, np.ndarray], products: t
     c = model._encode_side({k: torch.as_tensor(v) for k, v in side.items()}, len(x), x)[0].double().numpy()
     columns = [j for name in products for j in range(model.config.side_channels(name).start,
                                                      model.config.side_channels(name).stop)]  # fmt: skip
-    return design_matrix(tissue_features(model, mri, tissues), c, inside, columns)
+    return design_matrix(tissue_features(model, mri, tissues, sigmas), c, inside, columns)
 
 
 def main() -> None:
@@ -148,6 +155,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dualglow_app.dataset import load_mni_stack, split_subjects
+    from dualglow_app.imaging import FWHM_TO_SIGMA
     from dualglow_app.log import setup_logging
     from dualglow_app.metrics import deviation_correlation, image_metrics, mean_pairwise_correlation
     from dualglow_app.weights import open_model
@@ -176,7 +184,8 @@ def main() -> None:
     if args.true_tissues:
         sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
     sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
-    for label, (source, products, space) in VARIANTS.items():
+    for label, (source, products, space, *scales) in VARIANTS.items():
+        sigmas = [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales[0]] if scales else None
         if any(name not in side_names for name in products) or source not in sources:
             continue
         tissues = sources[source]
@@ -187,11 +196,11 @@ def main() -> None:
         target = pet[train_rows].reshape(len(train_rows), -1)[:, inside]
         if space == "log":
             target = np.log(np.maximum(target, LOG_FLOOR_SUVR))
-        coef = voxelwise_least_squares(design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows)),
-                                       target)  # fmt: skip
+        coef = voxelwise_least_squares(design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows),
+                                              sigmas), target)  # fmt: skip
 
         def predict(rows: np.ndarray, age: float | None = None, space: str = space) -> np.ndarray:
-            x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows))
+            x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows), sigmas)
             out = np.zeros((len(rows), inside.size))
             fitted = np.einsum("nvp,vp->nv", x, coef)
             out[:, inside] = np.exp(fitted) if space == "log" else fitted
