@@ -33,20 +33,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_real_anatomy as real  # noqa: E402
-from bench_interaction import _subject_tissues  # noqa: E402
 from bench_learning_curves import cpu_description  # noqa: E402
-from bench_tissue_measurement import agreement  # noqa: E402
+from bench_tissue_measurement import readings_agreement, true_tissues  # noqa: E402
 
 READINGS = ("mixture", "atropos")
 
 
-def native_readings(result: Any, grid: Any, mrf: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def native_readings(result: Any, mrf: float) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Both readings of one preprocessed T1w (a :class:`~dualglow_app.preprocess.T1wResult`) on
-    ``grid`` as (2, *grid.shape) GM and CSF maps, and what each took and looks like natively."""
+    its grid as (2, *grid.shape) GM and CSF maps, and what each took and looks like natively."""
     import ants
 
-    from dualglow_app.preprocess import _anti_alias, grid_reference
-    from dualglow_app.templates import brain_mask_on_grid
+    from dualglow_app.preprocess import native_maps_on_grid
     from dualglow_app.tissue import own_tissue_posteriors
 
     brain, mask = ants.image_read(str(result.native_brain)), ants.image_read(str(result.native_mask))
@@ -59,14 +57,9 @@ def native_readings(result: Any, grid: Any, mrf: float) -> tuple[dict[str, np.nd
     seconds["atropos"] = time.perf_counter() - start
     csf, gm, _ = (p.numpy() for p in segmentation["probabilityimages"])  # k-means classes by mean intensity
     native = {"mixture": mixture, "atropos": np.stack([gm, csf])}
-    target = grid_reference(grid.affine, grid.shape)
-    support = brain_mask_on_grid(grid)
     on_grid, facts = {}, {}
     for name, maps in native.items():
-        on_grid[name] = np.stack([
-            ants.apply_transforms(target, _anti_alias(brain.new_image_like(m.astype(np.float32)), grid.voxel_size),
-                                  [str(p) for p in result.forward_transforms], interpolator="linear").numpy()
-            for m in maps]) * support  # fmt: skip
+        on_grid[name] = native_maps_on_grid(result, brain, maps)
         grey = maps[0]
         neighbours = sum(np.roll(grey, step, axis) for axis in range(3) for step in (-1, 1)) / 6
         facts |= {f"{name}_seconds": seconds[name], f"{name}_speckle": float(np.abs(grey - neighbours)[inside].mean()),
@@ -91,7 +84,6 @@ def main() -> None:
 
     from dualglow_app.dataset import DatasetSpec, find_pairs
     from dualglow_app.log import setup_logging
-    from dualglow_app.phantom.cohort import subject_index
     from dualglow_app.preprocess import preprocess_t1w
     from dualglow_app.templates import brain_mask_on_grid
     from dualglow_app.weights import open_model
@@ -105,15 +97,12 @@ def main() -> None:
     truth, measured = [], {name: [] for name in READINGS}
     for scan in find_pairs(DatasetSpec(args.bids_dir, args.work_dir, grid)):
         result = preprocess_t1w(scan.t1w, grid, args.work_dir, args.threads)
-        maps, facts = native_readings(result, grid, args.mrf)
+        maps, facts = native_readings(result, args.mrf)
         for name in READINGS:
             measured[name].append(maps[name])
-        truth.append(_subject_tissues((args.phantom_seed, subject_index(f"sub-{scan.subject}"), args.phantom_version,
-                                       grid, "true")) * mask)  # fmt: skip
+        truth.append(true_tissues(f"sub-{scan.subject}", args.phantom_seed, args.phantom_version, grid, mask))
         out["phantoms"][f"sub-{scan.subject}"] = facts
-    truth_a = np.stack(truth)
-    out["agreement"] = {name: {tissue: agreement(np.stack(measured[name])[:, k], truth_a[:, k], mask)
-                               for k, tissue in enumerate(("gm", "csf"))} for name in READINGS}  # fmt: skip
+    out["agreement"] = readings_agreement(measured, np.stack(truth), mask)
 
     regions, table = real.grid_regions(grid), real.design_table()
     brains: dict[str, list[Any]] = {name: [] for name in READINGS}
@@ -121,7 +110,7 @@ def main() -> None:
         source = real.BRAINS[name](args.cache)
         brain = real.preprocessed(name, source, grid, args.cache, args.threads)
         result = preprocess_t1w(source, grid, args.cache / "work", args.threads)
-        maps, out["real"][name] = native_readings(result, grid, args.mrf)
+        maps, out["real"][name] = native_readings(result, args.mrf)
         for reading in READINGS:
             brains[reading].append(real.Brain(name, brain.t1w, brain.mask, brain.meta, maps[reading].astype(np.float32)))
     for reading, pair in brains.items():

@@ -55,6 +55,20 @@ def agreement(measured: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict
     return {"r": float(np.mean(plain)), "departure_r": float(np.mean(departure))}
 
 
+def true_tissues(label: str, seed: int, version: int, grid: Any, mask: np.ndarray) -> np.ndarray:
+    """(2, *grid.shape): phantom ``label``'s (sub-XXX) true grey matter and CSF on ``grid``, 0 outside ``mask``."""
+    from dualglow_app.phantom.cohort import subject_index
+
+    return _subject_tissues((seed, subject_index(label), version, grid, "true")) * mask
+
+
+def readings_agreement(readings: dict[str, list[np.ndarray]], truth: np.ndarray,
+                       mask: np.ndarray) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """{reading: {tissue: :func:`agreement`}} of each reading's (2, *grid) maps per subject with ``truth``."""
+    return {name: {tissue: agreement(np.stack(maps)[:, k], truth[:, k], mask) for k, tissue in enumerate(TISSUES)}
+            for name, maps in readings.items()}  # fmt: skip
+
+
 def participant_ages(bids_dir: Path, labels: list[str]) -> np.ndarray:
     """The ages of ``labels`` (sub-XXX) from the cohort's participants.tsv."""
     import csv
@@ -101,10 +115,9 @@ def main() -> None:
     from dualglow_app.dataset import DatasetSpec, find_pairs
     from dualglow_app.log import setup_logging
     from dualglow_app.model.dualglow import _tissue_posteriors
-    from dualglow_app.tissue import MIXTURE_CLASSES
-    from dualglow_app.phantom.cohort import subject_index
     from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
     from dualglow_app.templates import brain_mask_on_grid
+    from dualglow_app.tissue import MIXTURE_CLASSES
     from dualglow_app.weights import open_model
 
     setup_logging(0)
@@ -127,11 +140,10 @@ def main() -> None:
             readings["grid"].append(np.stack([posteriors[MIXTURE_CLASSES.index(t)] for t in TISSUES]) * mask)
             readings["grid, partial volume"].append(partial_volume_fractions(loaded.model, x[None].numpy(), mask)[0])
         readings["native"].append(tissue_maps_on_grid(t1w, args.nprocs))
-        truth.append(_subject_tissues((seed, subject_index(f"sub-{scan.subject}"), version, grid, "true")) * mask)
+        truth.append(true_tissues(f"sub-{scan.subject}", seed, version, grid, mask))
         labels.append(f"sub-{scan.subject}")
     truth_a = np.stack(truth)
-    result = {name: {tissue: agreement(np.stack(reading)[:, k], truth_a[:, k], mask) for k, tissue in enumerate(TISSUES)}
-              for name, reading in readings.items()}  # fmt: skip
+    result = readings_agreement(readings, truth_a, mask)
     ages = participant_ages(args.bids_dir, labels)
     per_region = {name: regional_grey_matter(np.stack(reading)[:, 0], truth_a[:, 0], ages, grid, mask)
                   for name, reading in readings.items()}  # fmt: skip

@@ -608,18 +608,29 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2) -> np.ndarray:
             brain = ants.image_read(str(t1w.native_brain))
             inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
             posteriors, mixture = own_tissue_posteriors(brain.numpy(), inside)
-            target = grid_reference(grid.affine, grid.shape)
-            forward = [str(p) for p in t1w.forward_transforms]
-            maps = np.stack([ants.apply_transforms(target, _anti_alias(brain.new_image_like(posterior), grid.voxel_size),
-                                                   forward, interpolator="linear").numpy()
-                             for posterior in posteriors])  # fmt: skip
-        np.save(tmp / "tissue_maps.npy", (maps * brain_mask_on_grid(grid)).astype(np.float32))
+            maps = native_maps_on_grid(t1w, brain, posteriors)
+        np.save(tmp / "tissue_maps.npy", maps)
         weights, means, variances = mixture.mixture_parameters()
         return {"source": str(t1w.source), "sha256": t1w.sha256, "channels": list(NATIVE_TISSUE_CHANNELS),
                 "grid": grid.to_dict(), "mixture": {"weights": weights, "means": means, "variances": variances}}  # fmt: skip
 
     _cached_entry(folder, build)
     return np.load(folder / "tissue_maps.npy")
+
+
+def native_maps_on_grid(t1w: T1wResult, brain: Any, maps: np.ndarray) -> np.ndarray:
+    """(len(maps), *grid.shape) float32: maps on the T1w's native brain (``brain``, its ANTs
+    image) warped onto its grid the way the T1w is (anti-aliased, its forward transforms,
+    linear), 0 outside the template brain mask."""
+    import ants
+
+    grid = t1w.grid
+    target = grid_reference(grid.affine, grid.shape)
+    forward = [str(p) for p in t1w.forward_transforms]
+    warped = np.stack([ants.apply_transforms(target, _anti_alias(brain.new_image_like(np.asarray(m, np.float32)),
+                                                                 grid.voxel_size), forward, interpolator="linear").numpy()
+                       for m in maps])  # fmt: skip
+    return (warped * brain_mask_on_grid(grid)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- PET path
