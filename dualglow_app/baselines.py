@@ -130,6 +130,14 @@ class BaselineOptions:
         return asdict(self)
 
 
+def _digest(prefix: bytes, arrays: tuple[np.ndarray | None, ...]) -> str:
+    """sha256 of ``prefix`` and the arrays' bytes (``None`` as a marker)."""
+    digest = hashlib.sha256(prefix)
+    for array in arrays:
+        digest.update(b"none" if array is None else np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 #: What ``val_mae`` in a baseline's history and summary measures.
 VAL_METRIC = "MAE of predict() on the model's [0, 1] PET scale (SUVR / pet_suvr_max), inside val_mask if given"
 
@@ -316,8 +324,9 @@ class Baseline:
         self.history, self.validated = [], validating
         fit = _FitState()
         if checkpoint is not None:
-            fingerprint = self._fingerprint(mri, pet, val_mri, val_pet, val_mask)
-            resumed = self._resume(Path(checkpoint), fingerprint, rng)
+            arrays = (mri, pet, val_mri, val_pet, val_mask)
+            identity = self._fit_identity(*arrays)
+            resumed = self._resume(Path(checkpoint), identity, arrays, rng)
             fit = resumed or fit
         start = time.perf_counter() - fit.elapsed
         reason = fit.reason or ("max_epochs" if validating else "fixed_epochs")
@@ -355,7 +364,7 @@ class Baseline:
             finished = reason in ("patience", "budget_seconds") or epoch == budget
             if checkpoint is not None:
                 fit.elapsed, fit.reason = time.perf_counter() - start, reason if finished else None
-                self._save_checkpoint(Path(checkpoint), fingerprint, fit, rng)
+                self._save_checkpoint(Path(checkpoint), identity, fit, rng)
             if finished:
                 break
         self.best_epoch, self.best_val_mae = fit.best_epoch, None
@@ -395,14 +404,26 @@ class Baseline:
     def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {name: o for name, o in vars(self).items() if isinstance(o, torch.optim.Optimizer)}
 
-    def _fingerprint(self, *arrays: np.ndarray | None) -> str:
-        """What a checkpoint must match to be resumed: the method, its options and the arrays' bytes."""
-        digest = hashlib.sha256(json.dumps([self.name, self.options.to_dict()], sort_keys=True).encode())
-        for array in arrays:
-            digest.update(b"none" if array is None else np.ascontiguousarray(array).tobytes())
-        return digest.hexdigest()
+    def _fit_identity(self, *arrays: np.ndarray | None) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the method, its options and a digest of
+        the arrays' bytes (kept apart, so a refusal can say which changed)."""
+        return {"method": self.name, "options": self.options.to_dict(), "arrays": _digest(b"", arrays)}
 
-    def _save_checkpoint(self, path: Path, fingerprint: str, fit: _FitState, rng: np.random.Generator) -> None:
+    def _changed_since(self, fields: dict[str, Any], identity: dict[str, Any],
+                       arrays: tuple[np.ndarray | None, ...]) -> list[str]:
+        """What differs between the fit a checkpoint's ``fields`` hold and ``identity`` (empty: resumable)."""
+        stored = fields.get("identity")
+        if stored is None:
+            # Written before the identity was kept in parts: one hash of the method, the options and the arrays.
+            prefix = json.dumps([self.name, self.options.to_dict()], sort_keys=True).encode()
+            return [] if fields.get("fingerprint") == _digest(prefix, arrays) else ["options or training scans"]
+        # An option added since the checkpoint was written had its default in the fit it holds.
+        options = {**BaselineOptions().to_dict(), **stored["options"]}
+        changed = [] if stored["method"] == identity["method"] else ["method"]
+        changed += [f"option {name}" for name, value in identity["options"].items() if options.get(name) != value]
+        return changed + ([] if stored["arrays"] == identity["arrays"] else ["training or validation scans"])
+
+    def _save_checkpoint(self, path: Path, identity: dict[str, Any], fit: _FitState, rng: np.random.Generator) -> None:
         from dualglow_app.weights import save_checkpoint
 
         save_checkpoint(path, {
@@ -410,23 +431,26 @@ class Baseline:
             "optimizers": {name: opt.state_dict() for name, opt in self._optimizers().items()},
             "best_state": fit.best_state,
             # JSON text (Python's, which writes inf): PCG64's state holds integers beyond 64 bits.
-            "fit": json.dumps({"fingerprint": fingerprint, "history": self.history, "rng": rng.bit_generator.state,
+            "fit": json.dumps({"identity": identity, "history": self.history, "rng": rng.bit_generator.state,
                                **fit.scalars()}),
             "noise_rng": self._noise.get_state(),
             "torch_rng": torch.get_rng_state(),
         })  # fmt: skip
 
-    def _resume(self, path: Path, fingerprint: str, rng: np.random.Generator) -> _FitState | None:
-        """Restore the fit saved at ``path`` (networks, optimisers, history, generators); None if there is none."""
+    def _resume(self, path: Path, identity: dict[str, Any], arrays: tuple[np.ndarray | None, ...],
+                rng: np.random.Generator) -> _FitState | None:
+        """Restore the fit saved at ``path`` (networks, optimisers, history, generators) if it is
+        the fit ``identity`` names; None if there is none."""
         from dualglow_app.weights import ModelFileError, load_checkpoint
 
         if not path.is_file():
             return None
         state = load_checkpoint(path, self.device)
         fields = json.loads(state["fit"]) if isinstance(state.get("fit"), str) else {}
-        if fields.get("fingerprint") != fingerprint:
+        changed = self._changed_since(fields, identity, arrays) if fields else ["not a fit's checkpoint"]
+        if changed:
             raise ModelFileError(
-                f"{path}: checkpoint of a different {self.name} fit (other options or training scans); "
+                f"{path}: checkpoint of a different {self.name} fit (changed: {', '.join(changed)}); "
                 "delete it to train afresh."
             )
         self._load_state(state["model"])

@@ -271,8 +271,57 @@ def test_a_checkpoint_of_another_fit_is_refused(tmp_path: Any) -> None:
     mri, pet = pairs(n=4)
     checkpoint = tmp_path / "fit.pt"
     make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, pet, checkpoint=checkpoint)
-    with pytest.raises(ModelFileError, match="different unet fit"):
+    with pytest.raises(ModelFileError, match=r"different unet fit \(changed: training or validation scans\)"):
         make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, 0.5 * pet, checkpoint=checkpoint)
+    with pytest.raises(ModelFileError, match=r"\(changed: option lr\)"):
+        make_baseline("unet", BaselineOptions(epochs=1, width=4, lr=0.5)).fit(mri, pet, checkpoint=checkpoint)
     checkpoint.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelFileError, match="fit.pt"):
         make_baseline("unet", BaselineOptions(epochs=1, width=4)).fit(mri, pet, checkpoint=checkpoint)
+
+
+def _rewrite_fit_fields(path: Any, edit: Any) -> None:
+    """Rewrite the JSON of a baseline checkpoint's ``fit`` entry through ``edit(fields)``."""
+    from dualglow_app.weights import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(path, torch.device("cpu"))
+    fields = json.loads(state["fit"])
+    edit(fields)
+    state["fit"] = json.dumps(fields)
+    save_checkpoint(path, state)
+
+
+def test_checkpoints_of_earlier_releases_resume(tmp_path: Any) -> None:
+    """A checkpoint written before an option existed (the fit had its default), or in the
+    single-hash form of earlier releases, resumes; one whose option then differed does not."""
+    from dualglow_app.weights import ModelFileError
+
+    mri, pet = pairs(n=4)
+    options = BaselineOptions(max_epochs=3, patience=3, width=4)
+    checkpoint = tmp_path / "fit.pt"
+    reference = make_baseline("unet", options)
+    reference.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint)
+
+    def without_input_channels(fields: dict[str, Any]) -> None:
+        del fields["identity"]["options"]["input_channels"]
+
+    _rewrite_fit_fields(checkpoint, without_input_channels)
+    again: list[int] = []
+    resumed = make_baseline("unet", options)
+    resumed.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint, on_epoch=lambda row, _: again.append(row["epoch"]))
+    assert again == [] and resumed.epochs_run == reference.epochs_run
+    with pytest.raises(ModelFileError, match="option input_channels"):
+        make_baseline("unet", BaselineOptions(max_epochs=3, patience=3, width=4, input_channels=2)).fit(
+            np.stack([mri, mri], 1), pet, np.stack([mri[:2], mri[:2]], 1), pet[:2], checkpoint=checkpoint)
+
+    def as_single_hash(fields: dict[str, Any]) -> None:
+        del fields["identity"]
+        prefix = json.dumps(["unet", options.to_dict()], sort_keys=True).encode()
+        fields["fingerprint"] = baselines._digest(prefix, (mri, pet, mri[:2], pet[:2], None))
+
+    _rewrite_fit_fields(checkpoint, as_single_hash)
+    legacy = make_baseline("unet", options)
+    legacy.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint)
+    assert legacy.epochs_run == reference.epochs_run
+    with pytest.raises(ModelFileError, match="changed: options or training scans"):
+        make_baseline("unet", options).fit(mri, 0.5 * pet, mri[:2], pet[:2], checkpoint=checkpoint)
