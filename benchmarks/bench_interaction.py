@@ -45,19 +45,19 @@ from perfkit import voxelwise_least_squares  # noqa: E402
 #: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
-#: uptake = grey matter x age factor x ..., so the log is additive in age), and optionally
-#: which of the model's scales (FWHM in mm) the tissue maps enter at (default: all of them).
-VARIANTS = {"additive (the template's form)": ("mri", (), "pet"), "+ age x tissue maps": ("mri", ("age",), "pet"),
-            "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis"), "pet"),
-            "log-linear (the template's terms, fitted to log PET)": ("mri", (), "log"),
-            "additive, the phantom's true GM and CSF": ("true", (), "pet"),
-            "+ age x true tissue maps": ("true", ("age",), "pet"),
-            "log-linear, the phantom's true GM and CSF": ("true", (), "log"),
+#: uptake = grey matter x age factor x ..., so the log is additive in age),
+#: and which of the model's scales (FWHM in mm) the tissue maps enter at (None: all of them).
+VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x tissue maps": ("mri", ("age",), "pet", None),
+            "+ (age, diagnosis) x tissue maps": ("mri", ("age", "diagnosis"), "pet", None),
+            "log-linear (the template's terms, fitted to log PET)": ("mri", (), "log", None),
+            "additive, the phantom's true GM and CSF": ("true", (), "pet", None),
+            "+ age x true tissue maps": ("true", ("age",), "pet", None),
+            "log-linear, the phantom's true GM and CSF": ("true", (), "log", None),
             "additive, the true GM and CSF at the voxel only": ("true", (), "pet", (0.0,)),
             "additive, the true GM and CSF at 0 and 8 mm": ("true", (), "pet", (0.0, 8.0)),
             "additive, the true GM and CSF at 0 and 24 mm": ("true", (), "pet", (0.0, 24.0)),
-            "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet"),
-            "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet")}  # fmt: skip
+            "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet", None),
+            "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
 LOG_FLOOR_SUVR = 1e-3
 
@@ -184,8 +184,8 @@ def main() -> None:
     if args.true_tissues:
         sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
     sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
-    for label, (source, products, space, *scales) in VARIANTS.items():
-        sigmas = [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales[0]] if scales else None
+    for label, (source, products, space, scales) in VARIANTS.items():
+        sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
         if any(name not in side_names for name in products) or source not in sources:
             continue
         tissues = sources[source]
