@@ -152,6 +152,10 @@ def main() -> None:
     parser.add_argument("--true-tissues", action="store_true",
                         help="also fit on the phantom's true GM and CSF, and on posteriors of its 2 mm T1w "
                              "(regenerated once, cached in the stack)")
+    parser.add_argument("--train-subjects", type=int, default=None,
+                        help="fit on the first N training subjects only (does a miss shrink with data?)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
+                        help="only the variants whose label contains one of these texts")
     args = parser.parse_args()
 
     from dualglow_app.dataset import load_mni_stack, split_subjects
@@ -165,6 +169,10 @@ def main() -> None:
     model = loaded.model.double()
     data = load_mni_stack(args.stack)
     train_rows, val_rows = split_subjects(data.subjects, RECIPE["val_fraction"], RECIPE["seed"])
+    if args.train_subjects is not None:
+        if not 0 < args.train_subjects <= len(train_rows):
+            parser.error(f"--train-subjects must be 1-{len(train_rows)} (the stack's training subjects)")
+        train_rows = train_rows[: args.train_subjects]
     inside = np.asarray(data.mask[0]).reshape(-1) > 0
     side_names = list(loaded.covariates)
 
@@ -187,6 +195,8 @@ def main() -> None:
     for label, (source, products, space, scales) in VARIANTS.items():
         sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
         if any(name not in side_names for name in products) or source not in sources:
+            continue
+        if args.variants and not any(text in label for text in args.variants):
             continue
         tissues = sources[source]
 
