@@ -69,15 +69,6 @@ def readings_agreement(readings: dict[str, list[np.ndarray]], truth: np.ndarray,
             for name, maps in readings.items()}  # fmt: skip
 
 
-def participant_ages(bids_dir: Path, labels: list[str]) -> np.ndarray:
-    """The ages of ``labels`` (sub-XXX) from the cohort's participants.tsv."""
-    import csv
-
-    with open(bids_dir / "participants.tsv", encoding="utf-8") as handle:
-        ages = {row["participant_id"]: float(row["age"]) for row in csv.DictReader(handle, delimiter="\t")}
-    return np.array([ages[label] for label in labels])
-
-
 def regional_grey_matter(measured: np.ndarray, truth: np.ndarray, ages: np.ndarray, grid: Any,
                          mask: np.ndarray) -> dict[str, dict[str, float]]:  # fmt: skip
     """Per phantom region: r across subjects of the measured and true regional mean grey matter
@@ -129,7 +120,7 @@ def main() -> None:
     mask = brain_mask_on_grid(grid).astype(np.uint8)
     # The grid readings need the model's own tissue mixture, which a native-reading model has no use for.
     with_mixture = "tissue_mixture" in dict(loaded.model.named_buffers())
-    truth, labels = [], []
+    truth, labels, ages = [], [], []
     readings: dict[str, list[np.ndarray]] = {name: [] for name in (*(("grid", "grid, partial volume") if with_mixture
                                                                      else ()), "native")}  # fmt: skip
     for scan in scans:
@@ -142,10 +133,10 @@ def main() -> None:
         readings["native"].append(tissue_maps_on_grid(t1w, args.nprocs))
         truth.append(true_tissues(f"sub-{scan.subject}", seed, version, grid, mask))
         labels.append(f"sub-{scan.subject}")
+        ages.append(scan.age)
     truth_a = np.stack(truth)
     result = readings_agreement(readings, truth_a, mask)
-    ages = participant_ages(args.bids_dir, labels)
-    per_region = {name: regional_grey_matter(np.stack(reading)[:, 0], truth_a[:, 0], ages, grid, mask)
+    per_region = {name: regional_grey_matter(np.stack(reading)[:, 0], truth_a[:, 0], np.array(ages, float), grid, mask)
                   for name, reading in readings.items()}  # fmt: skip
     print("native reading by region (r of regional GM across subjects; true GM %/decade):")
     for region, row in sorted(per_region["native"].items(), key=lambda item: item[1]["r"]):
