@@ -15,7 +15,11 @@ specificity, and the age sweep against the phantom's swept truth. ``--true-tissu
 same forms on the phantom's own grey matter and CSF instead of the tissue model's reading of
 the T1w (what a perfect segmentation would give: the measurement's share of the misses), and
 on a Gaussian mixture's posteriors of each phantom's noisy 2 mm T1w averaged down to the grid
-(what segmenting before the downsampling would give). No
+(what segmenting before the downsampling would give), and on the phantom's grey matter times
+what sets its metabolism apart from its age (the uptake its grey-matter trait sets; with the
+disease's hypometabolism): the causes of atrophy an MRI cannot tell apart (lab book, finding 29).
+A model's own reading: the stack's native tissue maps for a model that reads them
+(``anatomy_reading="native"``), else the tissue model's reading of the grid T1w. No
 flows: a measurement of the template's form alone (the flows leave the mode where this start puts it: lab book,
 finding 25).
 """
@@ -41,8 +45,11 @@ from bench_dualglow_targets import SWEEP_AGES, phantom_origin, sweep_agreement, 
 from bench_learning_curves import cpu_description  # noqa: E402
 from perfkit import voxelwise_least_squares  # noqa: E402
 
-#: Each variant: its tissue maps ("mri": the model's, from the T1w on the grid; "true": the
-#: phantom's own grey matter and CSF; "fine": posteriors of its 2 mm T1w averaged to the grid),
+#: Each variant: its tissue maps ("mri": the model's reading: the stack's native maps, or of
+#: the T1w on the grid; "true": the
+#: phantom's own grey matter and CSF; "uptake", "metabolic", "metabolic+gm": that grey matter
+#: times its uptake factor (and disease factor), :func:`_subject_tissues`; "fine": posteriors of
+#: its 2 mm T1w averaged to the grid),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
 #: uptake = grey matter x age factor x ..., so the log is additive in age),
@@ -56,6 +63,14 @@ VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x
             "additive, the true GM and CSF at the voxel only": ("true", (), "pet", (0.0,)),
             "additive, the true GM and CSF at 0 and 8 mm": ("true", (), "pet", (0.0, 8.0)),
             "additive, the true GM and CSF at 0 and 24 mm": ("true", (), "pet", (0.0, 24.0)),
+            "additive, the true GM times its uptake factor, and CSF": ("uptake", (), "pet", None),
+            "additive, the true GM times its uptake factor, and CSF, at 0 and 8 mm": ("uptake", (), "pet", (0.0, 8.0)),
+            "+ age x (the true GM times its uptake factor, and CSF)": ("uptake", ("age",), "pet", None),
+            "log-linear, the true GM times its uptake factor, and CSF": ("uptake", (), "log", None),
+            "additive, the true GM times its uptake and disease factors, and CSF": ("metabolic", (), "pet", None),
+            "additive, the true GM times its uptake and disease factors, and CSF, at 0 and 8 mm": ("metabolic", (), "pet", (0.0, 8.0)),
+            "additive, the true GM times its uptake and disease factors, CSF and GM": ("metabolic+gm", (), "pet", None),
+            "additive, the subject's explainable PET at 73": ("pet73", (), "pet", None),
             "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet", None),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
@@ -74,21 +89,38 @@ def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -
 
 
 def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
-    """(2, *grid): one phantom's grey matter and CSF on ``grid``, "true" (its own fractions) or
-    "fine" (a 3-class Gaussian mixture's posteriors of its noisy 2 mm T1w, averaged down)."""
-    from dualglow_app.phantom.mni import _to_grid, work_t1, work_truth
+    """(maps, *grid): one phantom's tissue maps on ``grid``. Its grey matter and CSF: "true" (its
+    own fractions), "uptake" (the grey matter times the uptake per unit grey matter its regional
+    GM trait sets, version 2's ``gm_uptake``), "metabolic" (that times its disease's
+    hypometabolism, the ``diagnosis_factor`` its severity sets: the grey matter as everything
+    but age makes it metabolise), "metabolic+gm" (those and its plain grey matter, a third map:
+    with the CSF, what the white matter's share needs) or "fine" (a 3-class Gaussian mixture's
+    posteriors of its noisy 2 mm T1w, averaged down); "pet73": one map, its explainable PET
+    with its metabolism at 73 (everything its MRI and diagnosis could tell, its age held: the
+    oracle of every cause at once)."""
+    from dualglow_app.phantom import pet as pt
+    from dualglow_app.phantom.mni import _to_grid, simulate_subject, work_t1, work_truth
     from dualglow_app.tissue import own_tissue_posteriors
 
     seed, i, version, grid, source = task
+    if source == "pet73":
+        return simulate_subject(seed, i, grid, version, metabolic_age=pt.REFERENCE_AGE).explainable[None]
     tpl, _, truth = work_truth(seed, i, version, explainable=False)
     gm, _, csf = truth.tissues
+    plain_gm = gm
+    if source in ("uptake", "metabolic", "metabolic+gm"):
+        factor = np.ones(len(truth.state.age_factor)) if truth.state.gm_uptake is None else truth.state.gm_uptake
+        if source != "uptake":
+            factor = factor * truth.state.diagnosis_factor
+        gm = gm * np.append(factor, 1.0).astype(np.float32)[pt.region_maps(tpl.voxel_mm).index]
     if source == "fine":
         gm, csf = own_tissue_posteriors(work_t1(truth, seed, i), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
-    return np.stack([_to_grid(gm, tpl.affine, grid), _to_grid(csf, tpl.affine, grid)])
+    maps = [gm, csf] + ([plain_gm] if source == "metabolic+gm" else [])
+    return np.stack([_to_grid(m, tpl.affine, grid) for m in maps])
 
 
 def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
-    """(rows, 2, *grid): each phantom's grey matter and CSF on ``grid`` (:func:`_subject_tissues`;
+    """(rows, 2 or 3, *grid): each phantom's tissue maps on ``grid`` (:func:`_subject_tissues`;
     the stack's seed and version; cached beside the stack)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -188,10 +220,14 @@ def main() -> None:
     explainable = getattr(data, "explainable", None)
     sweep_truth = true_age_sweeps(phantom_origin(args.stack), data, val_rows, SWEEP_AGES, args.stack / "age_truth")
     results: dict[str, Any] = {}
-    sources = {"mri": None}
+    # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
+    native = model.config.anatomy_reading == "native"
+    sources: dict[str, np.ndarray | None] = {"mri": np.asarray(data.tissue_maps) if native else None}
     if args.true_tissues:
-        sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name) for name in ("true", "fine")})
-    sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
+        sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name)
+                        for name in ("true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine")})
+    if model.uses_tissue_mixture and not native:
+        sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
     for label, (source, products, space, scales) in VARIANTS.items():
         sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
         if any(name not in side_names for name in products) or source not in sources:

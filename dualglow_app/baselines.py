@@ -130,6 +130,11 @@ class BaselineOptions:
         return asdict(self)
 
 
+#: Options that say where a fit runs, not which fit it is: a checkpoint written on a GPU resumes
+#: on the CPU and back (its tensors are mapped on loading; the seeded draws stay on the CPU).
+RESUMABLE_ELSEWHERE = frozenset({"device"})
+
+
 def _digest(prefix: bytes, arrays: tuple[np.ndarray | None, ...]) -> str:
     """sha256 of ``prefix`` and the arrays' bytes (``None`` as a marker)."""
     digest = hashlib.sha256(prefix)
@@ -420,7 +425,8 @@ class Baseline:
         # An option added since the checkpoint was written had its default in the fit it holds.
         options = {**BaselineOptions().to_dict(), **stored["options"]}
         changed = [] if stored["method"] == identity["method"] else ["method"]
-        changed += [f"option {name}" for name, value in identity["options"].items() if options.get(name) != value]
+        changed += [f"option {name}" for name, value in identity["options"].items()
+                    if options.get(name) != value and name not in RESUMABLE_ELSEWHERE]  # fmt: skip
         return changed + ([] if stored["arrays"] == identity["arrays"] else ["training or validation scans"])
 
     def _save_checkpoint(self, path: Path, identity: dict[str, Any], fit: _FitState, rng: np.random.Generator) -> None:

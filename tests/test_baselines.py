@@ -291,6 +291,25 @@ def _rewrite_fit_fields(path: Any, edit: Any) -> None:
     save_checkpoint(path, state)
 
 
+def test_a_checkpoint_written_on_another_device_resumes(tmp_path: Any) -> None:
+    """The device is where a fit runs, not which fit it is: a GPU's checkpoint resumes on the CPU."""
+    mri, pet = pairs(n=4)
+    options = BaselineOptions(max_epochs=3, patience=3, width=4)
+    checkpoint = tmp_path / "fit.pt"
+    reference = make_baseline("unet", options)
+    reference.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint)
+
+    def written_on_a_gpu(fields: dict[str, Any]) -> None:
+        fields["identity"]["options"]["device"] = "cuda:0"
+
+    _rewrite_fit_fields(checkpoint, written_on_a_gpu)
+    again: list[int] = []
+    resumed = make_baseline("unet", options)
+    resumed.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint, on_epoch=lambda row, _: again.append(row["epoch"]))
+    assert again == [] and resumed.epochs_run == reference.epochs_run
+    np.testing.assert_array_equal(resumed.predict(mri[:1]), reference.predict(mri[:1]))
+
+
 def test_checkpoints_of_earlier_releases_resume(tmp_path: Any) -> None:
     """A checkpoint written before an option existed (the fit had its default), or in the
     single-hash form of earlier releases, resumes; one whose option then differed does not."""

@@ -258,7 +258,9 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
         min_delta=options.min_delta, batch_size=options.batch_size, width=options.baseline_width,
         seed=options.seed + fold, device=str(device), input_channels=BASELINE_INPUTS[options.baseline_inputs],
     ))  # fmt: skip
-    model_scale = {name: baseline_inputs(data, rows, options.baseline_inputs) for name, rows in (("train", inner), ("val", val))}
+    # Every scan's inputs once: the fit reads the fold's rows of them, the prediction all.
+    every_input = baseline_inputs(data, np.arange(len(data.mri)), options.baseline_inputs)
+    model_scale = {"train": every_input[inner], "val": every_input[val]}
     checkpoint = _baseline_checkpoint(method_dir, fold)
     if len(val):
         baseline.fit(model_scale["train"], scaling.pet_to_model(np.asarray(data.pet[inner])), model_scale["val"],
@@ -273,8 +275,7 @@ def _baseline_predictions(method: str, cohort: Cohort, train_rows: np.ndarray, f
         "val_curve": [float(h["val_mae"]) * scaling.pet_suvr_max for h in baseline.history if "val_mae" in h],
         "val_deviation_curve": [],
     }  # fmt: skip
-    every = np.arange(len(data.mri))
-    return scaling.pet_from_model(baseline.predict(baseline_inputs(data, every, options.baseline_inputs))), record
+    return scaling.pet_from_model(baseline.predict(every_input)), record
 
 
 def baseline_inputs(data: Any, rows: np.ndarray, inputs: str) -> np.ndarray:
