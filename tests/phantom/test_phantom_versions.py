@@ -55,7 +55,7 @@ def test_version_1_subject_is_unchanged(tmp_path: Path) -> None:
     from dualglow_app.phantom import make_subject
 
     make_subject(tmp_path, 0, seed=SEED, voxel_mm=2.0, version=1)
-    assert_close(summarize(tmp_path), json.loads(EXPECTED_V1.read_text()), "v1", tol=1e-6)
+    assert_close(summarize(tmp_path), json.loads(EXPECTED_V1.read_text()), "v1", tol=1e-5)  # float32 sums differ ~1e-6 between CPUs (AMD EPYC, 2026-12-01)
 
 
 def _data(path: Path) -> np.ndarray:
