@@ -46,10 +46,10 @@ from bench_learning_curves import cpu_description  # noqa: E402
 from perfkit import voxelwise_least_squares  # noqa: E402
 
 #: Each variant: its tissue maps ("mri": the model's reading: the stack's native maps, or of
-#: the T1w on the grid; "true": the
-#: phantom's own grey matter and CSF; "uptake", "metabolic", "metabolic+gm": that grey matter
-#: times its uptake factor (and disease factor), :func:`_subject_tissues`; "fine": posteriors of
-#: its 2 mm T1w averaged to the grid),
+#: the T1w on the grid; "true": the phantom's own grey matter and CSF; "uptake", "metabolic",
+#: "metabolic+gm", "pet73": that grey matter times what else sets its metabolism, and the
+#: oracle of it all, :func:`_subject_tissues`; "fine": posteriors of its 2 mm T1w averaged to
+#: the grid),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
 #: uptake = grey matter x age factor x ..., so the log is additive in age),
@@ -222,18 +222,22 @@ def main() -> None:
     results: dict[str, Any] = {}
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.config.anatomy_reading == "native"
-    sources: dict[str, np.ndarray | None] = {"mri": np.asarray(data.tissue_maps) if native else None}
-    if args.true_tissues:
-        sources.update({name: subject_tissues(args.stack, len(data.labels), data.grid, name)
-                        for name in ("true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine")})
-    if model.uses_tissue_mixture and not native:
-        sources["pv"] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
-    for label, (source, products, space, scales) in VARIANTS.items():
+    available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine"] if args.true_tissues else []),
+                 *(["pv"] if model.uses_tissue_mixture and not native else [])}  # fmt: skip
+    chosen = {label: variant for label, variant in VARIANTS.items()
+              if variant[0] in available and all(name in side_names for name in variant[1])
+              and (not args.variants or any(text in label for text in args.variants))}  # fmt: skip
+    # Only the sources the chosen variants fit on: each of the phantom's costs minutes.
+    sources: dict[str, np.ndarray | None] = {}
+    for source in sorted({variant[0] for variant in chosen.values()}):
+        if source == "mri":
+            sources[source] = np.asarray(data.tissue_maps) if native else None
+        elif source == "pv":
+            sources[source] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
+        else:
+            sources[source] = subject_tissues(args.stack, len(data.labels), data.grid, source)
+    for label, (source, products, space, scales) in chosen.items():
         sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
-        if any(name not in side_names for name in products) or source not in sources:
-            continue
-        if args.variants and not any(text in label for text in args.variants):
-            continue
         tissues = sources[source]
 
         def of(rows: np.ndarray) -> np.ndarray | None:

@@ -291,22 +291,28 @@ def _rewrite_fit_fields(path: Any, edit: Any) -> None:
     save_checkpoint(path, state)
 
 
-def test_a_checkpoint_written_on_another_device_resumes(tmp_path: Any) -> None:
-    """The device is where a fit runs, not which fit it is: a GPU's checkpoint resumes on the CPU."""
+def _fit_edit_and_resume(checkpoint: Any, edit: Any) -> tuple[Any, Any, Any]:
+    """Fit a small U-Net with a checkpoint, rewrite its stored fit through ``edit(fields)``, fit
+    again from it; assert nothing was trained again. (mri, pet, options) of the fit, the two fits."""
     mri, pet = pairs(n=4)
     options = BaselineOptions(max_epochs=3, patience=3, width=4)
-    checkpoint = tmp_path / "fit.pt"
     reference = make_baseline("unet", options)
     reference.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint)
-
-    def written_on_a_gpu(fields: dict[str, Any]) -> None:
-        fields["identity"]["options"]["device"] = "cuda:0"
-
-    _rewrite_fit_fields(checkpoint, written_on_a_gpu)
+    _rewrite_fit_fields(checkpoint, edit)
     again: list[int] = []
     resumed = make_baseline("unet", options)
     resumed.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint, on_epoch=lambda row, _: again.append(row["epoch"]))
     assert again == [] and resumed.epochs_run == reference.epochs_run
+    return (mri, pet, options), reference, resumed
+
+
+def test_a_checkpoint_written_on_another_device_resumes(tmp_path: Any) -> None:
+    """The device is where a fit runs, not which fit it is: a GPU's checkpoint resumes on the CPU."""
+
+    def written_on_a_gpu(fields: dict[str, Any]) -> None:
+        fields["identity"]["options"]["device"] = "cuda:0"
+
+    (mri, _, _), reference, resumed = _fit_edit_and_resume(tmp_path / "fit.pt", written_on_a_gpu)
     np.testing.assert_array_equal(resumed.predict(mri[:1]), reference.predict(mri[:1]))
 
 
@@ -315,20 +321,11 @@ def test_checkpoints_of_earlier_releases_resume(tmp_path: Any) -> None:
     single-hash form of earlier releases, resumes; one whose option then differed does not."""
     from dualglow_app.weights import ModelFileError
 
-    mri, pet = pairs(n=4)
-    options = BaselineOptions(max_epochs=3, patience=3, width=4)
-    checkpoint = tmp_path / "fit.pt"
-    reference = make_baseline("unet", options)
-    reference.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint)
-
     def without_input_channels(fields: dict[str, Any]) -> None:
         del fields["identity"]["options"]["input_channels"]
 
-    _rewrite_fit_fields(checkpoint, without_input_channels)
-    again: list[int] = []
-    resumed = make_baseline("unet", options)
-    resumed.fit(mri, pet, mri[:2], pet[:2], checkpoint=checkpoint, on_epoch=lambda row, _: again.append(row["epoch"]))
-    assert again == [] and resumed.epochs_run == reference.epochs_run
+    checkpoint = tmp_path / "fit.pt"
+    (mri, pet, options), reference, _ = _fit_edit_and_resume(checkpoint, without_input_channels)
     with pytest.raises(ModelFileError, match="option input_channels"):
         make_baseline("unet", BaselineOptions(max_epochs=3, patience=3, width=4, input_channels=2)).fit(
             np.stack([mri, mri], 1), pet, np.stack([mri[:2], mri[:2]], 1), pet[:2], checkpoint=checkpoint)
