@@ -69,23 +69,28 @@ def scan_covariates(data: Any, specs: dict[str, Any], row: int) -> dict[str, flo
     return {name: spec.encode(data.covariate_values(name)[row]) for name, spec in specs.items()}
 
 
-def phantom_origin(stack: Path) -> tuple[int, int] | None:
-    """(seed, version) of the phantoms an MNI stack holds, from its index.json; None when the
-    index does not say how it was made (e.g. a group level's arrays)."""
+def phantom_origin(stack: Path) -> tuple[int, ...] | None:
+    """(seed, version, sessions per subject) of the phantoms an MNI stack holds, from its
+    index.json; None when the index does not say how it was made (e.g. a group level's arrays)."""
     index = json.loads((stack / "index.json").read_text())
-    return (int(index["seed"]), int(index["version"])) if "seed" in index and "version" in index else None
+    if "seed" not in index or "version" not in index:
+        return None
+    return int(index["seed"]), int(index["version"]), int(index.get("sessions", 1))
 
 
-def true_age_sweeps(origin: tuple[int, int] | None, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path,
+def true_age_sweeps(origin: tuple[int, ...] | None, data: Any, rows: np.ndarray, ages: tuple[float, ...], cache: Path,
                     indices: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
     """(rows, ages, regions): :func:`dualglow_app.evaluate.statistics.swept_truth` of the rows
-    (over each row's mask, cached in ``cache``). ``origin``: the phantoms' (seed, version),
-    None -> None; ``indices``: each row's phantom subject index (default: the row, as in an MNI
-    stack)."""
+    (over each row's mask, cached in ``cache``). ``origin``: the phantoms' (seed, version[,
+    sessions]), None -> None; ``indices``: each row's phantom subject index (default: as an MNI
+    stack orders them, subject-major, each row (subject, session) with several sessions)."""
     if origin is None:
         return None
-    indices = np.asarray(rows if indices is None else indices)
-    return swept_truth(origin, indices.tolist(), data.grid, np.asarray(data.mask[np.asarray(rows)]), ages, cache)
+    sessions = (*origin, 1)[2]
+    rows = np.asarray(rows)
+    scans = ([(int(r) // sessions, int(r) % sessions) for r in rows] if indices is None and sessions > 1
+             else np.asarray(rows if indices is None else indices).tolist())  # fmt: skip
+    return swept_truth(origin, scans, data.grid, np.asarray(data.mask[rows]), ages, cache)
 
 
 def age_response(model: Any, scaling: Any, data: Any, rows: np.ndarray, ages: tuple[float, ...],

@@ -22,11 +22,16 @@ A model's own reading: the stack's native tissue maps for a model that reads the
 (``anatomy_reading="native"``), else the tissue model's reading of the grid T1w. No
 flows: a measurement of the template's form alone (the flows leave the mode where this start puts it: lab book,
 finding 25).
+
+On a longitudinal stack (``dualglow-phantom --mni-stack --sessions 2``) ``--estimators`` also
+estimates the age map from the change within each subject, where the causes of atrophy the
+MRI cannot tell apart hold still (:data:`ESTIMATORS`; lab book, finding 30).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from collections.abc import Sequence
@@ -72,9 +77,85 @@ VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x
             "additive, the true GM times its uptake and disease factors, CSF and GM": ("metabolic+gm", (), "pet", None),
             "additive, the subject's explainable PET at 73": ("pet73", (), "pet", None),
             "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet", None),
+            "additive, a subject's sessions read together (bias-matched, one mixture)": ("joint", (), "pet", None),
+            "additive, sessions read together, at 0, 8, 24 and 48 mm": ("joint", (), "pet", (0.0, 8.0, 24.0, 48.0)),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
 LOG_FLOOR_SUVR = 1e-3
+#: How the template's coefficients are estimated: (whose changes, what the within-subject fit
+#: holds beside age, which maps it keeps). "cross-sectional": one least squares over every
+#: training scan (the group level's). The within ones take the age map from the changes
+#: between each subject's own sessions (each subject's scans centred on its own mean), then fit
+#: the other terms cross-sectionally with it fixed: "within-age" beside the anatomy terms (the
+#: age map is the change the anatomy's change does not explain); "-cn" from the cognitively
+#: normal subjects only (a patient's disease progresses between sessions, and the swept truth
+#: holds it); "-given-anatomy": the change the cross-sectional fit's anatomy maps do not
+#: explain (the anatomy's change between two sessions is small beside its measurement noise);
+#: "-coarse": beside the anatomy terms at the coarsest scale only (where the blur has averaged
+#: the two scans' noise away); "-instrumented": beside the anatomy terms, their change
+#: instrumented by the time between sessions times the subject's mean anatomy (grey matter is
+#: lost in proportion to what there is; the two readings' noise does not know the interval),
+#: the errors-in-variables remedy for a noisy change; "within-all" keeps the anatomy terms'
+#: within maps too.
+ESTIMATORS = {"cross-sectional": None, "within-age": ("all", "anatomy", "age"), "within-age-cn": ("CN", "anatomy", "age"),
+              "within-all": ("all", "anatomy", "all"), "within-age-given-anatomy": ("all", "cross-sectional", "age"),
+              "within-age-cn-given-anatomy": ("CN", "cross-sectional", "age"),
+              "within-age-coarse": ("all", "coarse anatomy", "age"), "within-age-cn-coarse": ("CN", "coarse anatomy", "age"),
+              "within-age-instrumented": ("all", "instrumented anatomy", "age"),
+              "within-age-cn-instrumented": ("CN", "instrumented anatomy", "age")}  # fmt: skip
+
+
+def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence[str], columns: Sequence[int],
+                                instrumented: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+    """(voxels, len(columns)): the least squares of ``y`` (scans, voxels) on ``x[:, :,
+    columns]`` (scans, voxels, terms) after centring each subject's scans on its own mean: the
+    fixed-effects (within) estimator, which only the changes within a subject inform; subjects
+    with one scan add nothing. ``instrumented`` (the first of ``columns`` is age): those
+    columns' changes are instrumented by age's change times the subject's mean of each (a
+    just-identified instrumental-variables fit instead of the least squares)."""
+    x_within, y_within = x[:, :, list(columns)].copy(), y.copy()
+    means = np.zeros_like(x_within)
+    names = np.asarray(subjects)
+    for name in np.unique(names):
+        rows = np.flatnonzero(names == name)
+        means[rows] = x_within[rows].mean(0)
+        x_within[rows] -= means[rows]
+        y_within[rows] -= y_within[rows].mean(0)
+    if not instrumented:
+        return voxelwise_least_squares(x_within, y_within)
+    positions = [list(columns).index(c) for c in instrumented]
+    instruments = x_within.copy()
+    instruments[:, :, positions] = x_within[:, :, :1] * means[:, :, positions]
+    cross = np.einsum("nvp,nvq->vpq", instruments, x_within)
+    return np.einsum("vpq,vq->vp", np.linalg.pinv(cross), np.einsum("nvp,nv->vp", instruments, y_within))
+
+
+def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Sequence[str],
+                      diagnoses: Sequence[str | None], age_columns: Sequence[int],
+                      varying_columns: Sequence[int], coarse_columns: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+    """(voxels, terms): the template's coefficients by ``estimator`` (:data:`ESTIMATORS`).
+    ``varying_columns``: the terms that change within a subject (age, the anatomy);
+    ``coarse_columns``: the anatomy terms at the coarsest scale."""
+    cross = voxelwise_least_squares(x, y)
+    if ESTIMATORS[estimator] is None:
+        return cross
+    whose, beside, keep = ESTIMATORS[estimator]  # type: ignore[misc]
+    rows = np.arange(len(x)) if whose == "all" else np.flatnonzero(np.asarray(diagnoses) == whose)
+    if len({subjects[r] for r in rows}) == len(rows):
+        raise ValueError(f"{estimator}: no subject has two training scans to change between")
+    anatomy = [c for c in varying_columns if c not in age_columns]
+    within_columns = {"anatomy": list(varying_columns), "instrumented anatomy": list(varying_columns),
+                      "coarse anatomy": [*age_columns, *coarse_columns], "cross-sectional": list(age_columns)}[beside]
+    target = y if beside == "anatomy" else y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
+    within = within_subject_coefficients(x[rows], target[rows], [subjects[r] for r in rows], within_columns,
+                                         anatomy if beside == "instrumented anatomy" else ())  # fmt: skip
+    fixed = list(age_columns) if keep == "age" else within_columns
+    fixed_coef = within[:, [within_columns.index(c) for c in fixed]]
+    rest = [c for c in range(x.shape[2]) if c not in fixed]
+    coef = np.zeros((x.shape[1], x.shape[2]))
+    coef[:, fixed] = fixed_coef
+    coef[:, rest] = voxelwise_least_squares(x[:, :, rest], y - np.einsum("nvp,vp->nv", x[:, :, fixed], fixed_coef))
+    return coef
 
 
 def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -88,7 +169,7 @@ def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -
     return fractions[[MIXTURE_CLASSES.index("gm"), MIXTURE_CLASSES.index("csf")]].transpose(0, 1).numpy().astype(np.float32)
 
 
-def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
+def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarray:
     """(maps, *grid): one phantom's tissue maps on ``grid``. Its grey matter and CSF: "true" (its
     own fractions), "uptake" (the grey matter times the uptake per unit grey matter its regional
     GM trait sets, version 2's ``gm_uptake``), "metabolic" (that times its disease's
@@ -97,15 +178,17 @@ def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
     with the CSF, what the white matter's share needs) or "fine" (a 3-class Gaussian mixture's
     posteriors of its noisy 2 mm T1w, averaged down); "pet73": one map, its explainable PET
     with its metabolism at 73 (everything its MRI and diagnosis could tell, its age held: the
-    oracle of every cause at once)."""
+    oracle of every cause at once). The task: (seed, subject index, version, grid, source,
+    sessions per subject, session)."""
     from dualglow_app.phantom import pet as pt
     from dualglow_app.phantom.mni import _to_grid, simulate_subject, work_t1, work_truth
     from dualglow_app.tissue import own_tissue_posteriors
 
-    seed, i, version, grid, source = task
+    seed, i, version, grid, source, sessions, session = task
     if source == "pet73":
-        return simulate_subject(seed, i, grid, version, metabolic_age=pt.REFERENCE_AGE).explainable[None]
-    tpl, _, truth = work_truth(seed, i, version, explainable=False)
+        return simulate_subject(seed, i, grid, version, metabolic_age=pt.REFERENCE_AGE, sessions=sessions,
+                                session=session).explainable[None]  # fmt: skip
+    tpl, _, truth = work_truth(seed, i, version, explainable=False, sessions=sessions, session=session)
     gm, _, csf = truth.tissues
     plain_gm = gm
     if source in ("uptake", "metabolic", "metabolic+gm"):
@@ -114,14 +197,45 @@ def _subject_tissues(task: tuple[int, int, int, Any, str]) -> np.ndarray:
             factor = factor * truth.state.diagnosis_factor
         gm = gm * np.append(factor, 1.0).astype(np.float32)[pt.region_maps(tpl.voxel_mm).index]
     if source == "fine":
-        gm, csf = own_tissue_posteriors(work_t1(truth, seed, i), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
+        gm, csf = own_tissue_posteriors(work_t1(truth, seed, i, session), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
     maps = [gm, csf] + ([plain_gm] if source == "metabolic+gm" else [])
     return np.stack([_to_grid(m, tpl.affine, grid) for m in maps])
 
 
+def _joint_tissues(task: tuple[int, int, int, Any, int]) -> np.ndarray:
+    """(sessions, 2, *grid): one subject's sessions read together, as a longitudinal pipeline
+    reads them: each later 2 mm T1w's residual bias matched to the first session's (a quadratic
+    in the log ratio over the white matter, where atrophy changes nothing), then one mixture
+    fitted to all of them and each read with it, so the change between two readings is the
+    anatomy's and not two mixtures' or two bias fields' difference."""
+    from dualglow_app.phantom.anatomy import quadratic_terms
+    from dualglow_app.phantom.mni import _to_grid, work_t1, work_truth
+    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
+
+    seed, i, version, grid, sessions = task
+    truths = [work_truth(seed, i, version, explainable=False, sessions=sessions, session=k) for k in range(sessions)]
+    tpl = truths[0][0]
+    images = [work_t1(truth, seed, i, k) for k, (_, _, truth) in enumerate(truths)]
+    brains = [truth.brain > 0.5 for _, _, truth in truths]
+    terms = np.stack([np.ones(images[0].shape), *quadratic_terms(*np.meshgrid(
+        *[np.linspace(-1, 1, n) for n in images[0].shape], indexing="ij"))], axis=-1)  # fmt: skip
+    first_white = brains[0] & (images[0] > 0.85)
+    for k in range(1, sessions):
+        white = first_white & brains[k] & (images[k] > 0.85)
+        coef = np.linalg.lstsq(terms[white], np.log(images[k][white] / images[0][white]), rcond=None)[0]
+        images[k] = images[k] / np.exp(terms @ coef).astype(np.float32)
+    mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
+    out = []
+    for image, brain in zip(images, brains, strict=True):
+        posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *image.shape), np.float32)
+        posteriors[:, brain] = mixture.probabilities(image[brain], NATIVE_TISSUE_CHANNELS)
+        out.append(np.stack([_to_grid(p, tpl.affine, grid) for p in posteriors]))
+    return np.stack(out)
+
+
 def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
     """(rows, 2 or 3, *grid): each phantom's tissue maps on ``grid`` (:func:`_subject_tissues`;
-    the stack's seed and version; cached beside the stack)."""
+    the stack's seed, version and sessions, its rows subject-major; cached beside the stack)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -129,12 +243,47 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
     if cache.is_file():
         return np.load(cache)
     index = json.loads((stack / "index.json").read_text())
-    tasks = [(int(index["seed"]), i, int(index["version"]), grid, source) for i in range(rows)]
+    sessions = int(index.get("sessions", 1))
+    seed, version = int(index["seed"]), int(index["version"])
     # spawn: a forked child of this torch process deadlocked in its BLAS threads.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        out = np.stack(list(pool.map(_subject_tissues, tasks))).astype(np.float32)
+        if source == "joint":
+            subjects = [(seed, i, version, grid, sessions) for i in range(rows // sessions)]
+            out = np.concatenate(list(pool.map(_joint_tissues, subjects))).astype(np.float32)
+        else:
+            tasks = [(seed, r // sessions, version, grid, source, sessions, r % sessions) for r in range(rows)]
+            out = np.stack(list(pool.map(_subject_tissues, tasks))).astype(np.float32)
     np.save(cache, out)
     return out
+
+
+def change_agreement(read: np.ndarray, truth: np.ndarray, mask: np.ndarray, sessions: int,
+                     fwhm_voxels: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """How well a reading of the grey matter (rows subject-major, ``sessions`` a subject; the
+    first channel) measures its change from the first session to the second: the true and the
+    read change's mean and across-subject SD (averaged over ``mask``'s voxels) and the median
+    over voxels of their across-subject correlation, after a Gaussian blur of ``fwhm_voxels``."""
+    from scipy import ndimage as ndi
+
+    from dualglow_app.imaging import FWHM_TO_SIGMA
+
+    sigma = fwhm_voxels * FWHM_TO_SIGMA
+
+    def change(maps: np.ndarray) -> np.ndarray:
+        out = []
+        for first in range(0, len(maps) - sessions + 1, sessions):
+            pair = [np.asarray(maps[first + k, 0], np.float64) for k in (0, 1)]
+            if sigma > 0:
+                pair = [ndi.gaussian_filter(v, sigma) for v in pair]
+            out.append((pair[1] - pair[0])[mask])
+        return np.array(out)
+
+    true_change, read_change = change(truth), change(read)
+    t, r = true_change - true_change.mean(0), read_change - read_change.mean(0)
+    voxel_r = (t * r).sum(0) / np.sqrt((t**2).sum(0) * (r**2).sum(0) + 1e-30)
+    return {"true_mean": float(true_change.mean()), "true_sd": float(true_change.std(0).mean()),
+            "read_mean": float(read_change.mean()), "read_sd": float(read_change.std(0).mean()),
+            "median_voxel_r": float(np.median(voxel_r)), "subjects": len(true_change)}  # fmt: skip
 
 
 def tissue_features(model: Any, mri: np.ndarray, tissues: np.ndarray | None,
@@ -188,6 +337,12 @@ def main() -> None:
                         help="fit on the first N training subjects only (does a miss shrink with data?)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
                         help="only the variants whose label contains one of these texts")
+    parser.add_argument("--change-agreement", action="store_true",
+                        help="only measure how well the native and the joint readings measure the grey matter's "
+                             "change between a subject's first two sessions (against the phantom's), then stop")
+    parser.add_argument("--estimators", nargs="+", default=["cross-sectional"], choices=list(ESTIMATORS),
+                        help="how each variant's coefficients are estimated (the within ones need a stack with "
+                             "several sessions per subject)")
     args = parser.parse_args()
 
     from dualglow_app.dataset import load_mni_stack, split_subjects
@@ -222,7 +377,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.config.anatomy_reading == "native"
-    available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine"] if args.true_tissues else []),
+    available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "joint"] if args.true_tissues else []),
                  *(["pv"] if model.uses_tissue_mixture and not native else [])}  # fmt: skip
     chosen = {label: variant for label, variant in VARIANTS.items()
               if variant[0] in available and all(name in side_names for name in variant[1])
@@ -236,7 +391,30 @@ def main() -> None:
             sources[source] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
         else:
             sources[source] = subject_tissues(args.stack, len(data.labels), data.grid, source)
-    for label, (source, products, space, scales) in chosen.items():
+    sessions = json.loads((args.stack / "index.json").read_text()).get("sessions", 1)
+    if sessions < 2 and (set(args.estimators) - {"cross-sectional"} or args.change_agreement):
+        parser.error("the within-subject estimators and --change-agreement need a stack with several sessions per "
+                     "subject (--sessions 2)")
+    if args.change_agreement:
+        truth = subject_tissues(args.stack, len(data.labels), data.grid, "true")
+        brain = np.asarray(data.mask[0]) > 0
+        readings = {"native (each session its own mixture)": np.asarray(data.tissue_maps),
+                    "joint (bias-matched, one mixture)": subject_tissues(args.stack, len(data.labels), data.grid, "joint")}
+        results = {f"{name}, {fwhm:g} mm": change_agreement(maps, truth, brain, sessions, fwhm / data.grid.voxel_size)
+                   for name, maps in readings.items() for fwhm in (0.0, 24.0)}  # fmt: skip
+        for label, entry in results.items():
+            print(f"{label:50s} " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"stack": str(args.stack), "machine": cpu_description(),
+                                             "change_agreement": results}, indent=1))  # fmt: skip
+        return
+    covariate_width = max(model.config.side_channels(name).stop for name in model.config.side_names)
+    age_columns = [1 + j for j in range(model.config.side_channels("age").start, model.config.side_channels("age").stop)]
+    train_subjects = [data.subjects[r] for r in train_rows]
+    train_diagnoses = [data.diagnosis[r] for r in train_rows]
+    for (label, (source, products, space, scales)), estimator in itertools.product(chosen.items(), args.estimators):
+        if estimator != "cross-sectional":
+            label = f"{label} [{estimator}]"
         sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
         tissues = sources[source]
 
@@ -246,8 +424,16 @@ def main() -> None:
         target = pet[train_rows].reshape(len(train_rows), -1)[:, inside]
         if space == "log":
             target = np.log(np.maximum(target, LOG_FLOOR_SUVR))
-        coef = voxelwise_least_squares(design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows),
-                                              sigmas), target)  # fmt: skip
+        x_train = design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows), sigmas)
+        # Age and everything after the covariates (the anatomy, its products) change within a subject.
+        varying = age_columns + list(range(1 + covariate_width, x_train.shape[2]))
+        scales = len(sigmas if sigmas is not None else model.config.anatomy_sigmas)
+        coarse = [c for c in varying[len(age_columns):] if (c - 1 - covariate_width) % scales == scales - 1]
+        if "coarse" in estimator and products:
+            parser.error(f"{estimator} takes the additive forms only")
+        coef = estimate_template(x_train, target, estimator, train_subjects, train_diagnoses, age_columns, varying,
+                                 coarse)  # fmt: skip
+        del x_train
 
         def predict(rows: np.ndarray, age: float | None = None, space: str = space) -> np.ndarray:
             x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows), sigmas)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -49,3 +50,95 @@ def test_the_design_has_the_intercept_the_covariates_and_the_features_inside_the
     assert np.array_equal(x[3, :, 2:], features[3].reshape(3, -1)[:, inside].T)
     coef = rng.standard_normal((8, 5))
     np.testing.assert_allclose(fit(x, np.einsum("nvp,vp->nv", x, coef)), coef, atol=1e-8)
+
+
+def _collider_cohort(subjects: int = 200, seed: int = 3) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Two sessions a subject; PET = grey matter x uptake + age's own effect (-0.5 a decade),
+    where the grey matter shrinks with age (at the subject's own rate) and with a constitution
+    that also sets the uptake:
+    the MRI is a collider of age and the constitution. Design: (1, age, grey matter)."""
+    rng = np.random.default_rng(seed)
+    rows_x, rows_y, names, diagnoses = [], [], [], []
+    for s in range(subjects):
+        constitution = rng.normal(0.0, 1.0, 2)  # two voxels
+        first, rate = rng.uniform(-1.0, 1.0), rng.uniform(0.5, 1.5)
+        for age in (first, first + rng.uniform(0.1, 0.2)):
+            grey = 1.0 - 0.3 * rate * age + 0.3 * constitution
+            pet = grey * (1.0 + 0.2 * constitution) - 0.5 * age
+            rows_x.append(np.stack([np.ones(2), np.full(2, age), grey], axis=1))
+            rows_y.append(pet)
+            names.append(f"{s:03d}")
+            diagnoses.append("CN" if s % 2 else "AD")
+    return np.array(rows_x), np.array(rows_y), names, diagnoses
+
+
+def test_the_within_subject_age_map_is_age_s_own_effect_where_the_cross_sectional_one_is_not() -> None:
+    """Holding the grey matter fixed, an older brain of the same grey matter is a thicker
+    constitution with more uptake: the cross-sectional age coefficient is pulled off -0.5. The
+    change between a subject's own sessions holds the constitution still and finds -0.5."""
+    from bench_interaction import ESTIMATORS, estimate_template
+
+    x, y, names, diagnoses = _collider_cohort()
+    cross = estimate_template(x, y, "cross-sectional", names, diagnoses, [1], [1, 2])
+    assert np.all(np.abs(cross[:, 1] + 0.5) > 0.05)
+    for estimator in ("within-age", "within-age-cn", "within-age-coarse"):
+        within = estimate_template(x, y, estimator, names, diagnoses, [1], [1, 2], coarse_columns=[2])
+        np.testing.assert_allclose(within[:, 1], -0.5, atol=0.03)
+        # the other maps are the least squares of what the fixed age map leaves
+        rest = fit(x[:, :, [0, 2]], y - x[:, :, 1] * within[:, 1])
+        np.testing.assert_allclose(within[:, [0, 2]], rest, atol=1e-10)
+    assert set(ESTIMATORS) >= {"cross-sectional", "within-age", "within-all"}
+
+
+def test_within_subject_estimators_need_a_subject_seen_twice() -> None:
+    from bench_interaction import estimate_template
+
+    x, y, names, diagnoses = _collider_cohort(subjects=10)
+    once = [f"{i}" for i in range(len(names))]
+    with pytest.raises(ValueError, match="two training scans"):
+        estimate_template(x, y, "within-age", once, diagnoses, [1], [1, 2])
+    with pytest.raises(ValueError, match="two training scans"):
+        estimate_template(x, y, "within-age-cn", names, ["AD"] * len(names), [1], [1, 2])
+
+
+def test_instrumented_change_survives_a_noisy_reading_of_the_anatomy() -> None:
+    """Grey matter lost in proportion to what there is, read with noise far larger than a
+    session's loss: the plain within fit takes the unread loss as age's; instrumenting the
+    change by the interval times the subject's mean grey matter does not."""
+    from bench_interaction import estimate_template
+
+    rng = np.random.default_rng(5)
+    rows_x, rows_y, names = [], [], []
+    for s in range(4000):
+        base, rate, first = rng.uniform(0.5, 1.5, 1), rng.uniform(0.5, 1.5), rng.uniform(-1.0, 1.0)
+        for age in (first, first + rng.uniform(0.1, 0.3)):
+            grey = base * np.exp(-0.3 * rate * age)
+            read = grey + rng.normal(0.0, 0.02, 1)
+            rows_x.append(np.stack([np.ones(1), np.full(1, age), read], axis=1))
+            rows_y.append(grey - 0.5 * age)
+            names.append(f"{s}")
+    x, y, diagnoses = np.array(rows_x), np.array(rows_y), ["CN"] * len(names)
+    plain = estimate_template(x, y, "within-age", names, diagnoses, [1], [1, 2])
+    instrumented = estimate_template(x, y, "within-age-instrumented", names, diagnoses, [1], [1, 2])
+    assert plain[0, 1] < -0.55
+    np.testing.assert_allclose(instrumented[0, 1], -0.5, atol=0.03)
+
+
+def test_change_agreement_tells_a_reading_of_the_change_from_two_independent_readings() -> None:
+    """A grey matter that loses 1 % a session, read once with the sessions' noise shared (as
+    one mixture and matched bias leave it) and once with each session's own smooth error: the
+    first follows the change (r near 1, its mean), the second does not."""
+    from bench_interaction import change_agreement
+
+    rng = np.random.default_rng(7)
+    subjects, shape = 40, (6, 6, 6)
+    level = rng.uniform(0.4, 0.8, (subjects, 1, *shape))
+    loss = rng.uniform(0.0, 0.02, (subjects, 1, 1, 1, 1)) * level
+    truth = np.stack([level, level - loss], axis=1).reshape(2 * subjects, 1, *shape)
+    shared = truth + np.repeat(rng.normal(0, 0.05, (subjects, 1, 1, *shape)), 2, axis=0).reshape(truth.shape)
+    own = truth + rng.normal(0.0, 0.05, (2 * subjects, 1, 1, 1, 1))
+    mask = np.ones(shape, bool)
+    good, bad = change_agreement(shared, truth, mask, 2), change_agreement(own, truth, mask, 2, fwhm_voxels=2.0)
+    assert good["median_voxel_r"] > 0.99 and good["read_mean"] == pytest.approx(good["true_mean"], abs=1e-9)
+    assert abs(bad["median_voxel_r"]) < 0.5 and bad["read_sd"] > 3 * bad["true_sd"]
+    assert good["subjects"] == bad["subjects"] == subjects

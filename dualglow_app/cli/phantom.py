@@ -45,8 +45,7 @@ def main(out_dir: Path, n_subjects: int, seed: int, sessions: int, phantom_versi
         raise click.UsageError(f"--jobs must be at least 1, got {jobs}.")
     version = int(phantom_version)
     if mni_stack:
-        unused = [name for name, used in (("--sessions", sessions != 1), ("--preview", preview),
-                                          ("--voxel-mm", voxel_mm != "1")) if used]
+        unused = [name for name, used in (("--preview", preview), ("--voxel-mm", voxel_mm != "1")) if used]
         if unused:
             raise click.UsageError(f"{', '.join(unused)} only apply to a BIDS cohort, not to --mni-stack.")
     elif grid is not None:
@@ -57,11 +56,12 @@ def main(out_dir: Path, n_subjects: int, seed: int, sessions: int, phantom_versi
 
         try:
             folder = make_mni_stack(out_dir, n_subjects, seed=seed, grid=PRESETS[grid or "cpu4mm"], version=version,
-                                    jobs=jobs, overwrite=overwrite)
+                                    jobs=jobs, overwrite=overwrite, sessions=sessions)
         except (ValueError, FileExistsError) as err:
             raise click.UsageError(str(err)) from None
-        click.echo(f"{n_subjects} subjects (phantom version {version}) written on the {grid or 'cpu4mm'} grid to "
-                   f"{folder}; they SKIP native simulation and preprocessing: for model development only")
+        click.echo(f"{n_subjects} subjects x {sessions} session(s) (phantom version {version}) written on the "
+                   f"{grid or 'cpu4mm'} grid to {folder}; they SKIP native simulation and preprocessing: for model "
+                   "development only")
         return
 
     from dualglow_app.phantom.cohort import make_cohort

@@ -267,13 +267,15 @@ def _cached_array(cache: Path | None, key: str, compute: Any) -> np.ndarray:
     return out
 
 
-def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, masks: np.ndarray,
+def swept_truth(origin: tuple[int, ...], indices: Sequence[int | tuple[int, int]], grid: Any, masks: np.ndarray,
                 ages: Sequence[float], cache: Path | None = None) -> np.ndarray:  # fmt: skip
     """(scans, ages, phantom regions): each phantom subject's true PET at each age with its own
     anatomy (:func:`dualglow_app.phantom.mni.age_sweep_truth`: only the metabolism ages), as
     regional means over the scan's mask; what a model's age sweep of that MRI should give.
-    ``origin``: the cohort's (seed, version); ``indices``: each scan's phantom subject index
-    (``sub-001`` is 0); ``masks``: (scans, *grid.shape). Cached in ``cache`` by all of these."""
+    ``origin``: the cohort's (seed, version) or (seed, version, sessions per subject);
+    ``indices``: each scan's phantom subject index (``sub-001`` is 0), or (index, session from
+    0) of a longitudinal cohort; ``masks``: (scans, *grid.shape). Cached in ``cache`` by all of
+    these."""
     import hashlib
 
     from dualglow_app.evaluate.atlases import phantom_regions
@@ -281,17 +283,21 @@ def swept_truth(origin: tuple[int, int], indices: Sequence[int], grid: Any, mask
     from dualglow_app.phantom.mni import age_sweep_truth
     from dualglow_app.regions import regional_mean_matrix
 
-    seed, version = origin
+    seed, version, sessions = (*origin, 1)[:3]
+    scans = [(int(i[0]), int(i[1])) if isinstance(i, tuple | list) else (int(i), 0) for i in indices]
     masks = np.asarray(masks)
-    key = (f"seed{seed}-v{version}-rows{'_'.join(map(str, indices))}-ages{'_'.join(f'{a:g}' for a in ages)}"
+    rows = "_".join(str(i) if k == 0 else f"{i}s{k}" for i, k in scans)
+    key = (f"seed{seed}-v{version}{f'-sessions{sessions}' if sessions > 1 else ''}-rows{rows}"
+           f"-ages{'_'.join(f'{a:g}' for a in ages)}"
            f"-mask{hashlib.sha256(np.packbits(masks.reshape(len(masks), -1) > 0).tobytes()).hexdigest()[:8]}")
 
     def compute() -> np.ndarray:
         labels, names = phantom_regions(grid)
         regions = list(range(1, len(names) + 1))
         return np.stack([
-            regional_mean_matrix(age_sweep_truth(seed, int(index), grid, tuple(ages), version), labels, regions, masks=mask)
-            for index, mask in progress(zip(indices, masks, strict=True), "swept truth", total=len(masks))
+            regional_mean_matrix(age_sweep_truth(seed, index, grid, tuple(ages), version, sessions, session), labels,
+                                 regions, masks=mask)
+            for (index, session), mask in progress(zip(scans, masks, strict=True), "swept truth", total=len(masks))
         ])  # fmt: skip
 
     return _cached_array(cache, key, compute)

@@ -634,13 +634,17 @@ def native_to_mni_points(points: np.ndarray, pose: np.ndarray, deformation: Defo
     return a + _sample_field(deformation.w, deformation.affine, a)
 
 
+def quadratic_terms(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> list[np.ndarray]:
+    """The non-constant terms of a quadratic polynomial in (x, y, z): a bias field's log."""
+    return [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+
+
 def bias_field(shape: tuple[int, ...], rng: np.random.Generator,
                log_peak: tuple[float, float] = (0.10, 0.18)) -> np.ndarray:  # fmt: skip
     """Smooth multiplicative field: exp of a random quadratic polynomial whose peak |log| is
     drawn from ``log_peak`` (default: a scanner's field, within 0.8-1.2)."""
     axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
-    terms = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+    terms = quadratic_terms(axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
     coef = rng.normal(0.0, 1.0, len(terms))
     log_b = np.zeros(shape, dtype=np.float32)
     for c, t in zip(coef, terms, strict=True):

@@ -32,7 +32,11 @@ grid and put onto the model grid the way the preprocessing leaves a perfectly re
   (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, ``--anatomy-reading native``);
 - ``mask.npy``: the brain (> 0.5 on the grid); ``index.json``: labels, subjects, ages, sexes, diagnoses, (version 2)
   MMSE-like scores, their BIDS column descriptions (``columns``), the grid, the phantom
-  version, the seed and a note saying all this.
+  version, the seed, the sessions per subject and a note saying all this.
+
+With ``sessions`` > 1 (``--sessions``) each of a subject's sessions is a row, subject-major,
+labelled ``sub-<i>_ses-<k>`` with its own age, MMSE and scan noise: the same brain and
+metabolism 1-2 years older, as the BIDS cohort's sessions are.
 
 Real scans differ from this by everything it skips (registration error, skull-strip and N4
 residuals, native noise, the PET's own noise and rigid misalignment), so a model trained here
@@ -94,12 +98,15 @@ class MNISubject:
     and (where asked for) its tissue maps (2, X, Y, Z), grey matter and CSF."""
 
     label: str
-    demographics: Demographics
+    demographics: Demographics  # the subject's, at its first session
     mri: np.ndarray
     pet: np.ndarray
     explainable: np.ndarray
     mask: np.ndarray
     tissue_maps: np.ndarray | None = None
+    age: float | None = None  # at this session (None: the first session's, demographics.age)
+    session: int = 0
+    mmse: int | None = None  # this session's MMSE-like score (phantom versions with one)
 
 
 @dataclass(frozen=True)
@@ -148,14 +155,17 @@ def _to_grid(volume: np.ndarray, affine: np.ndarray, grid: ModelGrid, anti_alias
 
 def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = cohort.DEFAULT_VERSION,
                      age: float | None = None, diagnosis: str | None = None,
-                     metabolic_age: float | None = None, tissue_maps: bool = False) -> MNISubject:
-    """Subject ``index`` of ``seed`` on ``grid`` (first session only); see the module docstring.
-    ``metabolic_age`` ages its metabolism alone (:func:`~dualglow_app.phantom.cohort.session_truth`);
-    ``tissue_maps`` also reads its tissue maps (``tissue_maps.npy`` of the module docstring)."""
+                     metabolic_age: float | None = None, tissue_maps: bool = False,
+                     sessions: int = 1, session: int = 0) -> MNISubject:  # fmt: skip
+    """Session ``session`` (of ``sessions``, 1-2 years apart) of subject ``index`` of ``seed`` on
+    ``grid``; see the module docstring. ``metabolic_age`` ages its metabolism alone
+    (:func:`~dualglow_app.phantom.cohort.session_truth`); ``tissue_maps`` also reads its tissue
+    maps (``tissue_maps.npy`` of the module docstring)."""
     refs = _grid_refs(grid)
-    tpl, traits, truth = work_truth(seed, index, version, age, diagnosis, metabolic_age)
+    tpl, traits, truth = work_truth(seed, index, version, age, diagnosis, metabolic_age, sessions=sessions,
+                                    session=session)  # fmt: skip
     assert truth.explainable is not None
-    t1 = work_t1(truth, seed, index)
+    t1 = work_t1(truth, seed, index, session)
     mask = _to_grid(truth.brain, tpl.affine, grid, anti_alias=False) > 0.5
     mri = _to_grid(t1, tpl.affine, grid)
     low, high = (float(v) for v in np.percentile(mri[mask], refs.percentiles))
@@ -169,29 +179,36 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
     if tissue_maps:
         posteriors, _ = own_tissue_posteriors(t1, truth.brain > 0.5)
         maps = np.stack([_to_grid(p, tpl.affine, grid) * mask for p in posteriors]).astype(np.float32)
-    label = f"sub-{cohort.participant_label(index)}"
+    label = f"sub-{cohort.participant_label(index)}" + (f"_ses-{session + 1:02d}" if sessions > 1 else "")
+    mmse = (cohort.mmse_scores(seed, index, traits.demographics, traits.ages)[session]
+            if version in cohort.MMSE_VERSIONS else None)  # fmt: skip
     return MNISubject(label, traits.demographics, mri.astype(np.float32), suvr(truth.pet).astype(np.float32),
-                      suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8), maps)
+                      suvr(truth.explainable).astype(np.float32), mask.astype(np.uint8), maps,
+                      float(traits.ages[session]), session, mmse)
 
 
 def work_truth(seed: int, index: int, version: int = cohort.DEFAULT_VERSION, age: float | None = None,
-               diagnosis: str | None = None, metabolic_age: float | None = None,
-               explainable: bool = True) -> tuple[Template, cohort.SubjectTraits, cohort.SessionTruth]:
-    """Subject ``index``'s template, traits and first-session MNI truth on the 2 mm work grid (the
-    BIDS cohort's subject ``index`` for the same seed and version), as :func:`simulate_subject`
-    puts them on a model grid."""
+               diagnosis: str | None = None, metabolic_age: float | None = None, explainable: bool = True,
+               sessions: int = 1, session: int = 0) -> tuple[Template, cohort.SubjectTraits, cohort.SessionTruth]:
+    """Subject ``index``'s template, traits and session ``session``'s MNI truth on the 2 mm work
+    grid (the BIDS cohort's subject ``index`` for the same seed, version and sessions: the
+    number of sessions moves the first age, which leaves room for the follow-ups), as
+    :func:`simulate_subject` puts them on a model grid."""
+    if not 0 <= session < sessions:
+        raise ValueError(f"session {session} of {sessions}: sessions count from 0")
     tpl = load_template(WORK_VOXEL_MM)
-    traits = cohort.subject_traits(seed, index, 1, tpl, age, diagnosis, version, native=False)
+    traits = cohort.subject_traits(seed, index, sessions, tpl, age, diagnosis, version, native=False)
     _, head_pet = an.head_images(tpl, traits.head, cohort._head_shell(WORK_VOXEL_MM), pt.HEAD_ACTIVITY)
-    truth = cohort.session_truth(tpl, pt.calibrate(WORK_VOXEL_MM), traits, 0, head_pet, cohort.subject_maps(tpl, traits),
+    truth = cohort.session_truth(tpl, pt.calibrate(WORK_VOXEL_MM), traits, session, head_pet, cohort.subject_maps(tpl, traits),
                                  explainable=explainable, metabolic_age=metabolic_age)  # fmt: skip
     return tpl, traits, truth
 
 
-def work_t1(truth: cohort.SessionTruth, seed: int, index: int) -> np.ndarray:
-    """Subject ``index``'s brain T1w on the work grid as the stack sees it before the model grid:
-    Rician noise of a 1 mm scan averaged into the work voxel, and a residual bias field."""
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1, NOISE_STREAM)))
+def work_t1(truth: cohort.SessionTruth, seed: int, index: int, session: int = 0) -> np.ndarray:
+    """Subject ``index``'s brain T1w at ``session`` on the work grid as the stack sees it before the
+    model grid: Rician noise of a 1 mm scan averaged into the work voxel, and a residual bias
+    field (each session its own, as the BIDS cohort's sessions draw their own)."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 1 + session, NOISE_STREAM)))
     sigma = np.float32(rng.uniform(*MRI_NOISE_SD) / np.sqrt(WORK_VOXEL_MM**3))  # 8 1 mm voxels in one
     t1 = truth.brain_t1 * (truth.brain > 0.05)
     n1 = rng.standard_normal(t1.shape, dtype=np.float32)
@@ -201,27 +218,31 @@ def work_t1(truth: cohort.SessionTruth, seed: int, index: int) -> np.ndarray:
 
 
 def age_sweep_truth(seed: int, index: int, grid: ModelGrid, ages: Sequence[float],
-                    version: int = cohort.DEFAULT_VERSION) -> np.ndarray:
-    """Subject ``index``'s true PET (SUVR on ``grid``) at each of ``ages`` with its own anatomy:
+                    version: int = cohort.DEFAULT_VERSION, sessions: int = 1, session: int = 0) -> np.ndarray:
+    """Subject ``index``'s true PET (SUVR on ``grid``) at each of ``ages`` with its own anatomy
+    (that of ``session`` of ``sessions``):
     its MRI stays the stack's, only the metabolism ages. What a model's age sweep of that MRI
     should reproduce; measured through the same PSF, grid and regions as the synthetic sweep
     (the calibration's regional slopes are the activity's, before the 8 mm PSF mixes
     neighbouring regions). ``(len(ages), *grid.shape)``, float32."""
-    return np.stack([simulate_subject(seed, index, grid, version, metabolic_age=float(a)).pet for a in ages])
+    return np.stack([simulate_subject(seed, index, grid, version, metabolic_age=float(a), sessions=sessions,
+                                      session=session).pet for a in ages])  # fmt: skip
 
 
-def _worker(args: tuple[int, int, ModelGrid, int]) -> MNISubject:
-    seed, index, grid, version = args
-    return simulate_subject(seed, index, grid, version, tissue_maps=True)
+def _worker(args: tuple[int, int, ModelGrid, int, int, int]) -> MNISubject:
+    seed, index, grid, version, sessions, session = args
+    return simulate_subject(seed, index, grid, version, tissue_maps=True, sessions=sessions, session=session)
 
 
 def make_mni_stack(out_dir: Path | str, n_subjects: int, seed: int = 0, grid: ModelGrid | None = None,
                    version: int = cohort.DEFAULT_VERSION, jobs: int | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, sessions: int = 1) -> Path:
     """Write ``n_subjects`` phantoms directly on ``grid`` (default cpu4mm) as ``.npy`` stacks.
 
-    Subject ``i`` has the MNI-space truth of the BIDS cohort's subject ``i`` for the same seed
-    and version. Returns ``out_dir``; load it with :func:`dualglow_app.dataset.load_mni_stack`.
+    Subject ``i`` has the MNI-space truth of the BIDS cohort's subject ``i`` for the same seed,
+    version and sessions; with ``sessions`` > 1 each session is a row (subject-major, labels
+    ``sub-<i>_ses-<k>``, each row its session's age and MMSE). Returns ``out_dir``; load it
+    with :func:`dualglow_app.dataset.load_mni_stack`.
     SKIPS native simulation and preprocessing: for model development only (module docstring).
 
     Example::
@@ -237,6 +258,8 @@ def make_mni_stack(out_dir: Path | str, n_subjects: int, seed: int = 0, grid: Mo
         raise ValueError(f"--subjects must be at least 1, got {n_subjects}.")
     if seed < 0:
         raise ValueError(f"--seed must be a non-negative integer, got {seed}.")
+    if not 1 <= sessions <= cohort.MAX_SESSIONS:
+        raise ValueError(f"--sessions must be between 1 and {cohort.MAX_SESSIONS}, got {sessions}.")
     cohort.check_out_dir(out_dir, overwrite)
     start = time.perf_counter()
     # Template, calibration, head shell and grid references once, before forking.
@@ -247,36 +270,37 @@ def make_mni_stack(out_dir: Path | str, n_subjects: int, seed: int = 0, grid: Mo
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        shapes: dict[str, tuple[int, ...]] = {name: (n_subjects, *grid.shape) for name in STACK_FILES}
-        shapes["tissue_maps"] = (n_subjects, len(NATIVE_TISSUE_CHANNELS), *grid.shape)
+        rows = n_subjects * sessions
+        shapes: dict[str, tuple[int, ...]] = {name: (rows, *grid.shape) for name in STACK_FILES}
+        shapes["tissue_maps"] = (rows, len(NATIVE_TISSUE_CHANNELS), *grid.shape)
         arrays = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", np.uint8 if name == "mask" else np.float32,
                                                   shapes[name]) for name in STACK_FILES}
-        jobs = max(1, min(cpu_threads(jobs), n_subjects))
-        tasks = [(seed, i, grid, version) for i in range(n_subjects)]
+        jobs = max(1, min(cpu_threads(jobs), rows))
+        tasks = [(seed, i, grid, version, sessions, k) for i in range(n_subjects) for k in range(sessions)]
         subjects: list[MNISubject] = []
         if jobs == 1:
-            results = progress(map(_worker, tasks), "MNI phantoms", total=n_subjects)
+            results = progress(map(_worker, tasks), "MNI phantoms", total=rows)
             for row, subject in enumerate(results):
                 _store(arrays, row, subject)
                 subjects.append(_meta_only(subject))
         else:
             context = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-                for row, subject in enumerate(progress(pool.map(_worker, tasks), "MNI phantoms", total=n_subjects)):
+                for row, subject in enumerate(progress(pool.map(_worker, tasks), "MNI phantoms", total=rows)):
                     _store(arrays, row, subject)
                     subjects.append(_meta_only(subject))
         for array in arrays.values():
             array.flush()
         del arrays
-        write_json(tmp / "index.json", _index(subjects, grid, seed, version))
+        write_json(tmp / "index.json", _index(subjects, grid, seed, version, sessions))
         if out_dir.exists():
             out_dir.rmdir()  # check_out_dir left it absent or empty
         tmp.rename(out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("%d MNI-grid phantoms (version %d) written to %s in %.1f s", n_subjects, version, out_dir,
-             time.perf_counter() - start)
+    log.info("%d MNI-grid phantoms x %d session(s) (version %d) written to %s in %.1f s", n_subjects, sessions,
+             version, out_dir, time.perf_counter() - start)
     return out_dir
 
 
@@ -287,10 +311,11 @@ def _store(arrays: dict[str, np.ndarray], row: int, subject: MNISubject) -> None
 
 def _meta_only(subject: MNISubject) -> MNISubject:
     empty = np.empty(0, dtype=np.float32)
-    return MNISubject(subject.label, subject.demographics, empty, empty, empty, empty, empty)
+    return MNISubject(subject.label, subject.demographics, empty, empty, empty, empty, empty, subject.age,
+                      subject.session, subject.mmse)
 
 
-def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int) -> dict:
+def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int, sessions: int = 1) -> dict:
     from dualglow_app.preprocess import PETOptions, T1wOptions
 
     return {
@@ -298,18 +323,18 @@ def _index(subjects: list[MNISubject], grid: ModelGrid, seed: int, version: int)
         "Kind": "mni-stack",
         "Note": NOTE,
         "labels": [s.label for s in subjects],
-        "subjects": [s.label.removeprefix("sub-") for s in subjects],
-        "age": [s.demographics.age for s in subjects],
+        "subjects": [s.label.removeprefix("sub-").split("_")[0] for s in subjects],
+        "age": [s.demographics.age if s.age is None else s.age for s in subjects],
         "sex": [s.demographics.sex for s in subjects],
         "diagnosis": [s.demographics.diagnosis for s in subjects],
         "diagnosis_detail": [s.demographics.diagnosis_detail for s in subjects],
-        **({"mmse": [cohort.mmse_scores(seed, cohort.subject_index(s.label), s.demographics,
-                                        [s.demographics.age])[0] for s in subjects]}
-           if version in cohort.MMSE_VERSIONS else {}),
+        **({"mmse": [s.mmse for s in subjects]} if version in cohort.MMSE_VERSIONS else {}),
         # The covariates above as participants.json declares them (dataset.load_mni_stack types them by it).
         "columns": {**cohort.PARTICIPANT_COLUMNS, **(cohort.MMSE_COLUMN if version in cohort.MMSE_VERSIONS else {})},
         "grid": grid.to_dict(),
         "version": version,
+        "sessions": sessions,
+        "session": [s.session for s in subjects],
         "version_note": cohort.VERSION_NOTES[version],
         "seed": seed,
         "files": {

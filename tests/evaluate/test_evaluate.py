@@ -176,6 +176,11 @@ def test_swept_truth_falls_with_age_and_is_cached(tmp_path: Path) -> None:
     assert np.nanmean(change < 0) > 0.5
     assert len(list(tmp_path.glob("*.npy"))) == 1
     np.testing.assert_array_equal(swept_truth((0, 2), [0, 1], grid, masks, (50.0, 90.0), cache=tmp_path), sweep)
+    # A longitudinal cohort's scans are (subject, session): the follow-up's brain, its own cache entry.
+    sessions = swept_truth((0, 2, 2), [(0, 0), (0, 1)], grid, masks, (50.0, 90.0), cache=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert not np.array_equal(sessions[0], sessions[1]) and not np.array_equal(sessions[0], sweep[0])
+    np.testing.assert_allclose(sessions[1], sessions[0], rtol=0.05)
 
 
 def test_explainable_truth_is_the_phantoms_and_is_cached(tmp_path: Path) -> None:

@@ -220,6 +220,38 @@ def test_mni_stack_loads_with_shapes_labels_and_suvr(tmp_path: Path) -> None:
     assert np.corrcoef(maps[0, 0][brain], truth[brain])[0, 1] > 0.8
 
 
+def test_longitudinal_mni_stack_rows_are_sessions_of_one_brain(tmp_path: Path) -> None:
+    """--sessions 2: a row per session, subject-major; each row the BIDS cohort's session (its
+    age, its MMSE); the same brain a year or two older, with its own scan noise; the swept truth
+    of a follow-up row is that session's brain."""
+    from dualglow_app.dataset import load_mni_stack, split_subjects
+    from dualglow_app.grid import preset
+    from dualglow_app.phantom import cohort
+    from dualglow_app.phantom.mni import age_sweep_truth, make_mni_stack, simulate_subject
+    from dualglow_app.phantom.template import load_template
+
+    grid = preset("tiny8mm")
+    data = load_mni_stack(make_mni_stack(tmp_path / "stack", 2, seed=SEED, grid=grid, jobs=1, sessions=2))
+    assert data.labels == ["sub-001_ses-01", "sub-001_ses-02", "sub-002_ses-01", "sub-002_ses-02"]
+    assert data.subjects == ["001", "001", "002", "002"]
+    index = json.loads((tmp_path / "stack" / "index.json").read_text())
+    assert index["sessions"] == 2 and index["session"] == [0, 1, 0, 1]
+    traits = cohort.subject_traits(SEED, 1, 2, load_template(2.0), native=False)
+    assert list(data.age[2:]) == pytest.approx(traits.ages) and 1.0 <= traits.ages[1] - traits.ages[0] <= 2.0
+    assert index["mmse"][2:] == cohort.mmse_scores(SEED, 1, traits.demographics, traits.ages)
+    follow_up = simulate_subject(SEED, 1, grid, sessions=2, session=1)
+    np.testing.assert_array_equal(follow_up.pet, data.pet[3])
+    brain = data.mask[2] > 0
+    assert 0.98 < np.corrcoef(data.pet[2][brain], data.pet[3][brain])[0, 1] < 1.0
+    assert not np.array_equal(data.mri[2], data.mri[3])
+    np.testing.assert_array_equal(age_sweep_truth(SEED, 1, grid, [traits.ages[1]], sessions=2, session=1)[0],
+                                  data.pet[3])
+    train, val = split_subjects(data.subjects, 0.5, seed=0)
+    assert {data.subjects[r] for r in train}.isdisjoint({data.subjects[r] for r in val})
+    with pytest.raises(ValueError, match="sessions"):
+        simulate_subject(SEED, 1, grid, sessions=2, session=2)
+
+
 def test_mni_stack_matches_the_bids_cohort_s_truth(tmp_path: Path) -> None:
     """Row i of the stack is the BIDS cohort's subject i: its noise-free MNI PET on the grid."""
     from dualglow_app.grid import preset
@@ -305,7 +337,7 @@ def test_cli_mni_stack(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["--grid", "cpu4mm"], "--grid only applies to --mni-stack"),
-        (["--mni-stack", "--sessions", "2"], "--sessions"),
+        (["--mni-stack", "--sessions", "0"], "--sessions must be between"),
         (["--mni-stack", "--preview"], "--preview"),
         (["--mni-stack", "--voxel-mm", "2"], "--voxel-mm"),
         (["--mni-stack", "--grid", "nope"], "nope"),
