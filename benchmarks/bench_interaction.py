@@ -95,25 +95,31 @@ LOG_FLOOR_SUVR = 1e-3
 #: the two scans' noise away); "-instrumented": beside the anatomy terms, their change
 #: instrumented by the time between sessions times the subject's mean anatomy (grey matter is
 #: lost in proportion to what there is; the two readings' noise does not know the interval),
-#: the errors-in-variables remedy for a noisy change; "within-all" keeps the anatomy terms'
-#: within maps too.
+#: the errors-in-variables remedy for a noisy change; "-known-noise" (a diagnostic; needs
+#: ``--true-tissues``): the within fit's moments corrected by the reading's own error against
+#: the phantom's anatomy, what a perfect errors-in-variables correction would give;
+#: "within-all" keeps the anatomy terms' within maps too.
 ESTIMATORS = {"cross-sectional": None, "within-age": ("all", "anatomy", "age"), "within-age-cn": ("CN", "anatomy", "age"),
               "within-all": ("all", "anatomy", "all"), "within-age-given-anatomy": ("all", "cross-sectional", "age"),
               "within-age-cn-given-anatomy": ("CN", "cross-sectional", "age"),
               "within-age-coarse": ("all", "coarse anatomy", "age"), "within-age-cn-coarse": ("CN", "coarse anatomy", "age"),
               "within-age-instrumented": ("all", "instrumented anatomy", "age"),
-              "within-age-cn-instrumented": ("CN", "instrumented anatomy", "age")}  # fmt: skip
+              "within-age-cn-instrumented": ("CN", "instrumented anatomy", "age"),
+              "within-age-cn-coarse-known-noise": ("CN", "coarse anatomy", "age")}  # fmt: skip
 
 
 def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence[str], columns: Sequence[int],
-                                instrumented: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+                                instrumented: Sequence[int] = (), noise: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """(voxels, len(columns)): the least squares of ``y`` (scans, voxels) on ``x[:, :,
     columns]`` (scans, voxels, terms) after centring each subject's scans on its own mean: the
     fixed-effects (within) estimator, which only the changes within a subject inform; subjects
     with one scan add nothing. ``instrumented`` (the first of ``columns`` is age): those
     columns' changes are instrumented by age's change times the subject's mean of each (a
-    just-identified instrumental-variables fit instead of the least squares)."""
+    just-identified instrumental-variables fit instead of the least squares). ``noise``: the
+    error of ``x``'s reading (as ``x``): its within-subject Gram is taken off the design's,
+    the errors-in-variables correction with the error known."""
     x_within, y_within = x[:, :, list(columns)].copy(), y.copy()
+    error = None if noise is None else noise[:, :, list(columns)].copy()
     means = np.zeros_like(x_within)
     names = np.asarray(subjects)
     for name in np.unique(names):
@@ -121,6 +127,11 @@ def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence
         means[rows] = x_within[rows].mean(0)
         x_within[rows] -= means[rows]
         y_within[rows] -= y_within[rows].mean(0)
+        if error is not None:
+            error[rows] -= error[rows].mean(0)
+    if error is not None:
+        gram = np.einsum("nvp,nvq->vpq", x_within, x_within) - np.einsum("nvp,nvq->vpq", error, error)
+        return np.einsum("vpq,vq->vp", np.linalg.pinv(gram), np.einsum("nvp,nv->vp", x_within, y_within))
     if not instrumented:
         return voxelwise_least_squares(x_within, y_within)
     positions = [list(columns).index(c) for c in instrumented]
@@ -132,10 +143,12 @@ def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence
 
 def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Sequence[str],
                       diagnoses: Sequence[str | None], age_columns: Sequence[int],
-                      varying_columns: Sequence[int], coarse_columns: Sequence[int] = ()) -> np.ndarray:  # fmt: skip
+                      varying_columns: Sequence[int], coarse_columns: Sequence[int] = (),
+                      noise: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """(voxels, terms): the template's coefficients by ``estimator`` (:data:`ESTIMATORS`).
     ``varying_columns``: the terms that change within a subject (age, the anatomy);
-    ``coarse_columns``: the anatomy terms at the coarsest scale."""
+    ``coarse_columns``: the anatomy terms at the coarsest scale; ``noise``: the reading's
+    error (as ``x``), for "-known-noise"."""
     cross = voxelwise_least_squares(x, y)
     if ESTIMATORS[estimator] is None:
         return cross
@@ -146,9 +159,12 @@ def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Se
     anatomy = [c for c in varying_columns if c not in age_columns]
     within_columns = {"anatomy": list(varying_columns), "instrumented anatomy": list(varying_columns),
                       "coarse anatomy": [*age_columns, *coarse_columns], "cross-sectional": list(age_columns)}[beside]
-    target = y if beside == "anatomy" else y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
+    target = y if beside != "cross-sectional" else y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
+    if estimator.endswith("known-noise") and noise is None:
+        raise ValueError(f"{estimator} needs the reading's error (noise=)")
     within = within_subject_coefficients(x[rows], target[rows], [subjects[r] for r in rows], within_columns,
-                                         anatomy if beside == "instrumented anatomy" else ())  # fmt: skip
+                                         anatomy if beside == "instrumented anatomy" else (),
+                                         None if not estimator.endswith("known-noise") else noise[rows])  # fmt: skip
     fixed = list(age_columns) if keep == "age" else within_columns
     fixed_coef = within[:, [within_columns.index(c) for c in fixed]]
     rest = [c for c in range(x.shape[2]) if c not in fixed]
@@ -427,12 +443,19 @@ def main() -> None:
         x_train = design(model, mri[train_rows], side_of(train_rows), products, inside, of(train_rows), sigmas)
         # Age and everything after the covariates (the anatomy, its products) change within a subject.
         varying = age_columns + list(range(1 + covariate_width, x_train.shape[2]))
-        scales = len(sigmas if sigmas is not None else model.config.anatomy_sigmas)
-        coarse = [c for c in varying[len(age_columns):] if (c - 1 - covariate_width) % scales == scales - 1]
+        n_scales = len(sigmas if sigmas is not None else model.config.anatomy_sigmas)
+        coarse = [c for c in varying[len(age_columns):] if (c - 1 - covariate_width) % n_scales == n_scales - 1]
         if "coarse" in estimator and products:
             parser.error(f"{estimator} takes the additive forms only")
+        noise = None
+        if estimator.endswith("known-noise"):
+            if not args.true_tissues:
+                parser.error(f"{estimator} needs --true-tissues (the reading's error against the phantom's anatomy)")
+            true_maps = subject_tissues(args.stack, len(data.labels), data.grid, "true")
+            noise = x_train - design(model, mri[train_rows], side_of(train_rows), products, inside,
+                                     true_maps[train_rows], sigmas)  # fmt: skip
         coef = estimate_template(x_train, target, estimator, train_subjects, train_diagnoses, age_columns, varying,
-                                 coarse)  # fmt: skip
+                                 coarse, noise)  # fmt: skip
         del x_train
 
         def predict(rows: np.ndarray, age: float | None = None, space: str = space) -> np.ndarray:

@@ -101,27 +101,34 @@ def test_within_subject_estimators_need_a_subject_seen_twice() -> None:
         estimate_template(x, y, "within-age-cn", names, ["AD"] * len(names), [1], [1, 2])
 
 
-def test_instrumented_change_survives_a_noisy_reading_of_the_anatomy() -> None:
+def test_instrumented_or_noise_corrected_change_survives_a_noisy_reading_of_the_anatomy() -> None:
     """Grey matter lost in proportion to what there is, read with noise far larger than a
     session's loss: the plain within fit takes the unread loss as age's; instrumenting the
-    change by the interval times the subject's mean grey matter does not."""
+    change by the interval times the subject's mean grey matter does not, nor does taking the
+    reading's known error off the design's Gram."""
     from bench_interaction import estimate_template
 
     rng = np.random.default_rng(5)
-    rows_x, rows_y, names = [], [], []
+    rows_x, rows_y, names, errors = [], [], [], []
     for s in range(4000):
         base, rate, first = rng.uniform(0.5, 1.5, 1), rng.uniform(0.5, 1.5), rng.uniform(-1.0, 1.0)
         for age in (first, first + rng.uniform(0.1, 0.3)):
             grey = base * np.exp(-0.3 * rate * age)
-            read = grey + rng.normal(0.0, 0.02, 1)
-            rows_x.append(np.stack([np.ones(1), np.full(1, age), read], axis=1))
+            error = rng.normal(0.0, 0.02, 1)
+            rows_x.append(np.stack([np.ones(1), np.full(1, age), grey + error], axis=1))
+            errors.append(np.stack([np.zeros(1), np.zeros(1), error], axis=1))
             rows_y.append(grey - 0.5 * age)
             names.append(f"{s}")
     x, y, diagnoses = np.array(rows_x), np.array(rows_y), ["CN"] * len(names)
     plain = estimate_template(x, y, "within-age", names, diagnoses, [1], [1, 2])
     instrumented = estimate_template(x, y, "within-age-instrumented", names, diagnoses, [1], [1, 2])
+    known = estimate_template(x, y, "within-age-cn-coarse-known-noise", names, diagnoses, [1], [1, 2], [2],
+                              noise=np.array(errors))  # fmt: skip
     assert plain[0, 1] < -0.55
     np.testing.assert_allclose(instrumented[0, 1], -0.5, atol=0.03)
+    np.testing.assert_allclose(known[0, 1], -0.5, atol=0.03)
+    with pytest.raises(ValueError, match="noise"):
+        estimate_template(x, y, "within-age-cn-coarse-known-noise", names, diagnoses, [1], [1, 2], [2])
 
 
 def test_change_agreement_tells_a_reading_of_the_change_from_two_independent_readings() -> None:
