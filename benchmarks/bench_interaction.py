@@ -54,7 +54,8 @@ from perfkit import voxelwise_least_squares  # noqa: E402
 #: the T1w on the grid; "true": the phantom's own grey matter and CSF; "uptake", "metabolic",
 #: "metabolic+gm", "pet73": that grey matter times what else sets its metabolism, and the
 #: oracle of it all, :func:`_subject_tissues`; "fine": posteriors of its 2 mm T1w averaged to
-#: the grid),
+#: the grid, "fine-linear" its partial-volume fractions; "joint", "joint-linear": a subject's
+#: sessions read together, :func:`_joint_tissues`),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
 #: uptake = grey matter x age factor x ..., so the log is additive in age),
@@ -79,6 +80,8 @@ VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x
             "additive, GM and CSF posteriors of the 2 mm T1w averaged down": ("fine", (), "pet", None),
             "additive, a subject's sessions read together (bias-matched, one mixture)": ("joint", (), "pet", None),
             "additive, sessions read together, at 0, 8, 24 and 48 mm": ("joint", (), "pet", (0.0, 8.0, 24.0, 48.0)),
+            "additive, sessions read together as partial-volume fractions": ("joint-linear", (), "pet", None),
+            "additive, partial-volume fractions of each 2 mm T1w averaged down": ("fine-linear", (), "pet", None),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
 LOG_FLOOR_SUVR = 1e-3
@@ -191,8 +194,9 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
     GM trait sets, version 2's ``gm_uptake``), "metabolic" (that times its disease's
     hypometabolism, the ``diagnosis_factor`` its severity sets: the grey matter as everything
     but age makes it metabolise), "metabolic+gm" (those and its plain grey matter, a third map:
-    with the CSF, what the white matter's share needs) or "fine" (a 3-class Gaussian mixture's
-    posteriors of its noisy 2 mm T1w, averaged down); "pet73": one map, its explainable PET
+    with the CSF, what the white matter's share needs), "fine" (a 3-class Gaussian mixture's
+    posteriors of its noisy 2 mm T1w, averaged down) or "fine-linear" (the same mixture's
+    partial-volume fractions, :func:`mixture_reading`); "pet73": one map, its explainable PET
     with its metabolism at 73 (everything its MRI and diagnosis could tell, its age held: the
     oracle of every cause at once). The task: (seed, subject index, version, grid, source,
     sessions per subject, session)."""
@@ -214,21 +218,25 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
         gm = gm * np.append(factor, 1.0).astype(np.float32)[pt.region_maps(tpl.voxel_mm).index]
     if source == "fine":
         gm, csf = own_tissue_posteriors(work_t1(truth, seed, i, session), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
+    if source == "fine-linear":
+        gm, csf = mixture_reading([work_t1(truth, seed, i, session)], [truth.brain > 0.5], linear=True)[0]
     maps = [gm, csf] + ([plain_gm] if source == "metabolic+gm" else [])
     return np.stack([_to_grid(m, tpl.affine, grid) for m in maps])
 
 
-def _joint_tissues(task: tuple[int, int, int, Any, int]) -> np.ndarray:
+def _joint_tissues(task: tuple[int, int, int, Any, int, bool]) -> np.ndarray:
     """(sessions, 2, *grid): one subject's sessions read together, as a longitudinal pipeline
     reads them: each later 2 mm T1w's residual bias matched to the first session's (a quadratic
     in the log ratio over the white matter, where atrophy changes nothing), then one mixture
     fitted to all of them and each read with it, so the change between two readings is the
-    anatomy's and not two mixtures' or two bias fields' difference."""
+    anatomy's and not two mixtures' or two bias fields' difference. The task's last item:
+    read each voxel as a partial-volume mix of the two classes its intensity lies between
+    (linear in the intensity, as ``anatomy_reading="fractions"`` reads the grid) instead of
+    the mixture's posteriors (which saturate, so a pure voxel's change reads as none)."""
     from dualglow_app.phantom.anatomy import quadratic_terms
     from dualglow_app.phantom.mni import _to_grid, work_t1, work_truth
-    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
 
-    seed, i, version, grid, sessions = task
+    seed, i, version, grid, sessions, linear = task
     truths = [work_truth(seed, i, version, explainable=False, sessions=sessions, session=k) for k in range(sessions)]
     tpl = truths[0][0]
     images = [work_t1(truth, seed, i, k) for k, (_, _, truth) in enumerate(truths)]
@@ -240,13 +248,30 @@ def _joint_tissues(task: tuple[int, int, int, Any, int]) -> np.ndarray:
         white = first_white & brains[k] & (images[k] > 0.85)
         coef = np.linalg.lstsq(terms[white], np.log(images[k][white] / images[0][white]), rcond=None)[0]
         images[k] = images[k] / np.exp(terms @ coef).astype(np.float32)
+    return np.stack([np.stack([_to_grid(m, tpl.affine, grid) for m in maps]) for maps in mixture_reading(images, brains, linear)])
+
+
+def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], linear: bool) -> list[np.ndarray]:
+    """Each image's (len(NATIVE_TISSUE_CHANNELS), *shape) tissue maps under one three-class
+    mixture fitted to all of them: its posteriors, or (``linear``) each voxel read as a
+    partial-volume mix of the two classes its intensity lies between (``_tissue_fractions``)."""
+    from dualglow_app.model.dualglow import _tissue_fractions
+    from dualglow_app.tissue import MIXTURE_CLASSES, NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
+
     mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
+    weights, means, variances = (np.array(v) for v in mixture.mixture_parameters())
+    order = np.argsort(means)  # CSF < GM < WM, as _tissue_fractions takes them
+    parameters = torch.as_tensor(np.stack([weights[order], means[order], variances[order]]))
     out = []
     for image, brain in zip(images, brains, strict=True):
-        posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *image.shape), np.float32)
-        posteriors[:, brain] = mixture.probabilities(image[brain], NATIVE_TISSUE_CHANNELS)
-        out.append(np.stack([_to_grid(p, tpl.affine, grid) for p in posteriors]))
-    return np.stack(out)
+        maps = np.zeros((len(NATIVE_TISSUE_CHANNELS), *image.shape), np.float32)
+        if linear:
+            fractions = _tissue_fractions(torch.as_tensor(image, dtype=torch.float64), parameters, torch.as_tensor(brain))
+            maps[:] = fractions[[MIXTURE_CLASSES.index(c) for c in NATIVE_TISSUE_CHANNELS]].numpy()
+        else:
+            maps[:, brain] = mixture.probabilities(image[brain], NATIVE_TISSUE_CHANNELS)
+        out.append(maps)
+    return out
 
 
 def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
@@ -263,8 +288,8 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
     seed, version = int(index["seed"]), int(index["version"])
     # spawn: a forked child of this torch process deadlocked in its BLAS threads.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        if source == "joint":
-            subjects = [(seed, i, version, grid, sessions) for i in range(rows // sessions)]
+        if source.startswith("joint"):
+            subjects = [(seed, i, version, grid, sessions, source == "joint-linear") for i in range(rows // sessions)]
             out = np.concatenate(list(pool.map(_joint_tissues, subjects))).astype(np.float32)
         else:
             tasks = [(seed, r // sessions, version, grid, source, sessions, r % sessions) for r in range(rows)]
@@ -393,7 +418,9 @@ def main() -> None:
     results: dict[str, Any] = {}
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.config.anatomy_reading == "native"
-    available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "joint"] if args.true_tissues else []),
+    available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "fine-linear", "joint",
+                           "joint-linear"]
+                          if args.true_tissues else []),
                  *(["pv"] if model.uses_tissue_mixture and not native else [])}  # fmt: skip
     chosen = {label: variant for label, variant in VARIANTS.items()
               if variant[0] in available and all(name in side_names for name in variant[1])
@@ -415,7 +442,9 @@ def main() -> None:
         truth = subject_tissues(args.stack, len(data.labels), data.grid, "true")
         brain = np.asarray(data.mask[0]) > 0
         readings = {"native (each session its own mixture)": np.asarray(data.tissue_maps),
-                    "joint (bias-matched, one mixture)": subject_tissues(args.stack, len(data.labels), data.grid, "joint")}
+                    "joint (bias-matched, one mixture)": subject_tissues(args.stack, len(data.labels), data.grid, "joint"),
+                    "joint, partial-volume fractions": subject_tissues(args.stack, len(data.labels), data.grid,
+                                                                       "joint-linear")}  # fmt: skip
         results = {f"{name}, {fwhm:g} mm": change_agreement(maps, truth, brain, sessions, fwhm / data.grid.voxel_size)
                    for name, maps in readings.items() for fwhm in (0.0, 24.0)}  # fmt: skip
         for label, entry in results.items():
