@@ -256,7 +256,12 @@ def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], 
     mixture fitted to all of them: its posteriors, or (``linear``) each voxel read as a
     partial-volume mix of the two classes its intensity lies between (``_tissue_fractions``)."""
     from dualglow_app.model.dualglow import _tissue_fractions
-    from dualglow_app.tissue import MIXTURE_CLASSES, NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
+    from dualglow_app.tissue import (
+        MIXTURE_CLASSES,
+        NATIVE_MIXTURE_STRIDE,
+        NATIVE_TISSUE_CHANNELS,
+        GreyMatterModel,
+    )
 
     mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
     weights, means, variances = (np.array(v) for v in mixture.mixture_parameters())
