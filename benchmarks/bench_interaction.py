@@ -25,7 +25,9 @@ finding 25).
 
 On a longitudinal stack (``dualglow-phantom --mni-stack --sessions 2``) ``--estimators`` also
 estimates the age map from the change within each subject, where the causes of atrophy the
-MRI cannot tell apart hold still (:data:`ESTIMATORS`; lab book, finding 30).
+MRI cannot tell apart hold still (:data:`ESTIMATORS`; lab book, finding 30), and
+``--change-agreement`` measures how well each reading of the grey matter (each session on its
+own, or a subject's sessions read together) follows its true change between sessions.
 """
 
 from __future__ import annotations
