@@ -154,22 +154,25 @@ def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Se
     ``varying_columns``: the terms that change within a subject (age, the anatomy);
     ``coarse_columns``: the anatomy terms at the coarsest scale; ``noise``: the reading's
     error (as ``x``), for "-known-noise"."""
-    cross = voxelwise_least_squares(x, y)
     if ESTIMATORS[estimator] is None:
-        return cross
+        return voxelwise_least_squares(x, y)
     whose, beside, keep = ESTIMATORS[estimator]  # type: ignore[misc]
+    known_error = estimator.endswith("known-noise")
+    if known_error and noise is None:
+        raise ValueError(f"{estimator} needs the reading's error (noise=)")
     rows = np.arange(len(x)) if whose == "all" else np.flatnonzero(np.asarray(diagnoses) == whose)
     if len({subjects[r] for r in rows}) == len(rows):
         raise ValueError(f"{estimator}: no subject has two training scans to change between")
     anatomy = [c for c in varying_columns if c not in age_columns]
     within_columns = {"anatomy": list(varying_columns), "instrumented anatomy": list(varying_columns),
                       "coarse anatomy": [*age_columns, *coarse_columns], "cross-sectional": list(age_columns)}[beside]
-    target = y if beside != "cross-sectional" else y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
-    if estimator.endswith("known-noise") and noise is None:
-        raise ValueError(f"{estimator} needs the reading's error (noise=)")
+    target = y
+    if beside == "cross-sectional":  # only this estimator needs the cross-sectional fit's anatomy maps
+        cross = voxelwise_least_squares(x, y)
+        target = y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
     within = within_subject_coefficients(x[rows], target[rows], [subjects[r] for r in rows], within_columns,
                                          anatomy if beside == "instrumented anatomy" else (),
-                                         None if not estimator.endswith("known-noise") else noise[rows])  # fmt: skip
+                                         noise[rows] if known_error and noise is not None else None)  # fmt: skip
     fixed = list(age_columns) if keep == "age" else within_columns
     fixed_coef = within[:, [within_columns.index(c) for c in fixed]]
     rest = [c for c in range(x.shape[2]) if c not in fixed]
