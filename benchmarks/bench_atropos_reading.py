@@ -45,12 +45,12 @@ def native_readings(result: Any, mrf: float) -> tuple[dict[str, np.ndarray], dic
     import ants
 
     from dualglow_app.preprocess import native_maps_on_grid
-    from dualglow_app.tissue import own_tissue_posteriors
+    from dualglow_app.tissue import own_tissue_maps
 
     brain, mask = ants.image_read(str(result.native_brain)), ants.image_read(str(result.native_mask))
     inside = mask.numpy() > 0.5
     start = time.perf_counter()
-    mixture, _ = own_tissue_posteriors(brain.numpy(), inside)
+    mixture, _ = own_tissue_maps(brain.numpy(), inside)
     seconds = {"mixture": time.perf_counter() - start}
     start = time.perf_counter()
     segmentation = ants.atropos(a=brain, x=mask, i="kmeans[3]", m=f"[{mrf},1x1x1]", c="[5,0]")

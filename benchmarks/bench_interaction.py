@@ -19,7 +19,7 @@ on a Gaussian mixture's posteriors of each phantom's noisy 2 mm T1w averaged dow
 what sets its metabolism apart from its age (the uptake its grey-matter trait sets; with the
 disease's hypometabolism): the causes of atrophy an MRI cannot tell apart (lab book, finding 29).
 A model's own reading: the stack's native tissue maps for a model that reads them
-(``anatomy_reading="native"``), else the tissue model's reading of the grid T1w. No
+(a native ``anatomy_reading``: the stack holds posteriors, "native"'s), else the tissue model's reading of the grid T1w. No
 flows: a measurement of the template's form alone (the flows leave the mode where this start puts it: lab book,
 finding 25).
 
@@ -184,11 +184,11 @@ def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Se
 
 def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -> np.ndarray:
     """(scans, 2, *grid): the GM and CSF fractions of ``anatomy_reading="fractions"``
-    (:func:`dualglow_app.model.dualglow._tissue_fractions`) of each grid MRI, inside ``support``."""
-    from dualglow_app.model.dualglow import _tissue_fractions
+    (:func:`dualglow_app.model.dualglow.tissue_fractions`) of each grid MRI, inside ``support``."""
+    from dualglow_app.model.dualglow import tissue_fractions
     from dualglow_app.tissue import MIXTURE_CLASSES
 
-    fractions = _tissue_fractions(torch.as_tensor(np.asarray(mri, np.float64)), model.get_buffer("tissue_mixture").double(),
+    fractions = tissue_fractions(torch.as_tensor(np.asarray(mri, np.float64)), model.get_buffer("tissue_mixture").double(),
                                   torch.as_tensor(np.asarray(support) > 0))  # fmt: skip
     return fractions[[MIXTURE_CLASSES.index("gm"), MIXTURE_CLASSES.index("csf")]].transpose(0, 1).numpy().astype(np.float32)
 
@@ -207,7 +207,7 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
     sessions per subject, session)."""
     from dualglow_app.phantom import pet as pt
     from dualglow_app.phantom.mni import _to_grid, simulate_subject, work_t1, work_truth
-    from dualglow_app.tissue import own_tissue_posteriors
+    from dualglow_app.tissue import own_tissue_maps
 
     seed, i, version, grid, source, sessions, session = task
     if source == "pet73":
@@ -222,9 +222,9 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
             factor = factor * truth.state.diagnosis_factor
         gm = gm * np.append(factor, 1.0).astype(np.float32)[pt.region_maps(tpl.voxel_mm).index]
     if source == "fine":
-        gm, csf = own_tissue_posteriors(work_t1(truth, seed, i, session), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
+        gm, csf = own_tissue_maps(work_t1(truth, seed, i, session), truth.brain > 0.5)[0]  # NATIVE_TISSUE_CHANNELS
     if source == "fine-linear":
-        gm, csf = mixture_reading([work_t1(truth, seed, i, session)], [truth.brain > 0.5], linear=True)[0]
+        gm, csf = own_tissue_maps(work_t1(truth, seed, i, session), truth.brain > 0.5, "native-fractions")[0]
     maps = [gm, csf] + ([plain_gm] if source == "metabolic+gm" else [])
     return np.stack([_to_grid(m, tpl.affine, grid) for m in maps])
 
@@ -259,29 +259,13 @@ def _joint_tissues(task: tuple[int, int, int, Any, int, bool]) -> np.ndarray:
 def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], linear: bool) -> list[np.ndarray]:
     """Each image's (len(NATIVE_TISSUE_CHANNELS), *shape) tissue maps under one three-class
     mixture fitted to all of them: its posteriors, or (``linear``) each voxel read as a
-    partial-volume mix of the two classes its intensity lies between (``_tissue_fractions``)."""
-    from dualglow_app.model.dualglow import _tissue_fractions
-    from dualglow_app.tissue import (
-        MIXTURE_CLASSES,
-        NATIVE_MIXTURE_STRIDE,
-        NATIVE_TISSUE_CHANNELS,
-        GreyMatterModel,
-    )
+    partial-volume mix of the two classes its intensity lies between
+    (:meth:`~dualglow_app.tissue.GreyMatterModel.tissue_maps`)."""
+    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
 
     mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
-    weights, means, variances = (np.array(v) for v in mixture.mixture_parameters())
-    order = np.argsort(means)  # CSF < GM < WM, as _tissue_fractions takes them
-    parameters = torch.as_tensor(np.stack([weights[order], means[order], variances[order]]))
-    out = []
-    for image, brain in zip(images, brains, strict=True):
-        maps = np.zeros((len(NATIVE_TISSUE_CHANNELS), *image.shape), np.float32)
-        if linear:
-            fractions = _tissue_fractions(torch.as_tensor(image, dtype=torch.float64), parameters, torch.as_tensor(brain))
-            maps[:] = fractions[[MIXTURE_CLASSES.index(c) for c in NATIVE_TISSUE_CHANNELS]].numpy()
-        else:
-            maps[:, brain] = mixture.probabilities(image[brain], NATIVE_TISSUE_CHANNELS)
-        out.append(maps)
-    return out
+    reading = "fractions" if linear else "posterior"
+    return [mixture.tissue_maps(image, brain, NATIVE_TISSUE_CHANNELS, reading) for image, brain in zip(images, brains, strict=True)]
 
 
 def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
@@ -427,7 +411,7 @@ def main() -> None:
     sweep_truth = true_age_sweeps(phantom_origin(args.stack), data, val_rows, SWEEP_AGES, args.stack / "age_truth")
     results: dict[str, Any] = {}
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
-    native = model.config.anatomy_reading == "native"
+    native = model.reads_tissue_maps
     available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "fine-linear", "joint",
                            "joint-linear"]
                           if args.true_tissues else []),

@@ -110,7 +110,7 @@ def load_data(args: argparse.Namespace) -> tuple[PairedVolumes, str]:
         chosen = tuple(label.removeprefix("sub-") for label in sum(model_split(args.train_of), []))
         chosen += tuple(labels(args.test)) if args.test else ()
     spec = DatasetSpec(args.bids, work, resolve_grid(args.grid), nprocs=args.threads, participant_labels=chosen,
-                       tissue_maps=BASELINE_INPUTS[args.baseline_inputs] > 1)
+                       tissue_maps="native" if BASELINE_INPUTS[args.baseline_inputs] > 1 else None)
     try:  # which cohort (a phantom cohort names its generator and seed)
         name = json.loads((args.bids / "dataset_description.json").read_text()).get("Name", "?")
     except (OSError, ValueError):

@@ -46,7 +46,7 @@ from dualglow_app.log import setup_logging
 from dualglow_app.metrics import deviation_correlation, mean_pairwise_correlation
 from dualglow_app.model import DualGlow, DualGlowConfig
 from dualglow_app.phantom.cohort import subject_index
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, NATIVE_READINGS, SIDE_TEMPLATE_ANATOMY
 from dualglow_app.train import fit_pet_template
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,7 +124,8 @@ def main() -> None:
     grid = resolve_grid(args.grid)
     chosen = None if args.folds else tuple(labels(args.train) + labels(args.test))
     data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, grid, participant_labels=chosen or (),
-                                       side_info=tuple(args.side_info), tissue_maps=args.anatomy_reading == "native"))  # fmt: skip
+                                       side_info=tuple(args.side_info),
+                                       tissue_maps=args.anatomy_reading if args.anatomy_reading in NATIVE_READINGS else None))  # fmt: skip
     if args.folds:
         splits = make_splits(data.subjects, args.folds, args.seed, impairment_classes(list(data.diagnosis)))
     else:

@@ -175,14 +175,16 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int) -> Brain:
-    """``source`` on ``grid`` through :func:`dualglow_app.preprocess.preprocess_t1w`, cached as npz."""
+def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int, reading: str = "native") -> Brain:
+    """``source`` on ``grid`` through :func:`dualglow_app.preprocess.preprocess_t1w`, with its
+    tissue maps read the native way ``reading`` reads them, cached as npz."""
     from dualglow_app import preprocess
     from dualglow_app.io import file_sha256
 
     digest = file_sha256(source)
     options = preprocess.T1wOptions()
-    key = _key(CACHE_VERSION, preprocess.CACHE_VERSION, preprocess.GRID_VERSION, digest, grid.to_dict(), asdict(options))
+    key = _key(CACHE_VERSION, preprocess.CACHE_VERSION, preprocess.GRID_VERSION, digest, grid.to_dict(), asdict(options),
+               *([] if reading == "native" else [reading]))  # "native" keeps the key it had before the choice
     path = cache / "preprocessed" / f"{name}-{key}.npz"
     if path.is_file():
         with np.load(path) as stored:
@@ -199,7 +201,7 @@ def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int) 
     }  # fmt: skip
     t1w = np.asarray(result.image.dataobj, dtype=np.float32)
     mask = np.asarray(result.brain_mask.dataobj) > 0
-    tissue_maps = preprocess.tissue_maps_on_grid(result, threads)
+    tissue_maps = preprocess.tissue_maps_on_grid(result, threads, reading)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".part.npz")
     np.savez_compressed(partial, t1w=t1w, mask=mask.astype(np.uint8), tissue_maps=tissue_maps, meta=json.dumps(meta))
@@ -566,7 +568,8 @@ def main() -> None:
             model = open_model(weights, "cpu")
             grid = model.grid
             t0 = time.perf_counter()
-            brains = [preprocessed(name, path, grid, args.cache, args.threads) for name, path in sources.items()]
+            reading = model.model.config.anatomy_reading if model.model.reads_tissue_maps else "native"
+            brains = [preprocessed(name, path, grid, args.cache, args.threads, reading) for name, path in sources.items()]
             t1w_r = t1w_pairwise_r(brains[0], brains[1], args.cache)
             preprocess_seconds += time.perf_counter() - t0
             regions = grid_regions(grid)

@@ -5,7 +5,7 @@
 
 BIDS_DIR is a phantom cohort (``dualglow-phantom`` with that seed and version), so each subject's true grey-matter and CSF fractions on the grid
 are known (``bench_interaction.py``'s :func:`subject_tissues`, the MNI-space truth of the same
-subject). Two measurements of them through the real preprocessing (skull strip, N4, SyN):
+subject). Measurements of them through the real preprocessing (skull strip, N4, SyN):
 
 - *grid*: what the anatomy template read before the native reading (``--anatomy-reading
   posterior``), the model's tissue mixture's posteriors of the T1w on the grid;
@@ -14,7 +14,9 @@ subject). Two measurements of them through the real preprocessing (skull strip, 
 - *native*: a 3-class Gaussian mixture fitted to each subject's N4-corrected native brain
   (:class:`dualglow_app.tissue.GreyMatterModel`), its posteriors warped to the grid as the
   T1w is (anti-aliased, the same transforms): fractions of the 1 mm voxels in each grid voxel
-  (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, ``--anatomy-reading native``).
+  (:func:`dualglow_app.preprocess.tissue_maps_on_grid`, ``--anatomy-reading native``);
+- *native-fractions*: the same mixture, each native voxel read as partial-volume fractions of
+  the two classes its intensity lies between (``--anatomy-reading native-fractions``).
 
 For each, inside the template brain mask: the voxelwise Pearson r with the truth, and the r of
 the subject's departure from the cohort's mean (measurement minus the mean measurement against
@@ -59,7 +61,7 @@ def true_tissues(label: str, seed: int, version: int, grid: Any, mask: np.ndarra
     """(2, *grid.shape): phantom ``label``'s (sub-XXX) true grey matter and CSF on ``grid``, 0 outside ``mask``."""
     from dualglow_app.phantom.cohort import subject_index
 
-    return _subject_tissues((seed, subject_index(label), version, grid, "true")) * mask
+    return _subject_tissues((seed, subject_index(label), version, grid, "true", 1, 0)) * mask
 
 
 def readings_agreement(readings: dict[str, list[np.ndarray]], truth: np.ndarray,
@@ -108,7 +110,7 @@ def main() -> None:
     from dualglow_app.model.dualglow import _tissue_posteriors
     from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
     from dualglow_app.templates import brain_mask_on_grid
-    from dualglow_app.tissue import MIXTURE_CLASSES
+    from dualglow_app.tissue import MIXTURE_CLASSES, NATIVE_READINGS
     from dualglow_app.weights import open_model
 
     setup_logging(0)
@@ -122,7 +124,7 @@ def main() -> None:
     with_mixture = "tissue_mixture" in dict(loaded.model.named_buffers())
     truth, labels, ages = [], [], []
     readings: dict[str, list[np.ndarray]] = {name: [] for name in (*(("grid", "grid, partial volume") if with_mixture
-                                                                     else ()), "native")}  # fmt: skip
+                                                                     else ()), *NATIVE_READINGS)}  # fmt: skip
     for scan in scans:
         t1w = preprocess_t1w(scan.t1w, grid, args.work_dir, args.nprocs)
         if with_mixture:
@@ -130,7 +132,8 @@ def main() -> None:
             posteriors = _tissue_posteriors(x, loaded.model.get_buffer("tissue_mixture")).numpy()
             readings["grid"].append(np.stack([posteriors[MIXTURE_CLASSES.index(t)] for t in TISSUES]) * mask)
             readings["grid, partial volume"].append(partial_volume_fractions(loaded.model, x[None].numpy(), mask)[0])
-        readings["native"].append(tissue_maps_on_grid(t1w, args.nprocs))
+        for reading in NATIVE_READINGS:
+            readings[reading].append(tissue_maps_on_grid(t1w, args.nprocs, reading))
         truth.append(true_tissues(f"sub-{scan.subject}", seed, version, grid, mask))
         labels.append(f"sub-{scan.subject}")
         ages.append(scan.age)

@@ -54,8 +54,15 @@ from dualglow_app.runtime import cpu_threads
 log = get_logger(__name__)
 
 DATASET_CACHE_VERSION = 1
-#: The stack's native tissue maps (DatasetSpec.tissue_maps), added beside it when first asked for.
+#: The stack's native tissue maps (DatasetSpec.tissue_maps), added beside it when first asked for;
+#: another native reading's beside it under tissue_maps_file's name.
 TISSUE_MAPS_FILE = "tissue_maps.npy"
+
+
+def tissue_maps_file(reading: str = "native") -> str:
+    """The stack's file of the native tissue maps read the way ``reading`` (one of
+    :data:`~dualglow_app.tissue.NATIVE_READINGS`) reads them (``native``'s name unchanged)."""
+    return TISSUE_MAPS_FILE if reading == "native" else f"tissue_maps_{reading}.npy"
 
 
 class DatasetError(RuntimeError):
@@ -68,9 +75,10 @@ class DatasetSpec:
 
     ``side_info`` lists the covariates (columns of ``participants.tsv`` / ``sessions.tsv``)
     every usable scan must have (a scan without one is left out, with a warning). ``nprocs``
-    only sets preprocessing threads (not part of the key). ``tissue_maps`` also stacks each
-    T1w's native tissue maps (:func:`dualglow_app.preprocess.tissue_maps_on_grid`; for a model
-    with ``--anatomy-reading native``), beside a stack that may already exist.
+    only sets preprocessing threads (not part of the key). ``tissue_maps``, a native reading
+    (:data:`~dualglow_app.tissue.NATIVE_READINGS`; for a model with ``--anatomy-reading`` of it),
+    also stacks each T1w's native tissue maps read that way
+    (:func:`dualglow_app.preprocess.tissue_maps_on_grid`), beside a stack that may already exist.
     """
 
     bids_dir: Path
@@ -81,9 +89,13 @@ class DatasetSpec:
     tracer: str = "FDG"
     side_info: tuple[str, ...] = ()
     nprocs: int | None = None
-    tissue_maps: bool = False
+    tissue_maps: str | None = None
 
     def __post_init__(self) -> None:
+        from dualglow_app.tissue import NATIVE_READINGS
+
+        if self.tissue_maps is not None and self.tissue_maps not in NATIVE_READINGS:
+            raise ValueError(f"tissue_maps={self.tissue_maps!r} (a native reading: {list(NATIVE_READINGS)}, or None)")
         object.__setattr__(self, "bids_dir", Path(self.bids_dir))
         object.__setattr__(self, "work_dir", Path(self.work_dir))
         for name in ("participant_labels", "session_labels", "side_info"):
@@ -105,7 +117,8 @@ class PairedVolumes:
     level, or None where unknown), ``covariate_declarations`` their kinds as the dataset
     declares them (:func:`dualglow_app.covariates.declare_covariates`); age needs neither.
     :meth:`covariate_specs` learns the encoding the model is built with. ``tissue_maps``, where
-    stacked, (N, 2, X, Y, Z): each T1w's grey-matter and CSF maps read at its native resolution.
+    stacked, (N, 2, X, Y, Z): each T1w's grey-matter and CSF maps read at its native resolution,
+    the way the native reading ``tissue_maps_reading`` reads them.
     """
 
     labels: list[str]
@@ -120,6 +133,7 @@ class PairedVolumes:
     covariates: dict[str, list[Value | None]] = field(default_factory=dict)
     covariate_declarations: dict[str, CovariateSpec] = field(default_factory=dict)
     tissue_maps: np.ndarray | None = None
+    tissue_maps_reading: str = "native"
 
     def __post_init__(self) -> None:
         if not self.diagnosis:
@@ -143,6 +157,7 @@ class PairedVolumes:
             covariates={name: [values[i] for i in rows] for name, values in self.covariates.items()},
             covariate_declarations=dict(self.covariate_declarations),
             tissue_maps=None if self.tissue_maps is None else np.asarray(self.tissue_maps[rows]),
+            tissue_maps_reading=self.tissue_maps_reading,
         )  # fmt: skip
 
     def covariate_values(self, name: str) -> list[Value | None]:
@@ -232,11 +247,13 @@ def _cache_key(scans: Sequence[Scan], grid: ModelGrid) -> str:
 
 
 def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
-                declared: dict[str, CovariateSpec] | None = None) -> PairedVolumes:
+                declared: dict[str, CovariateSpec] | None = None, reading: str | None = None) -> PairedVolumes:
+    """The stack in ``folder``, with its native tissue maps read the way ``reading`` reads them
+    (without one, the "native" maps where stacked)."""
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     n = len(index["labels"])
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:n] for name in ("mri", "pet", "mask")}
-    tissue_maps = folder / TISSUE_MAPS_FILE
+    tissue_maps = folder / tissue_maps_file(reading or "native")
     by_label = {s.prefix: s for s in scans}
     rows = [by_label[k] for k in index["labels"]]
     # Covariates are read from the TSVs on every run, so editing participants.tsv needs no
@@ -249,6 +266,7 @@ def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
         covariates={name: [s.covariates.get(name) for s in rows] for name in declared},
         covariate_declarations=dict(declared), **arrays,
         tissue_maps=np.load(tissue_maps, mmap_mode="r")[:n] if tissue_maps.is_file() else None,
+        tissue_maps_reading=reading or "native",
     )  # fmt: skip
 
 
@@ -259,16 +277,17 @@ def _stack_tissue_maps(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -
     from dualglow_app.preprocess import preprocess_t1w, tissue_maps_on_grid
     from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS
 
+    assert spec.tissue_maps is not None
     labels = json.loads((folder / "index.json").read_text(encoding="utf-8"))["labels"]
     by_label = {s.prefix: s for s in scans}
     nprocs = cpu_threads(spec.nprocs)
-    with atomic_path(folder / TISSUE_MAPS_FILE) as partial:
+    with atomic_path(folder / tissue_maps_file(spec.tissue_maps)) as partial:
         shape = (len(labels), len(NATIVE_TISSUE_CHANNELS), *spec.grid.shape)
         maps = np.lib.format.open_memmap(partial, "w+", np.float32, shape)
         for row, label in enumerate(progress(labels, "native tissue maps", total=len(labels))):
             try:
                 t1w = preprocess_t1w(by_label[label].t1w, spec.grid, spec.work_dir, nprocs)
-                maps[row] = tissue_maps_on_grid(t1w, nprocs)
+                maps[row] = tissue_maps_on_grid(t1w, nprocs, spec.tissue_maps)
             except KeyboardInterrupt as interrupt:
                 add_note(interrupt, f"while reading the native tissue maps of {label} ({row} of {len(labels)} done)")
                 raise
@@ -288,7 +307,7 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
         mri = np.lib.format.open_memmap(tmp / "mri.npy", "w+", np.float32, shape)
         pet = np.lib.format.open_memmap(tmp / "pet.npy", "w+", np.float32, shape)
         mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.uint8, shape)
-        maps = np.lib.format.open_memmap(tmp / TISSUE_MAPS_FILE, "w+", np.float32,
+        maps = np.lib.format.open_memmap(tmp / tissue_maps_file(spec.tissue_maps), "w+", np.float32,
                                          (len(scans), len(NATIVE_TISSUE_CHANNELS), *spec.grid.shape)) if spec.tissue_maps else None  # fmt: skip
         labels: list[str] = []
         skipped: dict[str, str] = {}
@@ -296,7 +315,7 @@ def _stack(spec: DatasetSpec, scans: Sequence[Scan], folder: Path) -> None:
             try:
                 t1 = preprocess_t1w(scan.t1w, spec.grid, spec.work_dir, nprocs)
                 suvr = preprocess_pet(scan.pet, t1, spec.work_dir, nprocs)  # type: ignore[arg-type]
-                tissue_maps = tissue_maps_on_grid(t1, nprocs) if maps is not None else None
+                tissue_maps = tissue_maps_on_grid(t1, nprocs, spec.tissue_maps) if spec.tissue_maps else None
             except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM through the CLI
                 add_note(interrupt, f"while preprocessing {scan.prefix} ({len(labels) + len(skipped)} of {len(scans)} "
                                    "pairs done)")  # fmt: skip
@@ -354,15 +373,16 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
         with entry_lock(folder):  # a concurrent run stacking the same data: wait, then reuse it
             if not (folder / "index.json").is_file():
                 _stack(spec, scans, folder)
-    if spec.tissue_maps and not (folder / TISSUE_MAPS_FILE).is_file():
+    maps_file = folder / tissue_maps_file(spec.tissue_maps or "native")
+    if spec.tissue_maps and not maps_file.is_file():
         if rank != 0:
-            while not (folder / TISSUE_MAPS_FILE).is_file():
+            while not maps_file.is_file():
                 time.sleep(5.0)
         else:
-            with entry_lock(folder / TISSUE_MAPS_FILE):
-                if not (folder / TISSUE_MAPS_FILE).is_file():
+            with entry_lock(maps_file):
+                if not maps_file.is_file():
                     _stack_tissue_maps(spec, scans, folder)
-    data = _load_stack(folder, scans, spec.grid, declared)
+    data = _load_stack(folder, scans, spec.grid, declared, spec.tissue_maps)
     for label, reason in data.skipped.items():
         log.warning("%s: not used for training (%s)", label, reason)
     log.info("%d paired scans on the %s mm grid %s", len(data), spec.grid.voxel_size, spec.grid.shape)

@@ -27,7 +27,7 @@ from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
 from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY, tissue_reading
+from dualglow_app.tissue import ANATOMY_READINGS, NATIVE_READINGS, SIDE_TEMPLATE_ANATOMY, tissue_reading
 
 log = get_logger(__name__)
 
@@ -291,9 +291,10 @@ class TrainOptions:
     # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
     side_template_anatomy: str = "gm+csf"
     # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions of
-    # the grid T1w, or "native": each subject's own, read at the T1w's native resolution
-    # (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the training data; the
-    # default: docs/MODEL_EXPERIMENTS.md, finding 26). Irrelevant to side_template_anatomy "t1w".
+    # the grid T1w, or natively ("native", "native-fractions"): each subject's own, read at the
+    # T1w's native resolution (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the
+    # training data; "native" the default: docs/MODEL_EXPERIMENTS.md, findings 26 and 31).
+    # Irrelevant to side_template_anatomy "t1w".
     anatomy_reading: str = "native"
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
@@ -421,8 +422,8 @@ class TrainOptions:
     @property
     def reads_tissue_maps(self) -> bool:
         """Whether the model these options build reads native tissue maps beside the MRI
-        (``anatomy_reading="native"`` of tissue terms, templates of the real MRI)."""
-        return self.tissue_reading == "native" and self.template_centring
+        (a native ``anatomy_reading`` of tissue terms, templates of the real MRI)."""
+        return self.tissue_reading in NATIVE_READINGS and self.template_centring
 
     @property
     def tissue_reading(self) -> str:
@@ -437,7 +438,8 @@ class TrainOptions:
         assert self.work_dir is not None
         return DatasetSpec(
             self.bids_dir, self.work_dir, self.model_grid, tuple(self.participant_labels),
-            tuple(self.session_labels), self.tracer, tuple(self.side_info), self.nprocs, self.reads_tissue_maps,
+            tuple(self.session_labels), self.tracer, tuple(self.side_info), self.nprocs,
+            self.tissue_reading if self.reads_tissue_maps else None,
         )  # fmt: skip
 
     @property

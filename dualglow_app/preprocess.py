@@ -19,9 +19,10 @@ FDG-PET path (:func:`preprocess_pet`): load and check -> mean of frames -> rigid
 template brain mask -> SUVR: divide by the mean uptake in a reference region
 (:data:`~dualglow_app.templates.REFERENCE_REGIONS`, default cerebellar hemispheres).
 
-Native tissue maps (:func:`tissue_maps_on_grid`, for a model with ``--anatomy-reading native``):
-a three-class intensity mixture of the subject's own N4-corrected native brain, its grey-matter
-and CSF posteriors warped onto the grid with the T1w's transforms, cached beside them.
+Native tissue maps (:func:`tissue_maps_on_grid`, for a model with ``--anatomy-reading native``
+or ``native-fractions``): a three-class intensity mixture of the subject's own N4-corrected
+native brain, its grey-matter and CSF posteriors or partial-volume fractions warped onto the
+grid with the T1w's transforms, cached beside them.
 
 Inverse (:func:`grid_to_mni`, :func:`grid_to_native`): a model-grid image onto the template
 grid at any resolution, or through the inverse ANTs transforms onto the subject's original T1w
@@ -580,38 +581,44 @@ def preprocess_t1w(
     )
 
 
-def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2) -> np.ndarray:
-    """(2, *grid.shape) float32: each grid voxel's grey-matter and CSF probability
+def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native") -> np.ndarray:
+    """(2, *grid.shape) float32: each grid voxel's grey-matter and CSF map
     (:data:`~dualglow_app.tissue.NATIVE_TISSUE_CHANNELS`) read at the T1w's native resolution,
-    0 outside the template brain mask: the anatomy template's input with
-    ``--anatomy-reading native``.
+    0 outside the template brain mask: the anatomy template's input with a native
+    ``--anatomy-reading`` (``reading``, one of :data:`~dualglow_app.tissue.NATIVE_READINGS`).
 
     A three-class mixture (:class:`~dualglow_app.tissue.GreyMatterModel`) is fitted to this
-    subject's own N4-corrected native brain, and its posteriors are warped to the grid the way
-    the T1w is (anti-aliased, the same transforms). On the grid a 4 mm voxel mixes its tissues,
-    and one T1w intensity can be several mixes: through the preprocessing of 8 phantoms, each
-    subject's departure from the mean grey matter was read with r 0.55 from the grid T1w and
-    0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25). Cached beside the T1w's transforms
-    (its own entry per grid), so a second call reads one file.
+    subject's own N4-corrected native brain; its posteriors ("native") or each voxel's
+    partial-volume fractions of the two classes its intensity lies between ("native-fractions")
+    are warped to the grid the way the T1w is (anti-aliased, the same transforms). On the grid a
+    4 mm voxel mixes its tissues, and one T1w intensity can be several mixes: through the
+    preprocessing of 8 phantoms, each subject's departure from the mean grey matter was read
+    with r 0.55 from the grid T1w and 0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25).
+    Cached beside the T1w's transforms (its own entry per grid and reading), so a second call
+    reads one file.
     """
-    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, own_tissue_posteriors
+    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_READINGS, NATIVE_TISSUE_CHANNELS, own_tissue_maps
 
+    if reading not in NATIVE_READINGS:
+        raise ValueError(f"reading={reading!r} (choose from {list(NATIVE_READINGS)})")
     grid = t1w.grid
-    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, NATIVE_MIXTURE_STRIDE)
+    # "native" keeps the key it had before there was a choice, so its caches stay valid.
+    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, NATIVE_MIXTURE_STRIDE, *([] if reading == "native" else [reading]))
     folder = t1w.cache_dir.parent / f"{t1w.cache_dir.name}-tissues-{key}"
 
     def build(tmp: Path) -> dict[str, Any]:
         import ants
 
-        _LOG.info("%s: tissue mixture of the native brain, its posteriors onto the grid", t1w.source.name)
+        _LOG.info("%s: tissue mixture of the native brain, its %s onto the grid", t1w.source.name,
+                  NATIVE_READINGS[reading].replace("posterior", "posteriors"))  # fmt: skip
         with _itk_threads(nprocs):
             brain = ants.image_read(str(t1w.native_brain))
             inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
-            posteriors, mixture = own_tissue_posteriors(brain.numpy(), inside)
-            maps = native_maps_on_grid(t1w, brain, posteriors)
+            native, mixture = own_tissue_maps(brain.numpy(), inside, reading)
+            maps = native_maps_on_grid(t1w, brain, native)
         np.save(tmp / "tissue_maps.npy", maps)
         weights, means, variances = mixture.mixture_parameters()
-        return {"source": str(t1w.source), "sha256": t1w.sha256, "channels": list(NATIVE_TISSUE_CHANNELS),
+        return {"source": str(t1w.source), "sha256": t1w.sha256, "channels": list(NATIVE_TISSUE_CHANNELS), "reading": reading,
                 "grid": grid.to_dict(), "mixture": {"weights": weights, "means": means, "variances": variances}}  # fmt: skip
 
     _cached_entry(folder, build)

@@ -410,7 +410,8 @@ def synthesize_scan(scan: Scan, model: LoadedModel, options: ParticipantOptions,
     start = time.perf_counter()
     t1 = preprocess_t1w(scan.t1w, model.grid, options.resolved_work_dir, nprocs=options.threads)
     # A model whose anatomy template reads the native tissue maps (--anatomy-reading native).
-    tissue_maps = tissue_maps_on_grid(t1, options.threads) if model.model.synthesis_reads_tissue_maps else None
+    reads = model.model.synthesis_reads_tissue_maps
+    tissue_maps = tissue_maps_on_grid(t1, options.threads, model.model.config.anatomy_reading) if reads else None
     timings["preprocess"] = time.perf_counter() - start
     start = time.perf_counter()
     t1_data = np.asarray(t1.image.dataobj, dtype=np.float32)

@@ -30,10 +30,16 @@ MIXTURE_CLASSES = ("csf", "gm", "wm")
 
 #: How the tissue maps are read (DualGlowConfig.anatomy_reading): from the grid T1w with the
 #: training brains' mixture, each class's posterior, or each voxel's fractions of its two
-#: neighbouring classes, linearly between their means; or "native": each subject's own mixture
-#: fitted to its native-resolution brain, the posteriors warped to the grid with the T1w
+#: neighbouring classes, linearly between their means; or natively (NATIVE_READINGS): each
+#: subject's own mixture fitted to its native-resolution brain, its posteriors ("native") or
+#: its partial-volume fractions ("native-fractions") warped to the grid with the T1w
 #: (dualglow_app.preprocess.tissue_maps_on_grid), an input beside the MRI.
-ANATOMY_READINGS = ("posterior", "fractions", "native")
+ANATOMY_READINGS = ("posterior", "fractions", "native", "native-fractions")
+
+#: The native readings, each with how it reads the subject's own mixture at each native voxel
+#: (GreyMatterModel.tissue_maps): the class posteriors, or the fractions of the two classes the
+#: intensity lies between.
+NATIVE_READINGS = {"native": "posterior", "native-fractions": "fractions"}
 
 #: The channels of the native tissue maps (dualglow_app.preprocess.tissue_maps_on_grid), in
 #: MIXTURE_CLASSES names.
@@ -59,15 +65,14 @@ def tissue_reading(reading: str, anatomy: str, mri_input: bool = True) -> str:
     return reading if mri_input and TISSUE_CLASSES[anatomy] else "posterior"
 
 
-def own_tissue_posteriors(image: np.ndarray, inside: np.ndarray) -> tuple[np.ndarray, GreyMatterModel]:
-    """(len(NATIVE_TISSUE_CHANNELS), *image.shape) float32: the posteriors of a mixture fitted to
-    this one image's brain ``inside`` (every NATIVE_MIXTURE_STRIDE-th voxel), 0 outside it, and
-    that mixture: the native tissue maps before they are put on a grid."""
+def own_tissue_maps(image: np.ndarray, inside: np.ndarray, reading: str = "native") -> tuple[np.ndarray, GreyMatterModel]:
+    """(len(NATIVE_TISSUE_CHANNELS), *image.shape) float32: this one image's tissue maps under a
+    mixture fitted to its brain ``inside`` (every NATIVE_MIXTURE_STRIDE-th voxel), read the way
+    the native ``reading`` (NATIVE_READINGS) reads them, 0 outside the brain; and that mixture:
+    the native tissue maps before they are put on a grid."""
     inside = np.asarray(inside, bool)
     mixture = GreyMatterModel.fit([image], [inside], stride=NATIVE_MIXTURE_STRIDE)
-    posteriors = np.zeros((len(NATIVE_TISSUE_CHANNELS), *np.shape(image)), np.float32)
-    posteriors[:, inside] = mixture.probabilities(np.asarray(image)[inside], NATIVE_TISSUE_CHANNELS)
-    return posteriors, mixture
+    return mixture.tissue_maps(image, inside, NATIVE_TISSUE_CHANNELS, NATIVE_READINGS[reading]), mixture
 
 
 class GreyMatterModel:
@@ -118,6 +123,35 @@ class GreyMatterModel:
         columns = [order[MIXTURE_CLASSES.index(tissue)] for tissue in tissues]
         return posterior[:, columns].T.reshape(len(columns), *values.shape).astype(np.float32)
 
+    def tissue_maps(self, image: np.ndarray, inside: np.ndarray, tissues: Iterable[str], reading: str = "posterior") -> np.ndarray:
+        """(len(tissues), *image.shape) float32, 0 outside ``inside``: each voxel's posterior of
+        each of ``tissues`` (``reading`` "posterior"), or its fraction of it (``reading``
+        "fractions": the voxel read as a mix of the two classes its intensity lies between,
+        linearly between their means, :func:`dualglow_app.model.dualglow.tissue_fractions`).
 
-__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES", "GreyMatterModel",
-           "NATIVE_MIXTURE_STRIDE", "own_tissue_posteriors", "tissue_reading"]
+        A voxel that mixes two tissues has an intensity between their means; its posterior
+        saturates a little way from a class mean where its fraction keeps changing, so a
+        subject's small loss of grey matter moves the fractions and hardly the posteriors
+        (docs/MODEL_EXPERIMENTS.md, finding 30).
+        """
+        tissues = list(tissues)
+        inside = np.asarray(inside, bool)
+        if reading == "posterior":
+            maps = np.zeros((len(tissues), *np.shape(image)), np.float32)
+            maps[:, inside] = self.probabilities(np.asarray(image)[inside], tissues)
+            return maps
+        if reading != "fractions":
+            raise ValueError(f"reading={reading!r} (choose 'posterior' or 'fractions')")
+        import torch
+
+        from dualglow_app.model.dualglow import tissue_fractions
+
+        weights, means, variances = (np.asarray(v) for v in self.mixture_parameters())
+        order = np.argsort(means)  # CSF < GM < WM, as tissue_fractions takes them
+        parameters = torch.as_tensor(np.stack([weights[order], means[order], variances[order]]))
+        fractions = tissue_fractions(torch.as_tensor(np.asarray(image), dtype=torch.float64), parameters, torch.as_tensor(inside))
+        return fractions[[MIXTURE_CLASSES.index(t) for t in tissues]].numpy().astype(np.float32)
+
+
+__all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_READINGS", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES",
+           "GreyMatterModel", "NATIVE_MIXTURE_STRIDE", "own_tissue_maps", "tissue_reading"]

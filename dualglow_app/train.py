@@ -203,9 +203,13 @@ def fit_pet_template(model: Any, data: PairedVolumes, train_rows: np.ndarray, si
         grey_matter = GreyMatterModel.fit((scaling.mri_to_model(np.asarray(data.mri[row])) for row in train_rows),
                                           (np.asarray(data.mask[row]) for row in train_rows), seed=seed)  # fmt: skip
         model.set_tissue_mixture(*grey_matter.mixture_parameters())
+    reading = model.config.anatomy_reading
     if model.reads_tissue_maps and data.tissue_maps is None:
-        raise ValueError("--anatomy-reading native needs the scans' native tissue maps, and these data have none "
-                         "(an MNI stack written before it held them, or data prepared without DatasetSpec(tissue_maps=True))")  # fmt: skip
+        raise ValueError(f"--anatomy-reading {reading} needs the scans' native tissue maps, and these data have none "
+                         "(an MNI stack written before it held them, or data prepared without DatasetSpec(tissue_maps=<the reading>))")  # fmt: skip
+    if model.reads_tissue_maps and data.tissue_maps_reading != reading:
+        raise ValueError(f"--anatomy-reading {reading}: these data's native tissue maps are read as "
+                         f"{data.tissue_maps_reading!r} (prepare them with DatasetSpec(tissue_maps={reading!r}))")
     model.fit_pet_template(model_batches(data, train_rows, scaling, torch.device("cpu"), 8, side_info, mri_input))
     set_anatomy_term_range(model, data, train_rows, mri_input)
     model.fix_side_template(fixed)

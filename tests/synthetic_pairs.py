@@ -86,8 +86,9 @@ def fake_preprocessing(monkeypatch: pytest.MonkeyPatch, fail: set[str] = frozens
     def pet(path: Path, t1: Any, work_dir: Any, nprocs: int = 2, options: Any = None) -> Any:
         return SimpleNamespace(image=nib.Nifti1Image(t1.pet, t1.grid.affine))
 
-    def tissue_maps(t1: Any, nprocs: int = 2) -> np.ndarray:
+    def tissue_maps(t1: Any, nprocs: int = 2, reading: str = "native") -> np.ndarray:
         calls["tissue_maps"] += 1
+        calls[f"tissue_maps {reading}"] = calls.get(f"tissue_maps {reading}", 0) + 1
         return tissue_maps_of(np.asarray(t1.image.dataobj), np.asarray(t1.brain_mask.dataobj))
 
     calls["tissue_maps"] = 0

@@ -99,8 +99,9 @@ def test_split_keeps_a_subjects_sessions_together() -> None:
 def test_native_tissue_maps_are_stacked_beside_an_existing_stack(
     tiny_bids: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """DatasetSpec(tissue_maps=True) adds each stacked T1w's native tissue maps to the stack it
-    finds (the pairs are not preprocessed again); they ride along in subsets and batches."""
+    """DatasetSpec(tissue_maps="native") adds each stacked T1w's native tissue maps to the stack it
+    finds (the pairs are not preprocessed again); they ride along in subsets and batches; another
+    native reading is stacked beside them, in a file of its own."""
     from synthetic_pairs import tissue_maps_of
 
     bids = tiny_bids(subjects=["01", "02", "03"], with_pet=["01", "02", "03"])
@@ -108,7 +109,7 @@ def test_native_tissue_maps_are_stacked_beside_an_existing_stack(
     spec = DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"))
     plain = prepare_dataset(spec)
     assert plain.tissue_maps is None and plain.row_tissue_maps(0) is None and calls["tissue_maps"] == 0
-    with_maps = prepare_dataset(DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"), tissue_maps=True))
+    with_maps = prepare_dataset(DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"), tissue_maps="native"))
     assert calls["tissue_maps"] == 3
     assert with_maps.tissue_maps is not None and with_maps.tissue_maps.shape == (3, 2, 20, 24, 20)
     assert np.array_equal(with_maps.mri, plain.mri)  # the same stack, not preprocessed again
@@ -116,12 +117,20 @@ def test_native_tissue_maps_are_stacked_beside_an_existing_stack(
     assert maps is not None and maps.any()
     # The fake preprocessing draws a new T1w at every call: each row's maps are their own.
     assert not np.array_equal(maps, tissue_maps_of(np.asarray(with_maps.mri[2]), np.asarray(with_maps.mask[2])))
-    again = prepare_dataset(DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"), tissue_maps=True))
+    again = prepare_dataset(DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"), tissue_maps="native"))
     assert calls["tissue_maps"] == 3 and again.tissue_maps is not None
     assert np.array_equal(again.tissue_maps, with_maps.tissue_maps)
     subset = with_maps.subset([2, 0])
     assert subset.tissue_maps is not None and np.array_equal(subset.tissue_maps[0], with_maps.tissue_maps[2])
     batch = model_batch(with_maps, np.array([1, 0]), IntensityScaling(), torch.device("cpu"))
     assert batch.tissue_maps is not None and batch.tissue_maps.shape == (2, 2, 20, 24, 20)
+    fractions = prepare_dataset(DatasetSpec(bids, tmp_path / "work", grid=preset("tiny8mm"), tissue_maps="native-fractions"))
+    assert calls["tissue_maps native-fractions"] == 3 and calls["tissue_maps native"] == 3
+    assert fractions.tissue_maps is not None and not np.array_equal(fractions.tissue_maps, with_maps.tissue_maps)
+    stacks = {p.parent for p in (tmp_path / "work" / "train-data").glob("*/index.json")}
+    assert len(stacks) == 1 and {p.name for p in stacks.pop().glob("tissue_maps*.npy")} == {
+        "tissue_maps.npy", "tissue_maps_native-fractions.npy"}
+    with pytest.raises(ValueError, match="a native reading"):
+        DatasetSpec(bids, tmp_path / "work", tissue_maps="posterior")
     assert torch.equal(batch.tissue_maps[1], torch.from_numpy(np.array(with_maps.tissue_maps[1])))
     assert model_batch(plain, np.array([0]), IntensityScaling(), torch.device("cpu")).tissue_maps is None

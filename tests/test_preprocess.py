@@ -221,6 +221,24 @@ def test_native_tissue_maps_read_the_grey_matter_on_the_grid(t1, subject, work):
     assert np.array_equal(tissue_maps_on_grid(t1, nprocs=2), maps)
 
 
+def test_native_partial_volume_fractions_are_their_own_cache_entry(t1, subject, work):
+    """reading="native-fractions": the same mixture read as partial-volume fractions, beside
+    the posteriors in a cache entry of its own (which stays as it was); fractions in [0, 1],
+    the grey matter where the truth's is, and not the posteriors; an unknown reading is refused."""
+    posteriors = tissue_maps_on_grid(t1, nprocs=2)
+    fractions = tissue_maps_on_grid(t1, nprocs=2, reading="native-fractions")
+    mask = brain_mask_on_grid(GRID)
+    assert fractions.shape == (2, *GRID.shape) and fractions.min() >= 0 and fractions.max() <= 1 + 1e-5
+    assert not fractions[:, ~mask].any() and not np.allclose(fractions, posteriors, atol=1e-3)
+    truth = _smoothed_truth(subject["truth_gm"], GRID, 1 / 255)
+    assert np.corrcoef(fractions[0][mask], truth[mask])[0, 1] >= 0.83
+    entries = sorted(p for p in (work / "cache").iterdir() if p.name.startswith(t1.cache_dir.name + "-tissues-"))
+    assert len(entries) == 2
+    assert np.array_equal(tissue_maps_on_grid(t1, nprocs=2), posteriors)
+    with pytest.raises(ValueError, match="reading="):
+        tissue_maps_on_grid(t1, nprocs=2, reading="posterior")
+
+
 def test_t1w_path_is_fast(t1):
     assert t1.timings["total"] < 60
 

@@ -624,7 +624,7 @@ def test_participant_outputs_are_pinned(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(preprocess, "preprocess_t1w", fixed_t1w)
     # A model that reads native tissue maps gets its own mean training maps (fixed, like the T1w).
-    monkeypatch.setattr(preprocess, "tissue_maps_on_grid", lambda t1, nprocs=2: mean_tissue_maps(shipped.model))
+    monkeypatch.setattr(preprocess, "tissue_maps_on_grid", lambda t1, nprocs=2, reading="native": mean_tissue_maps(shipped.model))
     bids = tmp_path / "bids"
     (bids / "sub-01" / "anat").mkdir(parents=True)
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "pin", "BIDSVersion": "1.10.0"}))

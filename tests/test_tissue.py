@@ -26,3 +26,28 @@ def test_grey_matter_is_the_middle_intensity_class() -> None:
 def test_an_empty_brain_is_refused() -> None:
     with pytest.raises(ValueError, match="3 brain voxels"):
         GreyMatterModel.fit([np.ones(4)], [np.zeros(4, bool)])
+
+
+def test_tissue_maps_read_posteriors_or_partial_volume_fractions() -> None:
+    """GreyMatterModel.tissue_maps: "posterior" is the mixture's posteriors inside the brain;
+    "fractions" reads a voxel a quarter of the way from the GM mean to the WM mean as 3/4 grey
+    matter (where its posterior is nearly 1), and a CSF/GM half-way voxel as half of each; 0
+    outside the brain, whichever the reading. own_tissue_maps fits the image's own mixture."""
+    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, own_tissue_maps
+
+    rng = np.random.default_rng(1)
+    brain = np.concatenate([rng.normal(mean, 0.03, 3000) for mean in (0.3, 0.6, 0.9)]).astype(np.float32)
+    model = GreyMatterModel.fit([brain], [np.ones(brain.size, bool)], stride=1)
+    means = sorted(model.mixture_parameters()[1])
+    image = np.array([means[1] + 0.25 * (means[2] - means[1]), 0.5 * (means[0] + means[1]), means[1], 0.6], np.float32)
+    inside = np.array([True, True, True, False])
+    posterior = model.tissue_maps(image, inside, ("gm", "csf"), "posterior")
+    assert np.allclose(posterior[:, :3], model.probabilities(image[:3], ("gm", "csf"))) and not posterior[:, 3].any()
+    gm, csf = model.tissue_maps(image, inside, ("gm", "csf"), "fractions")
+    assert gm.dtype == np.float32 and np.allclose(gm, [0.75, 0.5, 1.0, 0.0]) and np.allclose(csf, [0.0, 0.5, 0.0, 0.0])
+    assert posterior[0, 0] > 0.85  # the posterior saturates where the fraction keeps falling
+    with pytest.raises(ValueError, match="reading="):
+        model.tissue_maps(image, inside, ("gm",), "native")
+    native, mixture = own_tissue_maps(brain, np.ones(brain.size, bool), "native-fractions")
+    assert native.shape == (len(NATIVE_TISSUE_CHANNELS), brain.size)
+    assert np.allclose(native, mixture.tissue_maps(brain, np.ones(brain.size, bool), NATIVE_TISSUE_CHANNELS, "fractions"))

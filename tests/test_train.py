@@ -632,13 +632,17 @@ def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_f
 
     data = paired_volumes(42)
     options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
-    assert options.anatomy_reading == "native" and options.reads_tissue_maps and options.dataset_spec.tissue_maps
+    assert options.anatomy_reading == "native" and options.reads_tissue_maps and options.dataset_spec.tissue_maps == "native"
+    fractions = tiny_options(tmp_path / "o", tmp_path / "w", anatomy_reading="native-fractions")
+    assert fractions.reads_tissue_maps and fractions.dataset_spec.tissue_maps == "native-fractions"
     intensity = tiny_options(tmp_path / "o", tmp_path / "w", side_template_anatomy="t1w")
     assert not intensity.reads_tissue_maps and intensity.tissue_reading == "posterior"
     data.tissue_maps = None
     with pytest.raises(ValueError, match="needs the scans' native tissue maps"):
         train(options, data=data)
     data.tissue_maps = np.stack([tissue_maps_of(np.roll(m, 2, axis=0), k) for m, k in zip(data.mri, data.mask, strict=True)])
+    with pytest.raises(ValueError, match="read as 'native'"):  # maps of another reading than the model's
+        train(fractions, data=data)
     result = train(options, data=data)
     model, _ = load_model(result.model_path)
     assert model.reads_tissue_maps and not model.uses_tissue_mixture and "tissue_mixture" not in model.state_dict()

@@ -64,7 +64,7 @@ from dualglow_app.io import atomic_path, entry_lock
 from dualglow_app.log import get_logger
 from dualglow_app.metrics import image_metrics
 from dualglow_app.preprocess import CACHE_VERSION, GRID_VERSION
-from dualglow_app.tissue import tissue_reading
+from dualglow_app.tissue import NATIVE_READINGS, tissue_reading
 
 log = get_logger(__name__)
 
@@ -633,6 +633,15 @@ def evaluate_cohort(cohort: Cohort, options: EvaluateOptions) -> EvaluationResul
 # --------------------------------------------------------------------------- BIDS front end
 
 
+def evaluation_tissue_maps(options: EvaluateOptions) -> str | None:
+    """The native tissue maps (DatasetSpec.tissue_maps) an evaluation stacks: DUAL-GLOW's native
+    reading where it reads one; else "native" where the baselines read tissue maps; else none."""
+    reading = tissue_reading(options.anatomy_reading, options.side_template_anatomy)
+    if reading in NATIVE_READINGS:
+        return reading
+    return "native" if BASELINE_INPUTS[options.baseline_inputs] > 1 else None
+
+
 def load_cohort(options: EvaluateOptions) -> Cohort:
     """Preprocess (or reuse the work-dir cache of) every T1w + PET pair, with its diagnosis
     (:func:`dualglow_app.dataset.prepare_dataset`, the group level's own data layer)."""
@@ -646,8 +655,7 @@ def load_cohort(options: EvaluateOptions) -> Cohort:
     spec = DatasetSpec(
         options.bids_dir, options.work_dir, resolve_grid(options.grid), participant_labels=tuple(options.participant_labels),
         side_info=tuple(options.side_info), nprocs=options.nprocs,
-        tissue_maps=(tissue_reading(options.anatomy_reading, options.side_template_anatomy) == "native"
-                     or BASELINE_INPUTS[options.baseline_inputs] > 1),
+        tissue_maps=evaluation_tissue_maps(options),
     )  # fmt: skip
     data = prepare_dataset(spec)
     phantom = options.bids_dir if is_phantom_cohort(options.bids_dir) else None

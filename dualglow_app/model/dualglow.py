@@ -39,7 +39,14 @@ from torch import Tensor, nn
 from dualglow_app.log import get_logger
 from dualglow_app.model.conditioning import ConditioningRange, RangeFinder
 from dualglow_app.model.flows import ActNorm, Glow, conv, gaussian_log_prob, zero_conv
-from dualglow_app.tissue import ANATOMY_READINGS, MIXTURE_CLASSES, NATIVE_TISSUE_CHANNELS, SIDE_TEMPLATE_ANATOMY, TISSUE_CLASSES
+from dualglow_app.tissue import (
+    ANATOMY_READINGS,
+    MIXTURE_CLASSES,
+    NATIVE_READINGS,
+    NATIVE_TISSUE_CHANNELS,
+    SIDE_TEMPLATE_ANATOMY,
+    TISSUE_CLASSES,
+)
 
 log = get_logger(__name__)
 
@@ -155,7 +162,9 @@ class DualGlowConfig:
     # given beside it, each subject's own mixture posteriors of its native-resolution brain
     # warped to the grid (``tissue_maps`` of nll / conditional_prior / sample;
     # dualglow_app.preprocess.tissue_maps_on_grid): in the reference folds the linear start's
-    # deviation r rose from 0.782 to 0.869 (finding 25). Needs anatomy_tissue "gm" or "gm+csf".
+    # deviation r rose from 0.782 to 0.869 (finding 25). Or "native-fractions": the same own
+    # mixture, each native voxel read as partial-volume fractions (finding 31). The native
+    # readings need anatomy_tissue "gm" or "gm+csf".
     anatomy_reading: str = "posterior"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
@@ -197,8 +206,9 @@ class DualGlowConfig:
             problems.append(f"anatomy_reading={self.anatomy_reading!r} (choose from {list(ANATOMY_READINGS)})")
         if self.anatomy_template and self.template_shape is None:
             problems.append("anatomy_template=True needs template_shape (the template it moves)")
-        if self.anatomy_reading == "native" and not TISSUE_CLASSES.get(self.anatomy_tissue):
-            problems.append(f"anatomy_reading='native' reads tissue maps: anatomy_tissue='gm' or 'gm+csf', not {self.anatomy_tissue!r}")
+        if self.anatomy_reading in NATIVE_READINGS and not TISSUE_CLASSES.get(self.anatomy_tissue):
+            problems.append(f"anatomy_reading={self.anatomy_reading!r} reads tissue maps: anatomy_tissue='gm' or 'gm+csf', "
+                            f"not {self.anatomy_tissue!r}")
         if self.template_shape is not None and (
             len(self.template_shape) != self.ndim or min(self.template_shape) < 1
         ):
@@ -299,7 +309,7 @@ def blurred_tissue_maps(tissues: Sequence[Tensor], sigmas: Sequence[float]) -> T
     return torch.stack([_blurred(tissue, sigma) for tissue in tissues for sigma in sigmas], dim=1)
 
 
-def _tissue_fractions(images: Tensor, mixture: Tensor, inside: Tensor) -> Tensor:
+def tissue_fractions(images: Tensor, mixture: Tensor, inside: Tensor) -> Tensor:
     """(classes, *images.shape): CSF, GM and WM fractions of each voxel, read as a mix of the two
     classes whose means (``mixture``'s, CSF < GM < WM) its intensity lies between: from the CSF
     mean to the GM mean the grey matter rises from 0 to 1 and the CSF is the rest, from the GM
@@ -559,10 +569,10 @@ class DualGlow(nn.Module):
     @property
     def reads_tissue_maps(self) -> bool:
         """Whether the template's MRI terms are tissue maps given beside the MRI
-        (``anatomy_reading="native"``): then :meth:`fit_pet_template` needs them, and with the
-        anatomy template so do :meth:`nll`, :meth:`conditional_prior` and the rest:
+        (``anatomy_reading`` one of NATIVE_READINGS): then :meth:`fit_pet_template` needs them, and
+        with the anatomy template so do :meth:`nll`, :meth:`conditional_prior` and the rest:
         ``tissue_maps``, (batch, 2, *spatial) in NATIVE_TISSUE_CHANNELS order."""
-        return self.config.anatomy_reading == "native"
+        return self.config.anatomy_reading in NATIVE_READINGS
 
     @property
     def synthesis_reads_tissue_maps(self) -> bool:
@@ -585,11 +595,11 @@ class DualGlow(nn.Module):
     def anatomy_features(self, x_mri: Tensor, tissue_maps: Tensor | None = None) -> Tensor:
         """The template's MRI terms of each model-scale MRI: (batch, terms, in_channels, *spatial),
         each tissue map of ``anatomy_tissue`` at each of ``anatomy_sigmas`` (tissue-major); with
-        ``anatomy_reading="native"`` the maps are ``tissue_maps``, not read from ``x_mri``."""
+        a native ``anatomy_reading`` the maps are ``tissue_maps``, not read from ``x_mri``."""
         classes = TISSUE_CLASSES[self.config.anatomy_tissue]
         if not classes:
             tissues = [x_mri]
-        elif self.config.anatomy_reading == "native":
+        elif self.reads_tissue_maps:
             maps = self._checked_tissue_maps(x_mri, tissue_maps).to(x_mri.dtype)
             channels = [NATIVE_TISSUE_CHANNELS.index(MIXTURE_CLASSES[k]) for k in classes]
             tissues = [maps[:, i : i + 1] for i in channels]
@@ -597,7 +607,7 @@ class DualGlow(nn.Module):
             mixture = self.get_buffer("tissue_mixture")
             if self.config.anatomy_reading == "fractions":
                 support = self.get_buffer("mri_template") > 0 if self.config.template_shape is not None else x_mri > 0
-                maps = _tissue_fractions(x_mri, mixture, support)
+                maps = tissue_fractions(x_mri, mixture, support)
             else:
                 maps = _tissue_posteriors(x_mri, mixture)
             tissues = [maps[k] for k in classes]
@@ -1151,5 +1161,5 @@ class DualGlow(nn.Module):
 
 __all__ = [
     "AGE_SCALING", "SIDE_LEVELS", "TOP_PRIORS", "ConditionalPrior", "DualGlow", "DualGlowConfig", "RelationNet", "SideHead", "SidePrior",
-    "grad_reverse",
+    "grad_reverse", "tissue_fractions",
 ]  # fmt: skip

@@ -71,7 +71,7 @@ from dualglow_app.phantom import pet as pt
 from dualglow_app.phantom.subjects import Demographics
 from dualglow_app.phantom.template import Template, load_template
 from dualglow_app.runtime import cpu_threads
-from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, own_tissue_posteriors
+from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, own_tissue_maps
 
 log = get_logger(__name__)
 
@@ -177,7 +177,7 @@ def simulate_subject(seed: int, index: int, grid: ModelGrid, version: int = coho
 
     maps = None
     if tissue_maps:
-        posteriors, _ = own_tissue_posteriors(t1, truth.brain > 0.5)
+        posteriors, _ = own_tissue_maps(t1, truth.brain > 0.5)
         maps = np.stack([_to_grid(p, tpl.affine, grid) * mask for p in posteriors]).astype(np.float32)
     label = f"sub-{cohort.participant_label(index)}" + (f"_ses-{session + 1:02d}" if sessions > 1 else "")
     mmse = (cohort.mmse_scores(seed, index, traits.demographics, traits.ages)[session]

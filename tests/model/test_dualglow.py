@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
 import json
 import math
@@ -853,12 +854,12 @@ def test_tissue_fractions_read_a_voxel_as_a_mix_of_its_two_neighbouring_tissues(
     """Means CSF 0.2, GM 0.5, WM 0.8: halfway between CSF and GM is half of each, the GM mean is
     all grey matter, beyond the WM mean all white matter; every voxel's fractions sum to 1 inside
     the support and are 0 outside. A model reading fractions keeps that in its file."""
-    from dualglow_app.model.dualglow import _tissue_fractions
+    from dualglow_app.model.dualglow import tissue_fractions
 
     mixture = torch.tensor([[0.3, 0.4, 0.3], [0.2, 0.5, 0.8], [0.01, 0.01, 0.01]])
     x = torch.tensor([0.0, 0.35, 0.5, 0.65, 0.9, 0.5])
     inside = torch.tensor([True, True, True, True, True, False])
-    csf, gm, wm = _tissue_fractions(x, mixture, inside)
+    csf, gm, wm = tissue_fractions(x, mixture, inside)
     assert torch.allclose(gm, torch.tensor([0.0, 0.5, 1.0, 0.5, 0.0, 0.0]))
     assert torch.allclose(csf, torch.tensor([1.0, 0.5, 0.0, 0.0, 0.0, 0.0]))
     assert torch.allclose(wm, torch.tensor([0.0, 0.0, 0.0, 0.5, 1.0, 0.0]))
@@ -869,7 +870,7 @@ def test_tissue_fractions_read_a_voxel_as_a_mix_of_its_two_neighbouring_tissues(
     model.set_tissue_mixture([0.3, 0.4, 0.3], [0.3, 0.5, 0.7], [0.01, 0.01, 0.01])
     model.set_templates(mri.mean(0), pet.mean(0))
     features = model.anatomy_features(mri)
-    assert torch.allclose(features[:, 0, 0], _tissue_fractions(mri[:, 0], model.get_buffer("tissue_mixture"),
+    assert torch.allclose(features[:, 0, 0], tissue_fractions(mri[:, 0], model.get_buffer("tissue_mixture"),
                                                                model.mri_template[0, 0] > 0)[1])  # fmt: skip
     assert DualGlowConfig.from_dict(config.to_dict()).anatomy_reading == "fractions"
     with pytest.raises(ValueError, match="anatomy_reading"):
@@ -909,3 +910,7 @@ def test_a_native_reading_model_moves_its_template_with_the_tissue_maps_it_is_gi
     assert DualGlowConfig.from_dict(config.to_dict()).anatomy_reading == "native"
     with pytest.raises(ValueError, match="reads tissue maps"):
         tiny_config(template_shape=[8, 8], anatomy_template=True, anatomy_tissue="t1w", anatomy_reading="native")
+    # The native partial-volume fractions are maps given beside the MRI too, read the same way.
+    fractions = DualGlow(dataclasses.replace(config, anatomy_reading="native-fractions"))
+    assert fractions.reads_tissue_maps and fractions.synthesis_reads_tissue_maps and not fractions.uses_tissue_mixture
+    assert torch.equal(fractions.anatomy_features(mri[:2], maps[:2]), model.anatomy_features(mri[:2], maps[:2]))
