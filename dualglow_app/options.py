@@ -27,7 +27,12 @@ from dualglow_app.grid import ModelGrid, resolve_grid
 from dualglow_app.io import writable_dir
 from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
-from dualglow_app.tissue import ANATOMY_READINGS, NATIVE_READINGS, SIDE_TEMPLATE_ANATOMY, tissue_reading
+from dualglow_app.tissue import (
+    ANATOMY_READINGS,
+    NATIVE_READINGS,
+    SIDE_TEMPLATE_ANATOMY,
+    tissue_reading,
+)
 
 log = get_logger(__name__)
 
