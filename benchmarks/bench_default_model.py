@@ -57,7 +57,7 @@ def split_data(args: argparse.Namespace, loaded: Any) -> tuple[Any, np.ndarray, 
     data = prepare_dataset(DatasetSpec(args.bids_dir, args.work_dir, loaded.grid,
                                        participant_labels=tuple(labels(args.train) + labels(args.test)),
                                        side_info=tuple(loaded.covariates),
-                                       tissue_maps=loaded.model.config.anatomy_reading if loaded.model.reads_tissue_maps else None))  # fmt: skip
+                                       tissue_maps=loaded.model.native_reading))  # fmt: skip
     train_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.train)])
     test_rows = np.array([data.labels.index(f"sub-{label}") for label in labels(args.test)])
     return data, train_rows, test_rows

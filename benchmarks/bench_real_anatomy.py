@@ -568,7 +568,7 @@ def main() -> None:
             model = open_model(weights, "cpu")
             grid = model.grid
             t0 = time.perf_counter()
-            reading = model.model.config.anatomy_reading if model.model.reads_tissue_maps else "native"
+            reading = model.model.native_reading or "native"
             brains = [preprocessed(name, path, grid, args.cache, args.threads, reading) for name, path in sources.items()]
             t1w_r = t1w_pairwise_r(brains[0], brains[1], args.cache)
             preprocess_seconds += time.perf_counter() - t0

@@ -575,6 +575,13 @@ class DualGlow(nn.Module):
         return self.config.anatomy_reading in NATIVE_READINGS
 
     @property
+    def native_reading(self) -> str | None:
+        """The native reading (NATIVE_READINGS) of the tissue maps this model takes beside the
+        MRI, what :func:`dualglow_app.preprocess.tissue_maps_on_grid` must read for it; None
+        for a model that takes none."""
+        return self.config.anatomy_reading if self.reads_tissue_maps else None
+
+    @property
     def synthesis_reads_tissue_maps(self) -> bool:
         """Whether :meth:`nll`, :meth:`conditional_prior` and what builds on them need
         ``tissue_maps``: a native reading moving the PET's centre (the anatomy template); the

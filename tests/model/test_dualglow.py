@@ -913,4 +913,6 @@ def test_a_native_reading_model_moves_its_template_with_the_tissue_maps_it_is_gi
     # The native partial-volume fractions are maps given beside the MRI too, read the same way.
     fractions = DualGlow(dataclasses.replace(config, anatomy_reading="native-fractions"))
     assert fractions.reads_tissue_maps and fractions.synthesis_reads_tissue_maps and not fractions.uses_tissue_mixture
+    assert (fractions.native_reading, model.native_reading) == ("native-fractions", "native")
+    assert DualGlow(tiny_config(template_shape=[8, 8], anatomy_tissue="gm+csf")).native_reading is None
     assert torch.equal(fractions.anatomy_features(mri[:2], maps[:2]), model.anatomy_features(mri[:2], maps[:2]))
