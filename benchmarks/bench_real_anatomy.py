@@ -180,11 +180,12 @@ def preprocessed(name: str, source: Path, grid: Any, cache: Path, threads: int, 
     tissue maps read the native way ``reading`` reads them, cached as npz."""
     from dualglow_app import preprocess
     from dualglow_app.io import file_sha256
+    from dualglow_app.tissue import reading_key
 
     digest = file_sha256(source)
     options = preprocess.T1wOptions()
     key = _key(CACHE_VERSION, preprocess.CACHE_VERSION, preprocess.GRID_VERSION, digest, grid.to_dict(), asdict(options),
-               *([] if reading == "native" else [reading]))  # "native" keeps the key it had before the choice
+               *reading_key(reading))
     path = cache / "preprocessed" / f"{name}-{key}.npz"
     if path.is_file():
         with np.load(path) as stored:

@@ -61,8 +61,10 @@ TISSUE_MAPS_FILE = "tissue_maps.npy"
 
 def tissue_maps_file(reading: str = "native") -> str:
     """The stack's file of the native tissue maps read the way ``reading`` (one of
-    :data:`~dualglow_app.tissue.NATIVE_READINGS`) reads them (``native``'s name unchanged)."""
-    return TISSUE_MAPS_FILE if reading == "native" else f"tissue_maps_{reading}.npy"
+    :data:`~dualglow_app.tissue.NATIVE_READINGS`) reads them (``native``'s: TISSUE_MAPS_FILE)."""
+    from dualglow_app.tissue import reading_key
+
+    return "_".join(["tissue_maps", *reading_key(reading)]) + ".npy"
 
 
 class DatasetError(RuntimeError):
@@ -247,13 +249,13 @@ def _cache_key(scans: Sequence[Scan], grid: ModelGrid) -> str:
 
 
 def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
-                declared: dict[str, CovariateSpec] | None = None, reading: str | None = None) -> PairedVolumes:
+                declared: dict[str, CovariateSpec] | None = None, reading: str = "native") -> PairedVolumes:
     """The stack in ``folder``, with its native tissue maps read the way ``reading`` reads them
-    (without one, the "native" maps where stacked)."""
+    where they are stacked."""
     index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
     n = len(index["labels"])
     arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r")[:n] for name in ("mri", "pet", "mask")}
-    tissue_maps = folder / tissue_maps_file(reading or "native")
+    tissue_maps = folder / tissue_maps_file(reading)
     by_label = {s.prefix: s for s in scans}
     rows = [by_label[k] for k in index["labels"]]
     # Covariates are read from the TSVs on every run, so editing participants.tsv needs no
@@ -266,7 +268,7 @@ def _load_stack(folder: Path, scans: Sequence[Scan], grid: ModelGrid,
         covariates={name: [s.covariates.get(name) for s in rows] for name in declared},
         covariate_declarations=dict(declared), **arrays,
         tissue_maps=np.load(tissue_maps, mmap_mode="r")[:n] if tissue_maps.is_file() else None,
-        tissue_maps_reading=reading or "native",
+        tissue_maps_reading=reading,
     )  # fmt: skip
 
 
@@ -373,7 +375,9 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
         with entry_lock(folder):  # a concurrent run stacking the same data: wait, then reuse it
             if not (folder / "index.json").is_file():
                 _stack(spec, scans, folder)
-    maps_file = folder / tissue_maps_file(spec.tissue_maps or "native")
+    # Without a reading asked for, the "native" maps come along where stacked (baselines read them).
+    reading = spec.tissue_maps or "native"
+    maps_file = folder / tissue_maps_file(reading)
     if spec.tissue_maps and not maps_file.is_file():
         if rank != 0:
             while not maps_file.is_file():
@@ -382,7 +386,7 @@ def prepare_dataset(spec: DatasetSpec, rank: int = 0) -> PairedVolumes:
             with entry_lock(maps_file):
                 if not maps_file.is_file():
                     _stack_tissue_maps(spec, scans, folder)
-    data = _load_stack(folder, scans, spec.grid, declared, spec.tissue_maps)
+    data = _load_stack(folder, scans, spec.grid, declared, reading)
     for label, reason in data.skipped.items():
         log.warning("%s: not used for training (%s)", label, reason)
     log.info("%d paired scans on the %s mm grid %s", len(data), spec.grid.voxel_size, spec.grid.shape)

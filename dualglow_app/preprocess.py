@@ -597,13 +597,18 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native"
     Cached beside the T1w's transforms (its own entry per grid and reading), so a second call
     reads one file.
     """
-    from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_READINGS, NATIVE_TISSUE_CHANNELS, own_tissue_maps
+    from dualglow_app.tissue import (
+        NATIVE_MIXTURE_STRIDE,
+        NATIVE_READINGS,
+        NATIVE_TISSUE_CHANNELS,
+        own_tissue_maps,
+        reading_key,
+    )
 
     if reading not in NATIVE_READINGS:
         raise ValueError(f"reading={reading!r} (choose from {list(NATIVE_READINGS)})")
     grid = t1w.grid
-    # "native" keeps the key it had before there was a choice, so its caches stay valid.
-    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, NATIVE_MIXTURE_STRIDE, *([] if reading == "native" else [reading]))
+    key = _settings_key(grid.to_dict(), TISSUE_MAPS_VERSION, NATIVE_MIXTURE_STRIDE, *reading_key(reading))
     folder = t1w.cache_dir.parent / f"{t1w.cache_dir.name}-tissues-{key}"
 
     def build(tmp: Path) -> dict[str, Any]:

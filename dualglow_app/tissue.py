@@ -54,6 +54,16 @@ NATIVE_MIXTURE_STRIDE = 5
 TISSUE_CLASSES = {"t1w": (), "gm": (1,), "gm+csf": (1, 0)}
 
 
+def reading_key(reading: str) -> list[str]:
+    """What a native ``reading`` adds to the names and cache keys of its tissue maps: nothing for
+    "native" (its caches and stacks predate the choice and stay valid), else its name.
+
+    >>> reading_key("native"), reading_key("native-fractions")
+    ([], ['native-fractions'])
+    """
+    return [] if reading == "native" else [reading]
+
+
 def tissue_reading(reading: str, anatomy: str, mri_input: bool = True) -> str:
     """The reading (ANATOMY_READINGS) the MRI terms ``anatomy`` (SIDE_TEMPLATE_ANATOMY) of a model
     get: ``reading`` where they are tissue maps of a real MRI, else "posterior" (the T1w
@@ -154,4 +164,4 @@ class GreyMatterModel:
 
 
 __all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_READINGS", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES",
-           "GreyMatterModel", "NATIVE_MIXTURE_STRIDE", "own_tissue_maps", "tissue_reading"]
+           "GreyMatterModel", "NATIVE_MIXTURE_STRIDE", "own_tissue_maps", "reading_key", "tissue_reading"]
