@@ -31,15 +31,17 @@ MIXTURE_CLASSES = ("csf", "gm", "wm")
 #: How the tissue maps are read (DualGlowConfig.anatomy_reading): from the grid T1w with the
 #: training brains' mixture, each class's posterior, or each voxel's fractions of its two
 #: neighbouring classes, linearly between their means; or natively (NATIVE_READINGS): each
-#: subject's own mixture fitted to its native-resolution brain, its posteriors ("native") or
-#: its partial-volume fractions ("native-fractions") warped to the grid with the T1w
+#: subject's own mixture fitted to its native-resolution brain, its posteriors ("native"), its
+#: partial-volume fractions ("native-fractions") or the expected fractions of a partial-volume
+#: mixture ("native-pve") warped to the grid with the T1w
 #: (dualglow_app.preprocess.tissue_maps_on_grid), an input beside the MRI.
-ANATOMY_READINGS = ("posterior", "fractions", "native", "native-fractions")
+ANATOMY_READINGS = ("posterior", "fractions", "native", "native-fractions", "native-pve")
 
-#: The native readings, each with how it reads the subject's own mixture at each native voxel
-#: (GreyMatterModel.tissue_maps): the class posteriors, or the fractions of the two classes the
-#: intensity lies between.
-NATIVE_READINGS = {"native": "posterior", "native-fractions": "fractions"}
+#: The native readings, each with how it reads the subject's own intensities at each native
+#: voxel (own_tissue_maps): the three-class mixture's posteriors, the fractions of the two
+#: classes the intensity lies between, or each tissue's expected fraction under a mixture with
+#: pure and mixed classes (PartialVolumeMixture).
+NATIVE_READINGS = {"native": "posterior", "native-fractions": "fractions", "native-pve": "partial-volume"}
 
 #: The channels of the native tissue maps (dualglow_app.preprocess.tissue_maps_on_grid), in
 #: MIXTURE_CLASSES names.
@@ -75,13 +77,19 @@ def tissue_reading(reading: str, anatomy: str, mri_input: bool = True) -> str:
     return reading if mri_input and TISSUE_CLASSES[anatomy] else "posterior"
 
 
-def own_tissue_maps(image: np.ndarray, inside: np.ndarray, reading: str = "native") -> tuple[np.ndarray, GreyMatterModel]:
+def own_tissue_maps(image: np.ndarray, inside: np.ndarray,
+                    reading: str = "native") -> tuple[np.ndarray, GreyMatterModel | PartialVolumeMixture]:  # fmt: skip
     """(len(NATIVE_TISSUE_CHANNELS), *image.shape) float32: this one image's tissue maps under a
     mixture fitted to its brain ``inside`` (every NATIVE_MIXTURE_STRIDE-th voxel), read the way
-    the native ``reading`` (NATIVE_READINGS) reads them, 0 outside the brain; and that mixture:
-    the native tissue maps before they are put on a grid."""
+    the native ``reading`` (NATIVE_READINGS) reads them, 0 outside the brain; and that mixture
+    (the partial-volume one for "native-pve", started from the three-class fit): the native
+    tissue maps before they are put on a grid."""
     inside = np.asarray(inside, bool)
     mixture = GreyMatterModel.fit([image], [inside], stride=NATIVE_MIXTURE_STRIDE)
+    if NATIVE_READINGS[reading] == "partial-volume":
+        sample = np.asarray(image, np.float64)[inside][::NATIVE_MIXTURE_STRIDE]
+        partial_volume = PartialVolumeMixture.fit(sample, mixture)
+        return partial_volume.tissue_maps(image, inside, NATIVE_TISSUE_CHANNELS), partial_volume
     return mixture.tissue_maps(image, inside, NATIVE_TISSUE_CHANNELS, NATIVE_READINGS[reading]), mixture
 
 
@@ -163,5 +171,120 @@ class GreyMatterModel:
         return fractions[[MIXTURE_CLASSES.index(t) for t in tissues]].numpy().astype(np.float32)
 
 
+class PartialVolumeMixture:
+    """Pure and mixed tissue classes of one intensity: CSF, GM and WM, each a Gaussian, and the
+    two boundaries CSF/GM and GM/WM, whose voxels hold a fraction f of grey matter, uniform on
+    (0, 1), with mean f mu_GM + (1 - f) mu_other and variance f s_GM^2 + (1 - f) s_other^2: the
+    partial-volume model of Santago & Gage (1993) and of BrainSuite's classifier (Shattuck et
+    al. 2001), here without a spatial prior.
+
+    Each voxel is read as its expected fraction of each tissue given its intensity: inside a
+    class that is wide (a real brain's grey matter is 28 % wider than the phantoms', finding
+    31) it reads pure tissue, like the three-class posterior; between the classes, where the
+    posterior saturates, it is linear in the intensity, like the fractions.
+
+    >>> rng = np.random.default_rng(0)
+    >>> f = rng.uniform(0, 1, 3000)
+    >>> brain = np.concatenate([rng.normal(m, 0.02, 3000) for m in (0.3, 0.6, 0.9)] + [0.3 + 0.3 * f, 0.9 - 0.3 * f])
+    >>> model = PartialVolumeMixture.fit(brain, GreyMatterModel.fit([brain], [np.ones_like(brain, bool)], stride=1))
+    >>> [round(float(v), 1) for v in model.expected_fractions(np.array([0.3, 0.45, 0.6, 0.75, 0.9]))[1]]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+
+    #: Points of a mixed voxel's grey-matter fraction the boundary classes are integrated on.
+    FRACTION_STEPS = 16
+    #: Histogram bins the mixture is fitted on (a subject's ~300 000 sampled brain voxels).
+    BINS = 256
+
+    def __init__(self, weights: np.ndarray, means: np.ndarray, sds: np.ndarray) -> None:
+        self.weights = np.asarray(weights, np.float64)  # CSF, GM, WM, CSF/GM, GM/WM
+        self.means = np.asarray(means, np.float64)  # CSF < GM < WM
+        self.sds = np.asarray(sds, np.float64)
+
+    @classmethod
+    def fit(cls, values: np.ndarray, start: GreyMatterModel) -> PartialVolumeMixture:
+        """Maximum likelihood on a histogram of ``values`` (a brain's intensities), from the
+        three-class mixture ``start`` with a tenth of the voxels on each boundary."""
+        from scipy.optimize import minimize
+
+        values = np.asarray(values, np.float64).ravel()
+        weights, means, variances = (np.asarray(v) for v in start.mixture_parameters())
+        order = np.argsort(means)
+        means, sds, weights = means[order], np.sqrt(variances[order]), weights[order]
+        # Work in units of the CSF-to-WM distance, so that every parameter is of order one.
+        origin, scale = means[0], means[2] - means[0]
+        counts, edges = np.histogram((values - origin) / scale, bins=cls.BINS)
+        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        share = counts / counts.sum()
+
+        def unpack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            mu = np.cumsum([x[0], np.exp(x[1]), np.exp(x[2])])
+            logits = np.concatenate([[0.0], x[6:]])
+            return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(), mu, np.exp(x[3:6])
+
+        def loss(x: np.ndarray) -> float:
+            density = cls(*unpack(x))._components(centres)[0].sum(0) * width
+            return -float(share @ np.log(density + 1e-300))
+
+        mu0 = (means - origin) / scale
+        w0 = np.concatenate([0.8 * weights, [0.1, 0.1]])
+        x0 = np.concatenate([[mu0[0]], np.log(np.diff(mu0)), np.log(np.maximum(sds / scale, width)),
+                             np.log(w0[1:] / w0[0])])  # fmt: skip
+        bounds = [(None, None)] * 3 + [(np.log(width), 0.0)] * 3 + [(-12.0, 12.0)] * 4
+        x = minimize(loss, x0, method="L-BFGS-B", bounds=bounds).x
+        w, mu, sd = unpack(x)
+        return cls(w, origin + scale * mu, scale * sd)
+
+    def _components(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(weighted density of each component at each value, each component's GM fraction,
+        each component's CSF fraction): the three pure classes, then FRACTION_STEPS points of
+        each boundary."""
+        f = (np.arange(self.FRACTION_STEPS) + 0.5) / self.FRACTION_STEPS
+        csf, gm, wm = 0, 1, 2
+        means = [self.means[[csf, gm, wm]]]
+        variances = [self.sds[[csf, gm, wm]] ** 2]
+        weights = [self.weights[:3]]
+        for other, weight in ((csf, self.weights[3]), (wm, self.weights[4])):
+            means.append(f * self.means[gm] + (1 - f) * self.means[other])
+            variances.append(f * self.sds[gm] ** 2 + (1 - f) * self.sds[other] ** 2)
+            weights.append(np.full(self.FRACTION_STEPS, weight / self.FRACTION_STEPS))
+        mean, variance, weight = (np.concatenate(v)[:, None] for v in (means, variances, weights))
+        density = weight * np.exp(-0.5 * (values[None] - mean) ** 2 / variance) / np.sqrt(2 * np.pi * variance)
+        gm_fraction = np.concatenate([[0.0, 1.0, 0.0], f, f])
+        csf_fraction = np.concatenate([[1.0, 0.0, 0.0], 1 - f, np.zeros_like(f)])
+        return density, gm_fraction, csf_fraction
+
+    def expected_fractions(self, values: np.ndarray) -> np.ndarray:
+        """(3, *values.shape): each value's expected CSF, GM and WM fraction (MIXTURE_CLASSES
+        order) given its intensity. A value far outside every class reads as its nearest pure
+        class."""
+        values = np.asarray(values, np.float64)
+        flat = np.clip(values.ravel(), self.means[0], self.means[2])  # beyond a pure mean, that class
+        density, gm_fraction, csf_fraction = self._components(flat)
+        total = density.sum(0)
+        nearest = np.where(flat <= self.means[1], 0, 2)
+        gm = np.where(total > 0, gm_fraction @ density / np.maximum(total, 1e-300), 0.0)
+        csf = np.where(total > 0, csf_fraction @ density / np.maximum(total, 1e-300), (nearest == 0).astype(float))
+        return np.stack([csf, gm, 1.0 - gm - csf]).reshape(3, *values.shape)
+
+    def tissue_maps(self, image: np.ndarray, inside: np.ndarray, tissues: Iterable[str]) -> np.ndarray:
+        """(len(tissues), *image.shape) float32, 0 outside ``inside``: each voxel's expected
+        fraction of each of ``tissues`` (MIXTURE_CLASSES names), read through a table of 2048
+        intensities between the CSF and the WM means."""
+        tissues = list(tissues)
+        inside = np.asarray(inside, bool)
+        table = np.linspace(self.means[0], self.means[2], 2048)
+        expected = self.expected_fractions(table)
+        maps = np.zeros((len(tissues), *np.shape(image)), np.float32)
+        values = np.asarray(image, np.float64)[inside]
+        for row, tissue in enumerate(tissues):
+            maps[row, inside] = np.interp(values, table, expected[MIXTURE_CLASSES.index(tissue)])
+        return maps
+
+    def mixture_parameters(self) -> tuple[list[float], list[float], list[float]]:
+        """(weights of CSF, GM, WM, CSF/GM, GM/WM; means and variances of CSF, GM, WM)."""
+        return [float(v) for v in self.weights], [float(v) for v in self.means], [float(v) ** 2 for v in self.sds]
+
+
 __all__ = ["ANATOMY_READINGS", "MIXTURE_CLASSES", "NATIVE_READINGS", "NATIVE_TISSUE_CHANNELS", "SIDE_TEMPLATE_ANATOMY", "TISSUE_CLASSES",
-           "GreyMatterModel", "NATIVE_MIXTURE_STRIDE", "own_tissue_maps", "reading_key", "tissue_reading"]
+           "GreyMatterModel", "NATIVE_MIXTURE_STRIDE", "PartialVolumeMixture", "own_tissue_maps", "reading_key", "tissue_reading"]

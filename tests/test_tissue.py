@@ -51,3 +51,38 @@ def test_tissue_maps_read_posteriors_or_partial_volume_fractions() -> None:
     native, mixture = own_tissue_maps(brain, np.ones(brain.size, bool), "native-fractions")
     assert native.shape == (len(NATIVE_TISSUE_CHANNELS), brain.size)
     assert np.allclose(native, mixture.tissue_maps(brain, np.ones(brain.size, bool), NATIVE_TISSUE_CHANNELS, "fractions"))
+
+
+def _brain_with_boundaries(rng: np.random.Generator, gm_sd: float, n: int = 4000) -> np.ndarray:
+    """Pure CSF, GM and WM voxels (means 0.3, 0.6, 0.9; the GM class ``gm_sd`` wide) and as many
+    voxels on each boundary, uniform mixes of GM with CSF or WM (noise 0.02)."""
+    f = rng.uniform(0, 1, (2, n))
+    pure = [rng.normal(0.3, 0.02, n), rng.normal(0.6, gm_sd, n), rng.normal(0.9, 0.02, n)]
+    mixed = [0.3 + 0.3 * f[0] + rng.normal(0, 0.02, n), 0.9 - 0.3 * f[1] + rng.normal(0, 0.02, n)]
+    return np.concatenate(pure + mixed)
+
+
+def test_partial_volume_mixture_reads_pure_tissue_inside_a_wide_class_and_fractions_between() -> None:
+    """PartialVolumeMixture finds the pure classes' widths under the boundary voxels; a voxel 0.05
+    above the GM mean reads nearly pure GM when the GM class is that wide (like the posterior) and
+    about 5/6 GM when it is narrow (like the fractions); half way to the CSF reads about half of
+    each either way; expected fractions sum to 1, and own_tissue_maps("native-pve") reads them."""
+    from dualglow_app.tissue import NATIVE_TISSUE_CHANNELS, PartialVolumeMixture, own_tissue_maps
+
+    rng = np.random.default_rng(2)
+    probe = np.array([0.65, 0.45, 0.6, 0.3, 0.95])
+    readings = {}
+    for gm_sd in (0.02, 0.06):
+        brain = _brain_with_boundaries(rng, gm_sd)
+        model = PartialVolumeMixture.fit(brain, GreyMatterModel.fit([brain], [np.ones(brain.size, bool)], stride=1))
+        assert np.allclose(model.means, [0.3, 0.6, 0.9], atol=0.02)
+        assert abs(model.sds[1] - gm_sd) < 0.01 and np.allclose(model.weights[3:], 0.2, atol=0.05)
+        fractions = model.expected_fractions(probe)
+        assert np.allclose(fractions.sum(0), 1.0) and (fractions >= -1e-9).all()
+        readings[gm_sd] = fractions[1]
+        assert 0.35 < fractions[1, 1] < 0.65 and 0.35 < fractions[0, 1] < 0.65  # CSF/GM half way
+        assert fractions[1, 2] > 0.9 and fractions[1, 3] < 0.05 and fractions[2, 4] > 0.95
+    assert readings[0.06][0] > 0.9 and 0.7 < readings[0.02][0] < 0.9
+    native, fitted = own_tissue_maps(brain, np.ones(brain.size, bool), "native-pve")
+    assert isinstance(fitted, PartialVolumeMixture) and native.shape == (len(NATIVE_TISSUE_CHANNELS), brain.size)
+    assert np.allclose(native[:, :3], fitted.expected_fractions(brain[:3])[[1, 0]], atol=1e-3)
