@@ -296,9 +296,10 @@ class TrainOptions:
     # matter's and the CSF's ("gm+csf"), which follow the subject better (finding 24).
     side_template_anatomy: str = "gm+csf"
     # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions of
-    # the grid T1w, or natively ("native", "native-fractions"): each subject's own, read at the
-    # T1w's native resolution (dualglow_app.preprocess.tissue_maps_on_grid, stacked beside the
-    # training data; "native" the default: docs/MODEL_EXPERIMENTS.md, findings 26 and 31).
+    # the grid T1w, or natively ("native", "native-fractions", "native-pve"): each subject's
+    # own, read at the T1w's native resolution (dualglow_app.preprocess.tissue_maps_on_grid,
+    # stacked beside the training data; "native" the default: docs/MODEL_EXPERIMENTS.md,
+    # findings 26, 31 and 32).
     # Irrelevant to side_template_anatomy "t1w".
     anatomy_reading: str = "native"
     # Covariates whose side-template maps keep their least-squares start (as the templates

@@ -19,10 +19,10 @@ FDG-PET path (:func:`preprocess_pet`): load and check -> mean of frames -> rigid
 template brain mask -> SUVR: divide by the mean uptake in a reference region
 (:data:`~dualglow_app.templates.REFERENCE_REGIONS`, default cerebellar hemispheres).
 
-Native tissue maps (:func:`tissue_maps_on_grid`, for a model with ``--anatomy-reading native``
-or ``native-fractions``): a three-class intensity mixture of the subject's own N4-corrected
-native brain, its grey-matter and CSF posteriors or partial-volume fractions warped onto the
-grid with the T1w's transforms, cached beside them.
+Native tissue maps (:func:`tissue_maps_on_grid`, for a model with a native ``--anatomy-reading``):
+an intensity mixture of the subject's own N4-corrected native brain, its grey-matter and CSF
+posteriors, partial-volume fractions or a partial-volume mixture's expected fractions warped
+onto the grid with the T1w's transforms, cached beside them.
 
 Inverse (:func:`grid_to_mni`, :func:`grid_to_native`): a model-grid image onto the template
 grid at any resolution, or through the inverse ANTs transforms onto the subject's original T1w
@@ -588,9 +588,10 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native"
     ``--anatomy-reading`` (``reading``, one of :data:`~dualglow_app.tissue.NATIVE_READINGS`).
 
     A three-class mixture (:class:`~dualglow_app.tissue.GreyMatterModel`) is fitted to this
-    subject's own N4-corrected native brain; its posteriors ("native") or each voxel's
-    partial-volume fractions of the two classes its intensity lies between ("native-fractions")
-    are warped to the grid the way the T1w is (anti-aliased, the same transforms). On the grid a
+    subject's own N4-corrected native brain; its posteriors ("native"), each voxel's
+    partial-volume fractions of the two classes its intensity lies between ("native-fractions"),
+    or each voxel's expected fractions under a mixture with pure and boundary classes started
+    from it (:class:`~dualglow_app.tissue.PartialVolumeMixture`, "native-pve") are warped to the grid the way the T1w is (anti-aliased, the same transforms). On the grid a
     4 mm voxel mixes its tissues, and one T1w intensity can be several mixes: through the
     preprocessing of 8 phantoms, each subject's departure from the mean grey matter was read
     with r 0.55 from the grid T1w and 0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25).

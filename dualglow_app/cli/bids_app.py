@@ -201,7 +201,8 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: read those tissue maps from the grid T1w as the mixture's posteriors or as each voxel's "
                    "fractions of its two neighbouring tissues, or 'native': each subject's own mixture of its "
                    "native-resolution brain, its posteriors warped to the grid (docs/MODEL_EXPERIMENTS.md, finding 25), "
-                   "or 'native-fractions': that mixture's partial-volume fractions (finding 31).")
+                   "'native-fractions': that mixture's partial-volume fractions (finding 31), or 'native-pve': "
+                   "the expected fractions of a mixture with pure and boundary classes (finding 32).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               callback=lambda ctx, param, value: side_template_fixed_choice(value),
               help="group: covariates of --side-info whose side-template maps keep their least-squares start "

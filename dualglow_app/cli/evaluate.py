@@ -79,7 +79,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
 @click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="native", show_default=True,
-              help="DUAL-GLOW, as the group level's: how the tissue maps are read (grid posteriors, fractions, native, native-fractions).")
+              help="DUAL-GLOW, as the group level's: how the tissue maps are read (grid posteriors, fractions, native, native-fractions, native-pve).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")
 @click.option("--lambda-mri", type=click.FloatRange(min=0), default=0.01, show_default=True,

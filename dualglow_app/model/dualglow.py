@@ -163,8 +163,9 @@ class DualGlowConfig:
     # warped to the grid (``tissue_maps`` of nll / conditional_prior / sample;
     # dualglow_app.preprocess.tissue_maps_on_grid): in the reference folds the linear start's
     # deviation r rose from 0.782 to 0.869 (finding 25). Or "native-fractions": the same own
-    # mixture, each native voxel read as partial-volume fractions (finding 31). The native
-    # readings need anatomy_tissue "gm" or "gm+csf".
+    # mixture, each native voxel read as partial-volume fractions (finding 31). Or "native-pve":
+    # each native voxel's expected fractions under a partial-volume mixture (tissue.
+    # PartialVolumeMixture, finding 32). The native readings need anatomy_tissue "gm" or "gm+csf".
     anatomy_reading: str = "posterior"
     # Spatial size of the per-voxel templates the images are centred on (see the module
     # docstring); None centres on 0.5 as in the paper.
