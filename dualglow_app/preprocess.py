@@ -616,7 +616,8 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native"
         import ants
 
         _LOG.info("%s: tissue mixture of the native brain, its %s onto the grid", t1w.source.name,
-                  NATIVE_READINGS[reading].replace("posterior", "posteriors"))  # fmt: skip
+                  {"posterior": "posteriors", "partial-volume": "expected fractions"}.get(NATIVE_READINGS[reading],
+                                                                                          NATIVE_READINGS[reading]))  # fmt: skip
         with _itk_threads(nprocs):
             brain = ants.image_read(str(t1w.native_brain))
             inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5
