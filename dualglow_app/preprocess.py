@@ -591,8 +591,8 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native"
     subject's own N4-corrected native brain; its posteriors ("native"), each voxel's
     partial-volume fractions of the two classes its intensity lies between ("native-fractions"),
     or each voxel's expected fractions under a mixture with pure and boundary classes started
-    from it (:class:`~dualglow_app.tissue.PartialVolumeMixture`, "native-pve") are warped to the grid the way the T1w is (anti-aliased, the same transforms). On the grid a
-    4 mm voxel mixes its tissues, and one T1w intensity can be several mixes: through the
+    from it (:class:`~dualglow_app.tissue.PartialVolumeMixture`, "native-pve") are warped to
+    the grid the way the T1w is (anti-aliased, the same transforms). On the grid a 4 mm voxel mixes its tissues, and one T1w intensity can be several mixes: through the
     preprocessing of 8 phantoms, each subject's departure from the mean grey matter was read
     with r 0.55 from the grid T1w and 0.80 this way (docs/MODEL_EXPERIMENTS.md, finding 25).
     Cached beside the T1w's transforms (its own entry per grid and reading), so a second call
@@ -615,9 +615,7 @@ def tissue_maps_on_grid(t1w: T1wResult, nprocs: int = 2, reading: str = "native"
     def build(tmp: Path) -> dict[str, Any]:
         import ants
 
-        _LOG.info("%s: tissue mixture of the native brain, its %s onto the grid", t1w.source.name,
-                  {"posterior": "posteriors", "partial-volume": "expected fractions"}.get(NATIVE_READINGS[reading],
-                                                                                          NATIVE_READINGS[reading]))  # fmt: skip
+        _LOG.info("%s: tissue mixture of the native brain (%s reading) onto the grid", t1w.source.name, reading)
         with _itk_threads(nprocs):
             brain = ants.image_read(str(t1w.native_brain))
             inside = ants.image_read(str(t1w.native_mask)).numpy() > 0.5

@@ -256,15 +256,12 @@ class PartialVolumeMixture:
 
     def expected_fractions(self, values: np.ndarray) -> np.ndarray:
         """(3, *values.shape): each value's expected CSF, GM and WM fraction (MIXTURE_CLASSES
-        order) given its intensity. A value far outside every class reads as its nearest pure
-        class."""
+        order) given its intensity; a value darker than the CSF mean or brighter than the WM
+        mean reads as that mean does (far out in a class's tail, the widest class would win)."""
         values = np.asarray(values, np.float64)
-        flat = np.clip(values.ravel(), self.means[0], self.means[2])  # beyond a pure mean, that class
-        density, gm_fraction, csf_fraction = self._components(flat)
-        total = density.sum(0)
-        nearest = np.where(flat <= self.means[1], 0, 2)
-        gm = np.where(total > 0, gm_fraction @ density / np.maximum(total, 1e-300), 0.0)
-        csf = np.where(total > 0, csf_fraction @ density / np.maximum(total, 1e-300), (nearest == 0).astype(float))
+        density, gm_fraction, csf_fraction = self._components(np.clip(values.ravel(), self.means[0], self.means[2]))
+        total = np.maximum(density.sum(0), 1e-300)
+        gm, csf = gm_fraction @ density / total, csf_fraction @ density / total
         return np.stack([csf, gm, 1.0 - gm - csf]).reshape(3, *values.shape)
 
     def tissue_maps(self, image: np.ndarray, inside: np.ndarray, tissues: Iterable[str]) -> np.ndarray:
