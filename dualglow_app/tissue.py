@@ -179,9 +179,11 @@ class PartialVolumeMixture:
     al. 2001), here without a spatial prior.
 
     Each voxel is read as its expected fraction of each tissue given its intensity: inside a
-    class that is wide (a real brain's grey matter is 28 % wider than the phantoms', finding
-    31) it reads pure tissue, like the three-class posterior; between the classes, where the
-    posterior saturates, it is linear in the intensity, like the fractions.
+    class that is wide it reads pure tissue, like the three-class posterior; between the
+    classes, where the posterior saturates, it is linear in the intensity, like the fractions.
+    Fitted this way, a real brain's pure grey matter is 1.7-4.2 times as wide as a phantom's;
+    on the phantoms, whose T1w is linear in its fractions, this reading follows the subject and
+    the age less well than the fractions (docs/MODEL_EXPERIMENTS.md, finding 32).
 
     >>> rng = np.random.default_rng(0)
     >>> f = rng.uniform(0, 1, 3000)
