@@ -126,6 +126,12 @@ class GreyMatterModel:
         return ([float(v) for v in mixture.weights_], [float(v) for v in mixture.means_[:, 0]],
                 [float(v) for v in mixture.covariances_.reshape(-1)])  # fmt: skip
 
+    def ordered_parameters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(weights, means, variances) as arrays in the order CSF < GM < WM of their means."""
+        weights, means, variances = (np.asarray(v) for v in self.mixture_parameters())
+        order = np.argsort(means)
+        return weights[order], means[order], variances[order]
+
     def probability(self, image: np.ndarray, tissue: str = "gm") -> np.ndarray:
         """The posterior of ``tissue`` (one of MIXTURE_CLASSES) at each voxel of ``image`` (any
         shape), float32."""
@@ -164,9 +170,7 @@ class GreyMatterModel:
 
         from dualglow_app.model.dualglow import tissue_fractions
 
-        weights, means, variances = (np.asarray(v) for v in self.mixture_parameters())
-        order = np.argsort(means)  # CSF < GM < WM, as tissue_fractions takes them
-        parameters = torch.as_tensor(np.stack([weights[order], means[order], variances[order]]))
+        parameters = torch.as_tensor(np.stack(self.ordered_parameters()))  # CSF < GM < WM, as tissue_fractions takes them
         fractions = tissue_fractions(torch.as_tensor(np.asarray(image), dtype=torch.float64), parameters, torch.as_tensor(inside))
         return fractions[[MIXTURE_CLASSES.index(t) for t in tissues]].numpy().astype(np.float32)
 
@@ -208,11 +212,11 @@ class PartialVolumeMixture:
         """Maximum likelihood on a histogram of ``values`` (a brain's intensities), from the
         three-class mixture ``start`` with a tenth of the voxels on each boundary."""
         from scipy.optimize import minimize
+        from scipy.special import softmax
 
         values = np.asarray(values, np.float64).ravel()
-        weights, means, variances = (np.asarray(v) for v in start.mixture_parameters())
-        order = np.argsort(means)
-        means, sds, weights = means[order], np.sqrt(variances[order]), weights[order]
+        weights, means, variances = start.ordered_parameters()
+        sds = np.sqrt(variances)
         # Work in units of the CSF-to-WM distance, so that every parameter is of order one.
         origin, scale = means[0], means[2] - means[0]
         counts, edges = np.histogram((values - origin) / scale, bins=cls.BINS)
@@ -222,7 +226,7 @@ class PartialVolumeMixture:
         def unpack(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             mu = np.cumsum([x[0], np.exp(x[1]), np.exp(x[2])])
             logits = np.concatenate([[0.0], x[6:]])
-            return np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(), mu, np.exp(x[3:6])
+            return softmax(logits), mu, np.exp(x[3:6])
 
         def loss(x: np.ndarray) -> float:
             density = cls(*unpack(x))._components(centres)[0].sum(0) * width
