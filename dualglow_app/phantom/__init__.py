@@ -11,7 +11,8 @@ subject anatomy of its own that registration does not remove (regional cortical 
 volume, brain size, a local GM pattern for its folding, T1w contrast; anatomy.py), with the
 PET following its GM and the
 uptake per unit GM following the regional GM factor (pet.py), plus the explainable-PET truth;
-1 is the earlier cohort (the template under a warp SyN removes, subject PET variation invisible
+3 is version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's does
+(the same tissues and PET, another T1w); 1 is the earlier cohort (the template under a warp SyN removes, subject PET variation invisible
 in the MRI), file for file as before for the same seed.
 
 The fast path for model development, ``dualglow-phantom OUT --mni-stack --grid cpu4mm`` or

@@ -273,6 +273,7 @@ class AnatomyTraits:
     brain_scale: float  # linear size of the head relative to the template
     pattern_seed: int  # seed of the local GM pattern's noise (gm_pattern_map)
     t1_contrast: tuple[float, float] = (T1_GM, T1_CSF)  # the scan's GM:WM and CSF:WM
+    gm_t1_seed: int | None = None  # version 3: seed of the grey matter's own T1w variation (gm_t1_shift_map)
 
     @classmethod
     def draw(cls, rng: np.random.Generator, cortical: np.ndarray, sex: str) -> AnatomyTraits:
@@ -339,20 +340,82 @@ def conserve_regional_gm(tpl: Template, gm: np.ndarray, wm: np.ndarray, referenc
 
 
 def gm_pattern(tpl: Template, seed: int, box: tuple[slice, ...] | None = None) -> np.ndarray:
-    """The local GM pattern's log-field on the work grid (or its ``box``): white noise on a fixed
-    2 mm lattice in MNI space (``GM_PATTERN_LATTICE``, whatever the voxel size), smoothed at
-    ``GM_PATTERN_SMOOTH_MM``, scaled to SD ``GM_PATTERN_SD``, interpolated linearly."""
+    """The local GM pattern's log-field on the work grid (or its ``box``): :func:`lattice_field`
+    smoothed at ``GM_PATTERN_SMOOTH_MM`` less its ``GM_PATTERN_COARSE_MM`` part, SD ``GM_PATTERN_SD``."""
+    return lattice_field(tpl, seed, GM_PATTERN_SMOOTH_MM, GM_PATTERN_SD, GM_PATTERN_COARSE_MM, box)
+
+
+def lattice_field(tpl: Template, seed: int, smooth_mm: float, sd: float, coarse_mm: float = 0.0,
+                  box: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A smooth random field on the work grid (or its ``box``): white noise on a fixed 2 mm
+    lattice in MNI space (``GM_PATTERN_LATTICE``, so a subject is the same whatever the voxel
+    size), smoothed at ``smooth_mm`` (minus its own smoothing at ``coarse_mm``: a band-pass),
+    scaled to SD ``sd``, interpolated linearly."""
     lo, shape = GM_PATTERN_LATTICE
     step = GM_PATTERN_LATTICE_MM
     noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-    field = ndi.gaussian_filter(noise, GM_PATTERN_SMOOTH_MM / step, mode="wrap")
-    if GM_PATTERN_COARSE_MM:
-        field -= ndi.gaussian_filter(noise, GM_PATTERN_COARSE_MM / step, mode="wrap")
-    field *= np.float32(GM_PATTERN_SD / field.std())
+    field = ndi.gaussian_filter(noise, smooth_mm / step, mode="wrap")
+    if coarse_mm:
+        field -= ndi.gaussian_filter(noise, coarse_mm / step, mode="wrap")
+    field *= np.float32(sd / field.std())
     box = box or tuple(slice(0, n) for n in tpl.shape)
     # Lattice point j of axis a lies at lo_a + 2 j mm = work voxel (lo_a + 2 j - mm_a[0]) / v.
     positions = [(lo[a] + step * np.arange(shape[a]) - tpl.mm[a][0]) / tpl.voxel_mm - box[a].start for a in range(3)]
     return upsample_linear(field, positions, tuple(b.stop - b.start for b in box))
+
+
+# --- phantom version 3: grey matter whose T1w intensity varies by itself ---------------------
+#
+# Version 2's grey matter has one T1w intensity per scan, so under a partial-volume mixture
+# (tissue.PartialVolumeMixture) its pure grey matter is as narrow as the scan noise allows: an
+# SD of 4.8 % of the CSF-to-WM distance across 200 phantoms (5-95 %: 3.2-6.2 %), where the
+# real T1w the benchmarks read give 8.1 % (Colin27, an average of 27 scans) and 20 % (the 3 T
+# MPRAGE) (docs/MODEL_EXPERIMENTS.md, finding 32). A reading tuned on the phantoms then reads
+# real grey matter as partial volume. Real grey matter differs in T1 by itself:
+# - deep grey nuclei lie between cortex and white matter on T1w (myelinated fibres crossing
+#   them, iron): the pallidum nearly at WM, the thalamus and ventral diencephalon between, the
+#   putamen nearer cortex and the caudate and accumbens nearest it;
+# - heavily myelinated primary cortices (sensorimotor, calcarine, Heschl's gyrus) are brighter
+#   on T1w than association cortex (Glasser & Van Essen 2011, J Neurosci 31:11597: their
+#   T1w/T2w myelin maps);
+# - within a region, intracortical myelin varies at a few mm, in much the same pattern from
+#   one brain to the next (the myelin maps agree across subjects), a little differently in each.
+# Each is a share of the scan's GM-to-WM gap by which a voxel's grey matter is brighter
+# (``gm_t1_shift_map``): a fixed regional shift (``GM_T1_SHIFT``, assumed from the ordering
+# above), a smooth field shared by every phantom (the cohort's own myelin pattern), a smaller
+# one of the subject's own and a fine texture. Their sizes are set so the phantoms' grey
+# matter under a three-class mixture is as wide as the real brains' (SD 0.170 and 0.172 of the
+# CSF-to-WM distance on Colin27 and the MPRAGE, version 2's 0.133; finding 33); how that width
+# splits between what all brains share and what each has of its own is assumed, and it sets
+# how much the T1w's grey-matter intensity misleads a reading of the subject (finding 33
+# measures both ends). Version 3 changes only the T1w: every other draw, the tissues and the
+# PET are version 2's.
+
+#: Fixed share of the GM-to-WM gap by which a region's grey matter is brighter on T1w.
+GM_T1_SHIFT = {"pallidum": 0.8, "thalamus": 0.5, "ventral_dc": 0.5, "putamen": 0.35, "caudate": 0.15,
+               "accumbens": 0.15, "sensorimotor": 0.2, "pericalcarine": 0.2, "transverse_temporal": 0.15}
+#: The regional shift's smoothing across region borders (mm).
+GM_T1_SHIFT_SMOOTH_MM = 2.0
+#: The smooth field every phantom shares (SD, its fixed seed), the subject's own (SD), their
+#: smoothness (mm) and the subject's fine texture (SD, smoothness mm).
+GM_T1_SHARED_SD, GM_T1_SHARED_SEED = 0.15, 2011
+GM_T1_FIELD_SD, GM_T1_FIELD_MM = 0.08, 6.0
+GM_T1_TEXTURE_SD, GM_T1_TEXTURE_MM = 0.14, 1.5
+#: The shift's limits: grey matter never darker than half-way back to CSF's side, never WM.
+GM_T1_SHIFT_LIMITS = (-0.5, 0.95)
+
+
+def gm_t1_shift_map(tpl: Template, region_index: np.ndarray, region_names: Sequence[str], seed: int) -> np.ndarray:
+    """Version 3: the share of the GM-to-WM gap by which each work-grid voxel's grey matter is
+    brighter on T1w (the regional shift, the shared and the subject's fields, the subject's
+    texture; module notes)."""
+    lut = np.append([GM_T1_SHIFT.get(name, 0.0) for name in region_names], 0.0).astype(np.float32)
+    regional = ndi.gaussian_filter(lut[region_index], GM_T1_SHIFT_SMOOTH_MM / tpl.voxel_mm)
+    field_seed, texture_seed = np.random.default_rng(seed).integers(2**62, size=2)
+    shift = (regional + lattice_field(tpl, GM_T1_SHARED_SEED, GM_T1_FIELD_MM, GM_T1_SHARED_SD)
+             + lattice_field(tpl, int(field_seed), GM_T1_FIELD_MM, GM_T1_FIELD_SD)
+             + lattice_field(tpl, int(texture_seed), GM_T1_TEXTURE_MM, GM_T1_TEXTURE_SD))  # fmt: skip
+    return np.clip(shift, *GM_T1_SHIFT_LIMITS).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -438,10 +501,15 @@ def head_images(tpl: Template, head: HeadParams, shell: HeadShell, pet_weights: 
     return t1.reshape(tpl.shape), pet.reshape(tpl.shape)
 
 
-def t1_image(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, contrast: tuple[float, float] = (T1_GM, T1_CSF)) -> np.ndarray:
+def t1_image(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray, contrast: tuple[float, float] = (T1_GM, T1_CSF),
+             gm_shift: np.ndarray | None = None) -> np.ndarray:
     """Noise-free brain T1w (WM = 1) from partial-volume tissue fractions; ``contrast`` is
-    (GM:WM, CSF:WM), the subject's own in version 2."""
-    return (np.float32(contrast[0]) * gm + T1_WM * wm + np.float32(contrast[1]) * csf).astype(np.float32)
+    (GM:WM, CSF:WM), the subject's own in version 2; ``gm_shift`` (version 3,
+    :func:`gm_t1_shift_map`) moves each voxel's grey matter that share of the way to WM."""
+    gm_level: np.ndarray | np.float32 = np.float32(contrast[0])
+    if gm_shift is not None:
+        gm_level = gm_level + (np.float32(T1_WM) - gm_level) * gm_shift
+    return (gm_level * gm + T1_WM * wm + np.float32(contrast[1]) * csf).astype(np.float32)
 
 
 # --- geometry -------------------------------------------------------------------------------

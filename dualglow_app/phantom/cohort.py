@@ -24,6 +24,10 @@ dataset_description.json's ``GeneratedBy`` and the README, read back by
   it (pet.py), and a second PET truth, the
   explainable PET (``desc-explainable``): noise-free, after the PSF, without the
   MRI-invisible factors (no regional subject factor, no smooth field, global scale 1).
+- 3: version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's does
+  (deep nuclei and myelinated primary cortices brighter, a subject's own smooth field and a
+  fine texture; anatomy.py "phantom version 3"), from ``spawn_key=(i, 0, 3)``: the tissues,
+  the PET and every other draw are version 2's, only the T1w differs.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -59,13 +63,15 @@ SPACE = "MNI152NLin2009cAsym"
 GENERATOR = "dualglow-phantom"
 BIDS_VERSION = "1.10.0"
 MAX_SESSIONS = 10
-PHANTOM_VERSIONS = (1, 2)
+PHANTOM_VERSIONS = (1, 2, 3)
 DEFAULT_VERSION = 2
 VERSION_NOTES = {
     1: "phantom version 1: the template with age/diagnosis atrophy under a smooth warp that "
        "registration removes; subject-specific PET variation invisible in the MRI",
     2: "phantom version 2: per-subject regional cortical GM, local GM pattern, ventricle volume, "
        "brain size and T1w contrast; the PET following the GM; explainable PET truth",
+    3: "phantom version 3: version 2 with grey matter whose T1w intensity varies by itself (deep nuclei, "
+       "myelinated primary cortices, a subject's own field and texture); the same tissues and PET as version 2",
 }
 DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
 AGE_RANGE = (55.0, 90.0)
@@ -84,7 +90,7 @@ MMSE_YEARLY_CHANGE = {"CN": 0.0, "MCI": -1.0, "AD": -3.0}
 MMSE_STREAM = 77
 #: Phantom versions whose participants.tsv (and MNI stack index) carry the MMSE-like score;
 #: version 1 writes its earlier files unchanged.
-MMSE_VERSIONS = (2,)
+MMSE_VERSIONS = (2, 3)
 #: participants.json of the cohort (BIDS column descriptions); the MNI stack's index.json
 #: carries the same under "columns".
 PARTICIPANT_COLUMNS = {
@@ -213,9 +219,13 @@ def subject_traits(seed: int, index: int, sessions: int, tpl: Template, age: flo
     regional_sd = pt.REGIONAL_SD if version == 1 else pt.REGIONAL_SD_V2
     regional, global_scale, coarse = pt.draw_subject_variation(rng, len(pt.all_regions()), regional_sd)
     anatomy = None
-    if version == 2:
+    if version >= 2:
         extra = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0, 2)))
         anatomy = an.AnatomyTraits.draw(extra, pt.cortical_regions(), demo.sex)
+    if version >= 3 and anatomy is not None:
+        # Its own stream, so the version 2 draws (tissues, PET, noise) stay exactly what they were.
+        gm_t1 = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index, 0, 3)))
+        anatomy = replace(anatomy, gm_t1_seed=int(gm_t1.integers(2**62)))
     scale = anatomy.brain_scale if anatomy is not None else 1.0
     deformation = an.build_deformation(tpl, draw, scale) if native else None
     return SubjectTraits(demo, ages, deformation, head, regional, global_scale, coarse, version, anatomy)
@@ -241,6 +251,7 @@ class AnatomyMaps:
 
     gm_factor: np.ndarray  # the regional factor per voxel (anatomy.gm_factor_map)
     pattern: np.ndarray  # the local GM pattern as a factor
+    gm_t1_shift: np.ndarray | None = None  # version 3: the GM's own T1w shift (anatomy.gm_t1_shift_map)
 
 
 def subject_maps(tpl: Template, traits: SubjectTraits) -> AnatomyMaps | None:
@@ -250,7 +261,10 @@ def subject_maps(tpl: Template, traits: SubjectTraits) -> AnatomyMaps | None:
     regional, pattern = an.gm_factor_map(tpl, pt.region_maps(tpl.voxel_mm).index, traits.anatomy.gm_factor,
                                          pattern_seed=traits.anatomy.pattern_seed)
     assert pattern is not None
-    return AnatomyMaps(regional, pattern)
+    shift = None
+    if traits.anatomy.gm_t1_seed is not None:
+        shift = an.gm_t1_shift_map(tpl, pt.region_maps(tpl.voxel_mm).index, list(pt.all_regions()), traits.anatomy.gm_t1_seed)
+    return AnatomyMaps(regional, pattern, shift)
 
 
 def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: int, head_pet: np.ndarray,
@@ -290,8 +304,9 @@ def session_truth(tpl: Template, cal: pt.Calibration, traits: SubjectTraits, k: 
     _, pet_mni = pt.subject_pet(tpl, gm, wm, head_pet, cal, state)
     explained = pt.subject_pet(tpl, gm, wm, head_pet, cal, state.explainable())[1] if explainable else None
     contrast = (an.T1_GM, an.T1_CSF) if traits.anatomy is None else traits.anatomy.t1_contrast
-    return SessionTruth(session_age, atrophy, (gm, wm, csf), brain, state, an.t1_image(gm, wm, csf, contrast), pet_mni,
-                        explained)
+    gm_shift = None if maps is None else maps.gm_t1_shift
+    return SessionTruth(session_age, atrophy, (gm, wm, csf), brain, state, an.t1_image(gm, wm, csf, contrast, gm_shift),
+                        pet_mni, explained)
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -659,7 +674,7 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
                 version: int = DEFAULT_VERSION) -> CohortInfo:
     """Write ``n_subjects`` phantoms (T1w + FDG-PET) as a BIDS dataset with ground truth.
 
-    ``version`` is the phantom version (1 or 2, the default; module docstring).
+    ``version`` is the phantom version (1, 2, the default, or 3; module docstring).
 
     Example::
 
@@ -775,12 +790,14 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
 
 def _readme(n: int, seed: int, sessions: int, voxel_mm: float, version: int) -> str:
     if version >= 2:
-        anatomy = """- Anatomy (phantom version 2): ICBM152 2009a GM/WM maps (nilearn wheel), each subject with
+        gm_t1 = (" (phantom version 3: grey matter whose T1w intensity varies by itself, deep nuclei\n"
+                 "  and myelinated primary cortices brighter, a subject's own field and texture)") if version >= 3 else ""
+        anatomy = f"""- Anatomy (phantom version {version}): ICBM152 2009a GM/WM maps (nilearn wheel), each subject with
   its own regional cortical GM thickness/density (lognormal factor per region, SD 8 %: lost
   GM becomes CSF, extra GM fills sulcal CSF), ventricle volume (a lognormal factor on the
   age/diagnosis-driven growth; about 10-80 ml), brain size (about 4 % linear SD), a local GM
   pattern standing in for its folding (GM moved within each region at a few mm) and its own
-  T1w contrast, plus age- and diagnosis-driven atrophy (cortical thinning, hippocampal loss
+  T1w contrast{gm_t1}, plus age- and diagnosis-driven atrophy (cortical thinning, hippocampal loss
   faster in AD),
   a random smooth invertible deformation, a synthetic head (CSF rim, skull, scalp, neck),
   and a random head pose in a scanner-like 1 mm matrix with varied voxel orientation.

@@ -118,6 +118,35 @@ def test_version_2_pet_follows_the_gm_factor_and_explainable_pet_is_written(v2_s
     assert doc["PhantomVersion"] == 2 and 5.0 < doc["VentricleVolumeML"] < 150.0
 
 
+def test_version_3_changes_only_the_grey_matter_s_t1w(v2_subject: Path, tmp_path: Path) -> None:
+    """Version 3 has version 2's tissues and PET exactly; its T1w's pure grey matter spreads
+    over a wider range (its own field and texture), brighter in the deep nuclei than in the
+    association cortex, where version 2's is one level."""
+    from dualglow_app.phantom import make_subject
+    from dualglow_app.phantom import pet as pt
+    from dualglow_app.phantom.template import load_template
+
+    make_subject(tmp_path, 0, seed=SEED, voxel_mm=2.0, version=3)
+    v3 = tmp_path / "derivatives" / "phantom" / "sub-001"
+    for name in (f"anat/sub-001_space-{SPACE}_label-GM_probseg.nii.gz", f"anat/sub-001_space-{SPACE}_label-CSF_probseg.nii.gz",
+                 f"pet/sub-001_trc-FDG_space-{SPACE}_desc-noisefree_pet.nii.gz"):
+        np.testing.assert_array_equal(_data(v3 / name), _data(v2_subject / name), err_msg=name)
+    gm = _data(v2_subject / "anat" / f"sub-001_space-{SPACE}_label-GM_probseg.nii.gz")
+    index = pt.region_maps(2.0).index[load_template(2.0).crop]
+    names = list(pt.all_regions())
+    pure = gm > 0.9
+    deep = pure & np.isin(index, [names.index(n) for n in ("thalamus", "putamen")])
+    association = pure & np.isin(index, [names.index(n) for n in ("dorsolateral_frontal", "lateral_temporal")])
+    assert deep.sum() > 20 and association.sum() > 100
+    spread, lift = {}, {}
+    for version, folder in ((2, v2_subject), (3, v3)):
+        t1 = _data(folder / "anat" / f"sub-001_space-{SPACE}_T1w.nii.gz")
+        spread[version] = float(t1[association].std())
+        lift[version] = float(t1[deep].mean() - t1[association].mean())
+    assert spread[3] > 8 * spread[2], spread
+    assert abs(lift[2]) < 10 and lift[3] > 60, lift  # WM = 1000: a fifth of the GM-to-WM gap and more
+
+
 def test_explainable_pet_is_closer_to_the_pet_than_the_mean_pet(tmp_path: Path) -> None:
     """Over a small cohort (SUVR: each PET over its whole-brain mean), every subject's
     explainable PET is nearer its noise-free PET than the cohort's mean PET is."""
@@ -297,11 +326,11 @@ def test_age_sweep_truth_ages_the_metabolism_of_the_same_brain() -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_phantom_version_1_and_2(tmp_path: Path) -> None:
+def test_cli_phantom_versions(tmp_path: Path) -> None:
     from dualglow_app.cli.phantom import main
     from dualglow_app.phantom.cohort import phantom_seed, phantom_version
 
-    for version in ("1", "2"):
+    for version in ("1", "2", "3"):
         out = tmp_path / f"v{version}"
         result = CliRunner().invoke(main, [str(out), "--subjects", "1", "--voxel-mm", "2", "--phantom-version", version,
                                            "--seed", "3"])  # fmt: skip
@@ -310,9 +339,9 @@ def test_cli_phantom_version_1_and_2(tmp_path: Path) -> None:
         assert phantom_version(out) == int(version) and phantom_seed(out) == 3
         assert f"phantom version {version}" in (out / "README").read_text()
         explainable = list((out / "derivatives" / "phantom").rglob("*desc-explainable_pet.nii.gz"))
-        assert len(explainable) == (1 if version == "2" else 0)
+        assert len(explainable) == (0 if version == "1" else 1)
     assert phantom_version(tmp_path) is None and phantom_seed(tmp_path) is None
-    result = CliRunner().invoke(main, [str(tmp_path / "x"), "--subjects", "1", "--phantom-version", "3"])
+    result = CliRunner().invoke(main, [str(tmp_path / "x"), "--subjects", "1", "--phantom-version", "4"])
     assert result.exit_code == 2
 
 
