@@ -25,8 +25,8 @@ dataset_description.json's ``GeneratedBy`` and the README, read back by
   explainable PET (``desc-explainable``): noise-free, after the PSF, without the
   MRI-invisible factors (no regional subject factor, no smooth field, global scale 1).
 - 3: version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's does
-  (deep nuclei and myelinated primary cortices brighter, a subject's own smooth field and a
-  fine texture; anatomy.py "phantom version 3"), from ``spawn_key=(i, 0, 3)``: the tissues,
+  (deep nuclei and myelinated primary cortices brighter, a smooth field every phantom shares,
+  a smaller one of the subject's own and a fine texture; anatomy.py "phantom version 3"), from ``spawn_key=(i, 0, 3)``: the tissues,
   the PET and every other draw are version 2's, only the T1w differs.
 """
 
@@ -71,7 +71,7 @@ VERSION_NOTES = {
     2: "phantom version 2: per-subject regional cortical GM, local GM pattern, ventricle volume, "
        "brain size and T1w contrast; the PET following the GM; explainable PET truth",
     3: "phantom version 3: version 2 with grey matter whose T1w intensity varies by itself (deep nuclei, "
-       "myelinated primary cortices, a subject's own field and texture); the same tissues and PET as version 2",
+       "myelinated primary cortices, a shared and a subject's own field, texture); the same tissues and PET as version 2",
 }
 DIAGNOSIS_COUNTS = {"CN": 259, "SMC": 18, "EMCI": 88, "MCI": 263, "LMCI": 64, "AD": 114}
 AGE_RANGE = (55.0, 90.0)
@@ -258,12 +258,12 @@ def subject_maps(tpl: Template, traits: SubjectTraits) -> AnatomyMaps | None:
     """The version 2 per-voxel GM factor and local pattern (None in version 1)."""
     if traits.anatomy is None:
         return None
-    regional, pattern = an.gm_factor_map(tpl, pt.region_maps(tpl.voxel_mm).index, traits.anatomy.gm_factor,
-                                         pattern_seed=traits.anatomy.pattern_seed)
+    region_index = pt.region_maps(tpl.voxel_mm).index
+    regional, pattern = an.gm_factor_map(tpl, region_index, traits.anatomy.gm_factor, pattern_seed=traits.anatomy.pattern_seed)
     assert pattern is not None
     shift = None
     if traits.anatomy.gm_t1_seed is not None:
-        shift = an.gm_t1_shift_map(tpl, pt.region_maps(tpl.voxel_mm).index, list(pt.all_regions()), traits.anatomy.gm_t1_seed)
+        shift = an.gm_t1_shift_map(tpl, region_index, list(pt.all_regions()), traits.anatomy.gm_t1_seed)
     return AnatomyMaps(regional, pattern, shift)
 
 
@@ -791,7 +791,8 @@ def _write_dataset_files(out_dir: Path, subjects: list[SubjectInfo], seed: int, 
 def _readme(n: int, seed: int, sessions: int, voxel_mm: float, version: int) -> str:
     if version >= 2:
         gm_t1 = (" (phantom version 3: grey matter whose T1w intensity varies by itself, deep nuclei\n"
-                 "  and myelinated primary cortices brighter, a subject's own field and texture)") if version >= 3 else ""
+                 "  and myelinated primary cortices brighter, a field all phantoms share, a smaller one of\n"
+                 "  the subject's own and a fine texture)") if version >= 3 else ""
         anatomy = f"""- Anatomy (phantom version {version}): ICBM152 2009a GM/WM maps (nilearn wheel), each subject with
   its own regional cortical GM thickness/density (lognormal factor per region, SD 8 %: lost
   GM becomes CSF, extra GM fills sulcal CSF), ventricle volume (a lognormal factor on the
