@@ -31,6 +31,7 @@ import numpy as np
 #: Groups of at most this many brains also print each brain.
 FEW = 3
 
+
 def mixture_figures(meta: dict[str, Any]) -> dict[str, float]:
     """One cache's mixture in units of its CSF-to-WM distance.
 
@@ -78,10 +79,11 @@ def main() -> None:
     args = parser.parse_args()
     result: dict[str, Any] = {}
     for group in args.groups:
-        label, _, folder = group.partition("=")
-        if not folder or not Path(folder).is_dir():
+        label, _, name = group.partition("=")
+        folder = Path(name).expanduser()
+        if not name or not folder.is_dir():
             parser.error(f"{group}: give LABEL=FOLDER with an existing folder")
-        found = gather(Path(folder).expanduser())
+        found = gather(folder)
         if not found:
             parser.error(f"{folder}: no native tissue caches (*-tissues-*/meta.json) with a native or native-pve reading")
         result[label] = {reading: {"subjects": rows, "summary": summary(rows)} for reading, rows in found.items()}
