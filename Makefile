@@ -10,13 +10,13 @@ $(BIN)/.installed: pyproject.toml docker/install.sh
 	bash docker/install.sh $(BIN)/python "[test]"
 	touch $@
 
-# A 3-subject phantom dataset (seed 7: subjects the shipped model never saw; phantom version 2,
+# A 3-subject phantom dataset (seed 7: subjects the shipped model never saw; phantom version 3,
 # the one the shipped demonstration model was trained on), then the
 # participant level with the shipped default model: 4 samples (mean + uncertainty map), an
 # age sweep and a diagnosis sweep (each MRI as CN, MCI and AD). Reports: demo/out/sub-*.html
 demo: $(BIN)/.installed
 	rm -rf demo
-	$(BIN)/dualglow-phantom demo/bids --subjects 3 --seed 7 --phantom-version 2
+	$(BIN)/dualglow-phantom demo/bids --subjects 3 --seed 7 --phantom-version 3
 	DUALGLOW_NO_PROGRESS=1 $(BIN)/dualglow demo/bids demo/out participant -w demo/work \
 		--samples 4 --temperature 0.7 --age-sweep 60 70 80 90 --sweep diagnosis=all
 	@echo "reports: $$(ls demo/out/sub-*.html | tr '\n' ' ')"

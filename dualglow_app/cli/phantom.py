@@ -19,10 +19,10 @@ from dualglow_app.grid import PRESETS
 @click.option("--subjects", "n_subjects", type=int, required=True, help="Number of subjects (>= 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (>= 0).")
 @click.option("--sessions", type=int, default=1, show_default=True, help="Sessions per subject, 1-2 years apart.")
-@click.option("--phantom-version", type=click.Choice(["1", "2", "3"]), default="2", show_default=True,
-              help="2: subjects with their own regional GM, ventricles and folding, the PET following the "
-                   "GM, plus an explainable-PET truth; 3: version 2 whose grey matter's T1w intensity varies "
-                   "by itself, as real grey matter's does (the same tissues and PET); 1: the earlier phantoms "
+@click.option("--phantom-version", type=click.Choice(["1", "2", "3"]), default="3", show_default=True,
+              help="3: version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's "
+                   "does (the same tissues and PET; the shipped model's); 2: subjects with their own regional "
+                   "GM, ventricles and folding, the PET following the GM, plus an explainable-PET truth; 1: the earlier phantoms "
                    "(the template under a warp registration removes), file for file as before.")
 @click.option("--overwrite", is_flag=True, help="Replace a previous phantom cohort (or MNI stack) in OUT_DIR.")
 @click.option("--preview", is_flag=True, help="Also save derivatives/phantom/preview.png.")

@@ -19,12 +19,12 @@ dataset_description.json's ``GeneratedBy`` and the README, read back by
 - 1: every subject is the template (with age/diagnosis atrophy) under a smooth warp that
   registration removes; the subject-specific PET variation is invisible in the MRI. Its files
   are exactly those of earlier releases for the same seed.
-- 2 (default): anatomy of its own per subject (regional cortical GM, a local GM pattern for
+- 2: anatomy of its own per subject (regional cortical GM, a local GM pattern for
   its folding, ventricle volume, brain size, T1w contrast; anatomy.py) with the PET following
   it (pet.py), and a second PET truth, the
   explainable PET (``desc-explainable``): noise-free, after the PSF, without the
   MRI-invisible factors (no regional subject factor, no smooth field, global scale 1).
-- 3: version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's does
+- 3 (default): version 2 whose grey matter's T1w intensity varies by itself, as real grey matter's does
   (deep nuclei and myelinated primary cortices brighter, a smooth field every phantom shares,
   a smaller one of the subject's own and a fine texture; anatomy.py "phantom version 3"), from ``spawn_key=(i, 0, 3)``: the tissues,
   the PET and every other draw are version 2's, only the T1w differs.
@@ -64,7 +64,7 @@ GENERATOR = "dualglow-phantom"
 BIDS_VERSION = "1.10.0"
 MAX_SESSIONS = 10
 PHANTOM_VERSIONS = (1, 2, 3)
-DEFAULT_VERSION = 2
+DEFAULT_VERSION = 3  # the shipped demonstration model's (models/MODEL_CARD.md)
 VERSION_NOTES = {
     1: "phantom version 1: the template with age/diagnosis atrophy under a smooth warp that "
        "registration removes; subject-specific PET variation invisible in the MRI",
@@ -674,7 +674,7 @@ def make_cohort(out_dir: Path | str, n_subjects: int, seed: int = 0, sessions: i
                 version: int = DEFAULT_VERSION) -> CohortInfo:
     """Write ``n_subjects`` phantoms (T1w + FDG-PET) as a BIDS dataset with ground truth.
 
-    ``version`` is the phantom version (1, 2, the default, or 3; module docstring).
+    ``version`` is the phantom version (1, 2 or 3, the default; module docstring).
 
     Example::
 

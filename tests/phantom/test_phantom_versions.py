@@ -222,7 +222,7 @@ def test_mni_stack_loads_with_shapes_labels_and_suvr(tmp_path: Path) -> None:
     for array in (data.mri, data.pet, data.mask):
         assert array.shape == (3, *grid.shape) and isinstance(array, np.memmap)
     index = json.loads((folder / "index.json").read_text())
-    assert index["version"] == 2 and "SKIPS" in index["Note"] and index["grid"] == grid.to_dict()
+    assert index["version"] == cohort.DEFAULT_VERSION == 3 and "SKIPS" in index["Note"] and index["grid"] == grid.to_dict()
     tpl = load_template(2.0)
     for i in range(3):
         traits = cohort.subject_traits(SEED, i, 1, tpl, native=False)
