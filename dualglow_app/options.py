@@ -29,6 +29,7 @@ from dualglow_app.log import get_logger
 from dualglow_app.runtime import DEVICES, cpu_threads
 from dualglow_app.tissue import (
     ANATOMY_READINGS,
+    DEFAULT_ANATOMY_READING,
     NATIVE_READINGS,
     SIDE_TEMPLATE_ANATOMY,
     tissue_reading,
@@ -298,10 +299,10 @@ class TrainOptions:
     # DualGlowConfig.anatomy_reading: the tissue maps as mixture posteriors or as fractions of
     # the grid T1w, or natively ("native", "native-fractions", "native-pve"): each subject's
     # own, read at the T1w's native resolution (dualglow_app.preprocess.tissue_maps_on_grid,
-    # stacked beside the training data; "native" the default: docs/MODEL_EXPERIMENTS.md,
-    # findings 26, 31 and 32).
+    # stacked beside the training data; tissue.DEFAULT_ANATOMY_READING the default:
+    # docs/MODEL_EXPERIMENTS.md, findings 26 and 31-35).
     # Irrelevant to side_template_anatomy "t1w".
-    anatomy_reading: str = "native"
+    anatomy_reading: str = DEFAULT_ANATOMY_READING
     # Covariates whose side-template maps keep their least-squares start (as the templates
     # themselves do) instead of training with the flows. None: age's, when the model is
     # conditioned on age (trained, the age map drifts back towards taking atrophy's effect as

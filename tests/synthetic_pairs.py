@@ -24,6 +24,7 @@ import pytest
 from dualglow_app.dataset import PairedVolumes
 from dualglow_app.grid import ModelGrid
 from dualglow_app.options import TrainOptions
+from dualglow_app.tissue import DEFAULT_ANATOMY_READING
 from dualglow_app.train import train
 
 SHAPE = (16, 16, 16)
@@ -31,7 +32,8 @@ SHAPE = (16, 16, 16)
 
 def paired_volumes(n: int = 6, seed: int = 0, shape: tuple[int, int, int] = SHAPE) -> PairedVolumes:
     """``n`` subjects (one session each) with MRI in [0, 1], PET in SUVR, a spherical mask and
-    stand-ins for native tissue maps (:func:`tissue_maps_of`: the group level reads them by default)."""
+    stand-ins for native tissue maps (:func:`tissue_maps_of`), labelled with the reading the group
+    level uses by default."""
     rng = np.random.default_rng(seed)
     axes = [np.linspace(-1, 1, s) for s in shape]
     x, y, z = np.meshgrid(*axes, indexing="ij")
@@ -52,6 +54,7 @@ def paired_volumes(n: int = 6, seed: int = 0, shape: tuple[int, int, int] = SHAP
         age=np.linspace(60, 85, n).astype(np.float32),
         grid=ModelGrid.centred(8.0, shape, levels=2),
         tissue_maps=np.stack([tissue_maps_of(m, mask) for m in mri_array]),
+        tissue_maps_reading=DEFAULT_ANATOMY_READING,
     )
 
 

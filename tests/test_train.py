@@ -622,7 +622,7 @@ def test_anatomy_template_trains_and_the_model_file_carries_it(tmp_path: Path, c
 
 
 def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_from_them(tmp_path: Path) -> None:
-    """--anatomy-reading native (the default): the anatomy template is fitted on the tissue maps
+    """--anatomy-reading native: the anatomy template is fitted on the tissue maps
     stacked beside the MRIs, the model file says so, and its predictions move with the maps they
     are given (the same T1w with another subject's maps gives another PET); data without maps
     are refused. The T1w-intensity terms read no tissue, whatever the reading."""
@@ -631,9 +631,11 @@ def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_f
     from dualglow_app.inference import predict
 
     data = paired_volumes(42)
-    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2)
-    assert options.anatomy_reading == "native" and options.reads_tissue_maps and options.dataset_spec.tissue_maps == "native"
-    fractions = tiny_options(tmp_path / "o", tmp_path / "w", anatomy_reading="native-fractions")
+    options = tiny_options(tmp_path / "o", tmp_path / "w", epochs=1, side_info=("age",), val_fraction=0.2,
+                           anatomy_reading="native")
+    assert options.reads_tissue_maps and options.dataset_spec.tissue_maps == "native"
+    fractions = tiny_options(tmp_path / "o", tmp_path / "w")  # the default reading: the shipped model's
+    assert fractions.anatomy_reading == "native-fractions" == TrainOptions.anatomy_reading
     assert fractions.reads_tissue_maps and fractions.dataset_spec.tissue_maps == "native-fractions"
     intensity = tiny_options(tmp_path / "o", tmp_path / "w", side_template_anatomy="t1w")
     assert not intensity.reads_tissue_maps and intensity.tissue_reading == "posterior"
@@ -641,6 +643,7 @@ def test_a_native_reading_model_trains_on_the_stacked_tissue_maps_and_predicts_f
     with pytest.raises(ValueError, match="needs the scans' native tissue maps"):
         train(options, data=data)
     data.tissue_maps = np.stack([tissue_maps_of(np.roll(m, 2, axis=0), k) for m, k in zip(data.mri, data.mask, strict=True)])
+    data.tissue_maps_reading = "native"
     with pytest.raises(ValueError, match="read as 'native'"):  # maps of another reading than the model's
         train(fractions, data=data)
     result = train(options, data=data)

@@ -26,7 +26,7 @@ from dualglow_app.covariates import is_number
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import VALIDATION_SELECTION, side_template_fixed_choice
 from dualglow_app.runtime import in_container
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, DEFAULT_ANATOMY_READING, SIDE_TEMPLATE_ANATOMY
 
 LEVELS = ("participant", "group")
 # Options that take several values after one flag, as BIDS-Apps write them (argparse nargs="+")
@@ -197,7 +197,7 @@ def check_directories(bids_dir: Path, output_dir: Path, work_dir: Path | None = 
               help="group: what that MRI is: the T1w intensity, its grey-matter probability (a 3-class intensity "
                    "mixture fitted on the training brains), which separates atrophy from age better "
                    "(docs/MODEL_EXPERIMENTS.md, finding 21), or the grey-matter and CSF probabilities (finding 24).")
-@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="native", show_default=True,
+@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default=DEFAULT_ANATOMY_READING, show_default=True,
               help="group: read those tissue maps from the grid T1w as the mixture's posteriors or as each voxel's "
                    "fractions of its two neighbouring tissues, or 'native': each subject's own mixture of its "
                    "native-resolution brain, its posteriors warped to the grid (docs/MODEL_EXPERIMENTS.md, finding 25), "

@@ -18,7 +18,7 @@ from dualglow_app.cli.errors import GuardedCommand, RunError, check_writable_fol
 from dualglow_app.evaluate.options import BASELINE_INPUTS, BASELINE_NAMES
 from dualglow_app.io import remove_stale_temporaries
 from dualglow_app.options import VALIDATION_SELECTION
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, DEFAULT_ANATOMY_READING, SIDE_TEMPLATE_ANATOMY
 
 
 def _parse_baselines(value: str) -> tuple[str, ...]:
@@ -78,7 +78,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
               help="DUAL-GLOW, as the group level's: the T1w, its grey-matter probability, or its grey-matter and CSF probabilities.")
 @click.option("--anatomy-template/--no-anatomy-template", default=True, show_default=True,
               help="DUAL-GLOW, as the group level's: the PET template moves with the subject's anatomy too.")
-@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default="native", show_default=True,
+@click.option("--anatomy-reading", type=click.Choice(ANATOMY_READINGS), default=DEFAULT_ANATOMY_READING, show_default=True,
               help="DUAL-GLOW, as the group level's: how the tissue maps are read (grid posteriors, fractions, native, native-fractions, native-pve).")
 @click.option("--side-template-fixed", multiple=True, metavar="COLUMN",
               help="DUAL-GLOW, as the group level's (repeatable; none: train every map) [default: age, when conditioned on age]")

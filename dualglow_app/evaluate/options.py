@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dualglow_app.covariates import name_problem
 from dualglow_app.options import VALIDATION_SELECTION, default_work_dir
-from dualglow_app.tissue import ANATOMY_READINGS, SIDE_TEMPLATE_ANATOMY
+from dualglow_app.tissue import ANATOMY_READINGS, DEFAULT_ANATOMY_READING, SIDE_TEMPLATE_ANATOMY
 
 if TYPE_CHECKING:
     from dualglow_app.dataset import PairedVolumes
@@ -116,7 +116,7 @@ class EvaluateOptions:
     side_template_mri_fwhm: Sequence[float] = (0.0, 8.0, 24.0)
     anatomy_template: bool = True
     side_template_anatomy: str = "gm+csf"
-    anatomy_reading: str = "native"
+    anatomy_reading: str = DEFAULT_ANATOMY_READING
     side_template_fixed: Sequence[str] | None = None
     lr: float = 1e-3
     warmup_steps: int = 100
