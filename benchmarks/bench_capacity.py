@@ -43,7 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dualglow_targets import SWEEP_AGES, git_commit, phantom_origin, scan_covariates, score, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import (  # noqa: E402
+    SWEEP_AGES,
+    git_commit,
+    phantom_origin,
+    scan_covariates,
+    score,
+    true_age_sweeps,
+)
 from bench_learning_curves import cpu_description  # noqa: E402
 
 #: The shipped model's group command (models/MODEL_CARD.md) beyond the group level's defaults.
@@ -197,7 +204,7 @@ def collect(work: Path, out: Path, max_mib: float) -> None:
                 shutil.copy(f, out / f.name)
             used += size
             sent.append(label)
-    (out / "manifest.json").write_text(json.dumps({"models": sent, "by_last_val_mae": [l for _, l in sorted(variants)],
+    (out / "manifest.json").write_text(json.dumps({"models": sent, "by_last_val_mae": [name for _, name in sorted(variants)],
                                                    "mib": round(used, 1)}, indent=1))  # fmt: skip
     print(f"collected {len(variants)} histories and the models of {sent} ({used:.1f} MiB) into {out}")
 

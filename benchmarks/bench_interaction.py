@@ -457,7 +457,7 @@ def main() -> None:
         sigmas = None if scales is None else [fwhm * FWHM_TO_SIGMA / data.grid.voxel_size for fwhm in scales]
         tissues = sources[source]
 
-        def of(rows: np.ndarray) -> np.ndarray | None:
+        def of(rows: np.ndarray, tissues: np.ndarray | None = tissues) -> np.ndarray | None:
             return None if tissues is None else tissues[rows]
 
         target = pet[train_rows].reshape(len(train_rows), -1)[:, inside]
@@ -481,7 +481,8 @@ def main() -> None:
                                  coarse, noise)  # fmt: skip
         del x_train
 
-        def predict(rows: np.ndarray, age: float | None = None, space: str = space) -> np.ndarray:
+        def predict(rows: np.ndarray, age: float | None = None, space: str = space, products: Any = products,
+                    sigmas: list[float] | None = sigmas, coef: np.ndarray = coef) -> np.ndarray:
             x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows), sigmas)
             out = np.zeros((len(rows), inside.size))
             fitted = np.einsum("nvp,vp->nv", x, coef)

@@ -47,7 +47,13 @@ from dualglow_app.covariates import (
 )
 from dualglow_app.data import IntensityScaling
 from dualglow_app.grid import ModelGrid, preset
-from dualglow_app.io import atomic_dir, atomic_path, entry_lock, remove_stale_work_temporaries, write_json
+from dualglow_app.io import (
+    atomic_dir,
+    atomic_path,
+    entry_lock,
+    remove_stale_work_temporaries,
+    write_json,
+)
 from dualglow_app.log import add_note, describe_error, get_logger, progress
 from dualglow_app.runtime import cpu_threads
 

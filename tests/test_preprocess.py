@@ -14,7 +14,6 @@ from dualglow_app.grid import PRESETS, ModelGrid, preset
 from dualglow_app.imaging import resample_to
 from dualglow_app.io import is_temporary
 from dualglow_app.preprocess import (
-    tissue_maps_on_grid,
     InputImageError,
     PETOptions,
     PreprocessError,
@@ -25,6 +24,7 @@ from dualglow_app.preprocess import (
     native_to_grid,
     preprocess_pet,
     preprocess_t1w,
+    tissue_maps_on_grid,
     to_ants,
 )
 from dualglow_app.templates import brain_mask_on_grid, get_template

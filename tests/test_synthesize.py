@@ -529,7 +529,13 @@ def test_a_model_that_reads_native_tissue_maps_gets_them_from_the_preprocessing(
     from participant_data import make_covariate_model
 
     from dualglow_app.inference import predict
-    from dualglow_app.preprocess import grid_to_mni, image_on_grid, preprocess_pet, preprocess_t1w, tissue_maps_on_grid
+    from dualglow_app.preprocess import (
+        grid_to_mni,
+        image_on_grid,
+        preprocess_pet,
+        preprocess_t1w,
+        tissue_maps_on_grid,
+    )
     from dualglow_app.weights import open_model
 
     torch.set_num_threads(2)
