@@ -89,7 +89,7 @@ def _parse_baselines(value: str) -> tuple[str, ...]:
 @click.option("--baseline-width", type=int, default=16, show_default=True, help="Baselines' first-layer channels.")
 @click.option("--baseline-inputs", type=click.Choice(list(BASELINE_INPUTS)), default="t1w", show_default=True,
               help="What the baselines read: the T1w (the paper's), or the T1w and its native tissue maps, "
-                   "what DUAL-GLOW's anatomy template reads with --anatomy-reading native.")
+                   "read as DUAL-GLOW's anatomy template reads them (its --anatomy-reading, where native).")
 @click.option("--participant-label", multiple=True, help="Only these subjects (repeatable).")
 @click.option("--nprocs", type=int, default=None, help="CPU threads (default: all).")
 @click.option("--skip-bids-validation", is_flag=True)

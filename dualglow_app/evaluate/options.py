@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 DUALGLOW = "dualglow"
 BASELINE_NAMES = ("unet", "pix2pix", "cgan", "cvae", "meanpet")
 #: What the baselines read, and how many input channels that is: the T1w alone (the paper's),
-#: or the T1w and its native tissue maps (grey matter, CSF), the information DUAL-GLOW's
-#: anatomy template has with ``--anatomy-reading native``.
+#: or the T1w and its native tissue maps (grey matter, CSF), read as DUAL-GLOW's anatomy
+#: template reads them where its reading is native (crossval.evaluation_tissue_maps).
 BASELINE_INPUTS = {"t1w": 1, "t1w+tissue-maps": 3}
 #: Table 2's classes (sec. 4): impaired vs not.
 IMPAIRED = ("MCI", "LMCI", "AD")
