@@ -356,6 +356,12 @@ def _method_key(method: str, options: EvaluateOptions) -> str:
     names = _METHOD_SETTINGS[DUALGLOW if method == DUALGLOW else "baselines"]
     # Settings left at the default they had before they existed keep the keys of results cached then.
     settings = {k: v for k, v in options.to_dict().items() if k in names and _KEY_DEFAULTS.get(k, object()) != v}
+    if method != DUALGLOW:
+        # Baselines given tissue maps read DUAL-GLOW's native reading; "native", the only one
+        # before the reading had a choice, keeps the keys of results cached then.
+        maps = evaluation_tissue_maps(options) if BASELINE_INPUTS[options.baseline_inputs] > 1 else None
+        if maps not in (None, "native"):
+            settings["tissue_maps"] = maps
     parts = [method, settings, DUALGLOW_REVISION if method == DUALGLOW else None]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 

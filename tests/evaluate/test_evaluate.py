@@ -345,6 +345,14 @@ def test_the_side_information_settings_key_dualglow_only(tmp_path: Path) -> None
     with_maps = dataclasses.replace(base, baseline_inputs="t1w+tissue-maps")
     assert _method_key("unet", with_maps) != _method_key("unet", base)
     assert _method_key(DUALGLOW, with_maps) == _method_key(DUALGLOW, base)
+    # ... and so does the reading of the maps they are given, but not of the maps they are not;
+    # "native", the only reading before there was a choice, keeps the keys cached then.
+    keys = {(inputs, reading): _method_key("unet", dataclasses.replace(
+                base, baseline_inputs=inputs, side_template_anatomy="gm+csf", anatomy_reading=reading))
+            for inputs in ("t1w", "t1w+tissue-maps") for reading in ("native", "native-fractions")}  # fmt: skip
+    assert keys["t1w", "native"] == keys["t1w", "native-fractions"] == _method_key("unet", base)
+    assert keys["t1w+tissue-maps", "native"] != keys["t1w+tissue-maps", "native-fractions"]
+    assert keys["t1w+tissue-maps", "native-fractions"] == _method_key("unet", with_maps)  # the default reading
     with pytest.raises(ValueError, match="baseline_inputs='maps'"):
         dataclasses.replace(base, baseline_inputs="maps")
     with pytest.raises(ValueError, match="side_template_anatomy='csf'"):
