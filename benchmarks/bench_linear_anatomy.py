@@ -2,7 +2,7 @@
 
     python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --train 001-048,061-200 --test 049-060 \
         [--side-info age diagnosis] [--anatomy gm --anatomy t1w --anatomy none] [--fwhm 0,8,24] \
-        [--anatomy-reading fractions] \
+        [--anatomy-reading fractions] [--pet-space log] \
         [--phantom-seed 0 --phantom-version 2] [--json OUT]     (--train-of MODEL.json: a model's own training subjects)
     python benchmarks/bench_linear_anatomy.py BIDS_DIR -w WORK_DIR --folds 3 --seed 0 --side-info age ...
 
@@ -21,14 +21,19 @@ also against each subject's explainable PET; input specificity (mean pairwise r)
 predictions next to the true PETs'. With age among the covariates, each held-out scan's
 template is swept over age (the others its own) and its regional slopes are scored as
 ``bench_dualglow_targets.py`` scores a model's (against the swept truth with the phantom's
-seed and version). No training: seconds per split on a CPU.
+seed and version). ``--pet-space log`` fits the same least squares to the logarithm of the PET
+and exponentiates the prediction: a template multiplicative in its terms, as the phantom's
+uptake is (grey matter x age factor x ...; lab book, finding 27). No training: seconds per
+split on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,22 @@ from dualglow_app.train import fit_pet_template
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dualglow_targets import SWEEP_AGES, sweep_agreement, true_age_sweeps  # noqa: E402
 from perfkit import labels  # noqa: E402
+
+#: The smallest SUVR the log fits take the logarithm of (the brain's voxels sit far above it).
+LOG_FLOOR_SUVR = 0.05
+
+
+def log_encoded(suvr: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
+    """SUVR mapped affinely from its logarithm onto the model's SUVR range (the floor -> 0, the
+    range's top -> itself), so that a least squares on it is one on log PET."""
+    top = scaling.pet_suvr_max
+    return (top * np.log(np.maximum(suvr, LOG_FLOOR_SUVR) / LOG_FLOOR_SUVR) / np.log(top / LOG_FLOOR_SUVR)).astype(np.float32)
+
+
+def log_decoded(encoded: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
+    """SUVR from :func:`log_encoded`'s values (0 where they are 0: outside the brain)."""
+    top = scaling.pet_suvr_max
+    return (LOG_FLOOR_SUVR * np.exp(encoded / top * np.log(top / LOG_FLOOR_SUVR)) * (encoded > 0)).astype(np.float32)
 
 
 def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float],
@@ -109,6 +130,8 @@ def main() -> None:
     parser.add_argument("--anatomy-reading", choices=ANATOMY_READINGS, default="posterior",
                         help="the tissue maps as mixture posteriors or fractions of the grid T1w, or the native "
                              "ones (DualGlowConfig.anatomy_reading)")
+    parser.add_argument("--pet-space", choices=("suvr", "log"), default="suvr",
+                        help="fit the least squares to the PET (the template's form) or to its logarithm")
     parser.add_argument("--grid", default="cpu4mm")
     parser.add_argument("--phantom-seed", type=int)
     parser.add_argument("--phantom-version", type=int)
@@ -132,6 +155,11 @@ def main() -> None:
         rows = {label: data.labels.index(f"sub-{label}") for label in chosen or ()}
         splits = [(np.array([rows[x] for x in labels(args.train)]), np.array([rows[x] for x in labels(args.test)]))]
     fwhms = [float(v) for v in args.fwhm.split(",")]
+    # The fits read ``fitted``; every score reads ``data``'s SUVR.
+    fitted, to_suvr = data, (lambda values: values)
+    if args.pet_space == "log":
+        fitted = dataclasses.replace(data, pet=log_encoded(np.asarray(data.pet), IntensityScaling()))
+        to_suvr = partial(log_decoded, scaling=IntensityScaling())
     held_out = np.concatenate([test for _, test in splits])
     masks = np.stack([np.asarray(data.mask[r]) for r in held_out])
     truths = np.stack([np.asarray(data.pet[r]) for r in held_out])
@@ -144,7 +172,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "splits": "folds" if args.folds else "train/test", "folds": args.folds, "seed": args.seed,
         "side_info": args.side_info, "fwhm_mm": fwhms, "anatomy_reading": args.anatomy_reading,
-        "held_out": [data.labels[r] for r in held_out],
+        "pet_space": args.pet_space, "held_out": [data.labels[r] for r in held_out],
         "true_pet_pairwise_r": mean_pairwise_correlation(truths, masks), "rows": {},
     }  # fmt: skip
     print(f"{len(held_out)} held-out scans over {len(splits)} split(s); MRI terms at FWHM {args.fwhm} mm; "
@@ -159,9 +187,9 @@ def main() -> None:
         predictions, scores, model_of = [], [], {}
         for train_rows, test_rows in splits:
             reference = np.mean([np.asarray(data.pet[r]) for r in train_rows], axis=0)
-            model = linear_model(data, train_rows, list(args.side_info), anatomy, fwhms, args.anatomy_reading)
+            model = linear_model(fitted, train_rows, list(args.side_info), anatomy, fwhms, args.anatomy_reading)
             model_of.update(dict.fromkeys(test_rows.tolist(), model))
-            fold = np.stack([linear_prediction(model, data, row, list(args.side_info)) for row in test_rows])
+            fold = np.stack([to_suvr(linear_prediction(model, fitted, row, list(args.side_info))) for row in test_rows])
             for row, pred in zip(test_rows, fold, strict=True):
                 truth, mask = np.asarray(data.pet[row]), np.asarray(data.mask[row])
                 j = int(np.flatnonzero(held_out == row)[0])
@@ -177,7 +205,8 @@ def main() -> None:
         if sweeping:
             # The sweep of each held-out scan through its own split's fit, age alone moving.
             def swept(row: int, model_of: dict[int, DualGlow] = model_of) -> np.ndarray:
-                return np.stack([linear_prediction(model_of[row], data, row, list(args.side_info), age) for age in SWEEP_AGES])
+                return np.stack([to_suvr(linear_prediction(model_of[row], fitted, row, list(args.side_info), age))
+                                 for age in SWEEP_AGES])
 
             train_ages = np.asarray(data.age)[np.unique(np.concatenate([train for train, _ in splits]))]
             age = sweep_agreement(swept, data, held_out, SWEEP_AGES, train_ages, swept_truth)
