@@ -75,6 +75,17 @@ def log_decoded(encoded: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
     return (LOG_FLOOR_SUVR * np.exp(encoded / top * np.log(top / LOG_FLOOR_SUVR)) * (encoded > 0)).astype(np.float32)
 
 
+def regions_outside(age: dict[str, Any], tolerance: float = 0.25) -> dict[str, float]:
+    """The regions whose synthetic age slope misses the swept truth's by more than
+    ``tolerance`` (ratio synthetic / true; the regions the target's share counts, as
+    :func:`dualglow_app.evaluate.statistics.slope_agreement` counts them)."""
+    truth = np.asarray(age["measured"]["true_per_decade"], float)
+    ratio = np.asarray(age["synthetic_per_decade"], float) / np.where(truth == 0, np.nan, truth)
+    counted = np.isfinite(ratio) & (np.abs(truth) > 1e-3)
+    return {region: round(float(r), 3) for region, r, ok in zip(age["regions"], ratio, counted, strict=True)
+            if ok and abs(r - 1) > tolerance}  # fmt: skip
+
+
 def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float],
                  reading: str = "posterior") -> DualGlow:  # fmt: skip
     """The PET template's least-squares start on ``train_rows`` (no flow worth the name); the
@@ -214,6 +225,9 @@ def main() -> None:
             agreement = age.get("measured", age)
             line += (f"   age {'(swept truth)' if 'measured' in age else '(calibration)'}: r {agreement['pearson_r']:.2f} / sign "
                      f"{agreement['sign_agreement']:.2f} / ratio {agreement['median_ratio']:.2f} / within {agreement['within_25_percent']:.2f}")  # fmt: skip
+            if "measured" in age:
+                row_scores["age_regions_outside_25_percent"] = outside = regions_outside(age)
+                line += "\n         outside +-25 %: " + (", ".join(f"{name} {r:.2f}x" for name, r in outside.items()) or "none")
         results["rows"][anatomy] = row_scores
         print(line)
     if args.json:
