@@ -44,7 +44,12 @@ from dualglow_app.covariates import side_config
 from dualglow_app.data import IntensityScaling
 from dualglow_app.dataset import DatasetSpec, mean_images, model_batch, prepare_dataset
 from dualglow_app.evaluate.crossval import make_splits
-from dualglow_app.evaluate.statistics import explainable_truth, impairment_classes
+from dualglow_app.evaluate.statistics import (
+    SLOPE_TOLERANCE,
+    explainable_truth,
+    impairment_classes,
+    slope_ratios,
+)
 from dualglow_app.grid import resolve_grid
 from dualglow_app.imaging import FWHM_TO_SIGMA
 from dualglow_app.log import setup_logging
@@ -75,15 +80,12 @@ def log_decoded(encoded: np.ndarray, scaling: IntensityScaling) -> np.ndarray:
     return (LOG_FLOOR_SUVR * np.exp(encoded / top * np.log(top / LOG_FLOOR_SUVR)) * (encoded > 0)).astype(np.float32)
 
 
-def regions_outside(age: dict[str, Any], tolerance: float = 0.25) -> dict[str, float]:
+def regions_outside(age: dict[str, Any], tolerance: float = SLOPE_TOLERANCE) -> dict[str, float]:
     """The regions whose synthetic age slope misses the swept truth's by more than
-    ``tolerance`` (ratio synthetic / true; the regions the target's share counts, as
-    :func:`dualglow_app.evaluate.statistics.slope_agreement` counts them)."""
-    truth = np.asarray(age["measured"]["true_per_decade"], float)
-    ratio = np.asarray(age["synthetic_per_decade"], float) / np.where(truth == 0, np.nan, truth)
-    counted = np.isfinite(ratio) & (np.abs(truth) > 1e-3)
-    return {region: round(float(r), 3) for region, r, ok in zip(age["regions"], ratio, counted, strict=True)
-            if ok and abs(r - 1) > tolerance}  # fmt: skip
+    ``tolerance`` (ratio synthetic / true), among those the target counts (:func:`slope_ratios`)."""
+    ratios = slope_ratios(np.asarray(age["synthetic_per_decade"], float), np.asarray(age["measured"]["true_per_decade"], float))
+    return {region: round(float(r), 3) for region, r in zip(age["regions"], ratios, strict=True)
+            if np.isfinite(r) and abs(r - 1) > tolerance}  # fmt: skip
 
 
 def linear_model(data: Any, train_rows: np.ndarray, side_info: list[str], anatomy: str, fwhms: list[float],

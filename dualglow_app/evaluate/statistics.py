@@ -225,19 +225,32 @@ def phantom_true_slopes(bids_dir: Path, names: Sequence[str]) -> dict[str, Any] 
             "suvr_per_decade": (activity - reference).tolist(), "n_files": len(ages)}  # fmt: skip
 
 
+#: Issue 17's tolerance on a region's age slope (ratio synthetic / true within 1 +- this), and
+#: the smallest true slope (relative, per decade) whose ratio is counted: below it, noise.
+SLOPE_TOLERANCE, MIN_COUNTED_SLOPE = 0.25, 1e-3
+
+
+def slope_ratios(synthetic: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each region's slope ratio synthetic / true, NaN where it is not counted (either slope
+    not finite, or the true one below :data:`MIN_COUNTED_SLOPE`)."""
+    synthetic, truth = np.asarray(synthetic, float), np.asarray(truth, float)
+    counted = np.isfinite(synthetic) & np.isfinite(truth) & (np.abs(truth) > MIN_COUNTED_SLOPE)
+    return np.divide(synthetic, truth, out=np.full(truth.shape, np.nan), where=counted)
+
+
 def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Regional slopes against the truth's (issue 17's age targets): Pearson r, the share of
     regions with the truth's sign, the median ratio synthetic / true and the share of regions
-    within +-25 % of the truth (regions whose true slope is below 1e-3 per decade are left out
-    of all four: their ratio is noise)."""
-    ok = np.isfinite(synthetic) & np.isfinite(truth) & (np.abs(truth) > 1e-3)
+    within +-25 % of the truth (the regions :func:`slope_ratios` counts, in all four)."""
+    ratios = slope_ratios(synthetic, truth)
+    ok = np.isfinite(ratios)
     if ok.sum() < 3:
         return dict.fromkeys(("pearson_r", "sign_agreement", "median_ratio", "within_25_percent"), float("nan"))
-    ratio = synthetic[ok] / truth[ok]
+    synthetic, truth, ratio = np.asarray(synthetic)[ok], np.asarray(truth)[ok], ratios[ok]
     return {
-        "pearson_r": float(np.corrcoef(truth[ok], synthetic[ok])[0, 1]) if np.ptp(synthetic[ok]) > 0 else float("nan"),
-        "sign_agreement": float(np.mean(np.sign(synthetic[ok]) == np.sign(truth[ok]))),
-        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= 0.25)),
+        "pearson_r": float(np.corrcoef(truth, synthetic)[0, 1]) if np.ptp(synthetic) > 0 else float("nan"),
+        "sign_agreement": float(np.mean(np.sign(synthetic) == np.sign(truth))),
+        "median_ratio": float(np.median(ratio)), "within_25_percent": float(np.mean(np.abs(ratio - 1) <= SLOPE_TOLERANCE)),
     }  # fmt: skip
 
 
