@@ -63,6 +63,18 @@ def split_data(args: argparse.Namespace, loaded: Any) -> tuple[Any, np.ndarray, 
     return data, train_rows, test_rows
 
 
+def synthesis_choice(samples: int, temperature: float | None) -> tuple[float, str]:
+    """The temperature to score at and the row's label: the T = 0 mode by default, the mean of
+    ``samples`` draws at T = 1 unless told otherwise, or one draw at ``temperature``."""
+    if temperature is None:
+        temperature = 1.0 if samples > 1 else 0.0
+    if temperature == 0:
+        return 0.0, "DUAL-GLOW (T=0)"
+    if samples == 1:
+        return temperature, f"DUAL-GLOW (one draw, T={temperature:g})"
+    return temperature, f"DUAL-GLOW (mean of {samples}, T={temperature:g})"
+
+
 def age_slope_figure(age: dict, path: Path, model: str) -> None:
     """Each region's age slope of the held-out scans' synthetic PETs (mean per decade, relative
     to the scan's SUVR) against the truth's: the swept truth where there is one, else the
@@ -138,7 +150,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1,
                         help="score the mean of this many samples at --temperature instead of the T = 0 mode "
                              "(the age sweep stays the mode's)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="with --samples > 1")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="of the samples (default 1 with --samples > 1); with --samples 1, score one draw at "
+                             "this temperature instead of the mode (are single samples as unlike each other as "
+                             "the true PETs?)")
     parser.add_argument("--png", type=Path, default=None, help="figure: regional age slopes, synthetic vs the truth")
     parser.add_argument("--curves", type=Path, default=None,
                         help="figure: the model's learning curves (its NAME_metrics.tsv: bpd, validation MAE and deviation r)")
@@ -165,13 +180,13 @@ def main() -> None:
         # the model grid, for the deviation-r target against it.
         explainable = np.zeros((len(data.labels), *grid.shape), dtype=np.float32)
         explainable[test_rows] = explainable_truth(origin, indices, grid, cache=args.work_dir / "explainable_truth")
-    samples, temperature = (args.samples, args.temperature) if args.samples > 1 else (1, 0.0)
-    synthetic_label = "DUAL-GLOW (T=0)" if samples == 1 else f"DUAL-GLOW (mean of {samples}, T={temperature:g})"
+    samples = args.samples
+    temperature, synthetic_label = synthesis_choice(samples, args.temperature)
     targets = score(model, scaling, data, test_rows, train_rows, SWEEP_AGES, explainable, samples, temperature,
                     truth_sweep=swept, covariates_of=covariates)  # fmt: skip
     mean_pet = np.asarray(data.pet[train_rows]).mean(axis=0)
     # The participant level's prediction: the conditional mode (T = 0), clipped to the model's range.
-    # (With --samples, the mean of samples, seeded by row as score() seeds them.)
+    # (With --samples or --temperature, the mean of the draws, seeded by row as score() seeds them.)
     predictions = [predict(model, scaling, np.asarray(data.mri[row]), np.asarray(data.mask[row]), covariates(row),
                            samples, temperature, seed=int(row), tissue_maps=data.row_tissue_maps(row))
                    for row in test_rows]  # fmt: skip
