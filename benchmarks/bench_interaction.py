@@ -23,7 +23,7 @@ A model's own reading: the stack's native tissue maps for a model that reads the
 flows: a measurement of the template's form alone (the flows leave the mode where this start puts it: lab book,
 finding 25).
 
-On a longitudinal stack (``dualglow-phantom --mni-stack --sessions 2``) ``--estimators`` also
+On a longitudinal stack (``dualglow-phantom --mni-stack --sessions 2`` or more) ``--estimators`` also
 estimates the age map from the change within each subject, where the causes of atrophy the
 MRI cannot tell apart hold still (:data:`ESTIMATORS`; lab book, finding 30), and
 ``--change-agreement`` measures how well each reading of the grey matter (each session on its
@@ -56,7 +56,7 @@ from perfkit import voxelwise_least_squares  # noqa: E402
 #: the T1w on the grid; "true": the phantom's own grey matter and CSF; "uptake", "metabolic",
 #: "metabolic+gm", "pet73": that grey matter times what else sets its metabolism, and the
 #: oracle of it all, :func:`_subject_tissues`; "fine": posteriors of its 2 mm T1w averaged to
-#: the grid, "fine-linear" its partial-volume fractions; "joint", "joint-linear": a subject's
+#: the grid, "fine-linear" its partial-volume fractions; "joint", "joint-linear", "joint-shift": a subject's
 #: sessions read together, :func:`_joint_tissues`),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
@@ -83,6 +83,7 @@ VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x
             "additive, a subject's sessions read together (bias-matched, one mixture)": ("joint", (), "pet", None),
             "additive, sessions read together, at 0, 8, 24 and 48 mm": ("joint", (), "pet", (0.0, 8.0, 24.0, 48.0)),
             "additive, sessions read together as partial-volume fractions": ("joint-linear", (), "pet", None),
+            "additive, sessions read together, the first's fractions shifted by the later ones' darkening": ("joint-shift", (), "pet", None),
             "additive, partial-volume fractions of each 2 mm T1w averaged down": ("fine-linear", (), "pet", None),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
@@ -229,19 +230,28 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
     return np.stack([_to_grid(m, tpl.affine, grid) for m in maps])
 
 
-def _joint_tissues(task: tuple[int, int, int, Any, int, bool]) -> np.ndarray:
+#: How :func:`_joint_tissues` reads a subject's bias-matched sessions under their one mixture:
+#: each session's "posterior"s, or its partial-volume "fractions" (each voxel a mix of the two
+#: classes its intensity lies between), or the first session's fractions "shift"ed by each
+#: later session's intensity change read as grey matter turned to CSF (a boundary-shift
+#: reading: atrophy only darkens a voxel, while the fractions read a darker voxel between the
+#: grey and the white matter's means as MORE grey matter).
+JOINT_READINGS = {"joint": "posterior", "joint-linear": "fractions", "joint-shift": "shift"}
+
+
+def _joint_tissues(task: tuple[int, int, int, Any, int, str]) -> np.ndarray:
     """(sessions, 2, *grid): one subject's sessions read together, as a longitudinal pipeline
     reads them: each later 2 mm T1w's residual bias matched to the first session's (a quadratic
     in the log ratio over the white matter, where atrophy changes nothing), then one mixture
     fitted to all of them and each read with it, so the change between two readings is the
-    anatomy's and not two mixtures' or two bias fields' difference. The task's last item:
-    read each voxel as a partial-volume mix of the two classes its intensity lies between
-    (linear in the intensity, as ``anatomy_reading="fractions"`` reads the grid) instead of
-    the mixture's posteriors (which saturate, so a pure voxel's change reads as none)."""
+    anatomy's and not two mixtures' or two bias fields' difference. The task's last item: the
+    reading (:data:`JOINT_READINGS`); "fractions" is linear in the intensity, as
+    ``anatomy_reading="fractions"`` reads the grid, where the mixture's posteriors saturate,
+    so a pure voxel's change reads as none."""
     from dualglow_app.phantom.anatomy import quadratic_terms
     from dualglow_app.phantom.mni import _to_grid, work_t1, work_truth
 
-    seed, i, version, grid, sessions, linear = task
+    seed, i, version, grid, sessions, reading = task
     truths = [work_truth(seed, i, version, explainable=False, sessions=sessions, session=k) for k in range(sessions)]
     tpl = truths[0][0]
     images = [work_t1(truth, seed, i, k) for k, (_, _, truth) in enumerate(truths)]
@@ -253,19 +263,28 @@ def _joint_tissues(task: tuple[int, int, int, Any, int, bool]) -> np.ndarray:
         white = first_white & brains[k] & (images[k] > 0.85)
         coef = np.linalg.lstsq(terms[white], np.log(images[k][white] / images[0][white]), rcond=None)[0]
         images[k] = images[k] / np.exp(terms @ coef).astype(np.float32)
-    return np.stack([np.stack([_to_grid(m, tpl.affine, grid) for m in maps]) for maps in mixture_reading(images, brains, linear)])
+    return np.stack([np.stack([_to_grid(m, tpl.affine, grid) for m in maps]) for maps in mixture_reading(images, brains, reading)])
 
 
-def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], linear: bool) -> list[np.ndarray]:
+def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], reading: str) -> list[np.ndarray]:
     """Each image's (len(NATIVE_TISSUE_CHANNELS), *shape) tissue maps under one three-class
-    mixture fitted to all of them: its posteriors, or (``linear``) each voxel read as a
-    partial-volume mix of the two classes its intensity lies between
-    (:meth:`~dualglow_app.tissue.GreyMatterModel.tissue_maps`)."""
+    mixture fitted to all of them (:meth:`~dualglow_app.tissue.GreyMatterModel.tissue_maps`):
+    its "posterior"s, its partial-volume "fractions", or the first image's fractions "shift"ed
+    by each image's departure from the first, read as grey matter turned to CSF (the intensity
+    change over the mixture's grey-to-CSF contrast; :data:`JOINT_READINGS`)."""
     from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
 
     mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
-    reading = "fractions" if linear else "posterior"
-    return [mixture.tissue_maps(image, brain, NATIVE_TISSUE_CHANNELS, reading) for image, brain in zip(images, brains, strict=True)]
+    if reading != "shift":
+        return [mixture.tissue_maps(image, brain, NATIVE_TISSUE_CHANNELS, reading)
+                for image, brain in zip(images, brains, strict=True)]  # fmt: skip
+    first = mixture.tissue_maps(images[0], brains[0], NATIVE_TISSUE_CHANNELS, "fractions")
+    csf_mean, gm_mean, _ = mixture.ordered_parameters()[1]
+    out = []
+    for image, brain in zip(images, brains, strict=True):
+        gained = np.where(brains[0] & brain, (image - images[0]) / (gm_mean - csf_mean), 0.0).astype(np.float32)
+        out.append(np.stack([first[0] + gained, first[1] - gained]))
+    return out
 
 
 def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarray:
@@ -283,7 +302,7 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
     # spawn: a forked child of this torch process deadlocked in its BLAS threads.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         if source.startswith("joint"):
-            subjects = [(seed, i, version, grid, sessions, source == "joint-linear") for i in range(rows // sessions)]
+            subjects = [(seed, i, version, grid, sessions, JOINT_READINGS[source]) for i in range(rows // sessions)]
             out = np.concatenate(list(pool.map(_joint_tissues, subjects))).astype(np.float32)
         else:
             tasks = [(seed, r // sessions, version, grid, source, sessions, r % sessions) for r in range(rows)]
@@ -295,7 +314,7 @@ def subject_tissues(stack: Path, rows: int, grid: Any, source: str) -> np.ndarra
 def change_agreement(read: np.ndarray, truth: np.ndarray, mask: np.ndarray, sessions: int,
                      fwhm_voxels: float = 0.0) -> dict[str, float]:  # fmt: skip
     """How well a reading of the grey matter (rows subject-major, ``sessions`` a subject; the
-    first channel) measures its change from the first session to the second: the true and the
+    first channel) measures its change from the first session to the last: the true and the
     read change's mean and across-subject SD (averaged over ``mask``'s voxels) and the median
     over voxels of their across-subject correlation, after a Gaussian blur of ``fwhm_voxels``."""
     from scipy import ndimage as ndi
@@ -307,7 +326,7 @@ def change_agreement(read: np.ndarray, truth: np.ndarray, mask: np.ndarray, sess
     def change(maps: np.ndarray) -> np.ndarray:
         out = []
         for first in range(0, len(maps) - sessions + 1, sessions):
-            pair = [np.asarray(maps[first + k, 0], np.float64) for k in (0, 1)]
+            pair = [np.asarray(maps[first + k, 0], np.float64) for k in (0, sessions - 1)]
             if sigma > 0:
                 pair = [ndi.gaussian_filter(v, sigma) for v in pair]
             out.append((pair[1] - pair[0])[mask])
@@ -371,10 +390,14 @@ def main() -> None:
     parser.add_argument("--train-subjects", type=int, default=None,
                         help="fit on the first N training subjects only (does a miss shrink with data?)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
-                        help="only the variants whose label contains one of these texts")
+                        help="only the variants (with --change-agreement: the readings) whose label contains one "
+                             "of these texts")
     parser.add_argument("--change-agreement", action="store_true",
                         help="only measure how well the native and the joint readings measure the grey matter's "
-                             "change between a subject's first two sessions (against the phantom's), then stop")
+                             "change between a subject's first and last sessions (against the phantom's), then stop")
+    parser.add_argument("--training-sessions", nargs="+", type=int, default=None, metavar="K",
+                        help="fit on these sessions of each training subject only (1 = the first; default all): "
+                             "does the within-subject age map gain from a longer follow-up or from more scans?")
     parser.add_argument("--estimators", nargs="+", default=["cross-sectional"], choices=list(ESTIMATORS),
                         help="how each variant's coefficients are estimated (the within ones need a stack with "
                              "several sessions per subject)")
@@ -395,6 +418,34 @@ def main() -> None:
         if not 0 < args.train_subjects <= len(train_rows):
             parser.error(f"--train-subjects must be 1-{len(train_rows)} (the stack's training subjects)")
         train_rows = train_rows[: args.train_subjects]
+    sessions = json.loads((args.stack / "index.json").read_text()).get("sessions", 1)
+    if sessions < 2 and (set(args.estimators) - {"cross-sectional"} or args.change_agreement):
+        parser.error("the within-subject estimators and --change-agreement need a stack with several sessions per "
+                     "subject (--sessions 2)")
+    if args.training_sessions is not None:
+        if not set(args.training_sessions) <= set(range(1, sessions + 1)):
+            parser.error(f"--training-sessions must be among 1-{sessions} (the stack's sessions per subject)")
+        # Rows are subject-major: row r is session r % sessions + 1 of its subject.
+        train_rows = np.array([r for r in train_rows if r % sessions + 1 in args.training_sessions])
+    if args.change_agreement:
+        truth = subject_tissues(args.stack, len(data.labels), data.grid, "true")
+        brain = np.asarray(data.mask[0]) > 0
+        reading_sources = {"native (each session its own mixture)": "native", "joint (bias-matched, one mixture)": "joint",
+                           "joint, partial-volume fractions": "joint-linear",
+                           "joint, the first's fractions shifted by the later ones' darkening": "joint-shift"}  # fmt: skip
+        # --variants picks readings here too (the joint ones cost minutes a subject's sessions).
+        readings = {name: np.asarray(data.tissue_maps) if source == "native" else
+                    subject_tissues(args.stack, len(data.labels), data.grid, source)
+                    for name, source in reading_sources.items()
+                    if not args.variants or any(text in name for text in args.variants)}  # fmt: skip
+        results = {f"{name}, {fwhm:g} mm": change_agreement(maps, truth, brain, sessions, fwhm / data.grid.voxel_size)
+                   for name, maps in readings.items() for fwhm in (0.0, 24.0)}  # fmt: skip
+        for label, entry in results.items():
+            print(f"{label:50s} " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"stack": str(args.stack), "machine": cpu_description(),
+                                             "change_agreement": results}, indent=1))  # fmt: skip
+        return
     inside = np.asarray(data.mask[0]).reshape(-1) > 0
     side_names = list(loaded.covariates)
 
@@ -413,7 +464,7 @@ def main() -> None:
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.reads_tissue_maps
     available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "fine-linear", "joint",
-                           "joint-linear"]
+                           "joint-linear", "joint-shift"]
                           if args.true_tissues else []),
                  *(["pv"] if model.uses_tissue_mixture and not native else [])}  # fmt: skip
     chosen = {label: variant for label, variant in VARIANTS.items()
@@ -428,25 +479,6 @@ def main() -> None:
             sources[source] = partial_volume_fractions(model, np.asarray(data.mri), np.asarray(data.mask[0]))
         else:
             sources[source] = subject_tissues(args.stack, len(data.labels), data.grid, source)
-    sessions = json.loads((args.stack / "index.json").read_text()).get("sessions", 1)
-    if sessions < 2 and (set(args.estimators) - {"cross-sectional"} or args.change_agreement):
-        parser.error("the within-subject estimators and --change-agreement need a stack with several sessions per "
-                     "subject (--sessions 2)")
-    if args.change_agreement:
-        truth = subject_tissues(args.stack, len(data.labels), data.grid, "true")
-        brain = np.asarray(data.mask[0]) > 0
-        readings = {"native (each session its own mixture)": np.asarray(data.tissue_maps),
-                    "joint (bias-matched, one mixture)": subject_tissues(args.stack, len(data.labels), data.grid, "joint"),
-                    "joint, partial-volume fractions": subject_tissues(args.stack, len(data.labels), data.grid,
-                                                                       "joint-linear")}  # fmt: skip
-        results = {f"{name}, {fwhm:g} mm": change_agreement(maps, truth, brain, sessions, fwhm / data.grid.voxel_size)
-                   for name, maps in readings.items() for fwhm in (0.0, 24.0)}  # fmt: skip
-        for label, entry in results.items():
-            print(f"{label:50s} " + "  ".join(f"{k} {v:.4f}" for k, v in entry.items()), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"stack": str(args.stack), "machine": cpu_description(),
-                                             "change_agreement": results}, indent=1))  # fmt: skip
-        return
     covariate_width = max(model.config.side_channels(name).stop for name in model.config.side_names)
     age_columns = [1 + j for j in range(model.config.side_channels("age").start, model.config.side_channels("age").stop)]
     train_subjects = [data.subjects[r] for r in train_rows]
@@ -522,7 +554,8 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"stack": str(args.stack), "weights": str(args.weights),
                                          "machine": cpu_description(), "split": {"train": len(train_rows),
-                                         "val": len(val_rows)}, "variants": results}, indent=1, default=str))  # fmt: skip
+                                         "val": len(val_rows), "training_sessions": args.training_sessions},
+                                         "variants": results}, indent=1, default=str))  # fmt: skip
 
 
 if __name__ == "__main__":

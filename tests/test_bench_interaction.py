@@ -149,3 +149,51 @@ def test_change_agreement_tells_a_reading_of_the_change_from_two_independent_rea
     assert good["median_voxel_r"] > 0.99 and good["read_mean"] == pytest.approx(good["true_mean"], abs=1e-9)
     assert abs(bad["median_voxel_r"]) < 0.5 and bad["read_sd"] > 3 * bad["true_sd"]
     assert good["subjects"] == bad["subjects"] == subjects
+
+
+def test_change_agreement_spans_a_subjects_first_to_last_session() -> None:
+    """With three sessions a subject, the change read is the whole follow-up's (first to last):
+    a reading whose middle session is wrong changes nothing; one whose last session is wrong does."""
+    from bench_interaction import change_agreement
+
+    rng = np.random.default_rng(3)
+    subjects, shape = 30, (4, 4, 4)
+    level = rng.uniform(0.4, 0.8, (subjects, 1, 1, *shape))
+    loss = rng.uniform(0.0, 0.02, (subjects, 1, 1, 1, 1, 1)) * level
+    truth = np.concatenate([level, level - loss, level - 2 * loss], axis=1).reshape(3 * subjects, 1, *shape)
+    mask = np.ones(shape, bool)
+    middle_wrong, last_wrong = truth.copy(), truth.copy()
+    middle_wrong[1::3] += rng.normal(0.0, 0.5, middle_wrong[1::3].shape)
+    last_wrong[2::3] += rng.normal(0.0, 0.5, last_wrong[2::3].shape)
+    exact = change_agreement(middle_wrong, truth, mask, 3)
+    assert exact["median_voxel_r"] > 0.999 and exact["true_mean"] == pytest.approx(-2 * float(loss.mean()), rel=0.05)
+    assert abs(change_agreement(last_wrong, truth, mask, 3)["median_voxel_r"]) < 0.5
+
+
+def test_the_shift_reading_sees_grey_matter_lost_where_the_fractions_read_a_gain() -> None:
+    """Two sessions of a brain whose grey matter loses a tenth of itself to CSF: a voxel half
+    grey, half white matter darkens, which the partial-volume fractions read as more grey
+    matter (it moved towards the grey matter's mean); the shift reading reads the loss."""
+    from bench_interaction import mixture_reading
+
+    rng = np.random.default_rng(5)
+    shape = (24, 24, 24)
+    csf, gm, wm = 0.2, 0.5, 0.9
+    labels = rng.choice(4, size=shape, p=[0.2, 0.3, 0.3, 0.2])  # CSF, GM, WM, half GM + half WM
+    grey = np.select([labels == 1, labels == 3], [1.0, 0.5], 0.0)
+    white = np.select([labels == 2, labels == 3], [1.0, 0.5], 0.0)
+
+    def scan(lost: float) -> np.ndarray:
+        kept = grey * (1 - lost)
+        image = kept * gm + white * wm + (1 - kept - white) * csf
+        return (image + rng.normal(0.0, 0.01, shape)).astype(np.float32)
+
+    images, brains = [scan(0.0), scan(0.1)], [np.ones(shape, bool)] * 2
+    mixed = labels == 3
+    fractions = mixture_reading(images, brains, "fractions")
+    shifted = mixture_reading(images, brains, "shift")
+    np.testing.assert_array_equal(shifted[0], fractions[0])
+    assert (fractions[1][0] - fractions[0][0])[mixed].mean() > 0.02
+    np.testing.assert_allclose((shifted[1][0] - shifted[0][0])[mixed].mean(), -0.05, atol=0.01)
+    np.testing.assert_allclose((shifted[1][0] - shifted[0][0])[labels == 1].mean(), -0.1, atol=0.015)
+    np.testing.assert_allclose(shifted[1].sum(0), shifted[0].sum(0), atol=1e-5)
