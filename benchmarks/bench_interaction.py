@@ -56,7 +56,8 @@ from perfkit import voxelwise_least_squares  # noqa: E402
 #: the T1w on the grid; "true": the phantom's own grey matter and CSF; "uptake", "metabolic",
 #: "metabolic+gm", "pet73": that grey matter times what else sets its metabolism, and the
 #: oracle of it all, :func:`_subject_tissues`; "fine": posteriors of its 2 mm T1w averaged to
-#: the grid, "fine-linear" its partial-volume fractions; "joint", "joint-linear", "joint-shift": a subject's
+#: the grid, "fine-linear" its partial-volume fractions; "joint", "joint-linear", "joint-shift",
+#: "joint-sided-shift": a subject's
 #: sessions read together, :func:`_joint_tissues`),
 #: which covariates multiply them, whether the least squares is fitted to the PET or to its
 #: logarithm (a template multiplicative in the covariates, as the phantom's metabolism is:
@@ -84,6 +85,7 @@ VARIANTS = {"additive (the template's form)": ("mri", (), "pet", None), "+ age x
             "additive, sessions read together, at 0, 8, 24 and 48 mm": ("joint", (), "pet", (0.0, 8.0, 24.0, 48.0)),
             "additive, sessions read together as partial-volume fractions": ("joint-linear", (), "pet", None),
             "additive, sessions read together, the first's fractions shifted by the later ones' darkening": ("joint-shift", (), "pet", None),
+            "additive, sessions read together, the darkening read by the side of the grey-white midpoint": ("joint-sided-shift", (), "pet", None),
             "additive, partial-volume fractions of each 2 mm T1w averaged down": ("fine-linear", (), "pet", None),
             "additive, partial-volume fractions of the 4 mm T1w": ("pv", (), "pet", None)}  # fmt: skip
 #: The smallest SUVR the log-linear fits take the logarithm of (brain voxels are far above it).
@@ -236,7 +238,11 @@ def _subject_tissues(task: tuple[int, int, int, Any, str, int, int]) -> np.ndarr
 #: later session's intensity change read as grey matter turned to CSF (a boundary-shift
 #: reading: atrophy only darkens a voxel, while the fractions read a darker voxel between the
 #: grey and the white matter's means as MORE grey matter).
-JOINT_READINGS = {"joint": "posterior", "joint-linear": "fractions", "joint-shift": "shift"}
+#: "sided-shift": the same, but where the first session is brighter than the grey and the white
+#: matter's midpoint the darkening is read as white matter turned to CSF (the ventricles grow
+#: into the white matter; finding 41).
+JOINT_READINGS = {"joint": "posterior", "joint-linear": "fractions", "joint-shift": "shift",
+                  "joint-sided-shift": "sided-shift"}
 
 
 def _joint_tissues(task: tuple[int, int, int, Any, int, str]) -> np.ndarray:
@@ -271,19 +277,24 @@ def mixture_reading(images: Sequence[np.ndarray], brains: Sequence[np.ndarray], 
     mixture fitted to all of them (:meth:`~dualglow_app.tissue.GreyMatterModel.tissue_maps`):
     its "posterior"s, its partial-volume "fractions", or the first image's fractions "shift"ed
     by each image's departure from the first, read as grey matter turned to CSF (the intensity
-    change over the mixture's grey-to-CSF contrast; :data:`JOINT_READINGS`)."""
+    change over the mixture's grey-to-CSF contrast), or ("sided-shift") as white matter turned
+    to CSF where the first image is on the white side of the grey-white midpoint
+    (:data:`JOINT_READINGS`)."""
     from dualglow_app.tissue import NATIVE_MIXTURE_STRIDE, NATIVE_TISSUE_CHANNELS, GreyMatterModel
 
     mixture = GreyMatterModel.fit(images, brains, stride=NATIVE_MIXTURE_STRIDE)
-    if reading != "shift":
+    if reading not in ("shift", "sided-shift"):
         return [mixture.tissue_maps(image, brain, NATIVE_TISSUE_CHANNELS, reading)
                 for image, brain in zip(images, brains, strict=True)]  # fmt: skip
     first = mixture.tissue_maps(images[0], brains[0], NATIVE_TISSUE_CHANNELS, "fractions")
-    csf_mean, gm_mean, _ = mixture.ordered_parameters()[1]
+    csf_mean, gm_mean, wm_mean = mixture.ordered_parameters()[1]
+    white_side = images[0] > (gm_mean + wm_mean) / 2 if reading == "sided-shift" else np.zeros(images[0].shape, bool)
     out = []
     for image, brain in zip(images, brains, strict=True):
-        gained = np.where(brains[0] & brain, (image - images[0]) / (gm_mean - csf_mean), 0.0).astype(np.float32)
-        out.append(np.stack([first[0] + gained, first[1] - gained]))
+        darkening = np.where(brains[0] & brain, image - images[0], 0.0)
+        grey = np.where(white_side, 0.0, darkening / (gm_mean - csf_mean))
+        csf = np.where(white_side, darkening / (wm_mean - csf_mean), grey)
+        out.append(np.stack([first[0] + grey, first[1] - csf]).astype(np.float32))
     return out
 
 
@@ -432,7 +443,8 @@ def main() -> None:
         brain = np.asarray(data.mask[0]) > 0
         reading_sources = {"native (each session its own mixture)": "native", "joint (bias-matched, one mixture)": "joint",
                            "joint, partial-volume fractions": "joint-linear",
-                           "joint, the first's fractions shifted by the later ones' darkening": "joint-shift"}  # fmt: skip
+                           "joint, the first's fractions shifted by the later ones' darkening": "joint-shift",
+                           "joint, the darkening read by the side of the grey-white midpoint": "joint-sided-shift"}  # fmt: skip
         # --variants picks readings here too (the joint ones cost minutes a subject's sessions).
         readings = {name: np.asarray(data.tissue_maps) if source == "native" else
                     subject_tissues(args.stack, len(data.labels), data.grid, source)
@@ -464,7 +476,7 @@ def main() -> None:
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.reads_tissue_maps
     available = {"mri", *(["true", "uptake", "metabolic", "metabolic+gm", "pet73", "fine", "fine-linear", "joint",
-                           "joint-linear", "joint-shift"]
+                           "joint-linear", "joint-shift", "joint-sided-shift"]
                           if args.true_tissues else []),
                  *(["pv"] if model.uses_tissue_mixture and not native else [])}  # fmt: skip
     chosen = {label: variant for label, variant in VARIANTS.items()

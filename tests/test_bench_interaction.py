@@ -197,3 +197,30 @@ def test_the_shift_reading_sees_grey_matter_lost_where_the_fractions_read_a_gain
     np.testing.assert_allclose((shifted[1][0] - shifted[0][0])[mixed].mean(), -0.05, atol=0.01)
     np.testing.assert_allclose((shifted[1][0] - shifted[0][0])[labels == 1].mean(), -0.1, atol=0.015)
     np.testing.assert_allclose(shifted[1].sum(0), shifted[0].sum(0), atol=1e-5)
+
+
+def test_the_sided_shift_reads_white_matter_lost_to_csf_as_no_grey_matter_change() -> None:
+    """Ventricles that grow into the white matter: a white voxel turning half to CSF darkens;
+    the shift reading takes it for grey matter lost, the sided shift for white matter (its grey
+    matter unchanged, its CSF up by the half), and both agree on the grey voxels' loss."""
+    from bench_interaction import mixture_reading
+
+    rng = np.random.default_rng(6)
+    shape = (24, 24, 24)
+    labels = rng.choice(3, size=shape, p=[0.25, 0.4, 0.35])  # CSF, GM, WM
+    grown = (labels == 2) & (rng.random(shape) < 0.2)
+    means = np.array([0.2, 0.5, 0.9])
+
+    def scan(later: bool) -> np.ndarray:
+        image = means[labels].copy()
+        if later:
+            image[labels == 1] -= 0.1 * (means[1] - means[0])
+            image[grown] = 0.5 * (means[2] + means[0])
+        return (image + rng.normal(0.0, 0.01, shape)).astype(np.float32)
+
+    images, brains = [scan(False), scan(True)], [np.ones(shape, bool)] * 2
+    plain, sided = mixture_reading(images, brains, "shift"), mixture_reading(images, brains, "sided-shift")
+    assert (plain[1][0] - plain[0][0])[grown].mean() < -0.5
+    assert abs((sided[1][0] - sided[0][0])[grown].mean()) < 0.02
+    np.testing.assert_allclose((sided[1][1] - sided[0][1])[grown].mean(), 0.5, atol=0.05)
+    np.testing.assert_allclose((sided[1][0] - sided[0][0])[labels == 1].mean(), -0.1, atol=0.015)
