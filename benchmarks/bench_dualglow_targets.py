@@ -42,7 +42,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_learning_curves import cpu_description  # noqa: E402
 
-from dualglow_app.evaluate.statistics import slope_agreement, swept_slope_agreement, swept_truth  # noqa: E402
+from dualglow_app.evaluate.statistics import (  # noqa: E402
+    SLOPE_TOLERANCE,
+    slope_agreement,
+    slope_ratios,
+    slope_resampling,
+    swept_slope_agreement,
+    swept_truth,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "dualglow_targets"
 SWEEP_AGES = (50.0, 60.0, 70.0, 80.0, 90.0, 100.0)
@@ -153,6 +160,49 @@ def sweep_agreement(swept: Any, data: Any, rows: np.ndarray, ages: tuple[float, 
         out["beyond_over_inside"] = float(np.median(slope_beyond[keep] / slope_in[keep]))
     if truth_sweep is not None:
         out["measured"] = swept_slope_agreement(synthetic, truth_sweep, a)
+    return out
+
+
+def regions_outside(age: dict[str, Any], tolerance: float = SLOPE_TOLERANCE) -> dict[str, float]:
+    """The regions whose synthetic age slope misses the swept truth's by more than
+    ``tolerance`` (ratio synthetic / true), among those the target counts (:func:`slope_ratios`)."""
+    ratios = slope_ratios(np.asarray(age["synthetic_per_decade"], float), np.asarray(age["measured"]["true_per_decade"], float))
+    return {region: round(float(r), 3) for region, r in zip(age["regions"], ratios, strict=True)
+            if np.isfinite(r) and abs(r - 1) > tolerance}  # fmt: skip
+
+
+def resampled_sweep_slopes(swept_of_resample: Any, subjects: np.ndarray, replicates: int, seed: int,
+                           age: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The age slopes' sampling noise: ``swept_of_resample(drawn)`` refits a predictor on the
+    training ``subjects`` ``drawn`` (a bootstrap resample, with replacement) and returns its
+    regional slopes (:func:`sweep_agreement`'s ``synthetic_per_decade``), ``replicates`` times
+    (kept as ``replicate_slopes``);
+    scored against ``age`` (:func:`sweep_agreement` of the fit on the subjects themselves, with
+    its swept truth) by :func:`~dualglow_app.evaluate.statistics.slope_resampling`, and printed:
+    the regions nearest the tolerance's edge, then the projection to more subjects."""
+    from rich.progress import track
+
+    rng = np.random.default_rng(seed)
+    slopes = [swept_of_resample(rng.choice(subjects, size=len(subjects), replace=True))
+              for _ in track(range(replicates), description=f"bootstrap of {len(subjects)} training subjects")]  # fmt: skip
+    truth, estimate = np.asarray(age["measured"]["true_per_decade"]), np.asarray(age["synthetic_per_decade"])
+    out = {"seed": seed, **slope_resampling(np.array(slopes), estimate, truth), "replicate_slopes": slopes}
+    ratios, se, count = slope_ratios(estimate, truth), np.asarray(out["se_per_decade"]), out["count_within"]
+    print(f"\n{replicates} resamples of the {len(subjects)} training subjects: regions within +-25 % {count['mean']:.1f} "
+          f"of {out['regions_counted']} on average (5-95 %: {count['q5']:.0f}-{count['q95']:.0f}); every region in "
+          f"{out['share_all_within']:.0%} of them; chi-square of the misses {out['chi2']:.1f} on "
+          f"{out['regions_counted']} regions, p {out['chi2_p']:.2g}")  # fmt: skip
+    print(f"{'region':22s} {'true %/dec':>10s} {'fit':>7s} {'ratio':>6s} {'SE':>6s} {'z':>6s} {'share within':>12s}")
+    margin = np.where(np.isfinite(ratios), SLOPE_TOLERANCE * np.abs(truth) / se, np.inf)
+    for i in np.argsort(margin)[:12]:  # the regions whose tolerance is the fewest SEs wide
+        print(f"{age['regions'][i]:22s} {100 * truth[i]:10.2f} {100 * estimate[i]:7.2f} {ratios[i]:6.2f} "
+              f"{100 * se[i]:6.2f} {out['z'][i]:6.2f} {out['share_within'][i]:12.2f}")
+    print("if the misses were the sample's noise alone: " + "; ".join(
+        f"{p['subjects_times']:g}x the subjects -> {p['expected_within']:.1f} within, all {p['all_within']:.2f}"
+        for p in out["projected"]))  # fmt: skip
+    times = out["subjects_for_all_within"]
+    print(f"every region within with even odds at {times:.3g}x the training subjects" if times else
+          "every region within beyond 10^4x the training subjects")  # fmt: skip
     return out
 
 

@@ -1,6 +1,6 @@
 """Does the age effect need the subject's anatomy? An oracle of the anatomy template's form.
 
-    python benchmarks/bench_interaction.py STACK --weights MODEL.safetensors [--true-tissues] [--json OUT]
+    python benchmarks/bench_interaction.py STACK --weights MODEL.safetensors [--true-tissues] [--bootstrap B] [--json OUT]
 
 The anatomy template is additive: PET(v) = T(v) + B(v) c + sum_s A_s(v) f_s(v), with f_s the
 MRI's tissue maps around voxel v. FDG uptake is grey matter times its metabolism, and the
@@ -28,6 +28,10 @@ estimates the age map from the change within each subject, where the causes of a
 MRI cannot tell apart hold still (:data:`ESTIMATORS`; lab book, finding 30), and
 ``--change-agreement`` measures how well each reading of the grey matter (each session on its
 own, or a subject's sessions read together) follows its true change between sessions.
+
+``--bootstrap B`` refits each fit on B resamples of the training subjects (each drawn with all
+its training sessions) and reports how far the sample alone moves each region's age slope
+(``bench_dualglow_targets.resampled_sweep_slopes``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_capacity import RECIPE  # noqa: E402
-from bench_dualglow_targets import SWEEP_AGES, phantom_origin, sweep_agreement, true_age_sweeps  # noqa: E402
+from bench_dualglow_targets import (  # noqa: E402
+    SWEEP_AGES,
+    phantom_origin,
+    regions_outside,
+    resampled_sweep_slopes,
+    sweep_agreement,
+    true_age_sweeps,
+)
 from bench_learning_curves import cpu_description  # noqa: E402
 from perfkit import voxelwise_least_squares  # noqa: E402
 
@@ -149,6 +160,20 @@ def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence
     return np.einsum("vpq,vq->vp", np.linalg.pinv(cross), np.einsum("nvp,nv->vp", instruments, y_within))
 
 
+def resampled_rows(subjects: Sequence[str], drawn: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """The rows (of ``subjects``, one name per row) of each subject ``drawn``, all its scans, and
+    their subject names made one per draw: a subject drawn twice counts as two subjects, as a
+    bootstrap of subjects needs (the within estimator centres on each name's scans)."""
+    names = np.asarray(subjects)
+    rows: list[int] = []
+    labels: list[str] = []
+    for k, name in enumerate(drawn):
+        own = np.flatnonzero(names == name).tolist()
+        rows += own
+        labels += [f"{name}#{k}"] * len(own)
+    return np.array(rows, int), labels
+
+
 def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Sequence[str],
                       diagnoses: Sequence[str | None], age_columns: Sequence[int],
                       varying_columns: Sequence[int], coarse_columns: Sequence[int] = (),
@@ -183,6 +208,16 @@ def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Se
     coef[:, fixed] = fixed_coef
     coef[:, rest] = voxelwise_least_squares(x[:, :, rest], y - np.einsum("nvp,vp->nv", x[:, :, fixed], fixed_coef))
     return coef
+
+
+def template_images(x: np.ndarray, coef: np.ndarray, inside: np.ndarray, shape: Sequence[int],
+                    space: str = "suvr") -> np.ndarray:  # fmt: skip
+    """(scans, *shape): the template's prediction from its design ``x`` (scans, the voxels
+    ``inside``, terms) and ``coef`` (voxels, terms); exponentiated for a fit in "log" space."""
+    fitted = np.einsum("nvp,vp->nv", x, coef)
+    out = np.zeros((len(x), inside.size))
+    out[:, inside] = np.exp(fitted) if space == "log" else fitted
+    return out.reshape(len(x), *shape)
 
 
 def partial_volume_fractions(model: Any, mri: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -409,6 +444,9 @@ def main() -> None:
     parser.add_argument("--training-sessions", nargs="+", type=int, default=None, metavar="K",
                         help="fit on these sessions of each training subject only (1 = the first; default all): "
                              "does the within-subject age map gain from a longer follow-up or from more scans?")
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="B",
+                        help="refit on B resamples of the training subjects: the age slopes' sampling noise")
+    parser.add_argument("--bootstrap-seed", type=int, default=0)
     parser.add_argument("--estimators", nargs="+", default=["cross-sectional"], choices=list(ESTIMATORS),
                         help="how each variant's coefficients are estimated (the within ones need a stack with "
                              "several sessions per subject)")
@@ -472,6 +510,8 @@ def main() -> None:
     reference = pet[train_rows].mean(0)
     explainable = getattr(data, "explainable", None)
     sweep_truth = true_age_sweeps(phantom_origin(args.stack), data, val_rows, SWEEP_AGES, args.stack / "age_truth")
+    if args.bootstrap and sweep_truth is None:
+        parser.error("--bootstrap scores the age slopes against the swept truth: it needs a phantom stack")
     results: dict[str, Any] = {}
     # A model that reads the native tissue maps takes the stack's (the preprocessing's counterpart).
     native = model.reads_tissue_maps
@@ -523,15 +563,14 @@ def main() -> None:
                                      true_maps[train_rows], sigmas)  # fmt: skip
         coef = estimate_template(x_train, target, estimator, train_subjects, train_diagnoses, age_columns, varying,
                                  coarse, noise)  # fmt: skip
-        del x_train
 
-        def predict(rows: np.ndarray, age: float | None = None, space: str = space, products: Any = products,
-                    sigmas: list[float] | None = sigmas, coef: np.ndarray = coef) -> np.ndarray:
-            x = design(model, mri[rows], side_of(rows, age), products, inside, of(rows), sigmas)
-            out = np.zeros((len(rows), inside.size))
-            fitted = np.einsum("nvp,vp->nv", x, coef)
-            out[:, inside] = np.exp(fitted) if space == "log" else fitted
-            return out.reshape(len(rows), *data.grid.shape)
+        def design_of(rows: np.ndarray, age: float | None = None, products: Any = products,
+                      sigmas: list[float] | None = sigmas, of: Any = of) -> np.ndarray:
+            return design(model, mri[rows], side_of(rows, age), products, inside, of(rows), sigmas)
+
+        def predict(rows: np.ndarray, age: float | None = None, space: str = space, coef: np.ndarray = coef,
+                    design_of: Any = design_of) -> np.ndarray:
+            return template_images(design_of(rows, age), coef, inside, data.grid.shape, space)
 
         own = predict(val_rows)
         masks = np.asarray(data.mask[val_rows])
@@ -555,13 +594,39 @@ def main() -> None:
             return np.concatenate([predict(np.array([row]), a) for a in SWEEP_AGES])
 
         entry["age"] = sweep_agreement(swept, data, val_rows, SWEEP_AGES, np.asarray(data.age[train_rows]), sweep_truth)
+        outside = regions_outside(entry["age"]) if "measured" in entry["age"] else {}
+        entry["age_regions_outside_25_percent"] = outside
+        if args.bootstrap:
+            # (ages, validation scans, voxels, terms): every resample's sweep, but for its coefficients.
+            sweep_designs = np.stack([design_of(val_rows, a) for a in SWEEP_AGES])
+
+            def resampled_slopes(drawn: np.ndarray, x_train: np.ndarray = x_train, target: np.ndarray = target,
+                                 estimator: str = estimator, varying: list[int] = varying, coarse: list[int] = coarse,
+                                 noise: np.ndarray | None = noise, space: str = space,
+                                 sweep_designs: np.ndarray = sweep_designs) -> list[float]:  # fmt: skip
+                rows, names = resampled_rows(train_subjects, drawn)
+                coef = estimate_template(x_train[rows], target[rows], estimator, names, [train_diagnoses[r] for r in rows],
+                                         age_columns, varying, coarse, None if noise is None else noise[rows])  # fmt: skip
+
+                def swept(row: int) -> np.ndarray:
+                    k = int(np.flatnonzero(val_rows == row)[0])
+                    return template_images(sweep_designs[:, k], coef, inside, data.grid.shape, space)
+
+                return sweep_agreement(swept, data, val_rows, SWEEP_AGES, np.asarray(data.age[train_rows]),
+                                       sweep_truth)["synthetic_per_decade"]  # fmt: skip
+
+            entry["age_resampling"] = resampled_sweep_slopes(resampled_slopes, np.unique(train_subjects), args.bootstrap,
+                                                             args.bootstrap_seed, entry["age"])  # fmt: skip
+        del x_train
         results[label] = entry
         measured = entry["age"].get("measured", {})
         print(f"{label:36s} terms {entry['terms']:2d}  MAE {entry['mae_suvr']:.4f}  SSIM {entry['ssim']:.4f}  "
               f"dev r {entry['deviation_r']:.3f}  pairwise {entry['specificity_synthetic']:.3f} "
               f"(true {entry['specificity_true']:.3f})  age r {measured.get('pearson_r', float('nan')):.3f}  "
               f"ratio {measured.get('median_ratio', float('nan')):.3f}  "
-              f"within 25 % {measured.get('within_25_percent', float('nan')):.3f}", flush=True)  # fmt: skip
+              f"within 25 % {measured.get('within_25_percent', float('nan')):.3f}\n    outside +-25 %: "
+              + (", ".join(f"{name} {r:.2f}x" for name, r in outside.items()) or "none"),
+              flush=True)  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"stack": str(args.stack), "weights": str(args.weights),

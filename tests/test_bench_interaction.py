@@ -101,6 +101,22 @@ def test_within_subject_estimators_need_a_subject_seen_twice() -> None:
         estimate_template(x, y, "within-age-cn", names, ["AD"] * len(names), [1], [1, 2])
 
 
+def test_a_bootstrap_of_subjects_keeps_each_drawn_subjects_sessions_together_and_apart_from_its_copies() -> None:
+    """A subject drawn twice counts as two subjects, each with all its sessions, and the within
+    estimator on such a resample still finds age's own effect."""
+    from bench_interaction import estimate_template, resampled_rows
+
+    x, y, names, diagnoses = _collider_cohort()
+    rows, labels = resampled_rows(names, [names[0], names[2], names[0]])
+    own = [r for r, name in enumerate(names) if name == names[0]]
+    assert rows.tolist()[: len(own)] == own == rows.tolist()[-len(own):]
+    assert len(set(labels)) == 3 and labels[0] != labels[-1] and len(labels) == len(rows)
+    drawn = list(dict.fromkeys(names))[::2] * 2  # half the subjects, each twice
+    rows, labels = resampled_rows(names, drawn)
+    within = estimate_template(x[rows], y[rows], "within-age", labels, [diagnoses[r] for r in rows], [1], [1, 2])
+    np.testing.assert_allclose(within[:, 1], -0.5, atol=0.05)
+
+
 def test_instrumented_or_noise_corrected_change_survives_a_noisy_reading_of_the_anatomy() -> None:
     """Grey matter lost in proportion to what there is, read with noise far larger than a
     session's loss: the plain within fit takes the unread loss as age's; instrumenting the

@@ -254,6 +254,58 @@ def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float
     }  # fmt: skip
 
 
+#: The training-set sizes, as multiples of the one resampled, that :func:`slope_resampling`
+#: projects the age target to.
+PROJECTED_SCALES = (1, 2, 4, 10, 30, 100)
+
+
+def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.ndarray,
+                     tolerance: float = SLOPE_TOLERANCE, scales: Sequence[float] = PROJECTED_SCALES) -> dict[str, Any]:  # fmt: skip
+    """How much of the regional age slopes' miss the training sample explains.
+
+    ``replicates`` (B, regions) are the slopes of fits on B bootstrap resamples of the training
+    subjects, ``estimate`` the fit on the subjects themselves, ``truth`` the swept truth's. Per
+    region :func:`slope_ratios` counts: the bootstrap SE of the slope, z = (estimate - truth) / SE
+    and the share of the replicates within +-``tolerance``. Over the regions: the replicates'
+    count within (mean and 5 / 50 / 95 % quantiles), the share with every region within, and
+    the misses' squared Mahalanobis distance under the replicates' covariance (the regions share
+    much of their noise) against chi-square on the regions' count (``chi2_p`` near 0: the misses
+    are larger than the sample's noise, a bias of the fit; not small: noise explains them). Then, if the
+    miss were the sample's noise alone (an unbiased fit whose SE falls as 1 / sqrt(k) with k
+    times the training subjects), the expected count within and the chance that every region
+    is, for each k in ``scales``; ``subjects_for_all_within`` is the smallest k (a power of
+    two's quarter steps, up to 10^4) at which that chance reaches one half."""
+    from scipy.stats import chi2, norm
+
+    replicates, estimate, truth = (np.asarray(a, float) for a in (replicates, estimate, truth))
+    counted = np.isfinite(slope_ratios(estimate, truth))
+    se = replicates.std(axis=0, ddof=1)
+    z = np.divide(estimate - truth, se, out=np.full(truth.shape, np.nan), where=counted & (se > 0))
+    within = np.abs(slope_ratios(replicates, np.broadcast_to(truth, replicates.shape)) - 1) <= tolerance
+    count = within[:, counted].sum(axis=1)
+    n = int(counted.sum())
+    margin = tolerance * np.abs(truth[counted]) / se[counted]  # the tolerance in SEs
+
+    def projected(k: float) -> tuple[float, float]:
+        chance = 2 * norm.cdf(margin * np.sqrt(k)) - 1
+        return float(chance.sum()), float(np.prod(chance))
+
+    steps = 2.0 ** (np.arange(0, 53) / 4)  # 1 .. 10^4 in quarter powers of two
+    enough = [k for k in steps if projected(k)[1] >= 0.5]
+    miss = (estimate - truth)[counted]
+    chi_square = float(miss @ np.linalg.pinv(np.cov(replicates[:, counted], rowvar=False)) @ miss)
+    return {
+        "replicates": len(replicates), "regions_counted": n,
+        "se_per_decade": se.tolist(), "z": z.tolist(), "share_within": within.mean(axis=0).tolist(),
+        "count_within": {"mean": float(count.mean()), **{f"q{q}": float(np.quantile(count, q / 100)) for q in (5, 50, 95)}},
+        "share_all_within": float(np.mean(count == n)),
+        "chi2": chi_square, "chi2_p": float(chi2.sf(chi_square, n)),
+        "projected": [{"subjects_times": float(k), "expected_within": projected(k)[0], "all_within": projected(k)[1]}
+                      for k in scales],
+        "subjects_for_all_within": float(enough[0]) if enough else None,
+    }  # fmt: skip
+
+
 def swept_slope_agreement(synthetic: np.ndarray, sweep: np.ndarray, ages: Sequence[float]) -> dict[str, Any]:
     """:func:`slope_agreement` of ``synthetic`` regional slopes (relative, per decade) against
     those of a swept truth (:func:`swept_truth`'s (scans, ages, regions), averaged over scans),
@@ -420,6 +472,6 @@ def age_trends(
 
 __all__ = [
     "age_trends", "classification", "explainable_scores", "explainable_truth", "impairment_classes", "paired_tests",
-    "phantom_calibrated_slopes", "phantom_true_slopes", "regional_slopes", "slope_agreement", "subject_level", "summarise",
-    "swept_slope_agreement", "swept_truth",
+    "phantom_calibrated_slopes", "phantom_true_slopes", "regional_slopes", "slope_agreement", "slope_resampling",
+    "subject_level", "summarise", "swept_slope_agreement", "swept_truth",
 ]  # fmt: skip

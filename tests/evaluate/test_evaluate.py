@@ -160,6 +160,30 @@ def test_slope_agreement_scores_the_age_targets() -> None:
     assert np.isnan(slope_agreement(truth[:2], truth[:2])["pearson_r"])  # fewer than 3 regions: no verdict
 
 
+def test_slope_resampling_tells_a_sample_noise_miss_from_a_bias_and_projects_the_subjects_needed() -> None:
+    from dualglow_app.evaluate.statistics import slope_resampling
+
+    rng = np.random.default_rng(0)
+    truth = np.array([-0.04, -0.02, -0.01, 0.01, -0.0005])  # the last is too flat to count
+    se = np.array([0.002, 0.002, 0.004, 0.002, 0.002])
+    replicates = truth + se * rng.standard_normal((400, 5))
+    noisy = slope_resampling(replicates, truth + se * np.array([0.5, -1.0, 1.0, 0.3, 0.0]), truth)
+    assert noisy["regions_counted"] == 4 and noisy["replicates"] == 400
+    np.testing.assert_allclose(noisy["se_per_decade"], se, rtol=0.1)
+    assert noisy["chi2_p"] > 0.2  # misses of about one SE: the sample's noise
+    # -0.01 +- 0.004: within +-25 % only while the draw stays within 0.625 SE, about half the time.
+    assert 0.4 < noisy["share_within"][2] < 0.55 and noisy["share_within"][0] > 0.99
+    assert noisy["share_all_within"] < 0.6 and noisy["count_within"]["q95"] <= 4
+    # Projected: more subjects narrow every slope; the weakest region sets when all fall within.
+    chances = [p["all_within"] for p in noisy["projected"]]
+    assert chances == sorted(chances) and chances[-1] > 0.99
+    k = noisy["subjects_for_all_within"]
+    # The two narrowest margins (0.625 and 1.25 SE) reach even odds together at k = 1.6.
+    assert k is not None and 1.3 < k < 2.0
+    biased = slope_resampling(replicates, truth * 1.5, truth)
+    assert biased["chi2_p"] < 1e-6  # misses of 5-10 SEs: not the sample's noise
+
+
 def test_swept_truth_falls_with_age_and_is_cached(tmp_path: Path) -> None:
     """Two phantom subjects' true PETs at 50 and 90 with their own anatomy: the phantom's FDG
     falls with age in most regions (the cerebellar SUVR reference ages less), and a second call
