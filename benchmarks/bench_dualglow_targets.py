@@ -176,10 +176,10 @@ def resampled_sweep_slopes(swept_of_resample: Any, subjects: np.ndarray, replica
     """The age slopes' sampling noise: ``swept_of_resample(drawn)`` refits a predictor on the
     training ``subjects`` ``drawn`` (a bootstrap resample, with replacement) and returns its
     regional slopes (:func:`sweep_agreement`'s ``synthetic_per_decade``), ``replicates`` times
-    (kept as ``replicate_slopes``);
-    scored against ``age`` (:func:`sweep_agreement` of the fit on the subjects themselves, with
-    its swept truth) by :func:`~dualglow_app.evaluate.statistics.slope_resampling`, and printed:
-    the regions nearest the tolerance's edge, then the projection to more subjects."""
+    (kept as ``replicate_slopes``). Scored against ``age`` (:func:`sweep_agreement` of the fit
+    on the subjects themselves, with its swept truth) by
+    :func:`~dualglow_app.evaluate.statistics.slope_resampling`, and printed: the regions nearest
+    the tolerance's edge, then the projection to more subjects."""
     from rich.progress import track
 
     rng = np.random.default_rng(seed)

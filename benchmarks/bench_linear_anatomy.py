@@ -190,6 +190,8 @@ def main() -> None:
     else:
         rows = {label: data.labels.index(f"sub-{label}") for label in chosen or ()}
         splits = [(np.array([rows[x] for x in labels(args.train)]), np.array([rows[x] for x in labels(args.test)]))]
+    if args.bootstrap and len(set(np.asarray(data.subjects)[splits[0][0]])) < len(splits[0][0]):
+        parser.error("--bootstrap resamples the training scans as subjects: give one session per training subject")
     fwhms = [float(v) for v in args.fwhm.split(",")]
     # The fits read ``fitted``; every score reads ``data``'s SUVR.
     fitted, to_suvr = data, (lambda values: values)
@@ -257,9 +259,6 @@ def main() -> None:
         print(line)
         if args.bootstrap:
             (train_rows, test_rows), = splits
-            if len(set(np.asarray(data.subjects)[train_rows])) < len(train_rows):
-                parser.error("--bootstrap resamples scans as subjects: give one session per training subject")
-
             resampled_slopes = partial(linear_age_slopes, data, fitted, test_rows=test_rows, side_info=list(args.side_info),
                                        anatomy=anatomy, fwhms=fwhms, reading=args.anatomy_reading, to_suvr=to_suvr,
                                        train_ages=train_ages, swept_truth=swept_truth)  # fmt: skip
