@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_learning_curves import cpu_description  # noqa: E402
 
 from dualglow_app.evaluate.statistics import (  # noqa: E402
+    MAX_PROJECTED_SCALE,
     SLOPE_TOLERANCE,
     slope_agreement,
     slope_ratios,
@@ -202,7 +203,7 @@ def resampled_sweep_slopes(swept_of_resample: Any, subjects: np.ndarray, replica
         for p in out["projected"]))  # fmt: skip
     times = out["subjects_for_all_within"]
     print(f"every region within with even odds at {times:.3g}x the training subjects" if times else
-          "every region within beyond 10^4x the training subjects")  # fmt: skip
+          f"every region within beyond {MAX_PROJECTED_SCALE}x the training subjects")  # fmt: skip
     return out
 
 

@@ -257,6 +257,8 @@ def slope_agreement(synthetic: np.ndarray, truth: np.ndarray) -> dict[str, float
 #: The training-set sizes, as multiples of the one resampled, that :func:`slope_resampling`
 #: projects the age target to.
 PROJECTED_SCALES = (1, 2, 4, 10, 30, 100)
+#: The most training subjects (as a multiple) :func:`slope_resampling` looks for even odds at.
+MAX_PROJECTED_SCALE = 2**13
 
 
 def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.ndarray,
@@ -270,12 +272,12 @@ def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.nda
     count within (mean and 5 / 50 / 95 % quantiles), the share with every region within, and
     the misses' squared Mahalanobis distance under the replicates' covariance (the regions share
     much of their noise; the independent SEs with fewer replicates than regions + 3) against
-    chi-square on the regions' count (``chi2_p`` near 0: the misses
-    are larger than the sample's noise, a bias of the fit; not small: noise explains them). Then, if the
-    miss were the sample's noise alone (an unbiased fit whose SE falls as 1 / sqrt(k) with k
-    times the training subjects), the expected count within and the chance that every region
-    is, for each k in ``scales``; ``subjects_for_all_within`` is the smallest k (a power of
-    two's quarter steps, up to 10^4) at which that chance reaches one half."""
+    chi-square on the regions' count: ``chi2_p`` near 0 says the misses are larger than the
+    sample's noise (a bias of the fit), a larger one that noise explains them. Then, were the
+    miss the sample's noise alone (an unbiased fit whose SE falls as 1 / sqrt(k) with k times
+    the training subjects), the expected count within and the chance that every region is, for
+    each k in ``scales``; ``subjects_for_all_within`` is the smallest k (in quarter powers of
+    two, up to :data:`MAX_PROJECTED_SCALE`) at which that chance reaches one half, None beyond."""
     from scipy.stats import chi2, norm
 
     replicates, estimate, truth = (np.asarray(a, float) for a in (replicates, estimate, truth))
@@ -291,7 +293,7 @@ def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.nda
         chance = 2 * norm.cdf(margin * np.sqrt(k)) - 1
         return float(chance.sum()), float(np.prod(chance))
 
-    steps = 2.0 ** (np.arange(0, 53) / 4)  # 1 .. 10^4 in quarter powers of two
+    steps = 2.0 ** (np.arange(0, 4 * np.log2(MAX_PROJECTED_SCALE) + 1) / 4)
     enough = [k for k in steps if projected(k)[1] >= 0.5]
     miss, b = (estimate - truth)[counted], len(replicates)
     if b > n + 2:
