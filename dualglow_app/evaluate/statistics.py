@@ -294,7 +294,7 @@ def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.nda
         return float(chance.sum()), float(np.prod(chance))
 
     steps = 2.0 ** (np.arange(0, 4 * np.log2(MAX_PROJECTED_SCALE) + 1) / 4)
-    enough = [k for k in steps if projected(k)[1] >= 0.5]
+    enough = next((float(k) for k in steps if projected(k)[1] >= 0.5), None)
     miss, b = (estimate - truth)[counted], len(replicates)
     if b > n + 2:
         # The inverse of a sample covariance overshoots the precision by (b - 1) / (b - n - 2)
@@ -304,14 +304,14 @@ def slope_resampling(replicates: np.ndarray, estimate: np.ndarray, truth: np.nda
         precision = np.diag(1 / se[counted] ** 2)
     chi_square = float(miss @ precision @ miss)
     return {
-        "replicates": len(replicates), "regions_counted": n,
+        "replicates": b, "regions_counted": n,
         "se_per_decade": se.tolist(), "z": z.tolist(), "share_within": within.mean(axis=0).tolist(),
         "count_within": {"mean": float(count.mean()), **{f"q{q}": float(np.quantile(count, q / 100)) for q in (5, 50, 95)}},
         "share_all_within": float(np.mean(count == n)),
         "chi2": chi_square, "chi2_p": float(chi2.sf(chi_square, n)),
         "projected": [{"subjects_times": float(k), "expected_within": projected(k)[0], "all_within": projected(k)[1]}
                       for k in scales],
-        "subjects_for_all_within": float(enough[0]) if enough else None,
+        "subjects_for_all_within": enough,
     }  # fmt: skip
 
 
