@@ -117,8 +117,20 @@ LOG_FLOOR_SUVR = 1e-3
 #: the errors-in-variables remedy for a noisy change; "-known-noise" (a diagnostic; needs
 #: ``--true-tissues``): the within fit's moments corrected by the reading's own error against
 #: the phantom's anatomy, what a perfect errors-in-variables correction would give;
-#: "within-all" keeps the anatomy terms' within maps too.
+#: "within-all" keeps the anatomy terms' within maps too; "-progression": beside the anatomy
+#: terms and, for each impaired diagnosis, age's change times that diagnosis (its own map): a
+#: patient's disease progresses with the time between sessions, which the swept truth holds
+#: still, so the age map is the change the CN subjects' sessions show while the anatomy maps
+#: learn from every subject; "-iv" (with ``--training-sessions`` a subject's first and last of
+#: four or more): the same, each anatomy term's change between those two sessions instrumented
+#: by its change between the two sessions inside them, a second reading whose errors are the
+#: other scans' (the errors-in-variables remedy a study of four or more sessions has). The
+#: "-known-noise" correction assumes a reading error independent of the change it reads.
 ESTIMATORS = {"cross-sectional": None, "within-age": ("all", "anatomy", "age"), "within-age-cn": ("CN", "anatomy", "age"),
+              "within-age-progression": ("all", "anatomy + progression", "age"),
+              "within-age-progression-iv": ("all", "anatomy + progression", "age"),
+              "within-age-progression-known-noise": ("all", "anatomy + progression", "age"),
+              "within-age-progression-coarse": ("all", "coarse anatomy + progression", "age"),
               "within-all": ("all", "anatomy", "all"), "within-age-given-anatomy": ("all", "cross-sectional", "age"),
               "within-age-cn-given-anatomy": ("CN", "cross-sectional", "age"),
               "within-age-coarse": ("all", "coarse anatomy", "age"), "within-age-cn-coarse": ("CN", "coarse anatomy", "age"),
@@ -128,7 +140,8 @@ ESTIMATORS = {"cross-sectional": None, "within-age": ("all", "anatomy", "age"), 
 
 
 def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence[str], columns: Sequence[int],
-                                instrumented: Sequence[int] = (), noise: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                                instrumented: Sequence[int] = (), noise: np.ndarray | None = None,
+                                second_reading: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """(voxels, len(columns)): the least squares of ``y`` (scans, voxels) on ``x[:, :,
     columns]`` (scans, voxels, terms) after centring each subject's scans on its own mean: the
     fixed-effects (within) estimator, which only the changes within a subject inform; subjects
@@ -136,9 +149,12 @@ def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence
     columns' changes are instrumented by age's change times the subject's mean of each (a
     just-identified instrumental-variables fit instead of the least squares). ``noise``: the
     error of ``x``'s reading (as ``x``): its within-subject Gram is taken off the design's,
-    the errors-in-variables correction with the error known."""
+    the errors-in-variables correction with the error known. ``second_reading`` (as ``x``): the
+    instruments, row for row; their within-subject changes instrument ``x``'s (the terms read
+    without error, age, stand in it as they are in ``x``)."""
     x_within, y_within = x[:, :, list(columns)].copy(), y.copy()
     error = None if noise is None else noise[:, :, list(columns)].copy()
+    second = None if second_reading is None else second_reading[:, :, list(columns)].copy()
     means = np.zeros_like(x_within)
     names = np.asarray(subjects)
     for name in np.unique(names):
@@ -148,14 +164,19 @@ def within_subject_coefficients(x: np.ndarray, y: np.ndarray, subjects: Sequence
         y_within[rows] -= y_within[rows].mean(0)
         if error is not None:
             error[rows] -= error[rows].mean(0)
+        if second is not None:
+            second[rows] -= second[rows].mean(0)
     if error is not None:
         gram = np.einsum("nvp,nvq->vpq", x_within, x_within) - np.einsum("nvp,nvq->vpq", error, error)
         return np.einsum("vpq,vq->vp", np.linalg.pinv(gram), np.einsum("nvp,nv->vp", x_within, y_within))
-    if not instrumented:
+    if second is not None:
+        instruments = second
+    elif not instrumented:
         return voxelwise_least_squares(x_within, y_within)
-    positions = [list(columns).index(c) for c in instrumented]
-    instruments = x_within.copy()
-    instruments[:, :, positions] = x_within[:, :, :1] * means[:, :, positions]
+    else:
+        positions = [list(columns).index(c) for c in instrumented]
+        instruments = x_within.copy()
+        instruments[:, :, positions] = x_within[:, :, :1] * means[:, :, positions]
     cross = np.einsum("nvp,nvq->vpq", instruments, x_within)
     return np.einsum("vpq,vq->vp", np.linalg.pinv(cross), np.einsum("nvp,nv->vp", instruments, y_within))
 
@@ -177,30 +198,50 @@ def resampled_rows(subjects: Sequence[str], drawn: Sequence[str]) -> tuple[np.nd
 def estimate_template(x: np.ndarray, y: np.ndarray, estimator: str, subjects: Sequence[str],
                       diagnoses: Sequence[str | None], age_columns: Sequence[int],
                       varying_columns: Sequence[int], coarse_columns: Sequence[int] = (),
-                      noise: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+                      noise: np.ndarray | None = None, second_reading: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """(voxels, terms): the template's coefficients by ``estimator`` (:data:`ESTIMATORS`).
     ``varying_columns``: the terms that change within a subject (age, the anatomy);
     ``coarse_columns``: the anatomy terms at the coarsest scale; ``noise``: the reading's
-    error (as ``x``), for "-known-noise"."""
+    error (as ``x``), for "-known-noise"; ``second_reading``: for "-iv", each row's design
+    from its instrumenting session (as ``x``; only its anatomy terms are read)."""
     if ESTIMATORS[estimator] is None:
         return voxelwise_least_squares(x, y)
     whose, beside, keep = ESTIMATORS[estimator]  # type: ignore[misc]
     known_error = estimator.endswith("known-noise")
     if known_error and noise is None:
         raise ValueError(f"{estimator} needs the reading's error (noise=)")
+    if estimator.endswith("-iv") and second_reading is None:
+        raise ValueError(f"{estimator} needs the instrumenting sessions' designs (second_reading=)")
     rows = np.arange(len(x)) if whose == "all" else np.flatnonzero(np.asarray(diagnoses) == whose)
     if len({subjects[r] for r in rows}) == len(rows):
         raise ValueError(f"{estimator}: no subject has two training scans to change between")
     anatomy = [c for c in varying_columns if c not in age_columns]
     within_columns = {"anatomy": list(varying_columns), "instrumented anatomy": list(varying_columns),
+                      "anatomy + progression": list(varying_columns),
+                      "coarse anatomy + progression": [*age_columns, *coarse_columns],
                       "coarse anatomy": [*age_columns, *coarse_columns], "cross-sectional": list(age_columns)}[beside]
+    second = None
+    if second_reading is not None and estimator.endswith("-iv"):
+        second = x.copy()
+        second[:, :, anatomy] = second_reading[:, :, anatomy]
+    within_x = x
+    if beside.endswith("+ progression"):
+        impaired = sorted({str(d) for d in diagnoses if d not in (None, "CN")})
+        which = np.asarray(diagnoses, dtype=object)
+        progression = [x[:, :, list(age_columns)] * (which == group)[:, None, None] for group in impaired]
+        within_x = np.concatenate([x, *progression], axis=2)
+        second = None if second is None else np.concatenate([second, *progression], axis=2)
+        if noise is not None:  # age is read without error, and so are its products with a diagnosis
+            noise = np.concatenate([noise, np.zeros_like(within_x[:, :, x.shape[2]:])], axis=2)
+        within_columns += list(range(x.shape[2], within_x.shape[2]))
     target = y
     if beside == "cross-sectional":  # only this estimator needs the cross-sectional fit's anatomy maps
         cross = voxelwise_least_squares(x, y)
         target = y - np.einsum("nvp,vp->nv", x[:, :, anatomy], cross[:, anatomy])
-    within = within_subject_coefficients(x[rows], target[rows], [subjects[r] for r in rows], within_columns,
+    within = within_subject_coefficients(within_x[rows], target[rows], [subjects[r] for r in rows], within_columns,
                                          anatomy if beside == "instrumented anatomy" else (),
-                                         noise[rows] if known_error and noise is not None else None)  # fmt: skip
+                                         noise[rows] if known_error and noise is not None else None,
+                                         None if second is None else second[rows])  # fmt: skip
     fixed = list(age_columns) if keep == "age" else within_columns
     fixed_coef = within[:, [within_columns.index(c) for c in fixed]]
     rest = [c for c in range(x.shape[2]) if c not in fixed]
@@ -561,8 +602,17 @@ def main() -> None:
             true_maps = subject_tissues(args.stack, len(data.labels), data.grid, "true")
             noise = x_train - design(model, mri[train_rows], side_of(train_rows), products, inside,
                                      true_maps[train_rows], sigmas)  # fmt: skip
+        second_reading = None
+        if estimator.endswith("-iv"):
+            chosen_sessions = sorted(args.training_sessions or [])
+            if len(chosen_sessions) != 2 or chosen_sessions[1] - chosen_sessions[0] < 3:
+                parser.error(f"{estimator} instruments the change between two sessions by the change between the "
+                             "two inside them: give --training-sessions FIRST LAST, 3 or more apart (e.g. 1 4)")
+            # Rows are subject-major: the first session's instrument is the row after it, the last's the one before.
+            inner = np.array([r + 1 if r % sessions + 1 == chosen_sessions[0] else r - 1 for r in train_rows])
+            second_reading = design(model, mri[inner], side_of(inner), products, inside, of(inner), sigmas)
         coef = estimate_template(x_train, target, estimator, train_subjects, train_diagnoses, age_columns, varying,
-                                 coarse, noise)  # fmt: skip
+                                 coarse, noise, second_reading)  # fmt: skip
 
         def design_of(rows: np.ndarray, age: float | None = None, products: Any = products,
                       sigmas: list[float] | None = sigmas, of: Any = of) -> np.ndarray:
@@ -603,10 +653,12 @@ def main() -> None:
             def resampled_slopes(drawn: np.ndarray, x_train: np.ndarray = x_train, target: np.ndarray = target,
                                  estimator: str = estimator, varying: list[int] = varying, coarse: list[int] = coarse,
                                  noise: np.ndarray | None = noise, space: str = space,
+                                 second_reading: np.ndarray | None = second_reading,
                                  sweep_designs: np.ndarray = sweep_designs) -> list[float]:  # fmt: skip
                 rows, names = resampled_rows(train_subjects, drawn)
                 coef = estimate_template(x_train[rows], target[rows], estimator, names, [train_diagnoses[r] for r in rows],
-                                         age_columns, varying, coarse, None if noise is None else noise[rows])  # fmt: skip
+                                         age_columns, varying, coarse, None if noise is None else noise[rows],
+                                         None if second_reading is None else second_reading[rows])  # fmt: skip
 
                 def swept(row: int) -> np.ndarray:
                     k = int(np.flatnonzero(val_rows == row)[0])
@@ -617,7 +669,7 @@ def main() -> None:
 
             entry["age_resampling"] = resampled_sweep_slopes(resampled_slopes, np.unique(train_subjects), args.bootstrap,
                                                              args.bootstrap_seed, entry["age"])  # fmt: skip
-        del x_train
+        del x_train, second_reading
         results[label] = entry
         measured = entry["age"].get("measured", {})
         print(f"{label:36s} terms {entry['terms']:2d}  MAE {entry['mae_suvr']:.4f}  SSIM {entry['ssim']:.4f}  "

@@ -81,13 +81,64 @@ def test_the_within_subject_age_map_is_age_s_own_effect_where_the_cross_sectiona
     x, y, names, diagnoses = _collider_cohort()
     cross = estimate_template(x, y, "cross-sectional", names, diagnoses, [1], [1, 2])
     assert np.all(np.abs(cross[:, 1] + 0.5) > 0.05)
-    for estimator in ("within-age", "within-age-cn", "within-age-coarse"):
+    for estimator in ("within-age", "within-age-cn", "within-age-coarse", "within-age-progression",
+                      "within-age-progression-coarse"):
         within = estimate_template(x, y, estimator, names, diagnoses, [1], [1, 2], coarse_columns=[2])
         np.testing.assert_allclose(within[:, 1], -0.5, atol=0.03)
         # the other maps are the least squares of what the fixed age map leaves
         rest = fit(x[:, :, [0, 2]], y - x[:, :, 1] * within[:, 1])
         np.testing.assert_allclose(within[:, [0, 2]], rest, atol=1e-10)
     assert set(ESTIMATORS) >= {"cross-sectional", "within-age", "within-all"}
+
+
+def test_the_progression_estimator_gives_a_patients_progression_its_own_map() -> None:
+    """The AD subjects' PET also falls with the time since their first session (their disease
+    progressing, which the swept truth holds still): pooled with the CN changes it pulls the
+    within map of age off -0.5; given its own map per impaired diagnosis it does not."""
+    from bench_interaction import estimate_template
+
+    x, y, names, diagnoses = _collider_cohort()
+    age = x[:, 0, 1]
+    first = {name: age[names.index(name)] for name in names}
+    progressing = np.array([d == "AD" for d in diagnoses])
+    y = y - (0.4 * (age - np.array([first[n] for n in names])) * progressing)[:, None]
+    pooled = estimate_template(x, y, "within-age", names, diagnoses, [1], [1, 2])
+    assert np.all(np.abs(pooled[:, 1] + 0.5) > 0.1)
+    held = estimate_template(x, y, "within-age-progression", names, diagnoses, [1], [1, 2])
+    np.testing.assert_allclose(held[:, 1], -0.5, atol=0.03)
+    # without a progressing diagnosis it is the plain within estimator
+    cn = ["CN"] * len(names)
+    np.testing.assert_allclose(estimate_template(x, y, "within-age-progression", names, cn, [1], [1, 2]),
+                               estimate_template(x, y, "within-age", names, cn, [1], [1, 2]))  # fmt: skip
+
+
+def test_the_middle_sessions_change_instruments_a_noisily_read_change() -> None:
+    """Four sessions a subject, the grey matter read with noise of its own each session: the
+    change between the first and last sessions, read so, is attenuated and the within map of
+    age takes the unread atrophy's uptake; instrumenting it by the change between the two
+    sessions inside them (other scans, other errors) finds age's own -0.5."""
+    from bench_interaction import estimate_template
+
+    rng = np.random.default_rng(2)
+    rows_x, rows_second, rows_y, names = [], [], [], []
+    for s in range(2000):
+        constitution = rng.normal(0.0, 1.0, 2)
+        first, rate, span = rng.uniform(-1.0, 1.0), rng.uniform(0.2, 1.8), rng.uniform(0.3, 0.6)
+        ages = first + span * np.array([0.0, 1 / 3, 2 / 3, 1.0])
+        grey = [1.0 - 0.3 * rate * age + 0.3 * constitution for age in ages]
+        read = [g + rng.normal(0.0, 0.03, 2) for g in grey]
+        for session, inner in ((0, 1), (3, 2)):
+            rows_x.append(np.stack([np.ones(2), np.full(2, ages[session]), read[session]], axis=1))
+            rows_second.append(np.stack([np.ones(2), np.full(2, ages[inner]), read[inner]], axis=1))
+            rows_y.append(grey[session] * (1.0 + 0.2 * constitution) - 0.5 * ages[session])
+            names.append(f"{s:04d}")
+    x, second, y, cn = np.array(rows_x), np.array(rows_second), np.array(rows_y), ["CN"] * len(names)
+    plain = estimate_template(x, y, "within-age-progression", names, cn, [1], [1, 2])
+    assert np.all(np.abs(plain[:, 1] + 0.5) > 0.07)
+    instrumented = estimate_template(x, y, "within-age-progression-iv", names, cn, [1], [1, 2], second_reading=second)
+    np.testing.assert_allclose(instrumented[:, 1], -0.5, atol=0.04)
+    with pytest.raises(ValueError, match="instrumenting sessions"):
+        estimate_template(x, y, "within-age-progression-iv", names, cn, [1], [1, 2])
 
 
 def test_within_subject_estimators_need_a_subject_seen_twice() -> None:
